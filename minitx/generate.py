@@ -1,0 +1,218 @@
+"""Running models: incremental decoding with a KV cache, sampling, and sentence embeddings.
+
+A batch of prompts is left-padded to one length; the padding is masked out of attention and each
+row's positions start at 0 at its first real token, so a padded row computes exactly what it
+would alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .backend import Backend
+from .errors import MinitxError
+from .model import Model
+
+
+# ------------------------------------------------------------------------------- decoding state
+@dataclass
+class DecodeState:
+    """Everything a decode step needs: the KV cache, the key mask and each row's next position."""
+
+    past: dict[str, np.ndarray]
+    mask: np.ndarray        # (B, S) 1 = real token
+    next_pos: np.ndarray    # (B,)
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+def empty_state(model: Model, batch: int) -> DecodeState:
+    kv = model.config["n_kv_heads"] if model.config.get("n_kv_heads") else model.config["n_heads"]
+    width = kv * model.config["d_model"] // model.config["n_heads"]
+    dtype = next(iter(model.params.values())).dtype if model.params else np.float32
+    past = {}
+    for i in range(model.config["n_layers"]):
+        for t in "kv":
+            past[f"past.{i}.{t}"] = np.zeros((batch, 0, width), dtype)
+    return DecodeState(past, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64))
+
+
+def step(model: Model, ids: np.ndarray, state: DecodeState, mask: np.ndarray | None = None,
+         backends: Sequence[str | Backend] = ("numpy",), strict: bool = False) -> tuple[np.ndarray, DecodeState]:
+    """Feed ``ids`` (B, T) after the cached tokens; returns logits (B, T, V) and the new state.
+
+    ``mask`` (B, T) marks real tokens among ``ids`` (default: all real).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    B, T = ids.shape
+    if state.length + T > model.n_ctx:
+        raise MinitxError(f"sequence of {state.length + T} tokens exceeds the model's context of {model.n_ctx}")
+    if ids.size and (ids.min() < 0 or ids.max() >= model.vocab_size):
+        bad = int(ids[(ids < 0) | (ids >= model.vocab_size)][0])
+        raise MinitxError(f"token id {bad} is outside the vocabulary (0 … {model.vocab_size - 1})")
+    mask = np.ones((B, T), np.int64) if mask is None else np.asarray(mask, np.int64)
+    # Positions count real tokens only: padding sits at the position of the next real token.
+    pos = state.next_pos[:, None] + np.cumsum(mask, axis=1) - mask
+    full_mask = np.concatenate([state.mask, mask], axis=1)
+    feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": full_mask, **state.past}
+    out = model.executor(backends, strict).run(feeds)
+    past = {k.replace("present.", "past.", 1): v for k, v in out.items() if k.startswith("present.")}
+    return out["logits"], DecodeState(past, full_mask, state.next_pos + mask.sum(axis=1))
+
+
+# ------------------------------------------------------------------------------------ sampling
+@dataclass
+class Sampling:
+    temperature: float = 0.0   # 0 = greedy
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # 1 = off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise MinitxError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise MinitxError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise MinitxError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row from (B, V) logits: greedy, or temperature with top-k / top-p filtering."""
+    if s.temperature == 0.0:
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64) / s.temperature
+    if s.top_k:
+        kth = np.sort(z, axis=-1)[:, -min(s.top_k, z.shape[-1])][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    if s.top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
+        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= s.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+# ---------------------------------------------------------------------------------- generation
+def check_ids(model: Model, seqs: Sequence[Sequence[int]]) -> None:
+    """Reject empty inputs, ids outside the vocabulary and inputs longer than the context."""
+    if not seqs:
+        raise MinitxError("no input given")
+    for k, s in enumerate(seqs):
+        if len(s) == 0:
+            raise MinitxError(f"input {k + 1} is empty (it has no tokens)")
+        bad = [t for t in s if not 0 <= t < model.vocab_size]
+        if bad:
+            raise MinitxError(f"input {k + 1}: token id {bad[0]} is outside the vocabulary (0 … {model.vocab_size - 1})")
+        if len(s) > model.n_ctx:
+            raise MinitxError(f"input {k + 1} has {len(s)} tokens, longer than the model's context of {model.n_ctx}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    if not prompts:
+        raise MinitxError("no prompt given")
+    for k, p in enumerate(prompts):
+        if len(p) == 0:
+            raise MinitxError(f"prompt {k + 1} is empty (it has no tokens)")
+    T = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), T), pad_id, np.int64)
+    mask = np.zeros((len(prompts), T), np.int64)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p):] = p
+        mask[r, T - len(p):] = 1
+    return ids, mask
+
+
+def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+             sampling: Sampling | None = None, stop: Sequence[int] = (),
+             backends: Sequence[str | Backend] = ("numpy",), strict: bool = False,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` per prompt; returns the new ids per prompt (stop token excluded).
+
+    ``on_token(row, token)`` is called as each token is produced, for streaming.
+    """
+    out: list[list[int]] = []
+    for out in iter_generate(model, prompts, max_new_tokens, sampling, stop, backends, strict, on_token):
+        pass
+    return out
+
+
+def iter_generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                  sampling: Sampling | None = None, stop: Sequence[int] = (),
+                  backends: Sequence[str | Backend] = ("numpy",), strict: bool = False,
+                  on_token: Callable[[int, int], None] | None = None) -> Iterator[list[list[int]]]:
+    """Like :func:`generate`, yielding the ids generated so far after every step."""
+    if not model.is_decoder:
+        raise MinitxError(f"{model.config['arch']} is an encoder; it embeds text, it does not generate")
+    if max_new_tokens < 0:
+        raise MinitxError(f"max new tokens must be >= 0, got {max_new_tokens}")
+    sampling = sampling or Sampling()
+    ids, mask = left_pad(prompts)
+    if ids.shape[1] > model.n_ctx:
+        raise MinitxError(f"prompt of {ids.shape[1]} tokens is longer than the model's context of {model.n_ctx}")
+    # The context bounds prompt + generation: stop when it is full rather than fail mid-way.
+    max_new_tokens = min(max_new_tokens, model.n_ctx - ids.shape[1] + 1)
+    rng = np.random.default_rng(sampling.seed)
+    stop = set(int(s) for s in stop)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    state = empty_state(model, len(prompts))
+    logits, state = step(model, ids, state, mask, backends, strict)
+    for k in range(max_new_tokens):
+        nxt = sample(logits[:, -1], sampling, rng)
+        for r, t in enumerate(nxt):
+            if done[r]:
+                continue
+            if int(t) in stop:
+                done[r] = True
+                continue
+            out[r].append(int(t))
+            if on_token:
+                on_token(r, int(t))
+        yield out
+        if done.all() or k == max_new_tokens - 1:
+            break
+        feed = np.where(done, 0, nxt)[:, None]
+        logits, state = step(model, feed, state, (~done).astype(np.int64)[:, None], backends, strict)
+
+
+# ---------------------------------------------------------------------------------- encoders
+def embed(model: Model, sequences: Sequence[Sequence[int]], token_types: Sequence[Sequence[int]] | None = None,
+          backends: Sequence[str | Backend] = ("numpy",), strict: bool = False, batch_size: int = 32) -> np.ndarray:
+    """Sentence embeddings (N, d) for an encoder, in batches right-padded to their longest member."""
+    if model.is_decoder:
+        raise MinitxError(f"{model.config['arch']} is a decoder; use generation, not embedding")
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        for k, s in enumerate(chunk):
+            if len(s) == 0:
+                raise MinitxError(f"input {start + k + 1} is empty (it has no tokens)")
+            if len(s) > model.n_ctx:
+                raise MinitxError(f"input {start + k + 1} has {len(s)} tokens; the model's context is {model.n_ctx}")
+        T = max(len(s) for s in chunk)
+        ids = np.zeros((len(chunk), T), np.int64)
+        mask = np.zeros((len(chunk), T), np.int64)
+        types = np.zeros((len(chunk), T), np.int64)
+        for r, s in enumerate(chunk):
+            ids[r, :len(s)] = s
+            mask[r, :len(s)] = 1
+            if token_types is not None:
+                types[r, :len(s)] = token_types[start + r]
+        if ids.max() >= model.vocab_size or ids.min() < 0:
+            bad = int(ids[(ids < 0) | (ids >= model.vocab_size)][0])
+            raise MinitxError(f"token id {bad} is outside the vocabulary (0 … {model.vocab_size - 1})")
+        pos = np.broadcast_to(np.arange(T), (len(chunk), T)).astype(np.int64)
+        feeds = {"input_ids": ids, "position_ids": pos, "token_type_ids": types, "attention_mask": mask}
+        out.append(model.executor(backends, strict).run(feeds, outputs=["embedding"])["embedding"])
+    return np.concatenate(out, axis=0)

@@ -1,0 +1,69 @@
+"""A model in memory: config, graph, weights and (optionally) its tokenizer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import models
+from .backend import Backend
+from .errors import MinitxError
+from .executor import Executor
+from .ir import Graph
+
+
+@dataclass
+class Model:
+    config: dict[str, Any]
+    params: dict[str, np.ndarray]
+    graph: Graph
+    tokenizer_json: str | None = None
+    # Free-form provenance: where the weights came from, which rewrites were applied, their report.
+    meta: dict[str, Any] = field(default_factory=dict)
+    _executors: dict = field(default_factory=dict, repr=False, compare=False)
+    _tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], seed: int = 0, tokenizer_json: str | None = None) -> "Model":
+        config = models.complete_config(config)
+        return cls(config, models.init_params(config, seed), models.build_graph(config), tokenizer_json)
+
+    @property
+    def is_decoder(self) -> bool:
+        return models.is_decoder(self.config)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.config["n_ctx"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    def executor(self, backends: Sequence[str | Backend] = ("numpy",), strict: bool = False) -> Executor:
+        """An executor for this model's graph, cached per backend list."""
+        key = (tuple(b if isinstance(b, str) else b.name for b in backends), strict)
+        ex = self._executors.get(key)
+        if ex is None:
+            ex = self._executors[key] = Executor(self.graph, self.params, backends, strict)
+        return ex
+
+    @property
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` stored with the model, or None."""
+        if self.tokenizer_json is None:
+            return None
+        if self._tokenizer is None:
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise MinitxError("this model carries a tokenizer; install the hf extra: pip install 'minitx[hf]'") from None
+            self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        return self._tokenizer
+
+    def n_params(self) -> int:
+        return int(sum(a.size for a in self.params.values()))
+
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.params.values()))

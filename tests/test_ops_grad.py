@@ -1,0 +1,438 @@
+"""Gradient checks for every op in the spec registry (minitx.ops.OPS).
+
+Each test draws small random shapes and attributes with hypothesis, builds float64 inputs from a
+drawn seed and calls :func:`minitx.gradcheck.check_vjp`, which compares the op's VJP with central
+finite differences. Every test declares the ops it checks with ``@covers(...)``; the registry
+test at the bottom fails when an op is registered without a gradient check here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minitx import ops
+from minitx.gradcheck import check_vjp
+
+# op name -> names of the test functions in this file that gradient-check it
+COVERED: dict[str, list[str]] = {}
+
+
+def covers(*names: str):
+    def deco(fn):
+        for name in names:
+            COVERED.setdefault(name, []).append(fn.__name__)
+        return fn
+
+    return deco
+
+
+# database=None: no .hypothesis/ directory in the checkout; deadline=None: timings on slow CI vary.
+FAST = settings(max_examples=30, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=10, deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow])
+
+seeds = st.integers(0, 2**31 - 1)
+small = st.integers(1, 3)
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _away_from_zero(rng, shape, margin=0.05):
+    """Normal draws pushed away from 0 so that kinks (relu) are not within the FD step."""
+    x = rng.standard_normal(shape)
+    return np.sign(x + (x == 0)) * (np.abs(x) + margin)
+
+
+def _check(op, inputs, attrs=None, *, seed=0):
+    results = check_vjp(op, inputs, attrs, seed=seed)
+    n_float = sum(
+        1 for i, x in enumerate(inputs)
+        if x is not None and i not in ops.get(op).nondiff and np.issubdtype(np.asarray(x).dtype, np.floating)
+    )
+    # check_vjp really looked at every differentiable input.
+    assert len(results) == n_float
+    return results
+
+
+def _vjp(op, inputs, attrs=None, seed=0):
+    spec = ops.get(op)
+    attrs = dict(attrs or {})
+    out = spec.forward(*inputs, **attrs)
+    outs = out if isinstance(out, tuple) else (out,)
+    rng = _rng(seed)
+    cots = tuple(rng.standard_normal(np.shape(y)) for y in outs)
+    grads = spec.vjp(cots, tuple(inputs), outs, **attrs)
+    assert len(grads) == len(inputs)
+    return grads
+
+
+# ------------------------------------------------------------------------------------ linalg
+
+@covers("linear")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       n_in=st.integers(1, 5), n_out=st.integers(1, 5), with_bias=st.booleans())
+def test_linear_grad(seed, lead, n_in, n_out, with_bias):
+    rng = _rng(seed)
+    x = rng.standard_normal((*lead, n_in))
+    w = rng.standard_normal((n_in, n_out))
+    b = rng.standard_normal(n_out) if with_bias else None
+    _check("linear", [x, w, b], seed=seed)
+    grads = _vjp("linear", [x, w, b])
+    assert (grads[2] is None) == (b is None)
+
+
+@covers("matmul")
+@FAST
+@given(seed=seeds, m=small, k=small, n=small, transpose_b=st.booleans(),
+       batching=st.sampled_from(["none", "both", "a_only", "b_only", "stretch"]))
+def test_matmul_grad(seed, m, k, n, transpose_b, batching):
+    rng = _rng(seed)
+    a_batch, b_batch = {
+        "none": ((), ()),
+        "both": ((2,), (2,)),
+        "a_only": ((2, 2), ()),       # b broadcast over a's batch axes
+        "b_only": ((), (3,)),          # a broadcast over b's batch axis
+        "stretch": ((2, 1), (3,)),     # size-1 axis stretched and a missing axis added
+    }[batching]
+    a = rng.standard_normal((*a_batch, m, k))
+    b = rng.standard_normal((*b_batch, n, k) if transpose_b else (*b_batch, k, n))
+    _check("matmul", [a, b], {"transpose_b": transpose_b}, seed=seed)
+
+
+@covers("add")
+@FAST
+@given(seed=seeds, B=small, T=small, C=small,
+       pattern=st.sampled_from(["same", "channel", "channel_left", "keepdims", "scalar_like"]))
+def test_add_grad(seed, B, T, C, pattern):
+    rng = _rng(seed)
+    shape_a, shape_b = {
+        "same": ((B, T, C), (B, T, C)),
+        "channel": ((B, T, C), (C,)),          # (B,T,C) + (C,): bias-style broadcast
+        "channel_left": ((C,), (B, T, C)),     # the smaller operand first
+        "keepdims": ((B, T, C), (1, T, 1)),    # stretched size-1 axes
+        "scalar_like": ((B, T, C), (1,)),
+    }[pattern]
+    _check("add", [rng.standard_normal(shape_a), rng.standard_normal(shape_b)], seed=seed)
+
+
+@covers("embedding")
+@FAST
+@given(seed=seeds, B=small, T=st.integers(2, 4), V=st.integers(1, 5), C=small)
+def test_embedding_grad(seed, B, T, V, C):
+    rng = _rng(seed)
+    ids = rng.integers(0, V, size=(B, T))
+    ids[0, -1] = ids[0, 0]  # at least one repeated id: its row's gradient must accumulate
+    table = rng.standard_normal((V, C))
+    _check("embedding", [ids, table], seed=seed)
+    assert _vjp("embedding", [ids, table])[0] is None
+
+
+@covers("split")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+       sizes=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+def test_split_grad(seed, lead, sizes):
+    rng = _rng(seed)
+    x = rng.standard_normal((*lead, sum(sizes)))
+    _check("split", [x], {"sizes": sizes}, seed=seed)
+
+
+# ------------------------------------------------------------------------------------- norms
+
+@covers("layer_norm")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), C=st.integers(2, 6),
+       eps=st.sampled_from([1e-5, 1e-2]))
+def test_layer_norm_grad(seed, lead, C, eps):
+    rng = _rng(seed)
+    x = rng.standard_normal((*lead, C)) * 2 + 0.5
+    _check("layer_norm", [x, rng.standard_normal(C), rng.standard_normal(C)], {"eps": eps}, seed=seed)
+
+
+@covers("rms_norm")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), C=st.integers(1, 6),
+       eps=st.sampled_from([1e-6, 1e-2]))
+def test_rms_norm_grad(seed, lead, C, eps):
+    rng = _rng(seed)
+    x = rng.standard_normal((*lead, C)) * 2
+    _check("rms_norm", [x, rng.standard_normal(C)], {"eps": eps}, seed=seed)
+
+
+# ------------------------------------------------------------------------------- activations
+
+@covers("gelu")
+@FAST
+@given(seed=seeds, shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       approximate=st.sampled_from(["none", "tanh"]), spread=st.sampled_from([1.0, 4.0]))
+def test_gelu_grad(seed, shape, approximate, spread):
+    x = _rng(seed).standard_normal(shape) * spread
+    _check("gelu", [x], {"approximate": approximate}, seed=seed)
+
+
+@covers("relu")
+@FAST
+@given(seed=seeds, shape=st.lists(st.integers(1, 4), min_size=1, max_size=3))
+def test_relu_grad(seed, shape):
+    x = _away_from_zero(_rng(seed), shape)
+    _check("relu", [x], seed=seed)
+
+
+@covers("silu")
+@FAST
+@given(seed=seeds, shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       spread=st.sampled_from([1.0, 6.0]))
+def test_silu_grad(seed, shape, spread):
+    _check("silu", [_rng(seed).standard_normal(shape) * spread], seed=seed)
+
+
+@covers("swiglu")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), F=st.integers(1, 4))
+def test_swiglu_grad(seed, lead, F):
+    _check("swiglu", [_rng(seed).standard_normal((*lead, 2 * F)) * 2], seed=seed)
+
+
+@covers("softmax")
+@FAST
+@given(seed=seeds, shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), data=st.data())
+def test_softmax_grad(seed, shape, data):
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1), label="axis")
+    x = _rng(seed).standard_normal(shape) * 3
+    _check("softmax", [x], {"axis": axis}, seed=seed)
+
+
+@covers("dropout")
+@FAST
+@given(seed=seeds, shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+       p=st.sampled_from([0.0, 0.1, 0.5, 0.9]), training=st.booleans(),
+       drop_seed=st.integers(0, 1000), step=st.integers(0, 1000))
+def test_dropout_grad(seed, shape, p, training, drop_seed, step):
+    x = _rng(seed).standard_normal(shape)
+    attrs = {"p": p, "seed": drop_seed, "training": training, "step": step}
+    _check("dropout", [x], attrs, seed=seed)
+
+
+# ---------------------------------------------------------------------------------- attention
+
+def _padding_mask(rng, B, S, T, causal, kind):
+    """(B, S+T) 0/1 mask in which every query row keeps at least one key causality allows.
+
+    Query 0 (absolute position S) sees keys 0..S when causal, so a 1 must lie in 0..S then;
+    without causality any position will do.
+    """
+    L = S + T
+    reach = S + 1 if causal else L  # positions every query can see
+    mask = np.ones((B, L), dtype=np.int64)
+    for b in range(B):
+        if kind == "left":
+            mask[b, : rng.integers(0, reach)] = 0             # left padding, at most reach-1 pads
+        elif kind == "right":
+            n_pad = rng.integers(0, L)                      # at most L-1 pads: key 0 stays
+            if n_pad:
+                mask[b, L - n_pad:] = 0
+        else:  # random holes, then one guaranteed visible key
+            mask[b] = rng.integers(0, 2, size=L)
+            mask[b, rng.integers(0, reach)] = 1
+    return mask
+
+
+attention_cases = st.fixed_dictionaries({
+    "B": st.integers(1, 2),
+    "T": st.integers(1, 3),
+    "S": st.integers(0, 3),             # 0: no KV cache
+    "n_kv_heads": st.integers(1, 2),
+    "group": st.integers(1, 2),         # n_heads = n_kv_heads * group: MHA when 1, GQA otherwise
+    "D": st.sampled_from([1, 2, 3]),
+    "causal": st.booleans(),
+    "mask": st.sampled_from([None, "left", "right", "random"]),
+    "scale": st.sampled_from([None, 0.3]),
+})
+
+
+def _attention_inputs(rng, c):
+    B, T, S, Hkv = c["B"], c["T"], c["S"], c["n_kv_heads"]
+    H, D = Hkv * c["group"], c["D"]
+    q = rng.standard_normal((B, T, H * D))
+    k = rng.standard_normal((B, T, Hkv * D))
+    v = rng.standard_normal((B, T, Hkv * D))
+    pk = rng.standard_normal((B, S, Hkv * D)) if S else None
+    pv = rng.standard_normal((B, S, Hkv * D)) if S else None
+    mask = None if c["mask"] is None else _padding_mask(rng, B, S, T, c["causal"], c["mask"])
+    attrs = {"n_heads": H, "n_kv_heads": Hkv, "causal": c["causal"]}
+    if c["scale"] is not None:
+        attrs["scale"] = c["scale"]
+    return [q, k, v, pk, pv, mask], attrs
+
+
+@covers("attention")
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=seeds, c=attention_cases)
+def test_attention_grad(seed, c):
+    inputs, attrs = _attention_inputs(_rng(seed), c)
+    _check("attention", inputs, attrs, seed=seed)
+    grads = _vjp("attention", inputs, attrs, seed=seed)
+    assert grads[5] is None  # the mask is not differentiable
+    assert (grads[3] is None) == (inputs[3] is None) and (grads[4] is None) == (inputs[4] is None)
+
+
+def test_attention_padding_mask_strategy_keeps_a_visible_key():
+    """The mask generator above must never produce a query row with no allowed key."""
+    from minitx.ops.attention import allowed_keys
+
+    rng = _rng(0)
+    for _ in range(300):
+        B, S, T = rng.integers(1, 3), rng.integers(0, 4), rng.integers(1, 4)
+        causal = bool(rng.integers(0, 2))
+        for kind in ("left", "right", "random"):
+            mask = _padding_mask(rng, B, S, T, causal, kind)
+            assert set(np.unique(mask)) <= {0, 1} and mask.shape == (B, S + T)
+            assert allowed_keys(T, S + T, mask, causal, B).any(axis=-1).all()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "attention VJP: for a query row whose keys are all masked (e.g. left padding with causal and no "
+    "KV cache) the forward replaces every score by finfo.min, so the output does not depend on q or "
+    "k, yet attention_vjp back-propagates the uniform softmax and returns a non-zero dq/dk"))
+def test_attention_grad_fully_masked_query_row():
+    rng = _rng(1)
+    B, T, H, D = 1, 3, 2, 2
+    q, k, v = (rng.standard_normal((B, T, H * D)) for _ in range(3))
+    mask = np.array([[0, 1, 1]])  # causal query 0 sees only key 0, which is padding
+    check_vjp("attention", [q, k, v, None, None, mask], {"n_heads": H, "n_kv_heads": H, "causal": True})
+
+
+# ----------------------------------------------------------------------------------- positions
+
+@covers("rope")
+@FAST
+@given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 3), n_heads=st.integers(1, 2),
+       half=st.integers(1, 3), theta=st.sampled_from([10000.0, 100.0]),
+       positions=st.sampled_from(["arange", "offset", "random", "zeros"]))
+def test_rope_grad(seed, B, T, n_heads, half, theta, positions):
+    rng = _rng(seed)
+    x = rng.standard_normal((B, T, n_heads * 2 * half))
+    pos = {
+        "arange": np.broadcast_to(np.arange(T), (B, T)).copy(),
+        "offset": np.arange(T)[None, :] + rng.integers(0, 50, size=(B, 1)),  # KV-cache decode offsets
+        "random": rng.integers(0, 2048, size=(B, T)),
+        "zeros": np.zeros((B, T), dtype=np.int64),
+    }[positions]
+    _check("rope", [x, pos], {"n_heads": n_heads, "theta": theta}, seed=seed)
+    assert _vjp("rope", [x, pos], {"n_heads": n_heads, "theta": theta})[1] is None
+
+
+@covers("sinusoidal_positions")
+@FEW
+@given(seed=seeds, B=small, T=small, dim=st.integers(1, 8), extra=st.integers(0, 5))
+def test_sinusoidal_positions_grad(seed, B, T, dim, extra):
+    max_len = T + extra
+    pos = _rng(seed).integers(0, max_len, size=(B, T))
+    attrs = {"dim": dim, "max_len": max_len}
+    # Nothing differentiable: check_vjp has no input to check, and the VJP says so.
+    assert check_vjp("sinusoidal_positions", [pos], attrs, seed=seed) == []
+    grads = _vjp("sinusoidal_positions", [pos], attrs)
+    assert all(g is None for g in grads)
+
+
+# -------------------------------------------------------------------------------------- losses
+
+@covers("cross_entropy")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), V=st.integers(1, 5),
+       ignore_frac=st.sampled_from([0.0, 0.3, 1.0]), ignore_index=st.sampled_from([-100, -1]))
+def test_cross_entropy_grad(seed, lead, V, ignore_frac, ignore_index):
+    rng = _rng(seed)
+    logits = rng.standard_normal((*lead, V)) * 2
+    targets = rng.integers(0, V, size=lead)
+    targets[rng.random(lead) < ignore_frac] = ignore_index
+    attrs = {} if ignore_index == -100 else {"ignore_index": ignore_index}
+    _check("cross_entropy", [logits, targets], attrs, seed=seed)
+    grads = _vjp("cross_entropy", [logits, targets], attrs)
+    assert grads[1] is None
+    # Ignored positions receive no gradient at all.
+    assert np.all(grads[0][targets == ignore_index] == 0)
+
+
+# ------------------------------------------------------------------------------------- pooling
+
+@covers("mean_pool")
+@FAST
+@given(seed=seeds, B=small, T=st.integers(1, 4), C=small,
+       padding=st.sampled_from(["none", "right", "left", "random"]))
+def test_mean_pool_grad(seed, B, T, C, padding):
+    rng = _rng(seed)
+    x = rng.standard_normal((B, T, C))
+    mask = np.ones((B, T), dtype=np.int64)
+    for b in range(B):
+        n_pad = rng.integers(0, T)
+        if padding == "right" and n_pad:
+            mask[b, -n_pad:] = 0
+        elif padding == "left":
+            mask[b, :n_pad] = 0
+        elif padding == "random":
+            mask[b] = rng.integers(0, 2, size=T)
+    _check("mean_pool", [x, mask], seed=seed)
+    grads = _vjp("mean_pool", [x, mask])
+    assert grads[1] is None
+    assert np.all(grads[0][mask == 0] == 0)  # padded tokens get no gradient
+
+
+@covers("l2_normalize")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), C=st.integers(1, 5),
+       regime=st.sampled_from(["normal", "clipped"]))
+def test_l2_normalize_grad(seed, lead, C, regime):
+    rng = _rng(seed)
+    x = rng.standard_normal((*lead, C)) + 0.1
+    if regime == "clipped":
+        # Every row's norm well below eps: the op is x / eps there, a linear map.
+        x = x / np.linalg.norm(x, axis=-1, keepdims=True) * 0.1
+        attrs = {"eps": 1.0}
+    else:
+        attrs = {}
+    _check("l2_normalize", [x], attrs, seed=seed)
+
+
+# ----------------------------------------------------------------------------- the checker itself
+
+@pytest.mark.parametrize("op, inputs, attrs", [
+    ("linear", lambda r: [r.standard_normal((2, 3)), r.standard_normal((3, 2)), r.standard_normal(2)], {}),
+    ("layer_norm", lambda r: [r.standard_normal((2, 4)), r.standard_normal(4), r.standard_normal(4)], {}),
+    ("attention", lambda r: [r.standard_normal((1, 2, 4)), r.standard_normal((1, 2, 2)),
+                             r.standard_normal((1, 2, 2)), None, None, None],
+     {"n_heads": 2, "n_kv_heads": 1, "causal": True}),
+])
+def test_check_vjp_rejects_a_wrong_vjp(op, inputs, attrs):
+    """The gradient tests above can fail: a VJP that is off by 1% in one input is caught."""
+    spec = ops.get(op)
+    xs = inputs(_rng(3))
+
+    def off_by_one_percent(grads, inputs, outputs, **kw):
+        g = list(spec.vjp(grads, inputs, outputs, **kw))
+        g[0] = g[0] * 1.01
+        return tuple(g)
+
+    check_vjp(op, xs, attrs)  # the real VJP passes
+    with pytest.raises(AssertionError, match=op):
+        check_vjp(op, xs, attrs, vjp=off_by_one_percent)
+
+
+# ------------------------------------------------------------------------------ registry coverage
+
+def test_every_registered_op_has_a_gradient_check():
+    missing = set(ops.OPS) - set(COVERED)
+    unknown = set(COVERED) - set(ops.OPS)
+    assert not missing, f"ops without a gradient check in {__file__}: {sorted(missing)}"
+    assert not unknown, f"gradient checks for ops that are not registered: {sorted(unknown)}"
+    assert set(COVERED) == set(ops.OPS)
+    # Every covering function is a collected test of this module.
+    for name, fns in COVERED.items():
+        for fn in fns:
+            assert fn.startswith("test_") and callable(globals().get(fn)), (name, fn)
