@@ -109,9 +109,11 @@ def init(arch: str, preset: str, seed: int, output: str) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--stop", "stops", multiple=True, help="Stop token: an id, or a string the tokenizer maps to one token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
+              help="Apply an optimization plugin in memory first, validated (repeatable; see `minitx plugins`).")
 @backend_options
 def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, top_k, top_p, seed, stops,
-          as_json, backends, no_fallback, explain) -> None:
+          as_json, plugins, backends, no_fallback, explain) -> None:
     """Generate text with a decoder, or embed text with an encoder.
 
     MODEL defaults to the bundled model.
@@ -119,6 +121,10 @@ def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, t
     from minitx import generate as gen
 
     m = load_model(model)
+    if plugins:
+        from minitx.plugin import optimize as _optimize
+
+        m = _optimize(m, plugins, warn=lambda s: click.echo(s, err=True))
     backends = _backends(backends)
     tok = m.tokenizer
     if m.is_decoder:
@@ -258,6 +264,422 @@ def show(model: str | None, batch: int, seq: int | None, past: int, as_json: boo
                    f"{r['flops'] / 1e6:>12.2f} {r['bytes'] / 1e6:>10.2f}")
     click.echo(f"{'total':<{w}}  {'':<20} {'':<22} {totals['params']:>11,} {totals['flops'] / 1e6:>12.2f} "
                f"{totals['bytes'] / 1e6:>10.2f}")
+
+
+# ------------------------------------------------------------------------------------- train
+@main.command()
+@click.option("--arch", type=click.Choice(["gpt2", "llama"]), default=None, help="Model family (not needed with --config or --resume).")
+@click.option("--preset", default="tiny", show_default=True, help="tiny or small: the starting config.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="JSON config; its fields override the preset.")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 training text.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="tokenizer.json to use instead of training one.")
+@click.option("--vocab-size", type=int, default=None, help="Train a byte-level BPE of this size (default: the config's vocab_size).")
+@click.option("--steps", default=200, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch.")
+@click.option("--seq-len", default=0, show_default=True, help="Tokens per window (0 = the context length).")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--min-lr", default=3e-4, show_default=True, help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup", default=20, show_default=True, help="Linear warm-up steps.")
+@click.option("--weight-decay", default=0.1, show_default=True, help="Decoupled weight decay (linear matrices only).")
+@click.option("--clip", default=1.0, show_default=True, help="Global gradient-norm clip (0 = off).")
+@click.option("--eval-every", default=50, show_default=True, help="Held-out evaluation every N steps (0 = at the end).")
+@click.option("--eval-batches", default=4, show_default=True, help="Batches of held-out windows per evaluation.")
+@click.option("--val-fraction", default=0.05, show_default=True, help="Tail of the text held out for evaluation.")
+@click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint file (default: OUTPUT with .ckpt.npz).")
+@click.option("--checkpoint-every", default=100, show_default=True, help="Save a checkpoint every N steps (0 = at the end).")
+@click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue from a checkpoint.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--backend", "backends", multiple=True, metavar="NAME",
+              help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_size, steps, batch_size, seq_len,
+          grad_accum, lr, min_lr, warmup, weight_decay, clip, eval_every, eval_batches, val_fraction, checkpoint,
+          checkpoint_every, resume, seed, backends, quiet) -> None:
+    """Train a decoder (GPT-2 or LLaMA style) on a text file with AdamW."""
+    import time
+
+    from minitx import data, models, modelfile
+    from minitx import train as tr
+
+    backends = _backends(backends)
+    text = data.read_text(data_path)
+    if checkpoint is None:
+        checkpoint = (output[:-4] if output.endswith(".npz") else output) + ".ckpt.npz"
+    for path in (output, checkpoint):   # fail now, not after hours of training
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise MinitxError(f"{path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    t0 = time.perf_counter()
+    if resume:
+        st = tr.load_checkpoint(resume)
+        ctx = click.get_current_context()
+        if ctx.get_parameter_source("steps") != click.core.ParameterSource.DEFAULT:
+            st.settings.steps = steps
+        tok_json = st.model.tokenizer_json
+        if tok_json is None:
+            raise MinitxError(f"{resume}: the checkpoint carries no tokenizer")
+    else:
+        if config_path:
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    user = json.load(f)
+            except FileNotFoundError:
+                raise MinitxError(f"{config_path}: no such config file") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise MinitxError(f"{config_path}: not valid JSON: {e}") from None
+            if not isinstance(user, dict):
+                raise MinitxError(f"{config_path}: a config must be a JSON object")
+            a = user.get("arch", arch)
+            if a is None:
+                raise MinitxError(f"{config_path}: no 'arch' field; give --arch gpt2|llama")
+            if arch is not None and user.get("arch", arch) != arch:
+                raise MinitxError(f"{config_path}: arch {user['arch']!r} contradicts --arch {arch}")
+            config = {**models.preset(a, preset), **user, "arch": a}
+        elif arch is None:
+            raise MinitxError("give --arch gpt2|llama (or --config cfg.json, or --resume ckpt.npz)")
+        else:
+            config = models.preset(arch, preset)
+        if tokenizer_path:
+            tok_json = data.load_tokenizer_json(tokenizer_path)
+        else:
+            tok_json = data.train_tokenizer(text, vocab_size or int(config.get("vocab_size", 512)))
+        from tokenizers import Tokenizer
+
+        config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
+        settings = tr.TrainSettings(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay,
+                                    clip=clip, eval_every=eval_every, eval_batches=eval_batches,
+                                    checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed)
+        st = tr.new_state(models.complete_config(config), tok_json, settings)
+    ids = data.encode(tok_json, text)
+    m = st.model
+    bar = None if quiet else tr.ProgressLine(st.settings.steps)
+    log = bar.message if bar else (lambda s: None)
+    log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
+        f"{len(ids):,} tokens of text; step {st.step} of {st.settings.steps}; backend {', '.join(backends)}")
+    tr.train(st, ids, backends=backends, checkpoint=checkpoint, log=log, progress=bar)
+    m.meta = {"source": "minitx train", "data": os.path.basename(data_path), "steps": st.step,
+              "settings": dict(vars(st.settings)), "history": st.history}
+    modelfile.save(m, output)
+    last = st.history[-1] if st.history else {}
+    msg = f"wrote {output} after {st.step} steps ({time.perf_counter() - t0:,.0f}s)"
+    if "val_loss" in last:
+        msg += f"; held-out loss {last['val_loss']:.4f}, perplexity {last['val_perplexity']:.2f}"
+    click.echo(msg + f"; checkpoint {checkpoint}")
+
+
+# -------------------------------------------------------------------------------------- eval
+@main.command("eval")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to score.")
+@click.option("--stride", type=int, default=None, help="Tokens between window starts (default: the context length).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@backend_options
+def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain) -> None:
+    """Loss and perplexity of a decoder on a text (sliding windows of its context length).
+
+    MODEL defaults to the bundled model.
+    """
+    from minitx import data
+    from minitx import train as tr
+
+    m = load_model(model)
+    if not m.is_decoder:
+        raise MinitxError(f"eval scores next-token prediction: needs a decoder, not {m.config['arch']}")
+    if m.tokenizer_json is None:
+        raise MinitxError("this model carries no tokenizer, so it cannot read text")
+    text = data.read_text(data_path)
+    ids = data.encode(m.tokenizer_json, text)
+    res = tr.evaluate(m, ids, _backends(backends), stride, no_fallback)
+    if explain:
+        print_explain(tr._loss_executor(m, _backends(backends), no_fallback))
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s): loss {res['loss']:.4f} nats/token, "
+                   f"perplexity {res['perplexity']:.3f}")
+
+
+# ---------------------------------------------------------------------------------- backends
+@main.command(name="backends")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def backends_cmd(as_json: bool) -> None:
+    """List installed backends: device, availability (and why not), version, dtypes, native ops."""
+    from minitx.backend import describe, entries
+
+    infos = [describe(name) for name in sorted(entries())]
+    if as_json:
+        click.echo(json.dumps({"backends": infos}))
+        return
+    for info in infos:
+        if info["available"]:
+            click.echo(f"{info['name']:<10} {info['device']:<6} available    version {info['version'] or '-'}; "
+                       f"dtypes {', '.join(info['dtypes'])}")
+            click.echo(f"{'':<10} forward ({len(info['forward'])}): {', '.join(info['forward'])}")
+            click.echo(f"{'':<10} vjp ({len(info['vjp'])}): {', '.join(info['vjp']) or '-'}")
+        else:
+            click.echo(f"{info['name']:<10} {'-':<6} UNAVAILABLE  {info['reason']}")
+            click.echo(f"{'':<10} remedy: {info['remedy']}")
+
+
+# ------------------------------------------------------------------------------- conformance
+@main.command()
+@click.option("--backend", "backend_name", required=True, metavar="NAME", help="Backend to check.")
+@click.option("--include", default="", metavar="OP,...", help="Only these ops.")
+@click.option("--exclude", default="", metavar="OP,...", help="Skip these ops.")
+@click.option("--dtype", "dtypes", multiple=True, help="Only these dtypes (default: all the backend supports).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def conformance(backend_name: str, include: str, exclude: str, dtypes, as_json: bool) -> None:
+    """Check every op a backend implements (forward and VJP) against the spec; exit 1 on a failure."""
+    from minitx.conformance import run_conformance
+
+    def ops_list(s: str) -> list[str]:
+        return [x.strip() for x in s.split(",") if x.strip()]
+
+    report = run_conformance(backend_name, ops_list(include) or None, ops_list(exclude) or None,
+                             dtypes or None)
+    click.echo(report.to_json() if as_json else report.table())
+    if not report.ok:
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------- convert / golden / verify
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
+def convert(src: str, output: str) -> None:
+    """Convert a Hugging Face model folder (config.json + model.safetensors) to a minitx model file.
+
+    Supported: GPT2LMHeadModel, BertModel (with sentence-transformers pooling/normalisation),
+    LlamaForCausalLM. Weights are read and written one tensor at a time.
+    """
+    from minitx import convert as cv
+
+    plan, tensors = cv.plan(src)
+    total = cv.total_bytes(plan, tensors)
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label=f"converting {len(plan.params)} tensors", file=sys.stderr,
+                               show_percent=True) as bar:
+            cv.write(plan, tensors, output, bar.update)
+    else:
+        cv.write(plan, tensors, output)
+    n = total // 4  # every parameter is written as float32
+    tok = ", with tokenizer" if plan.tokenizer_json else ", no tokenizer.json"
+    extra = ""
+    if plan.config["arch"] == "bert":
+        extra = f", max_seq_length={plan.config['max_seq_length']}, normalize={plan.config['normalize']}"
+    click.echo(f"wrote {output}: {plan.meta['hf_architecture']} -> {plan.config['arch']}, {n:,} parameters, "
+               f"{total / 2**20:.1f} MiB{tok}{extra}")
+
+
+def _golden_inputs(m, prompts, texts, ids, random_spec, seed) -> list[list[int]]:
+    from minitx import golden as gd
+
+    if random_spec:
+        if prompts or texts or ids:
+            raise MinitxError("give either --random or --prompt/--text/--ids, not both")
+        try:
+            b, t = (int(x) for x in random_spec.split(","))
+        except ValueError:
+            raise MinitxError(f"--random expects B,T (two integers), got {random_spec!r}") from None
+        return gd.random_seqs(m, b, t, seed)
+    if m.is_decoder and texts:
+        raise MinitxError("--text is for encoders; use --prompt with a decoder")
+    if not m.is_decoder and prompts:
+        raise MinitxError("--prompt is for decoders; use --text with an encoder")
+    return _inputs(m, prompts or texts, ids, "--prompt" if m.is_decoder else "--text")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text for a decoder (repeatable: a batch).")
+@click.option("--text", "texts", multiple=True, help="Text for an encoder (repeatable).")
+@click.option("--ids", "ids", multiple=True, help="Token ids, comma-separated (repeatable).")
+@click.option("--random", "random_spec", metavar="B,T", help="A seeded random batch of B rows, up to T tokens.")
+@click.option("--seed", default=0, show_default=True, help="Seed for --random.")
+@click.option("--intermediates", is_flag=True, help="Also store every node's value.")
+@click.option("--backend", "backends", multiple=True, metavar="NAME", help="Backend computing the reference (default numpy).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Golden file to write (.npz).")
+def golden(model, prompts, texts, ids, random_spec, seed, intermediates, backends, output) -> None:
+    """Record a golden file: inputs, outputs (and with --intermediates every node) of MODEL."""
+    from minitx import golden as gd
+
+    m = load_model(model)
+    seqs = _golden_inputs(m, prompts, texts, ids, random_spec, seed)
+    g = gd.record(m, gd.make_feeds(m, seqs), _backends(backends), intermediates)
+    g.provenance["model_file"] = os.path.basename(model)
+    gd.save(g, output)
+    click.echo(f"wrote {output}: {len(seqs)} input(s), {len(g.outputs)} output(s), {len(g.nodes)} node value(s); "
+               f"reference {g.provenance['reference']} on {g.provenance['backend']}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("golden_file", metavar="GOLDEN", type=click.Path(dir_okay=False))
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: by dtype).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by dtype).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for CI).")
+@backend_options
+def verify(model, golden_file, atol, rtol, as_json, backends, no_fallback, explain) -> None:
+    """Recompute GOLDEN's outputs with MODEL and compare; exit 1 if any value is out of tolerance.
+
+    Each value passes when |out - ref| <= atol + rtol*|ref| everywhere; "budget" is the worst
+    element's share of that allowance.
+    """
+    from minitx import golden as gd
+
+    m = load_model(model)
+    g = gd.load(golden_file)
+    backends = _backends(backends)
+    rows = gd.verify(m, g, backends, no_fallback, atol, rtol, path=golden_file)
+    ok = gd.passed(rows)
+    if explain:
+        print_explain(m.executor(backends, no_fallback))
+    if as_json:
+        click.echo(json.dumps({"passed": ok, "backends": list(backends), "reference": g.provenance,
+                               "rows": [r.as_dict() for r in rows]}))
+    else:
+        prov = g.provenance
+        click.echo(f"reference: {prov.get('reference', '?')}" + (f" on {prov['backend']}" if prov.get("backend") else "")
+                   + f"; checking with {','.join(backends)}")
+        click.echo(gd.format_table(rows))
+        n_fail = sum(1 for r in rows if r.cmp is not None and not r.cmp.passed)
+        click.echo("PASS" if ok else f"FAIL: {n_fail} of {len(rows)} value(s) out of tolerance")
+    if not ok:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------ optimize / plugins
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--plugin", "plugins", multiple=True, required=True, metavar="NAME[:OPTS]",
+              help="Plugin and options, e.g. quant:int8 or quant:mode=int4,group=64 (repeatable; applied in "
+                   "each plugin's composition order).")
+@click.option("--calib", "calib", multiple=True, metavar="SPEC",
+              help="Calibration input: text, file:PATH (a text per line), ids:1,2,3 or random:NxLEN "
+                   "(repeatable; default random:4x32).")
+@click.option("--calib-seed", default=0, show_default=True, help="Seed of random calibration sequences.")
+@click.option("--force", is_flag=True, help="Keep a rewrite that exceeds its declared tolerance (warn only).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rewrite reports as JSON.")
+def optimize(model: str, plugins, calib, calib_seed: int, force: bool, output: str, as_json: bool) -> None:
+    """Rewrite a model with optimization plugins, validate it against the original, save it."""
+    from minitx import modelfile
+    from minitx.plugin import optimize as _optimize
+    from minitx.validate import Calibration
+
+    m = load_model(model)
+    cal = Calibration.parse(list(calib), seed=calib_seed)
+    new = _optimize(m, plugins, calib=cal, force=force, warn=lambda s: click.echo(s, err=True))
+    modelfile.save(new, output)
+    reports = new.meta["rewrites"][len(m.meta.get("rewrites", [])):]
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "firings"} for r in reports], default=str))
+        return
+    for r in reports:
+        fired = ", ".join(f"{k} x{v}" for k, v in r["fired"].items()) or "nothing matched"
+        ratio = r["bytes_before"] / max(r["bytes_after"], 1)
+        click.echo(f"{r['spec']}: {fired}; weights {r['bytes_before'] / 2**20:.2f} -> {r['bytes_after'] / 2**20:.2f} "
+                   f"MiB ({ratio:.2f}x smaller)")
+        v = r.get("validation")
+        if v:
+            from minitx.validate import OutputReport, ValidationReport
+
+            rep = ValidationReport(v["calibration"], v["n_sequences"], v["tolerance"],
+                                   [OutputReport(**o) for o in v["outputs"]], v["layers"], v["perplexity"],
+                                   v["passed"], v["failure"])
+            click.echo(f"  validated on {v['calibration']}: {rep.summary()}")
+            worst = min((lr for lr in v["layers"] if "shadow" in lr),
+                        key=lambda lr: lr["shadow"]["cosine"] if lr["shadow"]["cosine"] is not None else 1.0,
+                        default=None)
+            if worst:
+                click.echo(f"  worst layer alone (shadow): layer {worst['layer']}, cosine "
+                           f"{worst['shadow']['cosine']:.6f}, SQNR {worst['shadow']['sqnr_db']:.1f} dB")
+            click.echo(f"  tolerance {v['tolerance']}: {'PASS' if v['passed'] else 'FAIL (kept: --force)'}")
+    click.echo(f"wrote {output}")
+
+
+@main.command(name="plugins")
+@click.option("--json", "as_json", is_flag=True)
+def plugins_cmd(as_json: bool) -> None:
+    """List the optimization plugins found (entry-point group minitx.plugins) and their options."""
+    from minitx.plugin import describe
+
+    rows = describe()
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+        return
+    for r in rows:
+        if not r["available"]:
+            click.echo(f"{r['name']:<10} unavailable: {r['error']}")
+            continue
+        kind = "exact" if r["exact"] else "approximate"
+        click.echo(f"{r['name']:<10} {r['description']} ({kind}; order {r['order']})")
+        for k, o in r["options"].items():
+            choices = f" [{'|'.join(o['choices'])}]" if o["choices"] else ""
+            click.echo(f"    {k}={o['default']}{choices}  {o['help']}")
+
+
+# ------------------------------------------------------------------------------------- bench
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--backend", "backends", multiple=True, metavar="NAME[,NAME…]",
+              help="A backend configuration to measure (repeatable; comma = preference list; default numpy).")
+@click.option("--plugin", "plugin_sets", multiple=True, metavar="P[:OPTS][+P…]",
+              help="A plugin set to measure besides the unmodified model (repeatable; '+' joins plugins "
+                   "into one set, e.g. quant:int8+recompute).")
+@click.option("--vs", "vs", type=click.Choice(["torch"]), default=None,
+              help="Also run the same model in PyTorch in this run and report speed ratios against it.")
+@click.option("--torch-from", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Hugging Face folder the model was converted from: --vs torch then runs it with transformers.")
+@click.option("--repeat", default=5, show_default=True, help="Timed runs per measurement (after one warm-up).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed warm-up runs per measurement.")
+@click.option("--batch", default=4, show_default=True, help="The larger batch size (batch 1 is always measured).")
+@click.option("--prompt-len", default=32, show_default=True, help="Prompt (or sentence) length in tokens.")
+@click.option("--new-tokens", default=16, show_default=True, help="Greedy decode steps timed (decoders).")
+@click.option("--threads", default=0, show_default=True, help="Threads for torch (0: numpy BLAS's count).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random input ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a speed-vs-error plot with memory and size bars (PNG/SVG/PDF; needs matplotlib).")
+def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, prompt_len, new_tokens, threads,
+          seed, as_json, plot_path) -> None:
+    """Measure speed, memory, size and accuracy of MODEL per backend × plugin set.
+
+    A configuration that cannot run gets its reason in the status column; the others still run.
+    Exit code 0 unless nothing could run.
+    """
+    from minitx import bench as bn
+    from minitx import modelfile
+
+    s = bn.Settings(repeat=repeat, warmup=warmup, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                    seed=seed, threads=threads)
+    s.check()
+    m = modelfile.load(model)
+    sets = [[]] + [bn.parse_plugin_set(p) for p in plugin_sets]
+    sets = [p for k, p in enumerate(sets) if p not in sets[:k]]
+    backends = list(backends) or ["numpy"]
+    total = bn.steps_total(len(backends), len(sets), vs == "torch", m.is_decoder)
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label="benchmarking", file=sys.stderr, show_pos=True,
+                               item_show_func=lambda x: x) as bar:
+            res = bn.run(model, backends, sets, vs == "torch", s, torch_from,
+                         progress=lambda n, label: bar.update(n, label), model=m)
+    else:  # a log, not a terminal: one line per finished step
+        done = [0]
+
+        def log(n: int, label: str) -> None:
+            done[0] += n
+            click.echo(f"bench [{done[0]}/{total}] {label}", err=True)
+
+        res = bn.run(model, backends, sets, vs == "torch", s, torch_from, progress=log, model=m)
+    click.echo(json.dumps(res) if as_json else bn.table(res))
+    if plot_path and any(r["status"] == "ok" for r in res["rows"]):
+        bn.plot(res, plot_path)
+        click.echo(f"wrote {plot_path}", err=as_json)
+    if not any(r["status"] == "ok" for r in res["rows"]):
+        raise MinitxError("nothing could run: every configuration failed (see the status column)")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from . import ops
 from .errors import MinitxError
 
 GROUP = "minitx.backends"
+# The backends minitx ships, as pyproject.toml declares them (used when not pip-installed).
+BUILTIN = {"numba": "minitx.backends.numba_cpu:backend", "cupy": "minitx.backends.cupy_gpu:backend"}
 
 
 class Backend:
@@ -126,8 +128,11 @@ def entries() -> dict[str, Entry]:
             for ep in metadata.entry_points(group=GROUP):
                 dist = getattr(getattr(ep, "dist", None), "name", "") or ""
                 found.setdefault(ep.name, Entry(ep.name, ep.value, dist))
-            # The spec is always there, even when running from a checkout that was never installed.
+            # Our own backends are always there, even when running from a checkout that was never
+            # installed (and so has no entry points); the spec needs no import at all.
             found.setdefault("numpy", Entry("numpy", "minitx.backend:SpecBackend", "minitx", factory=SpecBackend))
+            for name, target in BUILTIN.items():
+                found.setdefault(name, Entry(name, target, "minitx"))
             _entries = found
         return _entries
 
@@ -152,11 +157,32 @@ def get_backend(name: str | Backend) -> Backend:
     return b
 
 
+def describe(name: str) -> dict[str, Any]:
+    """What ``minitx backends`` prints for one backend: loads it (fault-isolated) and reports.
+
+    Unavailable backends carry ``reason`` (the import/initialisation error) and ``remedy``.
+    """
+    entry = entries()[name]
+    b = entry.load()
+    info: dict[str, Any] = {"name": name, "entry_point": entry.target, "distribution": entry.dist,
+                            "available": b is not None}
+    if b is None:
+        err = entry.error or "unknown error"
+        info.update(reason=err, remedy=_remedy(name, err).lstrip(" —") or
+                    f"reinstall or fix the package providing {entry.target}")
+        return info
+    info.update(device=b.device, version=b.version, dtypes=sorted(b.dtypes),
+                forward=sorted(b.kernels), vjp=sorted(b.vjps))
+    return info
+
+
 def spec_backend() -> Backend:
     return get_backend("numpy")
 
 
 def _remedy(name: str, error: str) -> str:
+    if "no CUDA device" in error or "CUDA driver" in error:
+        return " — no usable NVIDIA GPU/driver was found; use --backend numba or numpy on this machine"
     if "numba" in error:
         return " — install the cpu extra: pip install 'minitx[cpu]'"
     if "cupy" in error.lower():

@@ -38,6 +38,12 @@ def empty_state(model: Model, batch: int) -> DecodeState:
     for i in range(model.config["n_layers"]):
         for t in "kv":
             past[f"past.{i}.{t}"] = np.zeros((batch, 0, width), dtype)
+    # A rewritten graph may keep a different cache (an int8 cache with per-head scales): follow
+    # whatever past.* inputs it declares.
+    for v in model.graph.inputs:
+        if v.name.startswith("past."):
+            shape = tuple(0 if d == "S" else batch if d == "B" else d for d in v.shape)
+            past[v.name] = np.zeros(shape, v.dtype)
     return DecodeState(past, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64))
 
 

@@ -114,8 +114,16 @@ def test_gelu_special_values():
 def test_gelu_matches_math_per_element(approximate, ref):
     x = np.linspace(-6, 6, 97, dtype=F32)
     y = fwd("gelu", x, approximate=approximate)
-    assert y.dtype == F32
     close(y, [ref(float(v)) for v in x], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_preserves_float32(approximate):
+    x = np.linspace(-3, 3, 7, dtype=F32)
+    y = fwd("gelu", x, approximate=approximate)
+    assert y.dtype == F32
+    (gx,) = ops.get("gelu").vjp((np.ones_like(y),), (x,), (y,), approximate=approximate)
+    assert gx.dtype == F32
 
 
 def test_tanh_gelu_is_close_to_erf_gelu_but_not_equal():
@@ -286,6 +294,9 @@ def naive_mha(q, k, v, n_heads, *, causal=False, mask=None, scale=None):
             for t in range(T):
                 keys = [s for s in range(L)
                         if (not causal or s <= S + t) and (mask is None or mask[b][s])]
+                if not keys:  # no allowed key: undefined, leave NaN
+                    out[b, t, h * D:(h + 1) * D] = np.nan
+                    continue
                 scores = [scale * sum(float(q[b, t, c]) * float(k[b, s, c]) for c in cols) for s in keys]
                 m = max(scores)
                 w = [math.exp(x - m) for x in scores]
@@ -569,6 +580,12 @@ def test_l2_normalize_unit_norm_and_direction():
     assert np.isfinite(z).all() and not z.any()
 
 
+def test_l2_normalize_clips_tiny_norms_at_eps():
+    x = np.array([[3e-3, 4e-3], [3.0, 4.0]], F32)  # norms 5e-3 (below eps) and 5 (above)
+    y = fwd("l2_normalize", x, eps=0.1)
+    close(y, [[3e-2, 4e-2], [0.6, 0.8]], rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------- infer
 
 def _attention_case():
@@ -588,6 +605,7 @@ INFER_CASES = [
     ("split", lambda: ([rand((2, 9))], {"sizes": [2, 3, 4]})),
     ("layer_norm", lambda: ([rand((2, 3, 4)), rand(4), rand(4)], {})),
     ("rms_norm", lambda: ([rand((3, 4)), rand(4)], {})),
+    ("gelu", lambda: ([rand((3, 4))], {})),
     ("gelu", lambda: ([rand((3, 4))], {"approximate": "tanh"})),
     ("swiglu", lambda: ([rand((2, 3, 8))], {})),
     ("softmax", lambda: ([rand((2, 3))], {"axis": 0})),
@@ -604,7 +622,12 @@ INFER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, case", INFER_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(INFER_CASES)])
+def _case_id(i, case):
+    name = case.values[0] if hasattr(case, "values") else case[0]
+    return f"{name}-{i}"
+
+
+@pytest.mark.parametrize("name, case", INFER_CASES, ids=[_case_id(i, c) for i, c in enumerate(INFER_CASES)])
 def test_infer_matches_forward(name, case):
     inputs, attrs = case()
     spec = ops.get(name)
@@ -641,8 +664,8 @@ BAD_SHAPES = [
     ("gelu", [(2, 4)], ["float32"], {"approximate": "sigmoid"}),
     ("swiglu", [(2, 5)], ["float32"], {}),
     ("dropout", [(2, 5)], ["float32"], {"p": 1.0}),
-    ("attention", [(1, 2, 12), (1, 2, 12), (1, 2, 12), None, None, None], ["float32"] * 3 + [None] * 3,
-     {"n_heads": 3, "n_kv_heads": 2, "causal": True}),   # n_heads not a multiple of n_kv_heads
+    ("attention", [(1, 2, 12), (1, 2, 8), (1, 2, 8), None, None, None], ["float32"] * 3 + [None] * 3,
+     {"n_heads": 3, "n_kv_heads": 2, "causal": True}),   # n_heads not a multiple of n_kv_heads (else fits)
     ("attention", [(1, 2, 8), (1, 2, 6), (1, 2, 6), None, None, None], ["float32"] * 3 + [None] * 3,
      {"n_heads": 4, "n_kv_heads": 2, "causal": True}),   # k width != n_kv_heads * head_dim
     ("attention", [(1, 2, 8), (1, 2, 4), (1, 2, 4), (1, 3, 4), None, None], ["float32"] * 4 + [None] * 2,

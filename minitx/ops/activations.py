@@ -6,7 +6,7 @@ from scipy.special import erf
 
 from . import elementwise_flops, register, require, same_as
 
-_SQRT_2_OVER_PI = np.sqrt(2.0 / np.pi)
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))  # a Python float keeps float32 inputs float32
 
 
 # ------------------------------------------------------------------------------------- gelu

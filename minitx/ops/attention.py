@@ -79,6 +79,8 @@ def attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, scale=
     gV = _merge((np.swapaxes(p, -1, -2) @ go).sum(axis=2))      # Σ over the group's query heads
     gp = go @ np.swapaxes(vh, -1, -2)
     gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True)) * scale  # softmax VJP, then the scale
+    # A fully masked row's output does not depend on q or k (its scores are constants).
+    gs = np.where(allowed_keys(T, K.shape[1], mask, causal, B)[:, :, None], gs, 0)
     gq = _merge((gs @ kh).reshape(B, n_heads, T, D))
     gK = _merge((np.swapaxes(gs, -1, -2) @ qh).sum(axis=2))
     gK, gV = gK + g_K, gV + g_V

@@ -1,0 +1,61 @@
+"""The numba CPU backend: multithreaded, fused kernels for the hot ops; BLAS for matmuls.
+
+Each submodule exports ``KERNELS`` (op → forward, the spec's signature) and optionally ``VJPS``
+(op → VJP); :func:`backend` merges them. Every public module of this package is imported, one by
+one and fault-tolerantly, so kernels for plugin ops (``quant.py``, ``sparse.py``, maintained by
+the plugins' authors) are picked up just by being here; a module that fails to import is
+reported in ``backend().problems`` instead of taking the whole backend down. Modules without
+``KERNELS`` are helpers (``kvcache``). Ops not listed run on the NumPy spec, per node.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from typing import Any, Callable
+
+# Idle OpenMP workers that spin (libgomp's default) steal the cores from the next kernel and from
+# BLAS; on a shared 2-core VM we measured 50x slowdowns (benchmarks/results/decode_cpu.md).
+# Must be set before numba starts its thread pool; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from minitx.backend import Backend
+
+CORE = ("norms", "activations", "attention", "linalg", "positions")
+
+
+def _submodules() -> list[str]:
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return list(CORE) + [m for m in found if m not in CORE]
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+    device = "cpu"
+    dtypes = frozenset({"float32", "float64"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        import numba  # noqa: F401 — fails here, cleanly, when numba is not installed
+
+        self.version = numba.__version__
+        self.threads = numba.get_num_threads()
+        self.problems: dict[str, str] = {}
+        for mod in _submodules():
+            try:
+                m = importlib.import_module(f"{__name__}.{mod}")
+            except Exception as e:  # noqa: BLE001 — one broken module must not hide the others
+                self.problems[mod] = f"{type(e).__name__}: {e}"
+                continue
+            kernels: dict[str, Callable[..., Any]] = getattr(m, "KERNELS", {})
+            vjps: dict[str, Callable[..., Any]] = getattr(m, "VJPS", {})
+            self.kernels.update(kernels)
+            self.vjps.update(vjps)
+        if not self.kernels:
+            raise RuntimeError("no numba kernel module could be loaded: " + "; ".join(
+                f"{k}: {v}" for k, v in self.problems.items()))
+
+
+def backend() -> NumbaBackend:
+    """Entry point ``minitx.backends: numba``."""
+    return NumbaBackend()

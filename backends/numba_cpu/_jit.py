@@ -1,0 +1,36 @@
+"""Shared compilation settings for the numba kernels.
+
+``fastmath`` is limited to the flags that only reorder arithmetic (reassociation lets sums and
+dot products vectorise; contraction allows FMA). We leave out ``nnan``/``ninf``: the attention
+kernel relies on ``-inf``-free masking but other kernels must propagate NaN/Inf like the spec.
+Every kernel is compiled twice — a parallel version for large inputs and a serial one for small
+ones (decode at batch 1), where waking the thread pool costs more than the work.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numba
+
+FASTMATH = {"reassoc", "contract", "arcp"}
+# Below this many elements a kernel runs on one thread (thread wake-up costs ~10-30 µs).
+PARALLEL_MIN = 1 << 15
+
+
+def kernel(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(parallel, serial) compiled versions of ``fn`` (which uses ``numba.prange``)."""
+    par = numba.njit(cache=True, parallel=True, fastmath=FASTMATH, nogil=True)(fn)
+    ser = numba.njit(cache=True, parallel=False, fastmath=FASTMATH, nogil=True)(fn)
+    return par, ser
+
+
+def pick(pair: tuple[Callable[..., Any], Callable[..., Any]], work: int) -> Callable[..., Any]:
+    return pair[0] if work >= PARALLEL_MIN and numba.get_num_threads() > 1 else pair[1]
+
+
+def rows(x):
+    """View ``x`` as (rows, last axis), C-contiguous (copying only when it is not)."""
+    import numpy as np
+
+    x = np.ascontiguousarray(x)
+    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)

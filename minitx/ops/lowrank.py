@@ -1,0 +1,180 @@
+"""Low-rank ops: a linear through a rank-r factorisation, and Nyström-approximated attention.
+
+``lowrank_linear``: y = (x U) V + b with U (in, r), V (r, out) — W ≈ U V costs r·(in + out)
+weights and multiply-adds per row instead of in·out.
+
+``nystrom_attention`` (Xiong et al., 2021) has the inputs and outputs of :mod:`.attention`
+(non-causal only: the approximation mixes all positions). Queries and keys are averaged over L
+contiguous segments into landmarks Q̃, K̃ (padding keys excluded), and
+
+    softmax(Q Kᵀ) V  ≈  softmax(Q K̃ᵀ) · pinv(softmax(Q̃ K̃ᵀ)) · softmax(Q̃ Kᵀ) V,
+
+O(T·L) instead of O(T·S). With one landmark per position it is exact (P P⁺ P = P).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import register, require
+from .attention import _heads, _merge, attention_infer
+
+
+# ------------------------------------------------------------------------------ lowrank_linear
+def lowrank_linear(x, u, v, b=None):
+    """y = (x U) V + b: the rank-r linear W ≈ U V."""
+    y = (x @ u) @ v
+    return y if b is None else y + b
+
+
+def lowrank_linear_vjp(grads, inputs, outputs):
+    (g,) = grads
+    x, u, v, b = inputs
+    h = x @ u                                   # (…, r), recomputed rather than stored
+    g2 = g.reshape(-1, g.shape[-1])
+    gh = g @ v.T
+    gv = h.reshape(-1, h.shape[-1]).T @ g2
+    gu = x.reshape(-1, x.shape[-1]).T @ gh.reshape(-1, gh.shape[-1])
+    gb = None if b is None else g2.sum(axis=0)
+    return gh @ u.T, gu, gv, gb
+
+
+def lowrank_linear_infer(shapes, dtypes):
+    x, u, v, b = shapes
+    op = "lowrank_linear"
+    require(len(u) == 2 and len(v) == 2, op, f"u {u} and v {v} must be 2-D")
+    require(x[-1] == u[0], op, f"input features {x[-1]} != rows of u {u}")
+    require(u[1] == v[0], op, f"rank of u {u} != rows of v {v}")
+    require(b is None or tuple(b) == (v[1],), op, f"bias shape {b} != ({v[1]},)")
+    return [((*x[:-1], v[1]), dtypes[0])]
+
+
+def lowrank_linear_flops(shapes, outs):
+    x, u, v, _ = shapes
+    return 2 * int(np.prod(x[:-1])) * u[1] * (u[0] + v[1])
+
+
+register("lowrank_linear", lowrank_linear, lowrank_linear_vjp, lowrank_linear_infer, flops=lowrank_linear_flops,
+         n_optional=1, vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------------ Nyström attention
+def segment_means(n: int, L: int) -> np.ndarray:
+    """(L, n) averaging matrix of L contiguous, near-equal segments of n positions."""
+    seg = np.arange(n) * L // n
+    M = (seg[None, :] == np.arange(L)[:, None]).astype(np.float64)
+    return M / M.sum(axis=1, keepdims=True)
+
+
+def _softmax_keep(s, keep):
+    s = np.where(keep, s, np.finfo(s.dtype).min)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _softmax_keep_vjp(g, p, keep):
+    return np.where(keep, p * (g - (g * p).sum(axis=-1, keepdims=True)), 0.0)
+
+
+def pinv_vjp(g, a, ap):
+    """Cotangent of A from that of A⁺ (Golub & Pereyra; valid while rank(A) is locally constant):
+    −A⁺ᵀ G A⁺ᵀ + (I − A A⁺) Gᵀ A⁺ A⁺ᵀ + A⁺ᵀ A⁺ Gᵀ (I − A⁺ A)."""
+    t = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
+    m, n = a.shape[-2], a.shape[-1]
+    P = np.eye(m) - a @ ap
+    Q = np.eye(n) - ap @ a
+    return -t(ap) @ g @ t(ap) + P @ t(g) @ ap @ t(ap) + t(ap) @ ap @ t(g) @ Q
+
+
+def _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale):
+    B, T, _ = q.shape
+    S = K.shape[1]
+    G = n_heads // n_kv_heads
+    dt = q.dtype
+    qh = _heads(q, n_heads).reshape(B, n_kv_heads, G, T, -1)   # (B, Hkv, G, T, D)
+    kh = _heads(K, n_kv_heads)[:, :, None]                     # (B, Hkv, 1, S, D)
+    vh = _heads(V, n_kv_heads)[:, :, None]
+    valid = np.ones((B, S), bool) if mask is None else mask.astype(bool)
+    Mq = segment_means(T, min(n_landmarks, T)).astype(dt)      # (Lq, T)
+    Mk = (np.arange(S) * min(n_landmarks, S) // S)[None, :] == np.arange(min(n_landmarks, S))[:, None]
+    Mk = Mk[None] & valid[:, None, :]                          # (B, Lk, S): valid keys of each segment
+    lm_valid = Mk.any(axis=-1)                                 # landmarks with at least one real key
+    Mk = (Mk / np.maximum(Mk.sum(axis=-1, keepdims=True), 1)).astype(dt)[:, None, None]  # (B, 1, 1, Lk, S)
+    qt = Mq @ qh                                               # Q̃ (B, Hkv, G, Lq, D)
+    kt = Mk @ kh                                               # K̃ (B, Hkv, 1, Lk, D)
+    keep_l = lm_valid[:, None, None, None, :]
+    keep_k = valid[:, None, None, None, :]
+    F = _softmax_keep((qh @ np.swapaxes(kt, -1, -2)) * scale, keep_l)   # (…, T, Lk)
+    A = _softmax_keep((qt @ np.swapaxes(kt, -1, -2)) * scale, keep_l)   # (…, Lq, Lk)
+    Bm = _softmax_keep((qt @ np.swapaxes(kh, -1, -2)) * scale, keep_k)  # (…, Lq, S)
+    Ap = np.linalg.pinv(A.astype(np.float64)).astype(dt)
+    return dict(qh=qh, kh=kh, vh=vh, Mq=Mq, Mk=Mk, qt=qt, kt=kt, keep_l=keep_l, keep_k=keep_k,
+                F=F, A=A, Bm=Bm, Ap=Ap)
+
+
+def nystrom_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal=False,
+                      n_landmarks, scale=None):
+    """softmax(Q K̃ᵀ) pinv(softmax(Q̃ K̃ᵀ)) softmax(Q̃ Kᵀ) V per head; returns (out, K, V) like attention."""
+    K = k if past_k is None else np.concatenate([past_k, k], axis=1)
+    V = v if past_v is None else np.concatenate([past_v, v], axis=1)
+    D = q.shape[-1] // n_heads
+    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
+    p = _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale)
+    out = p["F"] @ (p["Ap"] @ (p["Bm"] @ p["vh"]))
+    return _merge(out.reshape(q.shape[0], n_heads, q.shape[1], D)), K, V
+
+
+def nystrom_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None):
+    g_out, g_K, g_V = grads
+    q, k, v, past_k, past_v, mask = inputs
+    _, K, V = outputs
+    B, T, _ = q.shape
+    D = q.shape[-1] // n_heads
+    G = n_heads // n_kv_heads
+    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
+    p = _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale)
+    t = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
+    F, Ap, Bm, vh = p["F"], p["Ap"], p["Bm"], p["vh"]
+    W = Bm @ vh                      # (…, Lq, D)
+    Z = Ap @ W                       # (…, Lk, D);  out = F Z
+    go = _heads(g_out, n_heads).reshape(B, n_kv_heads, G, T, D)
+    gF = go @ t(Z)
+    gZ = t(F) @ go
+    gAp = gZ @ t(W)
+    gW = t(Ap) @ gZ
+    gBm = gW @ t(vh)
+    gvh = (t(Bm) @ gW).sum(axis=2)
+    gA = pinv_vjp(gAp, p["A"], Ap)
+    gSF = _softmax_keep_vjp(gF, F, p["keep_l"]) * scale   # scores Q K̃ᵀ
+    gSA = _softmax_keep_vjp(gA, p["A"], p["keep_l"]) * scale  # scores Q̃ K̃ᵀ
+    gSB = _softmax_keep_vjp(gBm, Bm, p["keep_k"]) * scale  # scores Q̃ Kᵀ
+    gqh = gSF @ p["kt"]
+    gqt = gSA @ p["kt"] + gSB @ p["kh"]
+    gkt = (t(gSF) @ p["qh"] + t(gSA) @ p["qt"]).sum(axis=2, keepdims=True)
+    gkh = (t(gSB) @ p["qt"]).sum(axis=2, keepdims=True)
+    gqh = gqh + t(p["Mq"]) @ gqt     # Q̃ = Mq Q
+    gkh = gkh + t(p["Mk"]) @ gkt     # K̃ = Mk K
+    gq = _merge(gqh.reshape(B, n_heads, T, D))
+    gK = _merge(gkh[:, :, 0]) + g_K
+    gV = _merge(gvh) + g_V
+    S = K.shape[1] - T
+    return (gq, gK[:, S:], gV[:, S:],
+            None if past_k is None else gK[:, :S], None if past_v is None else gV[:, :S], None)
+
+
+def nystrom_attention_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None):
+    op = "nystrom_attention"
+    require(not causal, op, "Nyström attention mixes all positions; it does not support causal=True")
+    require(isinstance(n_landmarks, (int, np.integer)) and n_landmarks >= 1, op,
+            f"n_landmarks must be a positive integer, got {n_landmarks!r}")
+    return attention_infer(shapes, dtypes, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=False, scale=scale)
+
+
+def nystrom_attention_flops(shapes, outs, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None):
+    q = shapes[0]
+    T, S, L = q[1], outs[1][1], n_landmarks
+    per_row = 2 * (T * L + L * L + L * S) + 2 * (T * L + L * L + L * S)  # scores, then the three products
+    return q[0] * q[2] * per_row + q[0] * n_heads * (5 * (T * L + L * L + L * S) + 20 * L ** 3)
+
+
+register("nystrom_attention", nystrom_attention, nystrom_attention_vjp, nystrom_attention_infer,
+         flops=nystrom_attention_flops, nondiff=(5,), n_optional=3)

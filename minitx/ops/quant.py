@@ -1,0 +1,403 @@
+"""Quantized ops: linears over int8/int4/narrow-float weights, and attention with an int8 KV cache.
+
+Every scheme is symmetric: a real value is ``q · s`` with an integer ``q`` and a float scale ``s``
+shared by a group of values (an output channel, a block of 32 inputs, a token's head).
+
+* ``linear_q8``       W = Wq · s[out]                  int8 per output channel (weight-only)
+* ``embedding_q8``    E = Eq · s[row]                  int8 table, a scale per row (also the tied LM head)
+* ``linear_q8_block`` W = Wq · s[in // block, out]     int8, one scale per 32 inputs (llama.cpp Q8_0)
+* ``linear_q4``       W = (nibble − 8) · s[in // group, out], two 4-bit values per byte
+* ``linear_w8a8``     x ≈ round(x / sₓ) · sₓ per token (sₓ = max|x_row| / 127), then an integer
+                      product with int8 weights, rescaled by sₓ · s[out]
+* ``linear_cast``     W stored as float16, or as bfloat16 bit patterns in uint16 (NumPy has none)
+* ``attention_kv8``   attention whose cache is int8 with a scale per token and head
+
+VJPs give the gradient with respect to every float input (activations, scales, biases) and
+``None`` for integer inputs. Where an activation itself is rounded (W8A8, the KV cache) the VJP is
+the derivative of the quantized function as written — zero through ``round``, non-zero through the
+max-abs scale — so it agrees with finite differences; quantization-aware training would use a
+straight-through estimator instead, which is a different function.
+
+The quantizers at the bottom (``quantize_*``) are the one definition of each packed format; the
+quant plugin and the tests use them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import register, require
+from .attention import attention, attention_infer, attention_vjp
+
+
+def _sum_rows(g: np.ndarray) -> np.ndarray:
+    return g.reshape(-1, g.shape[-1]).sum(axis=0)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _linear_infer(op: str, packed_rows: int = 1):
+    """Shape rule shared by the quantized linears: x (…, in), weight (in / packed_rows, out)."""
+
+    def infer(shapes, dtypes, **attrs):
+        x, w, s, b = shapes
+        require(len(w) == 2, op, f"weight must be 2-D, got shape {w}")
+        n_in = w[0] * packed_rows
+        require(x[-1] == n_in, op, f"input features {x[-1]} != weight rows {n_in} (weight {w})")
+        require(b is None or tuple(b) == (w[1],), op, f"bias shape {b} != ({w[1]},)")
+        group = attrs.get("block") or attrs.get("group")
+        if group is None:
+            require(tuple(s) == (w[1],), op, f"scale shape {s} != ({w[1]},)")
+        else:
+            require(n_in % group == 0, op, f"group size {group} does not divide the input features {n_in}")
+            require(tuple(s) == (n_in // group, w[1]), op, f"scale shape {s} != ({n_in // group}, {w[1]})")
+        return [((*x[:-1], w[1]), dtypes[0])]
+
+    return infer
+
+
+def _linear_flops(packed_rows: int = 1):
+    def flops(shapes, outs, **attrs):
+        x, w = shapes[0], shapes[1]
+        return 2 * int(np.prod(x[:-1])) * w[0] * packed_rows * w[1]
+
+    return flops
+
+
+# ------------------------------------------------------------------------ int8 per channel
+def linear_q8(x, w, scale, b=None, *, transposed=False):
+    """y = x (Wq · s) + b, Wq int8 (in, out), s (out,): one scale per output channel.
+
+    ``transposed``: Wq is stored (out, in) — a tied embedding table quantized per row serving as
+    the LM head (logits = x Eᵀ), so one int8 copy feeds both."""
+    wf = w.astype(x.dtype)
+    y = (x @ (wf.T if transposed else wf)) * scale
+    return y if b is None else y + b
+
+
+def linear_q8_vjp(grads, inputs, outputs, *, transposed=False):
+    (g,) = grads
+    x, w, scale, b = inputs
+    wf = w.astype(g.dtype)
+    wf = wf.T if transposed else wf
+    gx = (g * scale) @ wf.T
+    gs = (g * (x @ wf)).reshape(-1, g.shape[-1]).sum(axis=0)
+    return gx, None, gs, None if b is None else _sum_rows(g)
+
+
+def _linear_q8_infer(shapes, dtypes, *, transposed=False):
+    x, w, s, b = shapes
+    if transposed and w is not None and len(w) == 2:
+        w = (w[1], w[0])
+    return _linear_infer("linear_q8")([x, w, s, b], dtypes)
+
+
+def _linear_q8_flops(shapes, outs, *, transposed=False):
+    return 2 * int(np.prod(shapes[0][:-1])) * shapes[1][0] * shapes[1][1]
+
+
+register("linear_q8", linear_q8, linear_q8_vjp, _linear_q8_infer, flops=_linear_q8_flops,
+         n_optional=1, vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ int8 embedding table
+def embedding_q8(ids, table, scale):
+    """E[ids] with E = Eq · s[row]: int8 table (V, C), one scale per row; only looked-up rows are
+    dequantized."""
+    return table[ids].astype(scale.dtype) * scale[ids][..., None]
+
+
+def embedding_q8_vjp(grads, inputs, outputs):
+    (g,) = grads
+    ids, table, scale = inputs
+    gs = np.zeros_like(scale)
+    np.add.at(gs, ids.reshape(-1), (g * table[ids]).reshape(-1, table.shape[1]).sum(axis=1))
+    return None, None, gs
+
+
+def _embedding_q8_infer(shapes, dtypes):
+    ids, table, scale = shapes
+    require(len(table) == 2, "embedding_q8", f"table must be 2-D, got {table}")
+    require(tuple(scale) == (table[0],), "embedding_q8", f"scale shape {scale} != ({table[0]},)")
+    require(np.issubdtype(np.dtype(dtypes[0]), np.integer), "embedding_q8", f"ids must be integers, got {dtypes[0]}")
+    return [((*ids, table[1]), dtypes[2])]
+
+
+register("embedding_q8", embedding_q8, embedding_q8_vjp, _embedding_q8_infer, nondiff=(0,), vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ int8 block-wise
+def dequantize_blocks(w, scale, block):
+    """Wq · s, with each scale repeated over its ``block`` consecutive input rows."""
+    return w.astype(scale.dtype) * np.repeat(scale, block, axis=0)
+
+
+def linear_q8_block(x, w, scale, b=None, *, block=32):
+    """y = x W + b, W = Wq · s[in // block, out]: int8 with one scale per ``block`` inputs (Q8_0)."""
+    y = x @ dequantize_blocks(w, scale, block).astype(x.dtype)
+    return y if b is None else y + b
+
+
+def linear_q8_block_vjp(grads, inputs, outputs, *, block=32):
+    (g,) = grads
+    x, w, scale, b = inputs
+    gx = g @ dequantize_blocks(w, scale, block).astype(g.dtype).T
+    gW = _rows(x).T @ _rows(g)                         # gradient of the dequantized matrix
+    gs = (gW * w).reshape(-1, block, w.shape[1]).sum(axis=1)
+    return gx, None, gs, None if b is None else _sum_rows(g)
+
+
+register("linear_q8_block", linear_q8_block, linear_q8_block_vjp, _linear_infer("linear_q8_block"),
+         flops=_linear_flops(), n_optional=1, vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ int4 group-wise
+def unpack_int4(packed):
+    """uint8 (in/2, out) → int8 (in, out) in [-8, 7]: row 2i in the low nibble, 2i+1 in the high one."""
+    lo = (packed & 0x0F).astype(np.int8) - 8
+    hi = (packed >> 4).astype(np.int8) - 8
+    out = np.empty((packed.shape[0] * 2, packed.shape[1]), np.int8)
+    out[0::2], out[1::2] = lo, hi
+    return out
+
+
+def linear_q4(x, w, scale, b=None, *, group=32):
+    """y = x W + b, W = q · s[in // group, out], q ∈ [-8, 7] packed two per byte (uint8 (in/2, out))."""
+    y = x @ dequantize_blocks(unpack_int4(w), scale, group).astype(x.dtype)
+    return y if b is None else y + b
+
+
+def linear_q4_vjp(grads, inputs, outputs, *, group=32):
+    (g,) = grads
+    x, w, scale, b = inputs
+    q = unpack_int4(w)
+    gx = g @ dequantize_blocks(q, scale, group).astype(g.dtype).T
+    gW = _rows(x).T @ _rows(g)
+    gs = (gW * q).reshape(-1, group, q.shape[1]).sum(axis=1)
+    return gx, None, gs, None if b is None else _sum_rows(g)
+
+
+register("linear_q4", linear_q4, linear_q4_vjp, _linear_infer("linear_q4", packed_rows=2),
+         flops=_linear_flops(2), n_optional=1, vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ W8A8 (dynamic)
+def quantize_rows(x):
+    """Per-row (token) symmetric int8: (q int8, s (…, 1)) with s = max|row| / 127 (1 for a zero row)."""
+    m = np.abs(x).max(axis=-1, keepdims=True)
+    s = np.where(m > 0, m / 127, 1).astype(x.dtype)
+    return np.clip(np.rint(x / s), -127, 127).astype(np.int8), s
+
+
+def linear_w8a8(x, w, scale, b=None):
+    """y = (q(x) Wq) · sₓ · s + b: x quantized per token on the fly, an exact integer product
+    (accumulated in float64, exact below 2⁵³), then rescaled. Wq int8 (in, out), s (out,)."""
+    q, sx = quantize_rows(x)
+    acc = (q.astype(np.float64) @ w.astype(np.float64)).astype(x.dtype)
+    y = acc * sx * scale
+    return y if b is None else y + b
+
+
+def linear_w8a8_vjp(grads, inputs, outputs):
+    (g,) = grads
+    x, w, scale, b = inputs
+    q, sx = quantize_rows(x)
+    acc = (q.astype(np.float64) @ w.astype(np.float64)).astype(g.dtype)
+    # y depends on x only through sₓ = max|x_row| / 127 (round() is flat almost everywhere).
+    dsx = (g * acc * scale).sum(axis=-1, keepdims=True)          # ∂L/∂sₓ per row
+    gx = np.zeros_like(x)
+    j = np.abs(x).argmax(axis=-1)[..., None]
+    xj = np.take_along_axis(x, j, axis=-1)
+    np.put_along_axis(gx, j, np.sign(xj) / 127 * dsx * (xj != 0), axis=-1)
+    gs = _sum_rows(g * acc * sx)
+    return gx, None, gs, None if b is None else _sum_rows(g)
+
+
+register("linear_w8a8", linear_w8a8, linear_w8a8_vjp, _linear_infer("linear_w8a8"), flops=_linear_flops(),
+         n_optional=1, vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ narrow float weights
+def widen(w, dtype=np.float32):
+    """float16 → dtype; uint16 bfloat16 bit patterns → float32 (the high half of a float32)."""
+    if w.dtype == np.uint16:
+        return (w.astype(np.uint32) << 16).view(np.float32).astype(dtype, copy=False)
+    return w.astype(dtype)
+
+
+def linear_cast(x, w, b=None):
+    """y = x · float(W) + b, W stored as float16 or as bfloat16 (uint16 bit patterns)."""
+    y = x @ widen(w, x.dtype)
+    return y if b is None else y + b
+
+
+def linear_cast_vjp(grads, inputs, outputs):
+    (g,) = grads
+    x, w, b = inputs
+    # float16 weights are floats (a gradient exists); bfloat16 bit patterns are integers to NumPy.
+    gw = None if w.dtype == np.uint16 else _rows(x).T @ _rows(g)
+    return g @ widen(w, g.dtype).T, gw, None if b is None else _sum_rows(g)
+
+
+def _linear_cast_infer(shapes, dtypes):
+    x, w, b = shapes
+    op = "linear_cast"
+    require(dtypes[1] in ("float16", "uint16"), op, f"weight must be float16 or uint16 (bfloat16), got {dtypes[1]}")
+    require(len(w) == 2 and x[-1] == w[0], op, f"input features {x[-1]} do not fit weight {w}")
+    require(b is None or tuple(b) == (w[1],), op, f"bias shape {b} != ({w[1]},)")
+    return [((*x[:-1], w[1]), dtypes[0])]
+
+
+register("linear_cast", linear_cast, linear_cast_vjp, _linear_cast_infer, n_optional=1,
+         flops=lambda s, o: 2 * int(np.prod(s[0][:-1])) * s[1][0] * s[1][1], vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ int8 KV cache
+def quantize_heads(x, n_heads):
+    """(B, T, H·D) → (int8 (B, T, H·D), scale (B, T, H)): symmetric int8 per token and head."""
+    B, T, HD = x.shape
+    xh = x.reshape(B, T, n_heads, HD // n_heads)
+    m = np.abs(xh).max(axis=-1)
+    s = np.where(m > 0, m / 127, 0).astype(x.dtype)
+    q = np.clip(np.rint(xh / np.where(s > 0, s, 1)[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(B, T, HD), s
+
+
+def dequantize_heads(q, s):
+    B, T, HD = q.shape
+    H = s.shape[-1]
+    return (q.reshape(B, T, H, HD // H).astype(s.dtype) * s[..., None]).reshape(B, T, HD)
+
+
+def _round_trip_vjp(x, g, n_heads):
+    """VJP of x ↦ dequantize(quantize(x)): only the max-abs element of each head moves its scale."""
+    B, T, HD = x.shape
+    xh = x.reshape(B, T, n_heads, HD // n_heads)
+    q, _ = quantize_heads(x, n_heads)
+    ds = (g.reshape(xh.shape) * q.reshape(xh.shape)).sum(axis=-1, keepdims=True)   # ∂L/∂s
+    return _scale_vjp(xh, ds).reshape(B, T, HD)
+
+
+def _scale_vjp(xh, ds):
+    """Pull ∂L/∂s back to x through s = max|x| / 127 over the last axis (ds has that axis as 1)."""
+    gx = np.zeros_like(xh)
+    j = np.abs(xh).argmax(axis=-1)[..., None]
+    xj = np.take_along_axis(xh, j, axis=-1)
+    np.put_along_axis(gx, j, np.sign(xj) / 127 * ds, axis=-1)
+    return gx
+
+
+def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None, *,
+                  n_heads, n_kv_heads, causal, scale=None):
+    """Attention over an int8 cache: new k, v are quantized per token and head, appended to the
+    cache, and attention reads the dequantized cache (the new tokens too, so every step sees the
+    values later steps will). Returns (out, present_k, present_k_scale, present_v, present_v_scale)."""
+    kq, ks = quantize_heads(k, n_kv_heads)
+    vq, vs = quantize_heads(v, n_kv_heads)
+    pk = None if past_k is None else dequantize_heads(past_k, past_k_scale)
+    pv = None if past_v is None else dequantize_heads(past_v, past_v_scale)
+    out, _, _ = attention(q, dequantize_heads(kq, ks), dequantize_heads(vq, vs), pk, pv, mask,
+                          n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+    cat = (lambda a, b: b if a is None else np.concatenate([a, b], axis=1))
+    return out, cat(past_k, kq), cat(past_k_scale, ks), cat(past_v, vq), cat(past_v_scale, vs)
+
+
+def attention_kv8_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, scale=None):
+    g_out, _, g_ks, _, g_vs = grads
+    q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask = inputs
+    S = 0 if past_k is None else past_k.shape[1]
+    kq, ks = quantize_heads(k, n_kv_heads)
+    vq, vs = quantize_heads(v, n_kv_heads)
+    kd, vd = dequantize_heads(kq, ks), dequantize_heads(vq, vs)
+    pk = None if past_k is None else dequantize_heads(past_k, past_k_scale)
+    pv = None if past_v is None else dequantize_heads(past_v, past_v_scale)
+    attrs = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+    fwd = attention(q, kd, vd, pk, pv, mask, **attrs)
+    zero = np.zeros_like(fwd[1])
+    gq, gkd, gvd, gpk, gpv, _ = attention_vjp((g_out, zero, zero), (q, kd, vd, pk, pv, mask), fwd, **attrs)
+    B, T, HD = k.shape
+    D = HD // n_kv_heads
+    shp = (B, T, n_kv_heads, D)
+
+    def new_grad(x, xq, gd, g_scale):
+        # dequantized value and the returned scale both depend on x only through the scale
+        ds = (gd.reshape(shp) * xq.reshape(shp)).sum(-1, keepdims=True) + g_scale[:, S:, :, None]
+        return _scale_vjp(x.reshape(shp), ds).reshape(B, T, HD)
+
+    def past_scale_grad(pq, gd, g_scale):
+        if pq is None:
+            return None
+        ps = (B, S, n_kv_heads, D)
+        return (gd.reshape(ps) * pq.reshape(ps)).sum(-1) + g_scale[:, :S]
+
+    return (gq, new_grad(k, kq, gkd, g_ks), new_grad(v, vq, gvd, g_vs),
+            None, past_scale_grad(past_k, gpk, g_ks), None, past_scale_grad(past_v, gpv, g_vs), None)
+
+
+def attention_kv8_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal, scale=None):
+    q, k, v, pk, pks, pv, pvs, mask = shapes
+    op = "attention_kv8"
+    require((pk is None) == (pks is None) == (pv is None) == (pvs is None), op,
+            "past_k, past_k_scale, past_v, past_v_scale come together")
+    if pk is not None:
+        require(dtypes[3] == "int8" and dtypes[5] == "int8", op, f"the cache must be int8, got {dtypes[3]}/{dtypes[5]}")
+        want = (pk[0], pk[1], n_kv_heads)
+        require(tuple(pks) == want and tuple(pvs) == want, op, f"cache scales {pks}/{pvs} must be {want}")
+    out, present, _ = attention_infer([q, k, v, pk, pv, mask], [dtypes[0], dtypes[1], dtypes[2], dtypes[1],
+                                                                dtypes[2], None],
+                                      n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+    sc = ((*present[0][:2], n_kv_heads), dtypes[1])
+    return [out, (present[0], "int8"), sc, (present[0], "int8"), sc]
+
+
+def attention_kv8_flops(shapes, outs, **attrs):
+    q = shapes[0]
+    S = outs[1][1]
+    return 4 * q[0] * q[1] * S * q[2] + 5 * q[0] * attrs["n_heads"] * q[1] * S
+
+
+register("attention_kv8", attention_kv8, attention_kv8_vjp, attention_kv8_infer, flops=attention_kv8_flops,
+         nondiff=(3, 5, 7), n_optional=5)
+
+
+# ------------------------------------------------------------------------ the packed formats
+def quantize_per_channel(w, axis=0):
+    """float (in, out) → (int8 (in, out), float32 scale (out,)), symmetric, max-abs per column
+    (``axis=1``: per row, for embedding tables)."""
+    m = np.abs(w).max(axis=axis)
+    s = np.where(m > 0, m / 127, 1).astype(np.float32)
+    se = s if axis == 0 else s[:, None]
+    return np.clip(np.rint(w / se), -127, 127).astype(np.int8), s
+
+
+def _group_scales(w, group, qmax):
+    n_in, n_out = w.shape
+    if n_in % group:
+        raise ValueError(f"group size {group} does not divide the input features {n_in}")
+    m = np.abs(w.reshape(n_in // group, group, n_out)).max(axis=1)
+    return np.where(m > 0, m / qmax, 1).astype(np.float32)
+
+
+def quantize_blocks(w, block=32):
+    """float (in, out) → (int8 (in, out), scale (in / block, out)): Q8_0-style block scales."""
+    s = _group_scales(w, block, 127)
+    q = np.clip(np.rint(w / np.repeat(s, block, axis=0)), -127, 127).astype(np.int8)
+    return q, s
+
+
+def quantize_int4(w, group=32):
+    """float (in, out) → (uint8 (in / 2, out) packed nibbles, scale (in / group, out)), q ∈ [-8, 7]
+    with s = max|group| / 7.5 so both ends of the range are used (+7 clips by at most half a step)."""
+    if group % 2:
+        raise ValueError(f"group size {group} must be even (two 4-bit values per byte)")
+    s = _group_scales(w, group, 7.5)
+    q = np.clip(np.rint(w / np.repeat(s, group, axis=0)), -8, 7).astype(np.int16) + 8
+    return (q[0::2] | (q[1::2] << 4)).astype(np.uint8), s
+
+
+def to_bfloat16_bits(w):
+    """float32 → uint16 bfloat16 bit patterns, rounded to nearest even."""
+    u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return (u >> 16).astype(np.uint16)

@@ -1,0 +1,283 @@
+"""Sparse ops: attention restricted to a pattern of keys, and linears whose weights are stored sparse.
+
+``sparse_attention`` has the inputs and outputs of :mod:`minitx.ops.attention` (GQA, causal,
+padding mask, KV cache) plus a ``pattern``. Query t sits at absolute position i = S + t; key j is
+kept when the causal/padding rules allow it *and* the pattern does:
+
+* ``dense``     — every key (the pattern of plain attention);
+* ``local``     — |i − j| < window;
+* ``block``     — j in i's block of ``block`` positions, or in one of the first ``n_global`` blocks;
+* ``strided``   — |i − j| < stride, or i − j a multiple of ``stride`` (Child et al., 2019);
+* ``topk``      — the ``topk`` highest-scoring keys of the row;
+* ``threshold`` — keys whose softmax weight is at least ``threshold`` × the row's largest weight.
+
+With ``dense_below`` > 0 a sequence of at most that many keys uses dense attention (the composite
+pattern: exact on short inputs, sparse on long ones). The spec computes the dense scores and masks
+them — the readable truth; a backend kernel skips the masked blocks. The data-dependent patterns
+(top-k, threshold) are treated as fixed masks in the VJP (they are piecewise constant).
+
+Sparse linears compute y = x W + b from a compact form of W (stored (in, out) when dense):
+
+* ``sparse_linear`` — Wᵀ as a CSR matrix (``data``, ``indices``, ``indptr``), shape (out, in);
+* ``nm_linear``     — N:M structured: in every group of m consecutive inputs each output keeps n
+  weights; ``values`` (out, in/m·n) and their positions in the group, packed ``bits`` to a byte
+  (2 bits for 2:4).
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+from . import register, require
+from .attention import _heads, _merge, allowed_keys, attention_infer
+
+PATTERNS = ("dense", "local", "block", "strided", "topk", "threshold")
+
+
+# ------------------------------------------------------------------------------ attention patterns
+def pattern_keys(pattern: str, T: int, S_total: int, *, window: int = 0, block: int = 0, stride: int = 0,
+                 n_global: int = 0) -> np.ndarray | None:
+    """Boolean (T, S_total): the keys a static pattern keeps for queries at S_total − T … S_total − 1.
+    None for the patterns that keep every key or depend on the scores."""
+    i = (S_total - T + np.arange(T))[:, None]
+    j = np.arange(S_total)[None, :]
+    if pattern == "local":
+        return np.abs(i - j) < window
+    if pattern == "block":
+        return (i // block == j // block) | (j // block < n_global)
+    if pattern == "strided":
+        return (np.abs(i - j) < stride) | ((i - j) % stride == 0)
+    return None
+
+
+def check_pattern(op: str, pattern: str, window: int, block: int, stride: int, n_global: int, topk: int,
+                  threshold: float, dense_below: int) -> None:
+    require(pattern in PATTERNS, op, f"unknown pattern {pattern!r} (choose from {', '.join(PATTERNS)})")
+    need = {"local": ("window", window), "block": ("block", block), "strided": ("stride", stride),
+            "topk": ("topk", topk)}
+    if pattern in need:
+        key, val = need[pattern]
+        require(isinstance(val, (int, np.integer)) and val >= 1, op, f"pattern {pattern} needs {key} >= 1, got {val!r}")
+    if pattern == "threshold":
+        require(0.0 < threshold <= 1.0, op, f"pattern threshold needs threshold in (0, 1], got {threshold!r}")
+    require(n_global >= 0 and dense_below >= 0, op, "n_global and dense_below must be >= 0")
+
+
+def _sparse_probs(q, K, mask, n_heads, n_kv_heads, causal, scale, pattern, window, block, stride, n_global,
+                  topk, threshold, dense_below):
+    """P, shape (B, Hkv, G, T, S), and the kept-key mask: softmax over the kept keys only."""
+    B, T, _ = q.shape
+    S_total = K.shape[1]
+    G = n_heads // n_kv_heads
+    qh = _heads(q, n_heads).reshape(B, n_kv_heads, G, T, -1)
+    kh = _heads(K, n_kv_heads)[:, :, None]  # (B, Hkv, 1, S, D)
+    scores = (qh @ np.swapaxes(kh, -1, -2)) * scale
+    keep = allowed_keys(T, S_total, mask, causal, B)[:, :, None]
+    if S_total > dense_below:
+        static = pattern_keys(pattern, T, S_total, window=window, block=block, stride=stride, n_global=n_global)
+        if static is not None:
+            keep = keep & static
+        masked = np.where(keep, scores, -np.inf)
+        if pattern == "topk":  # the k-th largest kept score of each row is the cut-off
+            kth = -np.sort(-masked, axis=-1)[..., min(topk, S_total) - 1:min(topk, S_total)]
+            keep = keep & (masked >= kth)
+        elif pattern == "threshold":  # e^(s − max s) ≥ threshold
+            keep = keep & (masked >= masked.max(axis=-1, keepdims=True) + np.log(threshold))
+    # A row with no kept key (a padding query) becomes uniform instead of NaN; its output is unused.
+    scores = np.where(keep, scores, np.finfo(scores.dtype).min)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True), keep, qh, kh
+
+
+def sparse_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal,
+                     pattern="dense", window=0, block=0, stride=0, n_global=0, topk=0, threshold=0.0,
+                     dense_below=0, scale=None):
+    """softmax over the pattern's keys of Q Kᵀ / √d, times V; returns (out, K, V) like attention."""
+    K = k if past_k is None else np.concatenate([past_k, k], axis=1)
+    V = v if past_v is None else np.concatenate([past_v, v], axis=1)
+    D = q.shape[-1] // n_heads
+    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
+    p, _, _, _ = _sparse_probs(q, K, mask, n_heads, n_kv_heads, causal, scale, pattern, window, block, stride,
+                               n_global, topk, threshold, dense_below)
+    vh = _heads(V, n_kv_heads)[:, :, None]
+    out = (p @ vh).reshape(q.shape[0], n_heads, q.shape[1], D)
+    return _merge(out), K, V
+
+
+def sparse_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, pattern="dense", window=0,
+                         block=0, stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
+    g_out, g_K, g_V = grads
+    q, k, v, past_k, past_v, mask = inputs
+    _, K, V = outputs
+    B, T, _ = q.shape
+    D = q.shape[-1] // n_heads
+    G = n_heads // n_kv_heads
+    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
+    p, keep, qh, kh = _sparse_probs(q, K, mask, n_heads, n_kv_heads, causal, scale, pattern, window, block,
+                                    stride, n_global, topk, threshold, dense_below)
+    vh = _heads(V, n_kv_heads)[:, :, None]
+    go = _heads(g_out, n_heads).reshape(B, n_kv_heads, G, T, D)
+    gV = _merge((np.swapaxes(p, -1, -2) @ go).sum(axis=2))
+    gp = go @ np.swapaxes(vh, -1, -2)
+    # softmax VJP over the kept keys; dropped keys' scores do not reach the output
+    gs = np.where(keep, p * (gp - (gp * p).sum(axis=-1, keepdims=True)), 0.0) * scale
+    gq = _merge((gs @ kh).reshape(B, n_heads, T, D))
+    gK = _merge((np.swapaxes(gs, -1, -2) @ qh).sum(axis=2))
+    gK, gV = gK + g_K, gV + g_V
+    S = K.shape[1] - T
+    return (gq, gK[:, S:], gV[:, S:],
+            None if past_k is None else gK[:, :S], None if past_v is None else gV[:, :S], None)
+
+
+def sparse_attention_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal, pattern="dense", window=0, block=0,
+                           stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
+    check_pattern("sparse_attention", pattern, window, block, stride, n_global, topk, threshold, dense_below)
+    return attention_infer(shapes, dtypes, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+
+
+def sparse_attention_flops(shapes, outs, *, n_heads, n_kv_heads, causal, pattern="dense", window=0, block=0,
+                           stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
+    """FLOPs over the kept keys (what a kernel that skips masked blocks does)."""
+    q = shapes[0]
+    T, S = q[1], outs[1][1]
+    if S <= dense_below or pattern in ("dense", "threshold"):
+        kept = S
+    elif pattern == "local":
+        kept = min(S, 2 * window - 1)
+    elif pattern == "block":
+        kept = min(S, (1 + n_global) * block)
+    elif pattern == "strided":
+        kept = min(S, 2 * stride - 1 + S // stride)
+    else:  # topk: all scores, then k values
+        return 2 * q[0] * T * S * q[2] + 2 * q[0] * T * min(topk, S) * q[2] + 5 * q[0] * n_heads * T * S
+    return 4 * q[0] * T * kept * q[2] + 5 * q[0] * n_heads * T * kept
+
+
+register("sparse_attention", sparse_attention, sparse_attention_vjp, sparse_attention_infer,
+         flops=sparse_attention_flops, nondiff=(5,), n_optional=3)
+
+
+# ------------------------------------------------------------------------------ CSR linear
+def _csr(data, indices, indptr, shape):
+    return scipy.sparse.csr_array((data, indices, indptr), shape=tuple(shape))
+
+
+def sparse_linear(x, data, indices, indptr, b=None, *, shape):
+    """y = x W + b, where Wᵀ (out, in) = CSR(data, indices, indptr): only the kept weights are stored."""
+    Wt = _csr(data, indices, indptr, shape)
+    rows = x.reshape(-1, x.shape[-1])
+    y = np.asarray((Wt @ rows.T).T, dtype=x.dtype).reshape(*x.shape[:-1], shape[0])
+    return y if b is None else y + b
+
+
+def sparse_linear_vjp(grads, inputs, outputs, *, shape):
+    (g,) = grads
+    x, data, indices, indptr, b = inputs
+    Wt = _csr(data, indices, indptr, shape)
+    rows = x.reshape(-1, x.shape[-1])
+    g2 = g.reshape(-1, shape[0])
+    gx = np.asarray(g2 @ Wt).reshape(x.shape)                  # ∂/∂x = g W
+    out_of = np.repeat(np.arange(shape[0]), np.diff(indptr))    # the output row of every stored weight
+    gdata = np.einsum("nk,nk->k", g2[:, out_of], rows[:, indices])  # ∂/∂Wᵀ[o, i] = Σ_n g[n, o] x[n, i]
+    gb = None if b is None else g2.sum(axis=0)
+    return gx, gdata.astype(data.dtype), None, None, gb
+
+
+def sparse_linear_infer(shapes, dtypes, *, shape):
+    x, data, indices, indptr, b = shapes
+    op = "sparse_linear"
+    require(len(shape) == 2, op, f"shape must be (out, in), got {shape}")
+    out_f, in_f = shape
+    require(x[-1] == in_f, op, f"input features {x[-1]} != in features {in_f} of shape {tuple(shape)}")
+    require(len(data) == 1 and tuple(indices) == tuple(data), op, f"data {data} and indices {indices} must be equal 1-D")
+    require(tuple(indptr) == (out_f + 1,), op, f"indptr {indptr} must be ({out_f + 1},)")
+    require(np.issubdtype(np.dtype(dtypes[2]), np.integer) and np.issubdtype(np.dtype(dtypes[3]), np.integer), op,
+            f"indices/indptr must be integers, got {dtypes[2]}/{dtypes[3]}")
+    require(b is None or tuple(b) == (out_f,), op, f"bias shape {b} != ({out_f},)")
+    return [((*x[:-1], out_f), dtypes[0])]
+
+
+def sparse_linear_flops(shapes, outs, *, shape):
+    return 2 * int(np.prod(shapes[0][:-1])) * shapes[1][0]
+
+
+register("sparse_linear", sparse_linear, sparse_linear_vjp, sparse_linear_infer, flops=sparse_linear_flops,
+         nondiff=(2, 3), n_optional=1, vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------------ N:M linear
+def index_bits(m: int) -> int:
+    """Bits per stored position for groups of m: 1, 2, 4 or 8 (2 for 2:4)."""
+    return next(b for b in (1, 2, 4, 8) if (1 << b) >= m)
+
+
+def pack_positions(pos: np.ndarray, m: int) -> np.ndarray:
+    """(out, K) positions in [0, m) → (out, ⌈K·bits/8⌉) uint8, little-end first."""
+    bits = index_bits(m)
+    per = 8 // bits
+    out_f, K = pos.shape
+    padded = np.zeros((out_f, -(-K // per) * per), dtype=np.uint8)
+    padded[:, :K] = pos
+    shifts = (bits * np.arange(per)).astype(np.uint8)
+    return (padded.reshape(out_f, -1, per) << shifts).sum(axis=-1).astype(np.uint8)
+
+
+def unpack_positions(packed: np.ndarray, m: int, K: int) -> np.ndarray:
+    bits = index_bits(m)
+    per = 8 // bits
+    shifts = (bits * np.arange(per)).astype(np.uint8)
+    pos = (packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)
+    return pos.reshape(packed.shape[0], -1)[:, :K].astype(np.int64)
+
+
+def nm_columns(packed, n, m, K):
+    """Input feature of every stored value: (group) · m + (position in the group)."""
+    return (np.arange(K) // n) * m + unpack_positions(packed, m, K)
+
+
+def nm_dense(values, packed, *, n, m, in_features):
+    """The dense Wᵀ (out, in) an N:M pair (values, packed positions) stands for."""
+    out_f, K = values.shape
+    Wt = np.zeros((out_f, in_features), dtype=values.dtype)
+    np.put_along_axis(Wt, nm_columns(packed, n, m, K), values, axis=1)
+    return Wt
+
+
+def nm_linear(x, values, idx, b=None, *, n, m, in_features):
+    """y = x W + b with W N:M sparse: per output, n weights kept in every m consecutive inputs."""
+    y = x @ nm_dense(values, idx, n=n, m=m, in_features=in_features).T
+    return y if b is None else y + b
+
+
+def nm_linear_vjp(grads, inputs, outputs, *, n, m, in_features):
+    (g,) = grads
+    x, values, idx, b = inputs
+    Wt = nm_dense(values, idx, n=n, m=m, in_features=in_features)
+    g2 = g.reshape(-1, g.shape[-1])
+    gWt = g2.T @ x.reshape(-1, in_features)                      # ∂/∂Wᵀ, dense
+    gvalues = np.take_along_axis(gWt, nm_columns(idx, n, m, values.shape[1]), axis=1)  # at the stored slots
+    gb = None if b is None else g2.sum(axis=0)
+    return g @ Wt, gvalues, None, gb
+
+
+def nm_linear_infer(shapes, dtypes, *, n, m, in_features):
+    x, values, idx, b = shapes
+    op = "nm_linear"
+    require(0 < n <= m <= 256, op, f"need 0 < n <= m <= 256, got {n}:{m}")
+    require(in_features % m == 0, op, f"in_features {in_features} is not a multiple of m={m}")
+    K = in_features // m * n
+    require(x[-1] == in_features, op, f"input features {x[-1]} != in_features {in_features}")
+    require(len(values) == 2 and values[1] == K, op, f"values {values} must be (out, {K}) for {n}:{m}")
+    per = 8 // index_bits(m)
+    require(tuple(idx) == (values[0], -(-K // per)), op, f"idx {idx} must be ({values[0]}, {-(-K // per)})")
+    require(np.dtype(dtypes[2]) == np.uint8, op, f"idx must be uint8, got {dtypes[2]}")
+    require(b is None or tuple(b) == (values[0],), op, f"bias shape {b} != ({values[0]},)")
+    return [((*x[:-1], values[0]), dtypes[0])]
+
+
+def nm_linear_flops(shapes, outs, *, n, m, in_features):
+    return 2 * int(np.prod(shapes[0][:-1])) * shapes[1][0] * shapes[1][1]
+
+
+register("nm_linear", nm_linear, nm_linear_vjp, nm_linear_infer, flops=nm_linear_flops, nondiff=(2,),
+         n_optional=1, vjp_uses_outputs=False)

@@ -1,0 +1,327 @@
+"""Optimization plugins: named sets of rewrite rules with options and a declared tolerance.
+
+A plugin is a :class:`Plugin` object. It declares its options (``Option``: default, parser,
+help), whether it is exact, its :class:`Tolerance`, its position in a composition (``order``:
+lower runs first; ties keep the user's order) and turns parsed options into
+:class:`minitx.rewrite.Rule` s. The default :meth:`Plugin.apply` runs those rules to a fixed point
+with :func:`minitx.rewrite.apply`; a plugin overrides it only if it needs a whole-graph step.
+
+Plugins are discovered from the entry-point group ``minitx.plugins``: an entry point names a
+zero-argument factory (or class) returning a Plugin. As with backends (minitx/backend.py), nothing
+is imported until a plugin is used, and one that fails to load is reported with its reason while
+the others keep working. Built-in plugins are also found from a source checkout that was never
+installed.
+
+Option strings, as on the command line: ``name``, ``name:key=value,key2=value2``, or the
+shorthand ``name:value`` which sets the plugin's ``positional`` option (``quant:int8`` is
+``quant:mode=int8``). Every malformed string is a one-line MinitxError.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import threading
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import rewrite
+from .errors import MinitxError
+
+GROUP = "minitx.plugins"
+
+# Shipped plugins, found even when the package was never installed (then no entry points exist).
+BUILTIN = {
+    "quant": "minitx.plugins.quant:plugin",
+    "recompute": "minitx.plugins.recompute:plugin",
+    "sparsity": "minitx.plugins.sparsity:plugin",
+    "lowrank": "minitx.plugins.lowrank:plugin",
+}
+
+
+# ------------------------------------------------------------------------------ declarations
+@dataclass(frozen=True)
+class Option:
+    """One plugin option: ``parse`` turns the command-line string into a value or raises ValueError
+    with a short reason; ``choices`` (if given) lists the accepted strings."""
+
+    default: Any
+    parse: Callable[[str], Any] = str
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+
+
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise ValueError("must be a positive integer")
+    return v
+
+
+def fraction(s: str) -> float:
+    v = float(s)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return v
+
+
+def boolean(s: str) -> bool:
+    t = s.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an approximate rewrite promises on calibration outputs (None = not checked).
+
+    ``exact=True`` means "equal to float rounding": every output element must pass
+    :func:`minitx.metrics.compare` with the dtype's default tolerance.
+    """
+
+    exact: bool = False
+    min_cosine: float | None = None   # cosine of each output (and the minimum over rows)
+    max_rel: float | None = None      # max |out - ref| / max |ref|
+    max_kl: float | None = None       # mean KL of next-token distributions (decoders)
+    min_top1: float | None = None     # share of positions whose argmax agrees (decoders)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None and v is not False}
+
+
+class Plugin:
+    """Base class of an optimization plugin; subclasses set the class attributes and ``rules``."""
+
+    name: str = "unnamed"
+    description: str = ""
+    order: int = 50                    # composition position: lower runs first
+    positional: str | None = None      # the option ``name:value`` sets
+    options: dict[str, Option] = {}
+    exact: bool = False
+
+    def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
+        """The declared tolerance for these options (exact plugins: ``Tolerance(exact=True)``)."""
+        return Tolerance(exact=True) if self.exact else Tolerance(min_cosine=0.99)
+
+    def rules(self, opts: Mapping[str, Any]) -> list[rewrite.Rule]:
+        raise NotImplementedError
+
+    def check_options(self, opts: Mapping[str, Any]) -> None:
+        """Cross-option checks after parsing (raise MinitxError)."""
+
+    def apply(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> rewrite.RewriteResult:
+        """Rewrite ``graph``/``params`` (copies; the inputs are not modified)."""
+        return rewrite.apply(graph, params, self.rules(opts), options=opts, where=f"plugin {self.name}")
+
+
+# ------------------------------------------------------------------------------ registry
+@dataclass
+class Entry:
+    name: str
+    target: str
+    factory: Callable[[], Plugin] | None = None
+    plugin: Plugin | None = None
+    error: str | None = None
+    loaded: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def load(self) -> Plugin | None:
+        with self.lock:
+            if not self.loaded:
+                self.loaded = True
+                try:
+                    factory = self.factory or _load_target(self.target)
+                    p = factory() if callable(factory) and not isinstance(factory, Plugin) else factory
+                    if not isinstance(p, Plugin):
+                        raise TypeError(f"entry point returned {type(p).__name__}, not a minitx Plugin")
+                    self.plugin = p
+                except Exception as e:  # noqa: BLE001 — fault isolation is the point
+                    self.error = f"{type(e).__name__}: {e}".strip()
+            return self.plugin
+
+
+def _load_target(target: str) -> Any:
+    mod, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(mod)
+    for part in filter(None, attr.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+_entries: dict[str, Entry] | None = None
+_lock = threading.Lock()
+
+
+def _builtin_present(target: str) -> bool:
+    try:
+        return importlib.util.find_spec(target.partition(":")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def entries() -> dict[str, Entry]:
+    """Every plugin declared in the entry-point group (or shipped), none imported yet."""
+    global _entries
+    with _lock:
+        if _entries is None:
+            found: dict[str, Entry] = {}
+            for ep in metadata.entry_points(group=GROUP):
+                found.setdefault(ep.name, Entry(ep.name, ep.value))
+            for name, target in BUILTIN.items():
+                if name not in found and _builtin_present(target):
+                    found[name] = Entry(name, target)
+            _entries = found
+        return _entries
+
+
+def register(name: str, factory: Callable[[], Plugin]) -> None:
+    """Register a plugin in-process (tests, notebooks); installed packages use the entry point."""
+    entries()[name] = Entry(name, f"<registered {name}>", factory=factory)
+
+
+def get_plugin(name: str) -> Plugin:
+    table = entries()
+    if name not in table:
+        raise MinitxError(f"unknown plugin {name!r}; available: {', '.join(sorted(table)) or 'none'} "
+                          f"(a third-party plugin registers in the entry-point group {GROUP!r})")
+    p = table[name].load()
+    if p is None:
+        raise MinitxError(f"plugin {name!r} is unavailable: {table[name].error}")
+    return p
+
+
+# ------------------------------------------------------------------------------ option strings
+@dataclass
+class PluginSpec:
+    """A plugin with parsed options, as named on the command line (``text``)."""
+
+    plugin: Plugin
+    options: dict[str, Any]
+    text: str
+
+    @property
+    def name(self) -> str:
+        return self.plugin.name
+
+
+def parse_spec(text: str) -> PluginSpec:
+    """``name[:key=value,...]`` or ``name:value`` → PluginSpec with every option filled in."""
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise MinitxError(f"--plugin {text!r}: missing plugin name (expected NAME or NAME:key=value,...)")
+    p = get_plugin(name)
+    raw: dict[str, str] = {}
+    for k, item in enumerate(x.strip() for x in rest.split(",")) if rest.strip() else ():
+        if not item:
+            raise MinitxError(f"--plugin {text!r}: empty option")
+        if "=" in item:
+            key, _, val = item.partition("=")
+            key, val = key.strip(), val.strip()
+        elif k == 0 and p.positional:
+            key, val = p.positional, item
+        else:
+            raise MinitxError(f"--plugin {text!r}: option {item!r} must be key=value"
+                              + (f" (only the first may be a bare value, for {p.positional!r})" if p.positional else ""))
+        if key not in p.options:
+            known = ", ".join(sorted(p.options)) or "none"
+            raise MinitxError(f"--plugin {text!r}: unknown option {key!r} for plugin {name} (known: {known})")
+        if key in raw:
+            raise MinitxError(f"--plugin {text!r}: option {key!r} given twice")
+        raw[key] = val
+    opts: dict[str, Any] = {}
+    for key, o in p.options.items():
+        if key not in raw:
+            opts[key] = o.default
+            continue
+        val = raw[key]
+        if o.choices is not None and val not in o.choices:
+            raise MinitxError(f"--plugin {text!r}: bad value {val!r} for {key} (choose from: {', '.join(o.choices)})")
+        try:
+            opts[key] = o.parse(val)
+        except (ValueError, TypeError) as e:
+            raise MinitxError(f"--plugin {text!r}: bad value {val!r} for {key}: {e}") from None
+    try:
+        p.check_options(opts)
+    except MinitxError as e:
+        raise MinitxError(f"--plugin {text!r}: {e}") from None
+    return PluginSpec(p, opts, text)
+
+
+def plan(texts: Sequence[str]) -> list[PluginSpec]:
+    """Parse option strings and put them in composition order (``order``, then as given)."""
+    specs = [parse_spec(t) for t in texts]
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise MinitxError(f"--plugin {s.name} given twice; combine its options into one --plugin")
+        seen.add(s.name)
+    return [s for _, _, s in sorted((s.plugin.order, k, s) for k, s in enumerate(specs))]
+
+
+def describe() -> list[dict[str, Any]]:
+    """One row per discovered plugin for ``minitx plugins``: name, status, options (loads each)."""
+    rows = []
+    for name, e in sorted(entries().items()):
+        p = e.load()
+        row: dict[str, Any] = {"name": name, "target": e.target, "available": p is not None}
+        if p is None:
+            row["error"] = e.error
+        else:
+            row.update(description=p.description, exact=p.exact, order=p.order, positional=p.positional,
+                       options={k: {"default": o.default, "help": o.help, "choices": list(o.choices or [])}
+                                for k, o in p.options.items()})
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------ applying
+def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, validate: bool = True,
+             warn: Callable[[str], None] | None = None):
+    """Apply the plugins named by ``texts`` to ``model`` (a minitx.model.Model), in composition
+    order; each step is validated against the model before it on ``calib`` (a
+    :class:`minitx.validate.Calibration`, default: seeded random tokens) and refused when it
+    exceeds its plugin's declared tolerance — unless ``force``, which only warns.
+
+    Returns a new Model whose ``meta["rewrites"]`` holds, per plugin, its options, the firing log,
+    weight bytes before/after and the validation report.
+    """
+    from . import validate as val
+    from .model import Model
+
+    specs = plan(texts)
+    if not specs:
+        raise MinitxError("no plugin given (use --plugin NAME[:options]; `minitx plugins` lists them)")
+    calib = calib if calib is not None else val.Calibration.random()
+    current = model
+    log = list(model.meta.get("rewrites", []))
+    for s in specs:
+        res = s.plugin.apply(current.graph, current.params, s.options)
+        new = Model(dict(current.config), res.params, res.graph, current.tokenizer_json, dict(current.meta))
+        entry: dict[str, Any] = {
+            "plugin": s.name, "spec": s.text, "options": s.options, "exact": s.plugin.exact,
+            "tolerance": s.plugin.tolerance(s.options).as_dict(),
+            "fired": res.counts(), "firings": [f.as_dict() for f in res.firings], "passes": res.passes,
+            "bytes_before": current.nbytes(), "bytes_after": new.nbytes(),
+        }
+        if not res.firings and warn:
+            warn(f"warning: plugin {s.text} changed nothing (no node matched its rules)")
+        if validate and res.firings:
+            rep = val.validate(current, new, calib, s.plugin.tolerance(s.options))
+            entry["validation"] = rep.as_dict()
+            if not rep.passed:
+                msg = f"plugin {s.text}: exceeds its declared tolerance — {rep.failure}"
+                if not force:
+                    raise MinitxError(msg + " (use --force to keep it anyway)")
+                if warn:
+                    warn("warning: " + msg + " (kept because of --force)")
+        log.append(entry)
+        new.meta["rewrites"] = log
+        current = new
+    return current

@@ -1,0 +1,298 @@
+"""Training a decoder on a text: the loop, evaluation, and checkpoints that resume bit for bit.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` random windows, their
+gradients averaged, clipped to a global norm, then an AdamW update at the scheduled rate. All
+randomness (initial weights, window offsets, dropout) derives from ``seed``; the data generator's
+state is saved in each checkpoint, so an interrupted run resumed from its last checkpoint
+continues exactly as if it had never stopped.
+
+A checkpoint is one ``.npz`` (written atomically, read with ``allow_pickle=False``):
+``__train__`` (JSON: step, settings, RNG state, history), ``__config__``, ``__tokenizer__``,
+``param.NAME``, ``opt.m.NAME`` and ``opt.v.NAME``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import data, models
+from .errors import MinitxError
+from .executor import Executor
+from .model import Model
+from .modelfile import NpzReader, write_npz_atomic
+from .optim import AdamW, clip_global_norm, lr_at
+
+CKPT_FORMAT = "minitx-checkpoint/1"
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 0            # 0 = the model's context length
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0           # global gradient norm; 0 = off
+    eval_every: int = 50        # 0 = only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 100  # 0 = only at the end
+    val_fraction: float = 0.05
+    seed: int = 0
+
+    def check(self) -> None:
+        for k in ("steps", "batch_size", "grad_accum", "eval_batches"):
+            if getattr(self, k) <= 0:
+                raise MinitxError(f"--{k.replace('_', '-')} must be a positive integer, got {getattr(self, k)}")
+        for k in ("seq_len", "warmup", "eval_every", "checkpoint_every"):
+            if getattr(self, k) < 0:
+                raise MinitxError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(self, k)}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise MinitxError(f"need 0 < lr and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise MinitxError("betas must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainState:
+    model: Model
+    opt: AdamW
+    rng: np.random.Generator
+    settings: TrainSettings
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ batches
+def _feeds(config: dict[str, Any], x: np.ndarray, y: np.ndarray | None, dtype) -> dict[str, np.ndarray]:
+    B, T = x.shape
+    kv = (config.get("n_kv_heads") or config["n_heads"]) * config["d_model"] // config["n_heads"]
+    feeds = {"input_ids": x, "position_ids": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)),
+             "attention_mask": np.ones((B, T), np.int64)}
+    for i in range(config["n_layers"]):
+        feeds[f"past.{i}.k"] = feeds[f"past.{i}.v"] = np.zeros((B, 0, kv), dtype)
+    if y is not None:
+        feeds["targets"] = y
+    return feeds
+
+
+def _loss_executor(model: Model, backends: Sequence[str], strict: bool = False) -> Executor:
+    if not model.is_decoder:
+        raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
+    return Executor(models.with_loss(model.graph), model.params, backends, strict)
+
+
+def _dtype(model: Model):
+    return next(iter(model.params.values())).dtype
+
+
+# --------------------------------------------------------------------------------- evaluation
+def window_nll(ex: Executor, model: Model, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    """(summed negative log-likelihood, number of scored targets) for a batch of windows."""
+    n = int((y != -100).sum())
+    if n == 0:
+        return 0.0, 0
+    out = ex.run(_feeds(model.config, x, y, _dtype(model)), outputs=["loss"])
+    return float(out["loss"]) * n, n
+
+
+def evaluate(model: Model, ids: np.ndarray, backends: Sequence[str] = ("numpy",), stride: int | None = None,
+             strict: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Loss (mean NLL per token, nats) and perplexity of ``ids`` under ``model``, with sliding
+    windows of the model's context length."""
+    if len(ids) < 2:
+        raise MinitxError(f"the text has {len(ids)} token(s): at least 2 are needed to score a prediction")
+    if ids.max() >= model.vocab_size:
+        raise MinitxError(f"token id {int(ids.max())} is outside the model's vocabulary of {model.vocab_size}")
+    ex = _loss_executor(model, backends, strict)
+    total, count = 0.0, 0
+    windows = data.eval_windows(ids, model.n_ctx, stride)
+    for k, (x, y) in enumerate(windows):
+        s, n = window_nll(ex, model, x[None], y[None])
+        total, count = total + s, count + n
+        if progress:
+            progress(k + 1, len(windows))
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "windows": len(windows)}
+
+
+def _heldout_loss(ex: Executor, model: Model, val: np.ndarray, seq_len: int, n_batches: int, batch: int) -> float:
+    """Mean loss over a fixed, evenly spaced set of held-out windows (the same ones every time)."""
+    n_win = min(n_batches * batch, max((len(val) - 1) // seq_len, 1))
+    L = min(seq_len, len(val) - 1)
+    starts = np.linspace(0, len(val) - 1 - L, n_win).astype(np.int64)
+    total, count = 0.0, 0
+    for k in range(0, n_win, batch):
+        s = starts[k: k + batch]
+        x = np.stack([val[i: i + L] for i in s])
+        y = np.stack([val[i + 1: i + L + 1] for i in s])
+        t, n = window_nll(ex, model, x, y)
+        total, count = total + t, count + n
+    return total / max(count, 1)
+
+
+# -------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | os.PathLike, st: TrainState) -> None:
+    meta = {"format": CKPT_FORMAT, "step": st.step, "settings": asdict(st.settings),
+            "rng": st.rng.bit_generator.state, "history": st.history, "opt_t": st.opt.t}
+    arrays: dict[str, np.ndarray] = {
+        "__train__": _text(json.dumps(meta)),
+        "__config__": _text(json.dumps(st.model.config, sort_keys=True)),
+    }
+    if st.model.tokenizer_json is not None:
+        arrays["__tokenizer__"] = _text(st.model.tokenizer_json)
+    arrays.update({f"param.{k}": a for k, a in st.model.params.items()})
+    arrays.update(st.opt.state())
+    write_npz_atomic(path, arrays)
+
+
+def load_checkpoint(path: str | os.PathLike) -> TrainState:
+    r = NpzReader(path, what="checkpoint")
+    try:
+        if "__train__" not in r:
+            raise MinitxError(f"{r.path}: not a minitx training checkpoint (no '__train__' key; "
+                              "a model file holds no optimizer state to resume from)")
+        meta = r.json("__train__")
+        if meta.get("format") != CKPT_FORMAT:
+            raise MinitxError(f"{r.path}: unsupported checkpoint format {meta.get('format')!r}")
+        try:
+            config = models.complete_config(r.json("__config__"))
+        except MinitxError as e:
+            raise MinitxError(f"{r.path}: {e}") from None
+        tok = r.text("__tokenizer__") if "__tokenizer__" in r else None
+        graph = models.build_graph(config)
+        params = {}
+        for name, v in graph.params.items():
+            a = r.array(f"param.{name}")
+            if tuple(a.shape) != tuple(v.shape):
+                raise MinitxError(f"{r.path}: key 'param.{name}' has shape {a.shape}, expected {tuple(v.shape)}")
+            params[name] = np.array(a)
+        settings = TrainSettings.from_dict(meta["settings"])
+        opt = AdamW(params, (settings.beta1, settings.beta2), settings.eps, settings.weight_decay)
+        opt.load_state({k: r.array(k) for k in r.keys if k.startswith("opt.")}, int(meta["opt_t"]))
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = meta["rng"]
+    finally:
+        r.close()
+    model = Model(config, params, graph, tok, {})
+    return TrainState(model, opt, rng, settings, int(meta["step"]), list(meta.get("history", [])))
+
+
+def _text(s: str) -> np.ndarray:
+    return np.frombuffer(s.encode("utf-8"), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------- the loop
+def new_state(config: dict[str, Any], tokenizer_json: str | None, settings: TrainSettings) -> TrainState:
+    settings.check()
+    model = Model.from_config(config, seed=settings.seed, tokenizer_json=tokenizer_json)
+    if not model.is_decoder:
+        raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
+    opt = AdamW(model.params, (settings.beta1, settings.beta2), settings.eps, settings.weight_decay)
+    # The data stream gets its own generator, seeded apart from the weights' initialisation.
+    rng = np.random.Generator(np.random.PCG64([settings.seed, 1]))
+    return TrainState(model, opt, rng, settings)
+
+
+def train(st: TrainState, ids: np.ndarray, *, backends: Sequence[str] = ("numpy",),
+          checkpoint: str | None = None, log: Callable[[str], None] | None = None,
+          progress: Callable[[dict[str, float]], None] | None = None) -> TrainState:
+    """Run ``st`` up to ``st.settings.steps`` optimizer steps on the token stream ``ids``."""
+    s = st.settings
+    s.check()
+    model = st.model
+    seq_len = s.seq_len or model.n_ctx
+    if seq_len > model.n_ctx:
+        raise MinitxError(f"--seq-len {seq_len} exceeds the model's context length {model.n_ctx}")
+    if len(ids) and int(ids.max()) >= model.vocab_size:
+        raise MinitxError(f"token id {int(ids.max())} is outside the model's vocabulary of {model.vocab_size} "
+                          "(the tokenizer is larger than the config's vocab_size)")
+    train_ids, val_ids = data.split(ids, s.val_fraction, seq_len)
+    log = log or (lambda m: None)
+    dtype = _dtype(model)
+    t_last, tok_since = time.perf_counter(), 0
+    while st.step < s.steps:
+        ex = _loss_executor(model, backends)
+        grads: dict[str, np.ndarray] = {}
+        loss_sum, peak = 0.0, 0
+        for _ in range(s.grad_accum):
+            x, y = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
+            res = ex.forward_backward(_feeds(model.config, x, y, dtype), step=st.step)
+            loss_sum += float(res.outputs["loss"])
+            peak = max(peak, res.peak_activation_bytes)
+            for k, g in res.grads.items():
+                grads[k] = g if k not in grads else grads[k] + g
+        if s.grad_accum > 1:
+            inv = np.asarray(1.0 / s.grad_accum, dtype)
+            grads = {k: g * inv for k, g in grads.items()}
+        loss = loss_sum / s.grad_accum
+        if not math.isfinite(loss):
+            raise MinitxError(f"training diverged at step {st.step + 1}: loss is {loss} (lower --lr?)")
+        gnorm = clip_global_norm(grads, s.clip)
+        lr = lr_at(st.step, s.lr, s.warmup, s.steps, s.min_lr)
+        st.opt.step(model.params, grads, lr)
+        st.step += 1
+        tok_since += s.grad_accum * s.batch_size * seq_len
+        now = time.perf_counter()
+        rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
+               "tokens_per_s": tok_since / max(now - t_last, 1e-9), "peak_activation_bytes": peak}
+        t_last, tok_since = now, 0
+        last = st.step == s.steps
+        if len(val_ids) >= 2 and ((s.eval_every and st.step % s.eval_every == 0) or last):
+            vl = _heldout_loss(Executor(models.with_loss(model.graph), model.params, backends), model, val_ids,
+                               seq_len, s.eval_batches, s.batch_size)
+            rec.update(val_loss=vl, val_perplexity=math.exp(min(vl, 700.0)))
+            st.history.append({k: rec[k] for k in ("step", "loss", "val_loss", "val_perplexity")})
+            log(f"step {st.step}: train loss {loss:.4f}, held-out loss {vl:.4f}, perplexity {rec['val_perplexity']:.2f}")
+        if progress:
+            progress(rec)
+        if checkpoint and ((s.checkpoint_every and st.step % s.checkpoint_every == 0) or last):
+            save_checkpoint(checkpoint, st)
+    return st
+
+
+# ---------------------------------------------------------------------------- progress line
+class ProgressLine:
+    """One status line on stderr, rewritten in place on a terminal, printed every N steps otherwise."""
+
+    def __init__(self, total: int, every: int = 10, stream=None) -> None:
+        self.total, self.every = total, every
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, rec: dict[str, float]) -> None:
+        step = int(rec["step"])
+        width = 24
+        done = int(width * step / self.total)
+        bar = "#" * done + "-" * (width - done)
+        el = time.perf_counter() - self.t0
+        line = (f"[{bar}] {step}/{self.total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                f"{rec['tokens_per_s']:,.0f} tok/s {el:,.0f}s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
+            self.stream.flush()
+        elif step % self.every == 0 or step == self.total:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def message(self, text: str) -> None:
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()

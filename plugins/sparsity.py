@@ -1,0 +1,479 @@
+"""Sparsity plugin: attention over a pattern of keys, and pruned weights stored compactly.
+
+    minitx optimize model.npz --plugin sparsity:attention=local,window=128 -o model.local.npz
+    minitx optimize model.npz --plugin sparsity:weights=wanda,sparsity=0.5 -o model.w50.npz
+
+Attention (``attention=``): every ``attention`` node becomes ``sparse_attention`` with the pattern
+``local`` (``window``), ``block`` (``block``, ``n_global``), ``strided`` (``stride``), ``topk``
+(``topk``), ``threshold`` (``threshold``) or ``composite`` — dense up to ``dense_below`` keys, the
+``long`` pattern beyond. Weights (``weights=``), on the linears inside the Transformer blocks
+(``targets=all|attn|mlp``):
+
+==============  ==============================================================================
+``magnitude``   drop the smallest |W|, per layer or over all layers at once (``scope=global``)
+``wanda``       drop the smallest |W_io|·‖X_i‖ per output (Sun et al., 2023), X = calibration inputs
+``nm``          N:M structured (``n``:``m``, 2:4 by default): per output, n of every m inputs
+``heads``       remove whole attention heads (KV groups under GQA) of lowest calibrated importance
+``ffn``         remove MLP neurons of lowest calibrated importance ‖a_j‖·‖W_down[j]‖
+==============  ==============================================================================
+
+Unstructured pruning stores Wᵀ as CSR (``sparse_linear``; ``format=dense`` keeps zeros in a plain
+linear); N:M stores packed values and 2-bit positions (``nm_linear``); heads/ffn shrink the
+matrices. Every mode but an attention pattern that covers the sequence is approximate: the
+declared minimum cosine (``min_cosine=`` overrides) is checked by ``minitx optimize``.
+
+The weight transforms are pure functions of arrays (``magnitude_masks``, ``wanda_masks``,
+``nm_masks``, ``to_csr``, ``to_nm``, ``head_importance``, ``neuron_importance``), tested alone.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import scipy.sparse
+
+from minitx.errors import MinitxError
+from minitx.executor import Executor
+from minitx.ir import Graph, Node, Value
+from minitx.ops import sparse as S
+from minitx.plugin import Option, Plugin, Tolerance, positive_int
+from minitx.rewrite import Context, Replacement, Rule, RewriteResult, apply as rewrite_apply
+
+ATTENTION = ("none", "dense", "local", "block", "strided", "topk", "threshold", "composite")
+WEIGHTS = ("none", "magnitude", "wanda", "nm", "heads", "ffn")
+MIN_COSINE = {"attention": 0.99, "magnitude": 0.95, "wanda": 0.95, "nm": 0.95, "heads": 0.9, "ffn": 0.9}
+
+
+def sparsity_fraction(s: str) -> float:
+    v = float(s)
+    if not 0.0 <= v < 1.0:
+        raise ValueError("sparsity must be in [0, 1)")
+    return v
+
+
+def unit_interval(s: str) -> float:
+    v = float(s)
+    if not 0.0 < v <= 1.0:
+        raise ValueError("must be in (0, 1]")
+    return v
+
+
+def calib_shape(s: str) -> tuple[int, int]:
+    n, _, ln = s.partition("x")
+    try:
+        v = (int(n), int(ln))
+    except ValueError:
+        raise ValueError("expected NxLEN, e.g. 4x32") from None
+    if v[0] < 1 or v[1] < 1:
+        raise ValueError("expected NxLEN with N, LEN >= 1")
+    return v
+
+
+# ================================================================== pure weight transforms
+def magnitude_masks(weights: Mapping[str, np.ndarray], sparsity: float, scope: str = "layer") -> dict[str, np.ndarray]:
+    """Keep-masks dropping the ``sparsity`` fraction of smallest |W|: within each matrix
+    (``layer``) or with one threshold over all of them (``global``)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise MinitxError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope == "global":
+        allw = np.concatenate([np.abs(w).ravel() for w in weights.values()])
+        k = int(sparsity * allw.size)
+        cut = np.partition(allw, k - 1)[k - 1] if k else -np.inf
+        return {n: np.abs(w) > cut for n, w in weights.items()}
+    if scope != "layer":
+        raise MinitxError(f"scope must be layer or global, got {scope!r}")
+    out = {}
+    for n, w in weights.items():
+        k = int(sparsity * w.size)
+        order = np.argsort(np.abs(w), axis=None, kind="stable")
+        keep = np.ones(w.size, bool)
+        keep[order[:k]] = False
+        out[n] = keep.reshape(w.shape)
+    return out
+
+
+def wanda_masks(weights: Mapping[str, np.ndarray], input_norms: Mapping[str, np.ndarray],
+                sparsity: float) -> dict[str, np.ndarray]:
+    """Wanda: score |W_io|·‖X_i‖₂ (W stored (in, out), ‖X_i‖ over calibration tokens) and drop the
+    lowest ``sparsity`` fraction of each output's inputs."""
+    if not 0.0 <= sparsity < 1.0:
+        raise MinitxError(f"sparsity must be in [0, 1), got {sparsity}")
+    out = {}
+    for n, w in weights.items():
+        score = np.abs(w) * input_norms[n][:, None]
+        k = int(sparsity * w.shape[0])
+        order = np.argsort(score, axis=0, kind="stable")[:k]      # per output column
+        keep = np.ones(w.shape, bool)
+        np.put_along_axis(keep, order, False, axis=0)
+        out[n] = keep
+    return out
+
+
+def nm_masks(scores: Mapping[str, np.ndarray], n: int, m: int) -> dict[str, np.ndarray]:
+    """Per output, keep the ``n`` highest-scoring of every ``m`` consecutive inputs."""
+    if not 0 < n < m:
+        raise MinitxError(f"N:M needs 0 < n < m, got {n}:{m}")
+    out = {}
+    for name, s in scores.items():
+        if s.shape[0] % m:
+            raise MinitxError(f"N:M {n}:{m}: {name} has {s.shape[0]} inputs, not a multiple of {m}")
+        g = s.reshape(s.shape[0] // m, m, s.shape[1])
+        top = np.argsort(-g, axis=1, kind="stable")[:, :n]
+        keep = np.zeros(g.shape, bool)
+        np.put_along_axis(keep, top, True, axis=1)
+        out[name] = keep.reshape(s.shape)
+    return out
+
+
+def to_csr(w: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, indices, indptr) of the CSR Wᵀ (out, in) holding the kept weights; indices in int16
+    when the inputs fit (6 bytes per float32 weight instead of 8)."""
+    csr = scipy.sparse.csr_array(np.where(keep, w, 0).T)
+    csr.eliminate_zeros()
+    idx_t = np.int16 if w.shape[0] <= np.iinfo(np.int16).max else np.int32
+    ptr_t = np.int32 if csr.nnz <= np.iinfo(np.int32).max else np.int64
+    return csr.data.astype(w.dtype), csr.indices.astype(idx_t), csr.indptr.astype(ptr_t)
+
+
+def to_nm(w: np.ndarray, keep: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values (out, in/m·n), packed positions) of an N:M keep-mask (exactly n per group)."""
+    wt, kt = w.T, keep.T                                   # (out, in)
+    out_f, in_f = wt.shape
+    cols = np.nonzero(kt)[1].reshape(out_f, in_f // m * n)  # row-major: ascending within each output
+    values = np.take_along_axis(wt, cols, axis=1)
+    return np.ascontiguousarray(values), S.pack_positions(cols % m, m)
+
+
+def head_importance(out_heads: np.ndarray, w_out: np.ndarray, n_units: int) -> np.ndarray:
+    """Per unit (a head, or a KV group of heads), ‖its share of the output projection‖²:
+    Σ_tokens ‖a_h W_o[h rows]‖² with a_h the unit's slice of the attention output."""
+    a = out_heads.reshape(-1, out_heads.shape[-1])
+    width = a.shape[1] // n_units
+    return np.array([np.sum((a[:, u * width:(u + 1) * width] @ w_out[u * width:(u + 1) * width]) ** 2)
+                     for u in range(n_units)])
+
+
+def neuron_importance(acts: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+    """Per MLP neuron j: ‖a_j‖₂ over calibration tokens times ‖W_down[j, :]‖₂."""
+    a = acts.reshape(-1, acts.shape[-1])
+    return np.linalg.norm(a, axis=0) * np.linalg.norm(w_down, axis=1)
+
+
+def keep_top(scores: np.ndarray, fraction_removed: float) -> np.ndarray:
+    """Sorted indices of the units kept when the lowest ``fraction_removed`` go (at least one stays)."""
+    k = min(int(fraction_removed * scores.size), scores.size - 1)
+    return np.sort(np.argsort(scores, kind="stable")[k:])
+
+
+# ================================================================== graph helpers
+def block_linears(graph: Graph, targets: str = "all") -> list[Node]:
+    """The ``linear`` nodes inside Transformer blocks (tagged with a layer) whose weight is a
+    parameter: attention (``.attn.``) and/or MLP (``.mlp.``) projections."""
+    want = {"all": (".attn.", ".mlp."), "attn": (".attn.",), "mlp": (".mlp.",)}[targets]
+    return [n for n in graph.nodes if n.op == "linear" and "layer" in n.tags and n.inputs[1] in graph.params
+            and any(w in n.name for w in want)]
+
+
+def calibration_run(graph: Graph, params: Mapping[str, np.ndarray], keep: Iterable[str], n_seq: int, length: int,
+                    seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """The values named in ``keep`` on ``n_seq`` seeded random token sequences (one run each)."""
+    from minitx.validate import feeds_for
+
+    emb = [n for n in graph.nodes if n.op == "embedding" and n.inputs[0] == "input_ids"]
+    if not emb:
+        raise MinitxError("calibration needs a graph with an input_ids embedding")
+    vocab = graph.params[emb[0].inputs[1]].shape[0]
+    pos = [n for n in graph.nodes if n.op == "embedding" and n.inputs[0] == "position_ids"]
+    if pos:
+        length = min(length, graph.params[pos[0].inputs[1]].shape[0])
+    rng = np.random.default_rng(seed)
+    ex = Executor(graph, params)
+    keep = list(keep)
+    got: dict[str, list[np.ndarray]] = {k: [] for k in keep}
+    for _ in range(n_seq):
+        ids = rng.integers(0, vocab, length).tolist()
+        r = ex.run(feeds_for(graph, ids), outputs=[], keep=keep)
+        for k in keep:
+            got[k].append(r[k].reshape(-1, r[k].shape[-1]))
+    return got
+
+
+def _done(node: Node) -> bool:
+    return "rule" in node.tags
+
+
+# ================================================================== the plugin
+class SparsityPlugin(Plugin):
+    name = "sparsity"
+    description = "sparse attention patterns; pruned weights stored compactly (CSR, N:M), heads/neurons removed"
+    order = 30
+    positional = None
+    exact = False
+    options = {
+        "attention": Option("none", help="attention pattern", choices=ATTENTION),
+        "window": Option(128, positive_int, "local: keys within this distance"),
+        "block": Option(64, positive_int, "block: block size"),
+        "n_global": Option(1, int, "block: leading blocks every query sees"),
+        "stride": Option(64, positive_int, "strided: stride (and local width)"),
+        "topk": Option(32, positive_int, "topk: keys kept per query"),
+        "threshold": Option(0.01, unit_interval, "threshold: min weight relative to the row's largest"),
+        "dense_below": Option(512, positive_int, "composite: dense up to this many keys"),
+        "long": Option("local", help="composite: pattern beyond dense_below",
+                       choices=("local", "block", "strided", "topk", "threshold")),
+        "weights": Option("none", help="weight pruning method", choices=WEIGHTS),
+        "sparsity": Option(0.5, sparsity_fraction, "fraction of weights (heads, neurons) removed, in [0, 1)"),
+        "scope": Option("layer", help="magnitude: per layer or global", choices=("layer", "global")),
+        "n": Option(2, positive_int, "N of N:M"),
+        "m": Option(4, positive_int, "M of N:M"),
+        "targets": Option("all", help="which block linears", choices=("all", "attn", "mlp")),
+        "format": Option("compact", help="compact (CSR / N:M ops) or dense (zeros kept)", choices=("compact", "dense")),
+        "calib": Option((4, 32), calib_shape, "calibration: N random sequences of LEN tokens (wanda, heads, ffn)"),
+        "seed": Option(0, int, "calibration seed"),
+        "min_cosine": Option(None, unit_interval, "override the declared minimum cosine"),
+    }
+
+    def check_options(self, opts: Mapping[str, Any]) -> None:
+        if opts["attention"] == "none" and opts["weights"] == "none":
+            raise MinitxError("nothing to do: give attention=PATTERN and/or weights=METHOD")
+        if opts["weights"] == "nm" and not opts["n"] < opts["m"]:
+            raise MinitxError(f"N:M needs n < m, got {opts['n']}:{opts['m']}")
+        if opts["m"] > 256:
+            raise MinitxError(f"m must be at most 256, got {opts['m']}")
+
+    def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
+        if opts.get("min_cosine") is not None:
+            return Tolerance(min_cosine=opts["min_cosine"])
+        if opts["weights"] == "none" and opts["attention"] == "dense":
+            return Tolerance(exact=True)
+        keys = ([opts["weights"]] if opts["weights"] != "none" else []) + (
+            ["attention"] if opts["attention"] != "none" else [])
+        return Tolerance(min_cosine=min(MIN_COSINE[k] for k in keys))
+
+    # ---------------------------------------------------------------- rules
+    def rules(self, opts: Mapping[str, Any]) -> list[Rule]:
+        out = []
+        if opts["attention"] != "none":
+            out.append(Rule("sparsity.attention", "attention", _attention_rule, exact=opts["attention"] == "dense"))
+        return out
+
+    def apply(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> RewriteResult:
+        where = f"plugin {self.name}"
+        rules = self.rules(opts)
+        method = opts["weights"]
+        o = dict(opts)
+        if method in ("magnitude", "wanda", "nm"):
+            o["_masks"] = _weight_masks(graph, params, opts)
+            rules.append(Rule(f"sparsity.{method}", "linear", _pruned_linear_rule))
+        elif method == "heads":
+            o["_heads"] = _plan_heads(graph, params, opts)
+            rules += [Rule("sparsity.heads", op, _heads_rule) for op in ("linear", "split", "rope", "attention")]
+        elif method == "ffn":
+            o["_ffn"] = _plan_ffn(graph, params, opts)
+            rules.append(Rule("sparsity.ffn", "linear", _ffn_rule))
+        return rewrite_apply(graph, params, rules, options=o, where=where)
+
+
+def plugin() -> SparsityPlugin:
+    """Entry point ``minitx.plugins: sparsity``."""
+    return SparsityPlugin()
+
+
+# ---------------------------------------------------------------- attention
+def _attention_rule(node: Node, ctx: Context) -> Replacement | None:
+    o = ctx.options
+    pat = o["attention"]
+    attrs = dict(node.attrs)
+    if pat == "composite":
+        pat = o["long"]
+        attrs["dense_below"] = o["dense_below"]
+    attrs["pattern"] = pat
+    extra = {"local": ("window",), "block": ("block", "n_global"), "strided": ("stride",), "topk": ("topk",),
+             "threshold": ("threshold",)}.get(pat, ())
+    for k in extra:
+        attrs[k] = o[k]
+    new = Node(ctx.fresh(node.name + ".sparse"), "sparse_attention", list(node.inputs), list(node.outputs), attrs,
+               dict(node.tags))
+    return Replacement([new])
+
+
+# ---------------------------------------------------------------- unstructured / N:M
+def _weight_masks(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    nodes = block_linears(graph, opts["targets"])
+    if not nodes:
+        raise MinitxError("sparsity: no linear layer inside a Transformer block to prune")
+    weights = {n.inputs[1]: np.asarray(params[n.inputs[1]]) for n in nodes}
+    method = opts["weights"]
+    if method == "magnitude":
+        return magnitude_masks(weights, opts["sparsity"], opts["scope"])
+    if method == "wanda":
+        n_seq, length = opts["calib"]
+        acts = calibration_run(graph, params, sorted({n.inputs[0] for n in nodes}), n_seq, length, opts["seed"])
+        norms = {n.inputs[1]: np.linalg.norm(np.concatenate(acts[n.inputs[0]]).astype(np.float64), axis=0)
+                 for n in nodes}
+        return wanda_masks(weights, norms, opts["sparsity"])
+    n, m = opts["n"], opts["m"]
+    for name, w in weights.items():
+        if w.shape[0] % m:
+            raise MinitxError(f"sparsity: N:M {n}:{m} needs in_features divisible by {m}; {name} has {w.shape[0]}")
+    return nm_masks({k: np.abs(w) for k, w in weights.items()}, n, m)
+
+
+def _pruned_linear_rule(node: Node, ctx: Context) -> Replacement | None:
+    o = ctx.options
+    x, w, *rest = node.inputs
+    masks = o["_masks"]
+    if w not in masks or _done(node):
+        return None
+    W, keep = ctx.param(w), masks[w]
+    b = rest[0] if rest else ""
+    base = w[:-len(".weight")] if w.endswith(".weight") else w
+    if o["format"] == "dense":
+        nw = ctx.add_param(w + ".pruned", np.where(keep, W, 0).astype(W.dtype))
+        new = ctx.node("linear", [x, nw, b], node.outputs, name=node.name + ".pruned", tags=node.tags)
+    elif o["weights"] == "nm":
+        values, packed = to_nm(W, keep, o["n"], o["m"])
+        nv, ni = ctx.add_param(base + ".nm.values", values), ctx.add_param(base + ".nm.idx", packed)
+        new = ctx.node("nm_linear", [x, nv, ni, b], node.outputs, name=node.name + ".nm", tags=node.tags,
+                       n=o["n"], m=o["m"], in_features=int(W.shape[0]))
+    else:
+        data, indices, indptr = to_csr(W, keep)
+        ins = [x] + [ctx.add_param(f"{base}.csr.{k}", a) for k, a in
+                     (("data", data), ("indices", indices), ("indptr", indptr))] + [b]
+        new = ctx.node("sparse_linear", ins, node.outputs, name=node.name + ".csr", tags=node.tags,
+                       shape=[int(W.shape[1]), int(W.shape[0])])
+    return Replacement([new])
+
+
+# ---------------------------------------------------------------- heads
+def _attention_blocks(graph: Graph) -> list[dict[str, Node]]:
+    """Per attention node: its qkv linear, split, ropes and output linear (the models' layout)."""
+    prod = graph.producers()
+    cons = graph.consumers()
+    blocks = []
+    for a in graph.nodes:
+        if a.op != "attention":
+            continue
+        parts: dict[str, Node] = {"attn": a}
+        src = prod.get(a.inputs[0])
+        if src is not None and src.op == "rope":
+            parts["rope_q"] = src
+            kr = prod.get(a.inputs[1])
+            if kr is None or kr.op != "rope":
+                continue
+            parts["rope_k"] = kr
+            src = prod.get(src.inputs[0])
+        if src is None or src.op != "split":
+            continue
+        parts["split"] = src
+        qkv = prod.get(src.inputs[0])
+        outs = cons.get(a.outputs[0], [])
+        if qkv is None or qkv.op != "linear" or len(outs) != 1 or outs[0].op != "linear":
+            continue
+        if qkv.inputs[1] not in graph.params or outs[0].inputs[1] not in graph.params:
+            continue
+        parts["qkv"], parts["out"] = qkv, outs[0]
+        blocks.append(parts)
+    return blocks
+
+
+def _plan_heads(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> dict[str, Any]:
+    """node name → what it becomes: kept query/KV heads per attention block, from calibration."""
+    blocks = _attention_blocks(graph)
+    if not blocks:
+        raise MinitxError("sparsity: heads pruning found no qkv → attention → out block")
+    n_seq, length = opts["calib"]
+    acts = calibration_run(graph, params, [b["attn"].outputs[0] for b in blocks], n_seq, length, opts["seed"])
+    plan: dict[str, Any] = {}
+    for b in blocks:
+        a = b["attn"]
+        H, KV = int(a.attrs["n_heads"]), int(a.attrs["n_kv_heads"])
+        Wo = params[b["out"].inputs[1]]
+        D = Wo.shape[0] // H
+        G = H // KV
+        score = head_importance(np.concatenate(acts[a.outputs[0]]), Wo, KV)   # one unit = a KV group
+        groups = keep_top(score, opts["sparsity"])
+        q_heads = np.concatenate([np.arange(g * G, (g + 1) * G) for g in groups])
+        q_cols = np.concatenate([np.arange(h * D, (h + 1) * D) for h in q_heads])
+        kv_cols = np.concatenate([np.arange(g * D, (g + 1) * D) for g in groups])
+        C = H * D
+        qkv_cols = np.concatenate([q_cols, C + kv_cols, C + KV * D + kv_cols])
+        info = {"H": len(q_heads), "KV": len(groups), "q_cols": q_cols, "qkv_cols": qkv_cols,
+                "sizes": [len(q_cols), len(kv_cols), len(kv_cols)], "groups": groups.tolist()}
+        for key in ("attn", "qkv", "out", "split", "rope_q", "rope_k"):
+            if key in b:
+                plan[b[key].name] = (key, info)
+    return plan
+
+
+def _heads_rule(node: Node, ctx: Context) -> Replacement | None:
+    entry = ctx.options["_heads"].get(node.name)
+    if entry is None or _done(node):
+        return None
+    role, info = entry
+    attrs, ins = dict(node.attrs), list(node.inputs)
+    if role == "qkv":
+        ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[:, info["qkv_cols"]])
+        if len(ins) > 2 and ins[2]:
+            ins[2] = ctx.add_param(ins[2] + ".heads", ctx.param(ins[2])[info["qkv_cols"]])
+    elif role == "out":
+        ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[info["q_cols"]])
+    elif role == "split":
+        attrs["sizes"] = info["sizes"]
+    elif role == "rope_q":
+        attrs["n_heads"] = info["H"]
+    elif role == "rope_k":
+        attrs["n_heads"] = info["KV"]
+    elif role == "attn":
+        attrs["n_heads"], attrs["n_kv_heads"] = info["H"], info["KV"]
+    redeclared = []
+    if role == "attn":  # the KV cache inputs narrow with the kept KV heads
+        width = info["sizes"][1]
+        for name in ins[3:5]:
+            v = next((v for v in ctx.graph.inputs if v.name == name), None) if name else None
+            if v is not None:
+                redeclared.append(Value(v.name, (*v.shape[:-1], width), v.dtype))
+    new = Node(ctx.fresh(node.name + ".heads"), node.op, ins, list(node.outputs), attrs,
+               {**node.tags, "kept_kv_groups": info["groups"]} if role == "attn" else dict(node.tags))
+    return Replacement([new], inputs=redeclared)
+
+
+# ---------------------------------------------------------------- ffn neurons
+def _plan_ffn(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> dict[str, Any]:
+    prod = graph.producers()
+    plan: dict[str, Any] = {}
+    downs = [n for n in graph.nodes if n.op == "linear" and n.name.endswith(".mlp.down") and n.inputs[1] in graph.params]
+    pairs = []
+    for d in downs:
+        act = prod.get(d.inputs[0])
+        up = prod.get(act.inputs[0]) if act is not None else None
+        if act is None or up is None or up.op != "linear" or up.inputs[1] not in graph.params:
+            continue
+        pairs.append((up, act, d))
+    if not pairs:
+        raise MinitxError("sparsity: ffn pruning found no up → activation → down MLP")
+    n_seq, length = opts["calib"]
+    acts = calibration_run(graph, params, [d.inputs[0] for _, _, d in pairs], n_seq, length, opts["seed"])
+    for up, act, d in pairs:
+        score = neuron_importance(np.concatenate(acts[d.inputs[0]]), params[d.inputs[1]])
+        kept = keep_top(score, opts["sparsity"])
+        F = params[d.inputs[1]].shape[0]
+        up_cols = np.concatenate([kept, F + kept]) if act.op == "swiglu" else kept  # gate | up halves
+        plan[up.name] = ("up", up_cols)
+        plan[d.name] = ("down", kept)
+    return plan
+
+
+def _ffn_rule(node: Node, ctx: Context) -> Replacement | None:
+    entry = ctx.options["_ffn"].get(node.name)
+    if entry is None or _done(node):
+        return None
+    role, idx = entry
+    ins = list(node.inputs)
+    if role == "up":
+        ins[1] = ctx.add_param(ins[1] + ".ffn", ctx.param(ins[1])[:, idx])
+        if len(ins) > 2 and ins[2]:
+            ins[2] = ctx.add_param(ins[2] + ".ffn", ctx.param(ins[2])[idx])
+    else:
+        ins[1] = ctx.add_param(ins[1] + ".ffn", ctx.param(ins[1])[idx])
+    return Replacement([Node(ctx.fresh(node.name + ".ffn"), node.op, ins, list(node.outputs), dict(node.attrs),
+                             dict(node.tags))])

@@ -1,0 +1,155 @@
+"""The backend registry, the numba backend end to end, and its growable KV cache."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from minitx import backend as reg
+from minitx.backend import Backend, describe, get_backend, register
+from minitx.errors import MinitxError
+from minitx.model import Model
+from minitx import generate as gen, models
+
+numba = pytest.importorskip("numba")
+
+
+def _boom() -> Backend:
+    raise ImportError("libwhatever.so: missing (test)")
+
+
+class _Wrong(Backend):
+    """A backend with a subtly wrong GELU: conformance must catch it."""
+
+    name = "wrong"
+    dtypes = frozenset({"float32"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = {"gelu": lambda x, *, approximate="none": x * 0.5 * (1 + np.tanh(0.8 * x)),
+                        "relu": lambda x: np.maximum(x, 0)}
+
+
+@pytest.fixture
+def extra_backends():
+    saved = dict(reg.entries())
+    register("failing", _boom)
+    register("wrong", _Wrong)
+    yield
+    reg.entries().clear()
+    reg.entries().update(saved)
+
+
+def test_failing_backend_is_listed_not_fatal(extra_backends) -> None:
+    info = describe("failing")
+    assert not info["available"] and "libwhatever.so" in info["reason"] and info["remedy"]
+    with pytest.raises(MinitxError, match="unavailable.*libwhatever"):
+        get_backend("failing")
+    assert describe("numba")["available"] and get_backend("numpy").name == "numpy"
+    r = CliRunner().invoke(__import__("cli").main, ["backends", "--json"])
+    assert r.exit_code == 0
+    infos = {b["name"]: b for b in json.loads(r.output)["backends"]}
+    assert not infos["failing"]["available"] and infos["numba"]["available"]
+    assert "attention" in infos["numba"]["forward"] and "layer_norm" in infos["numba"]["vjp"]
+
+
+def test_unknown_or_unavailable_backend_is_one_line_exit_2(extra_backends, tmp_path) -> None:
+    import cli
+
+    r = CliRunner().invoke(cli.main, ["conformance", "--backend", "failing"])
+    assert r.exit_code == 2 and "libwhatever" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli.main, ["conformance", "--backend", "nosuch"])
+    assert r.exit_code == 2 and "unknown backend 'nosuch'" in r.output
+
+
+def test_conformance_catches_a_wrong_kernel(extra_backends) -> None:
+    from minitx.conformance import run_conformance
+
+    report = run_conformance("wrong")
+    bad = {r.op for r in report.failures}
+    assert bad == {"gelu"} and not report.ok
+    import cli
+
+    r = CliRunner().invoke(cli.main, ["conformance", "--backend", "wrong", "--json"])
+    assert r.exit_code == 1 and json.loads(r.output)["counts"]["FAIL"] > 0
+    r = CliRunner().invoke(cli.main, ["conformance", "--backend", "wrong", "--exclude", "gelu"])
+    assert r.exit_code == 0 and "PASS" in r.output
+
+
+def test_ops_without_cases_are_skipped_not_passed(monkeypatch) -> None:
+    from minitx import conformance
+
+    monkeypatch.delitem(conformance.CASES, "relu")
+    report = conformance.run_conformance("numba", include=["relu"])
+    assert [r.status for r in report.rows] == ["SKIPPED"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_numba_decodes_like_the_spec(arch: str) -> None:
+    cfg = models.preset(arch, "tiny")
+    m = Model.from_config(cfg, seed=1)
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]  # left padding in row 2
+    st_ref, st_nb = gen.empty_state(m, 2), gen.empty_state(m, 2)
+    ids, mask = gen.left_pad(prompts)
+    for k in range(4):
+        a, st_ref = gen.step(m, ids, st_ref, mask, ("numpy",))
+        b, st_nb = gen.step(m, ids, st_nb, mask, ("numba",), strict=True)
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-5)
+        for key in st_ref.past:
+            np.testing.assert_allclose(st_nb.past[key], st_ref.past[key], rtol=2e-4, atol=2e-5)
+        ids, mask = a[:, -1:].argmax(-1), np.ones((2, 1), np.int64)
+    ex = m.executor(("numba",), True)
+    assert {b for _, _, b in ex.explain()} == {"numba"}
+
+
+def test_a_broken_kernel_module_does_not_take_the_backend_down(monkeypatch) -> None:
+    import minitx.backends.numba_cpu as nb
+
+    monkeypatch.setattr(nb, "_submodules", lambda: ["norms", "does_not_exist"])
+    b = nb.backend()
+    assert "layer_norm" in b.kernels and "does_not_exist" in b.problems
+
+
+def test_kv_cache_appends_in_place_and_never_clobbers_a_branch() -> None:
+    from minitx.backends.numba_cpu.kvcache import append
+
+    r = np.random.default_rng(0)
+    k0 = r.standard_normal((2, 3, 4)).astype(np.float32)
+    K1 = append(None, k0)
+    k1 = r.standard_normal((2, 1, 4)).astype(np.float32)
+    K2 = append(K1, k1)
+    assert np.shares_memory(K1, K2)  # grew in place
+    np.testing.assert_array_equal(K2, np.concatenate([k0, k1], axis=1))
+    # Branch: a second continuation of K1 must not overwrite K2's last row.
+    k1b = r.standard_normal((2, 1, 4)).astype(np.float32)
+    K2b = append(K1, k1b)
+    np.testing.assert_array_equal(K2, np.concatenate([k0, k1], axis=1))
+    np.testing.assert_array_equal(K2b, np.concatenate([k0, k1b], axis=1))
+    # A plain array that is not ours is copied, never written into.
+    past = r.standard_normal((2, 5, 4)).astype(np.float32)
+    keep = past.copy()
+    out = append(past[:, :3], k1)
+    np.testing.assert_array_equal(past, keep)
+    np.testing.assert_array_equal(out, np.concatenate([keep[:, :3], k1], axis=1))
+    # Growing far beyond the first capacity stays equal to concatenation.
+    K, ref = K2, np.concatenate([k0, k1], axis=1)
+    for _ in range(200):
+        n = r.standard_normal((2, 1, 4)).astype(np.float32)
+        K, ref = append(K, n), np.concatenate([ref, n], axis=1)
+    np.testing.assert_array_equal(K, ref)
+
+
+def test_cli_infer_explain_and_no_fallback_with_numba(tmp_path) -> None:
+    import cli
+
+    path = str(tmp_path / "m.npz")
+    runner = CliRunner()
+    assert runner.invoke(cli.main, ["init", "--arch", "gpt2", "--preset", "tiny", "-o", path]).exit_code == 0
+    base = ["infer", path, "--ids", "1,2,3", "--ids", "4,5", "-n", "4", "--json"]
+    ref = runner.invoke(cli.main, base)
+    got = runner.invoke(cli.main, base + ["--backend", "numba", "--no-fallback", "--explain"])
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.output.splitlines()[-1]) == json.loads(ref.output)
+    assert "numba" in got.output and "ran on: numba" in got.output

@@ -1,0 +1,150 @@
+"""Low rank: the factorisations (SVD, randomized SVD, activation-aware), Nyström attention and the
+plugin's rewrites. Gradient checks of lowrank_linear / nystrom_attention live in test_ops_grad.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minitx import models, plugin
+from minitx.errors import MinitxError
+from minitx.model import Model
+from minitx.ops import attention as A
+from minitx.ops import lowrank as L
+from minitx.plugins import lowrank as LR
+from minitx.validate import feeds_for
+
+
+def _low_rank_matrix(rng, m, n, r):
+    return rng.standard_normal((m, r)) @ rng.standard_normal((r, n))
+
+
+def test_randomized_svd_recovers_a_low_rank_matrix_and_is_seeded():
+    rng = np.random.default_rng(0)
+    a = _low_rank_matrix(rng, 60, 40, 5)
+    u, s, vt = LR.randomized_svd(a, 5, seed=3)
+    np.testing.assert_allclose((u * s) @ vt, a, atol=1e-9)
+    np.testing.assert_allclose(s, np.linalg.svd(a, compute_uv=False)[:5], rtol=1e-10)
+    assert np.array_equal(LR.randomized_svd(a, 5, seed=3)[0], u)
+
+
+def test_power_iterations_bring_rsvd_close_to_the_optimal_truncation():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((200, 120)) * (0.9 ** np.arange(120))  # slowly decaying spectrum
+    s = np.linalg.svd(a, compute_uv=False)
+    best = np.sqrt((s[10:] ** 2).sum())                  # Eckart–Young: the optimal rank-10 error
+    err = {q: np.linalg.norm(a - (lambda u, s_, vt: (u * s_) @ vt)(*LR.randomized_svd(a, 10, power_iters=q)))
+           for q in (0, 3)}
+    assert err[3] < err[0] and err[3] < 1.02 * best
+
+
+def test_svd_factors_rank_energy_and_errors():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((12, 8))
+    u, v = LR.svd_factors(w, 8)
+    np.testing.assert_allclose(u @ v, w, atol=1e-12)    # full rank is exact
+    s = np.array([3.0, 2.0, 1.0])                        # energies 9/14, 13/14, 1
+    assert [LR.rank_for_energy(s, e) for e in (0.5, 0.9, 13 / 14, 0.95, 1.0)] == [1, 2, 2, 3, 3]
+    u, v = LR.svd_factors(w, 0.9)
+    sv = np.linalg.svd(w, compute_uv=False)
+    assert u.shape[1] == LR.rank_for_energy(sv, 0.9) < 8
+    with pytest.raises(MinitxError, match=r"rank 9 is larger than w \(12, 8\) allows \(at most 8\)"):
+        LR.svd_factors(w, 9, name="w")
+
+
+def test_whitened_svd_beats_plain_svd_on_the_calibration_activations():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 16)) * np.geomspace(10, 0.01, 16)   # very anisotropic inputs
+    w = rng.standard_normal((16, 16))
+    plain = np.linalg.norm(x @ (w - np.matmul(*LR.svd_factors(w, 4))))
+    aware = np.linalg.norm(x @ (w - np.matmul(*LR.whitened_factors(w, x, 4))))
+    assert aware < 0.5 * plain
+    u, v = LR.whitened_factors(w, x, 16)
+    np.testing.assert_allclose(u @ v, w, atol=1e-8)
+
+
+def test_lowrank_linear_is_x_u_v_plus_b():
+    rng = np.random.default_rng(4)
+    x, u, v, b = rng.standard_normal((2, 3, 5)), rng.standard_normal((5, 2)), rng.standard_normal((2, 4)), rng.standard_normal(4)
+    np.testing.assert_allclose(L.lowrank_linear(x, u, v, b), x @ (u @ v) + b, atol=1e-12)
+
+
+def test_nystrom_with_a_landmark_per_position_is_exact_and_approximate_below():
+    rng = np.random.default_rng(5)
+    B, T, H, KV, D = 2, 8, 4, 2, 4
+    q = rng.standard_normal((B, T, H * D)) * 0.5
+    k, v = rng.standard_normal((B, T, KV * D)) * 0.5, rng.standard_normal((B, T, KV * D))
+    mask = np.ones((B, T), np.int64)
+    mask[1, -3:] = 0
+    a = dict(n_heads=H, n_kv_heads=KV, causal=False)
+    dense = A.attention(q, k, v, None, None, mask, **a)[0]
+    exact = L.nystrom_attention(q, k, v, None, None, mask, n_landmarks=T, **a)[0]
+    np.testing.assert_allclose(exact[0], dense[0], atol=1e-10)
+    np.testing.assert_allclose(exact[1, :5], dense[1, :5], atol=1e-10)   # real tokens of the padded sequence
+    approx = L.nystrom_attention(q, k, v, None, None, mask, n_landmarks=4, **a)[0]
+    err = np.abs(approx[0] - dense[0]).max()
+    assert 1e-6 < err < 0.5 * np.abs(dense[0]).max()
+    with pytest.raises(MinitxError, match="does not support causal"):
+        L.nystrom_attention_infer([q.shape, k.shape, v.shape, None, None, None], ["float64"] * 3 + [None] * 3,
+                                  n_heads=H, n_kv_heads=KV, causal=True, n_landmarks=4)
+
+
+# ------------------------------------------------------------------ the plugin
+@pytest.fixture(scope="module")
+def gpt2():
+    return Model.from_config(models.preset("gpt2", "tiny"), seed=1)
+
+
+def _logits(model, ids):
+    return model.executor().run(feeds_for(model.graph, ids))["logits"]
+
+
+IDS = list(range(5, 37))
+
+
+@pytest.mark.parametrize("form,ops", [("op", {"lowrank_linear"}), ("two", {"linear"})])
+def test_full_rank_factorisation_is_exact(gpt2, form, ops):
+    new = plugin.optimize(gpt2, [f"lowrank:rank=64,form={form}"], validate=False)
+    fired = new.meta["rewrites"][-1]["fired"]
+    assert fired == {"lowrank.svd": 8}
+    assert {n.op for n in new.graph.nodes if "lowrank" in n.name} == ops
+    np.testing.assert_allclose(_logits(new, IDS), _logits(gpt2, IDS), atol=1e-4)
+
+
+def test_per_type_truncation_and_size(gpt2):
+    new = plugin.optimize(gpt2, ["lowrank:qkv=none,out=8,mlp=0.5"], validate=False)
+    assert "layers.0.attn.qkv.weight" in new.params
+    assert new.params["layers.0.attn.out.lowrank.u"].shape == (64, 8)
+    assert new.graph.node("layers.1.mlp.up.lowrank").tags["rank"] < 64
+    assert new.nbytes() < gpt2.nbytes()
+
+
+def test_whitened_plugin_is_closer_than_plain_svd_on_calibration_data(gpt2):
+    rows = {}
+    for method in ("svd", "whiten"):
+        new = plugin.optimize(gpt2, [f"lowrank:rank=16,method={method},calib=4x32"], force=True)
+        rows[method] = new.meta["rewrites"][-1]["validation"]["outputs"][0]["cosine"]
+    assert rows["whiten"] > rows["svd"]
+
+
+def test_nystrom_rewrites_only_non_causal_attention():
+    bert = Model.from_config(models.preset("bert", "tiny"), seed=0)
+    new = plugin.optimize(bert, ["lowrank:attention=nystrom,landmarks=4,qkv=none,out=none,mlp=none"],
+                          validate=False)
+    assert sum(n.op == "nystrom_attention" for n in new.graph.nodes) == bert.config["n_layers"]
+    gpt = plugin.optimize(Model.from_config(models.preset("gpt2", "tiny")),
+                          ["lowrank:attention=nystrom,qkv=none,out=none,mlp=none"], validate=False)
+    assert not any(n.op == "nystrom_attention" for n in gpt.graph.nodes)
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("lowrank:rank=65", r"rank 65 is larger than layers\.0\.attn\.qkv\.weight \(64, 192\)"),
+    ("lowrank:rank=0", "must be a positive integer"),
+    ("lowrank:energy=1.5", r"must be in \(0, 1\]"),
+    ("lowrank:qkv=lots", "bad value 'lots' for qkv"),
+    ("lowrank:method=qr,rank=4", "bad value 'qr' for method"),
+    ("lowrank", "nothing to do"),
+])
+def test_bad_options_are_one_line_errors(gpt2, spec, msg):
+    with pytest.raises(MinitxError, match=msg) as e:
+        plugin.optimize(gpt2, [spec])
+    assert "\n" not in str(e.value)

@@ -1,0 +1,92 @@
+"""Spec of the quantized ops: gradient checks (float64) and the packed formats."""
+import numpy as np
+import pytest
+
+from minitx.gradcheck import check_vjp
+from minitx.ops import quant as Q
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((2, 3, 64))
+W = rng.standard_normal((64, 8))
+B = rng.standard_normal(8)
+
+
+def test_grad_linear_q8():
+    q, s = Q.quantize_per_channel(W)
+    check_vjp("linear_q8", [X, q, s.astype(np.float64), B])
+    q, s = Q.quantize_per_channel(W.T.copy(), axis=1)  # (out, in) per row: the tied-LM-head form
+    check_vjp("linear_q8", [X, q, s.astype(np.float64), None], {"transposed": True})
+
+
+def test_grad_linear_q8_block_and_q4():
+    q, s = Q.quantize_blocks(W, 32)
+    check_vjp("linear_q8_block", [X, q, s.astype(np.float64), B], {"block": 32})
+    q, s = Q.quantize_int4(W, 16)
+    check_vjp("linear_q4", [X, q, s.astype(np.float64), B], {"group": 16})
+
+
+def test_grad_w8a8_cast_embedding():
+    q, s = Q.quantize_per_channel(W)
+    check_vjp("linear_w8a8", [X, q, s.astype(np.float64), B])
+    check_vjp("linear_cast", [X, W.astype(np.float16), B])
+    check_vjp("linear_cast", [X, Q.to_bfloat16_bits(W), B])
+    E = rng.standard_normal((10, 6))
+    q, s = Q.quantize_per_channel(E, axis=1)
+    check_vjp("embedding_q8", [np.array([[1, 3, 3], [9, 0, 1]]), q, s.astype(np.float64)])
+
+
+@pytest.mark.parametrize("past,causal,kv", [(2, True, 2), (0, False, 1)])
+def test_grad_attention_kv8(past, causal, kv):
+    H, D = 2, 4
+    q, k, v = (rng.standard_normal((2, 3, w)) for w in (H * D, kv * D, kv * D))
+    ins = [q, k, v, None, None, None, None, None]
+    if past:
+        pk, pks = Q.quantize_heads(rng.standard_normal((2, past, kv * D)), kv)
+        pv, pvs = Q.quantize_heads(rng.standard_normal((2, past, kv * D)), kv)
+        mask = np.ones((2, past + 3), np.int64)
+        mask[0, 0] = 0
+        ins = [q, k, v, pk, pks, pv, pvs, mask]
+    check_vjp("attention_kv8", ins, dict(n_heads=H, n_kv_heads=kv, causal=causal))
+
+
+def test_kv8_matches_float_attention_closely():
+    from minitx.ops.attention import attention
+    H, D = 4, 16
+    q, k, v = (rng.standard_normal((1, 5, H * D)).astype(np.float32) for _ in range(3))
+    ref = attention(q, k, v, n_heads=H, n_kv_heads=H, causal=True)[0]
+    out, kq, ks, vq, vs = Q.attention_kv8(q, k, v, n_heads=H, n_kv_heads=H, causal=True)
+    assert kq.dtype == np.int8 and ks.shape == (1, 5, H)
+    assert np.abs(out - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def test_int4_packing_by_hand():
+    # one group of 4 inputs: s = max|w| / 7.5 = 1, so q = rint(w) clipped to [-8, 7]
+    w = np.array([[-7.5], [4.2], [0.0], [7.4]], np.float32)
+    packed, s = Q.quantize_int4(w, 4)
+    assert packed.dtype == np.uint8 and packed.shape == (2, 1) and s.shape == (1, 1)
+    q = Q.unpack_int4(packed)[:, 0]
+    assert q.tolist() == [-8, 4, 0, 7]
+    assert s[0, 0] == 1.0
+    assert packed[0, 0] == 0 | (12 << 4) and packed[1, 0] == 8 | (15 << 4)  # q + 8: low nibble = even row
+
+
+def test_bfloat16_bits_round_to_nearest_even():
+    x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.5], np.float32)
+    back = Q.widen(Q.to_bfloat16_bits(x))
+    assert back.tolist() == [1.0, 1.0, 1.015625, -2.5]
+
+
+def test_group_must_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        Q.quantize_int4(W[:48], 32)
+    with pytest.raises(ValueError, match="even"):
+        Q.quantize_int4(W, 3)
+
+
+def test_shape_rules_name_the_op():
+    from minitx import ops
+    from minitx.errors import ShapeError
+    with pytest.raises(ShapeError, match="linear_q4"):
+        ops.get("linear_q4").infer([(2, 64), (32, 8), (3, 8), None], ["float32", "uint8", "float32", None], group=32)
+    with pytest.raises(ShapeError, match="scale shape"):
+        ops.get("linear_q8").infer([(2, 64), (64, 8), (7,), None], ["float32", "int8", "float32", None])

@@ -1,0 +1,256 @@
+"""Sparsity: pattern attention (spec vs torch, numba kernel vs spec), weight pruning transforms,
+compact storage and the plugin's rewrites. Gradient checks of the ops live in test_ops_grad.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+
+from minitx import models, plugin
+from minitx.errors import MinitxError
+from minitx.model import Model
+from minitx.ops import attention as A
+from minitx.ops import sparse as S
+from minitx.plugins import sparsity as SP
+from minitx.validate import feeds_for
+
+
+def _qkv(rng, B=2, T=9, H=4, KV=2, D=4, past=3, dtype=np.float64):
+    q = rng.standard_normal((B, T, H * D)).astype(dtype)
+    k, v = (rng.standard_normal((B, T, KV * D)).astype(dtype) for _ in range(2))
+    pk, pv = (rng.standard_normal((B, past, KV * D)).astype(dtype) for _ in range(2))
+    mask = np.ones((B, past + T), np.int64)
+    mask[-1, :2] = 0
+    return [q, k, v, pk, pv, mask], {"n_heads": H, "n_kv_heads": KV}
+
+
+# ------------------------------------------------------------------ the spec against torch
+@pytest.mark.parametrize("pattern,extra,allowed", [
+    ("local", {"window": 3}, lambda i, j: abs(i - j) < 3),
+    ("block", {"block": 4, "n_global": 1}, lambda i, j: i // 4 == j // 4 or j < 4),
+    ("strided", {"stride": 3}, lambda i, j: abs(i - j) < 3 or (i - j) % 3 == 0),
+])
+def test_static_patterns_match_torch_sdpa_with_an_explicit_mask(pattern, extra, allowed):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    (q, k, v, pk, pv, mask), a = _qkv(rng, KV=4)
+    B, T, S_tot, H, D = q.shape[0], q.shape[1], pk.shape[1] + k.shape[1], 4, 4
+    out = S.sparse_attention(q, k, v, pk, pv, mask, causal=True, pattern=pattern, **extra, **a)[0]
+    K, V = np.concatenate([pk, k], 1), np.concatenate([pv, v], 1)
+    m = np.array([[allowed(S_tot - T + t, j) and j <= S_tot - T + t for j in range(S_tot)] for t in range(T)])
+    m = m[None, None] & mask.astype(bool)[:, None, None, :]
+    th = lambda x, n: torch.tensor(x).reshape(B, -1, n, D).transpose(1, 2)  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(th(q, H), th(K, H), th(V, H), attn_mask=torch.tensor(m))
+    np.testing.assert_allclose(out, ref.transpose(1, 2).reshape(B, T, H * D).numpy(), atol=1e-12)
+
+
+def test_topk_and_threshold_keep_the_right_keys():
+    rng = np.random.default_rng(1)
+    (q, k, v, _, _, _), a = _qkv(rng, B=1, T=6, H=1, KV=1, D=3)
+    scores = q[0] @ k[0].T / np.sqrt(3)
+    for t in range(6):
+        top = np.argsort(-scores[t])[:2]
+        p = np.zeros(6)
+        p[top] = np.exp(scores[t, top] - scores[t, top].max())
+        want = (p / p.sum()) @ v[0]
+        got = S.sparse_attention(q, k, v, causal=False, pattern="topk", topk=2, **a)[0][0, t]
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    # threshold 1 keeps only the row maximum: the output is that key's value
+    out = S.sparse_attention(q, k, v, causal=False, pattern="threshold", threshold=1.0, **a)[0][0]
+    np.testing.assert_allclose(out, v[0][scores.argmax(-1)], atol=1e-12)
+
+
+def test_composite_is_dense_below_the_cut_and_sparse_above():
+    rng = np.random.default_rng(2)
+    xs, a = _qkv(rng)  # 12 keys in all
+    dense = A.attention(*xs, causal=True, **a)[0]
+    assert np.array_equal(S.sparse_attention(*xs, causal=True, pattern="local", window=1, dense_below=12, **a)[0], dense)
+    assert not np.allclose(S.sparse_attention(*xs, causal=True, pattern="local", window=1, dense_below=11, **a)[0], dense)
+
+
+def test_bad_pattern_attrs_are_one_line_errors():
+    shapes = [(1, 4, 8), (1, 4, 8), (1, 4, 8), None, None, None]
+    with pytest.raises(MinitxError, match="unknown pattern 'diagonal'"):
+        S.sparse_attention_infer(shapes, ["float32"] * 3 + [None] * 3, n_heads=2, n_kv_heads=2, causal=True,
+                                 pattern="diagonal")
+    with pytest.raises(MinitxError, match="needs window >= 1"):
+        S.sparse_attention_infer(shapes, ["float32"] * 3 + [None] * 3, n_heads=2, n_kv_heads=2, causal=True,
+                                 pattern="local")
+
+
+# ------------------------------------------------------------------ the numba kernels
+nb = pytest.importorskip("minitx.backends.numba_cpu.sparse", reason="numba not installed")
+
+
+@pytest.mark.parametrize("pattern,extra", [
+    ("dense", {}), ("local", {"window": 5}), ("block", {"block": 16, "n_global": 1}), ("strided", {"stride": 7}),
+    ("topk", {"topk": 9}), ("threshold", {"threshold": 0.05}), ("local", {"window": 2, "dense_below": 500}),
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_numba_sparse_attention_matches_the_spec(pattern, extra, causal):
+    rng = np.random.default_rng(3)
+    xs, a = _qkv(rng, T=70, past=5)  # two query tiles, a partial one, padding, GQA, KV cache
+    attrs = dict(a, causal=causal, pattern=pattern, **extra)
+    want, got = S.sparse_attention(*xs, **attrs), nb.sparse_attention(*xs, **attrs)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=1e-12)
+
+
+def test_numba_local_attention_covering_the_sequence_equals_dense_attention():
+    rng = np.random.default_rng(4)
+    xs, a = _qkv(rng, T=100, past=0, dtype=np.float32)
+    xs[3] = xs[4] = None  # no KV cache; xs[5] pads two keys of the last sequence
+    dense = A.attention(*xs, causal=True, **a)[0]
+    local = nb.sparse_attention(*xs, causal=True, pattern="local", window=100, **a)[0]
+    assert np.abs(local - dense).max() <= 1e-6
+
+
+def test_numba_compact_linears_match_the_spec():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 12)).astype(np.float32)
+    b = rng.standard_normal(12).astype(np.float32)
+    data, indices, indptr = SP.to_csr(w, SP.magnitude_masks({"w": w}, 0.6)["w"])
+    want = S.sparse_linear(x, data, indices, indptr, b, shape=(12, 16))
+    np.testing.assert_allclose(nb.sparse_linear(x, data, indices, indptr, b, shape=(12, 16)), want, atol=1e-5)
+    values, packed = SP.to_nm(w, SP.nm_masks({"w": np.abs(w)}, 2, 4)["w"], 2, 4)
+    want = S.nm_linear(x, values, packed, b, n=2, m=4, in_features=16)
+    np.testing.assert_allclose(nb.nm_linear(x, values, packed, b, n=2, m=4, in_features=16), want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ pure weight transforms
+def test_magnitude_masks_drop_the_smallest_per_layer_and_globally():
+    w1 = np.arange(1, 11, dtype=float).reshape(2, 5)
+    w2 = 100 + np.arange(10, dtype=float).reshape(5, 2)
+    m = SP.magnitude_masks({"a": w1, "b": w2}, 0.3)
+    assert m["a"].sum() == 7 and not m["a"].ravel()[:3].any() and m["b"].sum() == 7
+    g = SP.magnitude_masks({"a": w1, "b": w2}, 0.5, scope="global")
+    assert not g["a"].any() and g["b"].all()  # the 10 smallest of 20 are all of a
+    with pytest.raises(MinitxError, match=r"\[0, 1\)"):
+        SP.magnitude_masks({"a": w1}, 1.0)
+
+
+def test_wanda_weighs_magnitudes_by_input_norms_per_output():
+    w = np.array([[1.0, 4.0], [2.0, 1.0], [3.0, 2.0], [4.0, 3.0]])
+    norms = np.array([10.0, 1.0, 1.0, 0.1])    # scores col 0: 10, 2, 3, .4 ; col 1: 40, 1, 2, .3
+    keep = SP.wanda_masks({"w": w}, {"w": norms}, 0.5)["w"]
+    assert keep[:, 0].tolist() == [True, False, True, False]
+    assert keep[:, 1].tolist() == [True, False, True, False]
+    assert not SP.magnitude_masks({"w": w}, 0.5)["w"][0, 0]  # plain magnitude drops the |1| that Wanda keeps
+
+
+def test_nm_masks_keep_the_n_largest_of_every_group_and_pack_two_bits():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((16, 5))
+    keep = SP.nm_masks({"w": np.abs(w)}, 2, 4)["w"]
+    g = keep.reshape(4, 4, 5)
+    assert (g.sum(axis=1) == 2).all()
+    kept_min = np.where(g, np.abs(w).reshape(4, 4, 5), np.inf).min(axis=1)
+    dropped_max = np.where(~g, np.abs(w).reshape(4, 4, 5), -np.inf).max(axis=1)
+    assert (kept_min > dropped_max).all()
+    values, packed = SP.to_nm(w, keep, 2, 4)
+    assert values.shape == (5, 8) and packed.shape == (5, 2) and packed.dtype == np.uint8  # 8 × 2 bits = 2 bytes
+    np.testing.assert_array_equal(S.nm_dense(values, packed, n=2, m=4, in_features=16), np.where(keep, w, 0).T)
+
+
+def test_csr_storage_holds_only_the_kept_weights():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((40, 30)).astype(np.float32)
+    keep = SP.magnitude_masks({"w": w}, 0.75)["w"]
+    data, indices, indptr = SP.to_csr(w, keep)
+    assert data.size == keep.sum() == 300 and indices.dtype == np.int16
+    dense = scipy.sparse.csr_array((data, indices, indptr), shape=(30, 40)).toarray().T
+    np.testing.assert_array_equal(dense, np.where(keep, w, 0))
+    assert data.nbytes + indices.nbytes + indptr.nbytes < w.nbytes / 2
+
+
+def test_importance_scores():
+    a = np.array([[1.0, 0.0, 2.0, 0.0]])
+    w_out = np.eye(4)
+    np.testing.assert_allclose(SP.head_importance(a, w_out, 2), [1.0, 4.0])
+    np.testing.assert_allclose(SP.neuron_importance(a, 2 * np.ones((4, 3))), np.array([1, 0, 2, 0]) * 2 * np.sqrt(3))
+    assert SP.keep_top(np.array([3.0, 1.0, 2.0, 5.0]), 0.5).tolist() == [0, 3]
+    assert SP.keep_top(np.array([3.0]), 0.9).tolist() == [0]  # at least one unit stays
+
+
+# ------------------------------------------------------------------ the plugin
+@pytest.fixture(scope="module")
+def gpt2():
+    return Model.from_config(models.preset("gpt2", "tiny"), seed=1)
+
+
+def _logits(model, ids):
+    return model.executor().run(feeds_for(model.graph, ids))["logits"]
+
+
+def _optimize(model, spec):
+    return plugin.optimize(model, [spec], validate=False)
+
+
+IDS = list(range(3, 40))
+
+
+def test_local_attention_wider_than_the_sequence_is_exact(gpt2):
+    new = _optimize(gpt2, "sparsity:attention=local,window=64")
+    assert [n.op for n in new.graph.nodes].count("sparse_attention") == 2
+    np.testing.assert_allclose(_logits(new, IDS), _logits(gpt2, IDS), atol=1e-6)
+    narrow = _optimize(gpt2, "sparsity:attention=local,window=4")
+    assert not np.allclose(_logits(narrow, IDS), _logits(gpt2, IDS), atol=1e-4)
+
+
+@pytest.mark.parametrize("spec,op", [("sparsity:weights=magnitude,sparsity=0.8", "sparse_linear"),
+                                     ("sparsity:weights=wanda,sparsity=0.8,calib=2x16", "sparse_linear"),
+                                     ("sparsity:weights=nm", "nm_linear")])
+def test_pruned_linears_are_stored_compactly_and_compute_like_zeroed_weights(gpt2, spec, op):
+    new = _optimize(gpt2, spec)
+    assert sum(n.op == op for n in new.graph.nodes) == 8  # qkv, out, up, down × 2 layers
+    assert new.nbytes() < gpt2.nbytes() and "layers.0.mlp.up.weight" not in new.params
+    dense = _optimize(gpt2, spec + ",format=dense")
+    zeros = dense.params["layers.0.mlp.up.weight.pruned"]
+    assert np.mean(zeros == 0) == pytest.approx(0.8 if "0.8" in spec else 0.5, abs=0.01)
+    np.testing.assert_allclose(_logits(new, IDS), _logits(dense, IDS), atol=1e-5)
+
+
+def test_pruning_nothing_changes_nothing(gpt2):
+    new = _optimize(gpt2, "sparsity:weights=magnitude,sparsity=0")
+    np.testing.assert_allclose(_logits(new, IDS), _logits(gpt2, IDS), atol=1e-5)
+
+
+def test_head_and_neuron_pruning_remove_dead_units_exactly():
+    """A head whose output-projection rows are zero, and a neuron whose down row is zero, contribute
+    nothing: pruning them shrinks the matrices and leaves the logits unchanged."""
+    for arch in ("gpt2", "llama"):
+        m = Model.from_config(models.preset(arch, "tiny"), seed=2)
+        H, D = m.config["n_heads"], m.config["d_model"] // m.config["n_heads"]
+        G = H // (m.config.get("n_kv_heads") or H)
+        for i in range(2):
+            m.params[f"layers.{i}.attn.out.weight"][:G * D] = 0     # the first KV group's heads
+            m.params[f"layers.{i}.mlp.down.weight"][: m.config["d_ff"] // 2] = 0
+        heads = _optimize(m, f"sparsity:weights=heads,sparsity={1 / (H // G)}")
+        a = next(n for n in heads.graph.nodes if n.op == "attention")
+        assert a.attrs["n_heads"] == H - G and a.tags["kept_kv_groups"][0] == 1
+        np.testing.assert_allclose(_logits(heads, IDS), _logits(m, IDS), atol=1e-5)
+        ffn = _optimize(m, "sparsity:weights=ffn,sparsity=0.5")
+        assert ffn.params["layers.0.mlp.down.weight.ffn"].shape[0] == m.config["d_ff"] // 2
+        np.testing.assert_allclose(_logits(ffn, IDS), _logits(m, IDS), atol=1e-5)
+
+
+def test_validation_reports_the_approximation(gpt2):
+    new = plugin.optimize(gpt2, ["sparsity:weights=magnitude,sparsity=0.3"], calib=None)
+    entry = new.meta["rewrites"][-1]
+    assert entry["fired"] == {"sparsity.magnitude": 8} and entry["validation"]["passed"]
+    with pytest.raises(MinitxError, match="exceeds its declared tolerance"):
+        plugin.optimize(gpt2, ["sparsity:weights=magnitude,sparsity=0.9,min_cosine=0.999"])
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("sparsity:weights=magnitude,sparsity=1.0", r"sparsity must be in \[0, 1\)"),
+    ("sparsity:weights=magnitude,sparsity=-0.1", r"sparsity must be in \[0, 1\)"),
+    ("sparsity:attention=diagonal", "bad value 'diagonal' for attention"),
+    ("sparsity:weights=nm,n=4,m=4", "N:M needs n < m"),
+    ("sparsity", "nothing to do"),
+])
+def test_bad_options_are_one_line_errors(gpt2, spec, msg):
+    with pytest.raises(MinitxError, match=msg) as e:
+        plugin.optimize(gpt2, [spec])
+    assert "\n" not in str(e.value)
