@@ -133,6 +133,73 @@ add_case("attention", "GQA decode, cache + padding", _attn(3, 1, 11, 6, 2, 16, T
 add_case("attention", "GQA prefill after cache, padding", _attn(2, 5, 4, 4, 2, 8, True, True, True))
 add_case("attention", "bidirectional, padding", _attn(3, 7, 0, 2, 2, 8, False, True, False))
 add_case("attention", "fully masked row", _attn(2, 3, 0, 2, 1, 4, False, True, False, dead_row=True))
+
+
+# Ops the plugins introduce: packed weights are built with the plugins' own packers, so the
+# backend's kernel is checked on exactly the format a rewritten model stores.
+def _packed(op: str, rows: int, n_in: int, n_out: int, pack: Callable, attrs: dict, bias: bool = True):
+    def make(r: np.random.Generator, d: str) -> Inputs:
+        from minitx.ops import quant as Q
+
+        w = _f(r, (n_in, n_out), "float32", 0.1)
+        # Scales in the case's dtype: float32 scales would cap a float64 case at float32 precision.
+        packed = [a.astype(d) if a.dtype.kind == "f" else a for a in pack(Q, w)]
+        b = _f(r, (n_out,), d) if bias else None
+        return (_f(r, (rows, 1, n_in), d), *packed, b), dict(attrs)
+    return make
+
+
+for _m in (1, 3, 8):
+    add_case("linear_q8", f"{_m} rows", _packed("linear_q8", _m, 96, 160, lambda Q, w: Q.quantize_per_channel(w), {}))
+    add_case("linear_q8_block", f"{_m} rows, block 32",
+             _packed("linear_q8_block", _m, 96, 160, lambda Q, w: Q.quantize_blocks(w, 32), {"block": 32}))
+    add_case("linear_q4", f"{_m} rows, group 32",
+             _packed("linear_q4", _m, 96, 160, lambda Q, w: Q.quantize_int4(w, 32), {"group": 32}))
+    add_case("linear_w8a8", f"{_m} rows",
+             _packed("linear_w8a8", _m, 96, 160, lambda Q, w: Q.quantize_per_channel(w), {}))
+
+
+def _sparse_linear(rows: int, n_in: int, n_out: int, density: float):
+    def make(r: np.random.Generator, d: str) -> Inputs:
+        from minitx.plugins.sparsity import to_csr
+
+        w = _f(r, (n_in, n_out), d, 0.1)
+        data, idx, ptr = to_csr(w, r.random(w.shape) < density)
+        return (_f(r, (rows, 2, n_in), d), data, idx, ptr, _f(r, (n_out,), d)), {"shape": [n_out, n_in]}
+    return make
+
+
+def _nm_linear(rows: int, n_in: int, n_out: int):
+    def make(r: np.random.Generator, d: str) -> Inputs:
+        from minitx.plugins.sparsity import nm_masks, to_nm
+
+        w = _f(r, (n_in, n_out), d, 0.1)
+        keep = nm_masks({"w": np.abs(w)}, 2, 4)["w"]
+        values, idx = to_nm(w, keep, 2, 4)
+        return (_f(r, (rows, 1, n_in), d), values, idx, None), {"n": 2, "m": 4, "in_features": n_in}
+    return make
+
+
+add_case("sparse_linear", "30% dense", _sparse_linear(3, 64, 96, 0.3))
+add_case("sparse_linear", "80% dense", _sparse_linear(1, 64, 96, 0.8))
+add_case("nm_linear", "2:4, 1 row", _nm_linear(1, 64, 96))
+add_case("nm_linear", "2:4, 5 rows", _nm_linear(5, 64, 96))
+
+
+def _sparse_attn(T: int, S: int, pattern: str, causal: bool = True, **pat) -> Callable:
+    base = _attn(2, T, S, 4, 2, 8, causal, True, S > 0)
+
+    def make(r: np.random.Generator, d: str) -> Inputs:
+        inputs, attrs = base(r, d)
+        return inputs, {**attrs, "pattern": pattern, **pat}
+    return make
+
+
+add_case("sparse_attention", "local window 4", _sparse_attn(16, 0, "local", window=4))
+add_case("sparse_attention", "local, decode over cache", _sparse_attn(1, 20, "local", window=6))
+add_case("sparse_attention", "block 4", _sparse_attn(16, 0, "block", block=4))
+add_case("sparse_attention", "strided 4, bidirectional", _sparse_attn(12, 0, "strided", causal=False, stride=4, window=2))
+add_case("sparse_attention", "top-3", _sparse_attn(10, 0, "topk", topk=3))
 add_case("attention", "large (parallel)", _attn(2, 64, 0, 8, 4, 64, True, False, False))
 add_case("rope", "decode", lambda r, d: ((_f(r, (2, 1, 4 * 8), d), r.integers(0, 100, (2, 1))), {"n_heads": 4}))
 add_case("rope", "prefill", lambda r, d: ((_f(r, (2, 50, 12 * 64), d), np.tile(np.arange(50), (2, 1))),
