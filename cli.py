@@ -520,8 +520,11 @@ def golden(model, prompts, texts, ids, random_spec, seed, intermediates, backend
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default: by dtype).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for CI).")
+@click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
+              help="Rewrite the model with this plugin first (repeatable); the golden table then shows "
+                   "what the rewrite costs against the reference.")
 @backend_options
-def verify(model, golden_file, atol, rtol, as_json, backends, no_fallback, explain) -> None:
+def verify(model, golden_file, atol, rtol, as_json, plugins, backends, no_fallback, explain) -> None:
     """Recompute GOLDEN's outputs with MODEL and compare; exit 1 if any value is out of tolerance.
 
     Each value passes when |out - ref| <= atol + rtol*|ref| everywhere; "budget" is the worst
@@ -531,6 +534,11 @@ def verify(model, golden_file, atol, rtol, as_json, backends, no_fallback, expla
 
     m = load_model(model)
     g = gd.load(golden_file)
+    if plugins:
+        from minitx.plugin import optimize as _optimize
+
+        # The golden comparison is the judge here, so a rewrite over its own tolerance still runs.
+        m = _optimize(m, plugins, force=True, warn=lambda s: click.echo(s, err=True))
     backends = _backends(backends)
     rows = gd.verify(m, g, backends, no_fallback, atol, rtol, path=golden_file)
     ok = gd.passed(rows)

@@ -131,3 +131,17 @@ def test_committed_golden_fails_on_a_perturbed_model(tmp_path):
     m.params["layers.0.norm2.weight"] = m.params["layers.0.norm2.weight"] + np.float32(1e-3)
     rows = golden.verify(m, golden.load(os.path.join(FIX, "golden-llama-tiny.npz")))
     assert not golden.passed(rows)
+
+
+def test_verify_with_plugin_shows_what_the_rewrite_costs(tmp_path):
+    model = tmp_path / "m.npz"
+    gold = tmp_path / "g.npz"
+    assert run("init", "--arch", "gpt2", "-o", str(model)).exit_code == 0
+    assert run("golden", str(model), "--random", "2,8", "-o", str(gold)).exit_code == 0
+    exact = run("verify", str(model), str(gold), "--plugin", "recompute:every", "--json")
+    assert exact.exit_code == 0 and json.loads(exact.stdout)["passed"]
+    approx = run("verify", str(model), str(gold), "--plugin", "quant:int8", "--json")
+    assert approx.exit_code == 1
+    rows = json.loads(approx.stdout)["rows"]
+    logits = next(r for r in rows if r["name"] == "logits")
+    assert logits["cosine"] > 0.99  # close, but not within float32 rounding of the spec
