@@ -17,7 +17,7 @@ from minitx.ops import linalg as spec
 
 from ._jit import kernel
 
-SKINNY_MAX_ROWS = 3  # measured: BLAS wins from 4 rows up (benchmarks/results/decode_cpu.md)
+SKINNY_MAX_ROWS = 0  # quiet-machine decode: BLAS GEMV beat this kernel (32 vs 22 tok/s); see decode_cpu.md
 
 def _block(n: int) -> int:
     """Columns per task: one long contiguous slice per thread (measured best), at most 1536."""
