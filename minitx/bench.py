@@ -25,7 +25,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 
 from . import machine
 from .errors import MinitxError
+from .modelfile import atomic_write
 
 SCHEMA = "minitx.bench/1"
 Progress = Callable[[int, str], None]
@@ -553,39 +553,16 @@ def plot(res: dict[str, Any], path: str) -> None:
     fig.suptitle(f"minitx bench: {res['model']['path']} ({res['model']['arch']}) — {machine.summary(res['machine'])}",
                  fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix="." + ext, dir=d)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             fig.savefig(f, format=ext, dpi=110)
-        _public(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         plt.close(fig)
 
 
-def _public(path: str) -> None:
-    """mkstemp makes files 0600; a result file gets the usual permissions (0666 less the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def write_text_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        _public(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(text.encode("utf-8"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -23,7 +22,7 @@ import numpy as np
 
 from . import __version__, models
 from .errors import MinitxError
-from .modelfile import FORMAT_VERSION
+from .modelfile import FORMAT_VERSION, _text, atomic_write
 
 # A conversion plan: for each minitx parameter, the HF tensors it is built from and how.
 Build = Callable[[list[np.ndarray]], np.ndarray]
@@ -431,31 +430,14 @@ def _planned_shape(build: Build, shapes: list[tuple[int, ...]]) -> tuple[int, ..
 
 
 # ------------------------------------------------------------------------------------ writing
-def _text(s: str) -> np.ndarray:
-    return np.frombuffer(s.encode("utf-8"), dtype=np.uint8)
-
-
 def stream_npz(path: str, items: Iterator[tuple[str, np.ndarray]]) -> None:
     """Write (name, array) pairs into an .npz one member at a time, to a temporary file renamed into
     place at the end — np.savez would need every array in memory at once."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MinitxError(f"{path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for name, a in items:
-                    with zf.open(name + ".npy", "w", force_zip64=True) as m:
-                        np.lib.format.write_array(m, np.ascontiguousarray(a) if a.ndim else a, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, a in items:
+                with zf.open(name + ".npy", "w", force_zip64=True) as m:
+                    np.lib.format.write_array(m, np.ascontiguousarray(a) if a.ndim else a, allow_pickle=False)
 
 
 def convert(folder: str, output: str, progress: Callable[[int], None] | None = None) -> Plan:

@@ -20,7 +20,8 @@ import os
 import tempfile
 import zipfile
 import zlib
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import numpy as np
 
@@ -59,6 +60,17 @@ def save(model: Model, path: str | os.PathLike, *, graph_differs: bool | None = 
 
 def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
     """np.savez into a temporary file beside ``path``, then rename: no half-written outputs."""
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` only once the block completes without error.
+
+    It is written beside the target (same filesystem, so the rename is atomic), synced, given the
+    usual umask permissions (mkstemp makes 0600), then renamed; on any failure it is removed.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -66,10 +78,10 @@ def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) 
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
