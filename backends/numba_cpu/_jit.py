@@ -5,6 +5,8 @@ dot products vectorise; contraction allows FMA). We leave out ``nnan``/``ninf``:
 kernel relies on ``-inf``-free masking but other kernels must propagate NaN/Inf like the spec.
 Every kernel is compiled twice — a parallel version for large inputs and a serial one for small
 ones (decode at batch 1), where waking the thread pool costs more than the work.
+``error_model="numpy"``: x/0 gives inf or nan as in the spec, instead of a Python exception whose
+check in every division would stop LLVM from vectorising the loop.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ PARALLEL_MIN = 1 << 15
 
 def kernel(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(parallel, serial) compiled versions of ``fn`` (which uses ``numba.prange``)."""
-    par = numba.njit(cache=True, parallel=True, fastmath=FASTMATH, nogil=True)(fn)
-    ser = numba.njit(cache=True, parallel=False, fastmath=FASTMATH, nogil=True)(fn)
+    par = numba.njit(cache=True, parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy")(fn)
+    ser = numba.njit(cache=True, parallel=False, fastmath=FASTMATH, nogil=True, error_model="numpy")(fn)
     return par, ser
 
 

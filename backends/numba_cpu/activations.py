@@ -1,8 +1,10 @@
-"""Pointwise activations, SwiGLU, softmax and add, fused to one pass over memory.
+"""Pointwise activations, SwiGLU and softmax, fused to one pass over memory; add is the spec's.
 
 Specs: minitx/ops/activations.py (gelu both forms, silu, swiglu, softmax, relu) and
-minitx/ops/linalg.py (add). Each kernel computes in the input's dtype like the spec; the tanh
-form of GELU and σ use the same formulas as the spec so results agree to rounding.
+minitx/ops/linalg.py (add). Each kernel computes in the input's dtype like the spec. The tanh
+form of GELU is computed as v·σ(2u), which equals 0.5·v·(1 + tanh u), and σ, SiLU and SwiGLU use
+the vectorisable exp of _vmath.py: results agree with the spec to a few ulps (the conformance
+table shows how few), and a GELU over 128×3072 values takes ~1 ms instead of ~6.
 """
 from __future__ import annotations
 
@@ -15,32 +17,41 @@ from minitx.ops import activations as spec_act
 from minitx.ops import linalg as spec_lin
 
 from ._jit import kernel, pick
+from ._vmath import exp
 
 _K = math.sqrt(2.0 / math.pi)
 _R2 = 1.0 / math.sqrt(2.0)
 
 
-def _gelu_tanh(x, y):
+# Constants reach the kernels as an array in the input's dtype (see _consts): a Python float
+# literal is float64 to numba and would silently widen every float32 expression around it.
+_GELU_C = (-2.0 * _K, 0.044715, 1.0, 2.0 * 3 * 0.044715 * _K, 2.0 * _K)
+
+
+def _gelu_tanh(x, y, c):
+    # 0.5·v·(1 + tanh u) = v·σ(2u): the same function, with one vectorisable exp instead of tanh
+    m2k, a, one = c[0], c[1], c[2]
     for i in prange(x.size):
         v = x[i]
-        y[i] = 0.5 * v * (1.0 + np.tanh(_K * (v + 0.044715 * v * v * v)))
+        y[i] = v / (one + exp(m2k * (v + a * v * v * v)))
 
 
-def _gelu_erf(x, y):
+def _gelu_erf(x, y, c):
     for i in prange(x.size):
         v = x[i]
         y[i] = 0.5 * v * (1.0 + math.erf(v * _R2))
 
 
-def _gelu_tanh_bwd(x, g, gx):
+def _gelu_tanh_bwd(x, g, gx, c):
+    # with s = σ(2u) = (1 + tanh u)/2:  d/dv = s + v·2s(1 − s)·du/dv
+    m2k, a, one, a6k, k2 = c[0], c[1], c[2], c[3], c[4]
     for i in prange(x.size):
         v = x[i]
-        t = np.tanh(_K * (v + 0.044715 * v * v * v))
-        du = _K * (1.0 + 3 * 0.044715 * v * v)
-        gx[i] = g[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du)
+        s = one / (one + exp(m2k * (v + a * v * v * v)))
+        gx[i] = g[i] * (s + v * s * (one - s) * (k2 + a6k * v * v))
 
 
-def _gelu_erf_bwd(x, g, gx):
+def _gelu_erf_bwd(x, g, gx, c):
     for i in prange(x.size):
         v = x[i]
         cdf = 0.5 * (1.0 + math.erf(v * _R2))
@@ -48,28 +59,31 @@ def _gelu_erf_bwd(x, g, gx):
         gx[i] = g[i] * (cdf + v * pdf)
 
 
-def _silu(x, y):
+def _silu(x, y, c):
+    one = c[2]
     for i in prange(x.size):
         v = x[i]
-        y[i] = v * (0.5 * (1.0 + np.tanh(0.5 * v)))
+        y[i] = v / (one + exp(-v))
 
 
-def _silu_bwd(x, g, gx):
+def _silu_bwd(x, g, gx, c):
+    one = c[2]
     for i in prange(x.size):
         v = x[i]
-        s = 0.5 * (1.0 + np.tanh(0.5 * v))
-        gx[i] = g[i] * s * (1.0 + v * (1.0 - s))
+        s = one / (one + exp(-v))
+        gx[i] = g[i] * s * (one + v * (one - s))
 
 
-def _swiglu(h, y):
+def _swiglu(h, y, c):
+    one = c[2]
     n, f = y.shape
     for r in prange(n):
         for j in range(f):
             a = h[r, j]
-            y[r, j] = a * (0.5 * (1.0 + np.tanh(0.5 * a))) * h[r, f + j]
+            y[r, j] = a / (one + exp(-a)) * h[r, f + j]
 
 
-def _relu(x, y):
+def _relu(x, y, c):
     for i in prange(x.size):
         v = x[i]
         y[i] = v if v > 0 else v * 0  # keeps NaN and -0.0 like np.maximum(x, 0) does for NaN
@@ -84,7 +98,7 @@ def _softmax(x, y):
                 m = x[r, j]
         s = 0.0
         for j in range(c):
-            e = np.exp(x[r, j] - m)
+            e = exp(x[r, j] - m)
             y[r, j] = e
             s += e
         inv = 1.0 / s
@@ -92,38 +106,30 @@ def _softmax(x, y):
             y[r, j] *= inv
 
 
-def _add(a, b, y):
-    for i in prange(a.size):
-        y[i] = a[i] + b[i]
-
-
-def _add_row(a, b, y):
-    n, c = a.shape
-    for r in prange(n):
-        for j in range(c):
-            y[r, j] = a[r, j] + b[j]
-
-
 _GT, _GE, _GTB, _GEB = kernel(_gelu_tanh), kernel(_gelu_erf), kernel(_gelu_tanh_bwd), kernel(_gelu_erf_bwd)
 _SILU, _SILU_B, _SWIGLU, _RELU = kernel(_silu), kernel(_silu_bwd), kernel(_swiglu), kernel(_relu)
-_SOFTMAX, _ADD, _ADD_ROW = kernel(_softmax), kernel(_add), kernel(_add_row)
+_SOFTMAX = kernel(_softmax)
 
 
 def _flat(x):
     return np.ascontiguousarray(x).reshape(-1)
 
 
+def _consts(dtype) -> np.ndarray:
+    return np.array(_GELU_C, dtype)
+
+
 def _unary(pair, x):
     xf = _flat(x)
     y = np.empty_like(xf)
-    pick(pair, xf.size)(xf, y)
+    pick(pair, xf.size)(xf, y, _consts(xf.dtype))
     return y.reshape(np.shape(x))
 
 
 def _unary_bwd(pair, x, g):
     xf, gf = _flat(x), _flat(g).astype(x.dtype, copy=False)
     gx = np.empty_like(xf)
-    pick(pair, xf.size)(xf, gf, gx)
+    pick(pair, xf.size)(xf, gf, gx, _consts(xf.dtype))
     return gx.reshape(np.shape(x))
 
 
@@ -150,7 +156,7 @@ def relu(x):
 def swiglu(h):
     h2 = np.ascontiguousarray(h).reshape(-1, h.shape[-1])
     y = np.empty((h2.shape[0], h2.shape[1] // 2), h.dtype)
-    pick(_SWIGLU, y.size)(h2, y)
+    pick(_SWIGLU, y.size)(h2, y, _consts(h2.dtype))
     return y.reshape(*h.shape[:-1], h.shape[-1] // 2)
 
 
@@ -163,20 +169,6 @@ def softmax(x, *, axis=-1):
     return y.reshape(x.shape)
 
 
-def add(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype == b.dtype and a.dtype.kind == "f":
-        if a.shape == b.shape:
-            y = np.empty_like(a, order="C")
-            pick(_ADD, a.size)(_flat(a), _flat(b), y.reshape(-1))
-            return y
-        if b.ndim == 1 and a.ndim >= 1 and b.shape[0] == a.shape[-1]:  # bias over the last axis
-            a2 = np.ascontiguousarray(a).reshape(-1, a.shape[-1])
-            y = np.empty_like(a2)
-            pick(_ADD_ROW, a2.size)(a2, b, y)
-            return y.reshape(a.shape)
-    return spec_lin.add(a, b)  # general broadcasting or mixed dtypes: numpy's rules, exactly
-
-
-KERNELS = {"gelu": gelu, "silu": silu, "relu": relu, "swiglu": swiglu, "softmax": softmax, "add": add}
+KERNELS = {"gelu": gelu, "silu": silu, "relu": relu, "swiglu": swiglu, "softmax": softmax,
+           "add": spec_lin.add}  # a + b is one memory-bound pass already; a kernel only adds dispatch cost
 VJPS = {"gelu": gelu_vjp, "silu": silu_vjp}

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention: one task per (batch, head, query), fused scores → softmax → PV.
+"""Scaled dot-product attention, fused scores → softmax → PV: one kernel for decode, one for prefill.
 
 Spec: minitx/ops/attention.py. Same semantics: grouped-query heads (query head h reads kv head
 h // (n_heads / n_kv_heads)), ``causal`` lets query t see keys 0 … S + t, ``mask`` (B, S + T)
@@ -11,10 +11,16 @@ import numpy as np
 from numba import prange
 
 from ._jit import kernel, pick
+from ._vmath import exp
 from .kvcache import append
 
 
-def _sdpa(q, K, V, mask, has_mask, causal, scale, H, KV, out):
+def _sdpa(q, K, V, mask, has_mask, causal, scale, H, KV, zero, out):
+    """One task per (batch, head, query); every inner loop runs along a head's contiguous D.
+
+    Accumulation is in the input's dtype (``zero`` carries it), like the spec's float32 matmuls,
+    so LLVM vectorises the dot products and the weighted sum of values.
+    """
     B, T, HD = q.shape
     S_tot = K.shape[1]
     D = HD // H
@@ -25,57 +31,150 @@ def _sdpa(q, K, V, mask, has_mask, causal, scale, H, KV, out):
         h = (task // T) % H
         t = task % T
         g = h // G
-        qo = h * D
-        ko = g * D
-        scores = np.empty(S_tot, np.float64)
+        qh = q[b, t, h * D:(h + 1) * D]
+        scores = np.empty(S_tot, q.dtype)
         ok = np.zeros(S_tot, np.bool_)
-        m = -np.inf
+        m = zero - np.float32(np.inf)
         for s in range(S_tot):
             if causal and s > past + t:
                 continue
             if has_mask and mask[b, s] == 0:
                 continue
-            acc = 0.0
+            kh = K[b, s, g * D:(g + 1) * D]
+            acc = zero
             for d in range(D):
-                acc += q[b, t, qo + d] * K[b, s, ko + d]
+                acc += qh[d] * kh[d]
             sc = acc * scale
             scores[s] = sc
             ok[s] = True
             if sc > m:
                 m = sc
-        acc_v = np.zeros(D, np.float64)
+        acc_v = np.zeros(D, q.dtype)
         total = 0.0
         if m == -np.inf:  # nothing visible: uniform over all keys, like the spec
             for s in range(S_tot):
+                vh = V[b, s, g * D:(g + 1) * D]
                 for d in range(D):
-                    acc_v[d] += V[b, s, ko + d]
+                    acc_v[d] += vh[d]
             total = float(S_tot)
         else:
             for s in range(S_tot):
                 if ok[s]:
-                    p = np.exp(scores[s] - m)
+                    p = exp(scores[s] - m)
                     total += p
+                    vh = V[b, s, g * D:(g + 1) * D]
                     for d in range(D):
-                        acc_v[d] += p * V[b, s, ko + d]
+                        acc_v[d] += p * vh[d]
         inv = 1.0 / total
+        o = out[b, t, h * D:(h + 1) * D]
         for d in range(D):
-            out[b, t, qo + d] = acc_v[d] * inv
+            o[d] = acc_v[d] * inv
 
 
-_SDPA = kernel(_sdpa)
+def _sdpa_prefill(q, K, V, mask, has_mask, causal, scale, H, KV, zero, out):
+    """Many queries at once: one task per (batch, kv head), keys transposed once per task.
+
+    With Kᵀ (D, S) in hand, a query's scores are D unit-stride multiply-adds over the keys and
+    its output S unit-stride multiply-adds over D: no horizontal sums, all of it SIMD. Masked
+    keys get weight exactly 0; a query with no visible key averages all values, like the spec.
+    """
+    B, T, HD = q.shape
+    S = K.shape[1]
+    D = HD // H
+    G = H // KV
+    past = S - T
+    for task in prange(B * KV):
+        b = task // KV
+        g = task % KV
+        KT = np.empty((D, S), q.dtype)
+        for s in range(S):
+            for d in range(D):
+                KT[d, s] = K[b, s, g * D + d]
+        vis = np.ones(S, q.dtype)
+        if has_mask:
+            for s in range(S):
+                if mask[b, s] == 0:
+                    vis[s] = zero
+        sc = np.empty(S, q.dtype)
+        acc = np.empty(D, q.dtype)
+        for hh in range(G):
+            h = g * G + hh
+            for t in range(T):
+                n = past + t + 1 if causal else S
+                for s in range(n):
+                    sc[s] = zero
+                d = 0
+                while d + 4 <= D:  # four rows of Kᵀ per pass: one load/store of sc per 4 FMAs
+                    q0 = q[b, t, h * D + d] * scale
+                    q1 = q[b, t, h * D + d + 1] * scale
+                    q2 = q[b, t, h * D + d + 2] * scale
+                    q3 = q[b, t, h * D + d + 3] * scale
+                    k0, k1, k2, k3 = KT[d], KT[d + 1], KT[d + 2], KT[d + 3]
+                    for s in range(n):
+                        sc[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
+                    d += 4
+                while d < D:
+                    qd = q[b, t, h * D + d] * scale
+                    kd = KT[d]
+                    for s in range(n):
+                        sc[s] += qd * kd[s]
+                    d += 1
+                m = zero - np.float32(np.inf)
+                for s in range(n):
+                    if vis[s] != zero and sc[s] > m:
+                        m = sc[s]
+                for d in range(D):
+                    acc[d] = zero
+                o = out[b, t, h * D:(h + 1) * D]
+                if m == -np.inf:  # nothing visible: uniform over all keys
+                    for s in range(S):
+                        for d in range(D):
+                            acc[d] += V[b, s, g * D + d]
+                    for d in range(D):
+                        o[d] = acc[d] / S
+                    continue
+                total = zero
+                for s in range(n):
+                    p = exp(sc[s] - m) * vis[s]
+                    sc[s] = p
+                    total += p
+                s = 0
+                while s + 4 <= n:  # likewise four value rows per pass over acc
+                    p0, p1, p2, p3 = sc[s], sc[s + 1], sc[s + 2], sc[s + 3]
+                    v0 = V[b, s, g * D:(g + 1) * D]
+                    v1 = V[b, s + 1, g * D:(g + 1) * D]
+                    v2 = V[b, s + 2, g * D:(g + 1) * D]
+                    v3 = V[b, s + 3, g * D:(g + 1) * D]
+                    for d in range(D):
+                        acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+                    s += 4
+                while s < n:
+                    p = sc[s]
+                    vs = V[b, s, g * D:(g + 1) * D]
+                    for d in range(D):
+                        acc[d] += p * vs[d]
+                    s += 1
+                inv = 1.0 / total
+                for d in range(D):
+                    o[d] = acc[d] * inv
+
+
+_SDPA, _SDPA_PREFILL = kernel(_sdpa), kernel(_sdpa_prefill)
+PREFILL_MIN_QUERIES = 8  # from here on transposing the keys once beats a dot product per key
 
 
 def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
     K = append(past_k, k)
     V = append(past_v, v)
     D = q.shape[-1] // n_heads
-    scale = float(q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale))
+    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
     qc = np.ascontiguousarray(q)
     out = np.empty_like(qc)
     has_mask = mask is not None
     m = np.ascontiguousarray(mask, dtype=np.int64) if has_mask else np.zeros((1, 1), np.int64)
     work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
-    pick(_SDPA, work)(qc, K, V, m, has_mask, bool(causal), scale, n_heads, n_kv_heads, out)
+    pair = _SDPA_PREFILL if q.shape[1] >= PREFILL_MIN_QUERIES else _SDPA
+    pick(pair, work)(qc, K, V, m, has_mask, bool(causal), scale, n_heads, n_kv_heads, qc.dtype.type(0), out)
     return out, K, V
 
 

@@ -39,54 +39,79 @@ def allowed_keys(T, S_total, mask, causal, batch):
     return allowed
 
 
-def _probs(q, K, mask, n_heads, n_kv_heads, causal, scale):
-    """Attention probabilities P, shape (B, Hkv, G, T, S): softmax(QKᵀ·scale) over allowed keys."""
+def probs(q, K, mask, n_heads, n_kv_heads, causal, scale, restrict=None):
+    """Attention probabilities P (B, Hkv, G, T, S): softmax(QKᵀ·scale) over the kept keys.
+
+    Kept keys are the causal/padding-allowed ones, narrowed further by ``restrict(scores, keep)``
+    when given (the sparse patterns). Returns (P, keep, Q heads, K heads) for the VJP.
+    """
     B, T, _ = q.shape
     G = n_heads // n_kv_heads
     qh = _heads(q, n_heads).reshape(B, n_kv_heads, G, T, -1)
     kh = _heads(K, n_kv_heads)[:, :, None]  # (B, Hkv, 1, S, D)
     scores = (qh @ np.swapaxes(kh, -1, -2)) * scale
-    allowed = allowed_keys(T, K.shape[1], mask, causal, B)[:, :, None]
-    # A fully masked row (a padding query) becomes uniform instead of NaN; its output is unused.
-    scores = np.where(allowed, scores, np.finfo(scores.dtype).min)
+    keep = allowed_keys(T, K.shape[1], mask, causal, B)[:, :, None]
+    if restrict is not None:
+        keep = restrict(scores, keep)
+    # A row with no kept key (a padding query) becomes uniform instead of NaN; its output is unused.
+    scores = np.where(keep, scores, np.finfo(scores.dtype).min)
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True), qh, kh
+    return e / e.sum(axis=-1, keepdims=True), keep, qh, kh
 
 
-def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
-    """softmax(Q Kᵀ / √d + mask) V per head, with K, V = [past; new]; returns (out, K, V)."""
+def concat_cache(k, v, past_k, past_v):
+    """K, V = [past; new] along time."""
     K = k if past_k is None else np.concatenate([past_k, k], axis=1)
     V = v if past_v is None else np.concatenate([past_v, v], axis=1)
-    D = q.shape[-1] // n_heads
-    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
-    p, _, _ = _probs(q, K, mask, n_heads, n_kv_heads, causal, scale)
+    return K, V
+
+
+def head_scale(q, n_heads, scale):
+    return q.dtype.type(1.0 / np.sqrt(q.shape[-1] // n_heads) if scale is None else scale)
+
+
+def mix_values(p, V, n_heads, n_kv_heads, q_shape):
+    """P V per head, merged back to (B, T, H·D)."""
+    B, T, HD = q_shape
     vh = _heads(V, n_kv_heads)[:, :, None]  # (B, Hkv, 1, S, D)
-    out = (p @ vh).reshape(q.shape[0], n_heads, q.shape[1], D)
-    return _merge(out), K, V
+    return _merge((p @ vh).reshape(B, n_heads, T, HD // n_heads))
 
 
-def attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, scale=None):
+def probs_vjp(grads, inputs, outputs, p, keep, qh, kh, n_heads, n_kv_heads, scale):
+    """The VJP of (out, K, V) given the forward's probabilities; keys that were not kept get none."""
     g_out, g_K, g_V = grads
     q, k, v, past_k, past_v, mask = inputs
     _, K, V = outputs
     B, T, _ = q.shape
     D = q.shape[-1] // n_heads
     G = n_heads // n_kv_heads
-    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
-    p, qh, kh = _probs(q, K, mask, n_heads, n_kv_heads, causal, scale)
     vh = _heads(V, n_kv_heads)[:, :, None]
     go = _heads(g_out, n_heads).reshape(B, n_kv_heads, G, T, D)
     gV = _merge((np.swapaxes(p, -1, -2) @ go).sum(axis=2))      # Σ over the group's query heads
     gp = go @ np.swapaxes(vh, -1, -2)
     gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True)) * scale  # softmax VJP, then the scale
-    # A fully masked row's output does not depend on q or k (its scores are constants).
-    gs = np.where(allowed_keys(T, K.shape[1], mask, causal, B)[:, :, None], gs, 0)
+    # Scores of dropped keys never reach the output; a fully masked row's output is a constant.
+    gs = np.where(keep, gs, 0)
     gq = _merge((gs @ kh).reshape(B, n_heads, T, D))
     gK = _merge((np.swapaxes(gs, -1, -2) @ qh).sum(axis=2))
     gK, gV = gK + g_K, gV + g_V
     S = K.shape[1] - T
     return (gq, gK[:, S:], gV[:, S:],
             None if past_k is None else gK[:, :S], None if past_v is None else gV[:, :S], None)
+
+
+def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
+    """softmax(Q Kᵀ / √d + mask) V per head, with K, V = [past; new]; returns (out, K, V)."""
+    K, V = concat_cache(k, v, past_k, past_v)
+    p, _, _, _ = probs(q, K, mask, n_heads, n_kv_heads, causal, head_scale(q, n_heads, scale))
+    return mix_values(p, V, n_heads, n_kv_heads, q.shape), K, V
+
+
+def attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, scale=None):
+    q, mask, K = inputs[0], inputs[5], outputs[1]
+    scale = head_scale(q, n_heads, scale)
+    p, keep, qh, kh = probs(q, K, mask, n_heads, n_kv_heads, causal, scale)
+    return probs_vjp(grads, inputs, outputs, p, keep, qh, kh, n_heads, n_kv_heads, scale)
 
 
 def attention_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal, scale=None):

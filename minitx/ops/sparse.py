@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse
 
 from . import register, require
-from .attention import _heads, _merge, allowed_keys, attention_infer
+from .attention import attention_infer, concat_cache, head_scale, mix_values, probs, probs_vjp
 
 PATTERNS = ("dense", "local", "block", "strided", "topk", "threshold")
 
@@ -63,17 +63,12 @@ def check_pattern(op: str, pattern: str, window: int, block: int, stride: int, n
     require(n_global >= 0 and dense_below >= 0, op, "n_global and dense_below must be >= 0")
 
 
-def _sparse_probs(q, K, mask, n_heads, n_kv_heads, causal, scale, pattern, window, block, stride, n_global,
-                  topk, threshold, dense_below):
-    """P, shape (B, Hkv, G, T, S), and the kept-key mask: softmax over the kept keys only."""
-    B, T, _ = q.shape
-    S_total = K.shape[1]
-    G = n_heads // n_kv_heads
-    qh = _heads(q, n_heads).reshape(B, n_kv_heads, G, T, -1)
-    kh = _heads(K, n_kv_heads)[:, :, None]  # (B, Hkv, 1, S, D)
-    scores = (qh @ np.swapaxes(kh, -1, -2)) * scale
-    keep = allowed_keys(T, S_total, mask, causal, B)[:, :, None]
-    if S_total > dense_below:
+def _restrict(pattern, window, block, stride, n_global, topk, threshold, dense_below):
+    """The pattern as a ``restrict(scores, keep)`` for attention.probs: which kept keys stay."""
+    def restrict(scores, keep):
+        T, S_total = scores.shape[-2:]
+        if S_total <= dense_below:
+            return keep
         static = pattern_keys(pattern, T, S_total, window=window, block=block, stride=stride, n_global=n_global)
         if static is not None:
             keep = keep & static
@@ -83,50 +78,27 @@ def _sparse_probs(q, K, mask, n_heads, n_kv_heads, causal, scale, pattern, windo
             keep = keep & (masked >= kth)
         elif pattern == "threshold":  # e^(s − max s) ≥ threshold
             keep = keep & (masked >= masked.max(axis=-1, keepdims=True) + np.log(threshold))
-    # A row with no kept key (a padding query) becomes uniform instead of NaN; its output is unused.
-    scores = np.where(keep, scores, np.finfo(scores.dtype).min)
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True), keep, qh, kh
+        return keep
+    return restrict
 
 
 def sparse_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal,
                      pattern="dense", window=0, block=0, stride=0, n_global=0, topk=0, threshold=0.0,
                      dense_below=0, scale=None):
     """softmax over the pattern's keys of Q Kᵀ / √d, times V; returns (out, K, V) like attention."""
-    K = k if past_k is None else np.concatenate([past_k, k], axis=1)
-    V = v if past_v is None else np.concatenate([past_v, v], axis=1)
-    D = q.shape[-1] // n_heads
-    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
-    p, _, _, _ = _sparse_probs(q, K, mask, n_heads, n_kv_heads, causal, scale, pattern, window, block, stride,
-                               n_global, topk, threshold, dense_below)
-    vh = _heads(V, n_kv_heads)[:, :, None]
-    out = (p @ vh).reshape(q.shape[0], n_heads, q.shape[1], D)
-    return _merge(out), K, V
+    K, V = concat_cache(k, v, past_k, past_v)
+    restrict = _restrict(pattern, window, block, stride, n_global, topk, threshold, dense_below)
+    p, _, _, _ = probs(q, K, mask, n_heads, n_kv_heads, causal, head_scale(q, n_heads, scale), restrict)
+    return mix_values(p, V, n_heads, n_kv_heads, q.shape), K, V
 
 
 def sparse_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, pattern="dense", window=0,
                          block=0, stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
-    g_out, g_K, g_V = grads
-    q, k, v, past_k, past_v, mask = inputs
-    _, K, V = outputs
-    B, T, _ = q.shape
-    D = q.shape[-1] // n_heads
-    G = n_heads // n_kv_heads
-    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
-    p, keep, qh, kh = _sparse_probs(q, K, mask, n_heads, n_kv_heads, causal, scale, pattern, window, block,
-                                    stride, n_global, topk, threshold, dense_below)
-    vh = _heads(V, n_kv_heads)[:, :, None]
-    go = _heads(g_out, n_heads).reshape(B, n_kv_heads, G, T, D)
-    gV = _merge((np.swapaxes(p, -1, -2) @ go).sum(axis=2))
-    gp = go @ np.swapaxes(vh, -1, -2)
-    # softmax VJP over the kept keys; dropped keys' scores do not reach the output
-    gs = np.where(keep, p * (gp - (gp * p).sum(axis=-1, keepdims=True)), 0.0) * scale
-    gq = _merge((gs @ kh).reshape(B, n_heads, T, D))
-    gK = _merge((np.swapaxes(gs, -1, -2) @ qh).sum(axis=2))
-    gK, gV = gK + g_K, gV + g_V
-    S = K.shape[1] - T
-    return (gq, gK[:, S:], gV[:, S:],
-            None if past_k is None else gK[:, :S], None if past_v is None else gV[:, :S], None)
+    q, mask, K = inputs[0], inputs[5], outputs[1]
+    scale = head_scale(q, n_heads, scale)
+    restrict = _restrict(pattern, window, block, stride, n_global, topk, threshold, dense_below)
+    p, keep, qh, kh = probs(q, K, mask, n_heads, n_kv_heads, causal, scale, restrict)
+    return probs_vjp(grads, inputs, outputs, p, keep, qh, kh, n_heads, n_kv_heads, scale)
 
 
 def sparse_attention_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal, pattern="dense", window=0, block=0,
