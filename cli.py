@@ -292,12 +292,20 @@ def show(model: str | None, batch: int, seq: int | None, past: int, as_json: boo
 @click.option("--checkpoint-every", default=100, show_default=True, help="Save a checkpoint every N steps (0 = at the end).")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue from a checkpoint.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--precision", default="float32", show_default=True,
+              help="Compute precision: float32, float16 or bfloat16 (weights and optimizer state stay float32).")
+@click.option("--loss-scale", default=2.0 ** 15, show_default=True, help="Initial dynamic loss scale (float16/bfloat16).")
+@click.option("--loss-scale-growth-interval", default=200, show_default=True,
+              help="Good steps in a row before the loss scale doubles.")
+@click.option("--loss-scale-backoff", default=0.5, show_default=True,
+              help="Factor applied to the loss scale when gradients overflow (the step is skipped).")
 @click.option("--backend", "backends", multiple=True, metavar="NAME",
               help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_size, steps, batch_size, seq_len,
           grad_accum, lr, min_lr, warmup, weight_decay, clip, eval_every, eval_batches, val_fraction, checkpoint,
-          checkpoint_every, resume, seed, backends, quiet) -> None:
+          checkpoint_every, resume, seed, backends, quiet, precision="float32", loss_scale=2.0 ** 15,
+          loss_scale_growth_interval=200, loss_scale_backoff=0.5) -> None:
     """Train a decoder (GPT-2 or LLaMA style) on a text file with AdamW."""
     import time
 
@@ -305,6 +313,9 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
     from minitx import train as tr
 
     backends = _backends(backends)
+    from minitx.precision import check_precision
+
+    check_precision(precision)   # before the tokenizer is trained, not after
     text = data.read_text(data_path)
     if checkpoint is None:
         checkpoint = (output[:-4] if output.endswith(".npz") else output) + ".ckpt.npz"
@@ -317,6 +328,8 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
         ctx = click.get_current_context()
         if ctx.get_parameter_source("steps") != click.core.ParameterSource.DEFAULT:
             st.settings.steps = steps
+        if ctx.get_parameter_source("precision") != click.core.ParameterSource.DEFAULT:
+            st.settings.precision = precision
         tok_json = st.model.tokenizer_json
         if tok_json is None:
             raise MinitxError(f"{resume}: the checkpoint carries no tokenizer")
@@ -350,14 +363,18 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
         config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
         settings = tr.TrainSettings(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay,
                                     clip=clip, eval_every=eval_every, eval_batches=eval_batches,
-                                    checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed)
+                                    checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed,
+                                    precision=precision, loss_scale=loss_scale,
+                                    loss_scale_growth_interval=loss_scale_growth_interval,
+                                    loss_scale_backoff=loss_scale_backoff)
         st = tr.new_state(models.complete_config(config), tok_json, settings)
     ids = data.encode(tok_json, text)
     m = st.model
     bar = None if quiet else tr.ProgressLine(st.settings.steps)
     log = bar.message if bar else (lambda s: None)
     log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
-        f"{len(ids):,} tokens of text; step {st.step} of {st.settings.steps}; backend {', '.join(backends)}")
+        f"{len(ids):,} tokens of text; step {st.step} of {st.settings.steps}; backend {', '.join(backends)}"
+        + (f"; {st.settings.precision} compute, float32 weights" if st.settings.precision != "float32" else ""))
     tr.train(st, ids, backends=backends, checkpoint=checkpoint, log=log, progress=bar)
     m.meta = {"source": "minitx train", "data": os.path.basename(data_path), "steps": st.step,
               "settings": dict(vars(st.settings)), "history": st.history}
@@ -375,11 +392,13 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 text to score.")
 @click.option("--stride", type=int, default=None, help="Tokens between window starts (default: the context length).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
+              help="Also score the model rewritten by this plugin (repeatable) and report the perplexity delta.")
 @backend_options
-def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain) -> None:
+def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain, plugins=()) -> None:
     """Loss and perplexity of a decoder on a text (sliding windows of its context length).
 
-    MODEL defaults to the bundled model.
+    MODEL defaults to the bundled model. With --plugin, the rewritten model is scored too.
     """
     from minitx import data
     from minitx import train as tr
@@ -391,6 +410,23 @@ def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain) 
         raise MinitxError("this model carries no tokenizer, so it cannot read text")
     text = data.read_text(data_path)
     ids = data.encode(m.tokenizer_json, text)
+    if plugins:
+        from minitx.plugin import plan
+        from minitx.qat import evaluate_plugins
+
+        plan(plugins)    # bad plugin options fail before any scoring
+        res = evaluate_plugins(m, ids, plugins, backends=_backends(backends), stride=stride, strict=no_fallback,
+                               warn=lambda s: click.echo(s, err=True))
+        if as_json:
+            click.echo(json.dumps(res))
+        else:
+            r = res["rewritten"]
+            click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s)")
+            click.echo(f"  model:                loss {res['loss']:.4f} nats/token, perplexity {res['perplexity']:.3f}")
+            click.echo(f"  with {' + '.join(plugins)}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}")
+            click.echo(f"  delta: loss {res['delta_loss']:+.4f}, perplexity {res['delta_perplexity']:+.3f} "
+                       f"({100 * res['relative_delta_perplexity']:+.2f}%)")
+        return
     res = tr.evaluate(m, ids, _backends(backends), stride, no_fallback)
     if explain:
         print_explain(tr._loss_executor(m, _backends(backends), no_fallback))
@@ -689,6 +725,176 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, p
     if not any(r["status"] == "ok" for r in res["rows"]):
         raise MinitxError("nothing could run: every configuration failed (see the status column)")
 
+
+
+# ----------------------------------------------------------------------------------- distill
+@main.command()
+@click.argument("teacher", required=False, type=click.Path(dir_okay=False))
+@click.option("--student-config", "student_cfg", required=True, metavar="JSON|FILE",
+              help="The student's config: a JSON file or inline JSON; its fields override the teacher's config.")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 training text.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Student model file to write (.npz).")
+@click.option("--loss", "loss_specs", multiple=True, metavar="NAME=WEIGHT",
+              help="response | ce | feature | attention, weighted (repeatable; default: response=1).")
+@click.option("--temperature", default=2.0, show_default=True, help="Softmax temperature of the response loss.")
+@click.option("--layer-map", default=None, metavar="S:T,...",
+              help="Student:teacher layer pairs for the feature and attention losses (default: spread evenly).")
+@click.option("--baseline", is_flag=True, help="Also train the same student without the teacher, for comparison.")
+@click.option("--decode-tokens", default=32, show_default=True, help="Tokens generated to measure decode speed.")
+@click.option("--steps", default=200, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch.")
+@click.option("--seq-len", default=0, show_default=True, help="Tokens per window (0 = the shorter context length).")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--min-lr", default=3e-4, show_default=True, help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup", default=20, show_default=True, help="Linear warm-up steps.")
+@click.option("--weight-decay", default=0.1, show_default=True, help="Decoupled weight decay (linear matrices only).")
+@click.option("--clip", default=1.0, show_default=True, help="Global gradient-norm clip (0 = off).")
+@click.option("--eval-every", default=50, show_default=True, help="Held-out evaluation every N steps (0 = at the end).")
+@click.option("--eval-batches", default=4, show_default=True, help="Batches of held-out windows per evaluation.")
+@click.option("--val-fraction", default=0.05, show_default=True, help="Tail of the text held out for evaluation.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--backend", "backends", multiple=True, metavar="NAME",
+              help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, layer_map, baseline, decode_tokens,
+            steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay, clip, eval_every, eval_batches,
+            val_fraction, seed, backends, as_json, quiet) -> None:
+    """Distil TEACHER (default: the bundled model) into a smaller student; report both (and --baseline)."""
+    from minitx import data
+    from minitx import distill as dl
+    from minitx import train as tr
+
+    ds = dl.DistillSettings(dl.parse_losses(loss_specs), temperature,
+                            dl.parse_layer_map(layer_map) if layer_map is not None else None)
+    ds.check()
+    if decode_tokens < 0:
+        raise MinitxError(f"--decode-tokens must be >= 0, got {decode_tokens}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise MinitxError(f"{output}: folder {os.path.dirname(os.path.abspath(output))} does not exist")
+    from minitx.bundled import default_model_path
+
+    teacher = teacher if teacher is not None else default_model_path()
+    t = load_model(teacher)
+    if not t.is_decoder:
+        raise MinitxError(f"the teacher must be a decoder (gpt2 or llama), not {t.config['arch']}")
+    if t.tokenizer_json is None:
+        raise MinitxError(f"{teacher}: the teacher carries no tokenizer, so it cannot read the text")
+    src = student_cfg.strip()
+    try:
+        if src.startswith("{"):
+            user = json.loads(src)
+        else:
+            with open(src, encoding="utf-8") as f:
+                user = json.load(f)
+    except FileNotFoundError:
+        raise MinitxError(f"--student-config {src}: no such file (give a JSON file or inline JSON)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinitxError(f"--student-config {src}: not valid JSON: {e}") from None
+    config = dl.student_config(t, user)
+    settings = tr.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
+                                min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
+                                eval_every=eval_every, eval_batches=eval_batches, val_fraction=val_fraction,
+                                seed=seed)
+    st = dl.new_student(config, t, settings)
+    dl.plan(t, st.model, ds)   # bad layer maps and the like fail before any text is read
+    ids = data.encode(t.tokenizer_json, data.read_text(data_path))
+    bar = None if quiet else tr.ProgressLine(steps)
+    log = bar.message if bar else (lambda s: None)
+    log(f"teacher {t.n_params():,} parameters, student {st.model.n_params():,}; {len(ids):,} tokens of text; "
+        f"losses {', '.join(f'{k}={v:g}' for k, v in ds.losses.items())}")
+    rep = dl.run_report(t, teacher, st, ids, ds, output, baseline=baseline, decode_tokens=decode_tokens,
+                        backends=_backends(backends), log=log, progress=bar)
+    if as_json:
+        click.echo(json.dumps(rep))
+    else:
+        click.echo(dl.table(rep["models"]))
+        click.echo(f"wrote {output} after {rep['steps']} steps ({rep['distill_seconds']:,.0f}s of distillation); "
+                   f"held-out: {rep['models'][1]['heldout_tokens']:,} tokens, windows of {rep['seq_len']}")
+
+
+
+# --------------------------------------------------------------------------------------- qat
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 fine-tuning text.")
+@click.option("--plugin", "plugin_text", required=True, metavar="quant:MODE[,OPTS]",
+              help="The quantization to train for and convert to: quant:int4, quant:int8 or quant:int8_block, "
+                   "with the quant plugin's options (group=, embeddings=, skip=).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Packed model file to write (.npz).")
+@click.option("--steps", default=200, show_default=True, help="Optimizer steps of fine-tuning.")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch.")
+@click.option("--seq-len", default=0, show_default=True, help="Tokens per window (0 = the context length).")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", default=3e-4, show_default=True, help="Peak learning rate (fine-tuning: lower than training).")
+@click.option("--min-lr", default=3e-5, show_default=True, help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup", default=10, show_default=True, help="Linear warm-up steps.")
+@click.option("--weight-decay", default=0.0, show_default=True, help="Decoupled weight decay (linear matrices only).")
+@click.option("--clip", default=1.0, show_default=True, help="Global gradient-norm clip (0 = off).")
+@click.option("--eval-every", default=50, show_default=True, help="Held-out evaluation every N steps (0 = at the end).")
+@click.option("--eval-batches", default=4, show_default=True, help="Batches of held-out windows per evaluation.")
+@click.option("--val-fraction", default=0.05, show_default=True, help="Tail of the text held out (never trained on).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--calib", "calib", multiple=True, metavar="SPEC", help="Calibration input of the conversion (as in optimize).")
+@click.option("--force", is_flag=True, help="Keep a conversion that exceeds its declared tolerance (warn only).")
+@click.option("--no-compare", is_flag=True, help="Skip scoring the float and post-training-quantized models.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--backend", "backends", multiple=True, metavar="NAME",
+              help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup,
+        weight_decay, clip, eval_every, eval_batches, val_fraction, seed, calib, force, no_compare, as_json,
+        backends, quiet) -> None:
+    """Quantization-aware fine-tuning: train MODEL through fake quantization, convert, save.
+
+    The held-out tail of the text (--val-fraction) then scores the float model, its post-training
+    quantization and the QAT model after conversion. MODEL defaults to the bundled model.
+    """
+    from minitx import data, modelfile
+    from minitx import qat as Q
+    from minitx import train as tr
+    from minitx.plugin import optimize as _optimize
+    from minitx.validate import Calibration
+
+    Q.split_spec(plugin_text)                        # bad options fail before any work
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise MinitxError(f"{output}: folder {os.path.dirname(os.path.abspath(output))} does not exist")
+    m = load_model(model)
+    Q._check_float(m, model or "the bundled model")
+    if m.tokenizer_json is None:
+        raise MinitxError("this model carries no tokenizer, so it cannot read text")
+    settings = tr.TrainSettings(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay, clip=clip,
+                                eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=0,
+                                val_fraction=val_fraction, seed=seed)
+    settings.check()
+    ids = data.encode(m.tokenizer_json, data.read_text(data_path))
+    bar = None if quiet or as_json else tr.ProgressLine(steps)
+    warn = (lambda s: click.echo(s, err=True))
+    res = Q.run(m, ids, plugin_text, settings, backends=_backends(backends), calib=Calibration.parse(list(calib)),
+                force=force, warn=warn, log=bar.message if bar else None, progress=bar)
+    packed_text = Q.split_spec(plugin_text)[1]
+    report: dict[str, Any] = {"plugin": packed_text, "steps": res.state.step,
+                              "packed_vs_fake_quant_max_abs": res.packed_vs_fake_quant}
+    if not no_compare:
+        val = Q.held_out(ids, settings, m.n_ctx)
+        if len(val) >= 2:
+            ptq = _optimize(m, [packed_text], force=True)
+            score = {name: tr.evaluate(mm, val, _backends(backends)) for name, mm in
+                     (("float", m), ("ptq", ptq), ("qat", res.packed))}
+            report["held_out_tokens"] = score["float"]["tokens"]
+            report.update({f"{k}_perplexity": v["perplexity"] for k, v in score.items()})
+            res.packed.meta["qat"]["comparison"] = {k: v for k, v in report.items() if k.endswith("perplexity")}
+    modelfile.save(res.packed, output)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    if "float_perplexity" in report:
+        click.echo(f"held-out perplexity ({report['held_out_tokens']:,} tokens): float {report['float_perplexity']:.3f}, "
+                   f"post-training {packed_text} {report['ptq_perplexity']:.3f}, "
+                   f"QAT {packed_text} {report['qat_perplexity']:.3f}")
+    click.echo(f"packed vs fake-quant logits: max |diff| {res.packed_vs_fake_quant:.2e}")
+    click.echo(f"wrote {output} after {res.state.step} QAT steps")
 
 if __name__ == "__main__":
     main()

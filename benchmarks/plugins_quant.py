@@ -9,6 +9,13 @@
    int8 / int8-block / int4 weights; model file sizes.
 3. Activation checkpointing on a 12-layer model: peak activation bytes and time per training
    step (NumPy spec), each policy vs none.
+4. Perplexity deltas on a trained decoder: the bundled model (minitx/data/default.npz, GPT-2
+   style, trained on Jane Austen) over its held-out text — the last 80,000 characters of the
+   novels, the tail ``minitx train`` held out — for each quant mode, low rank and weight
+   pruning, and quantization-aware training (minitx/qat.py) against post-training int4. The text
+   is the Debian package r-cran-janeaustenr's (DATA_SOURCES.md): ``--austen PATH``, default
+   build/default-model/austen.txt, which ``python scripts/train_default.py`` fetches (it needs
+   ``apt-get download``; without the text the section says so and is skipped).
 
 Every figure is measured in this run; the machine and library versions head the report.
 """
@@ -199,11 +206,97 @@ def recompute_section(quick: bool) -> tuple[list[str], dict]:
             "| policy | peak MiB | vs none | ms/step | vs none | gradients |", "|---|---|---|---|---|---|", *rows, ""], figs
 
 
+AUSTEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "default-model",
+                      "austen.txt")
+HELD_OUT_CHARS = 80_000      # DATA_SOURCES.md: the tail `minitx eval` scores (≈ the 2% held out in training)
+
+
+def perplexity_section(quick: bool, austen: str) -> tuple[list[str], dict]:
+    from minitx import data, qat
+    from minitx import train as tr
+    from minitx.bundled import default_model_path
+
+    title = "## 4. Perplexity deltas on the bundled model (GPT-2 style, 1.07M parameters, trained on Austen)"
+    if not os.path.exists(austen):
+        return [title, "", f"Skipped: the text {austen} is not here (`python scripts/train_default.py` fetches it "
+                "with `apt-get download r-cran-janeaustenr`; see DATA_SOURCES.md).", ""], {}
+    m = modelfile.load(default_model_path())
+    text = data.read_text(austen)
+    held = text[-HELD_OUT_CHARS:] if not quick else text[-12_000:]
+    ids = data.encode(m.tokenizer_json, held)
+    train_ids = data.encode(m.tokenizer_json, text[:-HELD_OUT_CHARS][-(2_000_000 if not quick else 200_000):])
+    t0 = time.perf_counter()
+    base = tr.evaluate(m, ids)
+    t_eval = time.perf_counter() - t0
+    cal = Calibration(texts=[held[i:i + 400] for i in range(0, 4000, 1000)], source="4 held-out passages")
+    specs = ["quant:int8", "quant:int8,embeddings=false", "quant:int8_block", "quant:w8a8", "quant:int4",
+             "quant:int4,embeddings=int8", "quant:int4,group=64", "quant:float16", "quant:bfloat16",
+             "lowrank:energy=0.95", "lowrank:energy=0.9", "lowrank:rank=64",
+             "sparsity:weights=magnitude,sparsity=0.5", "sparsity:weights=wanda,sparsity=0.5",
+             "sparsity:weights=nm", "sparsity:weights=magnitude,sparsity=0.8"]
+    if quick:
+        specs = specs[:2] + ["quant:int4"]
+    rows, figs = [], {}
+    p0 = base["perplexity"]
+    for spec in specs:
+        try:
+            new = plugin.optimize(m, [spec], calib=cal, force=True)
+            r = tr.evaluate(new, ids)
+        except Exception as e:  # noqa: BLE001 — a setting that cannot apply is reported, the rest go on
+            rows.append(f"| `{spec}` | - | - | - | - | {type(e).__name__}: {e} |")
+            continue
+        figs[spec] = r["perplexity"]
+        rows.append(f"| `{spec}` | {new.nbytes() / 2**20:.2f} | {r['loss']:.4f} | {r['perplexity']:.2f} | "
+                    f"{r['perplexity'] - p0:+.2f} ({100 * (r['perplexity'] / p0 - 1):+.2f}%) | |")
+    lines = [title, "",
+             f"Held-out text: the last {len(held):,} characters of the novels ({base['tokens']:,} tokens, "
+             f"{base['windows']} windows of {m.n_ctx}; one evaluation takes {t_eval:.0f} s on the spec). Every "
+             "rewrite is applied as `minitx optimize` would (calibration: 4 held-out passages; `--force`, so "
+             "settings over their declared tolerance still get a row) and scored with `minitx eval`'s sliding "
+             "windows. `minitx eval model.npz --data text.txt --plugin SPEC` prints the same delta.", "",
+             "| setting | weights MiB | loss | perplexity | delta | note |", "|---|---|---|---|---|---|",
+             f"| float32 (unmodified) | {m.nbytes() / 2**20:.2f} | {base['loss']:.4f} | {p0:.2f} | - | |", *rows, ""]
+    # Quantization-aware training against post-training int4, at equal fine-tuning.
+    steps = 6 if quick else 100
+    s = tr.TrainSettings(steps=steps, batch_size=8, lr=5e-4, min_lr=5e-5, warmup=5, weight_decay=0.0,
+                         eval_every=0, val_fraction=0.0, seed=0)
+    spec = "quant:int4"
+    t0 = time.perf_counter()
+    res = qat.run(m, train_ids, spec, s, calib=cal, force=True)
+    t_qat = time.perf_counter() - t0
+    ctrl = tr.TrainState(Model(m.config, {k: a.copy() for k, a in m.params.items()}, m.graph, m.tokenizer_json),
+                         None, np.random.Generator(np.random.PCG64([s.seed, 1])), s)
+    ctrl.opt = tr.AdamW(ctrl.model.params, (s.beta1, s.beta2), s.eps, s.weight_decay)
+    tr.train(ctrl, train_ids)
+    ptq_ft = plugin.optimize(ctrl.model, [spec], calib=cal, force=True)
+    q = {"float fine-tuned": tr.evaluate(ctrl.model, ids)["perplexity"],
+         "post-training int4 of the fine-tuned float model": tr.evaluate(ptq_ft, ids)["perplexity"],
+         "QAT int4, converted to packed": tr.evaluate(res.packed, ids)["perplexity"]}
+    figs.update({"qat": q["QAT int4, converted to packed"], "ptq": figs.get("quant:int4"),
+                 "ptq_ft": q["post-training int4 of the fine-tuned float model"]})
+    lines += [f"### Quantization-aware training, `{spec}`", "",
+              f"`minitx qat` recipe: {steps} steps of batch 8 x {m.n_ctx} tokens from the training part of the text "
+              f"(before the held-out tail), lr 5e-4 cosine to 5e-5, no weight decay, seed 0 ({t_qat:.0f} s on the "
+              "spec); the same steps in float, then post-training int4, are the control (equal training). "
+              f"Packed vs fake-quant logits after conversion: max |diff| {res.packed_vs_fake_quant:.1e}.", "",
+              "| model | held-out perplexity | vs float |", "|---|---|---|",
+              f"| float (bundled) | {p0:.2f} | - |",
+              f"| post-training `{spec}` of the bundled model | {figs.get('quant:int4', float('nan')):.2f} | "
+              f"{100 * (figs.get('quant:int4', float('nan')) / p0 - 1):+.2f}% |"]
+    lines += [f"| {k} | {v:.2f} | {100 * (v / p0 - 1):+.2f}% |" for k, v in q.items()] + [""]
+    return lines, figs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("-o", "--output", default=os.path.join(os.path.dirname(__file__), "results", "plugins_quant.md"))
+    ap.add_argument("--austen", default=AUSTEN, help="the novels' text (section 4; see DATA_SOURCES.md)")
+    ap.add_argument("--only-perplexity", action="store_true", help="section 4 alone (prints it; writes nothing)")
     args = ap.parse_args()
+    if args.only_perplexity:
+        print("\n".join(perplexity_section(args.quick, args.austen)[0]))
+        return
     info = machine.info()
     lines = ["# Quantization and recompute plugins", "",
              f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}  ",
@@ -215,6 +308,8 @@ def main() -> None:
     b, fb = gpt2_section(args.quick)
     print("recompute ...", flush=True)
     c, fc = recompute_section(args.quick)
+    print("perplexity ...", flush=True)
+    d, fd = perplexity_section(args.quick, args.austen)
     t = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
 
     def row(name, val, ok):
@@ -236,7 +331,10 @@ def main() -> None:
         k, (mem, tm, _) = min(best, key=lambda kv: kv[1][1])
         row("12 layers: peak activations <= 1/3 for <= 40% more time", f"`{k}`: {mem:.2f} of the memory, "
             f"{(tm - 1) * 100:+.0f}% time", tm <= 1.4)
-    lines += t + [""] + a + b + c
+    if fd.get("qat") is not None and fd.get("ptq") is not None:
+        row("Bundled model: QAT int4 held-out perplexity < post-training int4", f"{fd['qat']:.2f} vs {fd['ptq']:.2f} "
+            f"(vs {fd['ptq_ft']:.2f} after the same fine-tuning in float)", fd["qat"] < fd["ptq"])
+    lines += t + [""] + a + b + c + d
     if args.quick:
         lines.insert(2, "**Quick run (reduced sizes) — not the reference figures.**\n")
     with open(args.output, "w", encoding="utf-8") as f:

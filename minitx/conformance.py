@@ -133,6 +133,11 @@ add_case("attention", "GQA decode, cache + padding", _attn(3, 1, 11, 6, 2, 16, T
 add_case("attention", "GQA prefill after cache, padding", _attn(2, 5, 4, 4, 2, 8, True, True, True))
 add_case("attention", "bidirectional, padding", _attn(3, 7, 0, 2, 2, 8, False, True, False))
 add_case("attention", "fully masked row", _attn(2, 3, 0, 2, 1, 4, False, True, False, dead_row=True))
+# From 8 queries on, backends may switch to a prefill kernel: the same situations again, longer.
+add_case("attention", "prefill, left padding", _attn(3, 10, 0, 4, 4, 8, True, True, False))
+add_case("attention", "GQA prefill after cache, padding, 12 q", _attn(2, 12, 5, 4, 2, 8, True, True, True))
+add_case("attention", "bidirectional, padding, 10 q", _attn(3, 10, 0, 2, 2, 8, False, True, False))
+add_case("attention", "fully masked row, 9 q", _attn(2, 9, 0, 2, 1, 4, False, True, False, dead_row=True))
 
 
 # Ops the plugins introduce: packed weights are built with the plugins' own packers, so the
@@ -157,6 +162,69 @@ for _m in (1, 3, 8):
              _packed("linear_q4", _m, 96, 160, lambda Q, w: Q.quantize_int4(w, 32), {"group": 32}))
     add_case("linear_w8a8", f"{_m} rows",
              _packed("linear_w8a8", _m, 96, 160, lambda Q, w: Q.quantize_per_channel(w), {}))
+
+
+# The decode layouts the quant plugin stores: int8 / int4 weights (out, in) (``transposed``), the
+# packed embedding tables, float16 / bfloat16 weights, and attention over an int8 KV cache.
+def _packed_t(rows: int, n_in: int, n_out: int, bits: int):
+    def make(r: np.random.Generator, d: str) -> Inputs:
+        from minitx.ops import quant as Q
+
+        w = _f(r, (n_out, n_in), "float32", 0.1)
+        q, s = Q.quantize_per_channel(w, axis=1) if bits == 8 else Q.quantize_int4_rows(w, 32)
+        attrs = {"transposed": True} if bits == 8 else {"group": 32, "transposed": True}
+        return (_f(r, (rows, 1, n_in), d), q, s.astype(d), _f(r, (n_out,), d) if rows % 2 else None), attrs
+    return make
+
+
+def _table(bits: int):
+    def make(r: np.random.Generator, d: str) -> Inputs:
+        from minitx.ops import quant as Q
+
+        E = _f(r, (300, 64), "float32")
+        q, s = Q.quantize_per_channel(E, axis=1) if bits == 8 else Q.quantize_int4_rows(E, 16)
+        return (r.integers(0, 300, (3, 7)), q, s.astype(d)), ({} if bits == 8 else {"group": 16})
+    return make
+
+
+def _cast(rows: int, bf16: bool):
+    def make(r: np.random.Generator, d: str) -> Inputs:
+        from minitx.ops import quant as Q
+
+        w = _f(r, (96, 160), "float32", 0.1)
+        w[0, :4] = [1e-6, -3e-7, 0.0, -0.0]  # float16 subnormals and signed zeros
+        return (_f(r, (rows, 1, 96), d), Q.to_bfloat16_bits(w) if bf16 else w.astype(np.float16),
+                _f(r, (160,), d)), {}
+    return make
+
+
+def _attn_kv8(B: int, T: int, S: int, H: int, KV: int, D: int, causal: bool, pad: bool, dead_row: bool = False):
+    base = _attn(B, T, S, H, KV, D, causal, pad, S > 0, dead_row)
+
+    def make(r: np.random.Generator, d: str) -> Inputs:
+        from minitx.ops import quant as Q
+
+        (q, k, v, pk, pv, mask), attrs = base(r, d)
+        if pk is None:
+            return (q, k, v, None, None, None, None, mask), attrs
+        pkq, pks = Q.quantize_heads(pk, KV)
+        pvq, pvs = Q.quantize_heads(pv, KV)
+        return (q, k, v, pkq, pks, pvq, pvs, mask), attrs
+    return make
+
+
+for _m in (1, 3, 8, 20):
+    add_case("linear_q8", f"{_m} rows, transposed (out, in)", _packed_t(_m, 96, 160, 8))
+    add_case("linear_q4", f"{_m} rows, group 32, transposed (out, in/2)", _packed_t(_m, 96, 160, 4))
+    add_case("linear_cast", f"{_m} rows, float16", _cast(_m, False))
+    add_case("linear_cast", f"{_m} rows, bfloat16", _cast(_m, True))
+add_case("linear_q4", "LM-head shape, 1 row, transposed", _packed_t(1, 64, 1100, 4))
+add_case("embedding_q8", "gather, repeated ids", _table(8))
+add_case("embedding_q4", "gather, group 16", _table(4))
+add_case("attention_kv8", "MHA causal prefill", _attn_kv8(2, 9, 0, 4, 4, 8, True, False))
+add_case("attention_kv8", "GQA decode, int8 cache + padding", _attn_kv8(3, 1, 11, 6, 2, 16, True, True))
+add_case("attention_kv8", "GQA prefill after cache, padding", _attn_kv8(2, 5, 4, 4, 2, 8, True, True))
+add_case("attention_kv8", "fully masked row", _attn_kv8(2, 3, 0, 2, 1, 4, False, True, dead_row=True))
 
 
 def _sparse_linear(rows: int, n_in: int, n_out: int, density: float):

@@ -168,11 +168,13 @@ class Executor:
 
     # ------------------------------------------------------------------ training
     def forward_backward(self, feeds: Mapping[str, np.ndarray], loss: str = "loss", step: int = 0,
-                         wrt: Iterable[str] | None = None) -> TrainResult:
+                         wrt: Iterable[str] | None = None, loss_grad: float = 1.0) -> TrainResult:
         """Forward in training mode, then reverse-mode backward from the scalar ``loss``.
 
         Returns the graph outputs, the gradient of ``loss`` for each parameter (or for the names in
-        ``wrt``, which may include graph inputs), and the peak activation bytes.
+        ``wrt``, which may include graph inputs), and the peak activation bytes. ``loss_grad`` is
+        the cotangent the backward pass starts from: mixed-precision training passes its loss
+        scale here, so that small float16 gradients do not flush to zero (minitx/precision.py).
         """
         g = self.graph
         wrt = set(g.params) if wrt is None else set(wrt)
@@ -243,7 +245,7 @@ class Executor:
                 mem.hold(o, env[o])
 
         ensure(loss)
-        grads[loss] = np.ones_like(self._host(loss, env, loc))
+        grads[loss] = np.full_like(self._host(loss, env, loc), loss_grad)
         for node in reversed(bwd_nodes):
             if not any(o in grads for o in node.outputs):
                 continue

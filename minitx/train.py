@@ -6,9 +6,16 @@ randomness (initial weights, window offsets, dropout) derives from ``seed``; the
 state is saved in each checkpoint, so an interrupted run resumed from its last checkpoint
 continues exactly as if it had never stopped.
 
+``precision`` float16 or bfloat16 runs the forward and backward passes in that precision while
+the weights and AdamW's moments stay float32, with dynamic loss scaling: a step whose gradients
+overflow is skipped and the scale lowered (minitx/precision.py; a skipped step still counts
+towards ``steps``, as the schedule moves on). The scale and the count of skipped steps are part
+of the history, the progress line and the checkpoint.
+
 A checkpoint is one ``.npz`` (written atomically, read with ``allow_pickle=False``):
 ``__train__`` (JSON: step, settings, RNG state, history), ``__config__``, ``__tokenizer__``,
-``param.NAME``, ``opt.m.NAME`` and ``opt.v.NAME``.
+``param.NAME``, ``opt.m.NAME`` and ``opt.v.NAME``; mixed-precision runs add ``scaler`` (the loss
+scaler's state) to ``__train__``.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from .executor import Executor
 from .model import Model
 from .modelfile import NpzReader, write_npz_atomic
 from .optim import AdamW, clip_global_norm, lr_at
+from .precision import LossScaler, Precision, check_precision
 
 CKPT_FORMAT = "minitx-checkpoint/1"
 
@@ -51,6 +59,10 @@ class TrainSettings:
     checkpoint_every: int = 100  # 0 = only at the end
     val_fraction: float = 0.05
     seed: int = 0
+    precision: str = "float32"  # compute precision: float32, float16 or bfloat16 (weights stay float32)
+    loss_scale: float = 2.0 ** 15           # initial loss scale (float16/bfloat16 only)
+    loss_scale_growth_interval: int = 200   # good steps in a row before the scale doubles
+    loss_scale_backoff: float = 0.5         # factor applied to the scale on overflow
 
     def check(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "eval_batches"):
@@ -63,6 +75,14 @@ class TrainSettings:
             raise MinitxError(f"need 0 < lr and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise MinitxError("betas must be in [0, 1)")
+        check_precision(self.precision)
+        if not (math.isfinite(self.loss_scale) and self.loss_scale > 0):
+            raise MinitxError(f"--loss-scale must be a positive number, got {self.loss_scale}")
+        if self.loss_scale_growth_interval <= 0:
+            raise MinitxError("--loss-scale-growth-interval must be a positive integer, "
+                              f"got {self.loss_scale_growth_interval}")
+        if not 0 < self.loss_scale_backoff < 1:
+            raise MinitxError(f"--loss-scale-backoff must be in (0, 1), got {self.loss_scale_backoff}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":
@@ -78,6 +98,7 @@ class TrainState:
     settings: TrainSettings
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    scaler: LossScaler | None = None  # mixed precision only; made by train() when missing
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -152,6 +173,8 @@ def _heldout_loss(ex: Executor, model: Model, val: np.ndarray, seq_len: int, n_b
 def save_checkpoint(path: str | os.PathLike, st: TrainState) -> None:
     meta = {"format": CKPT_FORMAT, "step": st.step, "settings": asdict(st.settings),
             "rng": st.rng.bit_generator.state, "history": st.history, "opt_t": st.opt.t}
+    if st.scaler is not None:
+        meta["scaler"] = st.scaler.state()
     arrays: dict[str, np.ndarray] = {
         "__train__": _text(json.dumps(meta)),
         "__config__": _text(json.dumps(st.model.config, sort_keys=True)),
@@ -192,7 +215,11 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
     finally:
         r.close()
     model = Model(config, params, graph, tok, {})
-    return TrainState(model, opt, rng, settings, int(meta["step"]), list(meta.get("history", [])))
+    try:
+        scaler = LossScaler.from_state(meta["scaler"]) if meta.get("scaler") else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise MinitxError(f"{r.path}: the loss scaler's state in '__train__' is malformed ({e})") from None
+    return TrainState(model, opt, rng, settings, int(meta["step"]), list(meta.get("history", [])), scaler)
 
 
 def _text(s: str) -> np.ndarray:
@@ -218,6 +245,8 @@ def train(st: TrainState, ids: np.ndarray, *, backends: Sequence[str] = ("numpy"
     s = st.settings
     s.check()
     model = st.model
+    if not model.is_decoder:
+        raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
     seq_len = s.seq_len or model.n_ctx
     if seq_len > model.n_ctx:
         raise MinitxError(f"--seq-len {seq_len} exceeds the model's context length {model.n_ctx}")
@@ -227,39 +256,68 @@ def train(st: TrainState, ids: np.ndarray, *, backends: Sequence[str] = ("numpy"
     train_ids, val_ids = data.split(ids, s.val_fraction, seq_len)
     log = log or (lambda m: None)
     dtype = _dtype(model)
+    prec = Precision(s.precision)
+    if prec.mixed and st.scaler is None:
+        st.scaler = LossScaler(s.loss_scale, s.loss_scale_growth_interval, s.loss_scale_backoff, prec.max_scale())
+    scaler = st.scaler if prec.mixed else None
+    loss_graph = prec.graph(models.with_loss(model.graph))
+    run_on = prec.backends(backends)
     t_last, tok_since = time.perf_counter(), 0
     while st.step < s.steps:
-        ex = _loss_executor(model, backends)
+        # Mixed precision: fresh compute-precision copies of the float32 master weights each step.
+        ex = Executor(loss_graph, prec.params(model.params), run_on)
         grads: dict[str, np.ndarray] = {}
-        loss_sum, peak = 0.0, 0
+        loss_sum, peak, overflow = 0.0, 0, False
         for _ in range(s.grad_accum):
             x, y = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
-            res = ex.forward_backward(_feeds(model.config, x, y, dtype), step=st.step)
+            if scaler is None:
+                res = ex.forward_backward(_feeds(model.config, x, y, dtype), step=st.step)
+                micro = res.grads
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected: the scaler handles it
+                    res = ex.forward_backward(_feeds(model.config, x, y, prec.dtype), step=st.step,
+                                              loss_grad=scaler.scale)
+                micro = scaler.unscale(res.grads)  # float32, summed in float32 across micro-batches
+                overflow = overflow or not scaler.finite(micro)
             loss_sum += float(res.outputs["loss"])
             peak = max(peak, res.peak_activation_bytes)
-            for k, g in res.grads.items():
-                grads[k] = g if k not in grads else grads[k] + g
+            if not overflow:  # an overflowed step is skipped whole; its micro-batches still draw their data
+                for k, g in micro.items():
+                    grads[k] = g if k not in grads else grads[k] + g
         if s.grad_accum > 1:
             inv = np.asarray(1.0 / s.grad_accum, dtype)
             grads = {k: g * inv for k, g in grads.items()}
         loss = loss_sum / s.grad_accum
         if not math.isfinite(loss):
-            raise MinitxError(f"training diverged at step {st.step + 1}: loss is {loss} (lower --lr?)")
-        gnorm = clip_global_norm(grads, s.clip)
+            hint = "lower --lr?" if scaler is None else f"lower --lr, or the forward pass overflows {s.precision}?"
+            raise MinitxError(f"training diverged at step {st.step + 1}: loss is {loss} ({hint})")
         lr = lr_at(st.step, s.lr, s.warmup, s.steps, s.min_lr)
-        st.opt.step(model.params, grads, lr)
+        if overflow:
+            gnorm = math.inf  # skip the update: weights and optimizer state stay as they are
+        else:
+            gnorm = clip_global_norm(grads, s.clip)
+            st.opt.step(model.params, grads, lr)
+        if scaler is not None:
+            scale_used = scaler.scale
+            scaler.update(overflow)
         st.step += 1
         tok_since += s.grad_accum * s.batch_size * seq_len
         now = time.perf_counter()
         rec = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": gnorm,
                "tokens_per_s": tok_since / max(now - t_last, 1e-9), "peak_activation_bytes": peak}
+        if scaler is not None:
+            rec.update(loss_scale=scale_used, skipped=overflow, skipped_total=scaler.skipped)
         t_last, tok_since = now, 0
         last = st.step == s.steps
         if len(val_ids) >= 2 and ((s.eval_every and st.step % s.eval_every == 0) or last):
+            # Held out: the float32 master weights, i.e. the model that will be saved.
             vl = _heldout_loss(Executor(models.with_loss(model.graph), model.params, backends), model, val_ids,
                                seq_len, s.eval_batches, s.batch_size)
             rec.update(val_loss=vl, val_perplexity=math.exp(min(vl, 700.0)))
-            st.history.append({k: rec[k] for k in ("step", "loss", "val_loss", "val_perplexity")})
+            keys = ("step", "loss", "val_loss", "val_perplexity")
+            if scaler is not None:
+                keys += ("loss_scale", "skipped_total")
+            st.history.append({k: rec[k] for k in keys})
             log(f"step {st.step}: train loss {loss:.4f}, held-out loss {vl:.4f}, perplexity {rec['val_perplexity']:.2f}")
         if progress:
             progress(rec)
@@ -286,6 +344,8 @@ class ProgressLine:
         el = time.perf_counter() - self.t0
         line = (f"[{bar}] {step}/{self.total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                 f"{rec['tokens_per_s']:,.0f} tok/s {el:,.0f}s")
+        if "loss_scale" in rec:
+            line += f" scale {rec['loss_scale']:g} skipped {rec['skipped_total']}"
         if self.tty:
             self.stream.write("\r" + line + ("\n" if step == self.total else ""))
             self.stream.flush()

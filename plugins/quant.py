@@ -14,9 +14,27 @@ Modes (the shorthand ``quant:MODE``):
 ``none``        no weight quantization (with ``kv=int8``)
 ==============  ==============================================================================
 
-In the integer modes embedding tables become int8 with a scale per row (``embeddings=false``
-keeps them float); a table tied to the LM head is quantized once and feeds both. Every rewrite is
-approximate and validated against the declared tolerance (``min_cosine=`` overrides it).
+In the integer modes embedding tables are quantized too, and a table tied to the LM head is
+quantized once and feeds both (the head reads it as a transposed linear). ``embeddings=``:
+
+==============  ==============================================================================
+``auto``        the default: ``int4`` tables in mode ``int4``, ``int8`` in the other integer modes
+``int8``        int8, one scale per row (``embedding_q8``; the head is ``linear_q8``)
+``int4``        4-bit, one scale per ``group`` columns of a row (``embedding_q4``; the head is
+                ``linear_q4,transposed``) — GPT-2's 50257 x 768 token table is its largest tensor
+``false``       tables stay float
+==============  ==============================================================================
+
+int8 weights are stored (out, in) — ``linear_q8,transposed`` —: at decode (one row of
+activations) each output channel is then one contiguous dot product, which the numba kernel
+streams at memory bandwidth. Every rewrite is approximate and validated against
+the declared tolerance (``min_cosine=`` overrides it).
+
+``qat=true`` (modes int8, int8_block, int4) is quantization-aware training: instead of packing,
+each quantized weight is read through a ``fake_quant`` node (minitx/ops/fakequant.py) that rounds
+it exactly as the packed format would, so the graph trains in float with the quantization error
+in its forward and a straight-through gradient. ``minitx qat`` (minitx/qat.py) fine-tunes such a
+graph, then applies the same mode without ``qat`` to the fine-tuned weights.
 """
 from __future__ import annotations
 
@@ -33,6 +51,7 @@ from minitx.rewrite import Context, Replacement, Rule
 
 MODES = ("int8", "int8_block", "w8a8", "int4", "float16", "bfloat16", "kv8", "none")
 INTEGER_MODES = ("int8", "int8_block", "w8a8", "int4")
+QAT_MODES = ("int8", "int8_block", "int4")   # weight-only: fake_quant reproduces them exactly
 # Declared minimum cosine (per row of the primary output) of each mode against the float model.
 MIN_COSINE = {"int8": 0.999, "int8_block": 0.999, "w8a8": 0.99, "int4": 0.97, "float16": 0.9999,
               "bfloat16": 0.999, "kv8": 0.999, "none": 1.0}
@@ -57,7 +76,7 @@ def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
     attrs: dict[str, Any] = {}
     if mode == "int8":
         q, s = Q.quantize_per_channel(W)
-        op, ins = "linear_q8", [q, s]
+        op, ins, attrs = "linear_q8", [np.ascontiguousarray(q.T), s], {"transposed": True}
     elif mode == "w8a8":
         q, s = Q.quantize_per_channel(W)
         op, ins = "linear_w8a8", [q, s]
@@ -84,12 +103,29 @@ def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
     return Replacement([new])
 
 
-def _table(ctx: Context, name: str) -> tuple[str, str]:
-    """The int8 form of an embedding table (quantized once per run, shared by its readers)."""
+def _table_format(s: str) -> str | bool:
+    """``embeddings=`` value: "auto", "int8", "int4", or False (true means auto)."""
+    t = s.strip().lower()
+    return False if t == "false" else "auto" if t == "true" else t
+
+
+def _table(ctx: Context, name: str) -> tuple[str, str, str, dict[str, Any]]:
+    """The packed form of an embedding table — (q, scale, lookup op, attrs) — quantized once per
+    run and shared by its readers (the lookup and the tied LM head)."""
     key = f"quant.table:{name}"
     if key not in ctx.memo:
-        q, s = Q.quantize_per_channel(ctx.param(name).astype(np.float32), axis=1)
-        ctx.memo[key] = (ctx.add_param(f"{name}.q", q), ctx.add_param(f"{name}.scale", s))
+        opts = ctx.options
+        fmt = opts["embeddings"] if opts["embeddings"] != "auto" else ("int4" if opts["mode"] == "int4" else "int8")
+        E = ctx.param(name).astype(np.float32)
+        if fmt == "int4":
+            k = opts["group"]
+            if E.ndim != 2 or E.shape[1] % k:
+                raise MinitxError(f"quant: group size {k} does not divide the {E.shape[-1]} columns of embedding "
+                                  f"table {name} {tuple(E.shape)} (embeddings=int8 keeps tables int8)")
+            (q, s), op, attrs = Q.quantize_int4_rows(E, k), "embedding_q4", {"group": k}
+        else:
+            (q, s), op, attrs = Q.quantize_per_channel(E, axis=1), "embedding_q8", {}
+        ctx.memo[key] = (ctx.add_param(f"{name}.q", q), ctx.add_param(f"{name}.scale", s), op, attrs)
     return ctx.memo[key]
 
 
@@ -101,19 +137,21 @@ def _embedding_rule(node: Node, ctx: Context) -> Replacement | None:
     ids, table = node.inputs
     if not _embeddings_wanted(node, ctx.options) or not ctx.is_param(table):
         return None
-    q, s = _table(ctx, table)
-    return Replacement([Node(node.name, "embedding_q8", [ids, q, s], list(node.outputs), {}, dict(node.tags))])
+    q, s, op, attrs = _table(ctx, table)
+    return Replacement([Node(node.name, op, [ids, q, s], list(node.outputs), dict(attrs), dict(node.tags))])
 
 
 def _lm_head_rule(node: Node, ctx: Context) -> Replacement | None:
-    """logits = x Eᵀ with a (tied) table E: read the int8 table as a transposed per-channel linear."""
+    """logits = x Eᵀ with a (tied) table E: read the packed table as a transposed linear
+    (int8: ``linear_q8``, a scale per row = per output; int4: ``linear_q4`` with row groups)."""
     x, table = node.inputs
     if not node.attrs.get("transpose_b") or not ctx.is_param(table) or not _embeddings_wanted(node, ctx.options):
         return None
     if len(ctx.graph.params[table].shape) != 2:
         return None
-    q, s = _table(ctx, table)
-    return Replacement([Node(node.name, "linear_q8", [x, q, s], list(node.outputs), {"transposed": True},
+    q, s, op, attrs = _table(ctx, table)
+    head = "linear_q4" if op == "embedding_q4" else "linear_q8"
+    return Replacement([Node(node.name, head, [x, q, s], list(node.outputs), {**attrs, "transposed": True},
                              dict(node.tags))])
 
 
@@ -139,6 +177,65 @@ def _kv_rule(node: Node, ctx: Context) -> Replacement | None:
     return Replacement([new], inputs=new_inputs, outputs=graph_outs)
 
 
+# ------------------------------------------------------------------ quantization-aware training
+def _qat_weight_attrs(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """fake_quant attributes that reproduce the packed linear weights of ``opts["mode"]``."""
+    mode = opts["mode"]
+    if mode == "int4":
+        return {"bits": 4, "group": int(opts["group"])}
+    if mode == "int8_block":
+        return {"bits": 8, "group": int(opts["block"])}
+    return {"bits": 8}
+
+
+def _qat_linear_rule(node: Node, ctx: Context) -> Replacement | None:
+    """linear(x, W) → linear(x, fake_quant(W)): the weight stays float and trainable."""
+    x, w, *rest = node.inputs
+    if _skipped(node, ctx.options) or not ctx.is_param(w):
+        return None
+    attrs = _qat_weight_attrs(ctx.options)
+    n_in = ctx.graph.params[w].shape[0]
+    if attrs.get("group") and n_in % attrs["group"]:
+        raise MinitxError(f"quant: group size {attrs['group']} does not divide the {n_in} input features of "
+                          f"{node.name} (weight {w} {tuple(ctx.graph.params[w].shape)})")
+    fq = ctx.node("fake_quant", [w], name=f"{node.name}.fake_quant", tags=node.tags, **attrs)
+    return Replacement([fq, Node(node.name, node.op, [x, fq.outputs[0], *rest], list(node.outputs),
+                                 dict(node.attrs), dict(node.tags))])
+
+
+def _qat_table(node: Node, ctx: Context, table: str) -> Node:
+    """fake_quant of an embedding table in the format ``_table`` packs it: int8 with a scale per
+    row, or int4 with a scale per ``group`` columns of a row (same choice of format as ``_table``)."""
+    opts = ctx.options
+    fmt = opts["embeddings"] if opts["embeddings"] != "auto" else ("int4" if opts["mode"] == "int4" else "int8")
+    attrs = {"bits": 4, "group": int(opts["group"])} if fmt == "int4" else {"bits": 8}
+    shape = tuple(ctx.graph.params[table].shape)
+    if attrs.get("group") and (len(shape) != 2 or shape[1] % attrs["group"]):
+        raise MinitxError(f"quant: group size {attrs['group']} does not divide the {shape[-1]} columns of embedding "
+                          f"table {table} {shape} (embeddings=int8 keeps tables int8)")
+    return ctx.node("fake_quant", [table], name=f"{node.name}.fake_quant", tags=node.tags, axis=1, **attrs)
+
+
+def _qat_embedding_rule(node: Node, ctx: Context) -> Replacement | None:
+    ids, table = node.inputs
+    if not _embeddings_wanted(node, ctx.options) or not ctx.is_param(table):
+        return None
+    fq = _qat_table(node, ctx, table)
+    return Replacement([fq, Node(node.name, node.op, [ids, fq.outputs[0]], list(node.outputs), dict(node.attrs),
+                                 dict(node.tags))])
+
+
+def _qat_lm_head_rule(node: Node, ctx: Context) -> Replacement | None:
+    x, table = node.inputs
+    if not node.attrs.get("transpose_b") or not ctx.is_param(table) or not _embeddings_wanted(node, ctx.options):
+        return None
+    if len(ctx.graph.params[table].shape) != 2:
+        return None
+    fq = _qat_table(node, ctx, table)
+    return Replacement([fq, Node(node.name, node.op, [x, fq.outputs[0]], list(node.outputs), dict(node.attrs),
+                                 dict(node.tags))])
+
+
 class QuantPlugin(Plugin):
     name = "quant"
     description = "int8 / int8-block / W8A8 / int4 / float16 / bfloat16 weights, int8 KV cache"
@@ -149,17 +246,23 @@ class QuantPlugin(Plugin):
         "block": Option(32, positive_int, "int8_block: inputs per scale"),
         "group": Option(32, positive_int, "int4: inputs per scale (even; must divide each layer's inputs)"),
         "kv": Option("none", str, "int8: also keep the KV cache in int8", ("none", "int8")),
-        "embeddings": Option(True, boolean, "integer modes: quantize embedding tables too (per row)"),
+        "embeddings": Option("auto", _table_format, "integer modes: embedding tables as int8 | int4 | false "
+                             "(auto: int4 in mode int4, else int8)", ("auto", "int8", "int4", "false", "true")),
         "skip": Option("", str, "node-name glob patterns to leave alone, separated by |"),
         "min_cosine": Option(None, fraction, "override the declared minimum cosine"),
+        "qat": Option(False, boolean, "int8/int8_block/int4: fake_quant nodes over float weights, for training "
+                                      "(minitx qat)"),
     }
     exact = False
 
     def check_options(self, opts: Mapping[str, Any]) -> None:
-        if opts["mode"] == "int4" and opts["group"] % 2:
+        if (opts["mode"] == "int4" or opts["embeddings"] == "int4") and opts["group"] % 2:
             raise MinitxError(f"group size {opts['group']} must be even (two 4-bit values per byte)")
         if opts["mode"] == "none" and opts["kv"] == "none":
             raise MinitxError("mode=none quantizes nothing; add kv=int8")
+        if opts.get("qat") and (opts["mode"] not in QAT_MODES or opts["kv"] != "none"):
+            raise MinitxError(f"qat=true supports the weight-only modes {', '.join(QAT_MODES)} without kv=int8, "
+                              f"not mode={opts['mode']}" + (f", kv={opts['kv']}" if opts["kv"] != "none" else ""))
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
         if opts.get("min_cosine") is not None:
@@ -167,9 +270,15 @@ class QuantPlugin(Plugin):
         c = MIN_COSINE[opts["mode"]]
         if opts["kv"] == "int8":
             c = min(c, MIN_COSINE["kv8"])
+        if opts.get("embeddings") == "int4":  # int4 tables (and tied head) in another mode
+            c = min(c, MIN_COSINE["int4"])
         return Tolerance(min_cosine=c)
 
     def rules(self, opts: Mapping[str, Any]) -> list[Rule]:
+        if opts.get("qat"):
+            return [Rule("quant.qat_linear", "linear", _qat_linear_rule),
+                    Rule("quant.qat_embedding", "embedding", _qat_embedding_rule),
+                    Rule("quant.qat_lm_head", "matmul", _qat_lm_head_rule)]
         return [Rule("quant.linear", "linear", _linear_rule), Rule("quant.embedding", "embedding", _embedding_rule),
                 Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule)]
 

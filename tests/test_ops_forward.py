@@ -547,6 +547,118 @@ def test_cross_entropy_matches_math_and_is_stable():
     close(fwd("cross_entropy", big, np.array([1])), 1000.0, rtol=1e-6)
 
 
+# ------------------------------------------------------------------------------ distillation
+
+def test_kl_div_two_class_closed_form_with_temperature():
+    # p_t = softmax([2 ln 3, 0] / 2) = (3/4, 1/4), p_s = softmax([0, 0] / 2) = (1/2, 1/2).
+    t = np.array([[2 * math.log(3.0), 0.0]], F32)
+    s = np.zeros((1, 2), F32)
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    close(fwd("kl_div", s, t, temperature=2.0), 4.0 * kl, rtol=1e-6)   # scaled by T² = 4
+    close(fwd("kl_div", s * 0, t / 2), kl, rtol=1e-6)                 # T = 1 by default
+    # mean over positions: a second, identical row leaves it unchanged; a matching row halves it
+    close(fwd("kl_div", np.concatenate([s, s]), np.concatenate([t, t]), temperature=2.0), 4.0 * kl, rtol=1e-6)
+    close(fwd("kl_div", np.concatenate([s, t]), np.concatenate([t, t]), temperature=2.0), 2.0 * kl, rtol=1e-6)
+
+
+def test_kl_div_is_zero_for_equal_and_shifted_logits_and_positive_otherwise():
+    x = rand((2, 3, 7), seed=1, scale=3.0)
+    close(fwd("kl_div", x, x, temperature=1.5), 0.0, atol=1e-6)
+    close(fwd("kl_div", x + 5.0, x, temperature=1.5), 0.0, atol=1e-5)  # softmax ignores a shift
+    assert float(fwd("kl_div", rand((2, 3, 7), seed=2), x)) > 0.01
+
+
+def test_kl_div_matches_torch():
+    torch = pytest.importorskip("torch")
+    s, t = rand((2, 4, 9), seed=3, scale=2.0), rand((2, 4, 9), seed=4, scale=2.0)
+    T = 3.0
+    ls = torch.log_softmax(torch.from_numpy(s.reshape(-1, 9)).double() / T, -1)
+    pt = torch.softmax(torch.from_numpy(t.reshape(-1, 9)).double() / T, -1)
+    ref = torch.nn.functional.kl_div(ls, pt, reduction="batchmean").item() * T * T
+    close(fwd("kl_div", s, t, temperature=T), ref, rtol=1e-5)
+
+
+def test_mse_known_value():
+    close(fwd("mse", np.array([[1.0, 2.0], [3.0, 4.0]], F32), np.array([[1.0, 0.0], [0.0, 4.0]], F32)),
+          (0 + 4 + 9 + 0) / 4)
+
+
+def test_prob_kl_matches_scipy_and_skips_zero_targets():
+    from scipy.stats import entropy
+
+    p = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], F32)
+    t = np.array([[0.0, 0.5, 0.5], [0.6, 0.2, 0.2]], F32)
+    close(fwd("prob_kl", p, t), (entropy(t[0], p[0]) + entropy(t[1], p[1])) / 2, rtol=1e-5)
+    close(fwd("prob_kl", p, p), 0.0, atol=1e-7)
+    # a zero where the target has mass: large but finite
+    y = fwd("prob_kl", np.array([[0.0, 1.0]], F32), np.array([[0.5, 0.5]], F32))
+    assert np.isfinite(y) and y > 10
+
+
+def naive_probs(q, k, n_heads, n_kv_heads, causal):
+    """Per-head attention probabilities with explicit loops, float64: (B, H, T, S)."""
+    B, T, HD = q.shape
+    S, D, G = k.shape[1], HD // n_heads, n_heads // n_kv_heads
+    out = np.zeros((B, n_heads, T, S))
+    for b in range(B):
+        for h in range(n_heads):
+            kh = h // G
+            for t in range(T):
+                keys = [s for s in range(S) if not causal or s <= S - T + t]
+                sc = [sum(float(q[b, t, h * D + c]) * float(k[b, s, kh * D + c]) for c in range(D)) / math.sqrt(D)
+                      for s in keys]
+                m = max(sc)
+                z = sum(math.exp(x - m) for x in sc)
+                for s, x in zip(keys, sc):
+                    out[b, h, t, s] = math.exp(x - m) / z
+    return out
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_probs_match_loops_and_average_head_groups(n_heads, n_kv_heads, causal):
+    D = 3
+    q, k = rand((2, 4, n_heads * D), seed=5), rand((2, 4, n_kv_heads * D), seed=6)
+    attrs = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal)
+    ref = naive_probs(q, k, n_heads, n_kv_heads, causal)
+    p = fwd("attention_probs", q, k, None, **attrs)
+    close(p, ref, rtol=1e-5)
+    close(p.sum(axis=-1), np.ones(p.shape[:-1]), rtol=1e-6)
+    close(fwd("attention_probs", q, k, None, n_maps=1, **attrs), ref.mean(axis=1, keepdims=True), rtol=1e-5)
+    if n_heads == 4:   # two maps: heads 0-1 and 2-3
+        pair = np.stack([ref[:, :2].mean(1), ref[:, 2:].mean(1)], axis=1)
+        close(fwd("attention_probs", q, k, None, n_maps=2, **attrs), pair, rtol=1e-5)
+
+
+def test_attention_probs_is_the_attention_ops_weighting():
+    # attention(q, k, v) = P V per head: with one-hot value rows, the output columns are P itself.
+    q, k = rand((1, 3, 2), seed=7), rand((1, 3, 2), seed=8)
+    P = fwd("attention_probs", q, k, None, n_heads=1, n_kv_heads=1, causal=True)
+    v = np.eye(3, dtype=F32)[None, :, :2]
+    out, _, _ = fwd("attention", q, k, v[..., :2], n_heads=1, n_kv_heads=1, causal=True)
+    close(out, P[0, 0][None, :, :2], rtol=1e-5)
+
+
+def test_scale_multiplies():
+    close(fwd("scale", np.array([1.5, -2.0], F32), factor=0.5), [0.75, -1.0])
+
+
+@pytest.mark.parametrize("name, shapes, dtypes, attrs", [
+    ("kl_div", [(2, 3, 5), (2, 3, 4)], ["float32"] * 2, {}),
+    ("kl_div", [(2, 5), (2, 5)], ["float32"] * 2, {"temperature": 0.0}),
+    ("mse", [(2, 3), (3, 2)], ["float32"] * 2, {}),
+    ("prob_kl", [(2, 4, 4), (2, 2, 4)], ["float32"] * 2, {}),
+    ("attention_probs", [(1, 2, 8), (1, 2, 4), None], ["float32"] * 2 + [None],
+     {"n_heads": 4, "n_kv_heads": 2, "causal": True, "n_maps": 3}),      # n_maps must divide n_heads
+    ("attention_probs", [(1, 2, 8), (1, 2, 6), None], ["float32"] * 2 + [None],
+     {"n_heads": 4, "n_kv_heads": 2, "causal": True}),                   # k width != kv heads x head_dim
+])
+def test_distillation_ops_bad_shapes_raise_shape_error(name, shapes, dtypes, attrs):
+    dtypes = [None if d is None else np.dtype(d) for d in dtypes]
+    with pytest.raises(ShapeError, match=rf"\b{name}\b"):
+        ops.get(name).infer(shapes, dtypes, **attrs)
+
+
 # ----------------------------------------------------------------------------------- pooling
 
 def test_mean_pool_ignores_padding():

@@ -560,6 +560,38 @@ def test_linear_q4_grad(seed, lead, group, n_groups, n_out, with_bias):
     _check("linear_q4", [x, w, scale.astype(np.float64), b], {"group": group}, seed=seed)
 
 
+@covers("linear_q4")
+@FEW
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), group=st.sampled_from([2, 4]),
+       n_groups=st.integers(1, 3), n_out=st.integers(1, 3), with_bias=st.booleans())
+def test_linear_q4_transposed_grad(seed, lead, group, n_groups, n_out, with_bias):
+    from minitx.ops.quant import quantize_int4_rows
+
+    rng = _rng(seed)
+    n_in = group * n_groups
+    w, scale = quantize_int4_rows(rng.standard_normal((n_out, n_in)), group)  # (out, in/2), (out, in/group)
+    x = rng.standard_normal((*lead, n_in))
+    b = rng.standard_normal(n_out) if with_bias else None
+    attrs = {"group": group, "transposed": True}
+    _check("linear_q4", [x, w, scale.astype(np.float64), b], attrs, seed=seed)
+    assert _vjp("linear_q4", [x, w, scale.astype(np.float64), b], attrs)[1] is None
+
+
+@covers("embedding_q4")
+@FAST
+@given(seed=seeds, B=small, T=st.integers(2, 4), V=st.integers(1, 5), group=st.sampled_from([2, 4]),
+       n_groups=small)
+def test_embedding_q4_grad(seed, B, T, V, group, n_groups):
+    from minitx.ops.quant import quantize_int4_rows
+
+    rng = _rng(seed)
+    ids = rng.integers(0, V, size=(B, T))
+    ids[0, -1] = ids[0, 0]  # a repeated id
+    table, scale = quantize_int4_rows(rng.standard_normal((V, group * n_groups)), group)
+    _check("embedding_q4", [ids, table, scale.astype(np.float64)], {"group": group}, seed=seed)
+    assert _vjp("embedding_q4", [ids, table, scale.astype(np.float64)], {"group": group})[:2] == (None, None)
+
+
 def _far_from_rounding(rng, shape):
     """Rows whose symmetric int8 quantization (s = max|row| / 127) is far from every rounding edge.
 
@@ -625,6 +657,91 @@ def test_attention_kv8_grad(seed, c):
     _check("attention_kv8", inputs, attrs, seed=seed, atol=1e-6)
     grads = _vjp("attention_kv8", inputs, attrs, seed=seed)
     assert grads[3] is None and grads[5] is None and grads[7] is None
+
+
+# -------------------------------------------------------------------------------- distillation
+
+@covers("kl_div")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), V=st.integers(1, 5),
+       temperature=st.sampled_from([0.5, 1.0, 2.0, 4.0]))
+def test_kl_div_grad(seed, lead, V, temperature):
+    rng = _rng(seed)
+    logits, target = rng.standard_normal((*lead, V)) * 2, rng.standard_normal((*lead, V)) * 2
+    _check("kl_div", [logits, target], {"temperature": temperature}, seed=seed)
+    # At the minimum (student = teacher) both gradients vanish.
+    g = _vjp("kl_div", [target, target], {"temperature": temperature})
+    assert np.allclose(g[0], 0, atol=1e-12) and np.allclose(g[1], 0, atol=1e-12)
+
+
+@covers("mse")
+@FAST
+@given(seed=seeds, shape=st.lists(st.integers(1, 4), min_size=1, max_size=3))
+def test_mse_grad(seed, shape):
+    rng = _rng(seed)
+    _check("mse", [rng.standard_normal(shape), rng.standard_normal(shape)], seed=seed)
+
+
+@covers("prob_kl")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=3), V=st.integers(1, 5))
+def test_prob_kl_grad(seed, lead, V):
+    rng = _rng(seed)
+    # Positive entries (t log t has no derivative at t = 0); any positive arrays, not only distributions.
+    p = rng.random((*lead, V)) + 0.05
+    t = rng.random((*lead, V)) + 0.05
+    _check("prob_kl", [p, t], seed=seed)
+
+
+def test_prob_kl_zero_target_entries_get_no_gradient():
+    p = np.array([[0.2, 0.3, 0.5], [0.0, 0.4, 0.6]])
+    t = np.array([[0.0, 0.5, 0.5], [0.0, 0.25, 0.75]])
+    gp, gt = _vjp("prob_kl", [p, t])
+    assert np.all(gp[t == 0] == 0) and np.all(gt[t == 0] == 0) and np.all(np.isfinite(gp))
+
+
+@covers("attention_probs")
+@FAST
+@given(seed=seeds, c=attention_cases, average=st.booleans())
+def test_attention_probs_grad(seed, c, average):
+    (q, k, v, pk, pv, mask), attrs = _attention_inputs(_rng(seed), c)
+    if pk is not None:   # the maps are over all S + T keys (the mask already covers them)
+        k = np.concatenate([pk, k], axis=1)
+    attrs["n_maps"] = 1 if average else attrs["n_heads"]
+    _check("attention_probs", [q, k, mask], attrs, seed=seed)
+    assert _vjp("attention_probs", [q, k, mask], attrs, seed=seed)[2] is None
+
+
+@covers("scale")
+@FAST
+@given(seed=seeds, shape=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+       factor=st.sampled_from([-1.5, 0.0, 0.25, 3.0]))
+def test_scale_grad(seed, shape, factor):
+    _check("scale", [_rng(seed).standard_normal(shape)], {"factor": factor}, seed=seed)
+
+
+@covers("fake_quant")
+@FAST
+@given(seed=seeds, rows=st.sampled_from([4, 8]), cols=st.integers(1, 4),
+       fmt=st.sampled_from([(8, 0, 0), (8, 0, 1), (8, 4, 0), (4, 4, 0), (4, 2, 1)]))
+def test_fake_quant_grad(seed, rows, cols, fmt):
+    """fake_quant's VJP is the straight-through estimator, deliberately not the derivative of its
+    forward (zero almost everywhere through round(), plus the max-abs scale's term). What is
+    checked: the VJP is exactly the identity on the cotangent, that identity is the derivative of
+    the surrogate it stands for (x ↦ x, by finite differences), and the forward's own finite
+    differences do disagree with it — so this check could tell the two apart."""
+    bits, group, axis = fmt
+    if axis == 1 and group:
+        cols = group * cols
+    rng = _rng(seed)
+    w = _away_from_zero(rng, (rows, cols))
+    attrs = {"bits": bits, "group": group, "axis": axis}
+    g = rng.standard_normal((rows, cols))
+    (gw,) = ops.get("fake_quant").vjp((g,), (w,), (ops.get("fake_quant").forward(w, **attrs),), **attrs)
+    assert gw is g or np.array_equal(gw, g)
+    check_vjp("fake_quant", [w], attrs, forward=lambda x, **a: x, seed=seed)     # the STE's surrogate
+    with pytest.raises(AssertionError, match="fake_quant"):
+        check_vjp("fake_quant", [w], attrs, seed=seed)                           # not the true derivative
 
 
 # ----------------------------------------------------------------------------- the checker itself

@@ -90,3 +90,50 @@ def test_shape_rules_name_the_op():
         ops.get("linear_q4").infer([(2, 64), (32, 8), (3, 8), None], ["float32", "uint8", "float32", None], group=32)
     with pytest.raises(ShapeError, match="scale shape"):
         ops.get("linear_q8").infer([(2, 64), (64, 8), (7,), None], ["float32", "int8", "float32", None])
+
+
+def test_embedding_q4_forward_by_hand():
+    # one row, one group of 4 columns: s = max|row| / 7.5 = 1, q = rint(E) clipped to [-8, 7];
+    # the second row is zero (scale 1, every nibble 8).
+    E = np.array([[-7.5, 4.2, 0.0, 7.4], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    packed, s = Q.quantize_int4_rows(E, 4)
+    assert packed.dtype == np.uint8 and packed.shape == (2, 2) and s.shape == (2, 1)
+    assert packed[0].tolist() == [0 | (12 << 4), 8 | (15 << 4)]  # column 2j low nibble, 2j+1 high
+    assert packed[1].tolist() == [8 | (8 << 4)] * 2 and s[:, 0].tolist() == [1.0, 1.0]
+    out = Q.embedding_q4(np.array([[0, 1, 0]]), packed, s, group=4)
+    assert out.shape == (1, 3, 4)
+    assert out[0, 0].tolist() == [-8.0, 4.0, 0.0, 7.0] and out[0, 1].tolist() == [0.0] * 4
+
+
+def test_int4_table_rows_and_tied_head_agree():
+    """embedding_q4 and linear_q4(transposed) read one packed table the same way; the int4
+    round trip stays within half a step (s / 2) of every float entry."""
+    E = rng.standard_normal((10, 64))
+    packed, s = Q.quantize_int4_rows(E, 16)
+    deq = Q.embedding_q4(np.arange(10), packed, s, group=16)
+    step = np.repeat(s, 16, axis=1)
+    assert np.all(np.abs(deq - E) <= step * (0.5 + 1e-6))  # float32 scales: a hair over half a step
+    assert np.abs(deq - E).max() > 0.1 * step.max()  # and it is a real rounding, not a float copy
+    x = rng.standard_normal((2, 3, 64))
+    ref = x @ E.T
+    assert np.abs(Q.linear_q4(x, packed, s, group=16, transposed=True) - ref).max() < 0.15 * np.abs(ref).max()
+    np.testing.assert_allclose(Q.linear_q4(x, packed, s, group=16, transposed=True), x @ deq.T, rtol=1e-12)
+
+
+def test_grad_embedding_q4_and_transposed_q4():
+    E = rng.standard_normal((10, 8))
+    q, s = Q.quantize_int4_rows(E, 4)
+    check_vjp("embedding_q4", [np.array([[1, 3, 3], [9, 0, 1]]), q, s.astype(np.float64)], {"group": 4})
+    check_vjp("linear_q4", [rng.standard_normal((2, 8)), q, s.astype(np.float64), None],
+              {"group": 4, "transposed": True})
+
+
+def test_embedding_q4_shape_rule():
+    from minitx import ops
+    from minitx.errors import ShapeError
+    spec = ops.get("embedding_q4")
+    assert spec.infer([(2, 3), (50, 32), (50, 4), ], ["int64", "uint8", "float32"], group=16) == [((2, 3, 64), "float32")]
+    with pytest.raises(ShapeError, match="embedding_q4.*scale shape"):
+        spec.infer([(2, 3), (50, 32), (50, 2)], ["int64", "uint8", "float32"], group=16)
+    with pytest.raises(ShapeError, match="embedding_q4.*does not divide"):
+        spec.infer([(2, 3), (50, 32), (50, 4)], ["int64", "uint8", "float32"], group=24)

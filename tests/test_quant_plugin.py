@@ -27,7 +27,8 @@ def bert():
     ("quant:int8", {"linear_q8", "embedding_q8"}, 0.30),
     ("quant:int8_block", {"linear_q8_block", "embedding_q8"}, 0.32),
     ("quant:w8a8", {"linear_w8a8", "embedding_q8"}, 0.30),
-    ("quant:int4,group=32", {"linear_q4", "embedding_q8"}, 0.25),
+    ("quant:int4,group=32", {"linear_q4", "embedding_q4"}, 0.25),
+    ("quant:int4,embeddings=int8", {"linear_q4", "embedding_q8"}, 0.25),
     ("quant:float16", {"linear_cast"}, 0.70),
     ("quant:bfloat16", {"linear_cast"}, 0.70),
 ])
@@ -53,7 +54,7 @@ def test_saved_model_loads_and_decodes(gpt2, tmp_path):
     modelfile.save(gpt2, tmp_path / "f.npz")
     back = modelfile.load(path)
     assert back.graph.to_json() == new.graph.to_json()
-    assert back.params["layers.0.mlp.up.weight.q"].dtype == np.uint8 and back.params["tok_emb.weight.q"].dtype == np.int8
+    assert back.params["layers.0.mlp.up.weight.q"].dtype == np.uint8 and back.params["tok_emb.weight.q"].dtype == np.uint8
     assert back.meta["rewrites"][0]["validation"]["passed"]
     assert os.path.getsize(path) * 4 < os.path.getsize(tmp_path / "f.npz")
     # the int8 cache: past inputs are int8 with per-head scales, and decoding works step by step
@@ -94,6 +95,8 @@ def test_tolerance_refuses_unless_forced(gpt2):
 
 def test_group_not_dividing_is_a_clear_error(gpt2):
     with pytest.raises(MinitxError, match=r"group size 48 does not divide the 64 input features of layers\.0"):
+        plugin.optimize(gpt2, ["quant:int4,group=48,embeddings=int8"], calib=CAL)
+    with pytest.raises(MinitxError, match=r"group size 48 does not divide the 64 columns of embedding table tok_emb"):
         plugin.optimize(gpt2, ["quant:int4,group=48"], calib=CAL)
 
 
@@ -134,3 +137,81 @@ def test_quantized_model_runs_on_numba_backend(gpt2):
     from minitx.validate import feeds_for
     f = feeds_for(new.graph, [1, 2, 3])
     np.testing.assert_allclose(ex.run(f)["logits"], new.executor().run(f)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_int4_tables_tied_head_and_formats(gpt2):
+    """int4 mode: token and position tables are int4 (embedding_q4), the tied LM head reads the
+    same packed token table as linear_q4(transposed); embeddings=int8 / int4 / false choose."""
+    new = plugin.optimize(gpt2, ["quant:int4,group=32"], calib=CAL)
+    nodes = {n.name: n for n in new.graph.nodes}
+    assert nodes["tok_emb"].op == "embedding_q4" and nodes["tok_emb"].attrs == {"group": 32}
+    head = nodes["lm_head"]
+    assert head.op == "linear_q4" and head.attrs == {"group": 32, "transposed": True}
+    assert head.inputs[1:3] == nodes["tok_emb"].inputs[1:3]  # one packed copy feeds both
+    q = new.params["tok_emb.weight.q"]
+    assert q.dtype == np.uint8 and q.shape == (gpt2.config["vocab_size"], gpt2.config["d_model"] // 2)
+    assert "tok_emb.weight" not in new.params
+    ops8 = {n.name: n.op for n in plugin.optimize(gpt2, ["quant:int4,embeddings=int8"], calib=CAL).graph.nodes}
+    assert ops8["tok_emb"] == "embedding_q8" and ops8["lm_head"] == "linear_q8"
+    ops4 = {n.name: n.op for n in plugin.optimize(gpt2, ["quant:int8,embeddings=int4"], calib=CAL).graph.nodes}
+    assert ops4["tok_emb"] == "embedding_q4" and ops4["lm_head"] == "linear_q4"
+    assert ops4["layers.0.mlp.up"] == "linear_q8"
+    with pytest.raises(MinitxError, match="bad value 'int2' for embeddings"):
+        plugin.optimize(gpt2, ["quant:int4,embeddings=int2"], calib=CAL)
+    # the int4 table makes the file smaller than with int8 tables
+    assert new.meta["rewrites"][-1]["bytes_after"] < 0.9 * plugin.optimize(
+        gpt2, ["quant:int4,embeddings=int8"], calib=CAL).meta["rewrites"][-1]["bytes_after"]
+
+
+def test_int8_weights_stored_out_in(gpt2):
+    new = plugin.optimize(gpt2, ["quant:int8"], calib=CAL)
+    up = next(n for n in new.graph.nodes if n.name == "layers.0.mlp.up")
+    assert up.attrs == {"transposed": True}
+    W = gpt2.params["layers.0.mlp.up.weight"]
+    assert new.params["layers.0.mlp.up.weight.q"].shape == W.shape[::-1]
+
+
+def test_numba_kernels_for_new_ops_match_spec():
+    """The decode layouts and the ops that ran on the spec before (embedding lookups, float16 /
+    bfloat16 weights, the int8 KV cache) on the numba backend, against the spec."""
+    pytest.importorskip("numba")
+    from minitx.backends.numba_cpu import quant as nq
+    from minitx.ops import quant as Q
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((96, 128)).astype(np.float32)  # (out, in)
+    for rows in (1, 3, 20):
+        x = rng.standard_normal((rows, 128)).astype(np.float32)
+        q, s = Q.quantize_per_channel(W, axis=1)
+        np.testing.assert_allclose(nq.linear_q8(x, q, s, transposed=True), Q.linear_q8(x, q, s, transposed=True),
+                                   rtol=1e-4, atol=1e-4)
+        q, s = Q.quantize_int4_rows(W, 32)
+        a = dict(group=32, transposed=True)
+        np.testing.assert_allclose(nq.linear_q4(x, q, s, **a), Q.linear_q4(x, q, s, **a), rtol=1e-4, atol=1e-4)
+        for w in (W.T.astype(np.float16), Q.to_bfloat16_bits(W.T)):
+            np.testing.assert_allclose(nq.linear_cast(x, w), Q.linear_cast(x, w), rtol=1e-4, atol=1e-4)
+    ids = rng.integers(0, 96, (2, 5))
+    q, s = Q.quantize_per_channel(W, axis=1)
+    np.testing.assert_array_equal(nq.embedding_q8(ids, q, s), Q.embedding_q8(ids, q, s))
+    q, s = Q.quantize_int4_rows(W, 32)
+    np.testing.assert_array_equal(nq.embedding_q4(ids, q, s, group=32), Q.embedding_q4(ids, q, s, group=32))
+    H, D = 4, 8
+    qq, k, v = (rng.standard_normal((2, 1, H * D)).astype(np.float32) for _ in range(3))
+    pk, pks = Q.quantize_heads(rng.standard_normal((2, 6, H * D)).astype(np.float32), H)
+    pv, pvs = Q.quantize_heads(rng.standard_normal((2, 6, H * D)).astype(np.float32), H)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :3] = 0
+    args, attrs = (qq, k, v, pk, pks, pv, pvs, mask), dict(n_heads=H, n_kv_heads=H, causal=True)
+    for got, ref in zip(nq.attention_kv8(*args, **attrs), Q.attention_kv8(*args, **attrs)):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_int4_and_kv8_model_decodes_on_numba_like_the_spec(gpt2):
+    pytest.importorskip("numba")
+    new = plugin.optimize(gpt2, ["quant:int4,kv=int8"], calib=CAL)
+    placed = {op: b for _, op, b in new.executor(("numba",)).explain()}
+    assert placed["embedding_q4"] == placed["attention_kv8"] == placed["linear_q4"] == "numba"
+    st_n, st_s = gen.empty_state(new, 1), gen.empty_state(new, 1)
+    for ids in ([[5, 6, 7]], [[8]], [[9]]):
+        ln, st_n = gen.step(new, np.array(ids), st_n, backends=("numba",))
+        ls, st_s = gen.step(new, np.array(ids), st_s)
+        np.testing.assert_allclose(ln, ls, rtol=1e-3, atol=1e-4)

@@ -1,12 +1,20 @@
-"""Quantized linears on the numba backend: computed from the packed weights, never dequantized whole.
+"""Quantized ops on the numba backend: computed from the packed weights, never dequantized whole.
 
 Specs: minitx/ops/quant.py. Decode at batch 1 is memory-bound — each step reads every weight once —
-so reading int8 (1 byte) or packed int4 (½ byte) instead of float32 (4 bytes) is the speed-up.
-With few rows (``SKINNY_MAX_ROWS``) a streaming kernel walks the packed matrix row by row, converts
-each int8/nibble to float in registers and accumulates one column block per thread; per-channel
-scales are applied once at the end, block/group scales once per block. With many rows (prefill)
-the work is compute-bound: the matrix is dequantized one tile of input rows at a time into a
+so reading int8 (1 byte) or packed int4 (½ byte) instead of float32 (4 bytes) is the speed-up,
+provided the kernel keeps up with memory. The quant plugin stores int8 and int4 weights
+``transposed`` (out, in): each output channel is then one contiguous dot product, int8 (or a byte
+of two nibbles) widened to float32 in registers, one float32 accumulator per row and output, the
+per-channel / per-group scale applied once per channel / group; threads split the output channels.
+(The (in, out) layout — older files, int8 blocks — is streamed row by row into per-thread column
+accumulators: correct, but it moves every accumulator through cache once per input row.) With
+many rows (prefill) the work is compute-bound: tiles of the packed matrix are dequantized into a
 small float buffer and multiplied with BLAS, so no full float copy of W ever exists.
+
+Also here: the int8 / int4 embedding lookups (only the looked-up rows are widened), float16 and
+bfloat16 weights (``linear_cast``, widened per row slice in registers), and attention over an int8
+KV cache (``attention_kv8``: scores and values read straight from the int8 cache, scaled per
+token and head; the cache grows in place like the float one, see kvcache.py).
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from numba import prange
 from minitx.ops import quant as spec
 
 from ._jit import kernel
+from .kvcache import append
 
 SKINNY_MAX_ROWS = 8
 TILE = 256  # input rows dequantized at a time on the BLAS path
@@ -125,10 +134,152 @@ def _q8_skinny_t(x, w, y):
                 y[m, n] = acc
 
 
+def _q4_skinny_t(xe, xo, xsum, w, s, y, shift):
+    """y[m, n] = Σ_k x[m, k] (q[n, k] − 8) s[n, k >> shift] for packed uint8 w (N, K/2): byte i of a
+    row holds inputs 2i (low nibble) and 2i+1 (high), ``xe``/``xo`` are x's even / odd columns and
+    each group spans 2^shift bytes. One long loop per row (a loop per group is too short to
+    vectorise); nibbles are split in float arithmetic (numba's integer ops widen to int64, which
+    AVX2 cannot convert to float in vectors), and the −8 offset is one term per group:
+    −8 Σ_g s[n, g] xsum[m, g]."""
+    M, Kh = xe.shape
+    N = w.shape[0]
+    G = xsum.shape[1]
+    for blk in prange((N + 15) // 16):
+        for n in range(blk * 16, min(N, blk * 16 + 16)):
+            wn = w[n]
+            sn = s[n]
+            for m in range(M):
+                xm = xe[m]
+                xq = xo[m]
+                acc = np.float32(0.0)
+                for i in range(Kh):
+                    v = np.float32(wn[i])
+                    hi = np.floor(v * np.float32(0.0625))
+                    acc += (xm[i] * (v - np.float32(16.0) * hi) + xq[i] * hi) * sn[i >> shift]
+                for g in range(G):
+                    acc -= np.float32(8.0) * xsum[m, g] * sn[g]
+                y[m, n] = acc
+
+
+def _embed_q8(ids, table, scale, out):
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        sc = scale[r]
+        for c in range(table.shape[1]):
+            out[i, c] = np.float32(table[r, c]) * sc
+
+
+def _embed_q4(ids, table, scale, out, group):
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        for c2 in range(table.shape[1]):
+            byte = np.int32(table[r, c2])
+            sc = scale[r, (2 * c2) // group]
+            out[i, 2 * c2] = np.float32((byte & 15) - 8) * sc
+            out[i, 2 * c2 + 1] = np.float32((byte >> 4) - 8) * sc
+
+
+def _cast_skinny(x, w, bf16, y, block):
+    """y = x @ float(w) for w (K, N) float16 or bfloat16 bit patterns (uint16); each row slice is
+    widened into a per-thread float32 buffer (integer bit arithmetic: numba has no float16)."""
+    M, K = x.shape
+    N = w.shape[1]
+    for blk in prange((N + block - 1) // block):
+        j0 = blk * block
+        j1 = min(N, j0 + block)
+        n = j1 - j0
+        acc = np.zeros(M * n, np.float32)
+        bits = np.empty(n, np.uint32)
+        f = bits.view(np.float32)
+        for k in range(K):
+            wk = w[k, j0:j1]
+            if bf16:
+                for j in range(n):
+                    bits[j] = np.uint32(wk[j]) << 16
+            else:
+                for j in range(n):
+                    h = np.uint32(wk[j])
+                    e = (h >> 10) & 31
+                    body = ((e + 112) << 23) | ((h & 1023) << 13)
+                    if e == 31:
+                        body = np.uint32(0x7F800000) | ((h & 1023) << 13)
+                    elif e == 0:
+                        body = np.uint32(0)
+                    bits[j] = ((h & 0x8000) << 16) | body
+                for j in range(n):  # subnormal halves: ±m · 2⁻²⁴ (body 0 left the signed zero)
+                    h = np.uint32(wk[j])
+                    if (h >> 10) & 31 == 0:
+                        f[j] += np.float32(h & 1023) * np.float32(5.9604645e-08) * (
+                            np.float32(-1.0) if h & 0x8000 else np.float32(1.0))
+            for m in range(M):
+                xv = x[m, k]
+                a = acc[m * n:(m + 1) * n]
+                for j in range(n):
+                    a[j] += xv * f[j]
+        for m in range(M):
+            for j in range(n):
+                y[m, j0 + j] = acc[m * n + j]
+
+
+def _sdpa_kv8(q, K, KS, V, VS, mask, has_mask, causal, scale, H, KV, out):
+    """Attention reading an int8 cache: score = (q · Kq[s]) · KS[s, head] · scale, out = Σ p · VS · Vq,
+    accumulated in float64 like the float kernel (attention.py); a query with no visible key
+    averages all values uniformly, like the spec."""
+    B, T, HD = q.shape
+    S_tot = K.shape[1]
+    D = HD // H
+    G = H // KV
+    past = S_tot - T
+    for task in prange(B * H * T):
+        b = task // (H * T)
+        h = (task // T) % H
+        t = task % T
+        g = h // G
+        qo = h * D
+        ko = g * D
+        scores = np.empty(S_tot, np.float64)
+        ok = np.zeros(S_tot, np.bool_)
+        mx = -np.inf
+        for s_ in range(S_tot):
+            if causal and s_ > past + t:
+                continue
+            if has_mask and mask[b, s_] == 0:
+                continue
+            acc = 0.0
+            for d in range(D):
+                acc += q[b, t, qo + d] * np.float64(K[b, s_, ko + d])
+            sc = acc * KS[b, s_, g] * scale
+            scores[s_] = sc
+            ok[s_] = True
+            if sc > mx:
+                mx = sc
+        acc_v = np.zeros(D, np.float64)
+        total = 0.0
+        for s_ in range(S_tot):
+            if mx == -np.inf:
+                p = 1.0
+            elif ok[s_]:
+                p = np.exp(scores[s_] - mx)
+            else:
+                continue
+            total += p
+            pv = p * VS[b, s_, g]
+            for d in range(D):
+                acc_v[d] += pv * np.float64(V[b, s_, ko + d])
+        inv = 1.0 / total
+        for d in range(D):
+            out[b, t, qo + d] = acc_v[d] * inv
+
+
 _Q8 = kernel(_q8_skinny)
 _Q8T = kernel(_q8_skinny_t)
 _BLOCK = kernel(_q8_block_skinny)
 _Q4 = kernel(_q4_skinny)
+_Q4T = kernel(_q4_skinny_t)
+_EMB8 = kernel(_embed_q8)
+_EMB4 = kernel(_embed_q4)
+_CAST = kernel(_cast_skinny)
+_SDPA8 = kernel(_sdpa_kv8)
 
 
 def _pick(pair, work: int):
@@ -194,11 +345,26 @@ def linear_q8_block(x, w, scale, b=None, *, block=32):
     return _finish(y, x, b)
 
 
-def linear_q4(x, w, scale, b=None, *, group=32):
+def linear_q4(x, w, scale, b=None, *, group=32, transposed=False):
     if x.dtype != np.float32 or group % 2:
-        return spec.linear_q4(x, w, scale, b, group=group)
+        return spec.linear_q4(x, w, scale, b, group=group, transposed=transposed)
     x2 = _rows(x)
     s = np.ascontiguousarray(scale, np.float32)
+    if transposed:
+        n_out = w.shape[0]
+        gh = group // 2
+        if x2.shape[0] <= SKINNY_MAX_ROWS and gh & (gh - 1) == 0:  # groups of 2^shift bytes
+            y = np.empty((x2.shape[0], n_out), np.float32)
+            xe, xo = np.ascontiguousarray(x2[:, 0::2]), np.ascontiguousarray(x2[:, 1::2])
+            xsum = (xe + xo).reshape(x2.shape[0], -1, gh).sum(axis=-1, dtype=np.float32)
+            _pick(_Q4T, w.size * 2)(xe, xo, xsum, np.ascontiguousarray(w), s, y, gh.bit_length() - 1)
+        else:
+            y = np.empty((x2.shape[0], n_out), np.float32)
+            for n0 in range(0, n_out, 4 * TILE):  # dequantize 4·TILE output channels at a time
+                wt = spec.unpack_int4_rows(w[n0:n0 + 4 * TILE]).astype(np.float32)
+                wt *= np.repeat(s[n0:n0 + 4 * TILE], group, axis=1)
+                y[:, n0:n0 + 4 * TILE] = x2 @ wt.T
+        return _finish(y, x, b)
     n_out = w.shape[1]
     if x2.shape[0] <= SKINNY_MAX_ROWS:
         y = np.empty((x2.shape[0], n_out), np.float32)
@@ -213,6 +379,57 @@ def linear_q4(x, w, scale, b=None, *, group=32):
             wt = spec.dequantize_blocks(spec.unpack_int4(w[k0 // 2:k1 // 2]), s[k0 // group:k1 // group], group)
             y += x2[:, k0:k1] @ wt
     return _finish(y, x, b)
+
+
+def embedding_q8(ids, table, scale):
+    if scale.dtype != np.float32:
+        return spec.embedding_q8(ids, table, scale)
+    flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    out = np.empty((flat.size, table.shape[1]), np.float32)
+    _pick(_EMB8, out.size)(flat, table, scale, out)
+    return out.reshape(*np.shape(ids), table.shape[1])
+
+
+def embedding_q4(ids, table, scale, *, group=32):
+    if scale.dtype != np.float32 or group % 2:
+        return spec.embedding_q4(ids, table, scale, group=group)
+    flat = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    out = np.empty((flat.size, table.shape[1] * 2), np.float32)
+    _pick(_EMB4, out.size)(flat, table, np.ascontiguousarray(scale), out, group)
+    return out.reshape(*np.shape(ids), out.shape[1])
+
+
+def linear_cast(x, w, b=None):
+    if x.dtype != np.float32:
+        return spec.linear_cast(x, w, b)
+    x2 = _rows(x)
+    if x2.shape[0] <= SKINNY_MAX_ROWS:
+        y = np.empty((x2.shape[0], w.shape[1]), np.float32)
+        _pick(_CAST, w.size)(x2, np.ascontiguousarray(w).view(np.uint16), w.dtype == np.uint16, y,
+                             _block(w.shape[1]))
+    else:
+        y = _tiled(x2, w.shape[1], lambda a, c: spec.widen(w[a:c]))
+    return _finish(y, x, b)
+
+
+def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None, *,
+                  n_heads, n_kv_heads, causal, scale=None):
+    if q.dtype != np.float32:
+        return spec.attention_kv8(q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask, n_heads=n_heads,
+                                  n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+    kq, ks = spec.quantize_heads(k, n_kv_heads)  # only the new tokens: T rows
+    vq, vs = spec.quantize_heads(v, n_kv_heads)
+    K, KS = append(past_k, kq), append(past_k_scale, ks)
+    V, VS = append(past_v, vq), append(past_v_scale, vs)
+    D = q.shape[-1] // n_heads
+    sc = float(q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale))
+    qc = np.ascontiguousarray(q)
+    out = np.empty_like(qc)
+    has_mask = mask is not None
+    m = np.ascontiguousarray(mask, dtype=np.int64) if has_mask else np.zeros((1, 1), np.int64)
+    work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
+    _pick(_SDPA8, work)(qc, K, KS, V, VS, m, has_mask, bool(causal), sc, n_heads, n_kv_heads, out)
+    return out, K, KS, V, VS
 
 
 def linear_w8a8(x, w, scale, b=None):
@@ -230,4 +447,5 @@ def linear_w8a8(x, w, scale, b=None):
 
 
 KERNELS = {"linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
-           "linear_w8a8": linear_w8a8}
+           "linear_w8a8": linear_w8a8, "linear_cast": linear_cast, "embedding_q8": embedding_q8,
+           "embedding_q4": embedding_q4, "attention_kv8": attention_kv8}

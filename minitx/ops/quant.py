@@ -7,6 +7,8 @@ shared by a group of values (an output channel, a block of 32 inputs, a token's 
 * ``embedding_q8``    E = Eq · s[row]                  int8 table, a scale per row (also the tied LM head)
 * ``linear_q8_block`` W = Wq · s[in // block, out]     int8, one scale per 32 inputs (llama.cpp Q8_0)
 * ``linear_q4``       W = (nibble − 8) · s[in // group, out], two 4-bit values per byte
+                      (``transposed``: stored (out, in/2), the decode layout and the int4 LM head)
+* ``embedding_q4``    E = (nibble − 8) · s[row, col // group], packed along rows (also the tied LM head)
 * ``linear_w8a8``     x ≈ round(x / sₓ) · sₓ per token (sₓ = max|x_row| / 127), then an integer
                       product with int8 weights, rescaled by sₓ · s[out]
 * ``linear_cast``     W stored as float16, or as bfloat16 bit patterns in uint16 (NumPy has none)
@@ -162,15 +164,23 @@ def unpack_int4(packed):
     return out
 
 
-def linear_q4(x, w, scale, b=None, *, group=32):
-    """y = x W + b, W = q · s[in // group, out], q ∈ [-8, 7] packed two per byte (uint8 (in/2, out))."""
+def linear_q4(x, w, scale, b=None, *, group=32, transposed=False):
+    """y = x W + b, W = q · s[in // group, out], q ∈ [-8, 7] packed two per byte (uint8 (in/2, out)).
+
+    ``transposed``: stored (out, in/2) with scales (out, in/group) — each output channel's inputs
+    contiguous (the decode kernel's layout), or an int4 embedding table read as the tied LM head."""
+    if transposed:
+        return linear_q4(x, w.T, scale.T, b, group=group)
     y = x @ dequantize_blocks(unpack_int4(w), scale, group).astype(x.dtype)
     return y if b is None else y + b
 
 
-def linear_q4_vjp(grads, inputs, outputs, *, group=32):
+def linear_q4_vjp(grads, inputs, outputs, *, group=32, transposed=False):
     (g,) = grads
     x, w, scale, b = inputs
+    if transposed:
+        gx, _, gs, gb = linear_q4_vjp(grads, (x, w.T, scale.T, b), outputs, group=group)
+        return gx, None, gs.T, gb
     q = unpack_int4(w)
     gx = g @ dequantize_blocks(q, scale, group).astype(g.dtype).T
     gW = _rows(x).T @ _rows(g)
@@ -178,8 +188,62 @@ def linear_q4_vjp(grads, inputs, outputs, *, group=32):
     return gx, None, gs, None if b is None else _sum_rows(g)
 
 
-register("linear_q4", linear_q4, linear_q4_vjp, _linear_infer("linear_q4", packed_rows=2),
-         flops=_linear_flops(2), n_optional=1, vjp_uses_outputs=False)
+def _linear_q4_infer(shapes, dtypes, *, group=32, transposed=False):
+    x, w, s, b = shapes
+    if transposed:
+        require(len(w) == 2 and len(s) == 2, "linear_q4", f"weight {w} and scale {s} must be 2-D")
+        w, s = (w[1], w[0]), (s[1], s[0])
+    return _linear_infer("linear_q4", packed_rows=2)([x, w, s, b], dtypes, group=group)
+
+
+def _linear_q4_flops(shapes, outs, **attrs):
+    return 2 * int(np.prod(shapes[0][:-1])) * shapes[1][0] * shapes[1][1] * 2
+
+
+register("linear_q4", linear_q4, linear_q4_vjp, _linear_q4_infer, flops=_linear_q4_flops, n_optional=1,
+         vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ int4 embedding table
+def unpack_int4_rows(packed):
+    """uint8 (…, C/2) → int8 (…, C) in [-8, 7]: column 2j in the low nibble, 2j+1 in the high one."""
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.int8)
+    out[..., 0::2] = (packed & 0x0F).astype(np.int8) - 8
+    out[..., 1::2] = (packed >> 4).astype(np.int8) - 8
+    return out
+
+
+def embedding_q4(ids, table, scale, *, group=32):
+    """E[ids] with E[v, c] = q[v, c] · s[v, c // group], q ∈ [-8, 7] packed two per byte along the
+    row (uint8 (V, C/2)), scales (V, C/group). The same arrays, read as ``linear_q4`` with
+    ``transposed=True``, are the tied LM head. Only looked-up rows are unpacked."""
+    q = unpack_int4_rows(table[ids]).astype(scale.dtype)
+    return q * np.repeat(scale[ids], group, axis=-1)
+
+
+def embedding_q4_vjp(grads, inputs, outputs, *, group=32):
+    (g,) = grads
+    ids, table, scale = inputs
+    C = table.shape[1] * 2
+    part = (g * unpack_int4_rows(table[ids])).reshape(-1, C // group, group).sum(axis=-1)  # ∂L/∂s per lookup
+    gs = np.zeros_like(scale)
+    np.add.at(gs, ids.reshape(-1), part)
+    return None, None, gs
+
+
+def _embedding_q4_infer(shapes, dtypes, *, group=32):
+    ids, table, scale = shapes
+    op = "embedding_q4"
+    require(len(table) == 2 and len(scale) == 2, op, f"table {table} and scale {scale} must be 2-D")
+    C = table[1] * 2
+    require(group > 0 and C % group == 0, op, f"group size {group} does not divide the {C} columns")
+    require(tuple(scale) == (table[0], C // group), op, f"scale shape {scale} != ({table[0]}, {C // group})")
+    require(dtypes[1] == "uint8", op, f"table must be uint8 (packed nibbles), got {dtypes[1]}")
+    require(np.issubdtype(np.dtype(dtypes[0]), np.integer), op, f"ids must be integers, got {dtypes[0]}")
+    return [((*ids, C), dtypes[2])]
+
+
+register("embedding_q4", embedding_q4, embedding_q4_vjp, _embedding_q4_infer, nondiff=(0,), vjp_uses_outputs=False)
 
 
 # ------------------------------------------------------------------------ W8A8 (dynamic)
@@ -394,6 +458,13 @@ def quantize_int4(w, group=32):
     s = _group_scales(w, group, 7.5)
     q = np.clip(np.rint(w / np.repeat(s, group, axis=0)), -8, 7).astype(np.int16) + 8
     return (q[0::2] | (q[1::2] << 4)).astype(np.uint8), s
+
+
+def quantize_int4_rows(table, group=32):
+    """float (V, C) → (uint8 (V, C/2), scale (V, C/group)): ``quantize_int4`` along each row (the
+    embedding_q4 / transposed linear_q4 layout), i.e. of the transpose, transposed back."""
+    q, s = quantize_int4(np.asarray(table).T, group)
+    return np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)
 
 
 def to_bfloat16_bits(w):

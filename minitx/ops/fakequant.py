@@ -1,0 +1,76 @@
+"""Fake quantization: a float tensor rounded through a packed format and back, for
+quantization-aware training (QAT).
+
+    fake_quant(W) = dequantize(quantize(W))
+
+with exactly the quantizers of :mod:`minitx.ops.quant` (the one definition of each packed format),
+so a graph trained through ``fake_quant`` computes, weight for weight, what the packed graph
+computes after conversion:
+
+* ``bits=8, group=0, axis=0``  int8, one scale per output channel (column): ``quantize_per_channel``
+  (``linear_q8``, ``linear_w8a8``'s weights)
+* ``bits=8, group=0, axis=1``  int8, one scale per row: an embedding table (``embedding_q8``)
+* ``bits=8, group=k``          int8, one scale per ``k`` input rows: ``quantize_blocks`` (``linear_q8_block``)
+* ``bits=4, group=k``          int4 in [-8, 7], one scale per ``k`` input rows: ``quantize_int4`` (``linear_q4``)
+* ``bits=4, group=k, axis=1``  int4, one scale per ``k`` columns of a row: ``quantize_int4_rows``
+  (``embedding_q4`` and the tied int4 LM head)
+
+``axis`` is the axis a scale's values run along: 0 = down a column, 1 = along a row.
+
+The VJP is the straight-through estimator (STE): ∂L/∂W := ∂L/∂fake_quant(W), the identity. It is
+*not* the derivative of the forward — that is zero almost everywhere through ``round`` plus a term
+through the max-abs scale — but of the identity, the smooth surrogate the rounding is treated as
+noise around; training with it keeps moving the float weights the rounded ones come from. There
+is no clipping region to zero out: every scale is max-abs, so no value falls outside the integer
+range except int4's positive extreme (s = max|group| / 7.5 maps the group's largest value to 7.5,
+stored as 7), which is off by at most half a step, like any rounding. So the STE is the identity
+everywhere, clipped or not.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import register, require
+from .quant import dequantize_blocks, quantize_blocks, quantize_int4, quantize_per_channel, unpack_int4
+
+
+def fake_quant(w, *, bits=8, group=0, axis=0):
+    """W ↦ dequantize(quantize(W)) in W's dtype (see the module docstring for the formats)."""
+    if axis == 1 and group:         # groups along each row: the transpose's column groups
+        return np.ascontiguousarray(fake_quant(w.T, bits=bits, group=group, axis=0).T)
+    if bits == 4:
+        q, s = quantize_int4(w, group)
+        r = dequantize_blocks(unpack_int4(q), s, group)
+    elif group:
+        q, s = quantize_blocks(w, group)
+        r = dequantize_blocks(q, s, group)
+    else:
+        q, s = quantize_per_channel(w, axis)
+        r = q.astype(s.dtype) * (s if axis == 0 else s[:, None])
+    return r.astype(w.dtype, copy=False)
+
+
+def fake_quant_vjp(grads, inputs, outputs, *, bits=8, group=0, axis=0):
+    """Straight-through estimator: the cotangent passes through unchanged."""
+    (g,) = grads
+    return (g,)
+
+
+def _infer(shapes, dtypes, *, bits=8, group=0, axis=0):
+    (w,) = shapes
+    op = "fake_quant"
+    require(bits in (4, 8), op, f"bits must be 4 or 8, got {bits}")
+    require(len(w) == 2, op, f"weight must be 2-D, got shape {w}")
+    require(np.issubdtype(np.dtype(dtypes[0]), np.floating), op, f"weight must be float, got {dtypes[0]}")
+    require(axis in (0, 1), op, f"axis must be 0 (scale per column) or 1 (per row), got {axis}")
+    if bits == 4:
+        require(group > 0 and group % 2 == 0, op, f"int4 needs an even group size, got {group}")
+    if group:
+        n = w[axis]
+        require(n % group == 0, op, f"group size {group} does not divide the {n} {('rows', 'columns')[axis]} "
+                                    f"(weight {w}, axis {axis})")
+    return [(tuple(w), dtypes[0])]
+
+
+register("fake_quant", fake_quant, fake_quant_vjp, _infer,
+         flops=lambda shapes, outs, **a: 3 * int(np.prod(outs[0])), vjp_uses_outputs=False)

@@ -1,0 +1,145 @@
+"""Quantization-aware training (QAT): fine-tune a float model through its quantization, then pack it.
+
+Post-training quantization rounds weights that were never trained to survive rounding. QAT
+rewrites the model with ``quant:MODE,qat=true`` — each weight the mode would pack is read through
+a ``fake_quant`` node computing exactly the packed format's values — and keeps training the
+float weights with the straight-through gradient (minitx/ops/fakequant.py), so they settle where
+their rounded values predict well. Conversion is then the ordinary ``quant:MODE`` rewrite of the
+fine-tuned float weights, validated like ``minitx optimize``; the packed graph computes what the
+fake-quant graph computed (to float rounding: :func:`packed_vs_fake_quant`).
+
+The loop is minitx.train's (:func:`minitx.train.train` on a state whose model has the fake-quant
+graph): same batches, schedule, clipping, AdamW and held-out evaluation.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import data, plugin
+from . import train as tr
+from .errors import MinitxError
+from .executor import Executor
+from .model import Model
+from .optim import AdamW
+
+QAT_MODES = ("int8", "int8_block", "int4")
+
+
+def split_spec(text: str) -> tuple[str, str]:
+    """``quant:int4[,qat=true],…`` → (the fake-quant spec for training, the packing spec).
+
+    Raises a one-line MinitxError for anything but one quant plugin in a weight-only integer mode."""
+    spec = plugin.parse_spec(text)          # validates names, options and values
+    if spec.name != "quant":
+        raise MinitxError(f"--plugin {text!r}: quantization-aware training needs the quant plugin "
+                          f"(e.g. quant:int4), not {spec.name}")
+    if spec.options["mode"] not in QAT_MODES:
+        raise MinitxError(f"--plugin {text!r}: quantization-aware training supports the weight-only modes "
+                          f"{', '.join(QAT_MODES)}, not {spec.options['mode']}")
+    name, _, rest = text.strip().partition(":")
+    items = [i.strip() for i in rest.split(",") if i.strip() and not i.strip().startswith("qat=")]
+    packed = name.strip() + (":" + ",".join(items) if items else "")
+    fake = packed + (",qat=true" if items else ":qat=true")
+    plugin.parse_spec(fake)                 # the combination is legal (e.g. no kv=int8)
+    return fake, packed
+
+
+def _check_float(model: Model, what: str = "the model") -> None:
+    if not model.is_decoder:
+        raise MinitxError(f"quantization-aware training needs a decoder (gpt2 or llama), not {model.config['arch']}")
+    done = [r.get("spec", r.get("plugin")) for r in model.meta.get("rewrites", [])]
+    if done:
+        raise MinitxError(f"{what} was already rewritten ({', '.join(map(str, done))}); "
+                          "quantization-aware training starts from a float model")
+
+
+def fake_quant_model(model: Model, text: str) -> Model:
+    """The model with ``text``'s fake-quant graph over its own float weights (copied: training
+    updates them in place, and ``model`` stays as it was)."""
+    fake, _ = split_spec(text)
+    _check_float(model)
+    params = {k: np.array(a, copy=True) for k, a in model.params.items()}
+    res = plugin.get_plugin("quant").apply(model.graph, params, plugin.parse_spec(fake).options)
+    if set(res.graph.params) != set(model.graph.params):
+        raise MinitxError(f"--plugin {text!r}: the fake-quant rewrite changed the parameter set")
+    return Model(dict(model.config), res.params, res.graph, model.tokenizer_json,
+                 {**model.meta, "qat_graph": {"spec": fake, "fired": res.counts()}})
+
+
+@dataclass
+class QATResult:
+    packed: Model                 # the converted model (what gets saved)
+    fine_tuned: Model             # the fine-tuned float weights in the float graph
+    fake_quant: Model             # the training graph (fake_quant nodes) with those weights
+    state: tr.TrainState
+    packed_vs_fake_quant: float   # max |logits| difference on a check batch
+
+
+def finetune(model: Model, ids: np.ndarray, text: str, settings: tr.TrainSettings, *,
+             backends: Sequence[str] = ("numpy",), log: Callable[[str], None] | None = None,
+             progress: Callable[[dict[str, float]], None] | None = None) -> tuple[Model, Model, tr.TrainState]:
+    """Train ``model`` through ``text``'s fake quantization; returns (fine-tuned float model,
+    fake-quant model, the training state). ``model`` itself is not modified."""
+    settings.check()
+    fq = fake_quant_model(model, text)
+    opt = AdamW(fq.params, (settings.beta1, settings.beta2), settings.eps, settings.weight_decay)
+    rng = np.random.Generator(np.random.PCG64([settings.seed, 1]))     # as minitx.train.new_state
+    st = tr.train(tr.TrainState(fq, opt, rng, settings), ids, backends=backends, log=log, progress=progress)
+    meta = {k: v for k, v in model.meta.items() if k != "qat_graph"}
+    meta["qat"] = {"spec": split_spec(text)[0], "steps": st.step, "settings": asdict(settings),
+                   "history": st.history}
+    fine = Model(dict(model.config), fq.params, model.graph, model.tokenizer_json, meta)
+    return fine, fq, st
+
+
+def packed_vs_fake_quant(packed: Model, fake: Model, seed: int = 0, batch: int = 2, length: int = 32) -> float:
+    """Max |logits| difference of the packed and the fake-quant graph on seeded random tokens."""
+    rng = np.random.default_rng(seed)
+    L = min(length, packed.n_ctx)
+    x = rng.integers(0, packed.vocab_size, (batch, L))
+    outs = []
+    for m in (packed, fake):
+        feeds = tr._feeds(m.config, x, None, np.float32)
+        outs.append(Executor(m.graph, m.params).run(feeds, outputs=["logits"])["logits"])
+    return float(np.abs(outs[0].astype(np.float64) - outs[1]).max())
+
+
+def run(model: Model, ids: np.ndarray, text: str, settings: tr.TrainSettings, *,
+        backends: Sequence[str] = ("numpy",), calib=None, force: bool = False,
+        warn: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
+        progress: Callable[[dict[str, float]], None] | None = None) -> QATResult:
+    """Fine-tune with fake quantization, then convert to the packed form (validated against the
+    fine-tuned float model with the plugin's declared tolerance, as ``minitx optimize`` does)."""
+    _, packed_text = split_spec(text)
+    fine, fq, st = finetune(model, ids, text, settings, backends=backends, log=log, progress=progress)
+    packed = plugin.optimize(fine, [packed_text], calib=calib, force=force, warn=warn)
+    diff = packed_vs_fake_quant(packed, fq, seed=settings.seed)
+    packed.meta["qat"] = {**packed.meta.get("qat", {}), "packed_vs_fake_quant_max_abs": diff}
+    return QATResult(packed, fine, fq, st, diff)
+
+
+def held_out(ids: np.ndarray, settings: tr.TrainSettings, n_ctx: int) -> np.ndarray:
+    """The held-out tail minitx.train scores during training (never trained on)."""
+    return data.split(ids, settings.val_fraction, settings.seq_len or n_ctx)[1]
+
+
+def evaluate_plugins(model: Model, ids: np.ndarray, texts: Sequence[str], *, backends: Sequence[str] = ("numpy",),
+                     stride: int | None = None, strict: bool = False,
+                     warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Perplexity of ``ids`` under ``model`` and under ``model`` rewritten by ``texts``, and the delta.
+
+    The rewrite runs with ``force`` (the perplexity is the judge here, as in ``verify --plugin``)."""
+    base = tr.evaluate(model, ids, backends, stride, strict)
+    new = plugin.optimize(model, list(texts), force=True, warn=warn)
+    if {v.name: v.dtype for v in new.graph.inputs} != {v.name: v.dtype for v in model.graph.inputs}:
+        raise MinitxError(f"{' + '.join(texts)} changes the model's inputs (an int8 KV cache); eval scores "
+                          "windows without a cache and cannot feed it — leave kv= out")
+    res = tr.evaluate(new, ids, backends, stride, strict)
+    out = dict(base)
+    out.update(plugins=list(texts), rewritten={k: res[k] for k in ("loss", "perplexity")},
+               delta_loss=res["loss"] - base["loss"], delta_perplexity=res["perplexity"] - base["perplexity"],
+               relative_delta_perplexity=res["perplexity"] / base["perplexity"] - 1.0)
+    return out
