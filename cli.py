@@ -11,9 +11,10 @@ import sys
 from typing import Any, Sequence
 
 import click
-import numpy as np
 
-from minitx import __version__
+from minitx import __version__  # first: it sets OpenBLAS's thread timeout before NumPy loads it
+
+import numpy as np  # noqa: E402
 from minitx.errors import MinitxError
 from minitx.generate import check_ids
 

@@ -10,6 +10,14 @@ import os as _os
 
 __version__ = "0.1.0"
 
+# OpenBLAS's idle threads spin for ~2^28 cycles (~0.1 s) after every call, so during decoding they
+# never sleep and take the cores from whatever runs between BLAS calls (numba kernels, the numba
+# pool). Sleeping at once (2^4 cycles) measured faster on the 2-core machine: decode at batch 8
+# 92 → 101 tok/s, prefill 443 → 470 (benchmarks/results/decode_cpu.md). OpenBLAS reads this when
+# it loads, so it only takes effect when minitx is imported before NumPy (the CLI does); a user's
+# own setting wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "backends")) and _os.path.isfile(
     _os.path.join(_root, "cli.py")

@@ -21,3 +21,17 @@ def test_spec_conforms_to_itself_and_every_case_builds() -> None:
     assert report.ok, report.table()
     covered = {r.op for r in report.rows if r.status == "PASS"}
     assert set(CASES) <= covered | {op for op in CASES if op not in __import__("minitx").ops.OPS}
+
+
+def test_numba_parallel_kernels_conform(monkeypatch) -> None:
+    """Every kernel's multithreaded version, forced on for every size (the policy picks serial for
+    most test-sized inputs, so the cases above mostly exercise the serial one)."""
+    numba = pytest.importorskip("numba")
+    if numba.get_num_threads() < 2:
+        pytest.skip("one numba thread: the parallel versions never run")
+    from minitx.backends.numba_cpu import _jit, quant
+
+    monkeypatch.setattr(_jit, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(quant, "STREAMING_MIN", 0)
+    report = run_conformance("numba")
+    assert report.ok, report.table()

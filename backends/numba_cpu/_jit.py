@@ -15,8 +15,11 @@ from typing import Any, Callable
 import numba
 
 FASTMATH = {"reassoc", "contract", "arcp"}
-# Below this many elements a kernel runs on one thread (thread wake-up costs ~10-30 µs).
-PARALLEL_MIN = 1 << 15
+# Below this much work (elements, or multiply-adds for attention) a kernel runs on one thread.
+# Measured on the 2-core machine (benchmarks/results/decode_cpu.md): BLAS's own threads hold the
+# cores between calls, and numba's pool competing with them cost more than it gained up to
+# GPT-2's 128-token prefill (382 → 436 tok/s serial); the LM head at batch 8 (39M) still gains.
+PARALLEL_MIN = 1 << 24
 
 
 def kernel(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -26,8 +29,10 @@ def kernel(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., An
     return par, ser
 
 
-def pick(pair: tuple[Callable[..., Any], Callable[..., Any]], work: int) -> Callable[..., Any]:
-    return pair[0] if work >= PARALLEL_MIN and numba.get_num_threads() > 1 else pair[1]
+def pick(pair: tuple[Callable[..., Any], Callable[..., Any]], work: int, minimum: int | None = None) -> Callable[..., Any]:
+    """The parallel version from ``minimum`` (default PARALLEL_MIN) units of work on, else serial."""
+    lo = PARALLEL_MIN if minimum is None else minimum
+    return pair[0] if work >= lo and numba.get_num_threads() > 1 else pair[1]
 
 
 def rows(x):

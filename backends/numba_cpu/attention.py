@@ -12,17 +12,17 @@ from numba import prange
 
 from ._jit import kernel, pick
 from ._vmath import exp
-from .kvcache import append
+from .kvcache import append, storage
 
 
-def _sdpa(q, K, V, mask, has_mask, causal, scale, H, KV, zero, out):
-    """One task per (batch, head, query); every inner loop runs along a head's contiguous D.
+def _sdpa(q, K, V, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
+    """One task per (batch, head, query): dot products along each key's contiguous head slice.
 
-    Accumulation is in the input's dtype (``zero`` carries it), like the spec's float32 matmuls,
-    so LLVM vectorises the dot products and the weighted sum of values.
+    Four keys per pass share the loads of q (four independent reductions keep the FMA units
+    busy), and the weighted sum of values takes four rows per pass over the accumulator.
+    Accumulation is in the input's dtype (``zero`` carries it), like the spec's float32 matmuls.
     """
     B, T, HD = q.shape
-    S_tot = K.shape[1]
     D = HD // H
     G = H // KV
     past = S_tot - T
@@ -32,46 +32,73 @@ def _sdpa(q, K, V, mask, has_mask, causal, scale, H, KV, zero, out):
         t = task % T
         g = h // G
         qh = q[b, t, h * D:(h + 1) * D]
-        scores = np.empty(S_tot, q.dtype)
-        ok = np.zeros(S_tot, np.bool_)
-        m = zero - np.float32(np.inf)
-        for s in range(S_tot):
-            if causal and s > past + t:
-                continue
-            if has_mask and mask[b, s] == 0:
-                continue
-            kh = K[b, s, g * D:(g + 1) * D]
-            acc = zero
+        n = past + t + 1 if causal else S_tot
+        sc = np.empty(n, q.dtype)
+        s = 0
+        while s + 4 <= n:
+            k0 = K[b, s, g * D:(g + 1) * D]
+            k1 = K[b, s + 1, g * D:(g + 1) * D]
+            k2 = K[b, s + 2, g * D:(g + 1) * D]
+            k3 = K[b, s + 3, g * D:(g + 1) * D]
+            a0 = a1 = a2 = a3 = zero
             for d in range(D):
-                acc += qh[d] * kh[d]
-            sc = acc * scale
-            scores[s] = sc
-            ok[s] = True
-            if sc > m:
-                m = sc
-        acc_v = np.zeros(D, q.dtype)
-        total = 0.0
+                qd = qh[d]
+                a0 += qd * k0[d]
+                a1 += qd * k1[d]
+                a2 += qd * k2[d]
+                a3 += qd * k3[d]
+            sc[s], sc[s + 1], sc[s + 2], sc[s + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            s += 4
+        while s < n:
+            ks = K[b, s, g * D:(g + 1) * D]
+            a = zero
+            for d in range(D):
+                a += qh[d] * ks[d]
+            sc[s] = a * scale
+            s += 1
+        m = zero - np.float32(np.inf)
+        for s in range(n):
+            if (not has_mask or mask[b, s] != 0) and sc[s] > m:
+                m = sc[s]
+        acc = np.zeros(D, q.dtype)
+        o = out[b, t, h * D:(h + 1) * D]
         if m == -np.inf:  # nothing visible: uniform over all keys, like the spec
             for s in range(S_tot):
-                vh = V[b, s, g * D:(g + 1) * D]
+                vs = V[b, s, g * D:(g + 1) * D]
                 for d in range(D):
-                    acc_v[d] += vh[d]
-            total = float(S_tot)
-        else:
-            for s in range(S_tot):
-                if ok[s]:
-                    p = exp(scores[s] - m)
-                    total += p
-                    vh = V[b, s, g * D:(g + 1) * D]
-                    for d in range(D):
-                        acc_v[d] += p * vh[d]
+                    acc[d] += vs[d]
+            for d in range(D):
+                o[d] = acc[d] / S_tot
+            continue
+        total = zero
+        for s in range(n):
+            p = exp(sc[s] - m)
+            if has_mask and mask[b, s] == 0:
+                p = zero
+            sc[s] = p
+            total += p
+        s = 0
+        while s + 4 <= n:
+            p0, p1, p2, p3 = sc[s], sc[s + 1], sc[s + 2], sc[s + 3]
+            v0 = V[b, s, g * D:(g + 1) * D]
+            v1 = V[b, s + 1, g * D:(g + 1) * D]
+            v2 = V[b, s + 2, g * D:(g + 1) * D]
+            v3 = V[b, s + 3, g * D:(g + 1) * D]
+            for d in range(D):
+                acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+            s += 4
+        while s < n:
+            p = sc[s]
+            vs = V[b, s, g * D:(g + 1) * D]
+            for d in range(D):
+                acc[d] += p * vs[d]
+            s += 1
         inv = 1.0 / total
-        o = out[b, t, h * D:(h + 1) * D]
         for d in range(D):
-            o[d] = acc_v[d] * inv
+            o[d] = acc[d] * inv
 
 
-def _sdpa_prefill(q, K, V, mask, has_mask, causal, scale, H, KV, zero, out):
+def _sdpa_prefill(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
     """Many queries at once: one task per (batch, kv head), keys transposed once per task.
 
     With Kᵀ (D, S) in hand, a query's scores are D unit-stride multiply-adds over the keys and
@@ -79,7 +106,6 @@ def _sdpa_prefill(q, K, V, mask, has_mask, causal, scale, H, KV, zero, out):
     keys get weight exactly 0; a query with no visible key averages all values, like the spec.
     """
     B, T, HD = q.shape
-    S = K.shape[1]
     D = HD // H
     G = H // KV
     past = S - T
@@ -174,7 +200,7 @@ def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_hea
     m = np.ascontiguousarray(mask, dtype=np.int64) if has_mask else np.zeros((1, 1), np.int64)
     work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
     pair = _SDPA_PREFILL if q.shape[1] >= PREFILL_MIN_QUERIES else _SDPA
-    pick(pair, work)(qc, K, V, m, has_mask, bool(causal), scale, n_heads, n_kv_heads, qc.dtype.type(0), out)
+    pick(pair, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads, n_kv_heads, qc.dtype.type(0), out)
     return out, K, V
 
 

@@ -71,3 +71,22 @@ def append(past: np.ndarray | None, new: np.ndarray) -> np.ndarray:
     with _lock:
         _buffers[key] = (ref, S + T)
     return buf[:, :S + T]
+
+
+def storage(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array whose [:, :a.shape[1]] is ``a``: the cache buffer itself when ``a`` is
+    its filled prefix (a strided view), else a contiguous copy.
+
+    Kernels take the buffer plus the length: numba compiles strided ('A' layout) arguments into
+    slower loops that do not vectorise, and copying the cache each step would undo the in-place
+    append.
+    """
+    if a.flags.c_contiguous:
+        return a
+    base = a.base
+    if (isinstance(base, np.ndarray) and base.flags.c_contiguous and base.ndim == 3 and a.ndim == 3
+            and base.strides == a.strides and base.dtype == a.dtype
+            and a.__array_interface__["data"][0] == base.__array_interface__["data"][0]
+            and base.shape[0] == a.shape[0] and base.shape[2] == a.shape[2]):
+        return base
+    return np.ascontiguousarray(a)

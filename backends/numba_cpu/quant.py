@@ -24,8 +24,8 @@ from numba import prange
 
 from minitx.ops import quant as spec
 
-from ._jit import kernel
-from .kvcache import append
+from ._jit import kernel, pick
+from .kvcache import append, storage
 
 SKINNY_MAX_ROWS = 8
 TILE = 256  # input rows dequantized at a time on the BLAS path
@@ -221,12 +221,11 @@ def _cast_skinny(x, w, bf16, y, block):
                 y[m, j0 + j] = acc[m * n + j]
 
 
-def _sdpa_kv8(q, K, KS, V, VS, mask, has_mask, causal, scale, H, KV, out):
+def _sdpa_kv8(q, K, KS, V, VS, S_tot, mask, has_mask, causal, scale, H, KV, out):
     """Attention reading an int8 cache: score = (q · Kq[s]) · KS[s, head] · scale, out = Σ p · VS · Vq,
     accumulated in float64 like the float kernel (attention.py); a query with no visible key
     averages all values uniformly, like the spec."""
     B, T, HD = q.shape
-    S_tot = K.shape[1]
     D = HD // H
     G = H // KV
     past = S_tot - T
@@ -282,8 +281,13 @@ _CAST = kernel(_cast_skinny)
 _SDPA8 = kernel(_sdpa_kv8)
 
 
+# These kernels stream the packed weights in place of BLAS, so unlike the float kernels they want
+# every core from small sizes on: memory bandwidth needs more than one thread.
+STREAMING_MIN = 1 << 15
+
+
 def _pick(pair, work: int):
-    return pair[0] if work >= (1 << 15) and numba.get_num_threads() > 1 else pair[1]
+    return pick(pair, work, STREAMING_MIN)
 
 
 def _rows(x):
@@ -428,7 +432,7 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
     has_mask = mask is not None
     m = np.ascontiguousarray(mask, dtype=np.int64) if has_mask else np.zeros((1, 1), np.int64)
     work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
-    _pick(_SDPA8, work)(qc, K, KS, V, VS, m, has_mask, bool(causal), sc, n_heads, n_kv_heads, out)
+    _pick(_SDPA8, work)(qc, storage(K), storage(KS), storage(V), storage(VS), K.shape[1], m, has_mask, bool(causal), sc, n_heads, n_kv_heads, out)
     return out, K, KS, V, VS
 
 
