@@ -24,10 +24,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import minitx  # noqa: E402,F401 — before NumPy, as in the CLI: it sets OpenBLAS's thread timeout
+
+import numpy as np  # noqa: E402
 
 VARIANTS = ["fp32", "quant:int8", "quant:int4,group=32", "quant:int4,group=32,embeddings=int8", "quant:float16"]
 
