@@ -267,6 +267,35 @@ def show(model: str | None, batch: int, seq: int | None, past: int, as_json: boo
                f"{totals['bytes'] / 1e6:>10.2f}")
 
 
+def optimizer_options(lr: float, min_lr: float, warmup: int, weight_decay: float):
+    """The optimizer, schedule and held-out flags shared by train, distill and qat; only the
+    learning-rate defaults differ (fine-tuning starts lower)."""
+    opts = [
+        click.option("--steps", default=200, show_default=True, help="Optimizer steps."),
+        click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch."),
+        click.option("--seq-len", default=0, show_default=True, help="Tokens per window (0 = the context length)."),
+        click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step."),
+        click.option("--lr", default=lr, show_default=True, help="Peak learning rate."),
+        click.option("--min-lr", default=min_lr, show_default=True, help="Learning rate at the end of the cosine decay."),
+        click.option("--warmup", default=warmup, show_default=True, help="Linear warm-up steps."),
+        click.option("--weight-decay", default=weight_decay, show_default=True,
+                     help="Decoupled weight decay (linear matrices only)."),
+        click.option("--clip", default=1.0, show_default=True, help="Global gradient-norm clip (0 = off)."),
+        click.option("--eval-every", default=50, show_default=True,
+                     help="Held-out evaluation every N steps (0 = at the end)."),
+        click.option("--eval-batches", default=4, show_default=True, help="Batches of held-out windows per evaluation."),
+        click.option("--val-fraction", default=0.05, show_default=True,
+                     help="Tail of the text held out for evaluation (never trained on)."),
+        click.option("--seed", default=0, show_default=True),
+    ]
+
+    def apply(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return apply
+
+
 # ------------------------------------------------------------------------------------- train
 @main.command()
 @click.option("--arch", type=click.Choice(["gpt2", "llama"]), default=None, help="Model family (not needed with --config or --resume).")
@@ -276,23 +305,11 @@ def show(model: str | None, batch: int, seq: int | None, past: int, as_json: boo
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="tokenizer.json to use instead of training one.")
 @click.option("--vocab-size", type=int, default=None, help="Train a byte-level BPE of this size (default: the config's vocab_size).")
-@click.option("--steps", default=200, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch.")
-@click.option("--seq-len", default=0, show_default=True, help="Tokens per window (0 = the context length).")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
-@click.option("--min-lr", default=3e-4, show_default=True, help="Learning rate at the end of the cosine decay.")
-@click.option("--warmup", default=20, show_default=True, help="Linear warm-up steps.")
-@click.option("--weight-decay", default=0.1, show_default=True, help="Decoupled weight decay (linear matrices only).")
-@click.option("--clip", default=1.0, show_default=True, help="Global gradient-norm clip (0 = off).")
-@click.option("--eval-every", default=50, show_default=True, help="Held-out evaluation every N steps (0 = at the end).")
-@click.option("--eval-batches", default=4, show_default=True, help="Batches of held-out windows per evaluation.")
-@click.option("--val-fraction", default=0.05, show_default=True, help="Tail of the text held out for evaluation.")
+@optimizer_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
 @click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint file (default: OUTPUT with .ckpt.npz).")
 @click.option("--checkpoint-every", default=100, show_default=True, help="Save a checkpoint every N steps (0 = at the end).")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue from a checkpoint.")
-@click.option("--seed", default=0, show_default=True)
 @click.option("--precision", default="float32", show_default=True,
               help="Compute precision: float32, float16 or bfloat16 (weights and optimizer state stay float32).")
 @click.option("--loss-scale", default=2.0 ** 15, show_default=True, help="Initial dynamic loss scale (float16/bfloat16).")
@@ -742,19 +759,7 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, p
               help="Student:teacher layer pairs for the feature and attention losses (default: spread evenly).")
 @click.option("--baseline", is_flag=True, help="Also train the same student without the teacher, for comparison.")
 @click.option("--decode-tokens", default=32, show_default=True, help="Tokens generated to measure decode speed.")
-@click.option("--steps", default=200, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch.")
-@click.option("--seq-len", default=0, show_default=True, help="Tokens per window (0 = the shorter context length).")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
-@click.option("--min-lr", default=3e-4, show_default=True, help="Learning rate at the end of the cosine decay.")
-@click.option("--warmup", default=20, show_default=True, help="Linear warm-up steps.")
-@click.option("--weight-decay", default=0.1, show_default=True, help="Decoupled weight decay (linear matrices only).")
-@click.option("--clip", default=1.0, show_default=True, help="Global gradient-norm clip (0 = off).")
-@click.option("--eval-every", default=50, show_default=True, help="Held-out evaluation every N steps (0 = at the end).")
-@click.option("--eval-batches", default=4, show_default=True, help="Batches of held-out windows per evaluation.")
-@click.option("--val-fraction", default=0.05, show_default=True, help="Tail of the text held out for evaluation.")
-@click.option("--seed", default=0, show_default=True)
+@optimizer_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
 @click.option("--backend", "backends", multiple=True, metavar="NAME",
               help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
@@ -824,19 +829,7 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
               help="The quantization to train for and convert to: quant:int4, quant:int8 or quant:int8_block, "
                    "with the quant plugin's options (group=, embeddings=, skip=).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Packed model file to write (.npz).")
-@click.option("--steps", default=200, show_default=True, help="Optimizer steps of fine-tuning.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch.")
-@click.option("--seq-len", default=0, show_default=True, help="Tokens per window (0 = the context length).")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--lr", default=3e-4, show_default=True, help="Peak learning rate (fine-tuning: lower than training).")
-@click.option("--min-lr", default=3e-5, show_default=True, help="Learning rate at the end of the cosine decay.")
-@click.option("--warmup", default=10, show_default=True, help="Linear warm-up steps.")
-@click.option("--weight-decay", default=0.0, show_default=True, help="Decoupled weight decay (linear matrices only).")
-@click.option("--clip", default=1.0, show_default=True, help="Global gradient-norm clip (0 = off).")
-@click.option("--eval-every", default=50, show_default=True, help="Held-out evaluation every N steps (0 = at the end).")
-@click.option("--eval-batches", default=4, show_default=True, help="Batches of held-out windows per evaluation.")
-@click.option("--val-fraction", default=0.05, show_default=True, help="Tail of the text held out (never trained on).")
-@click.option("--seed", default=0, show_default=True)
+@optimizer_options(lr=3e-4, min_lr=3e-5, warmup=10, weight_decay=0.0)
 @click.option("--calib", "calib", multiple=True, metavar="SPEC", help="Calibration input of the conversion (as in optimize).")
 @click.option("--force", is_flag=True, help="Keep a conversion that exceeds its declared tolerance (warn only).")
 @click.option("--no-compare", is_flag=True, help="Skip scoring the float and post-training-quantized models.")
