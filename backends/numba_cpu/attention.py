@@ -7,12 +7,34 @@ fully-masked row). The KV cache grows in place (see kvcache.py) instead of being
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
-from ._jit import kernel, pick
+from ._jit import FASTMATH, kernel, pick
 from ._vmath import exp
 from .kvcache import append, storage
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _mix_values(p, n, Vb, lo, acc):
+    """acc += Σ_{s<n} p[s]·Vb[s, lo:lo+len(acc)], four value rows per pass over acc (one load and
+    store of acc per four multiply-adds)."""
+    D = acc.size
+    s = 0
+    while s + 4 <= n:
+        p0, p1, p2, p3 = p[s], p[s + 1], p[s + 2], p[s + 3]
+        v0, v1 = Vb[s, lo:lo + D], Vb[s + 1, lo:lo + D]
+        v2, v3 = Vb[s + 2, lo:lo + D], Vb[s + 3, lo:lo + D]
+        for d in range(D):
+            acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+        s += 4
+    while s < n:
+        ps = p[s]
+        vs = Vb[s, lo:lo + D]
+        for d in range(D):
+            acc[d] += ps * vs[d]
+        s += 1
 
 
 def _sdpa(q, K, V, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
@@ -77,22 +99,7 @@ def _sdpa(q, K, V, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
                 p = zero
             sc[s] = p
             total += p
-        s = 0
-        while s + 4 <= n:
-            p0, p1, p2, p3 = sc[s], sc[s + 1], sc[s + 2], sc[s + 3]
-            v0 = V[b, s, g * D:(g + 1) * D]
-            v1 = V[b, s + 1, g * D:(g + 1) * D]
-            v2 = V[b, s + 2, g * D:(g + 1) * D]
-            v3 = V[b, s + 3, g * D:(g + 1) * D]
-            for d in range(D):
-                acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
-            s += 4
-        while s < n:
-            p = sc[s]
-            vs = V[b, s, g * D:(g + 1) * D]
-            for d in range(D):
-                acc[d] += p * vs[d]
-            s += 1
+        _mix_values(sc, n, V[b], g * D, acc)
         inv = 1.0 / total
         for d in range(D):
             o[d] = acc[d] * inv
@@ -164,22 +171,7 @@ def _sdpa_prefill(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
                     p = exp(sc[s] - m) * vis[s]
                     sc[s] = p
                     total += p
-                s = 0
-                while s + 4 <= n:  # likewise four value rows per pass over acc
-                    p0, p1, p2, p3 = sc[s], sc[s + 1], sc[s + 2], sc[s + 3]
-                    v0 = V[b, s, g * D:(g + 1) * D]
-                    v1 = V[b, s + 1, g * D:(g + 1) * D]
-                    v2 = V[b, s + 2, g * D:(g + 1) * D]
-                    v3 = V[b, s + 3, g * D:(g + 1) * D]
-                    for d in range(D):
-                        acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
-                    s += 4
-                while s < n:
-                    p = sc[s]
-                    vs = V[b, s, g * D:(g + 1) * D]
-                    for d in range(D):
-                        acc[d] += p * vs[d]
-                    s += 1
+                _mix_values(sc, n, V[b], g * D, acc)
                 inv = 1.0 / total
                 for d in range(D):
                     o[d] = acc[d] * inv
