@@ -17,7 +17,7 @@ from minitx.ops import activations as spec_act
 from minitx.ops import linalg as spec_lin
 
 from ._jit import kernel, pick
-from ._vmath import exp
+from ._vmath import erf, exp
 
 _K = math.sqrt(2.0 / math.pi)
 _R2 = 1.0 / math.sqrt(2.0)
@@ -25,7 +25,7 @@ _R2 = 1.0 / math.sqrt(2.0)
 
 # Constants reach the kernels as an array in the input's dtype (see _consts): a Python float
 # literal is float64 to numba and would silently widen every float32 expression around it.
-_GELU_C = (-2.0 * _K, 0.044715, 1.0, 2.0 * 3 * 0.044715 * _K, 2.0 * _K)
+_GELU_C = (-2.0 * _K, 0.044715, 1.0, 2.0 * 3 * 0.044715 * _K, 2.0 * _K, 0.5, _R2, 1.0 / math.sqrt(2.0 * math.pi))
 
 
 def _gelu_tanh(x, y, c):
@@ -37,9 +37,10 @@ def _gelu_tanh(x, y, c):
 
 
 def _gelu_erf(x, y, c):
+    one, half, r2 = c[2], c[5], c[6]
     for i in prange(x.size):
         v = x[i]
-        y[i] = 0.5 * v * (1.0 + math.erf(v * _R2))
+        y[i] = half * v * (one + erf(v * r2))
 
 
 def _gelu_tanh_bwd(x, g, gx, c):
@@ -52,10 +53,11 @@ def _gelu_tanh_bwd(x, g, gx, c):
 
 
 def _gelu_erf_bwd(x, g, gx, c):
+    one, half, r2, r2pi = c[2], c[5], c[6], c[7]
     for i in prange(x.size):
         v = x[i]
-        cdf = 0.5 * (1.0 + math.erf(v * _R2))
-        pdf = math.exp(-0.5 * v * v) * 0.3989422804014327
+        cdf = half * (one + erf(v * r2))
+        pdf = exp(-half * v * v) * r2pi
         gx[i] = g[i] * (cdf + v * pdf)
 
 
