@@ -317,13 +317,16 @@ def optimizer_options(lr: float, min_lr: float, warmup: int, weight_decay: float
               help="Good steps in a row before the loss scale doubles.")
 @click.option("--loss-scale-backoff", default=0.5, show_default=True,
               help="Factor applied to the loss scale when gradients overflow (the step is skipped).")
+@click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
+              help="Exact graph rewrite for training, e.g. recompute:sqrt (less activation memory, same "
+                   "gradients); repeatable; kept in checkpoints.")
 @click.option("--backend", "backends", multiple=True, metavar="NAME",
               help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_size, steps, batch_size, seq_len,
           grad_accum, lr, min_lr, warmup, weight_decay, clip, eval_every, eval_batches, val_fraction, checkpoint,
           checkpoint_every, resume, seed, backends, quiet, precision="float32", loss_scale=2.0 ** 15,
-          loss_scale_growth_interval=200, loss_scale_backoff=0.5) -> None:
+          loss_scale_growth_interval=200, loss_scale_backoff=0.5, plugins=()) -> None:
     """Train a decoder (GPT-2 or LLaMA style) on a text file with AdamW."""
     import time
 
@@ -334,6 +337,10 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
     from minitx.precision import check_precision
 
     check_precision(precision)   # before the tokenizer is trained, not after
+    if plugins:
+        from minitx import plugin
+
+        plugin.plan(plugins)     # likewise: an unknown plugin or option fails now
     text = data.read_text(data_path)
     if checkpoint is None:
         checkpoint = (output[:-4] if output.endswith(".npz") else output) + ".ckpt.npz"
@@ -348,6 +355,8 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
             st.settings.steps = steps
         if ctx.get_parameter_source("precision") != click.core.ParameterSource.DEFAULT:
             st.settings.precision = precision
+        if plugins:
+            st.settings.plugins = tuple(plugins)
         tok_json = st.model.tokenizer_json
         if tok_json is None:
             raise MinitxError(f"{resume}: the checkpoint carries no tokenizer")
@@ -384,7 +393,7 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
                                     checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed,
                                     precision=precision, loss_scale=loss_scale,
                                     loss_scale_growth_interval=loss_scale_growth_interval,
-                                    loss_scale_backoff=loss_scale_backoff)
+                                    loss_scale_backoff=loss_scale_backoff, plugins=tuple(plugins))
         st = tr.new_state(models.complete_config(config), tok_json, settings)
     ids = data.encode(tok_json, text)
     m = st.model
@@ -392,7 +401,8 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
     log = bar.message if bar else (lambda s: None)
     log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
         f"{len(ids):,} tokens of text; step {st.step} of {st.settings.steps}; backend {', '.join(backends)}"
-        + (f"; {st.settings.precision} compute, float32 weights" if st.settings.precision != "float32" else ""))
+        + (f"; {st.settings.precision} compute, float32 weights" if st.settings.precision != "float32" else "")
+        + (f"; rewrites {', '.join(st.settings.plugins)}" if st.settings.plugins else ""))
     tr.train(st, ids, backends=backends, checkpoint=checkpoint, log=log, progress=bar)
     m.meta = {"source": "minitx train", "data": os.path.basename(data_path), "steps": st.step,
               "settings": dict(vars(st.settings)), "history": st.history}

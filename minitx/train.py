@@ -63,6 +63,7 @@ class TrainSettings:
     loss_scale: float = 2.0 ** 15           # initial loss scale (float16/bfloat16 only)
     loss_scale_growth_interval: int = 200   # good steps in a row before the scale doubles
     loss_scale_backoff: float = 0.5         # factor applied to the scale on overflow
+    plugins: tuple[str, ...] = ()           # exact graph rewrites for training, e.g. "recompute:sqrt"
 
     def check(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "eval_batches"):
@@ -87,7 +88,10 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        if "plugins" in kw:  # a JSON list in a checkpoint
+            kw["plugins"] = tuple(kw["plugins"])
+        return cls(**kw)
 
 
 @dataclass
@@ -118,6 +122,28 @@ def _loss_executor(model: Model, backends: Sequence[str], strict: bool = False) 
     if not model.is_decoder:
         raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
     return Executor(models.with_loss(model.graph), model.params, backends, strict)
+
+
+def training_graph(model: Model, plugins: Sequence[str] = ()):
+    """The model's graph, rewritten by ``plugins`` for training (``--plugin recompute:…``).
+
+    Only exact rewrites that keep every weight are accepted: training updates the model's own
+    weights, and a rewrite that changed them (quantization, pruning, low rank) would train
+    something else than the model being saved (for quantization-aware training: ``minitx qat``).
+    """
+    if not plugins:
+        return model.graph
+    from . import plugin
+
+    for spec in plugin.plan(plugins):
+        if not spec.plugin.exact:
+            raise MinitxError(f"--plugin {spec.text}: training takes only exact rewrites such as recompute "
+                              f"({spec.name} is approximate; for quantization-aware training use `minitx qat`)")
+    rewritten = plugin.optimize(model, list(plugins), validate=False)
+    if set(rewritten.params) != set(model.params):
+        raise MinitxError(f"--plugin {', '.join(plugins)} changes the model's weights; training needs a rewrite "
+                          "that only changes the graph")
+    return rewritten.graph
 
 
 def _dtype(model: Model):
@@ -260,7 +286,7 @@ def train(st: TrainState, ids: np.ndarray, *, backends: Sequence[str] = ("numpy"
     if prec.mixed and st.scaler is None:
         st.scaler = LossScaler(s.loss_scale, s.loss_scale_growth_interval, s.loss_scale_backoff, prec.max_scale())
     scaler = st.scaler if prec.mixed else None
-    loss_graph = prec.graph(models.with_loss(model.graph))
+    loss_graph = prec.graph(models.with_loss(training_graph(model, s.plugins)))
     run_on = prec.backends(backends)
     t_last, tok_since = time.perf_counter(), 0
     while st.step < s.steps:
