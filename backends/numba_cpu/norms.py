@@ -5,25 +5,32 @@ float64 whatever the input dtype, which is at least as accurate as the spec.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
+from ._jit import FASTMATH, kernel, pick, rows
 
-from ._jit import kernel, pick, rows
+
+@numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _row_stats(xr, eps):
+    """(mean, 1/√(var + eps)) of one row, accumulated in float64."""
+    c = xr.size
+    s = 0.0
+    for j in range(c):
+        s += xr[j]
+    mu = s / c
+    v = 0.0
+    for j in range(c):
+        d = xr[j] - mu
+        v += d * d
+    return mu, 1.0 / np.sqrt(v / c + eps)
 
 
 def _ln(x, w, b, eps, y):
     n, c = x.shape
     for r in prange(n):
-        s = 0.0
-        for j in range(c):
-            s += x[r, j]
-        mu = s / c
-        v = 0.0
-        for j in range(c):
-            d = x[r, j] - mu
-            v += d * d
-        rstd = 1.0 / np.sqrt(v / c + eps)
+        mu, rstd = _row_stats(x[r], eps)
         for j in range(c):
             y[r, j] = (x[r, j] - mu) * rstd * w[j] + b[j]
 
@@ -43,15 +50,7 @@ def _ln_bwd(x, w, g, eps, gx):
     """gx = rstd·(ĝ − mean ĝ − x̂·mean(ĝ·x̂)), ĝ = g·w — the spec's formula, fused per row."""
     n, c = x.shape
     for r in prange(n):
-        s = 0.0
-        for j in range(c):
-            s += x[r, j]
-        mu = s / c
-        v = 0.0
-        for j in range(c):
-            d = x[r, j] - mu
-            v += d * d
-        rstd = 1.0 / np.sqrt(v / c + eps)
+        mu, rstd = _row_stats(x[r], eps)
         a = 0.0
         bsum = 0.0
         for j in range(c):
