@@ -24,7 +24,7 @@ from numba import prange
 
 from minitx.ops import quant as spec
 
-from ._jit import kernel, pick
+from ._jit import FASTMATH, kernel, pick
 from .kvcache import append, storage
 
 SKINNY_MAX_ROWS = 8
@@ -34,6 +34,27 @@ TILE = 256  # input rows dequantized at a time on the BLAS path
 def _block(n: int) -> int:
     per = -(-n // max(1, numba.get_num_threads()))
     return int(min(2048, max(64, -(-per // 64) * 64)))
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _add_scaled(acc, part, sg):
+    """acc[m·n + j] += part[m·n + j]·sg[j] for every row m: a group's partial sums, scaled once."""
+    n = sg.size
+    for m in range(acc.size // n):
+        a = acc[m * n:(m + 1) * n]
+        p = part[m * n:(m + 1) * n]
+        for j in range(n):
+            a[j] += p[j] * sg[j]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def _store(y, acc, j0):
+    """y[m, j0:j0+n] = the m-th row of the flat accumulator (n = len(acc) / rows of y)."""
+    M = y.shape[0]
+    n = acc.size // M
+    for m in range(M):
+        for j in range(n):
+            y[m, j0 + j] = acc[m * n + j]
 
 
 def _q8_skinny(x, w, y, block):
@@ -52,9 +73,7 @@ def _q8_skinny(x, w, y, block):
                 a = acc[m * n:(m + 1) * n]
                 for j in range(n):
                     a[j] += xv * np.float32(wk[j])
-        for m in range(M):
-            for j in range(n):
-                y[m, j0 + j] = acc[m * n + j]
+        _store(y, acc, j0)
 
 
 def _q8_block_skinny(x, w, s, y, block, group):
@@ -76,15 +95,8 @@ def _q8_block_skinny(x, w, s, y, block, group):
                     p = part[m * n:(m + 1) * n]
                     for j in range(n):
                         p[j] += xv * np.float32(wk[j])
-            sg = s[g, j0:j1]
-            for m in range(M):
-                a = acc[m * n:(m + 1) * n]
-                p = part[m * n:(m + 1) * n]
-                for j in range(n):
-                    a[j] += p[j] * sg[j]
-        for m in range(M):
-            for j in range(n):
-                y[m, j0 + j] = acc[m * n + j]
+            _add_scaled(acc, part, s[g, j0:j1])
+        _store(y, acc, j0)
 
 
 def _q4_skinny(x, w, s, y, block, group):
@@ -108,15 +120,8 @@ def _q4_skinny(x, w, s, y, block, group):
                     for j in range(n):
                         byte = np.int32(wr[j])
                         p[j] += x0 * np.float32((byte & 15) - 8) + x1 * np.float32((byte >> 4) - 8)
-            sg = s[g, j0:j1]
-            for m in range(M):
-                a = acc[m * n:(m + 1) * n]
-                p = part[m * n:(m + 1) * n]
-                for j in range(n):
-                    a[j] += p[j] * sg[j]
-        for m in range(M):
-            for j in range(n):
-                y[m, j0 + j] = acc[m * n + j]
+            _add_scaled(acc, part, s[g, j0:j1])
+        _store(y, acc, j0)
 
 
 def _q8_skinny_t(x, w, y):
@@ -216,9 +221,7 @@ def _cast_skinny(x, w, bf16, y, block):
                 a = acc[m * n:(m + 1) * n]
                 for j in range(n):
                     a[j] += xv * f[j]
-        for m in range(M):
-            for j in range(n):
-                y[m, j0 + j] = acc[m * n + j]
+        _store(y, acc, j0)
 
 
 def _sdpa_kv8(q, K, KS, V, VS, S_tot, mask, has_mask, causal, scale, H, KV, out):
