@@ -21,9 +21,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import minitx  # noqa: E402,F401 — before NumPy, as in the CLI: it sets OpenBLAS's thread timeout
+
+import numpy as np  # noqa: E402
 
 from minitx import machine, metrics, models, plugin  # noqa: E402
 from minitx.executor import Executor  # noqa: E402

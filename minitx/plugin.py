@@ -6,6 +6,16 @@ lower runs first; ties keep the user's order) and turns parsed options into
 :class:`minitx.rewrite.Rule` s. The default :meth:`Plugin.apply` runs those rules to a fixed point
 with :func:`minitx.rewrite.apply`; a plugin overrides it only if it needs a whole-graph step.
 
+Activation-aware rewrites (Wanda pruning, whitened SVD, …) need the model's activations on
+representative inputs. Such a plugin says so per options with :meth:`Plugin.uses_calibration`;
+:func:`optimize` then tokenizes the user's calibration input (``--calib``, the same sequences the
+rewrite is validated on) for the model being rewritten and calls
+``apply(graph, params, opts, calib=CalibrationData)``. Plugins that do not declare it are called
+exactly as before, ``apply(graph, params, opts)``, so third-party plugins keep working. When the
+user gave no calibration input, the sequences are seeded random tokens: the rewrite's log entry
+records it (``calibration.random``) and a warning says so — random tokens give unrepresentative
+activation norms, so an activation-aware rewrite calibrated on them is a poorer approximation.
+
 Plugins are discovered from the entry-point group ``minitx.plugins``: an entry point names a
 zero-argument factory (or class) returning a Plugin. As with backends (minitx/backend.py), nothing
 is imported until a plugin is used, and one that fails to load is reported with its reason while
@@ -94,6 +104,36 @@ class Tolerance:
         return {k: v for k, v in self.__dict__.items() if v is not None and v is not False}
 
 
+@dataclass(frozen=True)
+class CalibrationData:
+    """The token sequences an activation-aware rewrite runs the graph on (one run per sequence,
+    batch 1, as :func:`minitx.validate.feeds_for` builds its inputs).
+
+    ``source`` describes where they came from (``--calib``); the last ``n_random`` sequences are
+    seeded random tokens rather than real text (all of them when the user gave no calibration).
+    """
+
+    sequences: tuple[tuple[int, ...], ...]
+    source: str
+    n_random: int = 0
+
+    @classmethod
+    def of(cls, calib, model) -> "CalibrationData":
+        """The sequences of ``calib`` (a :class:`minitx.validate.Calibration`) for ``model``."""
+        seqs = calib.sequences(model)
+        return cls(tuple(tuple(int(t) for t in s) for s in seqs), calib.source, int(calib.n_random))
+
+    @property
+    def random(self) -> bool:
+        """True when every sequence is random tokens: no real text reached the rewrite."""
+        return self.n_random >= len(self.sequences)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "sequences": len(self.sequences),
+                "tokens": sum(len(s) for s in self.sequences), "random_sequences": self.n_random,
+                "random": self.random}
+
+
 class Plugin:
     """Base class of an optimization plugin; subclasses set the class attributes and ``rules``."""
 
@@ -114,8 +154,15 @@ class Plugin:
     def check_options(self, opts: Mapping[str, Any]) -> None:
         """Cross-option checks after parsing (raise MinitxError)."""
 
-    def apply(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> rewrite.RewriteResult:
-        """Rewrite ``graph``/``params`` (copies; the inputs are not modified)."""
+    def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
+        """Whether ``apply`` with these options reads activations on calibration inputs; if so,
+        :func:`optimize` passes them as the keyword ``calib`` (a :class:`CalibrationData`)."""
+        return False
+
+    def apply(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any], *,
+              calib: CalibrationData | None = None) -> rewrite.RewriteResult:
+        """Rewrite ``graph``/``params`` (copies; the inputs are not modified). ``calib`` is given
+        only to a plugin whose :meth:`uses_calibration` is true for ``opts``."""
         return rewrite.apply(graph, params, self.rules(opts), options=opts, where=f"plugin {self.name}")
 
 
@@ -287,10 +334,13 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
     """Apply the plugins named by ``texts`` to ``model`` (a minitx.model.Model), in composition
     order; each step is validated against the model before it on ``calib`` (a
     :class:`minitx.validate.Calibration`, default: seeded random tokens) and refused when it
-    exceeds its plugin's declared tolerance — unless ``force``, which only warns.
+    exceeds its plugin's declared tolerance — unless ``force``, which only warns. A plugin whose
+    rewrite is activation-aware (:meth:`Plugin.uses_calibration`) collects its activations on the
+    same ``calib`` sequences; if they are random tokens, ``warn`` says so.
 
     Returns a new Model whose ``meta["rewrites"]`` holds, per plugin, its options, the firing log,
-    weight bytes before/after and the validation report.
+    weight bytes before/after, the calibration an activation-aware rewrite used and the validation
+    report.
     """
     from . import validate as val
     from .model import Model
@@ -302,7 +352,9 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
     current = model
     log = list(model.meta.get("rewrites", []))
     for s in specs:
-        res = s.plugin.apply(current.graph, current.params, s.options)
+        data = CalibrationData.of(calib, current) if s.plugin.uses_calibration(s.options) else None
+        res = (s.plugin.apply(current.graph, current.params, s.options, calib=data) if data is not None
+               else s.plugin.apply(current.graph, current.params, s.options))
         new = Model(dict(current.config), res.params, res.graph, current.tokenizer_json, dict(current.meta))
         entry: dict[str, Any] = {
             "plugin": s.name, "spec": s.text, "options": s.options, "exact": s.plugin.exact,
@@ -310,6 +362,12 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
             "fired": res.counts(), "firings": [f.as_dict() for f in res.firings], "passes": res.passes,
             "bytes_before": current.nbytes(), "bytes_after": new.nbytes(),
         }
+        if data is not None:
+            entry["calibration"] = data.as_dict()
+            if data.n_random and warn:
+                what = "random tokens" if data.random else f"{data.n_random} of {len(data.sequences)} sequences random tokens"
+                warn(f"warning: plugin {s.text} collected its activations on {what} ({data.source}), not real text; "
+                     "give --calib file:PATH (or text) for representative activations")
         if not res.firings and warn:
             warn(f"warning: plugin {s.text} changed nothing (no node matched its rules)")
         if validate and res.firings:

@@ -106,13 +106,18 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------------ batches
-def _feeds(config: dict[str, Any], x: np.ndarray, y: np.ndarray | None, dtype) -> dict[str, np.ndarray]:
+def _feeds(config: dict[str, Any], x: np.ndarray, y: np.ndarray | None, dtype, graph=None) -> dict[str, np.ndarray]:
+    """Inputs of one batch of windows, with empty KV caches — as wide as ``graph`` declares them
+    when given (a rewrite such as head pruning narrows some layers' caches)."""
     B, T = x.shape
     kv = (config.get("n_kv_heads") or config["n_heads"]) * config["d_model"] // config["n_heads"]
     feeds = {"input_ids": x, "position_ids": np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)),
              "attention_mask": np.ones((B, T), np.int64)}
     for i in range(config["n_layers"]):
         feeds[f"past.{i}.k"] = feeds[f"past.{i}.v"] = np.zeros((B, 0, kv), dtype)
+    for v in graph.inputs if graph is not None else ():
+        if v.name.startswith("past."):
+            feeds[v.name] = np.zeros((B, 0, v.shape[-1]), dtype)
     if y is not None:
         feeds["targets"] = y
     return feeds
@@ -156,7 +161,7 @@ def window_nll(ex: Executor, model: Model, x: np.ndarray, y: np.ndarray) -> tupl
     n = int((y != -100).sum())
     if n == 0:
         return 0.0, 0
-    out = ex.run(_feeds(model.config, x, y, _dtype(model)), outputs=["loss"])
+    out = ex.run(_feeds(model.config, x, y, _dtype(model), model.graph), outputs=["loss"])
     return float(out["loss"]) * n, n
 
 
@@ -297,11 +302,11 @@ def train(st: TrainState, ids: np.ndarray, *, backends: Sequence[str] = ("numpy"
         for _ in range(s.grad_accum):
             x, y = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
             if scaler is None:
-                res = ex.forward_backward(_feeds(model.config, x, y, dtype), step=st.step)
+                res = ex.forward_backward(_feeds(model.config, x, y, dtype, loss_graph), step=st.step)
                 micro = res.grads
             else:
                 with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected: the scaler handles it
-                    res = ex.forward_backward(_feeds(model.config, x, y, prec.dtype), step=st.step,
+                    res = ex.forward_backward(_feeds(model.config, x, y, prec.dtype, loss_graph), step=st.step,
                                               loss_grad=scaler.scale)
                 micro = scaler.unscale(res.grads)  # float32, summed in float32 across micro-batches
                 overflow = overflow or not scaler.finite(micro)

@@ -13,7 +13,9 @@ or ``energy=``. Methods:
 * ``rsvd``   — randomized SVD (Halko et al., 2011): a Gaussian range finder with power
   iterations, seeded, used automatically by ``svd`` for matrices with min side ≥ ``rsvd_from``;
 * ``whiten`` — activation-aware: minimises ‖X W − X U V‖ over calibration inputs X by taking the
-  SVD of Lᵀ W with L L = chol(XᵀX/N + εI) and mapping back, U = L⁻ᵀ U_r Σ_r (cf. SVD-LLM).
+  SVD of Lᵀ W with L Lᵀ = XᵀX/N + εI and mapping back, U = L⁻ᵀ U_r Σ_r (cf. SVD-LLM). X are the
+  layer inputs on the calibration input of ``minitx optimize`` (``--calib file:PATH``, texts or
+  ids); without ``--calib`` they come from seeded random tokens, and the log and a warning say so.
 
 The factors replace the ``linear`` by ``lowrank_linear`` (``form=op``) or by two ``linear`` s
 (``form=two``). ``attention=nystrom`` turns non-causal attention into ``nystrom_attention`` with
@@ -28,10 +30,10 @@ import numpy as np
 
 from minitx.errors import MinitxError
 from minitx.ir import Graph, Node
-from minitx.plugin import Option, Plugin, Tolerance, positive_int
+from minitx.plugin import CalibrationData, Option, Plugin, Tolerance, positive_int
 from minitx.rewrite import Context, Replacement, Rule, RewriteResult, apply as rewrite_apply
 
-from .sparsity import block_linears, calib_shape, calibration_run, unit_interval
+from .sparsity import block_linears, calibration_run, unit_interval
 
 TYPES = ("qkv", "out", "mlp")
 
@@ -140,8 +142,7 @@ class LowRankPlugin(Plugin):
         "form": Option("op", help="lowrank_linear op or two linears", choices=("op", "two")),
         "attention": Option("none", help="attention approximation", choices=("none", "nystrom")),
         "landmarks": Option(32, positive_int, "nystrom: number of landmarks"),
-        "calib": Option((4, 32), calib_shape, "whiten: N random sequences of LEN tokens"),
-        "seed": Option(0, int, "seed (rsvd sketch, calibration)"),
+        "seed": Option(0, int, "rsvd: seed of the random sketch"),
         "min_cosine": Option(None, unit_interval, "override the declared minimum cosine"),
     }
 
@@ -176,13 +177,16 @@ class LowRankPlugin(Plugin):
             out.append(Rule("lowrank.nystrom", "attention", _nystrom_rule))
         return out
 
-    def apply(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> RewriteResult:
+    def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
+        return opts["method"] == "whiten"
+
+    def apply(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any], *,
+              calib: CalibrationData | None = None) -> RewriteResult:
         o = dict(opts)
         o["_trunc"] = self.truncations(opts)
         nodes = [n for n in block_linears(graph) if o["_trunc"].get(layer_type(n.name)) is not None]
         if opts["method"] == "whiten" and nodes:
-            n_seq, length = opts["calib"]
-            acts = calibration_run(graph, params, sorted({n.inputs[0] for n in nodes}), n_seq, length, opts["seed"])
+            acts = calibration_run(graph, params, sorted({n.inputs[0] for n in nodes}), calib, who="lowrank")
             o["_acts"] = {k: np.concatenate(v) for k, v in acts.items()}
         o["_targets"] = {n.name for n in nodes}
         return rewrite_apply(graph, params, self.rules(opts), options=o, where=f"plugin {self.name}")

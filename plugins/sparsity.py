@@ -22,6 +22,11 @@ linear); N:M stores packed values and 2-bit positions (``nm_linear``); heads/ffn
 matrices. Every mode but an attention pattern that covers the sequence is approximate: the
 declared minimum cosine (``min_cosine=`` overrides) is checked by ``minitx optimize``.
 
+``wanda``, ``heads`` and ``ffn`` read activations: they run the graph on the calibration input of
+``minitx optimize`` (``--calib file:PATH``, texts or ids — the sequences the rewrite is then
+validated on). Without ``--calib`` those are seeded random tokens, whose activation norms are
+unrepresentative of text; the rewrite's log entry and a warning say so.
+
 The weight transforms are pure functions of arrays (``magnitude_masks``, ``wanda_masks``,
 ``nm_masks``, ``to_csr``, ``to_nm``, ``head_importance``, ``neuron_importance``), tested alone.
 """
@@ -36,11 +41,12 @@ from minitx.errors import MinitxError
 from minitx.executor import Executor
 from minitx.ir import Graph, Node, Value
 from minitx.ops import sparse as S
-from minitx.plugin import Option, Plugin, Tolerance, positive_int
+from minitx.plugin import CalibrationData, Option, Plugin, Tolerance, positive_int
 from minitx.rewrite import Context, Replacement, Rule, RewriteResult, apply as rewrite_apply
 
 ATTENTION = ("none", "dense", "local", "block", "strided", "topk", "threshold", "composite")
 WEIGHTS = ("none", "magnitude", "wanda", "nm", "heads", "ffn")
+CALIBRATED = ("wanda", "heads", "ffn")     # weight methods that read activations on calibration inputs
 MIN_COSINE = {"attention": 0.99, "magnitude": 0.95, "wanda": 0.95, "nm": 0.95, "heads": 0.9, "ffn": 0.9}
 
 
@@ -55,17 +61,6 @@ def unit_interval(s: str) -> float:
     v = float(s)
     if not 0.0 < v <= 1.0:
         raise ValueError("must be in (0, 1]")
-    return v
-
-
-def calib_shape(s: str) -> tuple[int, int]:
-    n, _, ln = s.partition("x")
-    try:
-        v = (int(n), int(ln))
-    except ValueError:
-        raise ValueError("expected NxLEN, e.g. 4x32") from None
-    if v[0] < 1 or v[1] < 1:
-        raise ValueError("expected NxLEN with N, LEN >= 1")
     return v
 
 
@@ -174,25 +169,21 @@ def block_linears(graph: Graph, targets: str = "all") -> list[Node]:
             and any(w in n.name for w in want)]
 
 
-def calibration_run(graph: Graph, params: Mapping[str, np.ndarray], keep: Iterable[str], n_seq: int, length: int,
-                    seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """The values named in ``keep`` on ``n_seq`` seeded random token sequences (one run each)."""
+def calibration_run(graph: Graph, params: Mapping[str, np.ndarray], keep: Iterable[str],
+                    calib: CalibrationData | None, who: str = "sparsity") -> dict[str, list[np.ndarray]]:
+    """The values named in ``keep``, as (tokens, features) rows, on every calibration sequence
+    (one run each). ``calib`` is what :func:`minitx.plugin.optimize` passes to an activation-aware
+    plugin's ``apply``; without it there is nothing representative to measure, so it is an error."""
     from minitx.validate import feeds_for
 
-    emb = [n for n in graph.nodes if n.op == "embedding" and n.inputs[0] == "input_ids"]
-    if not emb:
-        raise MinitxError("calibration needs a graph with an input_ids embedding")
-    vocab = graph.params[emb[0].inputs[1]].shape[0]
-    pos = [n for n in graph.nodes if n.op == "embedding" and n.inputs[0] == "position_ids"]
-    if pos:
-        length = min(length, graph.params[pos[0].inputs[1]].shape[0])
-    rng = np.random.default_rng(seed)
+    if calib is None or not calib.sequences:
+        raise MinitxError(f"{who}: this rewrite reads activations and needs calibration sequences; apply it with "
+                          "minitx.plugin.optimize (or `minitx optimize --calib ...`), which passes them")
     ex = Executor(graph, params)
     keep = list(keep)
     got: dict[str, list[np.ndarray]] = {k: [] for k in keep}
-    for _ in range(n_seq):
-        ids = rng.integers(0, vocab, length).tolist()
-        r = ex.run(feeds_for(graph, ids), outputs=[], keep=keep)
+    for ids in calib.sequences:
+        r = ex.run(feeds_for(graph, list(ids)), outputs=[], keep=keep)
         for k in keep:
             got[k].append(r[k].reshape(-1, r[k].shape[-1]))
     return got
@@ -227,8 +218,6 @@ class SparsityPlugin(Plugin):
         "m": Option(4, positive_int, "M of N:M"),
         "targets": Option("all", help="which block linears", choices=("all", "attn", "mlp")),
         "format": Option("compact", help="compact (CSR / N:M ops) or dense (zeros kept)", choices=("compact", "dense")),
-        "calib": Option((4, 32), calib_shape, "calibration: N random sequences of LEN tokens (wanda, heads, ffn)"),
-        "seed": Option(0, int, "calibration seed"),
         "min_cosine": Option(None, unit_interval, "override the declared minimum cosine"),
     }
 
@@ -239,6 +228,9 @@ class SparsityPlugin(Plugin):
             raise MinitxError(f"N:M needs n < m, got {opts['n']}:{opts['m']}")
         if opts["m"] > 256:
             raise MinitxError(f"m must be at most 256, got {opts['m']}")
+
+    def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
+        return opts["weights"] in CALIBRATED
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
         if opts.get("min_cosine") is not None:
@@ -256,19 +248,20 @@ class SparsityPlugin(Plugin):
             out.append(Rule("sparsity.attention", "attention", _attention_rule, exact=opts["attention"] == "dense"))
         return out
 
-    def apply(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> RewriteResult:
+    def apply(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any], *,
+              calib: CalibrationData | None = None) -> RewriteResult:
         where = f"plugin {self.name}"
         rules = self.rules(opts)
         method = opts["weights"]
         o = dict(opts)
         if method in ("magnitude", "wanda", "nm"):
-            o["_masks"] = _weight_masks(graph, params, opts)
+            o["_masks"] = _weight_masks(graph, params, opts, calib)
             rules.append(Rule(f"sparsity.{method}", "linear", _pruned_linear_rule))
         elif method == "heads":
-            o["_heads"] = _plan_heads(graph, params, opts)
+            o["_heads"] = _plan_heads(graph, params, opts, calib)
             rules += [Rule("sparsity.heads", op, _heads_rule) for op in ("linear", "split", "rope", "attention")]
         elif method == "ffn":
-            o["_ffn"] = _plan_ffn(graph, params, opts)
+            o["_ffn"] = _plan_ffn(graph, params, opts, calib)
             rules.append(Rule("sparsity.ffn", "linear", _ffn_rule))
         return rewrite_apply(graph, params, rules, options=o, where=where)
 
@@ -297,7 +290,8 @@ def _attention_rule(node: Node, ctx: Context) -> Replacement | None:
 
 
 # ---------------------------------------------------------------- unstructured / N:M
-def _weight_masks(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _weight_masks(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+                  calib: CalibrationData | None) -> dict[str, np.ndarray]:
     nodes = block_linears(graph, opts["targets"])
     if not nodes:
         raise MinitxError("sparsity: no linear layer inside a Transformer block to prune")
@@ -306,8 +300,7 @@ def _weight_masks(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[
     if method == "magnitude":
         return magnitude_masks(weights, opts["sparsity"], opts["scope"])
     if method == "wanda":
-        n_seq, length = opts["calib"]
-        acts = calibration_run(graph, params, sorted({n.inputs[0] for n in nodes}), n_seq, length, opts["seed"])
+        acts = calibration_run(graph, params, sorted({n.inputs[0] for n in nodes}), calib)
         norms = {n.inputs[1]: np.linalg.norm(np.concatenate(acts[n.inputs[0]]).astype(np.float64), axis=0)
                  for n in nodes}
         return wanda_masks(weights, norms, opts["sparsity"])
@@ -376,13 +369,13 @@ def _attention_blocks(graph: Graph) -> list[dict[str, Node]]:
     return blocks
 
 
-def _plan_heads(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> dict[str, Any]:
+def _plan_heads(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+                calib: CalibrationData | None) -> dict[str, Any]:
     """node name → what it becomes: kept query/KV heads per attention block, from calibration."""
     blocks = _attention_blocks(graph)
     if not blocks:
         raise MinitxError("sparsity: heads pruning found no qkv → attention → out block")
-    n_seq, length = opts["calib"]
-    acts = calibration_run(graph, params, [b["attn"].outputs[0] for b in blocks], n_seq, length, opts["seed"])
+    acts = calibration_run(graph, params, [b["attn"].outputs[0] for b in blocks], calib)
     plan: dict[str, Any] = {}
     for b in blocks:
         a = b["attn"]
@@ -438,7 +431,8 @@ def _heads_rule(node: Node, ctx: Context) -> Replacement | None:
 
 
 # ---------------------------------------------------------------- ffn neurons
-def _plan_ffn(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any]) -> dict[str, Any]:
+def _plan_ffn(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+              calib: CalibrationData | None) -> dict[str, Any]:
     prod = graph.producers()
     plan: dict[str, Any] = {}
     downs = [n for n in graph.nodes if n.op == "linear" and n.name.endswith(".mlp.down") and n.inputs[1] in graph.params]
@@ -451,8 +445,7 @@ def _plan_ffn(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str,
         pairs.append((up, act, d))
     if not pairs:
         raise MinitxError("sparsity: ffn pruning found no up → activation → down MLP")
-    n_seq, length = opts["calib"]
-    acts = calibration_run(graph, params, [d.inputs[0] for _, _, d in pairs], n_seq, length, opts["seed"])
+    acts = calibration_run(graph, params, [d.inputs[0] for _, _, d in pairs], calib)
     for up, act, d in pairs:
         score = neuron_importance(np.concatenate(acts[d.inputs[0]]), params[d.inputs[1]])
         kept = keep_top(score, opts["sparsity"])

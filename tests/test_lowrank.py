@@ -11,7 +11,7 @@ from minitx.model import Model
 from minitx.ops import attention as A
 from minitx.ops import lowrank as L
 from minitx.plugins import lowrank as LR
-from minitx.validate import feeds_for
+from minitx.validate import Calibration, feeds_for
 
 
 def _low_rank_matrix(rng, m, n, r):
@@ -121,9 +121,31 @@ def test_per_type_truncation_and_size(gpt2):
 def test_whitened_plugin_is_closer_than_plain_svd_on_calibration_data(gpt2):
     rows = {}
     for method in ("svd", "whiten"):
-        new = plugin.optimize(gpt2, [f"lowrank:rank=16,method={method},calib=4x32"], force=True)
+        new = plugin.optimize(gpt2, [f"lowrank:rank=16,method={method}"], force=True)
         rows[method] = new.meta["rewrites"][-1]["validation"]["outputs"][0]["cosine"]
     assert rows["whiten"] > rows["svd"]
+
+
+def test_whitening_uses_the_calibration_given(gpt2):
+    """The whitened factors are those of the layer inputs on exactly the sequences given."""
+    ids = [[7, 3, 99, 4, 12, 5, 6, 200, 1]]
+    new = plugin.optimize(gpt2, ["lowrank:rank=16,method=whiten"], calib=Calibration(ids=ids, source="ids"),
+                          validate=False)
+    node = gpt2.graph.node("layers.0.mlp.up")
+    x = gpt2.executor().run(feeds_for(gpt2.graph, ids[0]), keep=[node.inputs[0]])[node.inputs[0]]
+    U, V = LR.whitened_factors(gpt2.params[node.inputs[1]], x, 16)
+    np.testing.assert_allclose(new.params["layers.0.mlp.up.lowrank.u"] @ new.params["layers.0.mlp.up.lowrank.v"],
+                               U @ V, rtol=1e-4, atol=1e-5)
+    other = plugin.optimize(gpt2, ["lowrank:rank=16,method=whiten"], calib=Calibration(ids=[[1, 2, 3, 4, 5, 6]]),
+                            validate=False)
+    assert not np.allclose(other.params["layers.0.mlp.up.lowrank.u"], new.params["layers.0.mlp.up.lowrank.u"])
+    cal = new.meta["rewrites"][-1]["calibration"]
+    assert cal == {"source": "ids", "sequences": 1, "tokens": 9, "random_sequences": 0, "random": False}
+    warnings: list[str] = []
+    rand = plugin.optimize(gpt2, ["lowrank:rank=16,method=whiten"], validate=False, warn=warnings.append)
+    assert rand.meta["rewrites"][-1]["calibration"]["random"] and "random tokens" in warnings[0]
+    svd = plugin.optimize(gpt2, ["lowrank:rank=16"], validate=False, warn=warnings.append)
+    assert "calibration" not in svd.meta["rewrites"][-1] and len(warnings) == 1
 
 
 def test_nystrom_rewrites_only_non_causal_attention():

@@ -85,3 +85,68 @@ def test_cli_plugins_and_optimize_errors(tmp_path):
     assert "PASS" in r.stdout and "x smaller" in r.stdout
     r = _cli("infer", "out.npz", "--ids", "1,2,3", "-n", "4", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("1 2 3")
+
+
+def test_calibration_reaches_only_plugins_that_ask_for_it():
+    """A plugin declaring uses_calibration gets the user's sequences, tokenized for the model; one
+    written before calibration existed (apply without ``calib``) is called as before."""
+    from minitx import models, rewrite
+    from minitx.model import Model
+    from minitx.validate import Calibration
+
+    seen = []
+
+    class Legacy(plugin.Plugin):
+        name = "legacy_test"
+
+        def apply(self, graph, params, opts):   # the pre-calibration signature
+            seen.append("legacy")
+            return rewrite.apply(graph, params, [], options=opts)
+
+    class Aware(plugin.Plugin):
+        name = "aware_test"
+
+        def uses_calibration(self, opts):
+            return True
+
+        def rules(self, opts):
+            return []
+
+        def apply(self, graph, params, opts, *, calib=None):
+            seen.append(calib)
+            return super().apply(graph, params, opts, calib=calib)
+
+    plugin.register("legacy_test", Legacy)
+    plugin.register("aware_test", Aware)
+    try:
+        m = Model.from_config(models.preset("gpt2", "tiny"), seed=0)
+        new = plugin.optimize(m, ["legacy_test", "aware_test"], calib=Calibration(ids=[[4, 5, 6], [7, 8]], source="ids"))
+        assert seen[0] == "legacy"
+        assert seen[1] == plugin.CalibrationData(((4, 5, 6), (7, 8)), "ids", 0)
+        assert [("calibration" in e) for e in new.meta["rewrites"]] == [False, True]
+        warnings: list[str] = []
+        plugin.optimize(m, ["aware_test"], warn=warnings.append)     # nothing given: seeded random tokens
+        assert seen[2].random and len(seen[2].sequences) == 4
+        assert any("aware_test collected its activations on random tokens" in w for w in warnings), warnings
+    finally:
+        plugin.entries().pop("legacy_test")
+        plugin.entries().pop("aware_test")
+
+
+def test_cli_optimize_calibrates_on_the_given_text_and_reports_the_random_fallback(tmp_path):
+    import json
+
+    from minitx.bundled import default_model_path
+
+    spec = "sparsity:weights=wanda,sparsity=0.5"
+    r = _cli("optimize", default_model_path(), "--plugin", spec, "-o", "rand.npz", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "random tokens" in r.stderr and "--calib" in r.stderr
+    (tmp_path / "calib.txt").write_text("Emma was very much pleased with the visit.\n\n"
+                                        "Her father talked of it all the evening.\n", encoding="utf-8")
+    r = _cli("optimize", default_model_path(), "--plugin", spec, "--calib", "file:calib.txt", "--json",
+             "-o", "text.npz", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "random tokens" not in r.stderr
+    cal = json.loads(r.stdout)[0]["calibration"]
+    assert cal["source"].startswith("file:calib.txt (2 lines)") and cal["sequences"] == 2 and not cal["random"]

@@ -12,7 +12,7 @@ from minitx.model import Model
 from minitx.ops import attention as A
 from minitx.ops import sparse as S
 from minitx.plugins import sparsity as SP
-from minitx.validate import feeds_for
+from minitx.validate import Calibration, feeds_for
 
 
 def _qkv(rng, B=2, T=9, H=4, KV=2, D=4, past=3, dtype=np.float64):
@@ -199,7 +199,7 @@ def test_local_attention_wider_than_the_sequence_is_exact(gpt2):
 
 
 @pytest.mark.parametrize("spec,op", [("sparsity:weights=magnitude,sparsity=0.8", "sparse_linear"),
-                                     ("sparsity:weights=wanda,sparsity=0.8,calib=2x16", "sparse_linear"),
+                                     ("sparsity:weights=wanda,sparsity=0.8", "sparse_linear"),
                                      ("sparsity:weights=nm", "nm_linear")])
 def test_pruned_linears_are_stored_compactly_and_compute_like_zeroed_weights(gpt2, spec, op):
     new = _optimize(gpt2, spec)
@@ -241,6 +241,67 @@ def test_validation_reports_the_approximation(gpt2):
     assert entry["fired"] == {"sparsity.magnitude": 8} and entry["validation"]["passed"]
     with pytest.raises(MinitxError, match="exceeds its declared tolerance"):
         plugin.optimize(gpt2, ["sparsity:weights=magnitude,sparsity=0.9,min_cosine=0.999"])
+
+
+# ------------------------------------------------------------------ calibration reaches the plugin
+TEXTS = ["Emma was very much pleased with the visit, and her father talked of it all the evening.",
+         "It is a truth universally acknowledged that a single man in possession of a good fortune must be "
+         "in want of a wife.", "She had never seen him so agreeable; he was quite as much at ease as she was."]
+
+
+def _wanda_masks_of(model, calib):
+    new = plugin.optimize(model, ["sparsity:weights=wanda,sparsity=0.5,format=dense"], calib=calib, validate=False)
+    return new, {k[: -len(".pruned")]: v != 0 for k, v in new.params.items() if k.endswith(".pruned")}
+
+
+def test_wanda_masks_are_computed_from_the_calibration_given(gpt2):
+    """The masks are Wanda's on the activations of exactly the sequences given (recomputed here with
+    the spec from the layer inputs), and other sequences give other masks."""
+    a, b = [[5, 9, 2, 33, 7, 1, 60, 4]], [[100, 3, 3, 3, 250, 17, 8]]
+    _, got = _wanda_masks_of(gpt2, Calibration(ids=a))
+    nodes = SP.block_linears(gpt2.graph)
+    run = gpt2.executor().run(feeds_for(gpt2.graph, a[0]), keep=[n.inputs[0] for n in nodes])
+    weights = {n.inputs[1]: gpt2.params[n.inputs[1]] for n in nodes}
+    norms = {n.inputs[1]: np.linalg.norm(run[n.inputs[0]].reshape(-1, run[n.inputs[0]].shape[-1]).astype(np.float64),
+                                         axis=0) for n in nodes}
+    want = SP.wanda_masks(weights, norms, 0.5)
+    assert set(got) == set(want)
+    for k in want:   # a zero weight stays zero whether kept or not; compare only where W is nonzero
+        nz = weights[k] != 0
+        np.testing.assert_array_equal(got[k][nz], want[k][nz])
+    _, other = _wanda_masks_of(gpt2, Calibration(ids=b))
+    assert any((other[k] != got[k]).any() for k in got)
+
+
+def test_wanda_on_real_text_differs_from_random_tokens_and_the_log_says_which():
+    from minitx import modelfile
+    from minitx.bundled import default_model_path
+
+    m = modelfile.load(default_model_path())
+    warnings: list[str] = []
+    real, real_masks = _wanda_masks_of(m, Calibration(texts=TEXTS, source="3 sentences"))
+    rand = plugin.optimize(m, ["sparsity:weights=wanda,sparsity=0.5,format=dense"], validate=False,
+                           warn=warnings.append)
+    rand_masks = {k[: -len(".pruned")]: v != 0 for k, v in rand.params.items() if k.endswith(".pruned")}
+    differ = np.mean([np.mean(real_masks[k] != rand_masks[k]) for k in real_masks])
+    assert differ > 0.01, differ
+    cal = real.meta["rewrites"][-1]["calibration"]
+    assert cal["source"] == "3 sentences" and cal["sequences"] == 3 and not cal["random"] and cal["tokens"] > 30
+    assert rand.meta["rewrites"][-1]["calibration"]["random"] is True
+    assert any("random tokens" in w and "--calib" in w for w in warnings), warnings
+
+
+def test_activation_aware_modes_need_calibration_and_others_ignore_it(gpt2):
+    p = plugin.get_plugin("sparsity")
+    for spec, uses in (("weights=wanda", True), ("weights=heads", True), ("weights=ffn", True),
+                       ("weights=magnitude", False), ("weights=nm", False), ("attention=local", False)):
+        opts = plugin.parse_spec("sparsity:" + spec).options
+        assert p.uses_calibration(opts) is uses
+        if uses:
+            with pytest.raises(MinitxError, match="needs calibration sequences"):
+                p.apply(gpt2.graph, gpt2.params, opts)
+    new = plugin.optimize(gpt2, ["sparsity:weights=magnitude,sparsity=0.3"], validate=False)
+    assert "calibration" not in new.meta["rewrites"][-1]
 
 
 @pytest.mark.parametrize("spec,msg", [

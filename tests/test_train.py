@@ -337,3 +337,16 @@ def test_training_refuses_a_rewrite_that_changes_the_weights():
     st = tr.new_state(models.complete_config(TINY), None, _settings(plugins=("quant:int8",)))
     with pytest.raises(MinitxError, match="only exact rewrites"):
         tr.train(st, _pattern_ids())
+
+
+def test_evaluate_runs_a_head_pruned_model():
+    """Head pruning narrows some layers' KV caches: evaluation must feed caches as wide as the
+    rewritten graph declares (it fed the config's width and the attention concat failed)."""
+    from minitx import plugin
+
+    m = Model.from_config(models.complete_config(dict(TINY, n_heads=4)), seed=0)
+    pruned = plugin.optimize(m, ["sparsity:weights=heads,sparsity=0.5"], validate=False)
+    widths = {v.shape[-1] for v in pruned.graph.inputs if v.name.startswith("past.")}
+    assert min(widths) < 16  # some cache really is narrower than d_model
+    r = tr.evaluate(pruned, _pattern_ids(200))
+    assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
