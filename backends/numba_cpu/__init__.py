@@ -18,11 +18,6 @@ from typing import Any, Callable
 # BLAS; on a shared 2-core VM we measured 50x slowdowns (benchmarks/results/decode_cpu.md).
 # Must be set before numba starts its thread pool; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# ...but a short spin (libgomp's GOMP_SPINCOUNT overrides the policy's zero) lets the next
-# parallel region, usually tens of µs later, find its workers awake instead of paying a futex
-# wake-up per region: int8 decode (one parallel GEMV per linear) went from 65 to 89 tok/s, and
-# float32 decode/prefill were unchanged (4 alternating rounds each; benchmarks/results/).
-os.environ.setdefault("GOMP_SPINCOUNT", "200000")
 
 from minitx.backend import Backend
 
