@@ -325,10 +325,9 @@ def write_report(a, info, runs, med, bw, wbytes, roof) -> None:
             L.append(f"{p:<6} round {r + 1}: " + ", ".join(f"{k}={x[k]:.3g}" for k in x))
     L += ["```", ""]
     text = "\n".join(L)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, a.out)
+    from minitx.bench import write_text_atomic
+
+    write_text_atomic(a.out, text)
     print(text)
 
 

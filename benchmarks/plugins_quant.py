@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from minitx import generate as gen  # noqa: E402
 from minitx import machine, models, modelfile, plugin  # noqa: E402
+from minitx.bench import write_text_atomic  # noqa: E402
 from minitx.executor import Executor  # noqa: E402
 from minitx.model import Model  # noqa: E402
 from minitx.validate import Calibration  # noqa: E402
@@ -295,10 +296,7 @@ def main() -> None:
     lines += t + [""] + a + c + d
     if args.quick:
         lines.insert(2, "**Quick run (reduced sizes) — not the reference figures.**\n")
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, args.output)
+    write_text_atomic(args.output, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -27,6 +27,7 @@ import minitx  # noqa: E402,F401 — before NumPy, as in the CLI: it sets OpenBL
 import numpy as np  # noqa: E402
 
 from minitx import machine, metrics, models, plugin  # noqa: E402
+from minitx.bench import write_text_atomic  # noqa: E402
 from minitx.executor import Executor  # noqa: E402
 from minitx.model import Model  # noqa: E402
 from minitx.validate import feeds_for  # noqa: E402
@@ -209,9 +210,7 @@ def main() -> None:
     else:
         lines += ["## 3. all-MiniLM-L6-v2", "", "not available in this environment (converter or weights missing)", ""]
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(args.output + ".tmp", args.output)
+    write_text_atomic(args.output, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -94,6 +94,7 @@ def main() -> None:
         return
 
     from minitx import machine, models, modelfile, plugin
+    from minitx.bench import write_text_atomic
     from minitx.model import Model
     from minitx.validate import Calibration
 
@@ -153,10 +154,7 @@ def main() -> None:
         lines += [f"`{v}`: {total:.1f} ms per step ({sum(ops_.values()):.1f} ms inside nodes)", "",
                   "| op (backend) | ms | share |", "|---|---:|---:|"]
         lines += [f"| {k} | {ms:.2f} | {ms / total:.0%} |" for k, ms in top] + [""]
-    tmp_out = args.output + ".tmp"
-    with open(tmp_out, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp_out, args.output)
+    write_text_atomic(args.output, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
