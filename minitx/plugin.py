@@ -8,8 +8,9 @@ with :func:`minitx.rewrite.apply`; a plugin overrides it only if it needs a whol
 
 Activation-aware rewrites (Wanda pruning, whitened SVD, …) need the model's activations on
 representative inputs. Such a plugin says so per options with :meth:`Plugin.uses_calibration`;
-:func:`optimize` then tokenizes the user's calibration input (``--calib``, the same sequences the
-rewrite is validated on) for the model being rewritten and calls
+:func:`optimize` then tokenizes the user's calibration input (``--calib``; the sequences held out
+of it for validation excepted, see :meth:`minitx.validate.Calibration.split`) for the model being
+rewritten and calls
 ``apply(graph, params, opts, calib=CalibrationData)``. Plugins that do not declare it are called
 exactly as before, ``apply(graph, params, opts)``, so third-party plugins keep working. When the
 user gave no calibration input, the sequences are seeded random tokens: the rewrite's log entry
@@ -31,9 +32,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -86,22 +87,91 @@ def boolean(s: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def non_negative(s: str) -> float:
+    v = float(s)
+    if not v >= 0.0:
+        raise ValueError("must be a number >= 0 (inf turns the bound off)")
+    return v
+
+
 @dataclass(frozen=True)
 class Tolerance:
-    """What an approximate rewrite promises on calibration outputs (None = not checked).
+    """What an approximate rewrite promises on the validation outputs (None = not checked).
+
+    :func:`minitx.validate.judge` checks every bound that is set and measurable on the primary
+    output (``logits`` of a decoder, ``embedding`` of an encoder):
+
+    ================  ========================================================================
+    ``min_cosine``    mean over rows (tokens, sentences) of each row's cosine to the reference
+    ``min_row_cosine``  the worst single row's cosine (opt-in, see below)
+    ``max_rel``       max |out - ref| / max |ref|
+    ``max_kl``        mean KL(reference ‖ rewritten) of the next-token distributions, nats (logits)
+    ``min_top1``      share of positions whose argmax agrees with the reference (logits)
+    ``max_ppl_increase``  relative perplexity increase of the validation text (decoders): 0.05 = +5%;
+                      judged at the low end of its ~95% interval, so a short text's noise alone
+                      refuses nothing
+    ================  ========================================================================
+
+    Decoders are judged by the distribution they predict (KL, top-1, perplexity) — logits are
+    shift-invariant under softmax, so their cosine is only a coarse sanity bound there — and other
+    outputs by mean cosine. The defaults bound averages, not the worst row: the minimum over N rows
+    keeps falling as N grows, so a worst-row bound refuses a rewrite more often the more validation
+    text it is given. ``min_row_cosine`` is there for a user who wants that guarantee anyway.
 
     ``exact=True`` means "equal to float rounding": every output element must pass
     :func:`minitx.metrics.compare` with the dtype's default tolerance.
+
+    Built-in plugins declare one Tolerance per mode and let the user override any bound with the
+    option of the same name (:meth:`options`, :meth:`override`): ``max_kl=0.1``, ``min_top1=0``,
+    ``max_ppl_increase=inf`` (off).
     """
 
     exact: bool = False
-    min_cosine: float | None = None   # cosine of each output (and the minimum over rows)
-    max_rel: float | None = None      # max |out - ref| / max |ref|
-    max_kl: float | None = None       # mean KL of next-token distributions (decoders)
-    min_top1: float | None = None     # share of positions whose argmax agrees (decoders)
+    min_cosine: float | None = None        # mean over rows of the per-row cosine
+    max_rel: float | None = None           # max |out - ref| / max |ref|
+    max_kl: float | None = None            # mean KL of next-token distributions (logits), nats
+    min_top1: float | None = None          # share of positions whose argmax agrees (logits)
+    max_ppl_increase: float | None = None  # perplexity(rewritten) / perplexity(reference) - 1 (decoders)
+    min_row_cosine: float | None = None    # worst row's cosine (stricter the more rows; opt-in)
+
+    BOUNDS: ClassVar[tuple[str, ...]] = ("min_cosine", "min_row_cosine", "max_rel", "max_kl", "min_top1",
+                                         "max_ppl_increase")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None and v is not False}
+
+    @staticmethod
+    def options() -> dict[str, Option]:
+        """The plugin options that override one declared bound each (same names as the fields)."""
+        return {
+            "min_cosine": Option(None, fraction, "override the bound on the mean per-row cosine"),
+            "min_row_cosine": Option(None, fraction, "also bound the worst row's cosine (off by default)"),
+            "max_rel": Option(None, non_negative, "also bound max |out-ref| / max |ref| (off by default)"),
+            "max_kl": Option(None, non_negative, "override the bound on the mean next-token KL, nats (decoders)"),
+            "min_top1": Option(None, fraction, "override the bound on top-1 agreement (decoders)"),
+            "max_ppl_increase": Option(None, non_negative, "override the bound on the relative perplexity "
+                                       "increase, 0.05 = +5% (decoders)"),
+        }
+
+    def override(self, opts: Mapping[str, Any]) -> "Tolerance":
+        """This tolerance with every bound the user set in ``opts`` (not None) replaced."""
+        given = {k: float(opts[k]) for k in self.BOUNDS if opts.get(k) is not None}
+        return replace(self, **given) if given else self
+
+    @staticmethod
+    def loosest(*tols: "Tolerance") -> "Tolerance":
+        """One tolerance no stricter than any of ``tols`` (a rewrite combining several modes): per
+        bound the loosest value; a bound that one of them leaves unchecked stays unchecked."""
+        approx = [t for t in tols if not t.exact]       # an exact part adds no error of its own
+        if not approx:
+            return Tolerance(exact=True)
+        out: dict[str, Any] = {}
+        for k in Tolerance.BOUNDS:
+            vals = [getattr(t, k) for t in approx]
+            if any(v is None for v in vals):
+                continue
+            out[k] = min(vals) if k.startswith("min_") else max(vals)
+        return Tolerance(**out)
 
 
 @dataclass(frozen=True)
@@ -111,6 +181,8 @@ class CalibrationData:
 
     ``source`` describes where they came from (``--calib``); the last ``n_random`` sequences are
     seeded random tokens rather than real text (all of them when the user gave no calibration).
+    They are the *fitting* part of the calibration (:meth:`minitx.validate.Calibration.split`):
+    the sequences the rewrite is then validated on are held out from them.
     """
 
     sequences: tuple[tuple[int, ...], ...]
@@ -120,8 +192,8 @@ class CalibrationData:
     @classmethod
     def of(cls, calib, model) -> "CalibrationData":
         """The sequences of ``calib`` (a :class:`minitx.validate.Calibration`) for ``model``."""
-        seqs = calib.sequences(model)
-        return cls(tuple(tuple(int(t) for t in s) for s in seqs), calib.source, int(calib.n_random))
+        part = calib.split(model)
+        return cls(tuple(tuple(int(t) for t in s) for s in part.fit), part.fit_source, part.fit_random)
 
     @property
     def random(self) -> bool:
@@ -336,7 +408,8 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
     :class:`minitx.validate.Calibration`, default: seeded random tokens) and refused when it
     exceeds its plugin's declared tolerance — unless ``force``, which only warns. A plugin whose
     rewrite is activation-aware (:meth:`Plugin.uses_calibration`) collects its activations on the
-    same ``calib`` sequences; if they are random tokens, ``warn`` says so.
+    fitting part of ``calib``; every step is validated on the part held out from it
+    (:meth:`minitx.validate.Calibration.split`). If the fitting part is random tokens, ``warn`` says so.
 
     Returns a new Model whose ``meta["rewrites"]`` holds, per plugin, its options, the firing log,
     weight bytes before/after, the calibration an activation-aware rewrite used and the validation

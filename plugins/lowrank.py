@@ -19,8 +19,13 @@ or ``energy=``. Methods:
 
 The factors replace the ``linear`` by ``lowrank_linear`` (``form=op``) or by two ``linear`` s
 (``form=two``). ``attention=nystrom`` turns non-causal attention into ``nystrom_attention`` with
-``landmarks`` landmarks. Everything here is approximate; the declared minimum cosine (override:
-``min_cosine=``) is checked by ``minitx optimize``.
+``landmarks`` landmarks. Everything here is approximate; ``minitx optimize`` checks the declared
+tolerance ``TOLERANCE`` (minitx.plugin.Tolerance): mean per-row cosine >= 0.95 and, for decoders,
+mean next-token KL <= 0.05 nats, top-1 agreement >= 0.8 and perplexity <= +5% on the validation
+text. On the bundled Austen decoder ``rank=64,method=whiten`` passes (KL 0.001, perplexity under +1%) and
+``rank=2`` is refused (KL 4.4). The options ``min_cosine=``, ``max_kl=``, ``min_top1=``,
+``max_ppl_increase=`` (relative), ``min_row_cosine=`` (worst row, off by default) and ``max_rel=``
+override one bound each (``inf``, or 0 for a minimum, turns one off).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from minitx.rewrite import Context, Replacement, Rule, RewriteResult, apply as r
 from .sparsity import block_linears, calibration_run, unit_interval
 
 TYPES = ("qkv", "out", "mlp")
+TOLERANCE = Tolerance(min_cosine=0.95, max_kl=0.05, min_top1=0.8, max_ppl_increase=0.05)
 
 
 def truncation(s: str) -> Any:
@@ -143,7 +149,7 @@ class LowRankPlugin(Plugin):
         "attention": Option("none", help="attention approximation", choices=("none", "nystrom")),
         "landmarks": Option(32, positive_int, "nystrom: number of landmarks"),
         "seed": Option(0, int, "rsvd: seed of the random sketch"),
-        "min_cosine": Option(None, unit_interval, "override the declared minimum cosine"),
+        **Tolerance.options(),
     }
 
     def check_options(self, opts: Mapping[str, Any]) -> None:
@@ -167,9 +173,7 @@ class LowRankPlugin(Plugin):
         return out
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
-        if opts.get("min_cosine") is not None:
-            return Tolerance(min_cosine=opts["min_cosine"])
-        return Tolerance(min_cosine=0.9)
+        return TOLERANCE.override(opts)
 
     def rules(self, opts: Mapping[str, Any]) -> list[Rule]:
         out = [Rule("lowrank.svd", "linear", _lowrank_rule)]

@@ -140,7 +140,9 @@ def test_whitening_uses_the_calibration_given(gpt2):
                             validate=False)
     assert not np.allclose(other.params["layers.0.mlp.up.lowrank.u"], new.params["layers.0.mlp.up.lowrank.u"])
     cal = new.meta["rewrites"][-1]["calibration"]
-    assert cal == {"source": "ids", "sequences": 1, "tokens": 9, "random_sequences": 0, "random": False}
+    # a single sequence cannot be held out: it is fitted on (and validated on, as the report says)
+    assert cal == {"source": "ids: 1 of 1 real sequences", "sequences": 1, "tokens": 9, "random_sequences": 0,
+                   "random": False}
     warnings: list[str] = []
     rand = plugin.optimize(gpt2, ["lowrank:rank=16,method=whiten"], validate=False, warn=warnings.append)
     assert rand.meta["rewrites"][-1]["calibration"]["random"] and "random tokens" in warnings[0]
@@ -170,3 +172,24 @@ def test_bad_options_are_one_line_errors(gpt2, spec, msg):
     with pytest.raises(MinitxError, match=msg) as e:
         plugin.optimize(gpt2, [spec])
     assert "\n" not in str(e.value)
+
+
+def test_declared_tolerance_passes_rank_64_and_refuses_rank_2_on_a_trained_decoder():
+    """The bundled Austen decoder, validated on text held out from what whitening calibrated on."""
+    from minitx import modelfile
+    from minitx.bundled import default_model_path
+
+    m = modelfile.load(default_model_path())
+    cal = Calibration(texts=[
+        "She had not the least wish to be married herself, and could not imagine why anybody should think it a duty.",
+        "It was a pleasant evening, and the whole party walked together to the end of the garden.",
+        "Her sister was very much in love with a young man of good family, but of no fortune.",
+        "There was no time for reflection; the letter must be answered at once, and she sat down to write it.",
+    ], source="4 passages")
+    good = plugin.optimize(m, ["lowrank:rank=64,method=whiten"], calib=cal)
+    v = good.meta["rewrites"][-1]["validation"]
+    assert v["passed"] and v["disjoint"] and v["n_sequences"] == 1 and v["outputs"][0]["kl"] < 0.01
+    assert good.meta["rewrites"][-1]["calibration"]["sequences"] == 3
+    with pytest.raises(MinitxError, match=r"lowrank:rank=2: exceeds its declared tolerance — logits mean cosine "
+                                          r"[0-9.]+ < min_cosine 0.95; logits mean KL [0-9.]+ > max_kl 0.05"):
+        plugin.optimize(m, ["lowrank:rank=2"], calib=cal)
