@@ -296,6 +296,49 @@ def optimizer_options(lr: float, min_lr: float, warmup: int, weight_decay: float
     return apply
 
 
+def checkpoint_options(f):
+    """--checkpoint, --checkpoint-every and --resume, shared by train, distill and qat."""
+    f = click.option("--resume", type=click.Path(dir_okay=False), default=None,
+                     help="Continue from a checkpoint of this command (bit for bit; the run's settings must match).")(f)
+    f = click.option("--checkpoint-every", default=100, show_default=True,
+                     help="Save a checkpoint every N steps (0 = at the end).")(f)
+    return click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
+                        help="Checkpoint file (default: OUTPUT with .ckpt.npz).")(f)
+
+
+def _checkpoint_path(output: str, checkpoint: str | None) -> str:
+    """The checkpoint file (default beside OUTPUT); both folders must exist before any training."""
+    if checkpoint is None:
+        checkpoint = (output[:-4] if output.endswith(".npz") else output) + ".ckpt.npz"
+    for path in (output, checkpoint):
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise MinitxError(f"{path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    return checkpoint
+
+
+def _resume_settings(st, changeable: Sequence[str] = ()) -> None:
+    """Apply the command line to a resumed run's settings: --steps and --checkpoint-every (and
+    ``changeable``) take the new value; any other training flag given with a different value
+    than the checkpoint's is an error — the resumed run keeps its settings, silently or not."""
+    from dataclasses import fields
+
+    ctx = click.get_current_context()
+    free = {"steps", "checkpoint_every", *changeable}
+    for f in fields(st.settings):
+        if f.name not in ctx.params or ctx.get_parameter_source(f.name) == click.core.ParameterSource.DEFAULT:
+            continue
+        new, old = ctx.params[f.name], getattr(st.settings, f.name)
+        if isinstance(new, (list, tuple)):
+            new = tuple(new)
+        if new == old or (f.name == "seq_len" and new == 0):
+            continue
+        if f.name not in free:
+            flag, may = "--" + f.name.replace("_", "-"), ", ".join("--" + k.replace("_", "-") for k in sorted(free))
+            raise MinitxError(f"{st.source}: the checkpoint was made with {flag} {old}, not {new} "
+                              f"(a resumed run keeps its settings; only {may} may change)")
+        setattr(st.settings, f.name, new)
+
+
 # ------------------------------------------------------------------------------------- train
 @main.command()
 @click.option("--arch", type=click.Choice(["gpt2", "llama"]), default=None, help="Model family (not needed with --config or --resume).")
@@ -306,10 +349,7 @@ def optimizer_options(lr: float, min_lr: float, warmup: int, weight_decay: float
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="tokenizer.json to use instead of training one.")
 @click.option("--vocab-size", type=int, default=None, help="Train a byte-level BPE of this size (default: the config's vocab_size).")
 @optimizer_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
-@click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint file (default: OUTPUT with .ckpt.npz).")
-@click.option("--checkpoint-every", default=100, show_default=True, help="Save a checkpoint every N steps (0 = at the end).")
-@click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue from a checkpoint.")
+@checkpoint_options
 @click.option("--precision", default="float32", show_default=True,
               help="Compute precision: float32, float16 or bfloat16 (weights and optimizer state stay float32).")
 @click.option("--loss-scale", default=2.0 ** 15, show_default=True, help="Initial dynamic loss scale (float16/bfloat16).")
@@ -342,21 +382,11 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
 
         plugin.plan(plugins)     # likewise: an unknown plugin or option fails now
     text = data.read_text(data_path)
-    if checkpoint is None:
-        checkpoint = (output[:-4] if output.endswith(".npz") else output) + ".ckpt.npz"
-    for path in (output, checkpoint):   # fail now, not after hours of training
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise MinitxError(f"{path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    checkpoint = _checkpoint_path(output, checkpoint)   # fail now, not after hours of training
     t0 = time.perf_counter()
     if resume:
         st = tr.load_checkpoint(resume)
-        ctx = click.get_current_context()
-        if ctx.get_parameter_source("steps") != click.core.ParameterSource.DEFAULT:
-            st.settings.steps = steps
-        if ctx.get_parameter_source("precision") != click.core.ParameterSource.DEFAULT:
-            st.settings.precision = precision
-        if plugins:
-            st.settings.plugins = tuple(plugins)
+        _resume_settings(st, changeable=("precision", "plugins"))
         tok_json = st.model.tokenizer_json
         if tok_json is None:
             raise MinitxError(f"{resume}: the checkpoint carries no tokenizer")
@@ -422,15 +452,21 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Also score the model rewritten by this plugin (repeatable) and report the perplexity delta.")
+@click.option("--precision", default="float32", show_default=True,
+              help="Compute precision: float32, float16 or bfloat16 (emulated), as `train --precision` computes.")
 @backend_options
-def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain, plugins=()) -> None:
+def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain, plugins=(), precision="float32") -> None:
     """Loss and perplexity of a decoder on a text (sliding windows of its context length).
 
     MODEL defaults to the bundled model. With --plugin, the rewritten model is scored too.
+    With --precision float16|bfloat16 the model runs in that precision (weights cast from float32).
     """
     from minitx import data
     from minitx import train as tr
+    from minitx.precision import check_precision
 
+    check_precision(precision)
+    in_prec = f" ({precision} compute)" if precision != "float32" else ""
     m = load_model(model)
     if not m.is_decoder:
         raise MinitxError(f"eval scores next-token prediction: needs a decoder, not {m.config['arch']}")
@@ -444,25 +480,25 @@ def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain, 
 
         plan(plugins)    # bad plugin options fail before any scoring
         res = evaluate_plugins(m, ids, plugins, backends=_backends(backends), stride=stride, strict=no_fallback,
-                               warn=lambda s: click.echo(s, err=True))
+                               precision=precision, warn=lambda s: click.echo(s, err=True))
         if as_json:
             click.echo(json.dumps(res))
         else:
             r = res["rewritten"]
-            click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s)")
+            click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s){in_prec}")
             click.echo(f"  model:                loss {res['loss']:.4f} nats/token, perplexity {res['perplexity']:.3f}")
             click.echo(f"  with {' + '.join(plugins)}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}")
             click.echo(f"  delta: loss {res['delta_loss']:+.4f}, perplexity {res['delta_perplexity']:+.3f} "
                        f"({100 * res['relative_delta_perplexity']:+.2f}%)")
         return
-    res = tr.evaluate(m, ids, _backends(backends), stride, no_fallback)
+    res = tr.evaluate(m, ids, _backends(backends), stride, no_fallback, precision=precision)
     if explain:
-        print_explain(tr._loss_executor(m, _backends(backends), no_fallback))
+        print_explain(tr._loss_executor(m, _backends(backends), no_fallback, precision))
     if as_json:
         click.echo(json.dumps(res))
     else:
-        click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s): loss {res['loss']:.4f} nats/token, "
-                   f"perplexity {res['perplexity']:.3f}")
+        click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s){in_prec}: loss {res['loss']:.4f} "
+                   f"nats/token, perplexity {res['perplexity']:.3f}")
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -632,17 +668,25 @@ def verify(model, golden_file, atol, rtol, as_json, plugins, backends, no_fallba
               help="Calibration input: text, file:PATH (a text per line), ids:1,2,3 or random:NxLEN "
                    "(repeatable; default random:4x32).")
 @click.option("--calib-seed", default=0, show_default=True, help="Seed of random calibration sequences.")
+@click.option("--validate", "validate_specs", multiple=True, metavar="SPEC",
+              help="Validate on this input instead (same syntax as --calib; repeatable). Default: every 4th "
+                   "--calib sequence is held out from calibration and validated on.")
 @click.option("--force", is_flag=True, help="Keep a rewrite that exceeds its declared tolerance (warn only).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rewrite reports as JSON.")
-def optimize(model: str, plugins, calib, calib_seed: int, force: bool, output: str, as_json: bool) -> None:
-    """Rewrite a model with optimization plugins, validate it against the original, save it."""
+def optimize(model: str, plugins, calib, calib_seed: int, validate_specs, force: bool, output: str,
+             as_json: bool) -> None:
+    """Rewrite a model with optimization plugins, validate it against the original, save it.
+
+    Activation-aware rewrites calibrate on --calib; each rewrite is validated on sequences
+    disjoint from those (held out of --calib, or --validate) and refused beyond its declared
+    tolerance (decoders: mean KL, top-1 agreement, perplexity change; others: mean cosine)."""
     from minitx import modelfile
     from minitx.plugin import optimize as _optimize
     from minitx.validate import Calibration
 
     m = load_model(model)
-    cal = Calibration.parse(list(calib), seed=calib_seed)
+    cal = Calibration.parse(list(calib), seed=calib_seed, validate=list(validate_specs))
     new = _optimize(m, plugins, calib=cal, force=force, warn=lambda s: click.echo(s, err=True))
     modelfile.save(new, output)
     reports = new.meta["rewrites"][len(m.meta.get("rewrites", [])):]
@@ -661,6 +705,8 @@ def optimize(model: str, plugins, calib, calib_seed: int, force: bool, output: s
             rep = ValidationReport(v["calibration"], v["n_sequences"], v["tolerance"],
                                    [OutputReport(**o) for o in v["outputs"]], v["layers"], v["perplexity"],
                                    v["passed"], v["failure"])
+            if r.get("calibration"):
+                click.echo(f"  calibrated on {r['calibration']['source']}")
             click.echo(f"  validated on {v['calibration']}: {rep.summary()}")
             worst = min((lr for lr in v["layers"] if "shadow" in lr),
                         key=lambda lr: lr["shadow"]["cosine"] if lr["shadow"]["cosine"] is not None else 1.0,
@@ -668,7 +714,8 @@ def optimize(model: str, plugins, calib, calib_seed: int, force: bool, output: s
             if worst:
                 click.echo(f"  worst layer alone (shadow): layer {worst['layer']}, cosine "
                            f"{worst['shadow']['cosine']:.6f}, SQNR {worst['shadow']['sqnr_db']:.1f} dB")
-            click.echo(f"  tolerance {v['tolerance']}: {'PASS' if v['passed'] else 'FAIL (kept: --force)'}")
+            click.echo(f"  tolerance {v['tolerance']}: "
+                       + ("PASS" if v["passed"] else f"FAIL: {v['failure']} (kept: --force)"))
     click.echo(f"wrote {output}")
 
 
@@ -770,14 +817,18 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, p
 @click.option("--baseline", is_flag=True, help="Also train the same student without the teacher, for comparison.")
 @click.option("--decode-tokens", default=32, show_default=True, help="Tokens generated to measure decode speed.")
 @optimizer_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
+@checkpoint_options
 @click.option("--backend", "backends", multiple=True, metavar="NAME",
               help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, layer_map, baseline, decode_tokens,
             steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay, clip, eval_every, eval_batches,
-            val_fraction, seed, backends, as_json, quiet) -> None:
-    """Distil TEACHER (default: the bundled model) into a smaller student; report both (and --baseline)."""
+            val_fraction, seed, backends, as_json, quiet, checkpoint=None, checkpoint_every=100, resume=None) -> None:
+    """Distil TEACHER (default: the bundled model) into a smaller student; report both (and --baseline).
+
+    Checkpoints (student, feature projections, optimizer state) are written as `train` writes
+    them; --resume continues one, with the same teacher, text, losses and settings."""
     from minitx import data
     from minitx import distill as dl
     from minitx import train as tr
@@ -787,8 +838,7 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
     ds.check()
     if decode_tokens < 0:
         raise MinitxError(f"--decode-tokens must be >= 0, got {decode_tokens}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        raise MinitxError(f"{output}: folder {os.path.dirname(os.path.abspath(output))} does not exist")
+    checkpoint = _checkpoint_path(output, checkpoint)
     from minitx.bundled import default_model_path
 
     teacher = teacher if teacher is not None else default_model_path()
@@ -809,19 +859,26 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MinitxError(f"--student-config {src}: not valid JSON: {e}") from None
     config = dl.student_config(t, user)
-    settings = tr.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
-                                min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
-                                eval_every=eval_every, eval_batches=eval_batches, val_fraction=val_fraction,
-                                seed=seed)
-    st = dl.new_student(config, t, settings)
+    if resume:
+        st = tr.load_checkpoint(resume, kind="distill")
+        if st.model.config != config:
+            diff = sorted(k for k in {*config, *st.model.config} if config.get(k) != st.model.config.get(k))
+            raise MinitxError(f"{resume}: the checkpoint's student differs from --student-config in {', '.join(diff)}")
+        _resume_settings(st)
+    else:
+        settings = tr.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                                    lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
+                                    eval_every=eval_every, eval_batches=eval_batches,
+                                    checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed)
+        st = dl.new_student(config, t, settings)
     dl.plan(t, st.model, ds)   # bad layer maps and the like fail before any text is read
     ids = data.encode(t.tokenizer_json, data.read_text(data_path))
-    bar = None if quiet else tr.ProgressLine(steps)
+    bar = None if quiet else tr.ProgressLine(st.settings.steps)
     log = bar.message if bar else (lambda s: None)
     log(f"teacher {t.n_params():,} parameters, student {st.model.n_params():,}; {len(ids):,} tokens of text; "
         f"losses {', '.join(f'{k}={v:g}' for k, v in ds.losses.items())}")
     rep = dl.run_report(t, teacher, st, ids, ds, output, baseline=baseline, decode_tokens=decode_tokens,
-                        backends=_backends(backends), log=log, progress=bar)
+                        backends=_backends(backends), checkpoint=checkpoint, log=log, progress=bar)
     if as_json:
         click.echo(json.dumps(rep))
     else:
@@ -840,6 +897,7 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
                    "with the quant plugin's options (group=, embeddings=, skip=).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Packed model file to write (.npz).")
 @optimizer_options(lr=3e-4, min_lr=3e-5, warmup=10, weight_decay=0.0)
+@checkpoint_options
 @click.option("--calib", "calib", multiple=True, metavar="SPEC", help="Calibration input of the conversion (as in optimize).")
 @click.option("--force", is_flag=True, help="Keep a conversion that exceeds its declared tolerance (warn only).")
 @click.option("--no-compare", is_flag=True, help="Skip scoring the float and post-training-quantized models.")
@@ -849,11 +907,13 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup,
         weight_decay, clip, eval_every, eval_batches, val_fraction, seed, calib, force, no_compare, as_json,
-        backends, quiet) -> None:
+        backends, quiet, checkpoint=None, checkpoint_every=100, resume=None) -> None:
     """Quantization-aware fine-tuning: train MODEL through fake quantization, convert, save.
 
     The held-out tail of the text (--val-fraction) then scores the float model, its post-training
     quantization and the QAT model after conversion. MODEL defaults to the bundled model.
+    Checkpoints hold the float weights being fine-tuned; --resume continues one (same MODEL,
+    --plugin, text and settings).
     """
     from minitx import data, modelfile
     from minitx import qat as Q
@@ -862,21 +922,29 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
     from minitx.validate import Calibration
 
     Q.split_spec(plugin_text)                        # bad options fail before any work
-    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        raise MinitxError(f"{output}: folder {os.path.dirname(os.path.abspath(output))} does not exist")
+    checkpoint = _checkpoint_path(output, checkpoint)
     m = load_model(model)
     Q._check_float(m, model or "the bundled model")
     if m.tokenizer_json is None:
         raise MinitxError("this model carries no tokenizer, so it cannot read text")
-    settings = tr.TrainSettings(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay, clip=clip,
-                                eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=0,
-                                val_fraction=val_fraction, seed=seed)
-    settings.check()
+    from minitx.bundled import default_model_path
+
+    model_file = model if model is not None else default_model_path()
+    if resume:
+        st = Q.resume(resume, m, plugin_text, model_file)
+        _resume_settings(st)
+    else:
+        settings = tr.TrainSettings(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay,
+                                    clip=clip, eval_every=eval_every, eval_batches=eval_batches,
+                                    checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed)
+        st = Q.new_state(m, plugin_text, settings, model_file)
+    settings = st.settings
     ids = data.encode(m.tokenizer_json, data.read_text(data_path))
-    bar = None if quiet or as_json else tr.ProgressLine(steps)
+    bar = None if quiet or as_json else tr.ProgressLine(settings.steps)
     warn = (lambda s: click.echo(s, err=True))
     res = Q.run(m, ids, plugin_text, settings, backends=_backends(backends), calib=Calibration.parse(list(calib)),
-                force=force, warn=warn, log=bar.message if bar else None, progress=bar)
+                force=force, state=st, checkpoint=checkpoint, warn=warn, log=bar.message if bar else None,
+                progress=bar)
     packed_text = Q.split_spec(plugin_text)[1]
     report: dict[str, Any] = {"plugin": packed_text, "steps": res.state.step,
                               "packed_vs_fake_quant_max_abs": res.packed_vs_fake_quant}

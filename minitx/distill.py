@@ -16,6 +16,10 @@ training graph (so backends, the executor's memory accounting and the gradient c
   in contiguous groups down to gcd(H_s, H_t) maps (4 vs 2 heads: teacher heads 0–1 and 2–3 face
   student heads 0 and 1; 4 vs 3 heads: one head-averaged map each).
 
+The projections and their AdamW moments are part of the checkpoint (``aux.distill.proj.*``), with
+what identifies the run — the teacher's fingerprint, the text's, the loss weights, temperature and
+layer map — so that ``--resume`` continues bit for bit and refuses a run that differs.
+
 Layer pairs (``--layer-map 0:1,1:3``: student layer 0 ↔ teacher layer 1, …) default to spacing
 the student's layers evenly over the teacher's, last to last. The teacher runs forward only (no
 gradients), once per micro-batch; its logits, hidden states and attention maps are fed to the
@@ -34,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import data, models
+from . import train as tr
 from .errors import MinitxError
 from .executor import Executor
 from .generate import generate
@@ -275,7 +280,28 @@ def init_projections(p: Plan, seed: int, dtype) -> dict[str, np.ndarray]:
 class DistillRun:
     state: TrainState
     proj: dict[str, np.ndarray]
-    history: list[dict[str, float]]
+    history: list[dict[str, float]]   # the steps of this call only (a resumed run's begin after the checkpoint)
+
+
+def run_identity(teacher: Model, ds: DistillSettings, p: Plan, teacher_file: str | None = None) -> dict[str, Any]:
+    """What a resumed distillation must repeat besides the training settings (its text is checked too)."""
+    return {"teacher": tr.model_identity(teacher, teacher_file),
+            "--loss": ",".join(f"{k}={float(ds.losses[k])!r}" for k in LOSSES if k in ds.losses),
+            "--temperature": float(ds.temperature),
+            "--layer-map": ",".join(f"{a}:{b}" for a, b in p.pairs) if ds.uses_layers else None}
+
+
+def _projections(st: TrainState, p: Plan, dtype) -> dict[str, np.ndarray]:
+    """The feature projections: fresh at step 0, else the checkpoint's (with their optimizer)."""
+    s = st.settings
+    if st.step == 0 and not st.aux:
+        st.aux = init_projections(p, s.seed, dtype)
+        st.aux_opt = AdamW(st.aux, (s.beta1, s.beta2), s.eps, s.weight_decay)
+    have = {k: tuple(a.shape) for k, a in st.aux.items()}
+    if have != {k: tuple(v) for k, v in p.proj_shapes.items()}:
+        raise MinitxError(f"{st.source or 'the resumed state'}: the checkpoint's feature projections "
+                          f"{sorted(have) or '(none)'} do not fit this run's ({sorted(p.proj_shapes) or 'none'})")
+    return st.aux
 
 
 def teacher_feeds(p: Plan, tex: Executor, teacher: Model, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -286,9 +312,13 @@ def teacher_feeds(p: Plan, tex: Executor, teacher: Model, x: np.ndarray) -> dict
 
 
 def distill(st: TrainState, teacher: Model, ids: np.ndarray, ds: DistillSettings, *,
-            backends: Sequence[str] = ("numpy",), log: Callable[[str], None] | None = None,
+            backends: Sequence[str] = ("numpy",), checkpoint: str | None = None, teacher_file: str | None = None,
+            log: Callable[[str], None] | None = None,
             progress: Callable[[dict[str, float]], None] | None = None) -> DistillRun:
-    """Train ``st.model`` for ``st.settings.steps`` steps on ``ids`` against ``teacher``.
+    """Train ``st.model`` up to ``st.settings.steps`` steps on ``ids`` against ``teacher``,
+    writing ``checkpoint`` as :func:`minitx.train.train` does. ``st`` may be a fresh student or a
+    distillation checkpoint (:func:`minitx.train.load_checkpoint` with ``kind="distill"``), which
+    must have been made with the same teacher, text and objectives.
 
     Data split, batches (``st.rng``), schedule and clipping are :func:`minitx.train.train`'s.
     """
@@ -296,8 +326,12 @@ def distill(st: TrainState, teacher: Model, ids: np.ndarray, ds: DistillSettings
     s.check()
     if getattr(s, "precision", "float32") != "float32":
         raise MinitxError("distillation runs in float32 only (no --precision)")
+    if st.step and st.kind != "distill":
+        raise MinitxError(f"{st.source or 'the state'}: a `minitx {st.kind}` run cannot be resumed as a distillation")
     student = st.model
     p = plan(teacher, student, ds)
+    st.kind = "distill"
+    tr.check_run(st, {**run_identity(teacher, ds, p, teacher_file), "--data": tr.data_identity(ids)})
     seq_len = s.seq_len or min(student.n_ctx, teacher.n_ctx)
     if seq_len > min(student.n_ctx, teacher.n_ctx):
         raise MinitxError(f"--seq-len {seq_len} exceeds the context length (student {student.n_ctx}, "
@@ -306,8 +340,7 @@ def distill(st: TrainState, teacher: Model, ids: np.ndarray, ds: DistillSettings
         raise MinitxError(f"token id {int(ids.max())} is outside the vocabulary of {teacher.vocab_size}")
     train_ids, val_ids = data.split(ids, s.val_fraction, seq_len)
     dtype = next(iter(student.params.values())).dtype
-    proj = init_projections(p, s.seed, dtype)
-    popt = AdamW(proj, (s.beta1, s.beta2), s.eps, s.weight_decay)
+    proj = _projections(st, p, dtype)
     tex = Executor(p.teacher_graph, teacher.params, backends)
     log = log or (lambda m: None)
     history: list[dict[str, float]] = []
@@ -336,7 +369,7 @@ def distill(st: TrainState, teacher: Model, ids: np.ndarray, ds: DistillSettings
         lr = lr_at(st.step, s.lr, s.warmup, s.steps, s.min_lr)
         st.opt.step(student.params, {k: g for k, g in grads.items() if k in student.params}, lr)
         if proj:
-            popt.step(proj, {k: g for k, g in grads.items() if k in proj}, lr)
+            st.aux_opt.step(proj, {k: g for k, g in grads.items() if k in proj}, lr)
         st.step += 1
         now = time.perf_counter()
         rec.update(step=st.step, lr=lr, grad_norm=gnorm,
@@ -349,10 +382,12 @@ def distill(st: TrainState, teacher: Model, ids: np.ndarray, ds: DistillSettings
             terms = ", ".join(f"{k[5:]} {rec[k]:.4f}" for k in p.student_graph.outputs[1:])
             log(f"step {st.step}: distillation loss {rec['loss']:.4f} ({terms}), held-out loss {vl:.4f}, "
                 f"perplexity {rec['val_perplexity']:.2f}")
+            st.history.append({k: rec[k] for k in ("step", "loss", "val_loss", "val_perplexity")})
         history.append(rec)
         if progress:
             progress(rec)
-    st.history = [{k: r[k] for k in ("step", "loss", "val_loss", "val_perplexity")} for r in history if "val_loss" in r]
+        if checkpoint and tr.checkpoint_due(s, st.step):
+            tr.save_checkpoint(checkpoint, st)
     return DistillRun(st, proj, history)
 
 
@@ -435,7 +470,8 @@ def objectives(teacher: Model, student: Model, proj: dict[str, np.ndarray], ds: 
 
 def run_report(teacher: Model, teacher_path: str | None, st: TrainState, ids: np.ndarray, ds: DistillSettings,
                output: str, *, baseline: bool = False, decode_tokens: int = 32,
-               backends: Sequence[str] = ("numpy",), log: Callable[[str], None] | None = None,
+               backends: Sequence[str] = ("numpy",), checkpoint: str | None = None,
+               log: Callable[[str], None] | None = None,
                progress: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Distil, save the student to ``output``, optionally train the baseline, and measure all three
     models on the same held-out tokens and the same machine."""
@@ -449,7 +485,8 @@ def run_report(teacher: Model, teacher_path: str | None, st: TrainState, ids: np
     seq_len = s.seq_len or min(st.model.n_ctx, teacher.n_ctx)
     s.seq_len = seq_len
     t0 = time.perf_counter()
-    run = distill(st, teacher, ids, ds, backends=backends, log=log, progress=progress)
+    distill(st, teacher, ids, ds, backends=backends, checkpoint=checkpoint, teacher_file=teacher_path,
+            log=log, progress=progress)
     elapsed = time.perf_counter() - t0
     p = plan(teacher, st.model, ds)
     st.model.meta = {"source": "minitx distill", "teacher": os.path.basename(teacher_path or "bundled default"),

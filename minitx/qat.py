@@ -9,7 +9,9 @@ fine-tuned float weights, validated like ``minitx optimize``; the packed graph c
 fake-quant graph computed (to float rounding: :func:`packed_vs_fake_quant`).
 
 The loop is minitx.train's (:func:`minitx.train.train` on a state whose model has the fake-quant
-graph): same batches, schedule, clipping, AdamW and held-out evaluation.
+graph): same batches, schedule, clipping, AdamW, held-out evaluation and checkpoints. A checkpoint
+holds the float weights being fine-tuned (``kind`` "qat"); resuming rebuilds the fake-quant graph
+over them, after checking that the starting model, the plugin and the text are the run's own.
 """
 from __future__ import annotations
 
@@ -78,18 +80,46 @@ class QATResult:
     packed_vs_fake_quant: float   # max |logits| difference on a check batch
 
 
-def finetune(model: Model, ids: np.ndarray, text: str, settings: tr.TrainSettings, *,
-             backends: Sequence[str] = ("numpy",), log: Callable[[str], None] | None = None,
-             progress: Callable[[dict[str, float]], None] | None = None) -> tuple[Model, Model, tr.TrainState]:
-    """Train ``model`` through ``text``'s fake quantization; returns (fine-tuned float model,
-    fake-quant model, the training state). ``model`` itself is not modified."""
+def new_state(model: Model, text: str, settings: tr.TrainSettings, model_file: str | None = None) -> tr.TrainState:
+    """A fresh QAT run: the fake-quant model over a copy of ``model``'s weights, a new AdamW."""
     settings.check()
     fq = fake_quant_model(model, text)
     opt = AdamW(fq.params, (settings.beta1, settings.beta2), settings.eps, settings.weight_decay)
     rng = np.random.Generator(np.random.PCG64([settings.seed, 1]))     # as minitx.train.new_state
-    st = tr.train(tr.TrainState(fq, opt, rng, settings), ids, backends=backends, log=log, progress=progress)
+    st = tr.TrainState(fq, opt, rng, settings, kind="qat")
+    tr.check_run(st, run_identity(model, fq, text, model_file))
+    return st
+
+
+def resume(path: str, model: Model, text: str, model_file: str | None = None) -> tr.TrainState:
+    """The QAT run saved in checkpoint ``path``, which must have started from ``model`` with ``text``."""
+    st = tr.load_checkpoint(path, kind="qat")
+    fq = fake_quant_model(st.model, text)   # the fine-tuned float weights, read through fake_quant
+    tr.check_run(st, run_identity(model, fq, text, model_file))
+    st.model = fq
+    return st
+
+
+def run_identity(model: Model, fq: Model, text: str, model_file: str | None = None) -> dict[str, Any]:
+    """What a resumed QAT run must repeat besides the training settings (its text is checked too):
+    the starting model, and the fake-quant graph it trains through — the plugin options that
+    shape it, not the conversion's tolerances (which may change)."""
+    return {"model": tr.model_identity(model, model_file),
+            "--plugin": {"what": split_spec(text)[1], "sha256": tr.fingerprint({"graph": fq.graph.to_json()})}}
+
+
+def finetune(model: Model, ids: np.ndarray, text: str, settings: tr.TrainSettings, *,
+             backends: Sequence[str] = ("numpy",), state: tr.TrainState | None = None,
+             checkpoint: str | None = None, log: Callable[[str], None] | None = None,
+             progress: Callable[[dict[str, float]], None] | None = None) -> tuple[Model, Model, tr.TrainState]:
+    """Train ``model`` through ``text``'s fake quantization (or continue ``state``, from
+    :func:`resume`), checkpointing to ``checkpoint``; returns (fine-tuned float model, fake-quant
+    model, the training state). ``model`` itself is not modified."""
+    st = state if state is not None else new_state(model, text, settings)
+    fq = st.model
+    st = tr.train(st, ids, backends=backends, checkpoint=checkpoint, log=log, progress=progress)
     meta = {k: v for k, v in model.meta.items() if k != "qat_graph"}
-    meta["qat"] = {"spec": split_spec(text)[0], "steps": st.step, "settings": asdict(settings),
+    meta["qat"] = {"spec": split_spec(text)[0], "steps": st.step, "settings": asdict(st.settings),
                    "history": st.history}
     fine = Model(dict(model.config), fq.params, model.graph, model.tokenizer_json, meta)
     return fine, fq, st
@@ -109,14 +139,16 @@ def packed_vs_fake_quant(packed: Model, fake: Model, seed: int = 0, batch: int =
 
 def run(model: Model, ids: np.ndarray, text: str, settings: tr.TrainSettings, *,
         backends: Sequence[str] = ("numpy",), calib=None, force: bool = False,
+        state: tr.TrainState | None = None, checkpoint: str | None = None,
         warn: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
         progress: Callable[[dict[str, float]], None] | None = None) -> QATResult:
     """Fine-tune with fake quantization, then convert to the packed form (validated against the
     fine-tuned float model with the plugin's declared tolerance, as ``minitx optimize`` does)."""
     _, packed_text = split_spec(text)
-    fine, fq, st = finetune(model, ids, text, settings, backends=backends, log=log, progress=progress)
+    fine, fq, st = finetune(model, ids, text, settings, backends=backends, state=state, checkpoint=checkpoint,
+                            log=log, progress=progress)
     packed = plugin.optimize(fine, [packed_text], calib=calib, force=force, warn=warn)
-    diff = packed_vs_fake_quant(packed, fq, seed=settings.seed)
+    diff = packed_vs_fake_quant(packed, fq, seed=st.settings.seed)
     packed.meta["qat"] = {**packed.meta.get("qat", {}), "packed_vs_fake_quant_max_abs": diff}
     return QATResult(packed, fine, fq, st, diff)
 
@@ -127,17 +159,18 @@ def held_out(ids: np.ndarray, settings: tr.TrainSettings, n_ctx: int) -> np.ndar
 
 
 def evaluate_plugins(model: Model, ids: np.ndarray, texts: Sequence[str], *, backends: Sequence[str] = ("numpy",),
-                     stride: int | None = None, strict: bool = False,
+                     stride: int | None = None, strict: bool = False, precision: str = "float32",
                      warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Perplexity of ``ids`` under ``model`` and under ``model`` rewritten by ``texts``, and the delta.
+    """Perplexity of ``ids`` under ``model`` and under ``model`` rewritten by ``texts``, and the delta,
+    both computed in ``precision``.
 
     The rewrite runs with ``force`` (the perplexity is the judge here, as in ``verify --plugin``)."""
-    base = tr.evaluate(model, ids, backends, stride, strict)
+    base = tr.evaluate(model, ids, backends, stride, strict, precision=precision)
     new = plugin.optimize(model, list(texts), force=True, warn=warn)
     if {v.name: v.dtype for v in new.graph.inputs} != {v.name: v.dtype for v in model.graph.inputs}:
         raise MinitxError(f"{' + '.join(texts)} changes the model's inputs (an int8 KV cache); eval scores "
                           "windows without a cache and cannot feed it — leave kv= out")
-    res = tr.evaluate(new, ids, backends, stride, strict)
+    res = tr.evaluate(new, ids, backends, stride, strict, precision=precision)
     out = dict(base)
     out.update(plugins=list(texts), rewritten={k: res[k] for k in ("loss", "perplexity")},
                delta_loss=res["loss"] - base["loss"], delta_perplexity=res["perplexity"] - base["perplexity"],

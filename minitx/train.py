@@ -15,17 +15,23 @@ of the history, the progress line and the checkpoint.
 A checkpoint is one ``.npz`` (written atomically, read with ``allow_pickle=False``):
 ``__train__`` (JSON: step, settings, RNG state, history), ``__config__``, ``__tokenizer__``,
 ``param.NAME``, ``opt.m.NAME`` and ``opt.v.NAME``; mixed-precision runs add ``scaler`` (the loss
-scaler's state) to ``__train__``.
+scaler's state) to ``__train__``. The same file serves ``minitx distill`` and ``minitx qat``:
+``__train__`` names the command that wrote it (``kind``) and what identifies its run beyond the
+settings (``run``: the text's fingerprint, the teacher's, the loss weights, the plugin…), which a
+resume must repeat (:func:`check_run`); trainable arrays that are not the model's (distillation's
+feature projections) travel as ``aux.NAME`` with their AdamW moments ``aux_opt.m/v.NAME``.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -103,6 +109,11 @@ class TrainState:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     scaler: LossScaler | None = None  # mixed precision only; made by train() when missing
+    kind: str = "train"               # the command whose run this is: train, distill or qat
+    run: dict[str, Any] = field(default_factory=dict)   # what a resume must repeat (check_run)
+    aux: dict[str, np.ndarray] = field(default_factory=dict)  # trainables outside the model
+    aux_opt: AdamW | None = None      # their optimizer
+    source: str | None = None         # the checkpoint this state was loaded from
 
 
 # ------------------------------------------------------------------------------------ batches
@@ -123,10 +134,15 @@ def _feeds(config: dict[str, Any], x: np.ndarray, y: np.ndarray | None, dtype, g
     return feeds
 
 
-def _loss_executor(model: Model, backends: Sequence[str], strict: bool = False) -> Executor:
+def _loss_executor(model: Model, backends: Sequence[str], strict: bool = False,
+                   precision: str = "float32") -> Executor:
+    """The model's graph with its loss, computing in ``precision`` (float16 / emulated bfloat16
+    copies of the weights, as ``train --precision`` computes; see minitx/precision.py)."""
     if not model.is_decoder:
         raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
-    return Executor(models.with_loss(model.graph), model.params, backends, strict)
+    prec = Precision(precision)
+    return Executor(prec.graph(models.with_loss(model.graph)), prec.params(model.params), prec.backends(backends),
+                    strict)
 
 
 def training_graph(model: Model, plugins: Sequence[str] = ()):
@@ -161,28 +177,40 @@ def window_nll(ex: Executor, model: Model, x: np.ndarray, y: np.ndarray) -> tupl
     n = int((y != -100).sum())
     if n == 0:
         return 0.0, 0
-    out = ex.run(_feeds(model.config, x, y, _dtype(model), model.graph), outputs=["loss"])
+    past = next((v for v in ex.graph.inputs if v.name.startswith("past.")), None)
+    dtype = np.dtype(past.dtype) if past is not None else _dtype(model)   # the executor's compute dtype
+    out = ex.run(_feeds(model.config, x, y, dtype, model.graph), outputs=["loss"])
     return float(out["loss"]) * n, n
 
 
 def evaluate(model: Model, ids: np.ndarray, backends: Sequence[str] = ("numpy",), stride: int | None = None,
-             strict: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+             strict: bool = False, progress: Callable[[int, int], None] | None = None,
+             precision: str = "float32") -> dict[str, Any]:
     """Loss (mean NLL per token, nats) and perplexity of ``ids`` under ``model``, with sliding
-    windows of the model's context length."""
+    windows of the model's context length, computed in ``precision`` (float16 or bfloat16: what
+    the model scores when it runs in that precision, as ``train --precision`` computes)."""
+    check_precision(precision)
     if len(ids) < 2:
         raise MinitxError(f"the text has {len(ids)} token(s): at least 2 are needed to score a prediction")
     if ids.max() >= model.vocab_size:
         raise MinitxError(f"token id {int(ids.max())} is outside the model's vocabulary of {model.vocab_size}")
-    ex = _loss_executor(model, backends, strict)
+    ex = _loss_executor(model, backends, strict, precision)
     total, count = 0.0, 0
     windows = data.eval_windows(ids, model.n_ctx, stride)
-    for k, (x, y) in enumerate(windows):
-        s, n = window_nll(ex, model, x[None], y[None])
-        total, count = total + s, count + n
-        if progress:
-            progress(k + 1, len(windows))
+    # In float16 the masked attention scores (dtype min) overflow harmlessly to -inf; a real
+    # overflow shows as a non-finite loss, refused below.
+    with np.errstate(over="ignore", invalid="ignore") if precision != "float32" else contextlib.nullcontext():
+        for k, (x, y) in enumerate(windows):
+            s, n = window_nll(ex, model, x[None], y[None])
+            total, count = total + s, count + n
+            if progress:
+                progress(k + 1, len(windows))
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "windows": len(windows)}
+    if precision != "float32" and not math.isfinite(loss):
+        raise MinitxError(f"the loss is {loss} in {precision}: the model's activations overflow {precision} "
+                          "(evaluate in float32)")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "windows": len(windows),
+            "precision": precision}
 
 
 def _heldout_loss(ex: Executor, model: Model, val: np.ndarray, seq_len: int, n_batches: int, batch: int) -> float:
@@ -202,10 +230,12 @@ def _heldout_loss(ex: Executor, model: Model, val: np.ndarray, seq_len: int, n_b
 
 # -------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | os.PathLike, st: TrainState) -> None:
-    meta = {"format": CKPT_FORMAT, "step": st.step, "settings": asdict(st.settings),
-            "rng": st.rng.bit_generator.state, "history": st.history, "opt_t": st.opt.t}
+    meta = {"format": CKPT_FORMAT, "kind": st.kind, "step": st.step, "settings": asdict(st.settings),
+            "rng": st.rng.bit_generator.state, "history": st.history, "opt_t": st.opt.t, "run": st.run}
     if st.scaler is not None:
         meta["scaler"] = st.scaler.state()
+    if st.aux:
+        meta["aux_opt_t"] = st.aux_opt.t
     arrays: dict[str, np.ndarray] = {
         "__train__": _text(json.dumps(meta)),
         "__config__": _text(json.dumps(st.model.config, sort_keys=True)),
@@ -214,10 +244,15 @@ def save_checkpoint(path: str | os.PathLike, st: TrainState) -> None:
         arrays["__tokenizer__"] = _text(st.model.tokenizer_json)
     arrays.update({f"param.{k}": a for k, a in st.model.params.items()})
     arrays.update(st.opt.state())
+    if st.aux:
+        arrays.update({f"aux.{k}": a for k, a in st.aux.items()})
+        arrays.update({f"aux_{k}": a for k, a in st.aux_opt.state().items()})
     write_npz_atomic(path, arrays)
 
 
-def load_checkpoint(path: str | os.PathLike) -> TrainState:
+def load_checkpoint(path: str | os.PathLike, kind: str = "train") -> TrainState:
+    """The state saved by :func:`save_checkpoint`; ``kind`` is the command resuming it (a
+    distillation checkpoint holds a student and projections that ``minitx train`` cannot continue)."""
     r = NpzReader(path, what="checkpoint")
     try:
         if "__train__" not in r:
@@ -226,6 +261,10 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
         meta = r.json("__train__")
         if meta.get("format") != CKPT_FORMAT:
             raise MinitxError(f"{r.path}: unsupported checkpoint format {meta.get('format')!r}")
+        made_by = meta.get("kind", "train")
+        if made_by != kind:
+            raise MinitxError(f"{r.path}: a `minitx {made_by}` checkpoint; resume it with `minitx {made_by} --resume`, "
+                              f"not `minitx {kind}`")
         try:
             config = models.complete_config(r.json("__config__"))
         except MinitxError as e:
@@ -240,7 +279,12 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
             params[name] = np.array(a)
         settings = TrainSettings.from_dict(meta["settings"])
         opt = AdamW(params, (settings.beta1, settings.beta2), settings.eps, settings.weight_decay)
-        opt.load_state({k: r.array(k) for k in r.keys if k.startswith("opt.")}, int(meta["opt_t"]))
+        opt.load_state(_moments(r, "opt.", params), int(meta["opt_t"]))
+        aux = {k[4:]: np.array(r.array(k)) for k in r.keys if k.startswith("aux.")}
+        aux_opt = None
+        if aux:
+            aux_opt = AdamW(aux, (settings.beta1, settings.beta2), settings.eps, settings.weight_decay)
+            aux_opt.load_state(_moments(r, "aux_opt.", aux), int(meta.get("aux_opt_t", meta["opt_t"])))
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = meta["rng"]
     finally:
@@ -250,7 +294,76 @@ def load_checkpoint(path: str | os.PathLike) -> TrainState:
         scaler = LossScaler.from_state(meta["scaler"]) if meta.get("scaler") else None
     except (KeyError, TypeError, ValueError) as e:
         raise MinitxError(f"{r.path}: the loss scaler's state in '__train__' is malformed ({e})") from None
-    return TrainState(model, opt, rng, settings, int(meta["step"]), list(meta.get("history", [])), scaler)
+    return TrainState(model, opt, rng, settings, int(meta["step"]), list(meta.get("history", [])), scaler,
+                      made_by, dict(meta.get("run") or {}), aux, aux_opt, str(path))
+
+
+def _moments(r: NpzReader, prefix: str, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """AdamW's ``m``/``v`` arrays for ``params`` under ``prefix``, checked against their shapes."""
+    out = {}
+    for name, p in params.items():
+        for which in ("m", "v"):
+            key = f"{prefix}{which}.{name}"
+            a = r.array(key)
+            if a.shape != p.shape:
+                raise MinitxError(f"{r.path}: key {key!r} has shape {a.shape}, expected {p.shape}")
+            out[f"opt.{which}.{name}"] = a
+    return out
+
+
+def checkpoint_due(s: TrainSettings, step: int) -> bool:
+    """Whether a checkpoint is written after ``step`` (every ``checkpoint_every`` steps and at the end)."""
+    return bool(s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.steps
+
+
+def fingerprint(arrays: Mapping[str, Any]) -> str:
+    """SHA-256 of named arrays and JSON values (name, dtype, shape, bytes): two runs on the same
+    text, or from the same model, fingerprint alike however the files are named."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        v = arrays[k]
+        if isinstance(v, np.ndarray):
+            a = np.ascontiguousarray(v)
+            h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(f"{k}={json.dumps(v, sort_keys=True)};".encode())
+    return h.hexdigest()
+
+
+def data_identity(ids: np.ndarray) -> dict[str, Any]:
+    """What a resume checks about the token stream: it must be the same text."""
+    return {"what": f"{len(ids):,} tokens", "sha256": fingerprint({"ids": np.asarray(ids, np.int64)})}
+
+
+def model_identity(model: Model, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a resume checks about a model it reads (distillation's teacher, QAT's starting point):
+    its config and weights, whatever file they come from."""
+    what = os.path.basename(str(path)) if path else "the model"
+    return {"what": what, "sha256": fingerprint({"__config__": model.config, **model.params})}
+
+
+def check_run(st: TrainState, run: Mapping[str, Any]) -> None:
+    """Record ``run`` (flag → value) on a fresh state; on a resumed one, require the same values.
+
+    Values are JSON; a dict with ``sha256`` compares by that alone and shows its ``what``.
+    A key the checkpoint does not have (an older one) is recorded, not compared."""
+    for key, new in run.items():
+        if key in st.run and _ident(st.run[key]) != _ident(new):
+            where = st.source or "the resumed state"
+            raise MinitxError(f"{where}: the checkpoint was made with {key} {_show(st.run[key])}, not {_show(new)} "
+                              "(a resumed run must repeat its settings)")
+    st.run.update(run)
+
+
+def _ident(v: Any) -> Any:
+    return v["sha256"] if isinstance(v, dict) and "sha256" in v else v
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, dict) and "sha256" in v:
+        return f"{v.get('what', '')} (sha256 {v['sha256'][:12]})".strip()
+    return v if isinstance(v, str) else json.dumps(v)
 
 
 def _text(s: str) -> np.ndarray:
@@ -284,6 +397,7 @@ def train(st: TrainState, ids: np.ndarray, *, backends: Sequence[str] = ("numpy"
     if len(ids) and int(ids.max()) >= model.vocab_size:
         raise MinitxError(f"token id {int(ids.max())} is outside the model's vocabulary of {model.vocab_size} "
                           "(the tokenizer is larger than the config's vocab_size)")
+    check_run(st, {"--data": data_identity(ids)})
     train_ids, val_ids = data.split(ids, s.val_fraction, seq_len)
     log = log or (lambda m: None)
     dtype = _dtype(model)
@@ -352,7 +466,7 @@ def train(st: TrainState, ids: np.ndarray, *, backends: Sequence[str] = ("numpy"
             log(f"step {st.step}: train loss {loss:.4f}, held-out loss {vl:.4f}, perplexity {rec['val_perplexity']:.2f}")
         if progress:
             progress(rec)
-        if checkpoint and ((s.checkpoint_every and st.step % s.checkpoint_every == 0) or last):
+        if checkpoint and checkpoint_due(s, st.step):
             save_checkpoint(checkpoint, st)
     return st
 

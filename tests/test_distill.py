@@ -163,6 +163,86 @@ def test_parsing_and_validation_errors(teacher):
         dl.DistillSettings({"response": 1.0}, 0.0).check()
 
 
+# --------------------------------------------------------------------------------------- resume
+def _interrupt_at(step):
+    def progress(rec):
+        if rec["step"] == step:
+            raise KeyboardInterrupt
+    return progress
+
+
+def test_interrupted_distillation_resumes_bit_for_bit(teacher, ids, tmp_path):
+    """Student, feature projections, both optimizers and the data stream continue exactly."""
+    ds = dl.DistillSettings({"response": 1.0, "feature": 0.5})
+    kw = dict(batch_size=2, seq_len=16, eval_every=2, eval_batches=1, checkpoint_every=2)
+    straight = dl.distill(student(teacher, settings(4, **kw)), teacher, ids, ds)
+
+    ckpt = str(tmp_path / "c.npz")
+    with pytest.raises(KeyboardInterrupt):   # after the checkpoint at step 2, before the one at step 4
+        dl.distill(student(teacher, settings(4, **kw)), teacher, ids, ds, checkpoint=ckpt, progress=_interrupt_at(3))
+    st = tr.load_checkpoint(ckpt, kind="distill")
+    assert st.step == 2 and set(st.aux) == set(straight.proj) and st.aux_opt.t == 2
+    resumed = dl.distill(st, teacher, ids, ds, checkpoint=ckpt)
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    for a, b in [(straight.state.model.params, st.model.params), (straight.proj, resumed.proj),
+                 (straight.state.opt.v, st.opt.v), (straight.state.aux_opt.m, st.aux_opt.m)]:
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert st.history == straight.state.history and len(st.history) == 2
+    assert tr.load_checkpoint(ckpt, kind="distill").step == 4
+
+
+def test_resume_refuses_another_teacher_loss_or_text(teacher, ids, tmp_path):
+    ds = dl.DistillSettings({"response": 1.0, "feature": 0.5})
+    ckpt = str(tmp_path / "c.npz")
+    dl.distill(student(teacher, settings(1, batch_size=1, seq_len=8)), teacher, ids, ds, checkpoint=ckpt)
+    other = modelfile.Model(teacher.config, {k: a + np.float32(1e-3) for k, a in teacher.params.items()},
+                            teacher.graph, teacher.tokenizer_json)
+    for args, msg in [((other, ids, ds), "made with teacher"),
+                      ((teacher, ids, dl.DistillSettings({"response": 1.0, "feature": 0.25})),
+                       "made with --loss response=1.0,feature=0.5, not response=1.0,feature=0.25"),
+                      ((teacher, ids, dl.DistillSettings({"response": 1.0, "feature": 0.5}, 3.0)), "--temperature"),
+                      ((teacher, ids[:-1], ds), "made with --data")]:
+        with pytest.raises(MinitxError, match=msg):
+            dl.distill(tr.load_checkpoint(ckpt, kind="distill"), *args)
+    with pytest.raises(MinitxError, match="a `minitx distill` checkpoint; resume it with `minitx distill"):
+        tr.load_checkpoint(ckpt)
+
+
+def test_cli_distill_interrupt_resume_matches_straight_run(text_file, tmp_path, monkeypatch):
+    common = ["distill", DEFAULT_MODEL, "--student-config", json.dumps(STUDENT), "--data", text_file,
+              "--steps", "3", "--batch-size", "1", "--seq-len", "8", "--warmup", "1", "--val-fraction", "0.2",
+              "--loss", "response=1", "--loss", "feature=0.5", "--checkpoint-every", "1", "--decode-tokens", "0",
+              "--json", "-q"]
+    assert _cli([*common, "-o", str(tmp_path / "a.npz")]).exit_code == 0
+    real = tr.ProgressLine.__call__
+
+    def interrupted(self, rec):
+        real(self, rec)
+        if rec["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr.ProgressLine, "__call__", interrupted)
+    ckpt = str(tmp_path / "b.ckpt.npz")
+    r = _cli([c for c in common if c != "-q"] + ["-o", str(tmp_path / "b.npz")])
+    assert r.exit_code == 130 and not (tmp_path / "b.npz").exists()
+    monkeypatch.undo()
+    r = _cli([*common, "-o", str(tmp_path / "b.npz"), "--resume", ckpt])
+    assert r.exit_code == 0, r.output
+    a, b = modelfile.load(str(tmp_path / "a.npz")), modelfile.load(str(tmp_path / "b.npz"))
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    # A resume that changes the run is one line naming what differs.
+    for extra, msg in [(["--loss", "ce=1"], "made with --loss response=1.0,feature=0.5, not response=1.0,ce=1.0,"),
+                       (["--lr", "0.1"], "made with --lr 0.003, not 0.1"),
+                       (["--student-config", json.dumps({**STUDENT, "d_model": 16})],
+                        "differs from --student-config in d_model")]:
+        r = _cli([*common, "-o", str(tmp_path / "c.npz"), "--resume", ckpt, *extra])
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and msg in r.output, r.output
+    assert not (tmp_path / "c.npz").exists()
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _cli(args):
     from minitx.cli import main

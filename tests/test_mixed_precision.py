@@ -298,6 +298,27 @@ def test_bad_settings(kw, msg):
         tr.new_state(models.complete_config(TINY), None, _settings(**kw))
 
 
+# ------------------------------------------------------------------------------- eval
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_eval_in_low_precision_computes_in_it_and_stays_close(precision):
+    st = tr.new_state(models.complete_config(LLAMA), None, _settings(steps=8, eval_every=8, lr=2e-2))
+    tr.train(st, _ids())
+    ids = (np.arange(300) * 7 % 11).astype(np.int64)   # not the training cycle: a perplexity well above 1
+    r32 = tr.evaluate(st.model, ids)
+    spy = _Spy()
+    low = tr.evaluate(st.model, ids, backends=[spy], precision=precision)
+    assert low["precision"] == precision and r32["precision"] == "float32" and low["tokens"] == r32["tokens"]
+    assert r32["perplexity"] > 3
+    assert low["perplexity"] != r32["perplexity"]                     # the precision was not ignored...
+    assert low["perplexity"] == pytest.approx(r32["perplexity"], rel=0.01)   # ...and only rounding differs
+    assert len(spy.seen) > 20
+    if precision == "float16":
+        assert {str(a.dtype) for _, a in spy.seen} == {"float16"}
+    else:
+        assert sorted({op for op, a in spy.seen if not _is_bfloat16(a)}) == []
+    assert {a.dtype for a in st.model.params.values()} == {np.dtype(np.float32)}   # the model is untouched
+
+
 # ----------------------------------------------------------------------------------- CLI
 def _cli_files(tmp_path):
     text = tmp_path / "t.txt"
@@ -320,6 +341,14 @@ def test_cli_precision_float16(tmp_path):
         assert {z[k].dtype for k in z.files if not k.startswith("__")} == {np.dtype(np.float32)}
     meta = json.loads(np.load(str(out)[:-4] + ".ckpt.npz", allow_pickle=False)["__train__"].tobytes())
     assert meta["settings"]["precision"] == "float16" and meta["scaler"]["skipped"] == 0
+    # eval in the precision the model was trained in, and says so
+    ev = {p: CliRunner().invoke(main, ["eval", str(out), "--data", str(tmp_path / "t.txt"), "--precision", p, *j])
+          for p, j in [("float32", ["--json"]), ("float16", ["--json"]), ("bfloat16", [])]}
+    assert all(r.exit_code == 0 for r in ev.values()), [r.output for r in ev.values()]
+    r32, r16 = (json.loads(ev[p].output) for p in ("float32", "float16"))
+    assert r16["precision"] == "float16" and r16["perplexity"] == pytest.approx(r32["perplexity"], rel=0.01)
+    assert r16["perplexity"] != r32["perplexity"]
+    assert "(bfloat16 compute): loss" in ev["bfloat16"].output
 
 
 def test_cli_bad_precision_is_one_line(tmp_path):

@@ -177,6 +177,50 @@ def test_qat_beats_post_training_int4(trained):
     assert res.packed.meta["qat"]["steps"] == 30 and res.packed.meta["rewrites"][-1]["spec"] == spec
 
 
+# ---------------------------------------------------------------------------------------- resume
+def _tiny():
+    cfg = models.complete_config({"arch": "gpt2", "vocab_size": V, "n_ctx": 16, "d_model": 16, "n_layers": 1,
+                                  "n_heads": 2, "d_ff": 32})
+    return Model.from_config(cfg, seed=1), _markov_ids(1500)
+
+
+def test_interrupted_qat_resumes_bit_for_bit(tmp_path):
+    m, ids = _tiny()
+    spec = "quant:int4,group=16"
+    def s():
+        return _settings(steps=4, batch_size=4, warmup=1, eval_every=2, eval_batches=1, checkpoint_every=2)
+    fine, _, straight = qat.finetune(m, ids, spec, s())
+
+    ckpt = str(tmp_path / "q.ckpt.npz")
+
+    def interrupt(rec):
+        if rec["step"] == 3:          # after the checkpoint at step 2, before the one at step 4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        qat.finetune(m, ids, spec, s(), checkpoint=ckpt, progress=interrupt)
+    st = qat.resume(ckpt, m, spec + ",min_cosine=0.5")   # a conversion tolerance is not part of training
+    assert st.step == 2 and st.kind == "qat" and "fake_quant" in {n.op for n in st.model.graph.nodes}
+    fine2, _, resumed = qat.finetune(m, ids, spec, s(), state=st)
+    assert resumed.step == 4 and resumed.history == straight.history
+    for a, b in [(fine.params, fine2.params), (straight.opt.m, resumed.opt.m), (straight.opt.v, resumed.opt.v)]:
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert not np.array_equal(fine.params["layers.0.mlp.up.weight"], m.params["layers.0.mlp.up.weight"])
+
+    other = Model(m.config, {k: a * np.float32(1.01) for k, a in m.params.items()}, m.graph)
+    plug = r"made with --plugin quant:int4,group=16 \(sha256 \w+\), not quant:int8 \("
+    for model, text, msg in [(m, "quant:int8", plug),
+                             (m, "quant:int4,group=8", "--plugin"),
+                             (other, spec, "made with model")]:
+        with pytest.raises(MinitxError, match=msg):
+            qat.resume(ckpt, model, text)
+    with pytest.raises(MinitxError, match="made with --data"):
+        qat.finetune(m, ids[:-5], spec, s(), state=qat.resume(ckpt, m, spec))
+    with pytest.raises(MinitxError, match="a `minitx qat` checkpoint; resume it with `minitx qat --resume`"):
+        tr.load_checkpoint(ckpt)
+
+
 # ------------------------------------------------------------------------------------- the CLI
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
@@ -223,6 +267,37 @@ def test_qat_command_converts_and_compares(model_file, tmp_path):
     q = modelfile.load(str(out))
     assert "linear_q4" in {n.op for n in q.graph.nodes} and "fake_quant" not in {n.op for n in q.graph.nodes}
     assert q.meta["qat"]["steps"] == 4
+
+
+def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, monkeypatch):
+    d = model_file
+    common = ["qat", str(d / "m.npz"), "--data", str(d / "text.txt"), "--plugin", "quant:int8", "--steps", "3",
+              "--batch-size", "2", "--seq-len", "8", "--checkpoint-every", "1", "--no-compare", "--force"]
+    assert CliRunner().invoke(main, [*common, "-q", "-o", str(tmp_path / "a.npz")]).exit_code == 0
+    real = tr.ProgressLine.__call__
+
+    def interrupted(self, rec):
+        real(self, rec)
+        if rec["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr.ProgressLine, "__call__", interrupted)
+    r = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "b.npz")])
+    assert r.exit_code == 130 and not (tmp_path / "b.npz").exists()
+    monkeypatch.undo()
+    ckpt = str(tmp_path / "b.ckpt.npz")
+    r = CliRunner().invoke(main, [*common, "-q", "-o", str(tmp_path / "b.npz"), "--resume", ckpt])
+    assert r.exit_code == 0, r.output
+    a, b = modelfile.load(str(tmp_path / "a.npz")), modelfile.load(str(tmp_path / "b.npz"))
+    assert b.meta["qat"]["steps"] == 3 and "linear_q8" in {n.op for n in b.graph.nodes}
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    for extra, msg in [(["--plugin", "quant:int4"], "made with --plugin quant:int8 (sha256"),
+                       (["--seed", "5"], "made with --seed 0, not 5")]:
+        r = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "c.npz"), "--resume", ckpt, *extra])
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and msg in lines[0], r.output
+    assert not (tmp_path / "c.npz").exists()
 
 
 @pytest.mark.parametrize("args, match", [

@@ -112,6 +112,25 @@ def test_cli_train_interrupt_resume_matches_straight_run(tmp_path, monkeypatch):
     assert 1.0 < res["perplexity"] < 280
 
 
+def test_resume_must_repeat_the_run(tmp_path):
+    """Another text, or a training flag given with another value than the checkpoint's, is a one-line
+    error naming it (a resumed run keeps its settings); --steps may change."""
+    ckpt = str(tmp_path / "c.npz")
+    tr.train(tr.new_state(models.complete_config(TINY), None, _settings(steps=2)), _pattern_ids(), checkpoint=ckpt)
+    with pytest.raises(MinitxError, match=r"made with --data 2,000 tokens \(sha256 \w+\), not 1,999 tokens"):
+        tr.train(tr.load_checkpoint(ckpt), _pattern_ids(1999))
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 80)
+    common = ["train", "--arch", "gpt2", "--data", str(text), "--vocab-size", "270", "--batch-size", "2",
+              "--steps", "1", "-q", "-o", str(tmp_path / "m.npz")]
+    assert CliRunner().invoke(main, common).exit_code == 0
+    resume = [*common, "--resume", str(tmp_path / "m.ckpt.npz")]
+    r = CliRunner().invoke(main, [*resume, "--lr", "0.1"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "made with --lr 0.003, not 0.1" in r.output, r.output
+    r = CliRunner().invoke(main, [*resume, "--steps", "2", "--batch-size", "2"])    # unchanged flags are fine
+    assert r.exit_code == 0 and "after 2 steps" in r.output, r.output
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = models.complete_config(TINY)
     st = tr.new_state(cfg, None, _settings())
