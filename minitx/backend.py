@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -47,6 +47,13 @@ class Backend:
     def to_numpy(self, a: Any) -> np.ndarray:
         """This backend's array → host NumPy array."""
         return np.asarray(a)
+
+    def owns(self, a: Any) -> bool:
+        """Whether ``a`` is an array in this backend's device memory (a CuPy array for the GPU
+        backend). Host backends own nothing: NumPy arrays belong to the host. The executor asks
+        this of arrays fed to a graph, so device arrays a previous run returned (a KV cache) are
+        used where they lie instead of being copied through the host."""
+        return False
 
     def supports(self, op: str, dtype: str) -> bool:
         """Whether this backend runs the forward of ``op`` when it computes in ``dtype``."""
@@ -178,6 +185,25 @@ def describe(name: str) -> dict[str, Any]:
 
 def spec_backend() -> Backend:
     return get_backend("numpy")
+
+
+def owner(a: Any, prefer: Sequence[Backend] = ()) -> Backend | None:
+    """The backend whose device memory holds ``a`` (asking ``prefer`` first, then every loaded
+    backend), or None for a host array or anything no backend claims."""
+    if isinstance(a, np.ndarray):
+        return None
+    loaded = [e.backend for e in list(entries().values()) if e.backend is not None]
+    for b in (*prefer, *loaded):
+        if b.owns(a):
+            return b
+    return None
+
+
+def to_host(a: Any) -> np.ndarray:
+    """``a`` as a host NumPy array, copied from the device that holds it if any: the explicit
+    transfer for code that reads results a run left on a device (decode state, caches)."""
+    b = owner(a)
+    return np.asarray(a) if b is None else b.to_numpy(a)
 
 
 def _remedy(name: str, error: str) -> str:

@@ -4,6 +4,9 @@ Each node is placed on the first backend (in the user's order) that implements i
 graph's dtype; every other node falls back to the NumPy spec, and arrays move between devices
 only where a producer and a consumer sit on different backends. ``placement`` records where
 each node runs (``minitx … --explain`` prints it); ``strict=True`` makes a fallback an error.
+Results come back as host arrays, except those a caller asks to leave on their device
+(``run(device_outputs=…)``); such arrays fed to a later run stay where they are — decoding keeps
+its KV cache on the GPU between steps.
 
 Training keeps exactly what the VJPs will read, frees everything else as soon as its last reader
 has run, and counts the bytes held: ``peak_activation_bytes`` is the high-water mark of node
@@ -14,12 +17,12 @@ on first need — the mechanism the recompute plugin's policies drive.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from . import ops
-from .backend import Backend, get_backend, spec_backend
+from .backend import Backend, get_backend, owner, spec_backend
 from .errors import MinitxError
 from .ir import Graph, Node
 
@@ -108,7 +111,8 @@ class Executor:
             self._device_params[key] = a
         return a
 
-    def _fetch(self, name: str, b: Backend, env: dict[str, Any], loc: dict[str, Backend]) -> Any:
+    def _fetch(self, name: str, b: Backend, env: dict[str, Any], loc: dict[str, Backend],
+               pinned: Collection[str] = ()) -> Any:
         if name in self.params:
             return self._param(name, b)
         a = env[name]
@@ -117,14 +121,15 @@ class Executor:
             return a
         host = a if src is self.spec else src.to_numpy(a)
         moved = host if b is self.spec else b.asarray(host)
-        if b is not self.spec or src is not self.spec:
+        if (b is not self.spec or src is not self.spec) and name not in pinned:
             env[name], loc[name] = moved, b  # keep the moved copy: later readers on b reuse it
         return moved
 
-    def _run_node(self, node: Node, env: dict[str, Any], loc: dict[str, Backend], training: bool, step: int) -> None:
+    def _run_node(self, node: Node, env: dict[str, Any], loc: dict[str, Backend], training: bool, step: int,
+                  pinned: Collection[str] = ()) -> None:
         spec = self._specs[node.name]
         b = self.placement[node.name]
-        args = [self._fetch(i, b, env, loc) if i else None for i in node.inputs]
+        args = [self._fetch(i, b, env, loc, pinned) if i else None for i in node.inputs]
         args += [None] * (spec.n_inputs - len(args))
         attrs = node.attrs
         if spec.mode_dependent:
@@ -136,35 +141,49 @@ class Executor:
             env[name] = a
             loc[name] = b
 
-    def _feeds(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Backend]]:
+    def _feeds(self, feeds: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Backend]]:
+        """Graph inputs and where they lie: host data on the spec, and arrays some backend owns
+        (device arrays an earlier run returned) on that backend, untouched — never through
+        ``np.asarray``, which would copy them to the host or fail."""
         env: dict[str, Any] = {}
+        loc: dict[str, Backend] = {}
         for v in self.graph.inputs:
             if v.name not in feeds:
                 raise MinitxError(f"missing graph input {v.name!r}")
-            a = np.asarray(feeds[v.name])
+            a = feeds[v.name]
+            b = owner(a, self.backends)
+            if b is None:
+                a, b = np.asarray(a), self.spec
             env[v.name] = a.astype(v.dtype, copy=False) if str(a.dtype) != v.dtype else a
-        return env, {k: self.spec for k in env}
+            loc[v.name] = b
+        return env, loc
 
     def _host(self, name: str, env: dict[str, Any], loc: dict[str, Backend]) -> np.ndarray:
         a = env[name]
         return a if loc[name] is self.spec else loc[name].to_numpy(a)
 
     # ------------------------------------------------------------------ inference
-    def run(self, feeds: Mapping[str, np.ndarray], outputs: Iterable[str] | None = None,
-            keep: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, Any], outputs: Iterable[str] | None = None,
+            keep: Iterable[str] = (), device_outputs: Iterable[str] = ()) -> dict[str, Any]:
         """Forward pass; returns the graph outputs (or the named values) as host arrays.
 
         ``keep`` names intermediate values to return as well (golden files, per-layer reports).
+        ``device_outputs`` names returned values to leave where they were computed, as the array
+        type of the backend that produced them (a NumPy array on a host backend): decoding keeps
+        its KV cache on the GPU this way. Feeds may be such arrays; they are used where they lie
+        (see :meth:`Backend.owns`), and a node on another backend gets a copy, as for any value.
         """
         env, loc = self._feeds(feeds)
         keep = set(keep)
+        on_device = set(device_outputs)
         for idx, node in enumerate(self.graph.nodes):
-            self._run_node(node, env, loc, training=False, step=0)
+            self._run_node(node, env, loc, training=False, step=0, pinned=on_device)
             for v in self._free_after[idx]:
                 if v not in keep:
                     env.pop(v, None)
         wanted = list(outputs) if outputs is not None else list(self.graph.outputs)
-        return {k: self._host(k, env, loc) for k in (*wanted, *sorted(keep)) if k in env}
+        return {k: env[k] if k in on_device else self._host(k, env, loc)
+                for k in (*wanted, *sorted(keep)) if k in env}
 
     # ------------------------------------------------------------------ training
     def forward_backward(self, feeds: Mapping[str, np.ndarray], loss: str = "loss", step: int = 0,

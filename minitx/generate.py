@@ -7,11 +7,11 @@ would alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, to_host
 from .errors import MinitxError
 from .model import Model
 
@@ -19,15 +19,24 @@ from .model import Model
 # ------------------------------------------------------------------------------- decoding state
 @dataclass
 class DecodeState:
-    """Everything a decode step needs: the KV cache, the key mask and each row's next position."""
+    """Everything a decode step needs: the KV cache, the key mask and each row's next position.
 
-    past: dict[str, np.ndarray]
+    ``past`` holds the caches as the executor returned them: on a device backend they are that
+    device's arrays and never visit the host between steps (only ids, positions and the mask go
+    in, only logits come out). Code that reads them on the host calls :meth:`on_host`.
+    """
+
+    past: dict[str, Any]
     mask: np.ndarray        # (B, S) 1 = real token
     next_pos: np.ndarray    # (B,)
 
     @property
     def length(self) -> int:
         return self.mask.shape[1]
+
+    def on_host(self) -> "DecodeState":
+        """This state with every cache copied to a host NumPy array (explicit transfer)."""
+        return DecodeState({k: to_host(v) for k, v in self.past.items()}, self.mask, self.next_pos)
 
 
 def empty_state(model: Model, batch: int) -> DecodeState:
@@ -65,7 +74,9 @@ def step(model: Model, ids: np.ndarray, state: DecodeState, mask: np.ndarray | N
     pos = state.next_pos[:, None] + np.cumsum(mask, axis=1) - mask
     full_mask = np.concatenate([state.mask, mask], axis=1)
     feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": full_mask, **state.past}
-    out = model.executor(backends, strict).run(feeds)
+    ex = model.executor(backends, strict)
+    # The caches stay where attention computed them; only the logits come to the host.
+    out = ex.run(feeds, device_outputs=[o for o in ex.graph.outputs if o.startswith("present.")])
     past = {k.replace("present.", "past.", 1): v for k, v in out.items() if k.startswith("present.")}
     return out["logits"], DecodeState(past, full_mask, state.next_pos + mask.sum(axis=1))
 

@@ -1,10 +1,23 @@
-"""CUDA kernels for the CuPy backend (imported only once a GPU has been found).
+"""CUDA kernels for the CuPy backend's float ops (imported only once a GPU has been found).
 
-Specs: minitx/ops/{norms,activations,linalg,attention,positions}.py. Matmuls go to cuBLAS via
-``cupy.matmul``; norms and softmax are one thread block per row with float32 accumulation
-(so float16 inputs keep float32 statistics); pointwise ops are ElementwiseKernels; attention
-follows the spec's formulation with batched cuBLAS GEMMs and the fused masked softmax.
-UNTESTED ON HARDWARE so far.
+Specs: minitx/ops/{norms,activations,linalg,attention,positions}.py. UNTESTED ON HARDWARE so far.
+
+* Matmuls go to cuBLAS through ``cupy.matmul``, leading axes folded into rows first (one GEMM,
+  not one per batch index — the spec's ``rows_matmul``). float16 GEMMs use CuPy's default
+  compute type, which accumulates in float32.
+* ``layer_norm``, ``rms_norm``, ``softmax``: one thread block per row, statistics in float32
+  (float16 inputs keep float32 statistics), stored in the input's dtype.
+* Pointwise ops are ElementwiseKernels that compute in float32 and store in the input's dtype;
+  ``rope`` is one of them too (angles in float64 like the spec, cos/sin rounded to the input's
+  dtype like the spec).
+* ``attention``: for up to ``DECODE_MAX_QUERIES`` queries (decoding) one fused kernel per
+  (batch, head, query) — scores in shared memory, masked softmax, P·V — reading K and V where
+  they lie; for more queries batched cuBLAS GEMMs with grouped-query heads folded into rows
+  (no broadcast copies of K), and one fused kernel for scale + causal/padding mask + softmax.
+  Masking follows the spec exactly: a query with no visible key averages all values uniformly.
+  The KV cache grows in place on the device (kvcache.py: ``present`` is a view of an
+  over-allocated buffer; decoding feeds it back without a host round trip), and the decode
+  kernel reads K and V from that buffer, with its length as the batch stride.
 """
 from __future__ import annotations
 
@@ -13,91 +26,129 @@ import math
 import cupy as cp
 import numpy as np
 
-_ROW_KERNELS = r"""
-#include <cuda_fp16.h>
-template <typename T>
-__device__ float block_sum(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x + 31) / 32) ? sh[lane] : 0.f;
-    if (warp == 0) for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
-    if (threadIdx.x == 0) sh[32] = v;
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
-template <typename T>
-__device__ float block_max(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffff, v, o));
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = (threadIdx.x < (blockDim.x + 31) / 32) ? sh[lane] : -INFINITY;
-    if (warp == 0) for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffff, v, o));
-    if (threadIdx.x == 0) sh[32] = v;
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
-template <typename T>
-__global__ void layer_norm(const T* x, const T* w, const T* b, T* y, int C, float eps) {
+from ._cuda import contiguous, function, threads
+from .kvcache import append, storage
+
+_ROWS = r"""
+extern "C" __global__ void layer_norm(const T* x, const T* w, const T* b, T* y, int C, float eps) {
     __shared__ float sh[33];
-    const T* xr = x + (long long)blockIdx.x * C; T* yr = y + (long long)blockIdx.x * C;
+    long long base = (long long)blockIdx.x * C;
     float s = 0.f;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) s += (float)xr[j];
-    float mu = block_sum<T>(s, sh) / C;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) s += ld(x, base + j);
+    float mu = block_sum(s, sh) / C;
     float v = 0.f;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) { float d = (float)xr[j] - mu; v += d * d; }
-    float rstd = rsqrtf(block_sum<T>(v, sh) / C + eps);
+    for (int j = threadIdx.x; j < C; j += blockDim.x) { float d = ld(x, base + j) - mu; v += d * d; }
+    float rstd = rsqrtf(block_sum(v, sh) / C + eps);
     for (int j = threadIdx.x; j < C; j += blockDim.x)
-        yr[j] = (T)(((float)xr[j] - mu) * rstd * (float)w[j] + (float)b[j]);
+        st(y, base + j, (ld(x, base + j) - mu) * rstd * ld(w, j) + ld(b, j));
 }
-template <typename T>
-__global__ void rms_norm(const T* x, const T* w, T* y, int C, float eps) {
+extern "C" __global__ void rms_norm(const T* x, const T* w, T* y, int C, float eps) {
     __shared__ float sh[33];
-    const T* xr = x + (long long)blockIdx.x * C; T* yr = y + (long long)blockIdx.x * C;
+    long long base = (long long)blockIdx.x * C;
     float s = 0.f;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) { float a = (float)xr[j]; s += a * a; }
-    float rstd = rsqrtf(block_sum<T>(s, sh) / C + eps);
-    for (int j = threadIdx.x; j < C; j += blockDim.x) yr[j] = (T)((float)xr[j] * rstd * (float)w[j]);
+    for (int j = threadIdx.x; j < C; j += blockDim.x) { float a = ld(x, base + j); s += a * a; }
+    float rstd = rsqrtf(block_sum(s, sh) / C + eps);
+    for (int j = threadIdx.x; j < C; j += blockDim.x) st(y, base + j, ld(x, base + j) * rstd * ld(w, j));
 }
-template <typename T>
-__global__ void softmax(const T* x, T* y, int C) {
+extern "C" __global__ void softmax(const T* x, T* y, int C) {
     __shared__ float sh[33];
-    const T* xr = x + (long long)blockIdx.x * C; T* yr = y + (long long)blockIdx.x * C;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) m = fmaxf(m, (float)xr[j]);
-    m = block_max<T>(m, sh);
+    long long base = (long long)blockIdx.x * C;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) m = fmaxf(m, ld(x, base + j));
+    m = block_max(m, sh);
     float s = 0.f;
-    for (int j = threadIdx.x; j < C; j += blockDim.x) s += __expf((float)xr[j] - m);
-    float inv = 1.f / block_sum<T>(s, sh);
-    for (int j = threadIdx.x; j < C; j += blockDim.x) yr[j] = (T)(__expf((float)xr[j] - m) * inv);
+    for (int j = threadIdx.x; j < C; j += blockDim.x) s += expf(ld(x, base + j) - m);
+    float inv = 1.f / block_sum(s, sh);
+    for (int j = threadIdx.x; j < C; j += blockDim.x) st(y, base + j, expf(ld(x, base + j) - m) * inv);
+}
+/* Attention probabilities from raw scores (rows = batch x kv head x group query head x query):
+   scale, causal and padding mask, softmax. A row with no visible key is uniform (the spec). */
+extern "C" __global__ void masked_softmax(const T* x, T* y, int n_keys, int n_queries, int rows_per_batch,
+                                          const long long* mask, int has_mask, int causal, float scale) {
+    __shared__ float sh[33];
+    int row = blockIdx.x;
+    int bi = row / rows_per_batch, t = row % n_queries;
+    int last = causal ? n_keys - n_queries + t : n_keys - 1;
+    long long base = (long long)row * n_keys;
+    const long long* mrow = mask + (long long)bi * n_keys;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
+        if (j <= last && (!has_mask || mrow[j] != 0)) m = fmaxf(m, ld(x, base + j) * scale);
+    m = block_max(m, sh);
+    if (m == NEG_INF) {
+        for (int j = threadIdx.x; j < n_keys; j += blockDim.x) st(y, base + j, 1.f / n_keys);
+        return;
+    }
+    float s = 0.f;
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x)
+        if (j <= last && (!has_mask || mrow[j] != 0)) s += expf(ld(x, base + j) * scale - m);
+    float inv = 1.f / block_sum(s, sh);
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
+        bool ok = j <= last && (!has_mask || mrow[j] != 0);
+        st(y, base + j, ok ? expf(ld(x, base + j) * scale - m) * inv : 0.f);
+    }
+}
+/* Decoding: one block per (batch, head, query). q (B, Tq, H*D); K, V the first n_keys rows of
+   contiguous (B, kv_rows, KV*D) cache buffers (kv_rows >= n_keys: the spare room of kvcache.py).
+   Dynamic shared memory: n_keys + 33 + blockDim floats. */
+extern "C" __global__ void attn_decode(const T* q, const T* K, const T* V, T* out, const long long* mask,
+                                       int has_mask, int causal, int n_queries, int n_keys, int kv_rows,
+                                       int H, int KV, int D, float scale) {
+    extern __shared__ float smem[];
+    float* sc = smem;
+    float* red = smem + n_keys;
+    float* part = red + 33;
+    int blk = blockIdx.x;
+    int bi = blk / (H * n_queries), h = (blk / n_queries) % H, t = blk % n_queries;
+    int g = h / (H / KV);
+    int last = causal ? n_keys - n_queries + t : n_keys - 1;
+    long long qo = ((long long)bi * n_queries + t) * H * D + (long long)h * D;
+    long long kvw = (long long)KV * D;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int s = warp; s < n_keys; s += nw) {
+        bool ok = s <= last && (!has_mask || mask[(long long)bi * n_keys + s] != 0);
+        float a = 0.f;
+        if (ok) {
+            long long ko = ((long long)bi * kv_rows + s) * kvw + (long long)g * D;
+            for (int d = lane; d < D; d += 32) a += ld(q, qo + d) * ld(K, ko + d);
+            a = warp_sum(a);
+        }
+        if (lane == 0) sc[s] = ok ? a * scale : NEG_INF;
+    }
+    __syncthreads();
+    float m = NEG_INF;
+    for (int s = threadIdx.x; s < n_keys; s += blockDim.x) m = fmaxf(m, sc[s]);
+    m = block_max(m, red);
+    float tot = 0.f;
+    for (int s = threadIdx.x; s < n_keys; s += blockDim.x) {
+        float p = m == NEG_INF ? 1.f : (sc[s] == NEG_INF ? 0.f : expf(sc[s] - m));
+        sc[s] = p;
+        tot += p;
+    }
+    tot = block_sum(tot, red);  /* its barriers also publish sc */
+    int parts = blockDim.x / D;  /* >= 1: the host picks blockDim >= D */
+    int d = threadIdx.x % D, pi = threadIdx.x / D;
+    float acc = 0.f;
+    if (pi < parts) {
+        long long vo = (long long)bi * kv_rows * kvw + (long long)g * D + d;
+        for (int s = pi; s < n_keys; s += parts) acc += sc[s] * ld(V, vo + (long long)s * kvw);
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < D) {
+        float r = 0.f;
+        for (int k = 0; k < parts; ++k) r += part[k * D + threadIdx.x];
+        st(out, qo + threadIdx.x, r / tot);
+    }
 }
 """
-_NAMES = [f"{k}<{t}>" for k in ("layer_norm", "rms_norm", "softmax") for t in ("float", "__half")]
-_module = None
 
-
-def _kernel(name: str, dtype) -> cp.RawKernel:
-    global _module
-    if _module is None:
-        _module = cp.RawModule(code=_ROW_KERNELS, options=("-std=c++14",), name_expressions=_NAMES)
-    t = {"float32": "float", "float16": "__half"}.get(str(dtype))
-    if t is None:
-        raise TypeError(f"cupy backend: {name} supports float32 and float16, not {dtype}")
-    return _module.get_function(f"{name}<{t}>")
-
-
-def _threads(C: int) -> int:
-    return int(min(1024, max(32, 1 << (max(C, 1) - 1).bit_length())))
+DECODE_MAX_QUERIES = 8      # up to here the fused decode kernel; above, cuBLAS GEMMs
+DECODE_MAX_KEYS = 8192      # shared memory holds one float score per key
 
 
 def _rows(x):
-    x = cp.ascontiguousarray(x)
+    x = contiguous(x)
     return x.reshape(-1, x.shape[-1])
 
 
@@ -105,10 +156,10 @@ def layer_norm(x, weight, bias, *, eps=1e-5):
     x2 = _rows(x)
     y = cp.empty_like(x2)
     C = x2.shape[1]
-    if x2.shape[0]:
-        _kernel("layer_norm", x.dtype)((x2.shape[0],), (_threads(C),),
-                                       (x2, cp.ascontiguousarray(weight), cp.ascontiguousarray(bias), y,
-                                        cp.int32(C), cp.float32(eps)))
+    if x2.shape[0] and C:
+        function(_ROWS, "layer_norm", x.dtype)(
+            (x2.shape[0],), (threads(C),),
+            (x2, contiguous(weight, x.dtype), contiguous(bias, x.dtype), y, np.int32(C), np.float32(eps)))
     return y.reshape(x.shape)
 
 
@@ -116,34 +167,48 @@ def rms_norm(x, weight, *, eps=1e-6):
     x2 = _rows(x)
     y = cp.empty_like(x2)
     C = x2.shape[1]
-    if x2.shape[0]:
-        _kernel("rms_norm", x.dtype)((x2.shape[0],), (_threads(C),),
-                                     (x2, cp.ascontiguousarray(weight), y, cp.int32(C), cp.float32(eps)))
+    if x2.shape[0] and C:
+        function(_ROWS, "rms_norm", x.dtype)(
+            (x2.shape[0],), (threads(C),), (x2, contiguous(weight, x.dtype), y, np.int32(C), np.float32(eps)))
     return y.reshape(x.shape)
 
 
 def softmax(x, *, axis=-1):
     if axis not in (-1, x.ndim - 1):
-        x = cp.moveaxis(x, axis, -1)
-        return cp.moveaxis(softmax(x), -1, axis)
+        return cp.moveaxis(softmax(cp.moveaxis(x, axis, -1)), -1, axis)
     x2 = _rows(x)
     y = cp.empty_like(x2)
     C = x2.shape[1]
     if x2.shape[0] and C:
-        _kernel("softmax", x.dtype)((x2.shape[0],), (_threads(C),), (x2, y, cp.int32(C)))
+        function(_ROWS, "softmax", x.dtype)((x2.shape[0],), (threads(C),), (x2, y, np.int32(C)))
     return y.reshape(x.shape)
 
 
-# Pointwise ops compute in float32 (the "float" casts) and store in the input dtype.
+# Pointwise ops compute in float32 (the "float" casts) and store in the input dtype (T).
 _gelu_tanh = cp.ElementwiseKernel(
-    "T x", "T y", "float v = (float)x; y = (T)(0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v))))",
+    "T x", "T y",
+    "float v = (float)x; y = (T)(0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v))));",
     "minitx_gelu_tanh")
 _gelu_erf = cp.ElementwiseKernel(
-    "T x", "T y", "float v = (float)x; y = (T)(0.5f * v * (1.f + erff(v * 0.7071067811865476f)))", "minitx_gelu_erf")
+    "T x", "T y", "float v = (float)x; y = (T)(0.5f * v * (1.f + erff(v * 0.7071067811865476f)));", "minitx_gelu_erf")
 _silu = cp.ElementwiseKernel(
-    "T x", "T y", "float v = (float)x; y = (T)(v * 0.5f * (1.f + tanhf(0.5f * v)))", "minitx_silu")
+    "T x", "T y", "float v = (float)x; y = (T)(v * 0.5f * (1.f + tanhf(0.5f * v)));", "minitx_silu")
 _swiglu = cp.ElementwiseKernel(
-    "T g, T u", "T y", "float v = (float)g; y = (T)(v * 0.5f * (1.f + tanhf(0.5f * v)) * (float)u)", "minitx_swiglu")
+    "T g, T u", "T y", "float v = (float)g; y = (T)(v * 0.5f * (1.f + tanhf(0.5f * v)) * (float)u);", "minitx_swiglu")
+# rope on a contiguous (B, T, H*D) x: element i is row i / HD (one position), head-dim index d.
+_rope = cp.ElementwiseKernel(
+    "raw T x, raw int64 pos, int32 HD, int32 D, float64 theta", "T y",
+    """
+    long long row = i / HD;
+    int d = (int)(i % HD) % D;
+    int hh = D / 2;
+    int j = d < hh ? d : d - hh;
+    double ang = (double)pos[row] * pow(theta, -(2.0 * j) / D);
+    float c = (float)(T)(float)cos(ang), s = (float)(T)(float)sin(ang);
+    float v = (float)x[i];
+    y = d < hh ? (T)(v * c - (float)x[i + hh] * s) : (T)(v * c + (float)x[i - hh] * s);
+    """,
+    "minitx_rope")
 
 
 def gelu(x, *, approximate="none"):
@@ -155,7 +220,7 @@ def silu(x):
 
 
 def relu(x):
-    return cp.maximum(x, 0)
+    return cp.maximum(x, x.dtype.type(0))
 
 
 def swiglu(h):
@@ -168,60 +233,85 @@ def add(a, b):
 
 
 def linear(x, w, b=None):
-    y = cp.matmul(x, w)  # cuBLAS
-    return y if b is None else y + b
+    y = cp.matmul(x.reshape(-1, x.shape[-1]), w)  # cuBLAS, one GEMM over all rows
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], w.shape[1])
 
 
 def matmul(a, b, *, transpose_b=False):
-    return cp.matmul(a, cp.swapaxes(b, -1, -2) if transpose_b else b)
+    bm = cp.swapaxes(b, -1, -2) if transpose_b else b
+    if bm.ndim == 2 and a.ndim > 2:
+        return cp.matmul(a.reshape(-1, a.shape[-1]), bm).reshape(*a.shape[:-1], bm.shape[-1])
+    return cp.matmul(a, bm)
 
 
 def embedding(ids, table):
-    return table[cp.asarray(ids)]
+    return cp.take(table, cp.asarray(ids), axis=0)
 
 
 def split(x, *, sizes):
-    bounds = [int(v) for v in np.cumsum(sizes)[:-1]]
-    return tuple(cp.split(x, bounds, axis=-1))
+    starts = [0, *np.cumsum(sizes).tolist()]
+    return tuple(x[..., a:b] for a, b in zip(starts, starts[1:]))
 
 
-def _heads(x, n):
-    B, T, HD = x.shape
-    return x.reshape(B, T, n, HD // n).transpose(0, 2, 1, 3)
+def _mask_arg(mask, B):
+    if mask is None:
+        return cp.zeros((B, 1), cp.int64), 0
+    return contiguous(mask, cp.int64), 1
 
 
 def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
-    """The spec's formulation on the GPU: batched cuBLAS QKᵀ, fused masked softmax, PV."""
-    K = k if past_k is None else cp.concatenate([past_k, k], axis=1)
-    V = v if past_v is None else cp.concatenate([past_v, v], axis=1)
-    B, T, _ = q.shape
-    S_tot = K.shape[1]
-    D = q.shape[-1] // n_heads
-    G = n_heads // n_kv_heads
-    scale = float(1.0 / math.sqrt(D) if scale is None else scale)
-    qh = _heads(q, n_heads).reshape(B, n_kv_heads, G, T, D)
-    kh = _heads(K, n_kv_heads)[:, :, None]
-    scores = cp.matmul(qh, cp.swapaxes(kh, -1, -2)).astype(cp.float32) * scale
-    allowed = cp.ones((B, 1, 1, T, S_tot), dtype=bool)
-    if causal:
-        allowed &= (cp.arange(S_tot)[None, :] <= (S_tot - T) + cp.arange(T)[:, None])
-    if mask is not None:
-        allowed &= cp.asarray(mask).astype(bool)[:, None, None, None, :]
-    scores = cp.where(allowed, scores, cp.float32(cp.finfo(cp.float32).min))
-    p = softmax(scores).astype(q.dtype)
-    out = cp.matmul(p, _heads(V, n_kv_heads)[:, :, None]).reshape(B, n_heads, T, D)
-    return out.transpose(0, 2, 1, 3).reshape(B, T, n_heads * D), K, V
+    """The spec's attention: decode queries in one fused kernel, prefill through cuBLAS.
+
+    ``K``/``V`` (the present caches) are views of growable device buffers (kvcache.py); without
+    a cache (encoders) they are the new keys and values themselves, as in the spec."""
+    K = k if past_k is None else append(past_k, k)
+    V = v if past_v is None else append(past_v, v)
+    B, T, HD = q.shape
+    S = K.shape[1]
+    H, KV = int(n_heads), int(n_kv_heads)
+    D = HD // H
+    G = H // KV
+    sc = float(1.0 / math.sqrt(D) if scale is None else scale)
+    m, has_mask = _mask_arg(mask, B)
+    q = contiguous(q)
+    if B * T == 0 or S == 0:
+        return cp.zeros_like(q), K, V
+    if T <= DECODE_MAX_QUERIES and S <= DECODE_MAX_KEYS and D <= 1024 and K.dtype == q.dtype == V.dtype:
+        Kb, Vb = storage(K), storage(V)
+        k_rows, v_rows = Kb.shape[1], Vb.shape[1]  # the buffers' row strides
+        if k_rows == v_rows:
+            out = cp.empty_like(q)
+            nt = 256 if D <= 256 else min(1024, -(-D // 32) * 32)
+            shared = 4 * (S + 33 + nt)
+            function(_ROWS, "attn_decode", q.dtype)(
+                (B * H * T,), (nt,),
+                (q, Kb, Vb, out, m, np.int32(has_mask), np.int32(bool(causal)), np.int32(T), np.int32(S),
+                 np.int32(k_rows), np.int32(H), np.int32(KV), np.int32(D), np.float32(sc)),
+                shared_mem=shared)
+            return out, K, V
+    # (B, T, KV, G, D) -> (B, KV, G*T, D): a kv head's G query heads are rows of one GEMM.
+    qh = q.reshape(B, T, KV, G, D).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, D)
+    kh = K.reshape(B, S, KV, D).transpose(0, 2, 3, 1)          # (B, KV, D, S)
+    vh = V.reshape(B, S, KV, D).transpose(0, 2, 1, 3)          # (B, KV, S, D)
+    scores = contiguous(cp.matmul(qh, kh))                     # (B, KV, G*T, S), unscaled
+    p = cp.empty_like(scores)
+    function(_ROWS, "masked_softmax", q.dtype)(
+        (B * KV * G * T,), (threads(S),),
+        (scores, p, np.int32(S), np.int32(T), np.int32(KV * G * T), m, np.int32(has_mask),
+         np.int32(bool(causal)), np.float32(sc)))
+    out = cp.matmul(p, vh).reshape(B, KV, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, HD)
+    return out, K, V
 
 
 def rope(x, positions, *, n_heads, theta=10000.0):
     B, T, HD = x.shape
-    D = HD // n_heads
-    inv = theta ** (-cp.arange(0, D, 2, dtype=cp.float64) / D)
-    ang = cp.asarray(positions).astype(cp.float64)[..., None, None] * inv
-    cos, sin = cp.cos(ang).astype(x.dtype), cp.sin(ang).astype(x.dtype)
-    xh = x.reshape(B, T, n_heads, D)
-    x1, x2 = xh[..., : D // 2], xh[..., D // 2:]
-    return cp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(B, T, HD)
+    y = cp.empty((B, T, HD), x.dtype)
+    if y.size:
+        _rope(contiguous(x), contiguous(positions, cp.int64), np.int32(HD), np.int32(HD // n_heads),
+              np.float64(theta), y)
+    return y
 
 
 KERNELS = {"layer_norm": layer_norm, "rms_norm": rms_norm, "softmax": softmax, "gelu": gelu, "silu": silu,

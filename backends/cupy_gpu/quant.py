@@ -1,66 +1,418 @@
-"""Quantized linears on the CuPy backend (specs: minitx/ops/quant.py). UNTESTED ON HARDWARE.
+"""Quantized ops on the CuPy backend, computed from the packed weights (specs: minitx/ops/quant.py).
 
-Weights stay packed on the GPU (int8, or uint8 nibbles for int4); each call dequantizes one tile
-of ``TILE`` input rows at a time into a float buffer and multiplies it with cuBLAS, so no full
-float copy of a matrix is ever made. Exports ``KERNELS`` like the numba backend's quant module;
-``backends/cupy_gpu/__init__.py`` has to merge it (``kernels.update(quant.KERNELS)``).
+UNTESTED ON HARDWARE so far. Weights stay packed on the GPU (int8, or uint8 holding two 4-bit
+values); no kernel ever builds a float copy of a whole matrix.
+
+* Decoding (at most ``SKINNY_MAX_ROWS`` rows of activations) is memory-bound: each step reads
+  every weight once, so reading 1 or ½ byte per weight instead of 2 is the speed-up.
+  - ``transposed`` layouts (out, in) — the quant plugin's int8 linears and the tied LM heads —
+    take one warp per output channel: 16-byte loads along the channel's contiguous inputs,
+    widened to float32 in registers, the scale (per channel or per group) applied there, a warp
+    reduction, bias and the output dtype in the same kernel.
+  - (in, out) layouts — int4 groups and int8 blocks as the plugin stores them, older int8 files —
+    take four output columns per thread and a slice of the inputs per block row (split-K, so
+    that a 2048-wide layer still fills every SM); partial sums per group are scaled once and
+    added into a float32 buffer with atomics; a small epilogue applies per-channel scales and
+    the bias and casts.
+* Prefill (more rows) is compute-bound: tiles of the packed matrix are dequantized into a small
+  buffer (one elementwise kernel per tile) and multiplied with cuBLAS; float16 partial products
+  are summed in float32.
+* ``embedding_q8`` / ``embedding_q4`` widen only the looked-up rows.
+
+Output dtypes follow the spec's promotion (activations x scales x bias). Inputs in a dtype the
+kernels do not handle (float64 scales, odd int4 groups) run the spec on the host.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import cupy as cp
+import numpy as np
 
-TILE = 1024
+from minitx import ops
+
+from ._cuda import contiguous, function
+
+SKINNY_MAX_ROWS = 8   # also the kernels' register array size (MAXM)
+TILE = 1024           # rows of W dequantized at a time on the cuBLAS path
+_FLOATS = ("float16", "float32")
+
+_SRC = r"""
+#define MAXM 8
+/* int8 (N, K): y[m, n] = (sum_k x[m, k] q[n, k]) * s[n] + b[n]; one warp per n. vec: K % 16 == 0. */
+extern "C" __global__ void q8t(const T* x, const signed char* w, const S* scale, const O* bias, O* y,
+                               int M, int N, int K, int vec, int has_bias) {
+    int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (n >= N) return;
+    const signed char* wr = w + (long long)n * K;
+    float acc[MAXM];
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
+    int tail = 0;
+    if (vec) {
+        const int4* w16 = (const int4*)wr;
+        int nv = K >> 4;
+        for (int c = lane; c < nv; c += 32) {
+            int4 pk = w16[c];
+            int words[4] = {pk.x, pk.y, pk.z, pk.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float wv = (float)(signed char)((words[u] >> (8 * e)) & 0xff);
+                    int k = (c << 4) + u * 4 + e;
+#pragma unroll
+                    for (int m = 0; m < MAXM; ++m)
+                        if (m < M) acc[m] += wv * ld(x, (long long)m * K + k);
+                }
+            }
+        }
+        tail = nv << 4;
+    }
+    for (int k = tail + lane; k < K; k += 32) {
+        float wv = (float)wr[k];
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m)
+            if (m < M) acc[m] += wv * ld(x, (long long)m * K + k);
+    }
+    float sn = ld(scale, n), bn = has_bias ? ld(bias, n) : 0.f;
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+        float a = warp_sum(acc[m]);
+        if (lane == 0 && m < M) st(y, (long long)m * N + n, a * sn + bn);
+    }
+}
+/* int4 (N, K/2), scales (N, K/group): byte i of a row holds inputs 2i (low nibble) and 2i+1.
+   One warp per n; vec: (K/2) % 16 == 0. group is even, so a byte never straddles two groups. */
+extern "C" __global__ void q4t(const T* x, const unsigned char* w, const S* scale, const O* bias, O* y,
+                               int M, int N, int K, int group, int vec, int has_bias) {
+    int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (n >= N) return;
+    int kb = K >> 1, ng = K / group;
+    const unsigned char* wr = w + (long long)n * kb;
+    const long long so = (long long)n * ng;
+    float acc[MAXM];
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
+    int tail = 0;
+    if (vec) {
+        const int4* w16 = (const int4*)wr;
+        int nv = kb >> 4;
+        for (int c = lane; c < nv; c += 32) {
+            int4 pk = w16[c];
+            int words[4] = {pk.x, pk.y, pk.z, pk.w};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int byte = (words[u] >> (8 * e)) & 0xff;
+                    int k = 2 * ((c << 4) + u * 4 + e);
+                    float s = ld(scale, so + k / group);
+                    float w0 = (float)((byte & 15) - 8) * s, w1 = (float)((byte >> 4) - 8) * s;
+#pragma unroll
+                    for (int m = 0; m < MAXM; ++m)
+                        if (m < M) acc[m] += w0 * ld(x, (long long)m * K + k) + w1 * ld(x, (long long)m * K + k + 1);
+                }
+            }
+        }
+        tail = nv << 4;
+    }
+    for (int i = tail + lane; i < kb; i += 32) {
+        int byte = wr[i];
+        int k = 2 * i;
+        float s = ld(scale, so + k / group);
+        float w0 = (float)((byte & 15) - 8) * s, w1 = (float)((byte >> 4) - 8) * s;
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m)
+            if (m < M) acc[m] += w0 * ld(x, (long long)m * K + k) + w1 * ld(x, (long long)m * K + k + 1);
+    }
+    float bn = has_bias ? ld(bias, n) : 0.f;
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+        float a = warp_sum(acc[m]);
+        if (lane == 0 && m < M) st(y, (long long)m * N + n, a + bn);
+    }
+}
+/* (in, out) layouts, split-K: thread = 4 consecutive output columns, blockIdx.y = inputs
+   [y*ks, y*ks + ks) (ks a multiple of the group). mode 0: int8, no scale here (per channel,
+   epilogue); 1: int8 with scales (K/group, N); 2: int4 (K/2, N) with scales (K/group, N).
+   Adds float32 partial sums into acc (M, N), zeroed by the caller. */
+extern "C" __global__ void gemv_kn(const T* x, const signed char* w8, const unsigned char* w4, const S* scale,
+                                   float* acc, int M, int N, int K, int group, int ks, int mode) {
+    int j0 = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (j0 >= N) return;
+    int nc = min(4, N - j0);
+    int kbeg = blockIdx.y * ks, kend = min(K, kbeg + ks);
+    int gs = mode == 0 ? ks : group;
+    float tot[MAXM][4], part[MAXM][4];
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) tot[m][c] = 0.f;
+    for (int g0 = kbeg; g0 < kend; g0 += gs) {
+        int g1 = min(kend, g0 + gs);
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) part[m][c] = 0.f;
+        for (int k = g0; k < g1; ++k) {
+            float wv[4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                if (c < nc) {
+                    if (mode == 2) {
+                        int byte = w4[(long long)(k >> 1) * N + j0 + c];
+                        wv[c] = (float)(((k & 1) ? (byte >> 4) : (byte & 15)) - 8);
+                    } else {
+                        wv[c] = (float)w8[(long long)k * N + j0 + c];
+                    }
+                } else {
+                    wv[c] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < MAXM; ++m) {
+                if (m < M) {
+                    float xv = ld(x, (long long)m * K + k);
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) part[m][c] += xv * wv[c];
+                }
+            }
+        }
+        float sg[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+            sg[c] = (mode == 0 || c >= nc) ? 1.f : ld(scale, (long long)(g0 / group) * N + j0 + c);
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) tot[m][c] += part[m][c] * sg[c];
+    }
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m)
+        if (m < M)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                if (c < nc) atomicAdd(acc + (long long)m * N + j0 + c, tot[m][c]);
+}
+"""
+
+# Epilogues of the split-K path and the tile dequantizers of the cuBLAS path.
+_epi_scale = cp.ElementwiseKernel("float32 a, F s", "O y", "y = (O)(a * (float)s);", "minitx_q_epi_scale")
+_epi_scale_bias = cp.ElementwiseKernel("float32 a, F s, B b", "O y", "y = (O)(a * (float)s + (float)b);",
+                                       "minitx_q_epi_scale_bias")
+_epi_bias = cp.ElementwiseKernel("float32 a, B b", "O y", "y = (O)(a + (float)b);", "minitx_q_epi_bias")
+_deq8_rows = cp.ElementwiseKernel(   # int8 (K, N) rows k0.., scales (K/group, N)
+    "raw int8 w, raw F s, int32 N, int32 group, int32 k0", "X out",
+    "long long k = i / N + k0; int c = i % N; out = (X)((float)w[k * N + c] * (float)s[(k / group) * N + c]);",
+    "minitx_deq8_rows")
+_deq4_rows = cp.ElementwiseKernel(   # int4 (K/2, N) rows k0.., scales (K/group, N)
+    "raw uint8 w, raw F s, int32 N, int32 group, int32 k0", "X out",
+    """long long k = i / N + k0; int c = i % N; int byte = w[(k >> 1) * N + c];
+    int qv = (k & 1) ? (byte >> 4) : (byte & 15);
+    out = (X)((float)(qv - 8) * (float)s[(k / group) * N + c]);""",
+    "minitx_deq4_rows")
+_deq4_t = cp.ElementwiseKernel(      # int4 (N, K/2) output rows n0.., scales (N, K/group)
+    "raw uint8 w, raw F s, int32 K, int32 group, int32 n0", "X out",
+    """long long n = i / K + n0; int k = i % K; int byte = w[n * (K / 2) + k / 2];
+    int qv = (k & 1) ? (byte >> 4) : (byte & 15);
+    out = (X)((float)(qv - 8) * (float)s[n * (K / group) + k / group]);""",
+    "minitx_deq4_t")
+_emb8 = cp.ElementwiseKernel(
+    "raw int64 ids, raw int8 table, raw F s, int32 C", "F out",
+    "long long r = ids[i / C]; out = (F)((float)table[r * C + i % C] * (float)s[r]);", "minitx_emb8")
+_emb4 = cp.ElementwiseKernel(
+    "raw int64 ids, raw uint8 table, raw F s, int32 C, int32 group", "F out",
+    """long long r = ids[i / C]; int c = i % C; int byte = table[r * (C / 2) + c / 2];
+    int qv = (c & 1) ? (byte >> 4) : (byte & 15);
+    out = (F)((float)(qv - 8) * (float)s[r * (C / group) + c / group]);""",
+    "minitx_emb4")
+
+_sms: list[int] = []
 
 
-def _rows(x):
-    return x.reshape(-1, x.shape[-1])
+def _n_sms() -> int:
+    if not _sms:
+        _sms.append(int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]))
+    return _sms[0]
 
 
-def _finish(y, x, b):
-    y = y.reshape(*x.shape[:-1], y.shape[-1])
-    return y if b is None else y + b
+def _on_host(op: str, *args: Any, **attrs: Any) -> Any:
+    """The spec on the host, for dtypes the kernels do not take: correct, not fast."""
+    host = [None if a is None else cp.asnumpy(a) for a in args]
+    out = ops.get(op).forward(*host, **attrs)
+    return tuple(cp.asarray(o) for o in out) if isinstance(out, tuple) else cp.asarray(out)
 
 
-def _tiled(x2, n_in, n_out, dequant, step=TILE):
-    y = cp.zeros((x2.shape[0], n_out), x2.dtype)
-    for k0 in range(0, n_in, step):
-        k1 = min(n_in, k0 + step)
-        y += x2[:, k0:k1] @ dequant(k0, k1).astype(x2.dtype)
+def _floats(*arrays: Any) -> bool:
+    return all(a is None or str(a.dtype) in _FLOATS for a in arrays)
+
+
+def _out_dtype(x, scale, b, scaled: bool = True) -> np.dtype:
+    """The spec's result dtype: linear_q8 multiplies by the scale after the product (x·s·b
+    promote); the block / group formats dequantize into x's dtype first (x·b promote)."""
+    return np.result_type(x.dtype, *([scale.dtype] if scaled else []), *([b.dtype] if b is not None else []))
+
+
+def _finish(y, x):
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _warp_rows(x2, w, scale, b, od, N, K, name, extra):
+    """The one-warp-per-output kernels (q8t, q4t)."""
+    M = x2.shape[0]
+    y = cp.empty((M, N), od)
+    bias = contiguous(b, od) if b is not None else y
+    warps = 8
+    function(_SRC, name, x2.dtype, scale.dtype, od)(
+        ((N + warps - 1) // warps,), (32 * warps,),
+        (x2, contiguous(w), contiguous(scale), bias, y, np.int32(M), np.int32(N), np.int32(K), *extra,
+         np.int32(b is not None)))
     return y
 
 
+def _split_k(x2, w, scale, N, K, group, mode):
+    """The (in, out) split-K kernel: float32 sums (M, N), group scales applied (mode 1, 2)."""
+    M = x2.shape[0]
+    acc = cp.zeros((M, N), cp.float32)
+    unit = group if mode else 16
+    col_blocks = -(-N // 1024)
+    splits = max(1, min(-(-K // unit), -(-8 * _n_sms() // col_blocks)))   # ~8 blocks per SM
+    per = -(-K // splits)
+    ks = -(-per // unit) * unit        # inputs per block row, whole groups
+    splits = -(-K // ks)
+    w = contiguous(w)
+    w8 = w if mode != 2 else cp.empty(1, cp.int8)
+    w4 = w if mode == 2 else cp.empty(1, cp.uint8)
+    function(_SRC, "gemv_kn", x2.dtype, scale.dtype)(
+        (col_blocks, splits), (256,),
+        (x2, w8, w4, contiguous(scale), acc, np.int32(M), np.int32(N), np.int32(K), np.int32(group),
+         np.int32(ks), np.int32(mode)))
+    return acc
+
+
+def _epilogue(acc, od, scale=None, b=None):
+    y = cp.empty(acc.shape, od)
+    if scale is not None and b is not None:
+        return _epi_scale_bias(acc, scale, b, y)
+    if scale is not None:
+        return _epi_scale(acc, scale, y)
+    if b is not None:
+        return _epi_bias(acc, b, y)
+    return acc.astype(od)
+
+
+def _tiled_rows(x2, N, K, step, dequant):
+    """cuBLAS path over (in, out) weights: Σ_tiles x[:, tile] @ W[tile], W[tile] from ``dequant``."""
+    acc = cp.zeros((x2.shape[0], N), cp.float32)
+    for k0 in range(0, K, step):
+        k1 = min(K, k0 + step)
+        wt = cp.empty((k1 - k0, N), x2.dtype)
+        dequant(wt, k0)
+        part = cp.matmul(x2[:, k0:k1], wt)
+        acc += part if part.dtype == acc.dtype else part.astype(cp.float32)
+    return acc
+
+
+def _group_step(group: int) -> int:
+    return max(group, TILE - TILE % group)
+
+
 def linear_q8(x, w, scale, b=None, *, transposed=False):
-    x2 = _rows(x)
-    if transposed:  # w (out, in): tile over output rows
-        y = cp.empty((x2.shape[0], w.shape[0]), x.dtype)
-        for n0 in range(0, w.shape[0], 4 * TILE):
-            y[:, n0:n0 + 4 * TILE] = x2 @ w[n0:n0 + 4 * TILE].astype(x.dtype).T
+    if not _floats(x, scale, b):
+        return _on_host("linear_q8", x, w, scale, b, transposed=transposed)
+    x2 = contiguous(x.reshape(-1, x.shape[-1]))
+    od = _out_dtype(x, scale, b)
+    if transposed:  # w (out, in)
+        N, K = w.shape
+        if x2.shape[0] <= SKINNY_MAX_ROWS:
+            y = _warp_rows(x2, w, scale, b, od, N, K, "q8t", (np.int32(K % 16 == 0),))
+        else:
+            y = cp.empty((x2.shape[0], N), x.dtype)
+            for n0 in range(0, N, TILE):
+                y[:, n0:n0 + TILE] = cp.matmul(x2, w[n0:n0 + TILE].astype(x.dtype).T)
+            y = y * scale
+            y = y if b is None else y + b
+        return _finish(y, x)
+    K, N = w.shape
+    if x2.shape[0] <= SKINNY_MAX_ROWS:
+        acc = _split_k(x2, w, scale, N, K, 1, 0)
     else:
-        y = _tiled(x2, w.shape[0], w.shape[1], lambda a, c: w[a:c])
-    return _finish(y * scale.astype(x.dtype), x, b)
+        def widen(wt, k0):
+            wt[...] = w[k0:k0 + wt.shape[0]]
+
+        acc = _tiled_rows(x2, N, K, TILE, widen)
+    return _finish(_epilogue(acc, od, scale, b), x)
 
 
 def linear_q8_block(x, w, scale, b=None, *, block=32):
-    step = TILE - TILE % block or block
-    y = _tiled(_rows(x), w.shape[0], w.shape[1],
-               lambda a, c: w[a:c].astype(scale.dtype) * cp.repeat(scale[a // block:c // block], block, axis=0), step)
-    return _finish(y, x, b)
+    if not _floats(x, scale, b):
+        return _on_host("linear_q8_block", x, w, scale, b, block=block)
+    x2 = contiguous(x.reshape(-1, x.shape[-1]))
+    od = _out_dtype(x, scale, b, scaled=False)
+    K, N = w.shape
+    s = contiguous(scale)
+    if x2.shape[0] <= SKINNY_MAX_ROWS:
+        acc = _split_k(x2, w, s, N, K, block, 1)
+    else:
+        wc = contiguous(w)
+        acc = _tiled_rows(x2, N, K, _group_step(block),
+                          lambda wt, k0: _deq8_rows(wc, s, np.int32(N), np.int32(block), np.int32(k0), wt))
+    return _finish(_epilogue(acc, od, None, b), x)
 
 
-def _unpack(packed):
-    lo = (packed & 15).astype(cp.int8) - 8
-    hi = (packed >> 4).astype(cp.int8) - 8
-    out = cp.empty((packed.shape[0] * 2, packed.shape[1]), cp.int8)
-    out[0::2], out[1::2] = lo, hi
-    return out
+def linear_q4(x, w, scale, b=None, *, group=32, transposed=False):
+    if not _floats(x, scale, b) or group % 2:
+        return _on_host("linear_q4", x, w, scale, b, group=group, transposed=transposed)
+    x2 = contiguous(x.reshape(-1, x.shape[-1]))
+    od = _out_dtype(x, scale, b, scaled=False)
+    s = contiguous(scale)
+    wc = contiguous(w)
+    if transposed:  # w (out, in/2), scales (out, in/group)
+        N, K = w.shape[0], w.shape[1] * 2
+        if x2.shape[0] <= SKINNY_MAX_ROWS:
+            y = _warp_rows(x2, wc, s, b, od, N, K, "q4t", (np.int32(group), np.int32((K // 2) % 16 == 0)))
+            return _finish(y, x)
+        y = cp.empty((x2.shape[0], N), x.dtype)
+        for n0 in range(0, N, TILE):
+            n1 = min(N, n0 + TILE)
+            wt = cp.empty((n1 - n0, K), x.dtype)
+            _deq4_t(wc, s, np.int32(K), np.int32(group), np.int32(n0), wt)
+            y[:, n0:n1] = cp.matmul(x2, wt.T)
+        y = y.astype(od, copy=False)
+        return _finish(y if b is None else y + b, x)
+    K, N = w.shape[0] * 2, w.shape[1]
+    if x2.shape[0] <= SKINNY_MAX_ROWS:
+        acc = _split_k(x2, wc, s, N, K, group, 2)
+    else:
+        acc = _tiled_rows(x2, N, K, _group_step(group),
+                          lambda wt, k0: _deq4_rows(wc, s, np.int32(N), np.int32(group), np.int32(k0), wt))
+    return _finish(_epilogue(acc, od, None, b), x)
 
 
-def linear_q4(x, w, scale, b=None, *, group=32):
-    step = TILE - TILE % group or group
-    y = _tiled(_rows(x), w.shape[0] * 2, w.shape[1],
-               lambda a, c: _unpack(w[a // 2:c // 2]).astype(scale.dtype)
-               * cp.repeat(scale[a // group:c // group], group, axis=0), step)
-    return _finish(y, x, b)
+def embedding_q8(ids, table, scale):
+    if not _floats(scale):
+        return _on_host("embedding_q8", ids, table, scale)
+    flat = contiguous(ids, cp.int64).reshape(-1)
+    C = table.shape[1]
+    out = cp.empty((flat.size, C), scale.dtype)
+    if out.size:
+        _emb8(flat, contiguous(table), contiguous(scale), np.int32(C), out)
+    return out.reshape(*ids.shape, C)
 
 
-KERNELS = {"linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4}
+def embedding_q4(ids, table, scale, *, group=32):
+    if not _floats(scale) or group % 2:
+        return _on_host("embedding_q4", ids, table, scale, group=group)
+    flat = contiguous(ids, cp.int64).reshape(-1)
+    C = table.shape[1] * 2
+    out = cp.empty((flat.size, C), scale.dtype)
+    if out.size:
+        _emb4(flat, contiguous(table), contiguous(scale), np.int32(C), np.int32(group), out)
+    return out.reshape(*ids.shape, C)
+
+
+KERNELS = {"linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
+           "embedding_q8": embedding_q8, "embedding_q4": embedding_q4}
