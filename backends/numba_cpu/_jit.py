@@ -13,6 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 FASTMATH = {"reassoc", "contract", "arcp"}
 # Below this much work (elements, or multiply-adds for attention) a kernel runs on one thread.
@@ -41,3 +45,35 @@ def rows(x):
 
     x = np.ascontiguousarray(x)
     return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+
+
+@intrinsic
+def prefetch(typingctx, arr, index):
+    """``prefetch(a, i)``: ask the CPU to start loading the cache line holding ``a.flat[i]`` (``a``
+    contiguous; an index past the end is harmless, nothing is read).
+
+    Why: decode streams each weight once, and one core's hardware prefetcher keeps too few lines in
+    flight to reach DRAM bandwidth — OpenBLAS's GEMV issues software prefetches for that reason. A
+    kernel that streams a weight matrix calls this a few rows ahead of the row it is reading.
+    Lowered to LLVM's ``llvm.prefetch`` (read, high locality, data cache).
+    """
+    if not isinstance(arr, types.Array) or not isinstance(index, types.Integer):
+        return None
+    sig = types.void(arr, index)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        base = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+        offset = builder.mul(i, context.get_constant(types.intp, context.get_abi_sizeof(
+            context.get_data_type(aryty.dtype))))
+        # integer arithmetic, not a GEP: an address past the array is never dereferenced
+        addr = builder.inttoptr(builder.add(builder.ptrtoint(base, cgutils.intp_t), offset), base.type)
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [base.type, i32, i32, i32]), "llvm.prefetch.p0i8")
+        builder.call(fn, [addr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen

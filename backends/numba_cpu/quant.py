@@ -5,7 +5,9 @@ so reading int8 (1 byte) or packed int4 (½ byte) instead of float32 (4 bytes) i
 provided the kernel keeps up with memory. The quant plugin stores int8 and int4 weights
 ``transposed`` (out, in): each output channel is then one contiguous dot product, int8 (or a byte
 of two nibbles) widened to float32 in registers, one float32 accumulator per row and output, the
-per-channel / per-group scale applied once per channel / group; threads split the output channels.
+per-channel / per-group scale applied once per channel / group; threads split the output channels,
+and each prefetches the rows it will read next (``_jit.prefetch``): on the 2-core machine that took
+the int8 LM head from 17 to 23 GB/s, level with OpenBLAS's float32 GEMV.
 (The (in, out) layout — older files, int8 blocks — is streamed row by row into per-thread column
 accumulators: correct, but it moves every accumulator through cache once per input row.) With
 many rows (prefill) the work is compute-bound: tiles of the packed matrix are dequantized into a
@@ -24,10 +26,11 @@ from numba import prange
 
 from minitx.ops import quant as spec
 
-from ._jit import FASTMATH, kernel, pick
+from ._jit import FASTMATH, kernel, pick, prefetch
 from .kvcache import append, storage
 
 SKINNY_MAX_ROWS = 8
+AHEAD = 4  # rows of a streamed (out, in) weight prefetched ahead of the one being read
 TILE = 256  # input rows dequantized at a time on the BLAS path
 
 
@@ -125,11 +128,14 @@ def _q4_skinny(x, w, s, y, block, group):
 
 
 def _q8_skinny_t(x, w, y):
-    """y[m, n] = x[m, :] · w[n, :] for int8 w (N, K) row-major: the tied LM head, unscaled."""
+    """y[m, n] = x[m, :] · w[n, :] for int8 w (N, K) row-major, unscaled; row n + AHEAD is
+    prefetched while row n is read."""
     M, K = x.shape
     N = w.shape[0]
     for blk in prange((N + 63) // 64):
         for n in range(blk * 64, min(N, blk * 64 + 64)):
+            for c in range(0, K, 64):
+                prefetch(w, (n + AHEAD) * K + c)
             wn = w[n]
             for m in range(M):
                 xm = x[m]
@@ -151,6 +157,8 @@ def _q4_skinny_t(xe, xo, xsum, w, s, y, shift):
     G = xsum.shape[1]
     for blk in prange((N + 15) // 16):
         for n in range(blk * 16, min(N, blk * 16 + 16)):
+            for c in range(0, Kh, 64):
+                prefetch(w, (n + 2 * AHEAD) * Kh + c)
             wn = w[n]
             sn = s[n]
             for m in range(M):
