@@ -187,14 +187,15 @@ def _table(bits: int):
     return make
 
 
-def _cast(rows: int, bf16: bool):
+def _cast(rows: int, bf16: bool, transposed: bool = False):
     def make(r: np.random.Generator, d: str) -> Inputs:
         from minitx.ops import quant as Q
 
         w = _f(r, (96, 160), "float32", 0.1)
         w[0, :4] = [1e-6, -3e-7, 0.0, -0.0]  # float16 subnormals and signed zeros
-        return (_f(r, (rows, 1, 96), d), Q.to_bfloat16_bits(w) if bf16 else w.astype(np.float16),
-                _f(r, (160,), d)), {}
+        w = np.ascontiguousarray(w.T) if transposed else w
+        return ((_f(r, (rows, 1, 96), d), Q.to_bfloat16_bits(w) if bf16 else w.astype(np.float16),
+                 _f(r, (160,), d)), {"transposed": transposed})
     return make
 
 
@@ -218,6 +219,8 @@ for _m in (1, 3, 8, 20):
     add_case("linear_q4", f"{_m} rows, group 32, transposed (out, in/2)", _packed_t(_m, 96, 160, 4))
     add_case("linear_cast", f"{_m} rows, float16", _cast(_m, False))
     add_case("linear_cast", f"{_m} rows, bfloat16", _cast(_m, True))
+    add_case("linear_cast", f"{_m} rows, float16 (out, in)", _cast(_m, False, True))
+    add_case("linear_cast", f"{_m} rows, bfloat16 (out, in)", _cast(_m, True, True))
 add_case("linear_q4", "LM-head shape, 1 row, transposed", _packed_t(1, 64, 1100, 4))
 add_case("embedding_q8", "gather, repeated ids", _table(8))
 add_case("embedding_q4", "gather, group 16", _table(4))

@@ -25,9 +25,9 @@ quantized once and feeds both (the head reads it as a transposed linear). ``embe
 ``false``       tables stay float
 ==============  ==============================================================================
 
-int8 weights are stored (out, in) — ``linear_q8,transposed`` —: at decode (one row of
-activations) each output channel is then one contiguous dot product, which the numba kernel
-streams at memory bandwidth. Every rewrite is approximate and validated against the declared
+int8, int4, float16 and bfloat16 weights are stored (out, in) — ``linear_q8,transposed``,
+``linear_q4,transposed``, ``linear_cast,transposed`` —: at decode (one row of activations) each output channel is then one
+contiguous dot product, which the numba kernels stream at memory bandwidth. Every rewrite is approximate and validated against the declared
 tolerance of its mode (``TOLERANCE``; minitx.plugin.Tolerance; ``kv=int8`` or int4 tables in
 another mode take the looser of the two):
 
@@ -111,12 +111,12 @@ def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
         if n_in % k:
             raise MinitxError(f"quant: group size {k} does not divide the {n_in} input features of {node.name} "
                               f"(weight {w} {tuple(W.shape)})")
-        q, s = Q.quantize_int4(W, k)
-        op, ins, attrs = "linear_q4", [q, s], {"group": k}
+        q, s = Q.quantize_int4_rows(np.ascontiguousarray(W.T), k)  # = quantize_int4(W, k), stored (out, in/2)
+        op, ins, attrs = "linear_q4", [q, s], {"group": k, "transposed": True}
     elif mode == "float16":
-        op, ins = "linear_cast", [W.astype(np.float16)]
+        op, ins, attrs = "linear_cast", [np.ascontiguousarray(W.T).astype(np.float16)], {"transposed": True}
     else:  # bfloat16
-        op, ins = "linear_cast", [Q.to_bfloat16_bits(W)]
+        op, ins, attrs = "linear_cast", [Q.to_bfloat16_bits(np.ascontiguousarray(W.T))], {"transposed": True}
     names = [ctx.add_param(f"{w}.q", ins[0])] + ([ctx.add_param(f"{w}.scale", ins[1])] if len(ins) > 1 else [])
     new = Node(node.name, op, [x, *names, b], list(node.outputs), attrs, dict(node.tags))
     return Replacement([new])

@@ -622,17 +622,18 @@ def test_linear_w8a8_grad(seed, lead, n_in, n_out, with_bias):
 @covers("linear_cast")
 @FAST
 @given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), n_in=st.integers(1, 4),
-       n_out=st.integers(1, 4), storage=st.sampled_from(["float16", "bfloat16"]), with_bias=st.booleans())
-def test_linear_cast_grad(seed, lead, n_in, n_out, storage, with_bias):
+       n_out=st.integers(1, 4), storage=st.sampled_from(["float16", "bfloat16"]), with_bias=st.booleans(),
+       transposed=st.booleans())
+def test_linear_cast_grad(seed, lead, n_in, n_out, storage, with_bias, transposed):
     from minitx.ops.quant import to_bfloat16_bits
 
     rng = _rng(seed)
-    w32 = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    w32 = rng.standard_normal((n_out, n_in) if transposed else (n_in, n_out)).astype(np.float32)
     w = w32.astype(np.float16) if storage == "float16" else to_bfloat16_bits(w32)
     x = rng.standard_normal((*lead, n_in))
     b = rng.standard_normal(n_out) if with_bias else None
-    _check("linear_cast", [x, w, b], seed=seed)
-    assert (_vjp("linear_cast", [x, w, b])[1] is None) == (storage == "bfloat16")
+    _check("linear_cast", [x, w, b], {"transposed": transposed}, seed=seed)
+    assert (_vjp("linear_cast", [x, w, b], {"transposed": transposed})[1] is None) == (storage == "bfloat16")
 
 
 @covers("attention_kv8")

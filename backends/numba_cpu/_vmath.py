@@ -12,6 +12,11 @@ float64 keeps ``math.exp``.
 :func:`erf` on float32 (the exact GELU of BERT-family models) is Abramowitz & Stegun's 7.1.26,
 erf(x) = 1 − t·P(t)·e^(−x²) with t = 1/(1 + p·x), absolute error below 1.5e-7 (about one float32
 ulp at 1) — built on the exp above, so it vectorises too. float64 keeps ``math.erf``.
+
+:func:`half` and :func:`bfloat` read a 16-bit float (stored as uint16 bits) and widen it to
+float32 in LLVM IR (``fpext half``; a 16-bit shift for bfloat16), so a loop over them vectorises —
+to ``vcvtph2ps`` on x86 with F16C. numba has no float16 type, and widening with integer bit
+tricks (subnormals, inf/NaN) in Python-level code does not vectorise.
 """
 from __future__ import annotations
 
@@ -93,3 +98,34 @@ def _erf_impl(x):
             return y if x >= f(0.0) else -y
         return impl
     return lambda x: math.erf(x)
+
+
+def _widen16(arr, index, body):
+    """Signature and codegen for a float32 read of ``arr[index]``: ``arr`` 1-D uint16 and C-contiguous
+    (a row of a C array is), so the element address is a plain offset LLVM can vectorise over."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.uint16
+            and arr.layout == "C" and isinstance(index, types.Integer)):
+        return None
+    sig = types.float32(arr, index)
+
+    def codegen(context, builder, signature, args):
+        aryty, idxty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        i = context.cast(builder, args[1], idxty, types.intp)
+        bits = builder.load(builder.gep(ary.data, [i], inbounds=True))
+        return body(builder, bits)
+
+    return sig, codegen
+
+
+@intrinsic
+def half(typingctx, arr, index):
+    """float32(float16 with bits ``arr[index]``): exact, subnormals, ±inf and NaN included."""
+    return _widen16(arr, index, lambda b, bits: b.fpext(b.bitcast(bits, ir.HalfType()), ir.FloatType()))
+
+
+@intrinsic
+def bfloat(typingctx, arr, index):
+    """float32(bfloat16 with bits ``arr[index]``): the bits are the float32's high half."""
+    return _widen16(arr, index, lambda b, bits: b.bitcast(
+        b.shl(b.zext(bits, ir.IntType(32)), ir.Constant(ir.IntType(32), 16)), ir.FloatType()))

@@ -27,6 +27,7 @@ from numba import prange
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
+from ._vmath import bfloat, half
 from .kvcache import append, storage
 
 SKINNY_MAX_ROWS = 8
@@ -193,8 +194,8 @@ def _embed_q4(ids, table, scale, out, group):
 
 
 def _cast_skinny(x, w, bf16, y, block):
-    """y = x @ float(w) for w (K, N) float16 or bfloat16 bit patterns (uint16); each row slice is
-    widened into a per-thread float32 buffer (integer bit arithmetic: numba has no float16)."""
+    """y = x @ float(w) for w (K, N) float16 or bfloat16 bit patterns (uint16), widened in registers
+    (``_vmath.half`` / ``bfloat``), streamed row by row into per-thread column accumulators."""
     M, K = x.shape
     N = w.shape[1]
     for blk in prange((N + block - 1) // block):
@@ -202,34 +203,40 @@ def _cast_skinny(x, w, bf16, y, block):
         j1 = min(N, j0 + block)
         n = j1 - j0
         acc = np.zeros(M * n, np.float32)
-        bits = np.empty(n, np.uint32)
-        f = bits.view(np.float32)
         for k in range(K):
-            wk = w[k, j0:j1]
-            if bf16:
-                for j in range(n):
-                    bits[j] = np.uint32(wk[j]) << 16
-            else:
-                for j in range(n):
-                    h = np.uint32(wk[j])
-                    e = (h >> 10) & 31
-                    body = ((e + 112) << 23) | ((h & 1023) << 13)
-                    if e == 31:
-                        body = np.uint32(0x7F800000) | ((h & 1023) << 13)
-                    elif e == 0:
-                        body = np.uint32(0)
-                    bits[j] = ((h & 0x8000) << 16) | body
-                for j in range(n):  # subnormal halves: ±m · 2⁻²⁴ (body 0 left the signed zero)
-                    h = np.uint32(wk[j])
-                    if (h >> 10) & 31 == 0:
-                        f[j] += np.float32(h & 1023) * np.float32(5.9604645e-08) * (
-                            np.float32(-1.0) if h & 0x8000 else np.float32(1.0))
+            wk = w[k]
             for m in range(M):
                 xv = x[m, k]
                 a = acc[m * n:(m + 1) * n]
-                for j in range(n):
-                    a[j] += xv * f[j]
+                if bf16:
+                    for j in range(n):
+                        a[j] += xv * bfloat(wk, j0 + j)
+                else:
+                    for j in range(n):
+                        a[j] += xv * half(wk, j0 + j)
         _store(y, acc, j0)
+
+
+def _cast_skinny_t(x, w, bf16, y):
+    """y[m, n] = x[m, :] · float(w[n, :]) for 16-bit float w (N, K) row-major: a dot product per
+    output along a contiguous row, widened in registers, rows prefetched ahead (as ``_q8_skinny_t``)."""
+    M, K = x.shape
+    N = w.shape[0]
+    for blk in prange((N + 63) // 64):
+        for n in range(blk * 64, min(N, blk * 64 + 64)):
+            for c in range(0, K, 32):
+                prefetch(w, (n + AHEAD) * K + c)
+            wn = w[n]
+            for m in range(M):
+                xm = x[m]
+                acc = np.float32(0.0)
+                if bf16:
+                    for k in range(K):
+                        acc += xm[k] * bfloat(wn, k)
+                else:
+                    for k in range(K):
+                        acc += xm[k] * half(wn, k)
+                y[m, n] = acc
 
 
 def _sdpa_kv8(q, K, KS, V, VS, S_tot, mask, has_mask, causal, scale, H, KV, out):
@@ -289,6 +296,7 @@ _Q4T = kernel(_q4_skinny_t)
 _EMB8 = kernel(_embed_q8)
 _EMB4 = kernel(_embed_q4)
 _CAST = kernel(_cast_skinny)
+_CAST_T = kernel(_cast_skinny_t)
 _SDPA8 = kernel(_sdpa_kv8)
 
 
@@ -414,14 +422,23 @@ def embedding_q4(ids, table, scale, *, group=32):
     return out.reshape(*np.shape(ids), out.shape[1])
 
 
-def linear_cast(x, w, b=None):
+def linear_cast(x, w, b=None, *, transposed=False):
     if x.dtype != np.float32:
-        return spec.linear_cast(x, w, b)
+        return spec.linear_cast(x, w, b, transposed=transposed)
     x2 = _rows(x)
-    if x2.shape[0] <= SKINNY_MAX_ROWS:
+    bits = np.ascontiguousarray(w).view(np.uint16)
+    bf16 = w.dtype == np.uint16
+    if transposed:
+        if x2.shape[0] <= SKINNY_MAX_ROWS:
+            y = np.empty((x2.shape[0], w.shape[0]), np.float32)
+            _pick(_CAST_T, w.size)(x2, bits, bf16, y)
+        else:
+            y = np.empty((x2.shape[0], w.shape[0]), np.float32)
+            for n0 in range(0, w.shape[0], 4 * TILE):  # widen 4·TILE output channels at a time
+                y[:, n0:n0 + 4 * TILE] = x2 @ spec.widen(w[n0:n0 + 4 * TILE]).T
+    elif x2.shape[0] <= SKINNY_MAX_ROWS:
         y = np.empty((x2.shape[0], w.shape[1]), np.float32)
-        _pick(_CAST, w.size)(x2, np.ascontiguousarray(w).view(np.uint16), w.dtype == np.uint16, y,
-                             _block(w.shape[1]))
+        _pick(_CAST, w.size)(x2, bits, bf16, y, _block(w.shape[1]))
     else:
         y = _tiled(x2, w.shape[1], lambda a, c: spec.widen(w[a:c]))
     return _finish(y, x, b)

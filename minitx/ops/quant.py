@@ -290,31 +290,41 @@ def widen(w, dtype=np.float32):
     return w.astype(dtype)
 
 
-def linear_cast(x, w, b=None):
-    """y = x · float(W) + b, W stored as float16 or as bfloat16 (uint16 bit patterns)."""
-    y = x @ widen(w, x.dtype)
+def linear_cast(x, w, b=None, *, transposed=False):
+    """y = x · float(W) + b, W stored as float16 or as bfloat16 (uint16 bit patterns); (out, in)
+    when ``transposed`` (the quant plugin's layout: one contiguous row per output, as for int8)."""
+    wf = widen(w, x.dtype)
+    y = x @ (wf.T if transposed else wf)
     return y if b is None else y + b
 
 
-def linear_cast_vjp(grads, inputs, outputs):
+def linear_cast_vjp(grads, inputs, outputs, *, transposed=False):
     (g,) = grads
     x, w, b = inputs
+    wf = widen(w, g.dtype)
+    wf = wf.T if transposed else wf
     # float16 weights are floats (a gradient exists); bfloat16 bit patterns are integers to NumPy.
-    gw = None if w.dtype == np.uint16 else _rows(x).T @ _rows(g)
-    return g @ widen(w, g.dtype).T, gw, None if b is None else _sum_rows(g)
+    gw = None
+    if w.dtype != np.uint16:
+        gw = _rows(x).T @ _rows(g)
+        gw = gw.T if transposed else gw
+    return g @ wf.T, gw, None if b is None else _sum_rows(g)
 
 
-def _linear_cast_infer(shapes, dtypes):
+def _linear_cast_infer(shapes, dtypes, *, transposed=False):
     x, w, b = shapes
     op = "linear_cast"
     require(dtypes[1] in ("float16", "uint16"), op, f"weight must be float16 or uint16 (bfloat16), got {dtypes[1]}")
-    require(len(w) == 2 and x[-1] == w[0], op, f"input features {x[-1]} do not fit weight {w}")
-    require(b is None or tuple(b) == (w[1],), op, f"bias shape {b} != ({w[1]},)")
-    return [((*x[:-1], w[1]), dtypes[0])]
+    require(len(w) == 2, op, f"weight must be 2-D, got {w}")
+    n_in, n_out = (w[1], w[0]) if transposed else (w[0], w[1])
+    require(x[-1] == n_in, op, f"input features {x[-1]} do not fit weight {w}"
+            + (" (stored transposed: out, in)" if transposed else ""))
+    require(b is None or tuple(b) == (n_out,), op, f"bias shape {b} != ({n_out},)")
+    return [((*x[:-1], n_out), dtypes[0])]
 
 
 register("linear_cast", linear_cast, linear_cast_vjp, _linear_cast_infer, n_optional=1,
-         flops=lambda s, o: 2 * int(np.prod(s[0][:-1])) * s[1][0] * s[1][1], vjp_uses_outputs=False)
+         flops=lambda s, o, **a: 2 * int(np.prod(s[0][:-1])) * s[1][0] * s[1][1], vjp_uses_outputs=False)
 
 
 # ------------------------------------------------------------------------ int8 KV cache
