@@ -112,9 +112,12 @@ class Tolerance:
                       refuses nothing
     ================  ========================================================================
 
-    Decoders are judged by the distribution they predict (KL, top-1, perplexity) — logits are
+    Decoders are judged by the distribution they predict (KL, perplexity) — logits are
     shift-invariant under softmax, so their cosine is only a coarse sanity bound there — and other
-    outputs by mean cosine. The defaults bound averages, not the worst row: the minimum over N rows
+    outputs by mean cosine. Top-1 agreement is reported but bounded only on request
+    (``min_top1=``): where the reference is nearly undecided between two tokens (a random-weight
+    model, or any flat distribution), a negligible change flips the argmax, as int8 did for 9% of a
+    random GPT-2's positions at KL below 1e-4. The defaults bound averages, not the worst row: the minimum over N rows
     keeps falling as N grows, so a worst-row bound refuses a rewrite more often the more validation
     text it is given. ``min_row_cosine`` is there for a user who wants that guarantee anyway.
 

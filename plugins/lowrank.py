@@ -21,8 +21,8 @@ The factors replace the ``linear`` by ``lowrank_linear`` (``form=op``) or by two
 (``form=two``). ``attention=nystrom`` turns non-causal attention into ``nystrom_attention`` with
 ``landmarks`` landmarks. Everything here is approximate; ``minitx optimize`` checks the declared
 tolerance ``TOLERANCE`` (minitx.plugin.Tolerance): mean per-row cosine >= 0.95 and, for decoders,
-mean next-token KL <= 0.05 nats, top-1 agreement >= 0.8 and perplexity <= +5% on the validation
-text. On the bundled Austen decoder ``rank=64,method=whiten`` passes (KL 0.001, perplexity under +1%) and
+mean next-token KL <= 0.05 nats and perplexity <= +5% on the validation text (top-1 agreement
+is reported). On the bundled Austen decoder ``rank=64,method=whiten`` passes (KL 0.001, perplexity under +1%) and
 ``rank=2`` is refused (KL 4.4). The options ``min_cosine=``, ``max_kl=``, ``min_top1=``,
 ``max_ppl_increase=`` (relative), ``min_row_cosine=`` (worst row, off by default) and ``max_rel=``
 override one bound each (``inf``, or 0 for a minimum, turns one off).
@@ -41,7 +41,7 @@ from minitx.rewrite import Context, Replacement, Rule, RewriteResult, apply as r
 from .sparsity import block_linears, calibration_run, unit_interval
 
 TYPES = ("qkv", "out", "mlp")
-TOLERANCE = Tolerance(min_cosine=0.95, max_kl=0.05, min_top1=0.8, max_ppl_increase=0.05)
+TOLERANCE = Tolerance(min_cosine=0.95, max_kl=0.05, max_ppl_increase=0.05)
 
 
 def truncation(s: str) -> Any:

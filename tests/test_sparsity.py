@@ -350,13 +350,13 @@ def austen():
 
 def test_sane_pruning_passes_and_broken_pruning_is_refused_on_real_text(austen):
     """On held-out real text, 50% magnitude pruning of the trained decoder passes the declared
-    tolerance (judged by mean KL, top-1 and perplexity, not by the worst token), 95% does not — and
+    tolerance (judged by mean KL and perplexity, not by the worst token), 95% does not — and
     the refusal names each metric, its value and its bound."""
     from minitx import validate
 
     cal = Calibration(texts=PROSE, source="8 passages")
     tol = plugin.get_plugin("sparsity").tolerance(plugin.parse_spec("sparsity:weights=magnitude").options)
-    assert tol.max_kl and tol.min_top1 and tol.max_ppl_increase and tol.min_row_cosine is None
+    assert tol.max_kl and tol.max_ppl_increase and tol.min_top1 is None and tol.min_row_cosine is None
     sane = plugin.optimize(austen, ["sparsity:weights=magnitude,sparsity=0.5"], calib=cal, validate=False)
     rep = validate.validate(austen, sane, cal, tol, shadow=False)
     assert rep.passed, rep.failure
@@ -370,4 +370,4 @@ def test_sane_pruning_passes_and_broken_pruning_is_refused_on_real_text(austen):
     bad = validate.validate(austen, broken, cal, tol, shadow=False)
     assert not bad.passed and bad.primary().kl > 0.5
     assert "logits mean KL" in bad.failure and "> max_kl 0.05" in bad.failure
-    assert "top-1 agreement" in bad.failure and "perplexity" in bad.failure and "\n" not in bad.failure
+    assert "perplexity" in bad.failure and "\n" not in bad.failure
