@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
@@ -129,3 +131,21 @@ def bfloat(typingctx, arr, index):
     """float32(bfloat16 with bits ``arr[index]``): the bits are the float32's high half."""
     return _widen16(arr, index, lambda b, bits: b.bitcast(
         b.shl(b.zext(bits, ir.IntType(32)), ir.Constant(ir.IntType(32), 16)), ir.FloatType()))
+
+
+def widen(arr, i, bf16):
+    """float32 of ``arr[i]``: an int8 weight, or a 16-bit float's bits (bfloat16 if ``bf16``, else
+    float16) — one kernel body serves every narrow weight format."""
+    return np.float32(arr[i])
+
+
+@overload(widen)
+def _widen_impl(arr, i, bf16):
+    if isinstance(arr, types.Array) and arr.dtype == types.uint16:
+        def impl(arr, i, bf16):
+            return bfloat(arr, i) if bf16 else half(arr, i)
+        return impl
+
+    def impl_int(arr, i, bf16):
+        return types.float32(arr[i])
+    return impl_int

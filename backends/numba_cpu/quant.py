@@ -27,7 +27,7 @@ from numba import prange
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
-from ._vmath import bfloat, half
+from ._vmath import widen
 from .kvcache import append, storage
 
 SKINNY_MAX_ROWS = 8
@@ -128,21 +128,22 @@ def _q4_skinny(x, w, s, y, block, group):
         _store(y, acc, j0)
 
 
-def _q8_skinny_t(x, w, y):
-    """y[m, n] = x[m, :] · w[n, :] for int8 w (N, K) row-major, unscaled; row n + AHEAD is
-    prefetched while row n is read."""
+def _rows_dot(x, w, bf16, y):
+    """y[m, n] = x[m, :] · float(w[n, :]) for a narrow weight (N, K) row-major — int8 (unscaled),
+    or float16 / bfloat16 bits (``bf16``) — widened in registers (``_vmath.widen``); the row AHEAD
+    rows on is prefetched while row n is read."""
     M, K = x.shape
     N = w.shape[0]
     for blk in prange((N + 63) // 64):
         for n in range(blk * 64, min(N, blk * 64 + 64)):
-            for c in range(0, K, 64):
+            for c in range(0, K, 32):  # every 64-byte line of a 16-bit row (an int8 row: twice)
                 prefetch(w, (n + AHEAD) * K + c)
             wn = w[n]
             for m in range(M):
                 xm = x[m]
                 acc = np.float32(0.0)
                 for k in range(K):
-                    acc += xm[k] * np.float32(wn[k])
+                    acc += xm[k] * widen(wn, k, bf16)
                 y[m, n] = acc
 
 
@@ -195,7 +196,7 @@ def _embed_q4(ids, table, scale, out, group):
 
 def _cast_skinny(x, w, bf16, y, block):
     """y = x @ float(w) for w (K, N) float16 or bfloat16 bit patterns (uint16), widened in registers
-    (``_vmath.half`` / ``bfloat``), streamed row by row into per-thread column accumulators."""
+    (``_vmath.widen``), streamed row by row into per-thread column accumulators."""
     M, K = x.shape
     N = w.shape[1]
     for blk in prange((N + block - 1) // block):
@@ -208,35 +209,9 @@ def _cast_skinny(x, w, bf16, y, block):
             for m in range(M):
                 xv = x[m, k]
                 a = acc[m * n:(m + 1) * n]
-                if bf16:
-                    for j in range(n):
-                        a[j] += xv * bfloat(wk, j0 + j)
-                else:
-                    for j in range(n):
-                        a[j] += xv * half(wk, j0 + j)
+                for j in range(n):
+                    a[j] += xv * widen(wk, j0 + j, bf16)
         _store(y, acc, j0)
-
-
-def _cast_skinny_t(x, w, bf16, y):
-    """y[m, n] = x[m, :] · float(w[n, :]) for 16-bit float w (N, K) row-major: a dot product per
-    output along a contiguous row, widened in registers, rows prefetched ahead (as ``_q8_skinny_t``)."""
-    M, K = x.shape
-    N = w.shape[0]
-    for blk in prange((N + 63) // 64):
-        for n in range(blk * 64, min(N, blk * 64 + 64)):
-            for c in range(0, K, 32):
-                prefetch(w, (n + AHEAD) * K + c)
-            wn = w[n]
-            for m in range(M):
-                xm = x[m]
-                acc = np.float32(0.0)
-                if bf16:
-                    for k in range(K):
-                        acc += xm[k] * bfloat(wn, k)
-                else:
-                    for k in range(K):
-                        acc += xm[k] * half(wn, k)
-                y[m, n] = acc
 
 
 def _sdpa_kv8(q, K, KS, V, VS, S_tot, mask, has_mask, causal, scale, H, KV, out):
@@ -289,14 +264,13 @@ def _sdpa_kv8(q, K, KS, V, VS, S_tot, mask, has_mask, causal, scale, H, KV, out)
 
 
 _Q8 = kernel(_q8_skinny)
-_Q8T = kernel(_q8_skinny_t)
+_ROWS_DOT = kernel(_rows_dot)
 _BLOCK = kernel(_q8_block_skinny)
 _Q4 = kernel(_q4_skinny)
 _Q4T = kernel(_q4_skinny_t)
 _EMB8 = kernel(_embed_q8)
 _EMB4 = kernel(_embed_q4)
 _CAST = kernel(_cast_skinny)
-_CAST_T = kernel(_cast_skinny_t)
 _SDPA8 = kernel(_sdpa_kv8)
 
 
@@ -343,7 +317,7 @@ def linear_q8(x, w, scale, b=None, *, transposed=False):
     if transposed:
         if x2.shape[0] <= SKINNY_MAX_ROWS:
             y = np.empty((x2.shape[0], w.shape[0]), np.float32)
-            _pick(_Q8T, w.size)(x2, w, y)
+            _pick(_ROWS_DOT, w.size)(x2, w, False, y)
         else:
             y = _tiled_t(x2, w)
         return _finish(y * scale, x, b)
@@ -431,7 +405,7 @@ def linear_cast(x, w, b=None, *, transposed=False):
     if transposed:
         if x2.shape[0] <= SKINNY_MAX_ROWS:
             y = np.empty((x2.shape[0], w.shape[0]), np.float32)
-            _pick(_CAST_T, w.size)(x2, bits, bf16, y)
+            _pick(_ROWS_DOT, w.size)(x2, bits, bf16, y)
         else:
             y = np.empty((x2.shape[0], w.shape[0]), np.float32)
             for n0 in range(0, w.shape[0], 4 * TILE):  # widen 4·TILE output channels at a time
