@@ -103,6 +103,9 @@ class Bfloat16Emulation(Backend):
     def to_numpy(self, a: Any) -> np.ndarray:
         return self.inner.to_numpy(a)
 
+    def owns(self, a: Any) -> bool:
+        return self.inner.owns(a)
+
     def synchronize(self) -> None:
         self.inner.synchronize()
 

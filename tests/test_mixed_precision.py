@@ -358,3 +358,22 @@ def test_cli_bad_precision_is_one_line(tmp_path):
     assert r.output.strip().splitlines() == ["error: --precision must be one of float32, float16, bfloat16, "
                                              "got 'fp8'"]
     assert not (tmp_path / "m.npz").exists()
+
+
+def test_bfloat16_emulation_owns_what_its_backend_owns() -> None:
+    """Device arrays fed back to a bfloat16-emulating executor (a decode cache) stay on the device:
+    the wrapper answers ``owns`` for the backend it wraps, so the executor does not copy them."""
+    from minitx.precision import Bfloat16Emulation
+
+    class Marker:
+        pass
+
+    class Device(Backend):
+        name, device, version = "dev", "dev", "0"
+        dtypes = frozenset({"float32"})
+
+        def owns(self, a) -> bool:
+            return isinstance(a, Marker)
+
+    wrapped = Bfloat16Emulation(Device())
+    assert wrapped.owns(Marker()) and not wrapped.owns(np.zeros(2))
