@@ -61,25 +61,6 @@ def _store(y, acc, j0):
             y[m, j0 + j] = acc[m * n + j]
 
 
-def _q8_skinny(x, w, y, block):
-    """y = x @ w (int8 (K, N)), unscaled; parallel over column blocks."""
-    M, K = x.shape
-    N = w.shape[1]
-    for blk in prange((N + block - 1) // block):
-        j0 = blk * block
-        j1 = min(N, j0 + block)
-        n = j1 - j0
-        acc = np.zeros(M * n, np.float32)
-        for k in range(K):
-            wk = w[k, j0:j1]
-            for m in range(M):
-                xv = x[m, k]
-                a = acc[m * n:(m + 1) * n]
-                for j in range(n):
-                    a[j] += xv * np.float32(wk[j])
-        _store(y, acc, j0)
-
-
 def _q8_block_skinny(x, w, s, y, block, group):
     """y = x @ (q · s[k // group]) for int8 q (K, N); a partial sum per group, scaled once."""
     M, K = x.shape
@@ -194,9 +175,10 @@ def _embed_q4(ids, table, scale, out, group):
             out[i, 2 * c2 + 1] = np.float32((byte >> 4) - 8) * sc
 
 
-def _cast_skinny(x, w, bf16, y, block):
-    """y = x @ float(w) for w (K, N) float16 or bfloat16 bit patterns (uint16), widened in registers
-    (``_vmath.widen``), streamed row by row into per-thread column accumulators."""
+def _cols_stream(x, w, bf16, y, block):
+    """y = x @ float(w) for a narrow weight (K, N) — int8 (unscaled) or float16 / bfloat16 bits
+    (``bf16``) — widened in registers (``_vmath.widen``), streamed row by row into per-thread column
+    accumulators; parallel over column blocks."""
     M, K = x.shape
     N = w.shape[1]
     for blk in prange((N + block - 1) // block):
@@ -263,14 +245,13 @@ def _sdpa_kv8(q, K, KS, V, VS, S_tot, mask, has_mask, causal, scale, H, KV, out)
             out[b, t, qo + d] = acc_v[d] * inv
 
 
-_Q8 = kernel(_q8_skinny)
 _ROWS_DOT = kernel(_rows_dot)
 _BLOCK = kernel(_q8_block_skinny)
 _Q4 = kernel(_q4_skinny)
 _Q4T = kernel(_q4_skinny_t)
 _EMB8 = kernel(_embed_q8)
 _EMB4 = kernel(_embed_q4)
-_CAST = kernel(_cast_skinny)
+_COLS = kernel(_cols_stream)
 _SDPA8 = kernel(_sdpa_kv8)
 
 
@@ -323,7 +304,7 @@ def linear_q8(x, w, scale, b=None, *, transposed=False):
         return _finish(y * scale, x, b)
     if x2.shape[0] <= SKINNY_MAX_ROWS:
         y = np.empty((x2.shape[0], w.shape[1]), np.float32)
-        _pick(_Q8, w.size)(x2, w, y, _block(w.shape[1]))
+        _pick(_COLS, w.size)(x2, w, False, y, _block(w.shape[1]))
     else:
         y = _tiled(x2, w.shape[1], lambda a, c: w[a:c].astype(np.float32))
     return _finish(y * scale, x, b)
@@ -412,7 +393,7 @@ def linear_cast(x, w, b=None, *, transposed=False):
                 y[:, n0:n0 + 4 * TILE] = x2 @ spec.widen(w[n0:n0 + 4 * TILE]).T
     elif x2.shape[0] <= SKINNY_MAX_ROWS:
         y = np.empty((x2.shape[0], w.shape[1]), np.float32)
-        _pick(_CAST, w.size)(x2, bits, bf16, y, _block(w.shape[1]))
+        _pick(_COLS, w.size)(x2, bits, bf16, y, _block(w.shape[1]))
     else:
         y = _tiled(x2, w.shape[1], lambda a, c: spec.widen(w[a:c]))
     return _finish(y, x, b)
