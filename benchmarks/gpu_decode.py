@@ -305,17 +305,29 @@ def roofline(bw: float, wbytes: int) -> float:
 
 
 # ----------------------------------------------------------------------------------- stages
-def stage_gpt2(b: Bench) -> None:
-    cfg = SMOKE_GPT2 if b.smoke else GPT2_SMALL
+def _models(b: Bench, family: str, cfg: dict) -> tuple[Any, Any]:
+    """The transformers model and minitx's conversion of the same weights."""
     b.result["config"] = cfg
-    hf = hf_model("gpt2", cfg, b.device)
+    hf = hf_model(family, cfg, b.device)
     b.result["hf_attn_implementation"] = getattr(hf.config, "_attn_implementation", "?")
     with tempfile.TemporaryDirectory() as d:
-        m = minitx_via_converter(hf, d, "float32" if b.smoke else "float16")
+        return hf, minitx_via_converter(hf, d, "float32" if b.smoke else "float16")
+
+
+def _checked_prompt(b: Bench, hf: Any, m: Any, cfg: dict) -> tuple[np.ndarray, int]:
+    """The prompt and decode length, after recording where minitx's nodes run and how far its
+    logits are from transformers' on that prompt."""
     ids = prompt(cfg["vocab_size"])
     b.record("placement", lambda: placement(b, m))
     b.record("max_abs_logit_diff_vs_hf", lambda: max_logit_diff(b, hf, m, ids))
-    n = b.result["new_tokens"] = b.new_tokens
+    b.result["new_tokens"] = b.new_tokens
+    return ids, b.new_tokens
+
+
+def stage_gpt2(b: Bench) -> None:
+    cfg = SMOKE_GPT2 if b.smoke else GPT2_SMALL
+    hf, m = _models(b, "gpt2", cfg)
+    ids, n = _checked_prompt(b, hf, m, cfg)
     b.record("hf_generate_tps", lambda: hf_generate_tps(b, hf, ids, n))
     b.record("minitx_generate_tps", lambda: mx_generate_tps(b, m, ids, n))
     b.record("hf_decode_tps", lambda: hf_decode_tps(b, hf, ids, n))
@@ -324,20 +336,13 @@ def stage_gpt2(b: Bench) -> None:
 
 def stage_llama(b: Bench) -> None:
     cfg = SMOKE_LLAMA if b.smoke else LLAMA_1B
-    b.result["config"] = cfg
     b.record("copy_bandwidth_Bps", lambda: copy_bandwidth(b))
-    hf = hf_model("llama", cfg, b.device)
-    b.result["hf_attn_implementation"] = getattr(hf.config, "_attn_implementation", "?")
-    with tempfile.TemporaryDirectory() as d:
-        m = minitx_via_converter(hf, d, "float32" if b.smoke else "float16")
+    hf, m = _models(b, "llama", cfg)
     b.result["n_params"] = m.n_params()
     b.record("weight_bytes_per_token", lambda: weight_bytes_per_token(m))
     if b.result.get("copy_bandwidth_Bps") and b.result.get("weight_bytes_per_token"):
         b.result["roofline_tps"] = roofline(b.result["copy_bandwidth_Bps"], b.result["weight_bytes_per_token"])
-    ids = prompt(cfg["vocab_size"])
-    b.record("placement", lambda: placement(b, m))
-    b.record("max_abs_logit_diff_vs_hf", lambda: max_logit_diff(b, hf, m, ids))
-    n = b.result["new_tokens"] = b.new_tokens
+    ids, n = _checked_prompt(b, hf, m, cfg)
     b.record("minitx_decode_tps", lambda: mx_decode_tps(b, m, ids, n))
     b.record("hf_decode_tps", lambda: hf_decode_tps(b, hf, ids, n))
     b.record("minitx_generate_tps", lambda: mx_generate_tps(b, m, ids, n))
