@@ -153,3 +153,54 @@ def test_cli_infer_explain_and_no_fallback_with_numba(tmp_path) -> None:
     assert got.exit_code == 0, got.output
     assert json.loads(got.output.splitlines()[-1]) == json.loads(ref.output)
     assert "numba" in got.output and "ran on: numba" in got.output
+
+
+def test_numba_cache_is_dropped_when_any_kernel_source_changes(tmp_path, monkeypatch) -> None:
+    """numba re-validates a cached kernel against its own file only; a helper it inlines (``_vmath``)
+    can change underneath it. The package digest beside the cache must catch that — and leave a
+    current cache alone."""
+    from types import SimpleNamespace
+
+    from minitx.backends.numba_cpu import _jit
+
+    def cached(folder):
+        (folder / "quant._rows_dot-112.py311.nbi").write_bytes(b"index")
+        (folder / "quant._rows_dot-112.py311.1.nbc").write_bytes(b"code")
+        (folder / "keep.txt").write_text("not numba's")
+        return SimpleNamespace(_cache=SimpleNamespace(_cache_path=str(folder)))
+
+    monkeypatch.setattr(_jit, "_checked", set())
+    monkeypatch.setattr(_jit, "sources_digest", lambda: "digest-1")
+    _jit._drop_stale_cache(cached(tmp_path))  # no stamp yet: whatever is there is of unknown age
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", _jit.STAMP]
+    assert (tmp_path / _jit.STAMP).read_text().strip() == "digest-1"
+
+    monkeypatch.setattr(_jit, "_checked", set())
+    _jit._drop_stale_cache(cached(tmp_path))  # same sources: the cache stays
+    assert len(list(tmp_path.glob("*.nb*"))) == 2
+
+    monkeypatch.setattr(_jit, "_checked", set())
+    monkeypatch.setattr(_jit, "sources_digest", lambda: "digest-2")  # a helper was edited
+    _jit._drop_stale_cache(cached(tmp_path))
+    assert not list(tmp_path.glob("*.nb*"))
+    assert (tmp_path / _jit.STAMP).read_text().strip() == "digest-2"
+
+
+def test_numba_sources_digest_covers_the_inlined_helpers(tmp_path, monkeypatch) -> None:
+    import os
+    import shutil
+
+    from minitx.backends.numba_cpu import _jit
+    from minitx.backends.numba_cpu import quant
+
+    assert quant._ROWS_DOT[0]._cache._cache_path  # the attribute the check relies on still exists
+    here = os.path.dirname(os.path.abspath(_jit.__file__))
+    for name in os.listdir(here):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(here, name), tmp_path / name)
+    monkeypatch.setattr(_jit, "__file__", str(tmp_path / "_jit.py"))
+    before = _jit.sources_digest()
+    assert before == _jit.sources_digest()
+    with open(tmp_path / "_vmath.py", "a") as f:
+        f.write("# a helper edited\n")
+    assert _jit.sources_digest() != before

@@ -10,6 +10,9 @@ check in every division would stop LLVM from vectorising the loop.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
+import os
 from typing import Any, Callable
 
 import numba
@@ -30,7 +33,55 @@ def kernel(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., An
     """(parallel, serial) compiled versions of ``fn`` (which uses ``numba.prange``)."""
     par = numba.njit(cache=True, parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy")(fn)
     ser = numba.njit(cache=True, parallel=False, fastmath=FASTMATH, nogil=True, error_model="numpy")(fn)
+    _drop_stale_cache(par)
     return par, ser
+
+
+STAMP = "minitx-sources.stamp"
+_checked: set[str] = set()
+
+
+def sources_digest() -> str:
+    """sha256 over this package's Python sources (names and bytes)."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py"))):
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _drop_stale_cache(dispatcher: Any) -> None:
+    """Delete numba's cached kernels of this package when any of its sources changed.
+
+    Why: numba re-validates a cached kernel against its own file only, yet kernels inline helpers
+    from other files (``_vmath.widen``, ``prefetch``, the vectorised ``exp``). After an edit to a
+    helper, every kernel using it kept running the old machine code — on this machine a cached int8
+    kernel ran at 12 GB/s where the same source compiled afresh ran at 15–18 GB/s. One digest of
+    the package's sources, kept beside the cache, catches that; checked once per cache folder.
+    """
+    path = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
+    if not path or path in _checked:
+        return
+    _checked.add(path)
+    digest = sources_digest()
+    stamp = os.path.join(path, STAMP)
+    try:
+        with open(stamp) as f:
+            if f.read().strip() == digest:
+                return
+    except OSError:
+        pass
+    try:
+        for old in glob.glob(os.path.join(path, "*.nbi")) + glob.glob(os.path.join(path, "*.nbc")):
+            os.remove(old)
+        os.makedirs(path, exist_ok=True)
+        tmp = f"{stamp}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(digest + "\n")
+        os.replace(tmp, stamp)
+    except OSError:  # a read-only cache folder: numba then compiles in memory, nothing to protect
+        pass
 
 
 def pick(pair: tuple[Callable[..., Any], Callable[..., Any]], work: int, minimum: int | None = None) -> Callable[..., Any]:
