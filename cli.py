@@ -899,6 +899,8 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
 @optimizer_options(lr=3e-4, min_lr=3e-5, warmup=10, weight_decay=0.0)
 @checkpoint_options
 @click.option("--calib", "calib", multiple=True, metavar="SPEC", help="Calibration input of the conversion (as in optimize).")
+@click.option("--validate", "validate_specs", multiple=True, metavar="SPEC",
+              help="Validate the conversion on this input (as in optimize; default: every 4th --calib sequence).")
 @click.option("--force", is_flag=True, help="Keep a conversion that exceeds its declared tolerance (warn only).")
 @click.option("--no-compare", is_flag=True, help="Skip scoring the float and post-training-quantized models.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -906,8 +908,8 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
               help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup,
-        weight_decay, clip, eval_every, eval_batches, val_fraction, seed, calib, force, no_compare, as_json,
-        backends, quiet, checkpoint=None, checkpoint_every=100, resume=None) -> None:
+        weight_decay, clip, eval_every, eval_batches, val_fraction, seed, calib, validate_specs, force, no_compare,
+        as_json, backends, quiet, checkpoint=None, checkpoint_every=100, resume=None) -> None:
     """Quantization-aware fine-tuning: train MODEL through fake quantization, convert, save.
 
     The held-out tail of the text (--val-fraction) then scores the float model, its post-training
@@ -922,6 +924,7 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
     from minitx.validate import Calibration
 
     Q.split_spec(plugin_text)                        # bad options fail before any work
+    cal = Calibration.parse(list(calib), validate=list(validate_specs))
     checkpoint = _checkpoint_path(output, checkpoint)
     m = load_model(model)
     Q._check_float(m, model or "the bundled model")
@@ -942,12 +945,15 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
     ids = data.encode(m.tokenizer_json, data.read_text(data_path))
     bar = None if quiet or as_json else tr.ProgressLine(settings.steps)
     warn = (lambda s: click.echo(s, err=True))
-    res = Q.run(m, ids, plugin_text, settings, backends=_backends(backends), calib=Calibration.parse(list(calib)),
+    res = Q.run(m, ids, plugin_text, settings, backends=_backends(backends), calib=cal,
                 force=force, state=st, checkpoint=checkpoint, warn=warn, log=bar.message if bar else None,
                 progress=bar)
     packed_text = Q.split_spec(plugin_text)[1]
     report: dict[str, Any] = {"plugin": packed_text, "steps": res.state.step,
                               "packed_vs_fake_quant_max_abs": res.packed_vs_fake_quant}
+    v = res.packed.meta["rewrites"][-1].get("validation")
+    if v:
+        report["validation"] = {k: v[k] for k in ("calibration", "n_sequences", "passed", "failure")}
     if not no_compare:
         val = Q.held_out(ids, settings, m.n_ctx)
         if len(val) >= 2:
@@ -966,6 +972,9 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
                    f"post-training {packed_text} {report['ptq_perplexity']:.3f}, "
                    f"QAT {packed_text} {report['qat_perplexity']:.3f}")
     click.echo(f"packed vs fake-quant logits: max |diff| {res.packed_vs_fake_quant:.2e}")
+    if v:
+        click.echo(f"conversion validated on {v['calibration']}: "
+                   + ("PASS" if v["passed"] else f"FAIL: {v['failure']} (kept: --force)"))
     click.echo(f"wrote {output} after {res.state.step} QAT steps")
 
 if __name__ == "__main__":

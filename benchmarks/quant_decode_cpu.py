@@ -1,6 +1,6 @@
 """Quantized decode on the CPU: tokens/s and file size of GPT-2-small-shaped models, numba backend.
 
-    python benchmarks/quant_decode_cpu.py [--rounds 5] [--steps 24] [-o benchmarks/results/quant_decode_cpu.md]
+    python benchmarks/quant_decode_cpu.py [--rounds 9] [--steps 24] [-o benchmarks/results/quant_decode_cpu.md]
 
 Model: ``models.preset("gpt2", "small")`` (12 layers, 768 wide, vocab 50257, tied LM head), random
 weights (seed 0). Variants: fp32, ``quant:int8`` (with and without ``embeddings=false``),
@@ -84,7 +84,7 @@ def _profile(path: str, steps: int = 8) -> tuple[float, dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--layers", type=int, default=12, help="fewer for a smoke run")
     ap.add_argument("-o", "--output", default=os.path.join(ROOT, "benchmarks", "results", "quant_decode_cpu.md"))

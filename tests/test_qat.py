@@ -258,10 +258,12 @@ def test_qat_command_converts_and_compares(model_file, tmp_path):
     out = tmp_path / "q.npz"
     r = CliRunner().invoke(main, ["qat", str(d / "m.npz"), "--data", str(d / "text.txt"), "--plugin",
                                   "quant:int4,group=16", "--steps", "4", "--batch-size", "4", "--val-fraction", "0.2",
-                                  "-o", str(out), "--json", "--force"])
+                                  "--validate", "ids:5,6,7,8,9,10", "-o", str(out), "--json", "--force"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["plugin"] == "quant:int4,group=16" and rep["steps"] == 4
+    assert rep["validation"]["calibration"] == "--validate ids; disjoint from the calibration input"
+    assert rep["validation"]["n_sequences"] == 1
     assert {"float_perplexity", "ptq_perplexity", "qat_perplexity"} <= set(rep)
     assert rep["packed_vs_fake_quant_max_abs"] <= 1e-4
     q = modelfile.load(str(out))
@@ -304,6 +306,7 @@ def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, mon
     (["qat", "--plugin", "quant:w8a8"], "weight-only modes"),
     (["qat", "--plugin", "lowrank:rank=4"], "needs the quant plugin"),
     (["qat", "--plugin", "quant:int4,bogus=1"], "unknown option 'bogus'"),
+    (["qat", "--plugin", "quant:int8", "--validate", "file:nope.txt"], "--validate 'file:nope.txt': no such file"),
     (["eval", "--plugin", "quant:int3"], "bad value 'int3'"),
     (["eval", "--plugin", "quant:kv8"], "changes the model's inputs"),
 ])
