@@ -37,12 +37,15 @@ def _mix_values(p, n, Vb, lo, acc):
         s += 1
 
 
-def _sdpa(q, K, V, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
+def _sdpa(q, K, KS, V, VS, quantized, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
     """One task per (batch, head, query): dot products along each key's contiguous head slice.
 
     Four keys per pass share the loads of q (four independent reductions keep the FMA units
     busy), and the weighted sum of values takes four rows per pass over the accumulator.
     Accumulation is in the input's dtype (``zero`` carries it), like the spec's float32 matmuls.
+    ``quantized``: K and V are an int8 cache (``attention_kv8``, quant.py) with one scale per
+    token and kv head in KS / VS (B, S, KV), applied to each score and to each softmax weight, so
+    the int8 rows are read as they are; otherwise KS / VS are unused placeholders.
     """
     B, T, HD = q.shape
     D = HD // H
@@ -78,6 +81,9 @@ def _sdpa(q, K, V, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
                 a += qh[d] * ks[d]
             sc[s] = a * scale
             s += 1
+        if quantized:
+            for s in range(n):
+                sc[s] *= KS[b, s, g]
         m = zero - np.float32(np.inf)
         for s in range(n):
             if (not has_mask or mask[b, s] != 0) and sc[s] > m:
@@ -87,8 +93,9 @@ def _sdpa(q, K, V, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
         if m == -np.inf:  # nothing visible: uniform over all keys, like the spec
             for s in range(S_tot):
                 vs = V[b, s, g * D:(g + 1) * D]
+                ws = VS[b, s, g] if quantized else zero + 1
                 for d in range(D):
-                    acc[d] += vs[d]
+                    acc[d] += ws * vs[d]
             for d in range(D):
                 o[d] = acc[d] / S_tot
             continue
@@ -99,6 +106,9 @@ def _sdpa(q, K, V, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
                 p = zero
             sc[s] = p
             total += p
+        if quantized:
+            for s in range(n):
+                sc[s] *= VS[b, s, g]
         _mix_values(sc, n, V[b], g * D, acc)
         inv = 1.0 / total
         for d in range(D):
@@ -184,6 +194,13 @@ PREFILL_MIN_QUERIES = 8  # from here on transposing the keys once beats a dot pr
 def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
     K = append(past_k, k)
     V = append(past_v, v)
+    return sdpa(q, K, None, V, None, mask, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale), K, V
+
+
+def sdpa(q, K, KS, V, VS, mask, *, n_heads: int, n_kv_heads: int, causal: bool, scale: float | None) -> np.ndarray:
+    """Attention of ``q`` over whole caches ``K``/``V`` (views the kernels read through their
+    buffers, see kvcache.py). ``KS``/``VS``: None for a float cache, else the per-token scales of
+    an int8 one (quant.py's ``attention_kv8``), which always takes the per-query kernel."""
     D = q.shape[-1] // n_heads
     scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
     qc = np.ascontiguousarray(q)
@@ -191,9 +208,16 @@ def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_hea
     has_mask = mask is not None
     m = np.ascontiguousarray(mask, dtype=np.int64) if has_mask else np.zeros((1, 1), np.int64)
     work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
-    pair = _SDPA_PREFILL if q.shape[1] >= PREFILL_MIN_QUERIES else _SDPA
-    pick(pair, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads, n_kv_heads, qc.dtype.type(0), out)
-    return out, K, V
+    quantized = KS is not None
+    if q.shape[1] >= PREFILL_MIN_QUERIES and not quantized:
+        pick(_SDPA_PREFILL, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads,
+                                  n_kv_heads, qc.dtype.type(0), out)
+        return out
+    none = np.zeros((1, 1, 1), np.float32)
+    pick(_SDPA, work)(qc, storage(K), storage(KS) if quantized else none, storage(V),
+                      storage(VS) if quantized else none, quantized, K.shape[1], m, has_mask, bool(causal), scale,
+                      n_heads, n_kv_heads, qc.dtype.type(0), out)
+    return out
 
 
 KERNELS = {"attention": attention}

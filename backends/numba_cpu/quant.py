@@ -8,15 +8,16 @@ of two nibbles) widened to float32 in registers, one float32 accumulator per row
 per-channel / per-group scale applied once per channel / group; threads split the output channels,
 and each prefetches the rows it will read next (``_jit.prefetch``): on the 2-core machine that took
 the int8 LM head from 17 to 23 GB/s, level with OpenBLAS's float32 GEMV.
-(The (in, out) layout — older files, int8 blocks — is streamed row by row into per-thread column
-accumulators: correct, but it moves every accumulator through cache once per input row.) With
+(The (in, out) layout — int8 blocks, and int8 / 16-bit files from before the plugin transposed
+them — is streamed row by row into per-thread column accumulators: correct, but it moves every
+accumulator through cache once per input row; int4 in that layout takes the BLAS path.) With
 many rows (prefill) the work is compute-bound: tiles of the packed matrix are dequantized into a
 small float buffer and multiplied with BLAS, so no full float copy of W ever exists.
 
 Also here: the int8 / int4 embedding lookups (only the looked-up rows are widened), float16 and
 bfloat16 weights (``linear_cast``, widened per row slice in registers), and attention over an int8
 KV cache (``attention_kv8``: scores and values read straight from the int8 cache, scaled per
-token and head; the cache grows in place like the float one, see kvcache.py).
+token and head by attention.py's kernel; the cache grows in place like the float one, see kvcache.py).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
 from ._vmath import widen
-from .kvcache import append, storage
+from .attention import sdpa
+from .kvcache import append
 
 SKINNY_MAX_ROWS = 8
 AHEAD = 4  # rows of a streamed (out, in) weight prefetched ahead of the one being read
@@ -80,31 +82,6 @@ def _q8_block_skinny(x, w, s, y, block, group):
                     p = part[m * n:(m + 1) * n]
                     for j in range(n):
                         p[j] += xv * np.float32(wk[j])
-            _add_scaled(acc, part, s[g, j0:j1])
-        _store(y, acc, j0)
-
-
-def _q4_skinny(x, w, s, y, block, group):
-    """y = x @ ((nibble − 8) · s[k // group]) for packed uint8 w (K/2, N): one byte load, two rows."""
-    M, K = x.shape
-    N = y.shape[1]
-    for blk in prange((N + block - 1) // block):
-        j0 = blk * block
-        j1 = min(N, j0 + block)
-        n = j1 - j0
-        acc = np.zeros(M * n, np.float32)
-        part = np.zeros(M * n, np.float32)
-        for g in range(K // group):
-            part[:] = 0.0
-            for r in range(g * group // 2, (g + 1) * group // 2):
-                wr = w[r, j0:j1]
-                for m in range(M):
-                    x0 = x[m, 2 * r]
-                    x1 = x[m, 2 * r + 1]
-                    p = part[m * n:(m + 1) * n]
-                    for j in range(n):
-                        byte = np.int32(wr[j])
-                        p[j] += x0 * np.float32((byte & 15) - 8) + x1 * np.float32((byte >> 4) - 8)
             _add_scaled(acc, part, s[g, j0:j1])
         _store(y, acc, j0)
 
@@ -196,63 +173,12 @@ def _cols_stream(x, w, bf16, y, block):
         _store(y, acc, j0)
 
 
-def _sdpa_kv8(q, K, KS, V, VS, S_tot, mask, has_mask, causal, scale, H, KV, out):
-    """Attention reading an int8 cache: score = (q · Kq[s]) · KS[s, head] · scale, out = Σ p · VS · Vq,
-    accumulated in float64 like the float kernel (attention.py); a query with no visible key
-    averages all values uniformly, like the spec."""
-    B, T, HD = q.shape
-    D = HD // H
-    G = H // KV
-    past = S_tot - T
-    for task in prange(B * H * T):
-        b = task // (H * T)
-        h = (task // T) % H
-        t = task % T
-        g = h // G
-        qo = h * D
-        ko = g * D
-        scores = np.empty(S_tot, np.float64)
-        ok = np.zeros(S_tot, np.bool_)
-        mx = -np.inf
-        for s_ in range(S_tot):
-            if causal and s_ > past + t:
-                continue
-            if has_mask and mask[b, s_] == 0:
-                continue
-            acc = 0.0
-            for d in range(D):
-                acc += q[b, t, qo + d] * np.float64(K[b, s_, ko + d])
-            sc = acc * KS[b, s_, g] * scale
-            scores[s_] = sc
-            ok[s_] = True
-            if sc > mx:
-                mx = sc
-        acc_v = np.zeros(D, np.float64)
-        total = 0.0
-        for s_ in range(S_tot):
-            if mx == -np.inf:
-                p = 1.0
-            elif ok[s_]:
-                p = np.exp(scores[s_] - mx)
-            else:
-                continue
-            total += p
-            pv = p * VS[b, s_, g]
-            for d in range(D):
-                acc_v[d] += pv * np.float64(V[b, s_, ko + d])
-        inv = 1.0 / total
-        for d in range(D):
-            out[b, t, qo + d] = acc_v[d] * inv
-
-
 _ROWS_DOT = kernel(_rows_dot)
 _BLOCK = kernel(_q8_block_skinny)
-_Q4 = kernel(_q4_skinny)
 _Q4T = kernel(_q4_skinny_t)
 _EMB8 = kernel(_embed_q8)
 _EMB4 = kernel(_embed_q4)
 _COLS = kernel(_cols_stream)
-_SDPA8 = kernel(_sdpa_kv8)
 
 
 # These kernels stream the packed weights in place of BLAS, so unlike the float kernels they want
@@ -274,11 +200,11 @@ def _finish(y, x, b):
     return y if b is None else y + b
 
 
-def _tiled(x2, n_out, dequant_rows):
+def _tiled(x2, n_out, dequant_rows, tile=TILE):
     """BLAS path: y = Σ over input tiles of x[:, tile] @ W[tile], W[tile] dequantized on the fly."""
     y = np.zeros((x2.shape[0], n_out), np.float32)
-    for k0 in range(0, x2.shape[1], TILE):
-        k1 = min(x2.shape[1], k0 + TILE)
+    for k0 in range(0, x2.shape[1], tile):
+        k1 = min(x2.shape[1], k0 + tile)
         y += x2[:, k0:k1] @ dequant_rows(k0, k1)
     return y
 
@@ -343,19 +269,11 @@ def linear_q4(x, w, scale, b=None, *, group=32, transposed=False):
                 wt *= np.repeat(s[n0:n0 + 4 * TILE], group, axis=1)
                 y[:, n0:n0 + 4 * TILE] = x2 @ wt.T
         return _finish(y, x, b)
-    n_out = w.shape[1]
-    if x2.shape[0] <= SKINNY_MAX_ROWS:
-        y = np.empty((x2.shape[0], n_out), np.float32)
-        _pick(_Q4, w.size * 2)(x2, w, s, y, _block(n_out), group)
-    else:
-        # tiles are whole groups (TILE is a multiple of any group dividing it; else use the group)
-        tile = TILE if TILE % group == 0 else group
-
-        y = np.zeros((x2.shape[0], n_out), np.float32)
-        for k0 in range(0, x2.shape[1], tile):
-            k1 = min(x2.shape[1], k0 + tile)
-            wt = spec.dequantize_blocks(spec.unpack_int4(w[k0 // 2:k1 // 2]), s[k0 // group:k1 // group], group)
-            y += x2[:, k0:k1] @ wt
+    # (in, out): files from before the plugin stored int4 (out, in); tiles of whole groups
+    # (TILE is a multiple of any group dividing it; else the group) are unpacked for BLAS
+    tile = TILE if TILE % group == 0 else group
+    y = _tiled(x2, w.shape[1], lambda a, c: spec.dequantize_blocks(
+        spec.unpack_int4(w[a // 2:c // 2]), s[a // group:c // group], group), tile)
     return _finish(y, x, b)
 
 
@@ -408,14 +326,7 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
     vq, vs = spec.quantize_heads(v, n_kv_heads)
     K, KS = append(past_k, kq), append(past_k_scale, ks)
     V, VS = append(past_v, vq), append(past_v_scale, vs)
-    D = q.shape[-1] // n_heads
-    sc = float(q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale))
-    qc = np.ascontiguousarray(q)
-    out = np.empty_like(qc)
-    has_mask = mask is not None
-    m = np.ascontiguousarray(mask, dtype=np.int64) if has_mask else np.zeros((1, 1), np.int64)
-    work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
-    _pick(_SDPA8, work)(qc, storage(K), storage(KS), storage(V), storage(VS), K.shape[1], m, has_mask, bool(causal), sc, n_heads, n_kv_heads, out)
+    out = sdpa(q, K, KS, V, VS, mask, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
     return out, K, KS, V, VS
 
 
