@@ -9,60 +9,20 @@ combination with those typedefs and caches the module. All arithmetic is float32
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import cupy as cp
 
-PRELUDE = r"""
-#define NEG_INF (__int_as_float(0xff800000))
-struct half_t { unsigned short x; };
-__device__ __forceinline__ float h2f(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ __forceinline__ unsigned short f2h(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float ld(const half_t* p, long long i) { return h2f(p[i].x); }
-__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(half_t* p, long long i, float v) { p[i].x = f2h(v); }
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-    return v;  /* complete in lane 0 */
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
-    return v;
-}
-/* Sum / max over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-   sh needs 33 floats. */
-__device__ float block_sum(float v, float* sh) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < nw ? sh[lane] : 0.f;
-        v = warp_sum(v);
-        if (lane == 0) sh[32] = v;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
-__device__ float block_max(float v, float* sh) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < nw ? sh[lane] : NEG_INF;
-        v = warp_max(v);
-        if (lane == 0) sh[32] = v;
-    }
-    __syncthreads();
-    float r = sh[32];
-    __syncthreads();
-    return r;
-}
-"""
+
+def source(name: str) -> str:
+    """The CUDA source file ``name`` beside this module (``*.cu``, ``prelude.cuh``): kept as files
+    so that CI can compile them with NVRTC on a machine without a GPU (tests/test_cuda_sources.py)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), encoding="utf-8") as f:
+        return f.read()
+
+
+PRELUDE = source("prelude.cuh")
 
 _CTYPE = {"float32": "float", "float16": "half_t"}
 _modules: dict[tuple[int, str, str, str], Any] = {}
