@@ -11,7 +11,10 @@ For every configuration asked, on the same seeded inputs:
   process-wide ``ru_maxrss`` (then marked as not reset); device memory too when a GPU backend ran;
 * model bytes: the parameters' nbytes (for a plugin-rewritten model, its packed weights);
 * accuracy against the spec (NumPy backend, no plugin): max abs / rel error, cosine and top-1
-  agreement of the logits (or embeddings) on the larger batch, via :mod:`minitx.metrics`.
+  agreement of the logits (or embeddings) on the larger batch, via :mod:`minitx.metrics`;
+* the bandwidth roofline beside each batch-1 decode figure on the host: the measured read
+  bandwidth (:func:`minitx.machine.read_bandwidth`) over the weight bytes one decode step reads
+  (:func:`weight_bytes_per_token`: packed bytes for a quantized model), and the share of it reached.
 
 ``vs_torch`` adds the same model in PyTorch (:mod:`minitx.torchref`), same thread count, timed
 the same way in the same run, and every minitx row gets speed ratios against it. Every timing is
@@ -263,6 +266,7 @@ class Row:
     accuracy: dict[str, Any] | None = None
     vs_torch: dict[str, float] | None = None
     placement: dict[str, int] | None = None
+    roofline: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -278,6 +282,38 @@ def parse_plugin_set(text: str) -> list[str]:
 def _short(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return msg if isinstance(e, MinitxError) else f"{type(e).__name__}: {msg}"
+
+
+ROOFLINE = ("roofline: host read bandwidth {bw:.1f} GB/s (best of 5 passes, one thread per core) / weight bytes one "
+            "decode step reads (packed bytes for quantized models; embedding tables read by row gathers count one "
+            "row) = the batch-1 tok/s memory allows; 'b=1 of roofline' is the share of it reached. Not shown for "
+            "GPU rows (their bound is the device's).")
+GATHERS = frozenset({"embedding", "embedding_q8", "embedding_q4"})
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of parameters one decode step reads: all of them, except that a table read only by
+    row gathers (token and position embeddings; not a tied LM head, which reads all of it)
+    counts one row per token."""
+    readers: dict[str, set[str]] = {}
+    for n in model.graph.nodes:
+        for i in n.inputs:
+            if i in model.params:
+                readers.setdefault(i, set()).add(n.op)
+    total = 0
+    for name, a in model.params.items():
+        gathered = readers.get(name) and readers[name] <= GATHERS and a.ndim >= 1 and a.shape[0]
+        total += a.nbytes // a.shape[0] if gathered else a.nbytes
+    return int(total)
+
+
+def roofline(row: Row, bytes_per_token: int, bandwidth: float) -> dict[str, float] | None:
+    """Batch-1 decode against what memory allows: ``bandwidth / bytes_per_token`` tokens/s."""
+    t = row.timings.get("decode_tok_s_b1") if row.ok else None
+    if not t or not bytes_per_token:
+        return None
+    bound = bandwidth / bytes_per_token
+    return {"bytes_per_token": bytes_per_token, "tok_s": bound, "fraction_b1": t["median"] / bound}
 
 
 def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequence[Sequence[str]] = ((),),
@@ -309,6 +345,7 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
     spec = _MinitxRunner(m0, ["numpy"])
     ref = spec.prefill(ids_big)[0] if m0.is_decoder else spec.encode(ids_big)
     progress(1, "spec reference")
+    bandwidth = machine.read_bandwidth() if m0.is_decoder else None
 
     rows: list[Row] = []
     backend_lists = [[x.strip() for x in b.split(",") if x.strip()] for b in backends] or [["numpy"]]
@@ -339,6 +376,8 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
                 row.timings, out = _measure(runner, inputs, s, counted, name)
                 row.accuracy = accuracy(ref, out, m0.is_decoder)
                 row.device_mib = _device_mib(runner.objs)
+                if bandwidth and all(b.device == "cpu" for b in runner.objs):  # a GPU's bound is its own
+                    row.roofline = roofline(row, weight_bytes_per_token(model), bandwidth)
             except Exception as e:  # noqa: BLE001 — unknown backend, no GPU, a kernel failing
                 row.status = f"error: {_short(e)}"
                 row.timings = {}
@@ -362,6 +401,8 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
             torch_row.model_bytes = int(m0.nbytes())
             torch_row.timings, out = _measure(_TorchRunner(ref_model), inputs, s, counted, "torch")
             torch_row.accuracy = accuracy(ref, out, m0.is_decoder)
+            if bandwidth:
+                torch_row.roofline = roofline(torch_row, weight_bytes_per_token(m0), bandwidth)
         except Exception as e:  # noqa: BLE001
             torch_row.status = f"error: {_short(e)}"
             torch_row.timings = {}
@@ -381,6 +422,7 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
                              if k in m0.config}},
         "settings": {**asdict(s), "batch": big, "threads": threads},
         "reference": "minitx spec (numpy backend, no plugin), same inputs",
+        "read_bandwidth_Bps": bandwidth,
         "machine": machine.info(),
         "rows": [asdict(r) for r in rows],
     }
@@ -420,7 +462,7 @@ def _columns(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     B = res["settings"]["batch"]
     vs = any(r["engine"] == "torch" for r in res["rows"])
     head = ["configuration", "status", "prefill b=1 ms", f"prefill b={B} ms"]
-    head += ["decode b=1 tok/s", f"decode b={B} tok/s"] if dec else ["b=1 sent/s", f"b={B} sent/s"]
+    head += ["decode b=1 tok/s", "b=1 of roofline", f"decode b={B} tok/s"] if dec else ["b=1 sent/s", f"b={B} sent/s"]
     head += ["peak RSS MiB (+Δ)", "model MiB", "max abs err", "max rel err", "cosine"] + (["top-1"] if dec else [])
     if vs:
         head += ["vs torch prefill", "vs torch " + ("decode" if dec else "sent/s")]
@@ -429,7 +471,11 @@ def _columns(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         t, a = r["timings"], r["accuracy"] or {}
         row = [r["config"], r["status"], _fmt_stat(t.get("prefill_ms_b1")), _fmt_stat(t.get("prefill_ms_batch"))]
         k = "decode_tok_s" if dec else "sent_s"
-        row += [_fmt_stat(t.get(f"{k}_b1")), _fmt_stat(t.get(f"{k}_batch"))]
+        row.append(_fmt_stat(t.get(f"{k}_b1")))
+        if dec:
+            rl = r.get("roofline")
+            row.append(f"{rl['fraction_b1']:.0%} of {rl['tok_s']:.1f}" if rl else "-")
+        row.append(_fmt_stat(t.get(f"{k}_batch")))
         dev = f" (+{r['device_mib']:.0f} dev)" if r.get("device_mib") else ""
         rss = "-" if r["status"] != "ok" or r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
         if rss != "-" and r.get("peak_rss_delta_mib") is not None:
@@ -468,6 +514,8 @@ def table(res: dict[str, Any]) -> str:
     out = [cap, *lines]
     if notes:
         out += ["", *notes]
+    if res.get("read_bandwidth_Bps"):
+        out += ["", ROOFLINE.format(bw=res["read_bandwidth_Bps"] / 1e9)]
     out += ["", "machine: " + machine.summary(res["machine"]),
             "accuracy: against " + res["reference"] + ("; vs torch = speed-up over torch (>1: minitx faster)"
                                                       if any(r["engine"] == "torch" for r in res["rows"]) else "")]
@@ -488,6 +536,7 @@ def markdown(res: dict[str, Any], title: str | None = None, notes: Sequence[str]
            + f", batch 1 and {s['batch']}; {s['warmup']} warm-up + {s['repeat']} timed runs, "
              f"median (min–max); {s['threads']} thread(s) for BLAS and torch",
            f"- accuracy against: {res['reference']}",
+           *([f"- {ROOFLINE.format(bw=res['read_bandwidth_Bps'] / 1e9)}"] if res.get("read_bandwidth_Bps") else []),
            "- peak RSS: the process's resident-set high-water mark while that configuration ran (reset per "
            "configuration); it includes what the process already held (the loaded model, imported libraries); "
            "+Δ is the growth above the RSS at the configuration's start",

@@ -35,6 +35,33 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def read_bandwidth(mib: int = 256, passes: int = 5) -> float:
+    """Bytes/s the host reads from memory: the best of ``passes`` passes over ``mib`` MiB, one
+    slice per usable core, each on a thread of its own (NumPy's reductions release the GIL).
+
+    Why: decoding at batch 1 reads every weight once per token, so bandwidth / weight bytes is a
+    speed it cannot beat: the roofline ``minitx bench`` prints beside each decode figure. A byte
+    maximum is the cheapest full read NumPy has (SIMD over 32 bytes at a time), so the figure is
+    the memory's, not the arithmetic's; the best pass, because a roofline is a bound.
+    """
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    a = np.ones(mib * 2**20, np.uint8)
+    n = usable_cores()
+    parts = np.array_split(a, n)
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(np.max, parts))  # first touch
+        best = float("inf")
+        for _ in range(passes):
+            t = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
 def memory_gib() -> float | None:
     try:
         with open("/proc/meminfo", encoding="utf-8") as f:

@@ -87,6 +87,7 @@ def test_encoder_reports_sentences_per_second(bert_file):
     assert set(row["timings"]) == {"prefill_ms_b1", "prefill_ms_batch", "sent_s_b1", "sent_s_batch"}
     assert row["accuracy"]["top1"] is None and row["accuracy"]["max_abs"] == 0.0
     assert "sent/s" in bench.table(res)
+    assert res["read_bandwidth_Bps"] is None and row["roofline"] is None and "roofline" not in bench.table(res)
 
 
 def test_plugin_set_is_measured_with_packed_size(gpt2_file):
@@ -163,3 +164,32 @@ def test_plot_refuses_a_bad_target(decoder_result, tmp_path):
     with pytest.raises(MinitxError, match="does not exist"):
         bench.plot(decoder_result, str(tmp_path / "missing" / "x.png"))
     assert np.all([not f.startswith(".bench-") for f in os.listdir(tmp_path)])
+
+
+def test_weight_bytes_per_token_counts_gathered_tables_as_one_row():
+    g = Model.from_config(models.preset("gpt2", "tiny"), seed=0)      # tied head: tok_emb is read whole
+    pos = g.params["pos_emb.weight"]
+    assert bench.weight_bytes_per_token(g) == g.nbytes() - pos.nbytes + pos.nbytes // pos.shape[0]
+    ll = Model.from_config(models.preset("llama", "tiny"), seed=0)    # own lm_head: tok_emb is only gathered
+    tok = ll.params["tok_emb.weight"]
+    assert bench.weight_bytes_per_token(ll) == ll.nbytes() - tok.nbytes + tok.nbytes // tok.shape[0]
+    from minitx.plugin import optimize
+
+    q = optimize(g, ["quant:int8"], force=True)
+    assert bench.weight_bytes_per_token(q) < bench.weight_bytes_per_token(g) / 3  # packed bytes
+
+
+def test_decode_rows_carry_their_roofline(decoder_result):
+    bw = decoder_result["read_bandwidth_Bps"]
+    assert bw > 1e8
+    head, body = bench._columns(decoder_result)
+    col = head.index("b=1 of roofline")
+    for r, cells in zip(decoder_result["rows"], body):
+        if r["status"] != "ok":
+            assert r["roofline"] is None and cells[col] == "-"
+            continue
+        rl = r["roofline"]
+        assert rl["tok_s"] == pytest.approx(bw / rl["bytes_per_token"])
+        assert rl["fraction_b1"] == pytest.approx(r["timings"]["decode_tok_s_b1"]["median"] / rl["tok_s"])
+        assert cells[col] == f"{rl['fraction_b1']:.0%} of {rl['tok_s']:.1f}"
+    assert "roofline: host read bandwidth" in bench.table(decoder_result)
