@@ -26,6 +26,8 @@ import math
 import cupy as cp
 import numpy as np
 
+from minitx.ops import quant as Q
+
 from ._cuda import contiguous, function, source, threads
 from .kvcache import append, storage
 
@@ -156,6 +158,13 @@ def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_hea
     a cache (encoders) they are the new keys and values themselves, as in the spec."""
     K = k if past_k is None else append(past_k, k)
     V = v if past_v is None else append(past_v, v)
+    return sdpa(q, K, None, V, None, mask, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale), K, V
+
+
+def sdpa(q, K, KS, V, VS, mask, *, n_heads, n_kv_heads, causal, scale):
+    """Attention of ``q`` over whole caches. ``KS``/``VS``: None for float caches; for int8 ones
+    (quant.py's ``attention_kv8``) the per-token, per-kv-head scales, which the decode kernel
+    applies as it reads the int8 rows; the cuBLAS path dequantizes the cache first."""
     B, T, HD = q.shape
     S = K.shape[1]
     H, KV = int(n_heads), int(n_kv_heads)
@@ -165,20 +174,21 @@ def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_hea
     m, has_mask = _mask_arg(mask, B)
     q = contiguous(q)
     if B * T == 0 or S == 0:
-        return cp.zeros_like(q), K, V
-    if T <= DECODE_MAX_QUERIES and S <= DECODE_MAX_KEYS and D <= 1024 and K.dtype == q.dtype == V.dtype:
-        Kb, Vb = storage(K), storage(V)
-        k_rows, v_rows = Kb.shape[1], Vb.shape[1]  # the buffers' row strides
-        if k_rows == v_rows:
+        return cp.zeros_like(q)
+    quantized = KS is not None
+    cache_ok = (KS.dtype == VS.dtype == q.dtype) if quantized else (K.dtype == q.dtype == V.dtype)
+    if T <= DECODE_MAX_QUERIES and S <= DECODE_MAX_KEYS and D <= 1024 and cache_ok:
+        bufs = [storage(a) for a in ((K, KS, V, VS) if quantized else (K, V))]
+        if len({x.shape[1] for x in bufs}) == 1:  # one row stride (buffer length) for all of them
             out = cp.empty_like(q)
             nt = 256 if D <= 256 else min(1024, -(-D // 32) * 32)
-            shared = 4 * (S + 33 + nt)
-            function(_ROWS, "attn_decode", q.dtype)(
-                (B * H * T,), (nt,),
-                (q, Kb, Vb, out, m, np.int32(has_mask), np.int32(bool(causal)), np.int32(T), np.int32(S),
-                 np.int32(k_rows), np.int32(H), np.int32(KV), np.int32(D), np.float32(sc)),
-                shared_mem=shared)
-            return out, K, V
+            shape = (m, np.int32(has_mask), np.int32(bool(causal)), np.int32(T), np.int32(S),
+                     np.int32(bufs[0].shape[1]), np.int32(H), np.int32(KV), np.int32(D), np.float32(sc))
+            function(_ROWS, "attn_decode_q8" if quantized else "attn_decode", q.dtype)(
+                (B * H * T,), (nt,), (q, *bufs, out, *shape), shared_mem=4 * (S + 33 + nt))
+            return out
+    if quantized:
+        K, V = Q.dequantize_heads(K, KS), Q.dequantize_heads(V, VS)
     # (B, T, KV, G, D) -> (B, KV, G*T, D): a kv head's G query heads are rows of one GEMM.
     qh = q.reshape(B, T, KV, G, D).transpose(0, 2, 3, 1, 4).reshape(B, KV, G * T, D)
     kh = K.reshape(B, S, KV, D).transpose(0, 2, 3, 1)          # (B, KV, D, S)
@@ -189,8 +199,7 @@ def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_hea
         (B * KV * G * T,), (threads(S),),
         (scores, p, np.int32(S), np.int32(T), np.int32(KV * G * T), m, np.int32(has_mask),
          np.int32(bool(causal)), np.float32(sc)))
-    out = cp.matmul(p, vh).reshape(B, KV, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, HD)
-    return out, K, V
+    return cp.matmul(p, vh).reshape(B, KV, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, HD)
 
 
 def rope(x, positions, *, n_heads, theta=10000.0):

@@ -4,6 +4,7 @@ __device__ __forceinline__ float h2f(unsigned short h) { float f; asm("cvt.f32.f
 __device__ __forceinline__ unsigned short f2h(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float ld(const half_t* p, long long i) { return h2f(p[i].x); }
+__device__ __forceinline__ float ld(const signed char* p, long long i) { return (float)p[i]; }
 __device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(half_t* p, long long i, float v) { p[i].x = f2h(v); }
 __device__ __forceinline__ float warp_sum(float v) {

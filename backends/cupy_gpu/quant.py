@@ -18,6 +18,7 @@ values); no kernel ever builds a float copy of a whole matrix.
   buffer (one elementwise kernel per tile) and multiplied with cuBLAS; float16 partial products
   are summed in float32.
 * ``embedding_q8`` / ``embedding_q4`` widen only the looked-up rows.
+* ``attention_kv8``: the int8 KV cache stays on the device; decoding reads it in the fused kernel.
 
 Output dtypes follow the spec's promotion (activations x scales x bias). Inputs in a dtype the
 kernels do not handle (float64 scales, odd int4 groups) run the spec on the host.
@@ -32,6 +33,8 @@ import numpy as np
 from minitx import ops
 
 from ._cuda import contiguous, function, source
+from .kernels import sdpa
+from .kvcache import append
 
 SKINNY_MAX_ROWS = 8   # also the kernels' register array size (MAXM)
 TILE = 1024           # rows of W dequantized at a time on the cuBLAS path
@@ -254,5 +257,21 @@ def embedding_q4(ids, table, scale, *, group=32):
     return out.reshape(*ids.shape, C)
 
 
+def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None, *,
+                  n_heads, n_kv_heads, causal, scale=None):
+    """The int8 KV cache on the device: the new tokens are quantized there by the spec's own
+    ``quantize_heads`` (its NumPy calls dispatch to CuPy for device arrays), the int8 caches and
+    their scales grow in place (kvcache.py), and decoding reads the int8 rows with their scales
+    in the fused kernel (kernels.py ``sdpa``)."""
+    if not _floats(q):
+        return _on_host("attention_kv8", q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask,
+                        n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+    kq, ks = ops.quant.quantize_heads(k, n_kv_heads)
+    vq, vs = ops.quant.quantize_heads(v, n_kv_heads)
+    K, KS, V, VS = append(past_k, kq), append(past_k_scale, ks), append(past_v, vq), append(past_v_scale, vs)
+    out = sdpa(q, K, KS, V, VS, mask, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+    return out, K, KS, V, VS
+
+
 KERNELS = {"linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
-           "embedding_q8": embedding_q8, "embedding_q4": embedding_q4}
+           "embedding_q8": embedding_q8, "embedding_q4": embedding_q4, "attention_kv8": attention_kv8}

@@ -58,10 +58,14 @@ extern "C" __global__ void masked_softmax(const T* x, T* y, int n_keys, int n_qu
 }
 /* Decoding: one block per (batch, head, query). q (B, Tq, H*D); K, V the first n_keys rows of
    contiguous (B, kv_rows, KV*D) cache buffers (kv_rows >= n_keys: the spare room of kvcache.py).
+   C is the cache's element type: T, or signed char for an int8 cache (attention_kv8), whose
+   per-token, per-kv-head scales KS, VS are (B, kv_rows, KV) buffers (null for a float cache):
+   a score is (q . Kq) * KS * scale, a softmax weight multiplies Vq * VS.
    Dynamic shared memory: n_keys + 33 + blockDim floats. */
-extern "C" __global__ void attn_decode(const T* q, const T* K, const T* V, T* out, const long long* mask,
-                                       int has_mask, int causal, int n_queries, int n_keys, int kv_rows,
-                                       int H, int KV, int D, float scale) {
+template <typename C>
+__device__ void attn_decode_body(const T* q, const C* K, const T* KS, const C* V, const T* VS, T* out,
+                                 const long long* mask, int has_mask, int causal, int n_queries, int n_keys,
+                                 int kv_rows, int H, int KV, int D, float scale) {
     extern __shared__ float smem[];
     float* sc = smem;
     float* red = smem + n_keys;
@@ -72,6 +76,7 @@ extern "C" __global__ void attn_decode(const T* q, const T* K, const T* V, T* ou
     int last = causal ? n_keys - n_queries + t : n_keys - 1;
     long long qo = ((long long)bi * n_queries + t) * H * D + (long long)h * D;
     long long kvw = (long long)KV * D;
+    long long so = (long long)bi * kv_rows * KV + g;  /* scale of token s: so + s * KV */
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int s = warp; s < n_keys; s += nw) {
         bool ok = s <= last && (!has_mask || mask[(long long)bi * n_keys + s] != 0);
@@ -80,6 +85,7 @@ extern "C" __global__ void attn_decode(const T* q, const T* K, const T* V, T* ou
             long long ko = ((long long)bi * kv_rows + s) * kvw + (long long)g * D;
             for (int d = lane; d < D; d += 32) a += ld(q, qo + d) * ld(K, ko + d);
             a = warp_sum(a);
+            if (KS) a *= ld(KS, so + (long long)s * KV);
         }
         if (lane == 0) sc[s] = ok ? a * scale : NEG_INF;
     }
@@ -90,8 +96,8 @@ extern "C" __global__ void attn_decode(const T* q, const T* K, const T* V, T* ou
     float tot = 0.f;
     for (int s = threadIdx.x; s < n_keys; s += blockDim.x) {
         float p = m == NEG_INF ? 1.f : (sc[s] == NEG_INF ? 0.f : expf(sc[s] - m));
-        sc[s] = p;
         tot += p;
+        sc[s] = VS ? p * ld(VS, so + (long long)s * KV) : p;
     }
     tot = block_sum(tot, red);  /* its barriers also publish sc */
     int parts = blockDim.x / D;  /* >= 1: the host picks blockDim >= D */
@@ -108,4 +114,17 @@ extern "C" __global__ void attn_decode(const T* q, const T* K, const T* V, T* ou
         for (int k = 0; k < parts; ++k) r += part[k * D + threadIdx.x];
         st(out, qo + threadIdx.x, r / tot);
     }
+}
+extern "C" __global__ void attn_decode(const T* q, const T* K, const T* V, T* out, const long long* mask,
+                                       int has_mask, int causal, int n_queries, int n_keys, int kv_rows,
+                                       int H, int KV, int D, float scale) {
+    attn_decode_body<T>(q, K, (const T*)0, V, (const T*)0, out, mask, has_mask, causal, n_queries, n_keys,
+                        kv_rows, H, KV, D, scale);
+}
+extern "C" __global__ void attn_decode_q8(const T* q, const signed char* K, const T* KS, const signed char* V,
+                                          const T* VS, T* out, const long long* mask, int has_mask, int causal,
+                                          int n_queries, int n_keys, int kv_rows, int H, int KV, int D,
+                                          float scale) {
+    attn_decode_body<signed char>(q, K, KS, V, VS, out, mask, has_mask, causal, n_queries, n_keys, kv_rows,
+                                  H, KV, D, scale);
 }
