@@ -1,47 +1,64 @@
 #define MAXM 8
-/* int8 (N, K): y[m, n] = (sum_k x[m, k] q[n, k]) * s[n] + b[n]; one warp per n. vec: K % 16 == 0. */
-extern "C" __global__ void q8t(const T* x, const signed char* w, const S* scale, const O* bias, O* y,
-                               int M, int N, int K, int vec, int has_bias) {
+/* Narrow weights (N, K) row-major, widened to float in registers: int8 (scaled per row), float16,
+   or bfloat16 bit patterns. y[m, n] = (sum_k x[m, k] w[n, k]) * s[n] + b[n]; one warp per n,
+   16-byte loads along the row. vec: K * sizeof(W) % 16 == 0. scale: null for the 16-bit floats. */
+struct bf16_t { unsigned short x; };
+__device__ __forceinline__ float wf(signed char v) { return (float)v; }
+__device__ __forceinline__ float wf(half_t v) { return h2f(v.x); }
+__device__ __forceinline__ float wf(bf16_t v) { return __uint_as_float((unsigned)v.x << 16); }
+template <typename W>
+__device__ void rows_dot(const T* x, const W* w, const S* scale, const O* bias, O* y,
+                         int M, int N, int K, int vec, int has_bias) {
+    const int E = 16 / sizeof(W);  /* weights per 16-byte load */
     int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (n >= N) return;
-    const signed char* wr = w + (long long)n * K;
+    const W* wr = w + (long long)n * K;
     float acc[MAXM];
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
     int tail = 0;
     if (vec) {
         const int4* w16 = (const int4*)wr;
-        int nv = K >> 4;
+        int nv = K / E;
         for (int c = lane; c < nv; c += 32) {
             int4 pk = w16[c];
-            int words[4] = {pk.x, pk.y, pk.z, pk.w};
+            const W* e = (const W*)&pk;
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
+            for (int u = 0; u < E; ++u) {
+                float wv = wf(e[u]);
+                int k = c * E + u;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float wv = (float)(signed char)((words[u] >> (8 * e)) & 0xff);
-                    int k = (c << 4) + u * 4 + e;
-#pragma unroll
-                    for (int m = 0; m < MAXM; ++m)
-                        if (m < M) acc[m] += wv * ld(x, (long long)m * K + k);
-                }
+                for (int m = 0; m < MAXM; ++m)
+                    if (m < M) acc[m] += wv * ld(x, (long long)m * K + k);
             }
         }
-        tail = nv << 4;
+        tail = nv * E;
     }
     for (int k = tail + lane; k < K; k += 32) {
-        float wv = (float)wr[k];
+        float wv = wf(wr[k]);
 #pragma unroll
         for (int m = 0; m < MAXM; ++m)
             if (m < M) acc[m] += wv * ld(x, (long long)m * K + k);
     }
-    float sn = ld(scale, n), bn = has_bias ? ld(bias, n) : 0.f;
+    float sn = scale ? ld(scale, n) : 1.f, bn = has_bias ? ld(bias, n) : 0.f;
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) {
         float a = warp_sum(acc[m]);
         if (lane == 0 && m < M) st(y, (long long)m * N + n, a * sn + bn);
     }
+}
+extern "C" __global__ void q8t(const T* x, const signed char* w, const S* scale, const O* bias, O* y,
+                               int M, int N, int K, int vec, int has_bias) {
+    rows_dot<signed char>(x, w, scale, bias, y, M, N, K, vec, has_bias);
+}
+extern "C" __global__ void f16t(const T* x, const half_t* w, const S* unused, const O* bias, O* y,
+                                int M, int N, int K, int vec, int has_bias) {
+    rows_dot<half_t>(x, w, (const S*)0, bias, y, M, N, K, vec, has_bias);
+}
+extern "C" __global__ void bf16t(const T* x, const bf16_t* w, const S* unused, const O* bias, O* y,
+                                 int M, int N, int K, int vec, int has_bias) {
+    rows_dot<bf16_t>(x, w, (const S*)0, bias, y, M, N, K, vec, has_bias);
 }
 /* int4 (N, K/2), scales (N, K/group): byte i of a row holds inputs 2i (low nibble) and 2i+1.
    One warp per n; vec: (K/2) % 16 == 0. group is even, so a byte never straddles two groups. */

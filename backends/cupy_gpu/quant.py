@@ -18,6 +18,8 @@ values); no kernel ever builds a float copy of a whole matrix.
   buffer (one elementwise kernel per tile) and multiplied with cuBLAS; float16 partial products
   are summed in float32.
 * ``embedding_q8`` / ``embedding_q4`` widen only the looked-up rows.
+* ``linear_cast`` (float16 / bfloat16 weights) decodes through the int8 kernel's body, widening
+  16-bit weights instead of bytes.
 * ``attention_kv8``: the int8 KV cache stays on the device; decoding reads it in the fused kernel.
 
 Output dtypes follow the spec's promotion (activations x scales x bias). Inputs in a dtype the
@@ -104,15 +106,15 @@ def _finish(y, x):
 
 
 def _warp_rows(x2, w, scale, b, od, N, K, name, extra):
-    """The one-warp-per-output kernels (q8t, q4t)."""
+    """The one-warp-per-output kernels (q8t, q4t; f16t, bf16t, which have no scale: None)."""
     M = x2.shape[0]
     y = cp.empty((M, N), od)
     bias = contiguous(b, od) if b is not None else y
+    s = y if scale is None else contiguous(scale)  # y: a float pointer the unscaled kernels never read
     warps = 8
-    function(_SRC, name, x2.dtype, scale.dtype, od)(
+    function(_SRC, name, x2.dtype, s.dtype, od)(
         ((N + warps - 1) // warps,), (32 * warps,),
-        (x2, contiguous(w), contiguous(scale), bias, y, np.int32(M), np.int32(N), np.int32(K), *extra,
-         np.int32(b is not None)))
+        (x2, contiguous(w), s, bias, y, np.int32(M), np.int32(N), np.int32(K), *extra, np.int32(b is not None)))
     return y
 
 
@@ -257,6 +259,31 @@ def embedding_q4(ids, table, scale, *, group=32):
     return out.reshape(*ids.shape, C)
 
 
+def linear_cast(x, w, b=None, *, transposed=False):
+    """float16 / bfloat16 weights (the quant plugin's ``float16``, ``bfloat16``): decoding widens
+    them in registers (one warp per output channel, as for int8); more rows widen tiles of W
+    (the spec's ``widen``, on device arrays) for cuBLAS."""
+    if not _floats(x, b):
+        return _on_host("linear_cast", x, w, b, transposed=transposed)
+    x2 = contiguous(x.reshape(-1, x.shape[-1]))
+    od = _out_dtype(x, None, b, scaled=False)
+    if transposed:  # w (out, in)
+        N, K = w.shape
+        if x2.shape[0] <= SKINNY_MAX_ROWS:
+            name = "bf16t" if w.dtype == np.uint16 else "f16t"
+            return _finish(_warp_rows(x2, w, None, b, od, N, K, name, (np.int32(K % 8 == 0),)), x)
+        y = cp.empty((x2.shape[0], N), x.dtype)
+        for n0 in range(0, N, TILE):
+            y[:, n0:n0 + TILE] = cp.matmul(x2, ops.quant.widen(w[n0:n0 + TILE], x.dtype).T)
+        return _finish(y if b is None else y + b, x)
+    K, N = w.shape
+
+    def widen(wt, k0):
+        wt[...] = ops.quant.widen(w[k0:k0 + wt.shape[0]], x.dtype)
+
+    return _finish(_epilogue(_tiled_rows(x2, N, K, TILE, widen), od, None, b), x)
+
+
 def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None, *,
                   n_heads, n_kv_heads, causal, scale=None):
     """The int8 KV cache on the device: the new tokens are quantized there by the spec's own
@@ -274,4 +301,5 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
 
 
 KERNELS = {"linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
-           "embedding_q8": embedding_q8, "embedding_q4": embedding_q4, "attention_kv8": attention_kv8}
+           "embedding_q8": embedding_q8, "embedding_q4": embedding_q4, "linear_cast": linear_cast,
+           "attention_kv8": attention_kv8}
