@@ -84,17 +84,17 @@ def test_float16_decode_close_to_spec(arch: str) -> None:
     np.testing.assert_allclose(got2.astype(np.float32), ref2, atol=3e-3, rtol=3e-2)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "int8_block", "kv8", "float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8_block", "kv8", "float16", "bfloat16", "w8a8"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_quantized_model_all_on_gpu(arch: str, mode: str) -> None:
     from minitx.plugin import optimize
 
     # group / block 16: LLaMA-tiny's FFN is 176 wide, which 32 does not divide
     spec = {"int8": "quant:int8", "int4": "quant:int4,group=16", "int8_block": "quant:int8_block,block=16",
-            "kv8": "quant:kv8", "float16": "quant:float16", "bfloat16": "quant:bfloat16"}[mode]
+            "kv8": "quant:kv8", "float16": "quant:float16", "bfloat16": "quant:bfloat16", "w8a8": "quant:w8a8"}[mode]
     q = optimize(_model(arch), [spec], validate=False)
     quant_ops = {n.op for n in q.graph.nodes} & {"linear_q8", "linear_q8_block", "linear_q4", "embedding_q8",
-                                                  "embedding_q4", "attention_kv8", "linear_cast"}
+                                                  "embedding_q4", "attention_kv8", "linear_cast", "linear_w8a8"}
     assert quant_ops, "the plugin produced no quantized op"
     ex = q.executor(("cupy",), strict=True)  # strict: any node off the GPU is an error
     assert {b for _, _, b in ex.explain()} == {"cupy"}

@@ -21,6 +21,8 @@ values); no kernel ever builds a float copy of a whole matrix.
 * ``linear_cast`` (float16 / bfloat16 weights) decodes through the int8 kernel's body, widening
   16-bit weights instead of bytes.
 * ``attention_kv8``: the int8 KV cache stays on the device; decoding reads it in the fused kernel.
+* ``linear_w8a8``: activations quantized on the device, the integer product exact in float64
+  GEMM tiles (the spec's float64 accumulation), not fast.
 
 Output dtypes follow the spec's promotion (activations x scales x bias). Inputs in a dtype the
 kernels do not handle (float64 scales, odd int4 groups) run the spec on the host.
@@ -284,6 +286,23 @@ def linear_cast(x, w, b=None, *, transposed=False):
     return _finish(_epilogue(_tiled_rows(x2, N, K, TILE, widen), od, None, b), x)
 
 
+def linear_w8a8(x, w, scale, b=None):
+    """Dynamic int8 activations: x quantized per token on the device (the spec's ``quantize_rows``,
+    its NumPy calls dispatched to CuPy), the integer product exact in float64 GEMMs over TILE
+    input rows of Wq (int8 (in, out)) at a time — never a float copy of the whole matrix —
+    then rescaled as the spec does."""
+    if not _floats(x, scale, b):
+        return _on_host("linear_w8a8", x, w, scale, b)
+    q, sx = ops.quant.quantize_rows(x)
+    q2 = q.reshape(-1, q.shape[-1]).astype(cp.float64)
+    K, N = w.shape
+    acc = cp.zeros((q2.shape[0], N), cp.float64)
+    for k0 in range(0, K, TILE):
+        acc += cp.matmul(q2[:, k0:k0 + TILE], w[k0:k0 + TILE].astype(cp.float64))
+    y = acc.astype(x.dtype).reshape(*x.shape[:-1], N) * sx * scale
+    return y if b is None else y + b
+
+
 def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None, *,
                   n_heads, n_kv_heads, causal, scale=None):
     """The int8 KV cache on the device: the new tokens are quantized there by the spec's own
@@ -302,4 +321,4 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
 
 KERNELS = {"linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
            "embedding_q8": embedding_q8, "embedding_q4": embedding_q4, "linear_cast": linear_cast,
-           "attention_kv8": attention_kv8}
+           "linear_w8a8": linear_w8a8, "attention_kv8": attention_kv8}
