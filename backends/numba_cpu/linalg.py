@@ -4,7 +4,8 @@ Specs: minitx/ops/linalg.py (linear, matmul, embedding, split). Measured on this
 machine (single-thread CPU time, weights streamed from DRAM; see benchmarks/results/decode_cpu.md):
 OpenBLAS's GEMV/GEMM on ``x @ W`` with W (in, out) is as good as anything we wrote in numba for
 every row count, so ``linear`` is BLAS (a numba GEMV prefetching rows ahead, as the int8 kernels
-do, streamed 14–16 GB/s against OpenBLAS's 17–23 at batch 1: not enough to switch). But
+do, streamed 17–19 GB/s against OpenBLAS's 20–24 at batch 1, re-measured with freshly compiled
+kernels: not enough to switch). But
 ``x @ Eᵀ`` with the (vocab, d) embedding table is 2x slower than it should be for 2–16 rows (its
 transposed small-M path): for GPT-2's 50257×768 head
 at 8 rows, 40 ms against 23 ms for :func:`_xwt`, where each output is a dot product along a
