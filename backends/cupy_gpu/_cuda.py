@@ -2,10 +2,11 @@
 
 Half precision is read and written with the PTX conversions themselves (``cvt.f32.f16`` and
 ``cvt.rn.f16.f32``, exactly what ``__half2float``/``__float2half`` compile to), through a 16-bit
-struct, so the sources need neither ``cuda_fp16.h`` (whose presence on NVRTC's include path
-depends on how CuPy was installed) nor C++ templates. A source names its element types ``T``
-(activations), ``S`` (scales) and ``O`` (outputs); :func:`function` compiles it once per
-combination with those typedefs and caches the module. All arithmetic is float32.
+struct, so the sources need no ``cuda_fp16.h`` (whose presence on NVRTC's include path depends
+on how CuPy was installed). A source names its element types ``T`` (activations), ``S`` (scales)
+and ``O`` (outputs); :func:`function` compiles it once per combination with those typedefs and
+caches the module. Within a source, small C++ templates share one body between kernels that
+differ in a type (the cache or weight element, the reduction). All arithmetic is float32.
 """
 from __future__ import annotations
 
