@@ -514,7 +514,7 @@ def table(res: dict[str, Any]) -> str:
     out = [cap, *lines]
     if notes:
         out += ["", *notes]
-    if res.get("read_bandwidth_Bps"):
+    if any(r.get("roofline") for r in res["rows"]):
         out += ["", ROOFLINE.format(bw=res["read_bandwidth_Bps"] / 1e9)]
     out += ["", "machine: " + machine.summary(res["machine"]),
             "accuracy: against " + res["reference"] + ("; vs torch = speed-up over torch (>1: minitx faster)"
@@ -536,7 +536,8 @@ def markdown(res: dict[str, Any], title: str | None = None, notes: Sequence[str]
            + f", batch 1 and {s['batch']}; {s['warmup']} warm-up + {s['repeat']} timed runs, "
              f"median (min–max); {s['threads']} thread(s) for BLAS and torch",
            f"- accuracy against: {res['reference']}",
-           *([f"- {ROOFLINE.format(bw=res['read_bandwidth_Bps'] / 1e9)}"] if res.get("read_bandwidth_Bps") else []),
+           *([f"- {ROOFLINE.format(bw=res['read_bandwidth_Bps'] / 1e9)}"]
+             if any(r.get("roofline") for r in res["rows"]) else []),
            "- peak RSS: the process's resident-set high-water mark while that configuration ran (reset per "
            "configuration); it includes what the process already held (the loaded model, imported libraries); "
            "+Δ is the growth above the RSS at the configuration's start",
