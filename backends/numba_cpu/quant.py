@@ -35,6 +35,7 @@ from .kvcache import append
 SKINNY_MAX_ROWS = 8
 AHEAD = 4  # rows of a streamed (out, in) weight prefetched ahead of the one being read
 TILE = 256  # input rows dequantized at a time on the BLAS path
+UNSCALED = np.empty((0, 0), np.float32)  # _cols_stream's "no group scales"
 
 
 def _block(n: int) -> int:
@@ -61,29 +62,6 @@ def _store(y, acc, j0):
     for m in range(M):
         for j in range(n):
             y[m, j0 + j] = acc[m * n + j]
-
-
-def _q8_block_skinny(x, w, s, y, block, group):
-    """y = x @ (q · s[k // group]) for int8 q (K, N); a partial sum per group, scaled once."""
-    M, K = x.shape
-    N = y.shape[1]
-    for blk in prange((N + block - 1) // block):
-        j0 = blk * block
-        j1 = min(N, j0 + block)
-        n = j1 - j0
-        acc = np.zeros(M * n, np.float32)
-        part = np.zeros(M * n, np.float32)
-        for g in range(K // group):
-            part[:] = 0.0
-            for k in range(g * group, (g + 1) * group):
-                wk = w[k, j0:j1]
-                for m in range(M):
-                    xv = x[m, k]
-                    p = part[m * n:(m + 1) * n]
-                    for j in range(n):
-                        p[j] += xv * np.float32(wk[j])
-            _add_scaled(acc, part, s[g, j0:j1])
-        _store(y, acc, j0)
 
 
 def _rows_dot(x, w, bf16, y):
@@ -152,10 +130,11 @@ def _embed_q4(ids, table, scale, out, group):
             out[i, 2 * c2 + 1] = np.float32((byte >> 4) - 8) * sc
 
 
-def _cols_stream(x, w, bf16, y, block):
-    """y = x @ float(w) for a narrow weight (K, N) — int8 (unscaled) or float16 / bfloat16 bits
-    (``bf16``) — widened in registers (``_vmath.widen``), streamed row by row into per-thread column
-    accumulators; parallel over column blocks."""
+def _cols_stream(x, w, bf16, s, group, y, block):
+    """y = x @ (float(w) · s[k // group]) for a narrow weight (K, N) — int8, or float16 / bfloat16
+    bits (``bf16``) — widened in registers (``_vmath.widen``) and streamed row by row into
+    per-thread column accumulators, parallel over column blocks. ``s`` (K / group, N) scales each
+    group's partial sums once (int8 blocks); an empty ``s`` means unscaled (one group: K)."""
     M, K = x.shape
     N = w.shape[1]
     for blk in prange((N + block - 1) // block):
@@ -163,18 +142,24 @@ def _cols_stream(x, w, bf16, y, block):
         j1 = min(N, j0 + block)
         n = j1 - j0
         acc = np.zeros(M * n, np.float32)
-        for k in range(K):
-            wk = w[k]
-            for m in range(M):
-                xv = x[m, k]
-                a = acc[m * n:(m + 1) * n]
-                for j in range(n):
-                    a[j] += xv * widen(wk, j0 + j, bf16)
+        part = np.zeros(M * n, np.float32)
+        for g in range(K // group):
+            part[:] = 0.0
+            for k in range(g * group, (g + 1) * group):
+                wk = w[k, j0:j1]
+                for m in range(M):
+                    xv = x[m, k]
+                    p = part[m * n:(m + 1) * n]
+                    for j in range(n):
+                        p[j] += xv * widen(wk, j, bf16)
+            if s.size:
+                _add_scaled(acc, part, s[g, j0:j1])
+            else:
+                acc += part
         _store(y, acc, j0)
 
 
 _ROWS_DOT = kernel(_rows_dot)
-_BLOCK = kernel(_q8_block_skinny)
 _Q4T = kernel(_q4_skinny_t)
 _EMB8 = kernel(_embed_q8)
 _EMB4 = kernel(_embed_q4)
@@ -230,7 +215,7 @@ def linear_q8(x, w, scale, b=None, *, transposed=False):
         return _finish(y * scale, x, b)
     if x2.shape[0] <= SKINNY_MAX_ROWS:
         y = np.empty((x2.shape[0], w.shape[1]), np.float32)
-        _pick(_COLS, w.size)(x2, w, False, y, _block(w.shape[1]))
+        _pick(_COLS, w.size)(x2, w, False, UNSCALED, x2.shape[1], y, _block(w.shape[1]))
     else:
         y = _tiled(x2, w.shape[1], lambda a, c: w[a:c].astype(np.float32))
     return _finish(y * scale, x, b)
@@ -243,7 +228,7 @@ def linear_q8_block(x, w, scale, b=None, *, block=32):
     s = np.ascontiguousarray(scale, np.float32)
     if x2.shape[0] <= SKINNY_MAX_ROWS:
         y = np.empty((x2.shape[0], w.shape[1]), np.float32)
-        _pick(_BLOCK, w.size)(x2, w, s, y, _block(w.shape[1]), block)
+        _pick(_COLS, w.size)(x2, w, False, s, block, y, _block(w.shape[1]))
     else:
         y = _tiled(x2, w.shape[1], lambda a, c: spec.dequantize_blocks(w[a:c], s[a // block:c // block], block))
     return _finish(y, x, b)
@@ -311,7 +296,7 @@ def linear_cast(x, w, b=None, *, transposed=False):
                 y[:, n0:n0 + 4 * TILE] = x2 @ spec.widen(w[n0:n0 + 4 * TILE]).T
     elif x2.shape[0] <= SKINNY_MAX_ROWS:
         y = np.empty((x2.shape[0], w.shape[1]), np.float32)
-        _pick(_COLS, w.size)(x2, bits, bf16, y, _block(w.shape[1]))
+        _pick(_COLS, w.size)(x2, bits, bf16, UNSCALED, x2.shape[1], y, _block(w.shape[1]))
     else:
         y = _tiled(x2, w.shape[1], lambda a, c: spec.widen(w[a:c]))
     return _finish(y, x, b)
