@@ -204,3 +204,39 @@ def test_numba_sources_digest_covers_the_inlined_helpers(tmp_path, monkeypatch) 
     with open(tmp_path / "_vmath.py", "a") as f:
         f.write("# a helper edited\n")
     assert _jit.sources_digest() != before
+
+
+def _gelu_in_fresh_process(root, env) -> float:
+    import subprocess
+    import sys
+
+    script = ("import numpy as np, nbcopy.activations as a; x = np.linspace(-3, 3, 64, dtype=np.float32); "
+              "print(float(a.KERNELS['gelu'](x, approximate='tanh').sum()))")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return float(r.stdout)
+
+
+def test_an_edited_helper_reaches_kernels_cached_on_disk(tmp_path) -> None:
+    """End to end, in fresh processes as a user would meet it: GELU's kernel is cached on disk,
+    then ``_vmath.exp``, which it inlines, is edited. The next process must run the edited code;
+    numba alone would load the cached machine code of the old one."""
+    import os
+    import shutil
+
+    from minitx.backends.numba_cpu import _jit
+
+    pkg = tmp_path / "nbcopy"  # a private copy of the backend package, cache and all
+    shutil.copytree(os.path.dirname(os.path.abspath(_jit.__file__)), pkg,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), root])
+    before = _gelu_in_fresh_process(root, env)
+    assert list((pkg / "__pycache__").glob("activations.*.nbi")), "the kernel was not cached on disk"
+    assert _gelu_in_fresh_process(root, env) == before
+    vmath = pkg / "_vmath.py"
+    text = vmath.read_text()
+    assert "return p * _f32_from_bits" in text
+    vmath.write_text(text.replace("return p * _f32_from_bits", "return f(2.0) * p * _f32_from_bits"))  # eˣ → 2eˣ
+    assert _gelu_in_fresh_process(root, env) != before
