@@ -10,6 +10,7 @@ check in every division would stop LLVM from vectorising the loop.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -76,7 +77,8 @@ def _drop_stale_cache(dispatcher: Any) -> None:
         pass
     try:
         for old in glob.glob(os.path.join(path, "*.nbi")) + glob.glob(os.path.join(path, "*.nbc")):
-            os.remove(old)
+            with contextlib.suppress(FileNotFoundError):  # another process got there first
+                os.remove(old)
         os.makedirs(path, exist_ok=True)
         tmp = f"{stamp}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
