@@ -69,6 +69,7 @@ class Executor:
         for n in graph.nodes:
             self.placement[n.name] = self._place(n)
         self._specs = {n.name: ops.get(n.op) for n in graph.nodes}
+        self._input_dtypes = {v.name: np.dtype(v.dtype) for v in graph.inputs}  # str(dtype) costs 4 µs a feed
         self._device_params: dict[tuple[str, str], Any] = {}
         self._producer = graph.producers()
         # Inference frees each value right after its last reader.
@@ -154,7 +155,8 @@ class Executor:
             b = owner(a, self.backends)
             if b is None:
                 a, b = np.asarray(a), self.spec
-            env[v.name] = a.astype(v.dtype, copy=False) if str(a.dtype) != v.dtype else a
+            dt = self._input_dtypes[v.name]
+            env[v.name] = a.astype(dt, copy=False) if a.dtype != dt else a
             loc[v.name] = b
         return env, loc
 
