@@ -19,6 +19,26 @@ def as_float64(model: Model) -> Model:
     return Model(model.config, params, g, model.tokenizer_json)
 
 
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """``interrupt_at(n)``: from now on, a training run's progress line raises KeyboardInterrupt
+    right after reporting step ``n`` (a Ctrl-C at a known step, for the resume tests;
+    ``monkeypatch.undo()`` disarms it)."""
+    from minitx import train as tr
+
+    real = tr.ProgressLine.__call__
+
+    def arm(step: int) -> None:
+        def interrupted(self, rec):
+            real(self, rec)
+            if rec["step"] == step:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(tr.ProgressLine, "__call__", interrupted)
+
+    return arm
+
+
 @pytest.fixture(params=["gpt2", "llama", "bert"])
 def arch(request) -> str:
     return request.param

@@ -210,20 +210,13 @@ def test_resume_refuses_another_teacher_loss_or_text(teacher, ids, tmp_path):
         tr.load_checkpoint(ckpt)
 
 
-def test_cli_distill_interrupt_resume_matches_straight_run(text_file, tmp_path, monkeypatch):
+def test_cli_distill_interrupt_resume_matches_straight_run(text_file, tmp_path, monkeypatch, interrupt_at):
     common = ["distill", DEFAULT_MODEL, "--student-config", json.dumps(STUDENT), "--data", text_file,
               "--steps", "3", "--batch-size", "1", "--seq-len", "8", "--warmup", "1", "--val-fraction", "0.2",
               "--loss", "response=1", "--loss", "feature=0.5", "--checkpoint-every", "1", "--decode-tokens", "0",
               "--json", "-q"]
     assert _cli([*common, "-o", str(tmp_path / "a.npz")]).exit_code == 0
-    real = tr.ProgressLine.__call__
-
-    def interrupted(self, rec):
-        real(self, rec)
-        if rec["step"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr.ProgressLine, "__call__", interrupted)
+    interrupt_at(2)
     ckpt = str(tmp_path / "b.ckpt.npz")
     r = _cli([c for c in common if c != "-q"] + ["-o", str(tmp_path / "b.npz")])
     assert r.exit_code == 130 and not (tmp_path / "b.npz").exists()

@@ -271,19 +271,12 @@ def test_qat_command_converts_and_compares(model_file, tmp_path):
     assert q.meta["qat"]["steps"] == 4
 
 
-def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, monkeypatch):
+def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, monkeypatch, interrupt_at):
     d = model_file
     common = ["qat", str(d / "m.npz"), "--data", str(d / "text.txt"), "--plugin", "quant:int8", "--steps", "3",
               "--batch-size", "2", "--seq-len", "8", "--checkpoint-every", "1", "--no-compare", "--force"]
     assert CliRunner().invoke(main, [*common, "-q", "-o", str(tmp_path / "a.npz")]).exit_code == 0
-    real = tr.ProgressLine.__call__
-
-    def interrupted(self, rec):
-        real(self, rec)
-        if rec["step"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr.ProgressLine, "__call__", interrupted)
+    interrupt_at(2)
     r = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "b.npz")])
     assert r.exit_code == 130 and not (tmp_path / "b.npz").exists()
     monkeypatch.undo()

@@ -72,7 +72,7 @@ def test_resume_equals_straight_run_bit_for_bit(tmp_path, arch):
     assert resumed.history == straight.history
 
 
-def test_cli_train_interrupt_resume_matches_straight_run(tmp_path, monkeypatch):
+def test_cli_train_interrupt_resume_matches_straight_run(tmp_path, monkeypatch, interrupt_at):
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. the dog sat on the log. " * 60)
     cfgf = tmp_path / "cfg.json"
@@ -83,14 +83,7 @@ def test_cli_train_interrupt_resume_matches_straight_run(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "held-out loss" in r.output
 
-    real = tr.ProgressLine.__call__
-
-    def interrupted(self, rec):
-        real(self, rec)
-        if rec["step"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr.ProgressLine, "__call__", interrupted)
+    interrupt_at(3)
     ckpt = str(tmp_path / "b.ckpt.npz")
     r = CliRunner().invoke(main, ["train", *common, "-o", str(tmp_path / "b.npz"), "--checkpoint", ckpt])
     assert r.exit_code == 130 and not os.path.exists(tmp_path / "b.npz")
