@@ -1,4 +1,17 @@
 #define MAXM 8
+/* One warp per output channel n (the (out, in) kernels): which n this warp computes, or -1. */
+__device__ __forceinline__ int warp_channel(int N) {
+    int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    return n < N ? n : -1;
+}
+/* The warp's partial sums for rows m < M reduced, y[m, n] = sum * sn + bn written by lane 0. */
+__device__ __forceinline__ void store_channel(const float* acc, O* y, int M, int N, int n, float sn, float bn) {
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+        float a = warp_sum(acc[m]);
+        if ((threadIdx.x & 31) == 0 && m < M) st(y, (long long)m * N + n, a * sn + bn);
+    }
+}
 /* Narrow weights (N, K) row-major, widened to float in registers: int8 (scaled per row), float16,
    or bfloat16 bit patterns. y[m, n] = (sum_k x[m, k] w[n, k]) * s[n] + b[n]; one warp per n,
    16-byte loads along the row. vec: K * sizeof(W) % 16 == 0. scale: null for the 16-bit floats. */
@@ -10,13 +23,10 @@ template <typename W>
 __device__ void rows_dot(const T* x, const W* w, const S* scale, const O* bias, O* y,
                          int M, int N, int K, int vec, int has_bias) {
     const int E = 16 / sizeof(W);  /* weights per 16-byte load */
-    int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
-    if (n >= N) return;
+    int n = warp_channel(N), lane = threadIdx.x & 31;
+    if (n < 0) return;
     const W* wr = w + (long long)n * K;
-    float acc[MAXM];
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
+    float acc[MAXM] = {};
     int tail = 0;
     if (vec) {
         const int4* w16 = (const int4*)wr;
@@ -41,12 +51,7 @@ __device__ void rows_dot(const T* x, const W* w, const S* scale, const O* bias, 
         for (int m = 0; m < MAXM; ++m)
             if (m < M) acc[m] += wv * ld(x, (long long)m * K + k);
     }
-    float sn = scale ? ld(scale, n) : 1.f, bn = has_bias ? ld(bias, n) : 0.f;
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-        float a = warp_sum(acc[m]);
-        if (lane == 0 && m < M) st(y, (long long)m * N + n, a * sn + bn);
-    }
+    store_channel(acc, y, M, N, n, scale ? ld(scale, n) : 1.f, has_bias ? ld(bias, n) : 0.f);
 }
 extern "C" __global__ void q8t(const T* x, const signed char* w, const S* scale, const O* bias, O* y,
                                int M, int N, int K, int vec, int has_bias) {
@@ -64,15 +69,12 @@ extern "C" __global__ void bf16t(const T* x, const bf16_t* w, const S* unused, c
    One warp per n; vec: (K/2) % 16 == 0. group is even, so a byte never straddles two groups. */
 extern "C" __global__ void q4t(const T* x, const unsigned char* w, const S* scale, const O* bias, O* y,
                                int M, int N, int K, int group, int vec, int has_bias) {
-    int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
-    if (n >= N) return;
+    int n = warp_channel(N), lane = threadIdx.x & 31;
+    if (n < 0) return;
     int kb = K >> 1, ng = K / group;
     const unsigned char* wr = w + (long long)n * kb;
     const long long so = (long long)n * ng;
-    float acc[MAXM];
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
+    float acc[MAXM] = {};
     int tail = 0;
     if (vec) {
         const int4* w16 = (const int4*)wr;
@@ -105,12 +107,7 @@ extern "C" __global__ void q4t(const T* x, const unsigned char* w, const S* scal
         for (int m = 0; m < MAXM; ++m)
             if (m < M) acc[m] += w0 * ld(x, (long long)m * K + k) + w1 * ld(x, (long long)m * K + k + 1);
     }
-    float bn = has_bias ? ld(bias, n) : 0.f;
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-        float a = warp_sum(acc[m]);
-        if (lane == 0 && m < M) st(y, (long long)m * N + n, a + bn);
-    }
+    store_channel(acc, y, M, N, n, 1.f, has_bias ? ld(bias, n) : 0.f);  /* group scales are inside */
 }
 /* (in, out) layouts, split-K: thread = 4 consecutive output columns, blockIdx.y = inputs
    [y*ks, y*ks + ks) (ks a multiple of the group). mode 0: int8, no scale here (per channel,
