@@ -188,6 +188,7 @@ def _sdpa_prefill(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
 
 
 _SDPA, _SDPA_PREFILL = kernel(_sdpa), kernel(_sdpa_prefill)
+NO_SCALES = np.zeros((1, 1, 1), np.float32)  # _sdpa's unread KS / VS for a float cache
 PREFILL_MIN_QUERIES = 8  # from here on transposing the keys once beats a dot product per key
 
 
@@ -213,9 +214,8 @@ def sdpa(q, K, KS, V, VS, mask, *, n_heads: int, n_kv_heads: int, causal: bool, 
         pick(_SDPA_PREFILL, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads,
                                   n_kv_heads, qc.dtype.type(0), out)
         return out
-    none = np.zeros((1, 1, 1), np.float32)
-    pick(_SDPA, work)(qc, storage(K), storage(KS) if quantized else none, storage(V),
-                      storage(VS) if quantized else none, quantized, K.shape[1], m, has_mask, bool(causal), scale,
+    pick(_SDPA, work)(qc, storage(K), storage(KS) if quantized else NO_SCALES, storage(V),
+                      storage(VS) if quantized else NO_SCALES, quantized, K.shape[1], m, has_mask, bool(causal), scale,
                       n_heads, n_kv_heads, qc.dtype.type(0), out)
     return out
 
