@@ -248,7 +248,7 @@ class _Streamer:
 @click.option("--json", "as_json", is_flag=True)
 def show(model: str | None, batch: int, seq: int | None, past: int, as_json: bool) -> None:
     """Print the graph: shapes, parameters, FLOPs and bytes per node, with totals."""
-    from minitx.report import graph_table
+    from minitx.cost import graph_table
 
     m = load_model(model)
     seq = seq or (m.n_ctx - past)

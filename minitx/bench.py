@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import machine
+from . import feeds, machine
 from .errors import MinitxError
 from .modelfile import atomic_write
 
@@ -143,10 +143,8 @@ class _MinitxRunner:
         return self.gen.step(self.model, ids, state, None, self.backends)
 
     def encode(self, ids: np.ndarray) -> np.ndarray:
-        B, T = ids.shape
-        feeds = {"input_ids": ids, "position_ids": np.broadcast_to(np.arange(T), (B, T)).astype(np.int64),
-                 "token_type_ids": np.zeros((B, T), np.int64), "attention_mask": np.ones((B, T), np.int64)}
-        return self.model.executor(self.backends).run(feeds, outputs=["embedding"])["embedding"]
+        fed = feeds.build(self.model.graph, ids)   # unpadded rows: every token real, positions 0…T-1
+        return self.model.executor(self.backends).run(fed, outputs=["embedding"])["embedding"]
 
 
 class _TorchRunner:

@@ -6,11 +6,13 @@ would alone.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import feeds
 from .backend import Backend, to_host
 from .errors import MinitxError
 from .model import Model
@@ -40,20 +42,10 @@ class DecodeState:
 
 
 def empty_state(model: Model, batch: int) -> DecodeState:
-    kv = model.config["n_kv_heads"] if model.config.get("n_kv_heads") else model.config["n_heads"]
-    width = kv * model.config["d_model"] // model.config["n_heads"]
-    dtype = next(iter(model.params.values())).dtype if model.params else np.float32
-    past = {}
-    for i in range(model.config["n_layers"]):
-        for t in "kv":
-            past[f"past.{i}.{t}"] = np.zeros((batch, 0, width), dtype)
-    # A rewritten graph may keep a different cache (an int8 cache with per-head scales): follow
-    # whatever past.* inputs it declares.
-    for v in model.graph.inputs:
-        if v.name.startswith("past."):
-            shape = tuple(0 if d == "S" else batch if d == "B" else d for d in v.shape)
-            past[v.name] = np.zeros(shape, v.dtype)
-    return DecodeState(past, np.zeros((batch, 0), np.int64), np.zeros(batch, np.int64))
+    """No tokens yet: empty KV caches for every ``past.*`` input the graph declares (a rewritten
+    graph may keep another cache, e.g. int8 with per-head scales)."""
+    return DecodeState(feeds.empty_caches(model.graph, batch), np.zeros((batch, 0), np.int64),
+                       np.zeros(batch, np.int64))
 
 
 def step(model: Model, ids: np.ndarray, state: DecodeState, mask: np.ndarray | None = None,
@@ -70,13 +62,12 @@ def step(model: Model, ids: np.ndarray, state: DecodeState, mask: np.ndarray | N
         bad = int(ids[(ids < 0) | (ids >= model.vocab_size)][0])
         raise MinitxError(f"token id {bad} is outside the vocabulary (0 … {model.vocab_size - 1})")
     mask = np.ones((B, T), np.int64) if mask is None else np.asarray(mask, np.int64)
-    # Positions count real tokens only: padding sits at the position of the next real token.
-    pos = state.next_pos[:, None] + np.cumsum(mask, axis=1) - mask
     full_mask = np.concatenate([state.mask, mask], axis=1)
-    feeds = {"input_ids": ids, "position_ids": pos, "attention_mask": full_mask, **state.past}
+    # Positions count real tokens only, continuing from each row's cached ones (feeds.positions).
+    fed = feeds.build(model.graph, ids, mask=full_mask, past=state.past)
     ex = model.executor(backends, strict)
     # The caches stay where attention computed them; only the logits come to the host.
-    out = ex.run(feeds, device_outputs=[o for o in ex.graph.outputs if o.startswith("present.")])
+    out = ex.run(fed, device_outputs=[o for o in ex.graph.outputs if o.startswith("present.")])
     past = {k.replace("present.", "past.", 1): v for k, v in out.items() if k.startswith("present.")}
     return out["logits"], DecodeState(past, full_mask, state.next_pos + mask.sum(axis=1))
 
@@ -90,12 +81,14 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise MinitxError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise MinitxError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise MinitxError(f"top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise MinitxError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise MinitxError(f"seed must be >= 0, got {self.seed}")
 
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarray:
@@ -135,19 +128,14 @@ def check_ids(model: Model, seqs: Sequence[Sequence[int]]) -> None:
             raise MinitxError(f"input {k + 1} has {len(s)} tokens, longer than the model's context of {model.n_ctx}")
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of prompts as (ids, mask), left-padded (:func:`minitx.feeds.pad`); empty prompts are refused."""
     if not prompts:
         raise MinitxError("no prompt given")
     for k, p in enumerate(prompts):
         if len(p) == 0:
             raise MinitxError(f"prompt {k + 1} is empty (it has no tokens)")
-    T = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), T), pad_id, np.int64)
-    mask = np.zeros((len(prompts), T), np.int64)
-    for r, p in enumerate(prompts):
-        ids[r, T - len(p):] = p
-        mask[r, T - len(p):] = 1
-    return ids, mask
+    return feeds.pad(prompts, "left")
 
 
 def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
@@ -217,19 +205,16 @@ def embed(model: Model, sequences: Sequence[Sequence[int]], token_types: Sequenc
                 raise MinitxError(f"input {start + k + 1} is empty (it has no tokens)")
             if len(s) > model.n_ctx:
                 raise MinitxError(f"input {start + k + 1} has {len(s)} tokens; the model's context is {model.n_ctx}")
-        T = max(len(s) for s in chunk)
-        ids = np.zeros((len(chunk), T), np.int64)
-        mask = np.zeros((len(chunk), T), np.int64)
-        types = np.zeros((len(chunk), T), np.int64)
-        for r, s in enumerate(chunk):
-            ids[r, :len(s)] = s
-            mask[r, :len(s)] = 1
-            if token_types is not None:
-                types[r, :len(s)] = token_types[start + r]
-        if ids.max() >= model.vocab_size or ids.min() < 0:
-            bad = int(ids[(ids < 0) | (ids >= model.vocab_size)][0])
+        if any(t < 0 or t >= model.vocab_size for seq in chunk for t in seq):
+            bad = next(t for seq in chunk for t in seq if t < 0 or t >= model.vocab_size)
             raise MinitxError(f"token id {bad} is outside the vocabulary (0 … {model.vocab_size - 1})")
-        pos = np.broadcast_to(np.arange(T), (len(chunk), T)).astype(np.int64)
-        feeds = {"input_ids": ids, "position_ids": pos, "token_type_ids": types, "attention_mask": mask}
-        out.append(model.executor(backends, strict).run(feeds, outputs=["embedding"])["embedding"])
+        types = token_types[start:start + batch_size] if token_types is not None else None
+        fed = feeds.for_sequences(model.graph, chunk, decoder=False, token_types=types)
+        out.append(model.executor(backends, strict).run(fed, outputs=["embedding"])["embedding"])
     return np.concatenate(out, axis=0)
+
+
+def cosine_similarity(emb: np.ndarray) -> np.ndarray:
+    """(N, N) cosine similarity of N embeddings (a zero vector is similar to nothing)."""
+    norm = np.linalg.norm(emb, axis=1)
+    return emb @ emb.T / np.outer(norm, norm).clip(1e-12)

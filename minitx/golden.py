@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__, metrics, models
+from . import __version__, feeds, metrics, models
 from .backend import Backend
 from .errors import MinitxError
 from .model import Model
@@ -55,24 +55,14 @@ class Golden:
 
 # ----------------------------------------------------------------------------------- inputs
 def make_feeds(model: Model, seqs: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-    """The feeds minitx itself builds for a batch: decoders left-padded with positions counting real
-    tokens (as :func:`minitx.generate.step`), encoders right-padded with positions 0… (as
-    :func:`minitx.generate.embed`), token types 0."""
-    from .generate import check_ids, left_pad
+    """The feeds minitx itself builds for a batch (:func:`minitx.feeds.for_sequences`: decoders
+    left-padded with positions counting real tokens, encoders right-padded, token types 0). Empty
+    KV caches are left out: a golden file's absent cache means an empty one."""
+    from .generate import check_ids
 
     check_ids(model, seqs)
-    if model.is_decoder:
-        ids, mask = left_pad(seqs)
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        return {"input_ids": ids, "position_ids": pos.astype(np.int64), "attention_mask": mask}
-    T = max(len(s) for s in seqs)
-    ids = np.zeros((len(seqs), T), np.int64)
-    mask = np.zeros((len(seqs), T), np.int64)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = s
-        mask[r, :len(s)] = 1
-    pos = np.broadcast_to(np.arange(T, dtype=np.int64), ids.shape).copy()
-    return {"input_ids": ids, "position_ids": pos, "token_type_ids": np.zeros_like(ids), "attention_mask": mask}
+    fed = feeds.for_sequences(model.graph, seqs, model.is_decoder)
+    return {k: v for k, v in fed.items() if not k.startswith("past.")}
 
 
 def random_seqs(model: Model, batch: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -87,20 +77,16 @@ def random_seqs(model: Model, batch: int, length: int, seed: int = 0) -> list[li
 
 
 def complete_feeds(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Graph feeds from recorded inputs: an absent KV cache is an empty one; absent token types are 0."""
-    feeds = dict(inputs)
-    B = inputs["input_ids"].shape[0] if "input_ids" in inputs else 0
+    """Graph feeds from recorded inputs: an absent KV cache is an empty one (as wide and of the
+    dtype the graph declares); absent token types are 0. Any other input the graph needs must be
+    recorded."""
     for v in model.graph.inputs:
-        if v.name in feeds:
-            continue
-        if v.name.startswith("past."):
-            width = v.shape[-1] if isinstance(v.shape[-1], int) else 0
-            feeds[v.name] = np.zeros((B, 0, width), np.float32)
-        elif v.name == "token_type_ids" and "input_ids" in inputs:
-            feeds[v.name] = np.zeros_like(inputs["input_ids"])
-        else:
+        if v.name not in inputs and not v.name.startswith("past.") and v.name != "token_type_ids":
             raise MinitxError(f"golden file has no input {v.name!r}, which this model's graph needs")
-    return feeds
+    past = {k: a for k, a in inputs.items() if k.startswith("past.")}
+    return feeds.build(model.graph, inputs["input_ids"], mask=inputs.get("attention_mask"),
+                       position_ids=inputs.get("position_ids"), token_type_ids=inputs.get("token_type_ids"),
+                       past=past or None)
 
 
 # ------------------------------------------------------------------------------ record / io
