@@ -1,11 +1,18 @@
-"""The ``minitx`` command line (installed as ``minitx.cli``).
+"""The ``minitx`` command line (installed as ``minitx.cli``; also ``python -m minitx``).
 
-Every user error is one line on stderr and a non-zero exit (2); ``verify``-style checks that ran
-but found a failure exit 1. Tracebacks are reserved for bugs in minitx itself.
+Each command parses its flags, calls the library and prints the result; what a command computes
+lives in ``minitx/``. Every user error — a bad flag value included — is one line on stderr and
+exit code 2, printed before anything reaches stdout; ``verify``-style checks that ran but found a
+failure exit 1. Tracebacks are reserved for bugs in minitx itself.
+
+Flags mean the same in every command (the README's vocabulary table): ``-n/--max-new-tokens``,
+``--batch``, ``--seq``, ``--seed``, ``--threads``, ``-o/--output``, ``--random BxT``; MODEL is
+optional wherever a command takes one (the bundled model).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -15,16 +22,33 @@ import click
 from minitx import __version__  # first: it sets OpenBLAS's thread timeout before NumPy loads it
 
 import numpy as np  # noqa: E402
-from minitx.errors import MinitxError
-from minitx.generate import check_ids
+from minitx.errors import MinitxError  # noqa: E402
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 class _Group(click.Group):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        """Click's own usage errors as one line too (click prints usage and a hint over three)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name or "minitx", complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MinitxError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -38,6 +62,111 @@ def main() -> None:
 
 
 # ------------------------------------------------------------------------------ shared options
+class _Option(click.Option):
+    """An option whose old spellings (``aliases``) still parse for one release: hidden from
+    --help, with a warning on stderr naming the new spelling."""
+
+    def __init__(self, *decls: Any, aliases: Sequence[str] = (), **kw: Any) -> None:
+        super().__init__(*decls, **kw)
+        self.aliases = tuple(aliases)
+
+    def add_to_parser(self, parser, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for old in self.aliases:
+            parser.add_option(obj=self, opts=[old], dest=f"{self.name}:{old}", action="store", nargs=self.nargs)
+
+    def consume_value(self, ctx: click.Context, opts):
+        for old in self.aliases:
+            key = f"{self.name}:{old}"
+            if key in opts:
+                click.echo(f"warning: {old} is deprecated; use {self.opts[-1]}", err=True)
+                if self.name not in opts:
+                    opts = {**opts, self.name: opts[key]}
+        return super().consume_value(ctx, opts)
+
+
+class _Finite(click.ParamType):
+    """A finite float in [lo, hi] (click's FloatRange lets nan and inf through)."""
+
+    name = "number"
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value: Any, param, ctx) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
+            self.fail(f"{value} must be {'>' if self.lo_open else '>='} {self.lo:g}", param, ctx)
+        if self.hi is not None and x > self.hi:
+            self.fail(f"{value} must be <= {self.hi:g}", param, ctx)
+        return x
+
+
+class _OutputPath(click.Path):
+    """An output file: refused when empty or a folder (before any work)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value: Any, param, ctx) -> str:
+        if str(value) == "":
+            self.fail("the path is empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+COUNT = click.IntRange(min=1)
+SEED = click.IntRange(min=0)
+
+
+def seed_option(help: str = "Random seed (>= 0)."):
+    return click.option("--seed", default=0, show_default=True, type=SEED, help=help)
+
+
+def output_option(help: str = "Model file to write (.npz)."):
+    return click.option("-o", "--output", required=True, type=_OutputPath(), help=help)
+
+
+def model_argument(f):
+    """MODEL, optional everywhere: the bundled model when not named."""
+    return click.argument("model", required=False, metavar="[MODEL]")(f)
+
+
+def _configure_threads(ctx: click.Context, param, value: int | None) -> int | None:
+    from minitx import threads
+
+    threads.configure(value)
+    return value
+
+
+def threads_option(f):
+    """--threads N, for every command that computes: the engine's one thread budget
+    (:func:`minitx.threads.configure`), set before any kernel runs."""
+    return click.option("--threads", type=click.IntRange(min=0), default=None, expose_value=False,
+                        callback=_configure_threads, is_eager=True, metavar="N",
+                        help="Threads to compute with (default: every available core).")(f)
+
+
+def max_new_tokens_option(default: int, help: str = "Tokens to generate.", aliases: Sequence[str] = ()):
+    """-n/--max-new-tokens (``aliases``: a command's old spelling, hidden, for one release)."""
+    return click.option("-n", "--max-new-tokens", "max_new_tokens", cls=_Option, default=default, show_default=True,
+                        type=click.IntRange(min=0), aliases=aliases, help=help)
+
+
+def batch_option(default: int, help: str = "Sequences per batch.", aliases: Sequence[str] = ()):
+    return click.option("--batch", cls=_Option, default=default, show_default=True, type=COUNT, aliases=aliases,
+                        help=help)
+
+
+def seq_option(default: int | None, help: str = "Tokens per sequence.", aliases: Sequence[str] = ()):
+    return click.option("--seq", cls=_Option, default=default, show_default=default is not None, type=COUNT,
+                        aliases=aliases, help=help)
+
+
 def backend_options(f):
     f = click.option("--explain", is_flag=True, help="Print which backend ran each node (to stderr).")(f)
     f = click.option("--no-fallback", is_flag=True,
@@ -55,10 +184,10 @@ def _backends(backends: Sequence[str]) -> tuple[str, ...]:
 
 
 def load_model(path: str | None):
-    from minitx import modelfile
-    from minitx.bundled import default_model_path
+    """MODEL, or the bundled model when none is named (non-regular files refused)."""
+    from minitx import bundled
 
-    return modelfile.load(path if path is not None else default_model_path())
+    return bundled.load(path)
 
 
 def print_explain(ex) -> None:
@@ -72,26 +201,18 @@ def print_explain(ex) -> None:
     click.echo("  ran on: " + ", ".join(f"{b} {c} node(s)" for b, c in counts.items()), err=True)
 
 
-def _parse_ids(spec: str) -> list[int]:
-    try:
-        return [int(x) for x in spec.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise MinitxError(f"--ids expects comma-separated integers, got {spec!r}") from None
-
-
 # ------------------------------------------------------------------------------------- init
 @main.command()
 @click.option("--arch", type=click.Choice(["gpt2", "bert", "llama"]), required=True)
 @click.option("--preset", default="tiny", show_default=True, help="tiny or small.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
+@seed_option()
+@output_option()
 def init(arch: str, preset: str, seed: int, output: str) -> None:
     """Write a randomly initialised model, for trying things out."""
-    from minitx import modelfile, models
+    from minitx import modelfile
     from minitx.model import Model
 
-    model = Model.from_config(models.preset(arch, preset), seed=seed)
-    model.meta = {"source": f"minitx init --arch {arch} --preset {preset} --seed {seed}"}
+    model = Model.from_preset(arch, preset, seed)
     modelfile.save(model, output)
     click.echo(f"wrote {output}: {arch} ({preset}), {model.n_params():,} parameters, "
                f"{model.nbytes() / 2**20:.1f} MiB")
@@ -99,43 +220,45 @@ def init(arch: str, preset: str, seed: int, output: str) -> None:
 
 # ------------------------------------------------------------------------------------- infer
 @main.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@model_argument
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text for a decoder (repeatable: a batch).")
 @click.option("--text", "texts", multiple=True, help="Text to embed with an encoder (repeatable).")
 @click.option("--ids", "ids", multiple=True, help="Token ids, comma-separated, instead of text (repeatable).")
-@click.option("--max-new-tokens", "-n", default=32, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", default=1.0, show_default=True, help="1 = off.")
-@click.option("--seed", default=0, show_default=True)
+@max_new_tokens_option(32)
+@click.option("--temperature", default=0.0, show_default=True, type=_Finite(0.0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--top-p", default=1.0, show_default=True, type=_Finite(0.0, 1.0, lo_open=True), help="1 = off.")
+@seed_option("Sampling seed (>= 0).")
 @click.option("--stop", "stops", multiple=True, help="Stop token: an id, or a string the tokenizer maps to one token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Apply an optimization plugin in memory first, validated (repeatable; see `minitx plugins`).")
+@click.option("--force", is_flag=True, help="Run a --plugin rewrite that exceeds its declared tolerance (warn only).")
 @backend_options
+@threads_option
 def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, top_k, top_p, seed, stops,
-          as_json, plugins, backends, no_fallback, explain) -> None:
+          as_json, plugins, force, backends, no_fallback, explain) -> None:
     """Generate text with a decoder, or embed text with an encoder.
 
     MODEL defaults to the bundled model.
     """
     from minitx import generate as gen
+    from minitx import inputs
 
     m = load_model(model)
     if plugins:
         from minitx.plugin import optimize as _optimize
 
-        m = _optimize(m, plugins, warn=lambda s: click.echo(s, err=True))
+        m = _optimize(m, plugins, force=force, warn=lambda s: click.echo(s, err=True))
     backends = _backends(backends)
     tok = m.tokenizer
     if m.is_decoder:
         if texts:
             raise MinitxError("--text is for encoders; use --prompt with a decoder")
-        seqs = _inputs(m, prompts, ids, "--prompt")
-        stop_ids = [_stop_id(m, s) for s in stops]
+        seqs = inputs.token_sequences(m, prompts, ids, "--prompt")
+        stop_ids = [inputs.stop_token(m, s) for s in stops]
         sampling = gen.Sampling(temperature, top_k, top_p, seed)
-        stream = not as_json and len(seqs) == 1
-        printer = _Streamer(tok, seqs[0]) if stream else None
+        printer = _Streamer(tok, seqs[0]) if not as_json and len(seqs) == 1 else None
         result = gen.generate(m, seqs, max_new_tokens, sampling, stop_ids, backends, no_fallback,
                               on_token=(lambda r, t: printer.add(t)) if printer else None)
         if explain:
@@ -151,78 +274,49 @@ def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, t
             for r, out in enumerate(result):
                 shown = tok.decode(seqs[r] + out) if tok is not None else " ".join(map(str, seqs[r] + out))
                 click.echo(f"[{r + 1}] {shown}")
+        return
+    if prompts:
+        raise MinitxError("--prompt is for decoders; use --text with an encoder")
+    seqs = inputs.token_sequences(m, texts, ids, "--text")
+    emb = gen.embed(m, seqs, backends=backends, strict=no_fallback)
+    if explain:
+        print_explain(m.executor(backends, no_fallback))
+    sim = gen.cosine_similarity(emb)
+    if as_json:
+        obj = {"embeddings": emb.tolist()}
+        if len(seqs) >= 2:
+            obj["similarity"] = sim.tolist()
+        click.echo(json.dumps(obj))
+    elif len(seqs) >= 2:
+        labels = list(texts) if texts else [f"ids[{k + 1}]" for k in range(len(seqs))]
+        click.echo("cosine similarity:")
+        for k, lab in enumerate(labels):
+            click.echo(f"  [{k + 1}] {lab[:60]}")
+        click.echo("      " + "".join(f"{f'[{k + 1}]':>8}" for k in range(len(seqs))))
+        for k in range(len(seqs)):
+            click.echo(f"  [{k + 1}] " + "".join(f"{sim[k, j]:8.4f}" for j in range(len(seqs))))
     else:
-        if prompts:
-            raise MinitxError("--prompt is for decoders; use --text with an encoder")
-        seqs = _inputs(m, texts, ids, "--text")
-        emb = gen.embed(m, seqs, backends=backends, strict=no_fallback)
-        if explain:
-            print_explain(m.executor(backends, no_fallback))
-        sim = emb @ emb.T / np.outer(np.linalg.norm(emb, axis=1), np.linalg.norm(emb, axis=1)).clip(1e-12)
-        if as_json:
-            obj = {"embeddings": emb.tolist()}
-            if len(seqs) >= 2:
-                obj["similarity"] = sim.tolist()
-            click.echo(json.dumps(obj))
-        elif len(seqs) >= 2:
-            labels = list(texts) if texts else [f"ids[{k + 1}]" for k in range(len(seqs))]
-            click.echo("cosine similarity:")
-            for k, lab in enumerate(labels):
-                click.echo(f"  [{k + 1}] {lab[:60]}")
-            click.echo("      " + "".join(f"{f'[{k + 1}]':>8}" for k in range(len(seqs))))
-            for k in range(len(seqs)):
-                click.echo(f"  [{k + 1}] " + "".join(f"{sim[k, j]:8.4f}" for j in range(len(seqs))))
-        else:
-            np.set_printoptions(precision=5, suppress=True, linewidth=100)
-            click.echo(f"embedding ({emb.shape[1]} values):")
-            click.echo(np.array2string(emb[0], separator=", "))
-
-
-def _inputs(m, texts: Sequence[str], ids: Sequence[str], flag: str) -> list[list[int]]:
-    if texts and ids:
-        raise MinitxError(f"give either {flag} or --ids, not both")
-    if ids:
-        seqs = [_parse_ids(s) for s in ids]
-        check_ids(m, seqs)
-        return seqs
-    if not texts:
-        raise MinitxError(f"nothing to run: give {flag} TEXT or --ids 1,2,3")
-    tok = m.tokenizer
-    if tok is None:
-        raise MinitxError("this model carries no tokenizer; give token ids with --ids 1,2,3")
-    if not m.is_decoder and m.config.get("max_seq_length"):
-        tok.enable_truncation(int(m.config["max_seq_length"]))
-    seqs = [tok.encode(t).ids for t in texts]
-    for k, s in enumerate(seqs):
-        if not s:
-            raise MinitxError(f"{flag} {k + 1} is empty (it has no tokens)")
-    check_ids(m, seqs)
-    return seqs
-
-
-def _stop_id(m, s: str) -> int:
-    if s.lstrip("-").isdigit():
-        return int(s)
-    tok = m.tokenizer
-    if tok is not None:
-        tid = tok.token_to_id(s)
-        if tid is None:
-            ids = tok.encode(s, add_special_tokens=False).ids
-            tid = ids[0] if len(ids) == 1 else None
-        if tid is not None:
-            return int(tid)
-    raise MinitxError(f"--stop {s!r} is neither a token id nor a single token of this model's tokenizer")
+        np.set_printoptions(precision=5, suppress=True, linewidth=100)
+        click.echo(f"embedding ({emb.shape[1]} values):")
+        click.echo(np.array2string(emb[0], separator=", "))
 
 
 class _Streamer:
-    """Prints the prompt, then each new token as soon as it decodes to whole characters."""
+    """Prints the prompt and each new token as soon as it decodes to whole characters — from the
+    first generated token on, so that a command failing before it (a bad backend, a model that
+    does not run) has printed nothing."""
 
     def __init__(self, tok, prompt: list[int]) -> None:
         self.tok, self.ids = tok, list(prompt)
-        self.shown = tok.decode(self.ids) if tok is not None else " ".join(map(str, prompt))
-        click.echo(self.shown, nl=False)
+        self.shown: str | None = None
+
+    def _start(self) -> None:
+        if self.shown is None:
+            self.shown = self.tok.decode(self.ids) if self.tok is not None else " ".join(map(str, self.ids))
+            click.echo(self.shown, nl=False)
 
     def add(self, t: int) -> None:
+        self._start()
         self.ids.append(t)
         if self.tok is None:
             click.echo(f" {t}", nl=False)
@@ -236,28 +330,31 @@ class _Streamer:
         sys.stdout.flush()
 
     def finish(self) -> None:
+        self._start()
         click.echo("")
 
 
 # -------------------------------------------------------------------------------------- show
 @main.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False))
-@click.option("--batch", default=1, show_default=True)
-@click.option("--seq", default=None, type=int, help="Tokens in the step (default: the context length).")
-@click.option("--past", default=0, show_default=True, help="Tokens already in the KV cache.")
+@model_argument
+@batch_option(1)
+@seq_option(None, "Tokens in the step (default: the context length less --past).")
+@click.option("--past", default=0, show_default=True, type=click.IntRange(min=0), help="Tokens already in the KV cache.")
 @click.option("--json", "as_json", is_flag=True)
 def show(model: str | None, batch: int, seq: int | None, past: int, as_json: bool) -> None:
-    """Print the graph: shapes, parameters, FLOPs and bytes per node, with totals."""
-    from minitx.cost import graph_table
+    """Print the graph: shapes, parameters, FLOPs and bytes per node, with totals.
+
+    MODEL defaults to the bundled model."""
+    from minitx.cost import model_cost
 
     m = load_model(model)
-    seq = seq or (m.n_ctx - past)
-    rows, totals = graph_table(m.graph, m.params, {"B": batch, "T": seq, "S": past})
+    c = model_cost(m, batch, seq, past)
+    rows, totals = c["nodes"], c["totals"]
     if as_json:
         click.echo(json.dumps({"config": m.config, "nodes": rows, "totals": totals}))
         return
     click.echo(f"{m.config['arch']} — {m.n_params():,} parameters, {m.nbytes() / 2**20:.1f} MiB; "
-               f"shapes for batch={batch}, seq={seq}, past={past}")
+               f"shapes for batch={batch}, seq={c['seq']}, past={past}")
     w = max(len(r["node"]) for r in rows)
     click.echo(f"{'node':<{w}}  {'op':<20} {'output shape':<22} {'params':>11} {'MFLOP':>12} {'MB moved':>10}")
     for r in rows:
@@ -530,6 +627,7 @@ def backends_cmd(as_json: bool) -> None:
 @click.option("--exclude", default="", metavar="OP,...", help="Skip these ops.")
 @click.option("--dtype", "dtypes", multiple=True, help="Only these dtypes (default: all the backend supports).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@threads_option
 def conformance(backend_name: str, include: str, exclude: str, dtypes, as_json: bool) -> None:
     """Check every op a backend implements (forward and VJP) against the spec; exit 1 on a failure."""
     from minitx.conformance import run_conformance
@@ -547,7 +645,7 @@ def conformance(backend_name: str, include: str, exclude: str, dtypes, as_json: 
 # ----------------------------------------------------------------------- convert / golden / verify
 @main.command()
 @click.argument("src", type=click.Path(file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
+@output_option()
 def convert(src: str, output: str) -> None:
     """Convert a Hugging Face model folder (config.json + model.safetensors) to a minitx model file.
 
@@ -573,65 +671,55 @@ def convert(src: str, output: str) -> None:
                f"{total / 2**20:.1f} MiB{tok}{extra}")
 
 
-def _golden_inputs(m, prompts, texts, ids, random_spec, seed) -> list[list[int]]:
-    from minitx import golden as gd
-
-    if random_spec:
-        if prompts or texts or ids:
-            raise MinitxError("give either --random or --prompt/--text/--ids, not both")
-        try:
-            b, t = (int(x) for x in random_spec.split(","))
-        except ValueError:
-            raise MinitxError(f"--random expects B,T (two integers), got {random_spec!r}") from None
-        return gd.random_seqs(m, b, t, seed)
-    if m.is_decoder and texts:
-        raise MinitxError("--text is for encoders; use --prompt with a decoder")
-    if not m.is_decoder and prompts:
-        raise MinitxError("--prompt is for decoders; use --text with an encoder")
-    return _inputs(m, prompts or texts, ids, "--prompt" if m.is_decoder else "--text")
-
-
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@model_argument
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text for a decoder (repeatable: a batch).")
 @click.option("--text", "texts", multiple=True, help="Text for an encoder (repeatable).")
 @click.option("--ids", "ids", multiple=True, help="Token ids, comma-separated (repeatable).")
-@click.option("--random", "random_spec", metavar="B,T", help="A seeded random batch of B rows, up to T tokens.")
-@click.option("--seed", default=0, show_default=True, help="Seed for --random.")
+@click.option("--random", "random_spec", metavar="BxT", help="A seeded random batch of B rows of up to T tokens.")
+@seed_option("Seed for --random (>= 0).")
 @click.option("--intermediates", is_flag=True, help="Also store every node's value.")
 @click.option("--backend", "backends", multiple=True, metavar="NAME", help="Backend computing the reference (default numpy).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Golden file to write (.npz).")
+@output_option("Golden file to write (.npz).")
+@threads_option
 def golden(model, prompts, texts, ids, random_spec, seed, intermediates, backends, output) -> None:
-    """Record a golden file: inputs, outputs (and with --intermediates every node) of MODEL."""
+    """Record a golden file: inputs, outputs (and with --intermediates every node) of MODEL.
+
+    MODEL defaults to the bundled model."""
+    from minitx import bundled, inputs
     from minitx import golden as gd
 
-    m = load_model(model)
-    seqs = _golden_inputs(m, prompts, texts, ids, random_spec, seed)
+    path = bundled.model_path(model)
+    m = load_model(path)
+    seqs = inputs.model_inputs(m, prompts, texts, ids, random_spec, seed)
     g = gd.record(m, gd.make_feeds(m, seqs), _backends(backends), intermediates)
-    g.provenance["model_file"] = os.path.basename(model)
+    g.provenance["model_file"] = os.path.basename(path)
     gd.save(g, output)
     click.echo(f"wrote {output}: {len(seqs)} input(s), {len(g.outputs)} output(s), {len(g.nodes)} node value(s); "
                f"reference {g.provenance['reference']} on {g.provenance['backend']}")
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("golden_file", metavar="GOLDEN", type=click.Path(dir_okay=False))
-@click.option("--atol", type=float, default=None, help="Absolute tolerance (default: by dtype).")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance (default: by dtype).")
+@click.argument("files", nargs=-1, metavar="[MODEL] GOLDEN")
+@click.option("--atol", type=_Finite(0.0), default=None, help="Absolute tolerance (default: by dtype).")
+@click.option("--rtol", type=_Finite(0.0), default=None, help="Relative tolerance (default: by dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for CI).")
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Rewrite the model with this plugin first (repeatable); the golden table then shows "
                    "what the rewrite costs against the reference.")
 @backend_options
-def verify(model, golden_file, atol, rtol, as_json, plugins, backends, no_fallback, explain) -> None:
+@threads_option
+def verify(files, atol, rtol, as_json, plugins, backends, no_fallback, explain) -> None:
     """Recompute GOLDEN's outputs with MODEL and compare; exit 1 if any value is out of tolerance.
 
-    Each value passes when |out - ref| <= atol + rtol*|ref| everywhere; "budget" is the worst
-    element's share of that allowance.
+    MODEL defaults to the bundled model. Each value passes when |out - ref| <= atol + rtol*|ref|
+    everywhere; "budget" is the worst element's share of that allowance.
     """
     from minitx import golden as gd
 
+    if not 1 <= len(files) <= 2:
+        raise click.UsageError(f"expected [MODEL] GOLDEN, got {len(files)} file(s)")
+    model, golden_file = (None, *files) if len(files) == 1 else files
     m = load_model(model)
     g = gd.load(golden_file)
     if plugins:
@@ -660,21 +748,22 @@ def verify(model, golden_file, atol, rtol, as_json, plugins, backends, no_fallba
 
 # ------------------------------------------------------------------------------ optimize / plugins
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@model_argument
 @click.option("--plugin", "plugins", multiple=True, required=True, metavar="NAME[:OPTS]",
               help="Plugin and options, e.g. quant:int8 or quant:mode=int4,group=64 (repeatable; applied in "
                    "each plugin's composition order).")
 @click.option("--calib", "calib", multiple=True, metavar="SPEC",
-              help="Calibration input: text, file:PATH (a text per line), ids:1,2,3 or random:NxLEN "
+              help="Calibration input: text, file:PATH (a text per line), ids:1,2,3, random:BxT or text:TEXT "
                    "(repeatable; default random:4x32).")
-@click.option("--calib-seed", default=0, show_default=True, help="Seed of random calibration sequences.")
+@click.option("--calib-seed", default=0, show_default=True, type=SEED, help="Seed of random calibration sequences.")
 @click.option("--validate", "validate_specs", multiple=True, metavar="SPEC",
               help="Validate on this input instead (same syntax as --calib; repeatable). Default: every 4th "
                    "--calib sequence is held out from calibration and validated on.")
 @click.option("--force", is_flag=True, help="Keep a rewrite that exceeds its declared tolerance (warn only).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
+@output_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the rewrite reports as JSON.")
-def optimize(model: str, plugins, calib, calib_seed: int, validate_specs, force: bool, output: str,
+@threads_option
+def optimize(model: str | None, plugins, calib, calib_seed: int, validate_specs, force: bool, output: str,
              as_json: bool) -> None:
     """Rewrite a model with optimization plugins, validate it against the original, save it.
 
@@ -742,7 +831,7 @@ def plugins_cmd(as_json: bool) -> None:
 
 # ------------------------------------------------------------------------------------- bench
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@model_argument
 @click.option("--backend", "backends", multiple=True, metavar="NAME[,NAME…]",
               help="A backend configuration to measure (repeatable; comma = preference list; default numpy).")
 @click.option("--plugin", "plugin_sets", multiple=True, metavar="P[:OPTS][+P…]",
@@ -752,30 +841,33 @@ def plugins_cmd(as_json: bool) -> None:
               help="Also run the same model in PyTorch in this run and report speed ratios against it.")
 @click.option("--torch-from", type=click.Path(file_okay=False, exists=True), default=None,
               help="Hugging Face folder the model was converted from: --vs torch then runs it with transformers.")
-@click.option("--repeat", default=5, show_default=True, help="Timed runs per measurement (after one warm-up).")
-@click.option("--warmup", default=1, show_default=True, help="Untimed warm-up runs per measurement.")
-@click.option("--batch", default=4, show_default=True, help="The larger batch size (batch 1 is always measured).")
-@click.option("--prompt-len", default=32, show_default=True, help="Prompt (or sentence) length in tokens.")
-@click.option("--new-tokens", default=16, show_default=True, help="Greedy decode steps timed (decoders).")
-@click.option("--threads", default=0, show_default=True, help="Threads for torch (0: numpy BLAS's count).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random input ids.")
+@click.option("--repeat", default=5, show_default=True, type=COUNT, help="Timed runs per measurement (after the warm-up).")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Untimed warm-up runs per measurement.")
+@batch_option(4, "The larger batch size (batch 1 is always measured).")
+@seq_option(32, "Prompt (or sentence) length in tokens.", aliases=("--prompt-len",))
+@max_new_tokens_option(16, "Greedy decode steps timed (decoders).", aliases=("--new-tokens",))
+@seed_option("Seed of the random input ids (>= 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_path", type=_OutputPath(), default=None,
               help="Write a speed-vs-error plot with memory and size bars (PNG/SVG/PDF; needs matplotlib).")
-def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, prompt_len, new_tokens, threads,
+@threads_option
+def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, seq, max_new_tokens,
           seed, as_json, plot_path) -> None:
     """Measure speed, memory, size and accuracy of MODEL per backend × plugin set.
 
+    MODEL defaults to the bundled model. --threads also sets PyTorch's threads (--vs torch).
     A configuration that cannot run gets its reason in the status column; the others still run.
     Exit code 0 unless nothing could run.
     """
     from minitx import bench as bn
-    from minitx import modelfile
+    from minitx import bundled, threads
 
-    s = bn.Settings(repeat=repeat, warmup=warmup, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                    seed=seed, threads=threads)
+    s = bn.Settings(repeat=repeat, warmup=warmup, batch=batch, prompt_len=seq, new_tokens=max_new_tokens,
+                    seed=seed, threads=threads.budget())
     s.check()
-    m = modelfile.load(model)
+    model = bundled.model_path(model)
+    m = load_model(model)
     sets = [[]] + [bn.parse_plugin_set(p) for p in plugin_sets]
     sets = [p for k, p in enumerate(sets) if p not in sets[:k]]
     backends = list(backends) or ["numpy"]

@@ -43,6 +43,9 @@ Progress = Callable[[int, str], None]
 
 
 # ------------------------------------------------------------------------------- settings, stats
+FLAGS = {"repeat": "--repeat", "batch": "--batch", "prompt_len": "--seq", "new_tokens": "--max-new-tokens"}
+
+
 @dataclass
 class Settings:
     repeat: int = 5
@@ -54,9 +57,9 @@ class Settings:
     threads: int = 0            # 0: numpy BLAS's thread count
 
     def check(self) -> None:
-        for k in ("repeat", "batch", "prompt_len", "new_tokens"):
+        for k, flag in FLAGS.items():
             if getattr(self, k) < 1:
-                raise MinitxError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(self, k)}")
+                raise MinitxError(f"{flag} must be at least 1, got {getattr(self, k)}")
         if self.warmup < 0:
             raise MinitxError(f"warm-up runs must be >= 0, got {self.warmup}")
 
@@ -329,10 +332,10 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
     progress = progress or (lambda n, label: None)
     m0 = model if model is not None else modelfile.load(model_path)
     if m0.is_decoder and s.prompt_len + s.new_tokens > m0.n_ctx:
-        raise MinitxError(f"--prompt-len {s.prompt_len} + --new-tokens {s.new_tokens} exceeds the model's "
+        raise MinitxError(f"--seq {s.prompt_len} + --max-new-tokens {s.new_tokens} exceeds the model's "
                           f"context of {m0.n_ctx}")
     if not m0.is_decoder and s.prompt_len > m0.n_ctx:
-        raise MinitxError(f"--prompt-len {s.prompt_len} exceeds the model's context of {m0.n_ctx}")
+        raise MinitxError(f"--seq {s.prompt_len} exceeds the model's context of {m0.n_ctx}")
     threads = s.threads or machine.blas_threads()
     rng = np.random.default_rng(s.seed)
     big = max(s.batch, 2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 from .errors import MinitxError
 
@@ -13,3 +14,31 @@ def default_model_path() -> str:
         raise MinitxError("no model file given and no bundled default model is installed "
                           f"(expected {DEFAULT_MODEL}); pass a model file, e.g. one from 'minitx init'")
     return DEFAULT_MODEL
+
+
+def model_path(path: str | None) -> str:
+    """The model file a command reads: ``path``, or the bundled model when none is named.
+
+    An existing path that is not a regular file (a FIFO, a device, a socket) is refused before it
+    is opened: reading one could block forever or never end.
+    """
+    if path is None:
+        return default_model_path()
+    if path == "":
+        raise MinitxError("the model path is empty")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path   # missing or unreadable: the loader names the problem
+    if stat.S_ISDIR(mode):
+        raise MinitxError(f"{path}: is a folder, not a model file (a Hugging Face folder? see `minitx convert`)")
+    if not stat.S_ISREG(mode):
+        raise MinitxError(f"{path}: not a regular file (a FIFO, device or socket cannot be read as a model)")
+    return path
+
+
+def load(path: str | None):
+    """The :class:`minitx.model.Model` in ``path`` (default: the bundled model)."""
+    from . import modelfile
+
+    return modelfile.load(model_path(path))

@@ -1,11 +1,12 @@
 """Static cost of a graph: shapes, parameter counts, FLOPs and bytes moved per node."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import ops
+from .errors import MinitxError
 from .ir import Graph
 
 
@@ -31,3 +32,23 @@ def graph_table(graph: Graph, params: Mapping[str, np.ndarray], bindings: dict[s
     totals = {"params": int(sum(a.size for a in params.values())),
               "flops": sum(r["flops"] for r in rows), "bytes": sum(r["bytes"] for r in rows)}
     return rows, totals
+
+
+def model_cost(model: Any, batch: int = 1, seq: int | None = None, past: int = 0) -> dict[str, Any]:
+    """:func:`graph_table` for one step of ``model``: ``batch`` sequences of ``seq`` new tokens
+    (default: what the context leaves after ``past``) after ``past`` cached ones. Returns
+    ``{"nodes", "totals", "seq"}``."""
+    if batch < 1:
+        raise MinitxError(f"--batch must be at least 1, got {batch}")
+    if past < 0:
+        raise MinitxError(f"--past must be >= 0, got {past}")
+    if seq is None:
+        seq = model.n_ctx - past
+        if seq < 1:
+            raise MinitxError(f"--past {past} leaves no room in the model's context of {model.n_ctx}")
+    if seq < 1:
+        raise MinitxError(f"--seq must be at least 1, got {seq}")
+    if seq + past > model.n_ctx:
+        raise MinitxError(f"--seq {seq} + --past {past} exceeds the model's context of {model.n_ctx}")
+    rows, totals = graph_table(model.graph, model.params, {"B": batch, "T": seq, "S": past})
+    return {"nodes": rows, "totals": totals, "seq": seq}

@@ -29,6 +29,13 @@ class Model:
         config = models.complete_config(config)
         return cls(config, models.init_params(config, seed), models.build_graph(config), tokenizer_json)
 
+    @classmethod
+    def from_preset(cls, arch: str, preset: str = "tiny", seed: int = 0) -> "Model":
+        """A randomly initialised model of a preset size, whose meta says how to make it again."""
+        model = cls.from_config(models.preset(arch, preset), seed=seed)
+        model.meta = {"source": f"minitx init --arch {arch} --preset {preset} --seed {seed}"}
+        return model
+
     @property
     def is_decoder(self) -> bool:
         return models.is_decoder(self.config)

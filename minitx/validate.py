@@ -28,6 +28,7 @@ sequences of validation independently of those of calibration; the report names 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -80,8 +81,8 @@ class Calibration:
     @classmethod
     def parse(cls, items: Sequence[str], seed: int = 0, validate: Sequence[str] = (),
               flag: str = "--calib") -> "Calibration":
-        """Command-line ``--calib`` values: ``random[:NxLEN]``, ``file:PATH`` (one text per non-empty
-        line), ``ids:1,2,3`` or plain text; several may be combined. ``validate`` are ``--validate``
+        """Command-line ``--calib`` values: ``random[:BxT]``, ``file:PATH`` (one text per non-empty
+        line), ``ids:1,2,3``, ``text:TEXT`` or plain text (which must not look like a prefix); several may be combined. ``validate`` are ``--validate``
         values in the same syntax: the inputs to validate on instead of a held-out part."""
         c = cls(seed=seed)
         if validate:
@@ -118,6 +119,11 @@ class Calibration:
                     raise MinitxError(f"{flag} {it!r}: expected ids:1,2,3") from None
                 src.append("ids")
             else:
+                if it.startswith("text:"):
+                    it = it[5:]
+                elif re.match(r"[a-z]+:\S", it):   # a mistyped prefix (fille:x.txt) is not text
+                    raise MinitxError(f"{flag} {it!r}: unknown prefix {it.split(':')[0]!r} (use file:, ids:, random: "
+                                      f"or text:, e.g. text:{it})")
                 if not it.strip():
                     raise MinitxError(f"{flag}: empty text")
                 c.texts.append(it)

@@ -67,7 +67,7 @@ def test_sampling_is_seeded(model_file):
     (["--text", "hello"], "--text is for encoders"),
     ([], "nothing to run"),
     (["--ids", ",".join(["1"] * 129)], "longer than the model's context"),
-    (["--ids", "1", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--ids", "1", "--temperature", "-1"], "--temperature': -1 must be >= 0"),
 ])
 def test_infer_errors(model_file, args, message):
     r = run("infer", str(model_file), *args, ok=False)
