@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from minitx import generate as gen
-from minitx import models
+from minitx import models, torchref
 from minitx.model import Model
 
-torch = pytest.importorskip("torch")
-from minitx import torchref  # noqa: E402
-
 TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def torch():
+    """Every test here compares with PyTorch: each skips alone when it is missing (not the file)."""
+    return pytest.importorskip("torch")
 
 
 def _model(arch: str, **over) -> Model:
@@ -89,7 +92,7 @@ def test_rewritten_weights_are_refused():
 
 
 @pytest.mark.reference
-def test_transformers_path_on_a_converted_checkpoint(tmp_path):
+def test_transformers_path_on_a_converted_checkpoint(tmp_path, torch):
     """A tiny GPT-2 saved by transformers, converted by minitx: transformers' logits = the spec's."""
     transformers = pytest.importorskip("transformers")
     convert = pytest.importorskip("minitx.convert")

@@ -55,7 +55,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
 def test_record_and_verify(arch, tiny, tmp_path):
     m, g = str(tiny / f"{arch}.npz"), str(tmp_path / "g.npz")
-    r = run("golden", m, "--random", "3,9", "--intermediates", "-o", g)
+    r = run("golden", m, "--random", "3x9", "--intermediates", "-o", g)
     assert r.exit_code == 0, r.output
     gold = golden.load(g)
     assert gold.provenance["reference"].startswith("minitx") and gold.provenance["backend"] == "numpy"
@@ -101,11 +101,13 @@ def test_golden_for_another_model_is_refused(tiny, tmp_path):
 
 def test_golden_input_errors_write_nothing(tiny, tmp_path):
     out = tmp_path / "g.npz"
-    for args, msg in ((["--random", "2"], "B,T"), (["--ids", "1,99999"], "outside the vocabulary"),
-                      (["--random", "1,999"], "context"), ([], "nothing to run"),
+    for args, msg in ((["--random", "2"], "BxT"), (["--ids", "1,99999"], "outside the vocabulary"),
+                      (["--random", "1x999"], "context"), (["--random", "0x4"], "B and T >= 1"),
+                      (["--seed", "-1", "--random", "1x4"], "--seed"), ([], "nothing to run"),
                       (["--text", "hi"], "--text is for encoders")):
         r = run("golden", str(tiny / "gpt2.npz"), *args, "-o", str(out))
-        assert r.exit_code == 2 and msg in r.output, (args, r.output)
+        assert r.exit_code == 2 and msg in r.stderr, (args, r.output)
+        assert r.stdout == "" and len(r.stderr.splitlines()) == 1
         assert not out.exists()
 
 
@@ -137,7 +139,7 @@ def test_verify_with_plugin_shows_what_the_rewrite_costs(tmp_path):
     model = tmp_path / "m.npz"
     gold = tmp_path / "g.npz"
     assert run("init", "--arch", "gpt2", "-o", str(model)).exit_code == 0
-    assert run("golden", str(model), "--random", "2,8", "-o", str(gold)).exit_code == 0
+    assert run("golden", str(model), "--random", "2x8", "-o", str(gold)).exit_code == 0
     exact = run("verify", str(model), str(gold), "--plugin", "recompute:every", "--json")
     assert exact.exit_code == 0 and json.loads(exact.stdout)["passed"]
     approx = run("verify", str(model), str(gold), "--plugin", "quant:int8", "--json")
