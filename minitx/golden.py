@@ -69,7 +69,7 @@ def random_seqs(model: Model, batch: int, length: int, seed: int = 0) -> list[li
     """A seeded batch of random token ids; rows get different lengths (length, length-1, …) so
     padding is exercised whenever batch > 1."""
     if batch < 1 or length < 1:
-        raise MinitxError(f"--random needs B,T >= 1, got {batch},{length}")
+        raise MinitxError(f"--random needs B and T >= 1, got {batch}x{length}")
     if length > model.n_ctx:
         raise MinitxError(f"--random length {length} exceeds the model's context of {model.n_ctx}")
     rng = np.random.default_rng(seed)

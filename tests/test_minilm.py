@@ -30,10 +30,10 @@ def minilm(tmp_path_factory) -> str:
 
 
 def _tokenize(m, texts):
-    """What `minitx infer --text` feeds the model (cli._inputs)."""
-    from minitx.cli import _inputs
+    """What `minitx infer --text` feeds the model (minitx.inputs.token_sequences)."""
+    from minitx.inputs import token_sequences
 
-    return _inputs(m, texts, (), "--text")
+    return token_sequences(m, texts, (), "--text")
 
 
 def test_converted_config(minilm):
