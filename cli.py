@@ -25,6 +25,9 @@ import numpy as np  # noqa: E402
 from minitx.errors import MinitxError  # noqa: E402
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())   # click >= 8.2
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -37,7 +40,10 @@ class _Group(click.Group):
         try:
             rv = super().main(args, prog_name or "minitx", complete_var, standalone_mode=False, **extra)
         except click.ClickException as e:
-            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            if isinstance(e, _NO_ARGS_IS_HELP):   # `minitx` alone: the help, as click prints it
+                e.show()
+            else:
+                click.echo(f"error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except (click.Abort, KeyboardInterrupt):
             click.echo("interrupted", err=True)
@@ -187,7 +193,7 @@ def load_model(path: str | None):
     """MODEL, or the bundled model when none is named (non-regular files refused)."""
     from minitx import bundled
 
-    return bundled.load(path)
+    return bundled.load_model(path)
 
 
 def print_explain(ex) -> None:

@@ -37,7 +37,7 @@ def model_path(path: str | None) -> str:
     return path
 
 
-def load(path: str | None):
+def load_model(path: str | None):
     """The :class:`minitx.model.Model` in ``path`` (default: the bundled model)."""
     from . import modelfile
 

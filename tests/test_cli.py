@@ -241,3 +241,10 @@ def test_python_dash_m_minitx():
     r = subprocess.run([sys.executable, "-m", "minitx", "--version"], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0 and "minitx" in r.stdout
+
+
+def test_bare_command_shows_help_and_verify_counts_its_files(gpt2_file):
+    r = run(ok=False)
+    assert "Usage:" in r.output and "infer" in r.output
+    one_line_error(run("verify", gpt2_file, gpt2_file, gpt2_file, ok=False), "[MODEL] GOLDEN")
+    one_line_error(run("verify", ok=False), "[MODEL] GOLDEN")
