@@ -75,6 +75,8 @@ class _Option(click.Option):
     def __init__(self, *decls: Any, aliases: Sequence[str] = (), **kw: Any) -> None:
         super().__init__(*decls, **kw)
         self.aliases = tuple(aliases)
+        if self.aliases and (self.is_flag or self.multiple or self.count):
+            raise TypeError(f"{self.name}: aliases are for options that take one value")
 
     def add_to_parser(self, parser, ctx: click.Context) -> None:
         super().add_to_parser(parser, ctx)
