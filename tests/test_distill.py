@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from minitx import data, modelfile
-from minitx import distill as dl
-from minitx import train as tr
+from minitx.training import distill as dl
+from minitx import training as tr
 from minitx.bundled import DEFAULT_MODEL
 from minitx.errors import MinitxError
 from minitx.generate import Sampling, generate
@@ -61,7 +61,7 @@ def student(teacher, s, **cfg):
 def test_distilled_student_beats_the_same_student_trained_without_teacher(teacher, ids):
     _, val = data.split(ids, 0.25, SEQ)
     plain = student(teacher, settings(60))
-    tr.train(plain, ids)
+    tr.fit(plain, ids)
     taught = student(teacher, settings(60))
     dl.distill(taught, teacher, ids, dl.DistillSettings({"response": 1.0}, temperature=2.0))
     # Same initial weights, same batches, same steps: only the objective differs.
@@ -75,10 +75,10 @@ def test_distilled_student_beats_the_same_student_trained_without_teacher(teache
 def test_ce_alone_is_exactly_plain_training(teacher, ids):
     """With only the hard-label loss, distill() is `minitx train`, bit for bit (shared loop pieces)."""
     a = student(teacher, settings(4))
-    tr.train(a, ids)
+    tr.fit(a, ids)
     b = student(teacher, settings(4))
     run = dl.distill(b, teacher, ids, dl.DistillSettings({"ce": 1.0}))
-    assert run.proj == {}
+    assert run.aux == {} and run.kind == "distill"
     for k in a.model.params:
         np.testing.assert_array_equal(a.model.params[k], b.model.params[k], err_msg=k)
 
@@ -93,11 +93,12 @@ def test_each_loss_alone_lowers_its_own_objective(teacher, ids, loss, steps):
     y = np.stack([val[i + 1: i + SEQ + 1] for i in (0, 100, 200, 300)])
     p0 = dl.init_projections(dl.plan(teacher, st.model, ds), 0, np.float32)
     before = dl.objectives(teacher, st.model, p0, ds, x, y)
-    run = dl.distill(st, teacher, ids, ds)
-    after = dl.objectives(teacher, st.model, run.proj, ds, x, y)
+    recs = []
+    run = dl.distill(st, teacher, ids, ds, progress=recs.append)
+    after = dl.objectives(teacher, st.model, run.aux, ds, x, y)
     assert set(before) == {"loss", f"loss.{loss}"}
     assert after[f"loss.{loss}"] < 0.95 * before[f"loss.{loss}"], (before, after)
-    assert np.isfinite([r["loss"] for r in run.history]).all()
+    assert np.isfinite([r["loss"] for r in recs]).all()
 
 
 def test_combined_losses_weights_and_projection_not_saved(teacher, ids, tmp_path):
@@ -126,8 +127,10 @@ def test_llama_student_with_grouped_query_attention_learns_from_gpt2_teacher(tea
     st = dl.new_student(cfg, teacher, settings(2, batch_size=2, seq_len=16))
     ds = dl.DistillSettings({"response": 1.0, "ce": 1.0, "feature": 1.0, "attention": 1.0})
     assert dl.plan(teacher, st.model, ds).n_maps == 2   # gcd(2, 4): teacher heads 0-1 and 2-3 averaged
-    run = dl.distill(st, teacher, ids, ds)
-    assert all(np.isfinite(v) for k, v in run.history[-1].items() if k.startswith("loss"))
+    recs = []
+    dl.distill(st, teacher, ids, ds, progress=recs.append)
+    assert {"loss.response", "loss.ce", "loss.feature", "loss.attention"} <= set(recs[-1])
+    assert all(np.isfinite(v) for k, v in recs[-1].items() if k.startswith("loss"))
 
 
 def test_default_layer_map_spreads_student_layers_over_teacher_layers():
@@ -181,15 +184,16 @@ def test_interrupted_distillation_resumes_bit_for_bit(teacher, ids, tmp_path):
     with pytest.raises(KeyboardInterrupt):   # after the checkpoint at step 2, before the one at step 4
         dl.distill(student(teacher, settings(4, **kw)), teacher, ids, ds, checkpoint=ckpt, progress=_interrupt_at(3))
     st = tr.load_checkpoint(ckpt, kind="distill")
-    assert st.step == 2 and set(st.aux) == set(straight.proj) and st.aux_opt.t == 2
-    resumed = dl.distill(st, teacher, ids, ds, checkpoint=ckpt)
-    assert [r["step"] for r in resumed.history] == [3, 4]
-    for a, b in [(straight.state.model.params, st.model.params), (straight.proj, resumed.proj),
-                 (straight.state.opt.v, st.opt.v), (straight.state.aux_opt.m, st.aux_opt.m)]:
+    assert st.step == 2 and set(st.aux) == set(straight.aux) and st.aux_opt.t == 2
+    recs = []
+    resumed = dl.distill(st, teacher, ids, ds, checkpoint=ckpt, progress=recs.append)
+    assert [r["step"] for r in recs] == [3, 4]
+    for a, b in [(straight.model.params, st.model.params), (straight.aux, resumed.aux),
+                 (straight.opt.v, st.opt.v), (straight.aux_opt.m, st.aux_opt.m)]:
         assert set(a) == set(b)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert st.history == straight.state.history and len(st.history) == 2
+    assert st.history == straight.history and len(st.history) == 2
     assert tr.load_checkpoint(ckpt, kind="distill").step == 4
 
 

@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from cli import main
 from minitx import data, models
-from minitx import train as tr
+from minitx import training as tr
 from minitx.errors import MinitxError
+from minitx.executor import Executor
 from minitx.model import Model
 from minitx.optim import AdamW, clip_global_norm, decays, lr_at
 
@@ -33,9 +34,9 @@ def _settings(**kw) -> tr.TrainSettings:
 
 
 def test_loss_falls_on_a_learnable_sequence():
-    st = tr.new_state(models.complete_config(TINY), None, _settings(steps=40, eval_every=40, lr=2e-2, warmup=4))
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings(steps=40, eval_every=40, lr=2e-2, warmup=4))
     losses = []
-    tr.train(st, _pattern_ids(), progress=lambda r: losses.append(r["loss"]))
+    tr.fit(st, _pattern_ids(), progress=lambda r: losses.append(r["loss"]))
     assert len(losses) == 40
     assert losses[0] > 2.0                       # ≈ ln 12 at the start
     assert np.mean(losses[-5:]) < 0.5 * losses[0]
@@ -49,7 +50,7 @@ def test_resume_equals_straight_run_bit_for_bit(tmp_path, arch):
         "n_kv_heads": 1, "d_ff": 24, "dropout": 0.1}
     cfg = models.complete_config(cfg)
     ids = _pattern_ids()
-    straight = tr.train(tr.new_state(cfg, None, _settings(grad_accum=2)), ids)
+    straight = tr.fit(tr.fresh_model(cfg, None, _settings(grad_accum=2)), ids)
 
     ckpt = str(tmp_path / "c.npz")
 
@@ -58,12 +59,12 @@ def test_resume_equals_straight_run_bit_for_bit(tmp_path, arch):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tr.train(tr.new_state(cfg, None, _settings(grad_accum=2)), ids, checkpoint=ckpt, progress=interrupt)
+        tr.fit(tr.fresh_model(cfg, None, _settings(grad_accum=2)), ids, checkpoint=ckpt, progress=interrupt)
     with np.load(ckpt, allow_pickle=False) as z:
         assert json.loads(z["__train__"].tobytes())["step"] == 3
     resumed = tr.load_checkpoint(ckpt)
     assert resumed.step == 3
-    tr.train(resumed, ids)
+    tr.fit(resumed, ids)
     assert resumed.step == straight.step == 6
     for k, a in straight.model.params.items():
         np.testing.assert_array_equal(resumed.model.params[k], a, err_msg=k)
@@ -109,9 +110,9 @@ def test_resume_must_repeat_the_run(tmp_path):
     """Another text, or a training flag given with another value than the checkpoint's, is a one-line
     error naming it (a resumed run keeps its settings); --steps may change."""
     ckpt = str(tmp_path / "c.npz")
-    tr.train(tr.new_state(models.complete_config(TINY), None, _settings(steps=2)), _pattern_ids(), checkpoint=ckpt)
+    tr.fit(tr.fresh_model(models.complete_config(TINY), None, _settings(steps=2)), _pattern_ids(), checkpoint=ckpt)
     with pytest.raises(MinitxError, match=r"made with --data 2,000 tokens \(sha256 \w+\), not 1,999 tokens"):
-        tr.train(tr.load_checkpoint(ckpt), _pattern_ids(1999))
+        tr.fit(tr.load_checkpoint(ckpt), _pattern_ids(1999))
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 80)
     common = ["train", "--arch", "gpt2", "--data", str(text), "--vocab-size", "270", "--batch-size", "2",
@@ -126,7 +127,7 @@ def test_resume_must_repeat_the_run(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = models.complete_config(TINY)
-    st = tr.new_state(cfg, None, _settings())
+    st = tr.fresh_model(cfg, None, _settings())
     path = str(tmp_path / "ck.npz")
     tr.save_checkpoint(path, st)
     before = open(path, "rb").read()
@@ -146,7 +147,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_checkpoint_loads_without_pickle(tmp_path):
-    st = tr.new_state(models.complete_config(TINY), None, _settings())
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings())
     path = tmp_path / "ck.npz"
     tr.save_checkpoint(path, st)
     with np.load(path, allow_pickle=False) as z:
@@ -182,8 +183,8 @@ def test_sliding_window_eval_is_the_sum_over_windows():
     m = Model.from_config(cfg, seed=2)
     ids = _pattern_ids(40)
     full = tr.evaluate(m, ids[:17])                       # one window: no sliding at all
-    ex = tr._loss_executor(m, ("numpy",))
-    logits = ex.run(tr._feeds(cfg, ids[None, :16], ids[None, 1:17], np.float32), outputs=["logits"])["logits"][0]
+    ex = Executor(m.graph, m.params)
+    logits = ex.run(tr.batch_feeds(m.graph, ids[None, :16]), outputs=["logits"])["logits"][0]
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     direct = -np.mean(logp[np.arange(16), ids[1:17]])
@@ -293,7 +294,7 @@ def test_training_runs_on_another_backend():
     runs = {}
     for b in (("numba",), ("numpy",)):
         losses = []
-        tr.train(tr.new_state(cfg, None, _settings(steps=3, eval_every=0)), _pattern_ids(), backends=b,
+        tr.fit(tr.fresh_model(cfg, None, _settings(steps=3, eval_every=0)), _pattern_ids(), backends=b,
                  progress=lambda r: losses.append(r["loss"]))
         runs[b[0]] = losses
     np.testing.assert_allclose(runs["numba"], runs["numpy"], rtol=1e-4)
@@ -320,7 +321,7 @@ def test_given_tokenizer_is_used(tmp_path):
 
 
 def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
-    st = tr.new_state(models.complete_config(TINY), None, _settings())
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings())
     path = tmp_path / "ck.npz"
     tr.save_checkpoint(path, st)
     mask = os.umask(0)
@@ -334,10 +335,10 @@ def test_recompute_plugin_trains_the_same_weights_in_less_activation_memory(tmp_
     cfg = models.complete_config(dict(TINY, n_layers=4))
     ids = _pattern_ids()
     peaks: dict[str, list[int]] = {"plain": [], "recompute": []}
-    plain = tr.train(tr.new_state(cfg, None, _settings()), ids,
+    plain = tr.fit(tr.fresh_model(cfg, None, _settings()), ids,
                      progress=lambda r: peaks["plain"].append(r["peak_activation_bytes"]))
     ckpt = str(tmp_path / "c.npz")
-    re = tr.train(tr.new_state(cfg, None, _settings(plugins=("recompute:every",))), ids, checkpoint=ckpt,
+    re = tr.fit(tr.fresh_model(cfg, None, _settings(plugins=("recompute:every",))), ids, checkpoint=ckpt,
                   progress=lambda r: peaks["recompute"].append(r["peak_activation_bytes"]))
     for k, a in plain.model.params.items():
         np.testing.assert_array_equal(re.model.params[k], a, err_msg=k)
@@ -346,9 +347,9 @@ def test_recompute_plugin_trains_the_same_weights_in_less_activation_memory(tmp_
 
 
 def test_training_refuses_a_rewrite_that_changes_the_weights():
-    st = tr.new_state(models.complete_config(TINY), None, _settings(plugins=("quant:int8",)))
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings(plugins=("quant:int8",)))
     with pytest.raises(MinitxError, match="only exact rewrites"):
-        tr.train(st, _pattern_ids())
+        tr.fit(st, _pattern_ids())
 
 
 def test_evaluate_runs_a_head_pruned_model():
