@@ -363,3 +363,99 @@ def test_evaluate_runs_a_head_pruned_model():
     assert min(widths) < 16  # some cache really is narrower than d_model
     r = tr.evaluate(pruned, _pattern_ids(200))
     assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
+
+
+# ------------------------------------------------------------------------ hostile checkpoints
+def _tampered(tmp_path, meta_edit=None, arrays_edit=None) -> str:
+    """A real checkpoint, rewritten with its ``__train__`` JSON and/or arrays edited."""
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings())
+    good = tmp_path / "good.npz"
+    tr.save_checkpoint(good, st)
+    with np.load(good, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if meta_edit is not None:
+        meta = meta_edit(json.loads(arrays["__train__"].tobytes()))
+        text = meta if isinstance(meta, str) else json.dumps(meta)
+        arrays["__train__"] = np.frombuffer(text.encode(), np.uint8)
+    if arrays_edit is not None:
+        arrays_edit(arrays)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    return str(bad)
+
+
+def _drop(key):
+    def edit(m):
+        del m[key]
+        return m
+    return edit
+
+
+def _set(key, value):
+    def edit(m):
+        m[key] = value
+        return m
+    return edit
+
+
+def _float64(arrays):
+    arrays["param.tok_emb.weight"] = arrays["param.tok_emb.weight"].astype(np.float64)
+
+
+@pytest.mark.parametrize("meta_edit, arrays_edit, msg", [
+    (lambda m: [m], None, "'__train__' must be a JSON object, got list"),
+    (_drop("settings"), None, "'__train__' has no 'settings'"),
+    (_set("settings", {"steps": "many"}), None, "settings are malformed"),
+    (_set("rng", {"bit_generator": "PCG64", "state": "garbage"}), None, "random generator's state"),
+    (_set("rng", [1, 2, 3]), None, "random generator's state"),
+    (_set("step", "3"), None, "step must be a non-negative integer, got '3'"),
+    (_set("step", -1), None, "step must be a non-negative integer"),
+    (_set("step", 7), None, "step 7 is beyond the run's 6 steps"),
+    (lambda m: "[" * 100_000 + "]" * 100_000, None, "nested too deeply|not valid JSON"),
+    (None, _float64, "'param.tok_emb.weight' is float64, expected float32"),
+])
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path, meta_edit, arrays_edit, msg):
+    path = _tampered(tmp_path, meta_edit, arrays_edit)
+    with pytest.raises(MinitxError, match=msg) as e:
+        tr.load_checkpoint(path)
+    assert "\n" not in str(e.value) and "bad.npz" in str(e.value)
+
+
+def test_cli_refuses_bad_checkpoints_and_outputs_that_destroy_inputs(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 80)
+    common = ["train", "--arch", "gpt2", "--data", str(text), "--vocab-size", "270", "--batch", "2", "--seq", "8",
+              "--steps", "2", "-q"]
+    assert _cli(*common, "-o", str(tmp_path / "m.npz"))[0] == 0
+    # A checkpoint at step 2 of 2 resumed with --steps 1: refused, not silently "done".
+    code, msg = _cli(*common, "--steps", "1", "-o", str(tmp_path / "n.npz"), "--resume", str(tmp_path / "m.ckpt.npz"))
+    assert code == 2 and msg.count("\n") == 1 and "beyond --steps 1" in msg, msg
+    # The output may not be the checkpoint (however spelled) nor the text it trains on.
+    os.symlink(tmp_path / "m.npz", tmp_path / "link.npz")
+    for out, ck, what in [("x.npz", "x.npz", "same file"), ("m.npz", "link.npz", "same file"),
+                          ("t.txt", None, "same file as --data")]:
+        args = [*common, "-o", str(tmp_path / out)] + (["--checkpoint", str(tmp_path / ck)] if ck else [])
+        code, msg = _cli(*args)
+        assert code == 2 and msg.count("\n") == 1 and what in msg, msg
+    assert text.read_text().startswith("the cat") and not (tmp_path / "x.npz").exists()
+    bad = _tampered(tmp_path, _set("step", "1"))
+    code, msg = _cli(*common, "-o", str(tmp_path / "k.npz"), "--resume", bad)
+    assert code == 2 and msg.count("\n") == 1 and "step must be a non-negative integer" in msg, msg
+
+
+def test_cli_train_json_report_and_threads(tmp_path, monkeypatch):
+    from minitx import threads
+
+    seen = []
+    monkeypatch.setattr(threads, "configure", lambda n=None: seen.append(n) or 1)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 80)
+    code, out = _cli("train", "--arch", "gpt2", "--data", str(text), "--vocab-size", "270", "--batch-size", "2",
+                     "--seq-len", "8", "--steps", "2", "--eval-every", "1", "--threads", "1", "--json",
+                     "-o", str(tmp_path / "m.npz"))
+    assert code == 0, out
+    rep = json.loads(out)
+    assert rep["steps"] == 2 and rep["output"] == str(tmp_path / "m.npz") and len(rep["history"]) == 2
+    assert rep["val_perplexity"] == pytest.approx(math.exp(rep["val_loss"]))
+    assert seen == [1]
+    assert "--batch-size" not in CliRunner().invoke(main, ["train", "--help"]).output   # a hidden alias
