@@ -338,16 +338,15 @@ def _threads(threads: int | None) -> None:
     th.configure(threads)
 
 
-def _run_options(p: dict[str, Any], output: str, as_json: bool):
-    """The shared training flags of the running command, and which of them the user gave (--json
-    keeps stderr quiet too: the report is the whole output)."""
+def _run_options(p: dict[str, Any], output: str):
+    """The shared training flags of the running command, and which of them the user gave."""
     from minitx.training.commands import RunOptions
 
     _threads(p.pop("threads"))
     ctx = click.get_current_context()
     given = {k for k in p if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     return RunOptions(values=dict(p), given=given, output=output, checkpoint=p.pop("checkpoint"),
-                      resume=p.pop("resume"), backends=_backends(p.pop("backends")), quiet=p.pop("quiet") or as_json)
+                      resume=p.pop("resume"), backends=_backends(p.pop("backends")), quiet=p.pop("quiet"))
 
 
 # ------------------------------------------------------------------------------------- train
@@ -367,8 +366,8 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
     """Train a decoder (GPT-2 or LLaMA style) on a text file with AdamW."""
     from minitx.training import commands
 
-    rep = commands.train(_run_options(p, output, as_json), data_path, arch=arch, preset=preset, config_path=config_path,
-                         tokenizer_path=tokenizer_path, vocab_size=vocab_size)
+    rep = commands.train(_run_options(p, output), data_path, arch=arch, preset=preset,
+                         config_path=config_path, tokenizer_path=tokenizer_path, vocab_size=vocab_size)
     if as_json:
         click.echo(json.dumps(rep))
         return
@@ -748,7 +747,7 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
     from minitx.training import commands
     from minitx.training.distill import table
 
-    rep = commands.distill(_run_options(p, output, as_json), teacher, student_cfg, data_path, losses=loss_specs,
+    rep = commands.distill(_run_options(p, output), teacher, student_cfg, data_path, losses=loss_specs,
                            temperature=temperature, layer_map=layer_map, baseline=baseline,
                            decode_tokens=decode_tokens)
     if as_json:
@@ -784,8 +783,9 @@ def qat(model, data_path, output, calib, validate_specs, force, no_compare, as_j
     """
     from minitx.training import commands
 
-    rep = commands.qat(_run_options(p, output, as_json), model, data_path, p["plugins"], calib=calib, validate=validate_specs, force=force,
-                       compare=not no_compare, warn=lambda s: click.echo(s, err=True))
+    rep = commands.qat(_run_options(p, output), model, data_path, p["plugins"], calib=calib,
+                       validate=validate_specs, force=force, compare=not no_compare,
+                       warn=lambda s: click.echo(s, err=True))
     if as_json:
         click.echo(json.dumps(rep))
         return

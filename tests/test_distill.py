@@ -60,12 +60,12 @@ def student(teacher, s, **cfg):
 # ------------------------------------------------------------------------- the claim
 def test_distilled_student_beats_the_same_student_trained_without_teacher(teacher, ids):
     _, val = data.split(ids, 0.25, SEQ)
-    plain = student(teacher, settings(60))
+    plain = student(teacher, settings(30))
     tr.fit(plain, ids)
-    taught = student(teacher, settings(60))
+    taught = student(teacher, settings(30))
     dl.distill(taught, teacher, ids, dl.DistillSettings({"response": 1.0}, temperature=2.0))
     # Same initial weights, same batches, same steps: only the objective differs.
-    assert taught.step == plain.step == 60
+    assert taught.step == plain.step == 30
     base = dl.heldout(plain.model, val, SEQ)["loss"]
     kd = dl.heldout(taught.model, val, SEQ)["loss"]
     top = dl.heldout(teacher, val, SEQ)["loss"]

@@ -169,6 +169,8 @@ def check_paths(output: str, checkpoint: str, inputs: Mapping[str, str | None] =
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise MinitxError(f"{path}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise MinitxError(f"{path}: folder {folder} is not writable")
     if _same(output, checkpoint):
         raise MinitxError(f"-o {output} and --checkpoint {checkpoint} are the same file: the model would "
                           "overwrite the checkpoint a resume needs")
