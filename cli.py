@@ -372,13 +372,14 @@ def show(model: str | None, batch: int, seq: int | None, past: int, as_json: boo
                f"{totals['bytes'] / 1e6:>10.2f}")
 
 
-def optimizer_options(lr: float, min_lr: float, warmup: int, weight_decay: float):
-    """The optimizer, schedule and held-out flags shared by train, distill and qat; only the
-    learning-rate defaults differ (fine-tuning starts lower)."""
+def training_options(lr: float, min_lr: float, warmup: int, weight_decay: float):
+    """The flags train, distill and qat share: optimizer, schedule, held-out evaluation,
+    checkpoints, precision, backends, threads and output; only the learning-rate defaults differ
+    (fine-tuning starts lower)."""
     opts = [
         click.option("--steps", default=200, show_default=True, help="Optimizer steps."),
-        click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch."),
-        click.option("--seq-len", default=0, show_default=True, help="Tokens per window (0 = the context length)."),
+        batch_option(8, "Windows per micro-batch.", aliases=("--batch-size",)),
+        seq_option(None, "Tokens per window (default: the context length).", aliases=("--seq-len",)),
         click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step."),
         click.option("--lr", default=lr, show_default=True, help="Peak learning rate."),
         click.option("--min-lr", default=min_lr, show_default=True, help="Learning rate at the end of the cosine decay."),
@@ -391,7 +392,26 @@ def optimizer_options(lr: float, min_lr: float, warmup: int, weight_decay: float
         click.option("--eval-batches", default=4, show_default=True, help="Batches of held-out windows per evaluation."),
         click.option("--val-fraction", default=0.05, show_default=True,
                      help="Tail of the text held out for evaluation (never trained on)."),
-        click.option("--seed", default=0, show_default=True),
+        seed_option(),
+        click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="Checkpoint file (default: OUTPUT with .ckpt.npz)."),
+        click.option("--checkpoint-every", default=100, show_default=True,
+                     help="Save a checkpoint every N steps (0 = at the end)."),
+        click.option("--resume", type=click.Path(dir_okay=False), default=None,
+                     help="Continue from a checkpoint of this command (bit for bit; the run's settings must match)."),
+        click.option("--precision", default="float32", show_default=True,
+                     help="Compute precision: float32, float16 or bfloat16 (weights and optimizer state stay float32)."),
+        click.option("--loss-scale", default=2.0 ** 15, show_default=True,
+                     help="Initial dynamic loss scale (float16/bfloat16)."),
+        click.option("--loss-scale-growth-interval", default=200, show_default=True,
+                     help="Good steps in a row before the loss scale doubles."),
+        click.option("--loss-scale-backoff", default=0.5, show_default=True,
+                     help="Factor applied to the loss scale when gradients overflow (the step is skipped)."),
+        click.option("--backend", "backends", multiple=True, metavar="NAME",
+                     help="Backend to run on, in order of preference (repeatable; default: numpy, the spec)."),
+        threads_option,
+        click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress line."),
     ]
 
     def apply(f):
@@ -401,47 +421,15 @@ def optimizer_options(lr: float, min_lr: float, warmup: int, weight_decay: float
     return apply
 
 
-def checkpoint_options(f):
-    """--checkpoint, --checkpoint-every and --resume, shared by train, distill and qat."""
-    f = click.option("--resume", type=click.Path(dir_okay=False), default=None,
-                     help="Continue from a checkpoint of this command (bit for bit; the run's settings must match).")(f)
-    f = click.option("--checkpoint-every", default=100, show_default=True,
-                     help="Save a checkpoint every N steps (0 = at the end).")(f)
-    return click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None,
-                        help="Checkpoint file (default: OUTPUT with .ckpt.npz).")(f)
-
-
-def _checkpoint_path(output: str, checkpoint: str | None) -> str:
-    """The checkpoint file (default beside OUTPUT); both folders must exist before any training."""
-    if checkpoint is None:
-        checkpoint = (output[:-4] if output.endswith(".npz") else output) + ".ckpt.npz"
-    for path in (output, checkpoint):
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise MinitxError(f"{path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
-    return checkpoint
-
-
-def _resume_settings(st, changeable: Sequence[str] = ()) -> None:
-    """Apply the command line to a resumed run's settings: --steps and --checkpoint-every (and
-    ``changeable``) take the new value; any other training flag given with a different value
-    than the checkpoint's is an error — the resumed run keeps its settings, silently or not."""
-    from dataclasses import fields
+def _run_options(p: dict[str, Any], output: str):
+    """The shared training flags of the running command, and which of them the user gave."""
+    from minitx.training.commands import RunOptions
 
     ctx = click.get_current_context()
-    free = {"steps", "checkpoint_every", *changeable}
-    for f in fields(st.settings):
-        if f.name not in ctx.params or ctx.get_parameter_source(f.name) == click.core.ParameterSource.DEFAULT:
-            continue
-        new, old = ctx.params[f.name], getattr(st.settings, f.name)
-        if isinstance(new, (list, tuple)):
-            new = tuple(new)
-        if new == old or (f.name == "seq_len" and new == 0):
-            continue
-        if f.name not in free:
-            flag, may = "--" + f.name.replace("_", "-"), ", ".join("--" + k.replace("_", "-") for k in sorted(free))
-            raise MinitxError(f"{st.source}: the checkpoint was made with {flag} {old}, not {new} "
-                              f"(a resumed run keeps its settings; only {may} may change)")
-        setattr(st.settings, f.name, new)
+    p["batch_size"], p["seq_len"] = p.pop("batch"), p.pop("seq") or 0   # the settings' (and checkpoints') names
+    given = {k for k in p if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    return RunOptions(values=dict(p), given=given, output=output, checkpoint=p.pop("checkpoint"),
+                      resume=p.pop("resume"), backends=_backends(p.pop("backends")), quiet=p.pop("quiet"))
 
 
 # ------------------------------------------------------------------------------------- train
@@ -450,103 +438,26 @@ def _resume_settings(st, changeable: Sequence[str] = ()) -> None:
 @click.option("--preset", default="tiny", show_default=True, help="tiny or small: the starting config.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="JSON config; its fields override the preset.")
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 training text.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
+@output_option()
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="tokenizer.json to use instead of training one.")
 @click.option("--vocab-size", type=int, default=None, help="Train a byte-level BPE of this size (default: the config's vocab_size).")
-@optimizer_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
-@checkpoint_options
-@click.option("--precision", default="float32", show_default=True,
-              help="Compute precision: float32, float16 or bfloat16 (weights and optimizer state stay float32).")
-@click.option("--loss-scale", default=2.0 ** 15, show_default=True, help="Initial dynamic loss scale (float16/bfloat16).")
-@click.option("--loss-scale-growth-interval", default=200, show_default=True,
-              help="Good steps in a row before the loss scale doubles.")
-@click.option("--loss-scale-backoff", default=0.5, show_default=True,
-              help="Factor applied to the loss scale when gradients overflow (the step is skipped).")
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Exact graph rewrite for training, e.g. recompute:sqrt (less activation memory, same "
                    "gradients); repeatable; kept in checkpoints.")
-@click.option("--backend", "backends", multiple=True, metavar="NAME",
-              help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
-def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_size, steps, batch_size, seq_len,
-          grad_accum, lr, min_lr, warmup, weight_decay, clip, eval_every, eval_batches, val_fraction, checkpoint,
-          checkpoint_every, resume, seed, backends, quiet, precision="float32", loss_scale=2.0 ** 15,
-          loss_scale_growth_interval=200, loss_scale_backoff=0.5, plugins=()) -> None:
+@training_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
+def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_size, as_json, **p) -> None:
     """Train a decoder (GPT-2 or LLaMA style) on a text file with AdamW."""
-    import time
+    from minitx.training import commands
 
-    from minitx import data, models, modelfile
-    from minitx import train as tr
-
-    backends = _backends(backends)
-    from minitx.precision import check_precision
-
-    check_precision(precision)   # before the tokenizer is trained, not after
-    if plugins:
-        from minitx import plugin
-
-        plugin.plan(plugins)     # likewise: an unknown plugin or option fails now
-    text = data.read_text(data_path)
-    checkpoint = _checkpoint_path(output, checkpoint)   # fail now, not after hours of training
-    t0 = time.perf_counter()
-    if resume:
-        st = tr.load_checkpoint(resume)
-        _resume_settings(st, changeable=("precision", "plugins"))
-        tok_json = st.model.tokenizer_json
-        if tok_json is None:
-            raise MinitxError(f"{resume}: the checkpoint carries no tokenizer")
-    else:
-        if config_path:
-            try:
-                with open(config_path, encoding="utf-8") as f:
-                    user = json.load(f)
-            except FileNotFoundError:
-                raise MinitxError(f"{config_path}: no such config file") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise MinitxError(f"{config_path}: not valid JSON: {e}") from None
-            if not isinstance(user, dict):
-                raise MinitxError(f"{config_path}: a config must be a JSON object")
-            a = user.get("arch", arch)
-            if a is None:
-                raise MinitxError(f"{config_path}: no 'arch' field; give --arch gpt2|llama")
-            if arch is not None and user.get("arch", arch) != arch:
-                raise MinitxError(f"{config_path}: arch {user['arch']!r} contradicts --arch {arch}")
-            config = {**models.preset(a, preset), **user, "arch": a}
-        elif arch is None:
-            raise MinitxError("give --arch gpt2|llama (or --config cfg.json, or --resume ckpt.npz)")
-        else:
-            config = models.preset(arch, preset)
-        if tokenizer_path:
-            tok_json = data.load_tokenizer_json(tokenizer_path)
-        else:
-            tok_json = data.train_tokenizer(text, vocab_size or int(config.get("vocab_size", 512)))
-        from tokenizers import Tokenizer
-
-        config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
-        settings = tr.TrainSettings(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay,
-                                    clip=clip, eval_every=eval_every, eval_batches=eval_batches,
-                                    checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed,
-                                    precision=precision, loss_scale=loss_scale,
-                                    loss_scale_growth_interval=loss_scale_growth_interval,
-                                    loss_scale_backoff=loss_scale_backoff, plugins=tuple(plugins))
-        st = tr.new_state(models.complete_config(config), tok_json, settings)
-    ids = data.encode(tok_json, text)
-    m = st.model
-    bar = None if quiet else tr.ProgressLine(st.settings.steps)
-    log = bar.message if bar else (lambda s: None)
-    log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
-        f"{len(ids):,} tokens of text; step {st.step} of {st.settings.steps}; backend {', '.join(backends)}"
-        + (f"; {st.settings.precision} compute, float32 weights" if st.settings.precision != "float32" else "")
-        + (f"; rewrites {', '.join(st.settings.plugins)}" if st.settings.plugins else ""))
-    tr.train(st, ids, backends=backends, checkpoint=checkpoint, log=log, progress=bar)
-    m.meta = {"source": "minitx train", "data": os.path.basename(data_path), "steps": st.step,
-              "settings": dict(vars(st.settings)), "history": st.history}
-    modelfile.save(m, output)
-    last = st.history[-1] if st.history else {}
-    msg = f"wrote {output} after {st.step} steps ({time.perf_counter() - t0:,.0f}s)"
-    if "val_loss" in last:
-        msg += f"; held-out loss {last['val_loss']:.4f}, perplexity {last['val_perplexity']:.2f}"
-    click.echo(msg + f"; checkpoint {checkpoint}")
+    rep = commands.train(_run_options(p, output), data_path, arch=arch, preset=preset,
+                         config_path=config_path, tokenizer_path=tokenizer_path, vocab_size=vocab_size)
+    if as_json:
+        click.echo(json.dumps(rep))
+        return
+    msg = f"wrote {output} after {rep['steps']} steps ({rep['seconds']:,.0f}s)"
+    if rep["val_loss"] is not None:
+        msg += f"; held-out loss {rep['val_loss']:.4f}, perplexity {rep['val_perplexity']:.2f}"
+    click.echo(msg + f"; checkpoint {rep['checkpoint']}")
 
 
 # -------------------------------------------------------------------------------------- eval
@@ -559,6 +470,7 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
               help="Also score the model rewritten by this plugin (repeatable) and report the perplexity delta.")
 @click.option("--precision", default="float32", show_default=True,
               help="Compute precision: float32, float16 or bfloat16 (emulated), as `train --precision` computes.")
+@threads_option
 @backend_options
 def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain, plugins=(), precision="float32") -> None:
     """Loss and perplexity of a decoder on a text (sliding windows of its context length).
@@ -566,44 +478,27 @@ def eval_cmd(model, data_path, stride, as_json, backends, no_fallback, explain, 
     MODEL defaults to the bundled model. With --plugin, the rewritten model is scored too.
     With --precision float16|bfloat16 the model runs in that precision (weights cast from float32).
     """
-    from minitx import data
-    from minitx import train as tr
-    from minitx.precision import check_precision
+    from minitx.training import commands, evaluation
 
-    check_precision(precision)
-    in_prec = f" ({precision} compute)" if precision != "float32" else ""
     m = load_model(model)
-    if not m.is_decoder:
-        raise MinitxError(f"eval scores next-token prediction: needs a decoder, not {m.config['arch']}")
-    if m.tokenizer_json is None:
-        raise MinitxError("this model carries no tokenizer, so it cannot read text")
-    text = data.read_text(data_path)
-    ids = data.encode(m.tokenizer_json, text)
-    if plugins:
-        from minitx.plugin import plan
-        from minitx.qat import evaluate_plugins
-
-        plan(plugins)    # bad plugin options fail before any scoring
-        res = evaluate_plugins(m, ids, plugins, backends=_backends(backends), stride=stride, strict=no_fallback,
-                               precision=precision, warn=lambda s: click.echo(s, err=True))
-        if as_json:
-            click.echo(json.dumps(res))
-        else:
-            r = res["rewritten"]
-            click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s){in_prec}")
-            click.echo(f"  model:                loss {res['loss']:.4f} nats/token, perplexity {res['perplexity']:.3f}")
-            click.echo(f"  with {' + '.join(plugins)}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}")
-            click.echo(f"  delta: loss {res['delta_loss']:+.4f}, perplexity {res['delta_perplexity']:+.3f} "
-                       f"({100 * res['relative_delta_perplexity']:+.2f}%)")
-        return
-    res = tr.evaluate(m, ids, _backends(backends), stride, no_fallback, precision=precision)
+    res = commands.evaluate_file(m, data_path, stride=stride, plugins=plugins, backends=_backends(backends),
+                                 strict=no_fallback, precision=precision, warn=lambda s: click.echo(s, err=True))
     if explain:
-        print_explain(tr._loss_executor(m, _backends(backends), no_fallback, precision))
+        print_explain(evaluation.executor(m, _backends(backends), no_fallback, precision))
     if as_json:
         click.echo(json.dumps(res))
-    else:
+        return
+    in_prec = f" ({precision} compute)" if precision != "float32" else ""
+    if not plugins:
         click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s){in_prec}: loss {res['loss']:.4f} "
                    f"nats/token, perplexity {res['perplexity']:.3f}")
+        return
+    r = res["rewritten"]
+    click.echo(f"{res['tokens']:,} tokens in {res['windows']} window(s){in_prec}")
+    click.echo(f"  model:                loss {res['loss']:.4f} nats/token, perplexity {res['perplexity']:.3f}")
+    click.echo(f"  with {' + '.join(plugins)}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}")
+    click.echo(f"  delta: loss {res['delta_loss']:+.4f}, perplexity {res['delta_perplexity']:+.3f} "
+               f"({100 * res['relative_delta_perplexity']:+.2f}%)")
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -908,108 +803,53 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, s
 @click.option("--student-config", "student_cfg", required=True, metavar="JSON|FILE",
               help="The student's config: a JSON file or inline JSON; its fields override the teacher's config.")
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 training text.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Student model file to write (.npz).")
+@output_option("Student model file to write (.npz).")
 @click.option("--loss", "loss_specs", multiple=True, metavar="NAME=WEIGHT",
               help="response | ce | feature | attention, weighted (repeatable; default: response=1).")
 @click.option("--temperature", default=2.0, show_default=True, help="Softmax temperature of the response loss.")
 @click.option("--layer-map", default=None, metavar="S:T,...",
               help="Student:teacher layer pairs for the feature and attention losses (default: spread evenly).")
 @click.option("--baseline", is_flag=True, help="Also train the same student without the teacher, for comparison.")
-@click.option("--decode-tokens", default=32, show_default=True, help="Tokens generated to measure decode speed.")
-@optimizer_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
-@checkpoint_options
-@click.option("--backend", "backends", multiple=True, metavar="NAME",
-              help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
-def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, layer_map, baseline, decode_tokens,
-            steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay, clip, eval_every, eval_batches,
-            val_fraction, seed, backends, as_json, quiet, checkpoint=None, checkpoint_every=100, resume=None) -> None:
+@max_new_tokens_option(32, "Tokens generated to measure decode speed.", aliases=("--decode-tokens",))
+@click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
+              help="Exact graph rewrite of the student for training, e.g. recompute:sqrt (repeatable).")
+@training_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
+def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, layer_map, baseline, max_new_tokens,
+            as_json, **p) -> None:
     """Distil TEACHER (default: the bundled model) into a smaller student; report both (and --baseline).
 
     Checkpoints (student, feature projections, optimizer state) are written as `train` writes
     them; --resume continues one, with the same teacher, text, losses and settings."""
-    from minitx import data
-    from minitx import distill as dl
-    from minitx import train as tr
+    from minitx.training import commands
+    from minitx.training.distill import table
 
-    ds = dl.DistillSettings(dl.parse_losses(loss_specs), temperature,
-                            dl.parse_layer_map(layer_map) if layer_map is not None else None)
-    ds.check()
-    if decode_tokens < 0:
-        raise MinitxError(f"--decode-tokens must be >= 0, got {decode_tokens}")
-    checkpoint = _checkpoint_path(output, checkpoint)
-    from minitx.bundled import default_model_path
-
-    teacher = teacher if teacher is not None else default_model_path()
-    t = load_model(teacher)
-    if not t.is_decoder:
-        raise MinitxError(f"the teacher must be a decoder (gpt2 or llama), not {t.config['arch']}")
-    if t.tokenizer_json is None:
-        raise MinitxError(f"{teacher}: the teacher carries no tokenizer, so it cannot read the text")
-    src = student_cfg.strip()
-    try:
-        if src.startswith("{"):
-            user = json.loads(src)
-        else:
-            with open(src, encoding="utf-8") as f:
-                user = json.load(f)
-    except FileNotFoundError:
-        raise MinitxError(f"--student-config {src}: no such file (give a JSON file or inline JSON)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinitxError(f"--student-config {src}: not valid JSON: {e}") from None
-    config = dl.student_config(t, user)
-    if resume:
-        st = tr.load_checkpoint(resume, kind="distill")
-        if st.model.config != config:
-            diff = sorted(k for k in {*config, *st.model.config} if config.get(k) != st.model.config.get(k))
-            raise MinitxError(f"{resume}: the checkpoint's student differs from --student-config in {', '.join(diff)}")
-        _resume_settings(st)
-    else:
-        settings = tr.TrainSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
-                                    lr=lr, min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip,
-                                    eval_every=eval_every, eval_batches=eval_batches,
-                                    checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed)
-        st = dl.new_student(config, t, settings)
-    dl.plan(t, st.model, ds)   # bad layer maps and the like fail before any text is read
-    ids = data.encode(t.tokenizer_json, data.read_text(data_path))
-    bar = None if quiet else tr.ProgressLine(st.settings.steps)
-    log = bar.message if bar else (lambda s: None)
-    log(f"teacher {t.n_params():,} parameters, student {st.model.n_params():,}; {len(ids):,} tokens of text; "
-        f"losses {', '.join(f'{k}={v:g}' for k, v in ds.losses.items())}")
-    rep = dl.run_report(t, teacher, st, ids, ds, output, baseline=baseline, decode_tokens=decode_tokens,
-                        backends=_backends(backends), checkpoint=checkpoint, log=log, progress=bar)
+    rep = commands.distill(_run_options(p, output), teacher, student_cfg, data_path, losses=loss_specs,
+                           temperature=temperature, layer_map=layer_map, baseline=baseline,
+                           decode_tokens=max_new_tokens)
     if as_json:
         click.echo(json.dumps(rep))
-    else:
-        click.echo(dl.table(rep["models"]))
-        click.echo(f"wrote {output} after {rep['steps']} steps ({rep['distill_seconds']:,.0f}s of distillation); "
-                   f"held-out: {rep['models'][1]['heldout_tokens']:,} tokens, windows of {rep['seq_len']}")
-
+        return
+    click.echo(table(rep["models"]))
+    click.echo(f"wrote {output} after {rep['steps']} steps ({rep['distill_seconds']:,.0f}s of distillation); "
+               f"held-out: {rep['models'][1]['heldout_tokens']:,} tokens, windows of {rep['seq_len']}")
 
 
 # --------------------------------------------------------------------------------------- qat
 @main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 fine-tuning text.")
-@click.option("--plugin", "plugin_text", required=True, metavar="quant:MODE[,OPTS]",
+@click.option("--plugin", "plugins", required=True, multiple=True, metavar="quant:MODE[,OPTS]",
               help="The quantization to train for and convert to: quant:int4, quant:int8 or quant:int8_block, "
-                   "with the quant plugin's options (group=, embeddings=, skip=).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Packed model file to write (.npz).")
-@optimizer_options(lr=3e-4, min_lr=3e-5, warmup=10, weight_decay=0.0)
-@checkpoint_options
+                   "with the quant plugin's options (group=, embeddings=, skip=); may be repeated with exact "
+                   "training rewrites such as recompute:sqrt.")
+@output_option("Packed model file to write (.npz).")
 @click.option("--calib", "calib", multiple=True, metavar="SPEC", help="Calibration input of the conversion (as in optimize).")
 @click.option("--validate", "validate_specs", multiple=True, metavar="SPEC",
               help="Validate the conversion on this input (as in optimize; default: every 4th --calib sequence).")
 @click.option("--force", is_flag=True, help="Keep a conversion that exceeds its declared tolerance (warn only).")
 @click.option("--no-compare", is_flag=True, help="Skip scoring the float and post-training-quantized models.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--backend", "backends", multiple=True, metavar="NAME",
-              help="Backend to run on, in order of preference (repeatable; default: numpy, the spec).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
-def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup,
-        weight_decay, clip, eval_every, eval_batches, val_fraction, seed, calib, validate_specs, force, no_compare,
-        as_json, backends, quiet, checkpoint=None, checkpoint_every=100, resume=None) -> None:
+@training_options(lr=3e-4, min_lr=3e-5, warmup=10, weight_decay=0.0)
+def qat(model, data_path, output, calib, validate_specs, force, no_compare, as_json, **p) -> None:
     """Quantization-aware fine-tuning: train MODEL through fake quantization, convert, save.
 
     The held-out tail of the text (--val-fraction) then scores the float model, its post-training
@@ -1017,65 +857,25 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
     Checkpoints hold the float weights being fine-tuned; --resume continues one (same MODEL,
     --plugin, text and settings).
     """
-    from minitx import data, modelfile
-    from minitx import qat as Q
-    from minitx import train as tr
-    from minitx.plugin import optimize as _optimize
-    from minitx.validate import Calibration
+    from minitx.training import commands
 
-    Q.split_spec(plugin_text)                        # bad options fail before any work
-    cal = Calibration.parse(list(calib), validate=list(validate_specs))
-    checkpoint = _checkpoint_path(output, checkpoint)
-    m = load_model(model)
-    Q._check_float(m, model or "the bundled model")
-    if m.tokenizer_json is None:
-        raise MinitxError("this model carries no tokenizer, so it cannot read text")
-    from minitx.bundled import default_model_path
-
-    model_file = model if model is not None else default_model_path()
-    if resume:
-        st = Q.resume(resume, m, plugin_text, model_file)
-        _resume_settings(st)
-    else:
-        settings = tr.TrainSettings(steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay,
-                                    clip=clip, eval_every=eval_every, eval_batches=eval_batches,
-                                    checkpoint_every=checkpoint_every, val_fraction=val_fraction, seed=seed)
-        st = Q.new_state(m, plugin_text, settings, model_file)
-    settings = st.settings
-    ids = data.encode(m.tokenizer_json, data.read_text(data_path))
-    bar = None if quiet or as_json else tr.ProgressLine(settings.steps)
-    warn = (lambda s: click.echo(s, err=True))
-    res = Q.run(m, ids, plugin_text, settings, backends=_backends(backends), calib=cal,
-                force=force, state=st, checkpoint=checkpoint, warn=warn, log=bar.message if bar else None,
-                progress=bar)
-    packed_text = Q.split_spec(plugin_text)[1]
-    report: dict[str, Any] = {"plugin": packed_text, "steps": res.state.step,
-                              "packed_vs_fake_quant_max_abs": res.packed_vs_fake_quant}
-    v = res.packed.meta["rewrites"][-1].get("validation")
-    if v:
-        report["validation"] = {k: v[k] for k in ("calibration", "n_sequences", "passed", "failure")}
-    if not no_compare:
-        val = Q.held_out(ids, settings, m.n_ctx)
-        if len(val) >= 2:
-            ptq = _optimize(m, [packed_text], force=True)
-            score = {name: tr.evaluate(mm, val, _backends(backends)) for name, mm in
-                     (("float", m), ("ptq", ptq), ("qat", res.packed))}
-            report["held_out_tokens"] = score["float"]["tokens"]
-            report.update({f"{k}_perplexity": v["perplexity"] for k, v in score.items()})
-            res.packed.meta["qat"]["comparison"] = {k: v for k, v in report.items() if k.endswith("perplexity")}
-    modelfile.save(res.packed, output)
+    rep = commands.qat(_run_options(p, output), model, data_path, p["plugins"], calib=calib,
+                       validate=validate_specs, force=force, compare=not no_compare,
+                       warn=lambda s: click.echo(s, err=True))
     if as_json:
-        click.echo(json.dumps(report))
+        click.echo(json.dumps(rep))
         return
-    if "float_perplexity" in report:
-        click.echo(f"held-out perplexity ({report['held_out_tokens']:,} tokens): float {report['float_perplexity']:.3f}, "
-                   f"post-training {packed_text} {report['ptq_perplexity']:.3f}, "
-                   f"QAT {packed_text} {report['qat_perplexity']:.3f}")
-    click.echo(f"packed vs fake-quant logits: max |diff| {res.packed_vs_fake_quant:.2e}")
+    packed_text, v = rep["plugin"], rep.get("validation")
+    if "float_perplexity" in rep:
+        click.echo(f"held-out perplexity ({rep['held_out_tokens']:,} tokens): float {rep['float_perplexity']:.3f}, "
+                   f"post-training {packed_text} {rep['ptq_perplexity']:.3f}, "
+                   f"QAT {packed_text} {rep['qat_perplexity']:.3f}")
+    click.echo(f"packed vs fake-quant logits: max |diff| {rep['packed_vs_fake_quant_max_abs']:.2e}")
     if v:
         click.echo(f"conversion validated on {v['calibration']}: "
                    + ("PASS" if v["passed"] else f"FAIL: {v['failure']} (kept: --force)"))
-    click.echo(f"wrote {output} after {res.state.step} QAT steps")
+    click.echo(f"wrote {output} after {rep['steps']} QAT steps")
+
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@
 3. Perplexity deltas on a trained decoder: the bundled model (minitx/data/default.npz, GPT-2
    style, trained on Jane Austen) over its held-out text — the last 80,000 characters of the
    novels, the tail ``minitx train`` held out — for each quant mode, low rank and weight
-   pruning, and quantization-aware training (minitx/qat.py) against post-training int4. The text
+   pruning, and quantization-aware training (minitx/training/qat.py) against post-training int4. The text
    is the Debian package r-cran-janeaustenr's (DATA_SOURCES.md): ``--austen PATH``, default
    build/default-model/austen.txt, which ``python scripts/train_default.py`` fetches (it needs
    ``apt-get download``; without the text the section says so and is skipped).
@@ -170,8 +170,9 @@ HELD_OUT_CHARS = 80_000      # DATA_SOURCES.md: the tail `minitx eval` scores (�
 
 
 def perplexity_section(quick: bool, austen: str) -> tuple[list[str], dict]:
-    from minitx import data, qat
-    from minitx import train as tr
+    from minitx import data
+    from minitx import training as tr
+    from minitx.training import qat
     from minitx.bundled import default_model_path
 
     title = "## 3. Perplexity deltas on the bundled model (GPT-2 style, 1.07M parameters, trained on Austen)"
@@ -232,10 +233,8 @@ def perplexity_section(quick: bool, austen: str) -> tuple[list[str], dict]:
     t0 = time.perf_counter()
     res = qat.run(m, train_ids, spec, s, calib=cal, force=True)
     t_qat = time.perf_counter() - t0
-    ctrl = tr.TrainState(Model(m.config, {k: a.copy() for k, a in m.params.items()}, m.graph, m.tokenizer_json),
-                         None, np.random.Generator(np.random.PCG64([s.seed, 1])), s)
-    ctrl.opt = tr.AdamW(ctrl.model.params, (s.beta1, s.beta2), s.eps, s.weight_decay)
-    tr.train(ctrl, train_ids)
+    ctrl = tr.new_state(Model(m.config, {k: a.copy() for k, a in m.params.items()}, m.graph, m.tokenizer_json), s)
+    tr.fit(ctrl, train_ids)
     ptq_ft = plugin.optimize(ctrl.model, [spec], calib=cal, force=True)
     q = {"float fine-tuned": tr.evaluate(ctrl.model, ids)["perplexity"],
          "post-training int4 of the fine-tuned float model": tr.evaluate(ptq_ft, ids)["perplexity"],

@@ -67,7 +67,7 @@ def main() -> None:
     from minitx import bench
 
     sections, results = [], {}
-    common = ["--repeat", a.repeat, "--batch", "4", "--prompt-len", "32", "--new-tokens", "16", "--json"]
+    common = ["--repeat", a.repeat, "--batch", "4", "--seq", "32", "--max-new-tokens", "16", "--json"]
 
     g2 = os.path.join(a.work, "g2s.npz")
     if not os.path.exists(g2):

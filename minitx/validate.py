@@ -38,6 +38,7 @@ from . import metrics
 from .errors import MinitxError
 from .executor import Executor
 from .ir import Graph, Value, bind_shape
+from .training.evaluation import token_nll
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -376,10 +377,7 @@ def validate(reference, rewritten, calib: Calibration, tolerance, *, shadow: boo
         if decoder and len(ids) > 1 and k < n_text:
             tgt = np.asarray(ids[1:])
             for logits, acc in ((r["logits"], nll_ref), (o["logits"], nll_new)):
-                z = logits[0, :-1].astype(np.float64)
-                z = z - z.max(-1, keepdims=True)
-                lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-                acc.extend((-lp[np.arange(len(tgt)), tgt]).tolist())
+                acc.extend(token_nll(logits[0, :-1], tgt).tolist())
     outs = []
     for n in names:
         pairs = got[n]

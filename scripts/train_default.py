@@ -29,7 +29,7 @@ RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
 # The recipe of the shipped model; changing it changes the model.
 CONFIG = {"arch": "gpt2", "vocab_size": 2048, "n_ctx": 128, "d_model": 128, "n_layers": 4, "n_heads": 4,
           "d_ff": 512}
-TRAIN_ARGS = ["--steps", "900", "--batch-size", "12", "--lr", "4e-3", "--min-lr", "4e-4", "--warmup", "40",
+TRAIN_ARGS = ["--steps", "900", "--batch", "12", "--lr", "4e-3", "--min-lr", "4e-4", "--warmup", "40",
               "--eval-every", "100", "--eval-batches", "2", "--checkpoint-every", "50", "--val-fraction", "0.02",
               "--seed", "0"]
 

@@ -24,9 +24,9 @@ def interrupt_at(monkeypatch):
     """``interrupt_at(n)``: from now on, a training run's progress line raises KeyboardInterrupt
     right after reporting step ``n`` (a Ctrl-C at a known step, for the resume tests;
     ``monkeypatch.undo()`` disarms it)."""
-    from minitx import train as tr
+    from minitx.training.progress import ProgressLine
 
-    real = tr.ProgressLine.__call__
+    real = ProgressLine.__call__
 
     def arm(step: int) -> None:
         def interrupted(self, rec):
@@ -34,7 +34,7 @@ def interrupt_at(monkeypatch):
             if rec["step"] == step:
                 raise KeyboardInterrupt
 
-        monkeypatch.setattr(tr.ProgressLine, "__call__", interrupted)
+        monkeypatch.setattr(ProgressLine, "__call__", interrupted)
 
     return arm
 

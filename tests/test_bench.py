@@ -132,8 +132,8 @@ def test_cli_json_and_plot(gpt2_file, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "b.png"
     r = CliRunner().invoke(_cli(), ["bench", gpt2_file, "--backend", "numpy", "--backend", "gpu-nope",
-                                    "--repeat", "1", "--warmup", "0", "--batch", "2", "--prompt-len", "4",
-                                    "--new-tokens", "2", "--json", "--plot", str(out)])
+                                    "--repeat", "1", "--warmup", "0", "--batch", "2", "--seq", "4",
+                                    "--max-new-tokens", "2", "--json", "--plot", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert [row["status"] == "ok" for row in res["rows"]] == [True, False]
@@ -143,8 +143,8 @@ def test_cli_json_and_plot(gpt2_file, tmp_path):
 
 def test_cli_nothing_could_run(gpt2_file, tmp_path):
     out = tmp_path / "never.png"
-    r = CliRunner().invoke(_cli(), ["bench", gpt2_file, "--backend", "nope", "--repeat", "1", "--prompt-len", "4",
-                                    "--new-tokens", "1", "--plot", str(out)])
+    r = CliRunner().invoke(_cli(), ["bench", gpt2_file, "--backend", "nope", "--repeat", "1", "--seq", "4",
+                                    "--max-new-tokens", "1", "--plot", str(out)])
     assert r.exit_code == 2
     assert "unknown backend 'nope'" in r.output and "nothing could run" in r.output
     assert not out.exists()

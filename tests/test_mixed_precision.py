@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cli import main
 from minitx import models
-from minitx import train as tr
+from minitx import training as tr
 from minitx.backend import Backend, spec_backend
 from minitx.errors import MinitxError
 from minitx.executor import Executor
@@ -64,10 +64,10 @@ class _Spy(Backend):
 def test_loss_falls_and_ends_close_to_float32(cfg, precision):
     runs = {}
     for p in ("float32", precision):
-        st = tr.new_state(models.complete_config(cfg), None,
+        st = tr.fresh_model(models.complete_config(cfg), None,
                           _settings(steps=40, eval_every=40, lr=2e-2, warmup=4, precision=p))
         losses: list[float] = []
-        tr.train(st, _ids(), progress=lambda r: losses.append(r["loss"]))
+        tr.fit(st, _ids(), progress=lambda r: losses.append(r["loss"]))
         runs[p] = (losses, st)
     l32, st32 = runs["float32"]
     lo, st = runs[precision]
@@ -81,9 +81,9 @@ def test_loss_falls_and_ends_close_to_float32(cfg, precision):
 
 
 def test_master_weights_and_optimizer_state_stay_float32(tmp_path):
-    st = tr.new_state(models.complete_config(TINY), None, _settings(steps=3, precision="float16"))
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings(steps=3, precision="float16"))
     ck = tmp_path / "c.npz"
-    tr.train(st, _ids(), checkpoint=str(ck))
+    tr.fit(st, _ids(), checkpoint=str(ck))
     assert {a.dtype for a in st.model.params.values()} == {np.dtype(np.float32)}
     assert {a.dtype for a in [*st.opt.m.values(), *st.opt.v.values()]} == {np.dtype(np.float32)}
     with np.load(ck, allow_pickle=False) as z:
@@ -93,25 +93,25 @@ def test_master_weights_and_optimizer_state_stay_float32(tmp_path):
 # ---------------------------------------------------------------- what the executor ran
 def test_float16_training_computes_in_float16():
     spy = _Spy()
-    st = tr.new_state(models.complete_config(LLAMA), None, _settings(steps=1, precision="float16"))
+    st = tr.fresh_model(models.complete_config(LLAMA), None, _settings(steps=1, precision="float16"))
     st.settings.val_fraction = 0.0   # no held-out pass (which reads the float32 masters)
-    tr.train(st, _ids(), backends=[spy])
+    tr.fit(st, _ids(), backends=[spy])
     assert len(spy.seen) > 20
     assert {str(a.dtype) for _, a in spy.seen} == {"float16"}, sorted({(op, str(a.dtype)) for op, a in spy.seen})
 
 
 def test_bfloat16_training_rounds_every_value_to_bfloat16():
     spy = _Spy()
-    st = tr.new_state(models.complete_config(TINY), None, _settings(steps=1, precision="bfloat16"))
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings(steps=1, precision="bfloat16"))
     st.settings.val_fraction = 0.0
-    tr.train(st, _ids(), backends=[spy])
+    tr.fit(st, _ids(), backends=[spy])
     assert len(spy.seen) > 20
     bad = sorted({op for op, a in spy.seen if not _is_bfloat16(a)})
     assert bad == [], bad
     # The spy itself, without the emulation, sees values that are not bfloat16.
     spy.seen = []
     m = Model.from_config(models.complete_config(TINY), seed=0)
-    Executor(m.graph, m.params, [spy]).run(tr._feeds(m.config, _ids(12)[None], None, np.float32))
+    Executor(m.graph, m.params, [spy]).run(tr.batch_feeds(m.graph, _ids(12)[None]))
     assert not all(_is_bfloat16(a) for _, a in spy.seen)
 
 
@@ -125,7 +125,7 @@ def test_bfloat16_on_numba_wraps_its_kernels():
     where = {op: b for _, op, b in ex.explain()}
     assert where["linear"] == "numba+bf16" and where["cross_entropy"] in ("numba+bf16", "numpy+bf16")
     x = _ids(12)[None]
-    feeds = tr._feeds(m.config, x, (x + 1) % 10, prec.dtype)
+    feeds = tr.batch_feeds(ex.graph, x, (x + 1) % 10, cache_dtype=prec.dtype)
     res = ex.forward_backward(feeds, loss_grad=4.0)
     # numba has no VJP for attention or rms_norm: the spec's ran on the host, rounded all the same.
     for k, g in res.grads.items():
@@ -144,7 +144,7 @@ def test_float16_activations_via_run_keep():
     ex = Executor(prec.graph(models.with_loss(m.graph)), prec.params(m.params), prec.backends(["numpy"]))
     x = _ids(12)[None]
     acts = [n.outputs[0] for n in ex.graph.nodes if n.op in ("layer_norm", "attention", "gelu")]
-    out = ex.run(tr._feeds(m.config, x, (x + 1) % 10, prec.dtype), outputs=["loss", "logits"], keep=acts)
+    out = ex.run(tr.batch_feeds(ex.graph, x, (x + 1) % 10, cache_dtype=prec.dtype), outputs=["loss", "logits"], keep=acts)
     assert ex.dtype == "float16" and len(acts) >= 3 and set(out) == {"loss", "logits", *acts}
     assert {k: str(a.dtype) for k, a in out.items()} == {k: "float16" for k in out}
     assert np.isfinite(out["loss"]) and abs(float(out["loss"]) - np.log(12)) < 0.1   # ≈ ln V at init
@@ -195,30 +195,30 @@ def test_bfloat16_rounding_matches_torch():
 # -------------------------------------------------------------------------- loss scaling
 @pytest.mark.parametrize("precision,scale", [("float16", 2.0 ** 17), ("bfloat16", 2.0 ** 129)])
 def test_overflow_skips_the_step_and_lowers_the_scale(precision, scale):
-    st = tr.new_state(models.complete_config(TINY), None, _settings(steps=2, grad_accum=2, precision=precision))
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings(steps=2, grad_accum=2, precision=precision))
     st.scaler = LossScaler(scale=scale, max_scale=scale, backoff=0.25)   # beyond what the dtype holds
     before = {k: a.copy() for k, a in st.model.params.items()}
     recs: list[dict] = []
-    tr.train(st, _ids(), progress=recs.append)
+    tr.fit(st, _ids(), progress=recs.append)
     assert [r["skipped"] for r in recs] == [True, False]   # the first step overflowed, the second did not
     assert recs[0]["loss_scale"] == scale and recs[1]["loss_scale"] == scale / 4
     assert st.scaler.skipped == 1 and st.scaler.scale == scale / 4
     assert st.opt.t == 1                                   # only one AdamW update happened
     assert "skipped 1" in _progress_text(recs[-1])
     # The skipped step left the weights alone: replay only it.
-    st1 = tr.new_state(models.complete_config(TINY), None, _settings(steps=1, grad_accum=2, precision=precision))
+    st1 = tr.fresh_model(models.complete_config(TINY), None, _settings(steps=1, grad_accum=2, precision=precision))
     st1.scaler = LossScaler(scale=scale, max_scale=scale)
-    tr.train(st1, _ids())
+    tr.fit(st1, _ids())
     for k, a in before.items():
         np.testing.assert_array_equal(st1.model.params[k], a, err_msg=k)
     assert st1.opt.t == 0 and all(not m.any() for m in st1.opt.m.values())
 
 
 def test_scale_grows_after_the_interval():
-    st = tr.new_state(models.complete_config(TINY), None,
+    st = tr.fresh_model(models.complete_config(TINY), None,
                       _settings(steps=7, precision="float16", loss_scale=1024.0, loss_scale_growth_interval=3))
     recs: list[dict] = []
-    tr.train(st, _ids(), progress=recs.append)
+    tr.fit(st, _ids(), progress=recs.append)
     assert [r["loss_scale"] for r in recs] == [1024] * 3 + [2048] * 3 + [4096]
     assert st.scaler.scale == 4096 and st.scaler.good_steps == 1 and st.scaler.skipped == 0
     assert st.history[-1]["loss_scale"] == 4096
@@ -250,7 +250,7 @@ def _progress_text(rec: dict) -> str:
 def test_float16_resume_equals_straight_run_bit_for_bit(tmp_path):
     cfg = models.complete_config(dict(TINY, dropout=0.1))
     kw = dict(grad_accum=2, precision="float16", loss_scale=2.0 ** 13, loss_scale_growth_interval=2)
-    straight = tr.train(tr.new_state(cfg, None, _settings(**kw)), _ids())
+    straight = tr.fit(tr.fresh_model(cfg, None, _settings(**kw)), _ids())
     ckpt = str(tmp_path / "c.npz")
 
     def interrupt(rec):
@@ -258,13 +258,13 @@ def test_float16_resume_equals_straight_run_bit_for_bit(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tr.train(tr.new_state(cfg, None, _settings(**kw)), _ids(), checkpoint=ckpt, progress=interrupt)
+        tr.fit(tr.fresh_model(cfg, None, _settings(**kw)), _ids(), checkpoint=ckpt, progress=interrupt)
     with np.load(ckpt, allow_pickle=False) as z:
         meta = json.loads(z["__train__"].tobytes())
     assert meta["step"] == 3 and meta["scaler"]["good_steps"] == 1 and meta["scaler"]["scale"] == 2.0 ** 14
     resumed = tr.load_checkpoint(ckpt)
     assert resumed.settings.precision == "float16"
-    tr.train(resumed, _ids())
+    tr.fit(resumed, _ids())
     assert resumed.step == straight.step == 6
     for k, a in straight.model.params.items():
         np.testing.assert_array_equal(resumed.model.params[k], a, err_msg=k)
@@ -275,7 +275,7 @@ def test_float16_resume_equals_straight_run_bit_for_bit(tmp_path):
 
 
 def test_malformed_scaler_state_is_a_clean_error(tmp_path):
-    st = tr.new_state(models.complete_config(TINY), None, _settings(precision="float16"))
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings(precision="float16"))
     st.scaler = LossScaler()
     path = tmp_path / "c.npz"
     tr.save_checkpoint(path, st)
@@ -295,14 +295,14 @@ def test_malformed_scaler_state_is_a_clean_error(tmp_path):
                                     ({"loss_scale_growth_interval": 0}, "--loss-scale-growth-interval")])
 def test_bad_settings(kw, msg):
     with pytest.raises(MinitxError, match=msg):
-        tr.new_state(models.complete_config(TINY), None, _settings(**kw))
+        tr.fresh_model(models.complete_config(TINY), None, _settings(**kw))
 
 
 # ------------------------------------------------------------------------------- eval
 @pytest.mark.parametrize("precision", ["float16", "bfloat16"])
 def test_eval_in_low_precision_computes_in_it_and_stays_close(precision):
-    st = tr.new_state(models.complete_config(LLAMA), None, _settings(steps=8, eval_every=8, lr=2e-2))
-    tr.train(st, _ids())
+    st = tr.fresh_model(models.complete_config(LLAMA), None, _settings(steps=8, eval_every=8, lr=2e-2))
+    tr.fit(st, _ids())
     ids = (np.arange(300) * 7 % 11).astype(np.int64)   # not the training cycle: a perplexity well above 1
     r32 = tr.evaluate(st.model, ids)
     spy = _Spy()
@@ -326,7 +326,7 @@ def _cli_files(tmp_path):
     cfgf = tmp_path / "cfg.json"
     cfgf.write_text(json.dumps({"arch": "llama", "n_ctx": 16, "d_model": 16, "n_layers": 1, "n_heads": 2,
                                 "d_ff": 32}))
-    return ["--config", str(cfgf), "--data", str(text), "--vocab-size", "280", "--batch-size", "2",
+    return ["--config", str(cfgf), "--data", str(text), "--vocab-size", "280", "--batch", "2",
             "--steps", "3", "--eval-every", "3", "--eval-batches", "1", "--warmup", "1"]
 
 

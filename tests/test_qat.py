@@ -15,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from minitx import data, models, modelfile, ops, plugin, qat
-from minitx import train as tr
+from minitx import data, models, modelfile, ops, plugin
+from minitx.training import qat
+from minitx import training as tr
 from minitx.errors import MinitxError, ShapeError
 from minitx.executor import Executor
 from minitx.model import Model
@@ -88,7 +89,7 @@ def test_packed_graph_computes_what_the_fake_quant_graph_computed(arch, spec, pa
     packed = plugin.optimize(m, [spec], validate=False)
     assert packed_ops <= {n.op for n in packed.graph.nodes}
     x = np.random.default_rng(0).integers(0, m.vocab_size, (2, 24))
-    logits = [Executor(mm.graph, mm.params).run(tr._feeds(mm.config, x, None, np.float32), outputs=["logits"])["logits"]
+    logits = [Executor(mm.graph, mm.params).run(tr.batch_feeds(mm.graph, x), outputs=["logits"])["logits"]
               for mm in (packed, fq, m)]
     scale = np.abs(logits[0]).max()
     assert np.abs(logits[0] - logits[1]).max() <= 1e-5 * scale          # packed == fake quant
@@ -145,7 +146,7 @@ def trained():
     ids = _markov_ids(12000)
     cfg = models.complete_config({"arch": "gpt2", "vocab_size": V, "n_ctx": 16, "d_model": 32, "n_layers": 1,
                                   "n_heads": 2, "d_ff": 64})
-    st = tr.train(tr.new_state(cfg, None, _settings()), ids)
+    st = tr.fit(tr.fresh_model(cfg, None, _settings()), ids)
     return st.model, ids
 
 
@@ -161,10 +162,8 @@ def test_qat_beats_post_training_int4(trained):
     ppl = lambda mm: tr.evaluate(mm, val)["perplexity"]  # noqa: E731
     ptq = plugin.optimize(m, [spec], validate=False)
     # the fair control: the same 30 steps in float (same batches, schedule), then post-training int4
-    ctrl = tr.TrainState(Model(m.config, {k: a.copy() for k, a in m.params.items()}, m.graph), None,
-                         np.random.Generator(np.random.PCG64([s.seed, 1])), s)
-    ctrl.opt = tr.AdamW(ctrl.model.params, (s.beta1, s.beta2), s.eps, s.weight_decay)
-    tr.train(ctrl, ids)
+    ctrl = tr.new_state(Model(m.config, {k: a.copy() for k, a in m.params.items()}, m.graph), s)
+    tr.fit(ctrl, ids)
     ctrl_ptq = plugin.optimize(ctrl.model, [spec], validate=False)
     p_float, p_ptq, p_qat, p_ctrl = ppl(m), ppl(ptq), ppl(res.packed), ppl(ctrl_ptq)
     print(f"held-out perplexity: float {p_float:.4f}, PTQ {p_ptq:.4f}, float fine-tune + PTQ {p_ctrl:.4f}, "
@@ -232,7 +231,7 @@ def model_file(tmp_path_factory):
     tok = data.train_tokenizer(text, 300)
     cfg = models.complete_config({"arch": "gpt2", "vocab_size": 300, "n_ctx": 32, "d_model": 32, "n_layers": 1,
                                   "n_heads": 2, "d_ff": 64})
-    st = tr.train(tr.new_state(cfg, tok, _settings(steps=20, batch_size=8)), data.encode(tok, text))
+    st = tr.fit(tr.fresh_model(cfg, tok, _settings(steps=20, batch_size=8)), data.encode(tok, text))
     modelfile.save(st.model, str(d / "m.npz"))
     return d
 
@@ -257,7 +256,7 @@ def test_qat_command_converts_and_compares(model_file, tmp_path):
     d = model_file
     out = tmp_path / "q.npz"
     r = CliRunner().invoke(main, ["qat", str(d / "m.npz"), "--data", str(d / "text.txt"), "--plugin",
-                                  "quant:int4,group=16", "--steps", "4", "--batch-size", "4", "--val-fraction", "0.2",
+                                  "quant:int4,group=16", "--steps", "4", "--batch", "4", "--val-fraction", "0.2",
                                   "--validate", "ids:5,6,7,8,9,10", "-o", str(out), "--json", "--force"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
@@ -274,7 +273,7 @@ def test_qat_command_converts_and_compares(model_file, tmp_path):
 def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, monkeypatch, interrupt_at):
     d = model_file
     common = ["qat", str(d / "m.npz"), "--data", str(d / "text.txt"), "--plugin", "quant:int8", "--steps", "3",
-              "--batch-size", "2", "--seq-len", "8", "--checkpoint-every", "1", "--no-compare", "--force"]
+              "--batch", "2", "--seq", "8", "--checkpoint-every", "1", "--no-compare", "--force"]
     assert CliRunner().invoke(main, [*common, "-q", "-o", str(tmp_path / "a.npz")]).exit_code == 0
     interrupt_at(2)
     r = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "b.npz")])
@@ -287,9 +286,10 @@ def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, mon
     assert b.meta["qat"]["steps"] == 3 and "linear_q8" in {n.op for n in b.graph.nodes}
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
-    for extra, msg in [(["--plugin", "quant:int4"], "made with --plugin quant:int8 (sha256"),
-                       (["--seed", "5"], "made with --seed 0, not 5")]:
-        r = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "c.npz"), "--resume", ckpt, *extra])
+    for plug, extra, msg in [("quant:int4", [], "made with --plugin quant:int8 (sha256"),
+                             ("quant:int8", ["--seed", "5"], "made with --seed 0, not 5")]:
+        args = [plug if a == "quant:int8" else a for a in common]
+        r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "c.npz"), "--resume", ckpt, *extra])
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and msg in lines[0], r.output
     assert not (tmp_path / "c.npz").exists()

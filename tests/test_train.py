@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from cli import main
 from minitx import data, models
-from minitx import train as tr
+from minitx import training as tr
 from minitx.errors import MinitxError
+from minitx.executor import Executor
 from minitx.model import Model
 from minitx.optim import AdamW, clip_global_norm, decays, lr_at
 
@@ -33,9 +34,9 @@ def _settings(**kw) -> tr.TrainSettings:
 
 
 def test_loss_falls_on_a_learnable_sequence():
-    st = tr.new_state(models.complete_config(TINY), None, _settings(steps=40, eval_every=40, lr=2e-2, warmup=4))
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings(steps=40, eval_every=40, lr=2e-2, warmup=4))
     losses = []
-    tr.train(st, _pattern_ids(), progress=lambda r: losses.append(r["loss"]))
+    tr.fit(st, _pattern_ids(), progress=lambda r: losses.append(r["loss"]))
     assert len(losses) == 40
     assert losses[0] > 2.0                       # ≈ ln 12 at the start
     assert np.mean(losses[-5:]) < 0.5 * losses[0]
@@ -49,7 +50,7 @@ def test_resume_equals_straight_run_bit_for_bit(tmp_path, arch):
         "n_kv_heads": 1, "d_ff": 24, "dropout": 0.1}
     cfg = models.complete_config(cfg)
     ids = _pattern_ids()
-    straight = tr.train(tr.new_state(cfg, None, _settings(grad_accum=2)), ids)
+    straight = tr.fit(tr.fresh_model(cfg, None, _settings(grad_accum=2)), ids)
 
     ckpt = str(tmp_path / "c.npz")
 
@@ -58,12 +59,12 @@ def test_resume_equals_straight_run_bit_for_bit(tmp_path, arch):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tr.train(tr.new_state(cfg, None, _settings(grad_accum=2)), ids, checkpoint=ckpt, progress=interrupt)
+        tr.fit(tr.fresh_model(cfg, None, _settings(grad_accum=2)), ids, checkpoint=ckpt, progress=interrupt)
     with np.load(ckpt, allow_pickle=False) as z:
         assert json.loads(z["__train__"].tobytes())["step"] == 3
     resumed = tr.load_checkpoint(ckpt)
     assert resumed.step == 3
-    tr.train(resumed, ids)
+    tr.fit(resumed, ids)
     assert resumed.step == straight.step == 6
     for k, a in straight.model.params.items():
         np.testing.assert_array_equal(resumed.model.params[k], a, err_msg=k)
@@ -77,7 +78,7 @@ def test_cli_train_interrupt_resume_matches_straight_run(tmp_path, monkeypatch, 
     text.write_text("the cat sat on the mat. the dog sat on the log. " * 60)
     cfgf = tmp_path / "cfg.json"
     cfgf.write_text(json.dumps({"arch": "gpt2", "n_ctx": 16, "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}))
-    common = ["--config", str(cfgf), "--data", str(text), "--vocab-size", "280", "--batch-size", "2", "--steps", "4",
+    common = ["--config", str(cfgf), "--data", str(text), "--vocab-size", "280", "--batch", "2", "--steps", "4",
               "--eval-every", "2", "--eval-batches", "1", "--warmup", "1", "--seed", "1", "--checkpoint-every", "2"]
     r = CliRunner().invoke(main, ["train", *common, "-q", "-o", str(tmp_path / "a.npz")])
     assert r.exit_code == 0, r.output
@@ -109,24 +110,24 @@ def test_resume_must_repeat_the_run(tmp_path):
     """Another text, or a training flag given with another value than the checkpoint's, is a one-line
     error naming it (a resumed run keeps its settings); --steps may change."""
     ckpt = str(tmp_path / "c.npz")
-    tr.train(tr.new_state(models.complete_config(TINY), None, _settings(steps=2)), _pattern_ids(), checkpoint=ckpt)
+    tr.fit(tr.fresh_model(models.complete_config(TINY), None, _settings(steps=2)), _pattern_ids(), checkpoint=ckpt)
     with pytest.raises(MinitxError, match=r"made with --data 2,000 tokens \(sha256 \w+\), not 1,999 tokens"):
-        tr.train(tr.load_checkpoint(ckpt), _pattern_ids(1999))
+        tr.fit(tr.load_checkpoint(ckpt), _pattern_ids(1999))
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 80)
-    common = ["train", "--arch", "gpt2", "--data", str(text), "--vocab-size", "270", "--batch-size", "2",
+    common = ["train", "--arch", "gpt2", "--data", str(text), "--vocab-size", "270", "--batch", "2",
               "--steps", "1", "-q", "-o", str(tmp_path / "m.npz")]
     assert CliRunner().invoke(main, common).exit_code == 0
     resume = [*common, "--resume", str(tmp_path / "m.ckpt.npz")]
     r = CliRunner().invoke(main, [*resume, "--lr", "0.1"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "made with --lr 0.003, not 0.1" in r.output, r.output
-    r = CliRunner().invoke(main, [*resume, "--steps", "2", "--batch-size", "2"])    # unchanged flags are fine
+    r = CliRunner().invoke(main, [*resume, "--steps", "2", "--batch", "2"])    # unchanged flags are fine
     assert r.exit_code == 0 and "after 2 steps" in r.output, r.output
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = models.complete_config(TINY)
-    st = tr.new_state(cfg, None, _settings())
+    st = tr.fresh_model(cfg, None, _settings())
     path = str(tmp_path / "ck.npz")
     tr.save_checkpoint(path, st)
     before = open(path, "rb").read()
@@ -146,7 +147,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_checkpoint_loads_without_pickle(tmp_path):
-    st = tr.new_state(models.complete_config(TINY), None, _settings())
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings())
     path = tmp_path / "ck.npz"
     tr.save_checkpoint(path, st)
     with np.load(path, allow_pickle=False) as z:
@@ -182,8 +183,8 @@ def test_sliding_window_eval_is_the_sum_over_windows():
     m = Model.from_config(cfg, seed=2)
     ids = _pattern_ids(40)
     full = tr.evaluate(m, ids[:17])                       # one window: no sliding at all
-    ex = tr._loss_executor(m, ("numpy",))
-    logits = ex.run(tr._feeds(cfg, ids[None, :16], ids[None, 1:17], np.float32), outputs=["logits"])["logits"][0]
+    ex = Executor(m.graph, m.params)
+    logits = ex.run(tr.batch_feeds(m.graph, ids[None, :16]), outputs=["logits"])["logits"][0]
     z = logits - logits.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     direct = -np.mean(logp[np.arange(16), ids[1:17]])
@@ -282,23 +283,6 @@ def test_short_text_is_refused():
         data.split(np.arange(10), 0.1, 16)
 
 
-def test_training_runs_on_another_backend():
-    from minitx.backend import get_backend
-
-    try:
-        get_backend("numba")
-    except MinitxError as e:
-        pytest.skip(f"numba backend unavailable: {e}")
-    cfg = models.complete_config(TINY)
-    runs = {}
-    for b in (("numba",), ("numpy",)):
-        losses = []
-        tr.train(tr.new_state(cfg, None, _settings(steps=3, eval_every=0)), _pattern_ids(), backends=b,
-                 progress=lambda r: losses.append(r["loss"]))
-        runs[b[0]] = losses
-    np.testing.assert_allclose(runs["numba"], runs["numpy"], rtol=1e-4)
-
-
 def test_given_tokenizer_is_used(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("a rose is a rose is a rose. " * 80)
@@ -306,7 +290,7 @@ def test_given_tokenizer_is_used(tmp_path):
     (tmp_path / "tok.json").write_text(tok)
     out = tmp_path / "m.npz"
     r = CliRunner().invoke(main, ["train", "--arch", "llama", "--data", str(text), "--tokenizer",
-                                  str(tmp_path / "tok.json"), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                                  str(tmp_path / "tok.json"), "--steps", "2", "--batch", "2", "--seq", "16",
                                   "-q", "-o", str(out)])
     assert r.exit_code == 0, r.output
     from minitx import modelfile
@@ -320,7 +304,7 @@ def test_given_tokenizer_is_used(tmp_path):
 
 
 def test_checkpoint_gets_the_usual_file_permissions(tmp_path):
-    st = tr.new_state(models.complete_config(TINY), None, _settings())
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings())
     path = tmp_path / "ck.npz"
     tr.save_checkpoint(path, st)
     mask = os.umask(0)
@@ -334,10 +318,10 @@ def test_recompute_plugin_trains_the_same_weights_in_less_activation_memory(tmp_
     cfg = models.complete_config(dict(TINY, n_layers=4))
     ids = _pattern_ids()
     peaks: dict[str, list[int]] = {"plain": [], "recompute": []}
-    plain = tr.train(tr.new_state(cfg, None, _settings()), ids,
+    plain = tr.fit(tr.fresh_model(cfg, None, _settings()), ids,
                      progress=lambda r: peaks["plain"].append(r["peak_activation_bytes"]))
     ckpt = str(tmp_path / "c.npz")
-    re = tr.train(tr.new_state(cfg, None, _settings(plugins=("recompute:every",))), ids, checkpoint=ckpt,
+    re = tr.fit(tr.fresh_model(cfg, None, _settings(plugins=("recompute:every",))), ids, checkpoint=ckpt,
                   progress=lambda r: peaks["recompute"].append(r["peak_activation_bytes"]))
     for k, a in plain.model.params.items():
         np.testing.assert_array_equal(re.model.params[k], a, err_msg=k)
@@ -346,9 +330,9 @@ def test_recompute_plugin_trains_the_same_weights_in_less_activation_memory(tmp_
 
 
 def test_training_refuses_a_rewrite_that_changes_the_weights():
-    st = tr.new_state(models.complete_config(TINY), None, _settings(plugins=("quant:int8",)))
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings(plugins=("quant:int8",)))
     with pytest.raises(MinitxError, match="only exact rewrites"):
-        tr.train(st, _pattern_ids())
+        tr.fit(st, _pattern_ids())
 
 
 def test_evaluate_runs_a_head_pruned_model():
@@ -362,3 +346,99 @@ def test_evaluate_runs_a_head_pruned_model():
     assert min(widths) < 16  # some cache really is narrower than d_model
     r = tr.evaluate(pruned, _pattern_ids(200))
     assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
+
+
+# ------------------------------------------------------------------------ hostile checkpoints
+def _tampered(tmp_path, meta_edit=None, arrays_edit=None) -> str:
+    """A real checkpoint, rewritten with its ``__train__`` JSON and/or arrays edited."""
+    st = tr.fresh_model(models.complete_config(TINY), None, _settings())
+    good = tmp_path / "good.npz"
+    tr.save_checkpoint(good, st)
+    with np.load(good, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if meta_edit is not None:
+        meta = meta_edit(json.loads(arrays["__train__"].tobytes()))
+        text = meta if isinstance(meta, str) else json.dumps(meta)
+        arrays["__train__"] = np.frombuffer(text.encode(), np.uint8)
+    if arrays_edit is not None:
+        arrays_edit(arrays)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    return str(bad)
+
+
+def _drop(key):
+    def edit(m):
+        del m[key]
+        return m
+    return edit
+
+
+def _set(key, value):
+    def edit(m):
+        m[key] = value
+        return m
+    return edit
+
+
+def _float64(arrays):
+    arrays["param.tok_emb.weight"] = arrays["param.tok_emb.weight"].astype(np.float64)
+
+
+@pytest.mark.parametrize("meta_edit, arrays_edit, msg", [
+    (lambda m: [m], None, "'__train__' must be a JSON object, got list"),
+    (_drop("settings"), None, "'__train__' has no 'settings'"),
+    (_set("settings", {"steps": "many"}), None, "settings are malformed"),
+    (_set("rng", {"bit_generator": "PCG64", "state": "garbage"}), None, "random generator's state"),
+    (_set("rng", [1, 2, 3]), None, "random generator's state"),
+    (_set("step", "3"), None, "step must be a non-negative integer, got '3'"),
+    (_set("step", -1), None, "step must be a non-negative integer"),
+    (_set("step", 7), None, "step 7 is beyond the run's 6 steps"),
+    (lambda m: "[" * 100_000 + "]" * 100_000, None, "nested too deeply|not valid JSON"),
+    (None, _float64, "'param.tok_emb.weight' is float64, expected float32"),
+])
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path, meta_edit, arrays_edit, msg):
+    path = _tampered(tmp_path, meta_edit, arrays_edit)
+    with pytest.raises(MinitxError, match=msg) as e:
+        tr.load_checkpoint(path)
+    assert "\n" not in str(e.value) and "bad.npz" in str(e.value)
+
+
+def test_cli_refuses_bad_checkpoints_and_outputs_that_destroy_inputs(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 80)
+    common = ["train", "--arch", "gpt2", "--data", str(text), "--vocab-size", "270", "--batch", "2", "--seq", "8",
+              "--steps", "2", "-q"]
+    assert _cli(*common, "-o", str(tmp_path / "m.npz"))[0] == 0
+    # A checkpoint at step 2 of 2 resumed with --steps 1: refused, not silently "done".
+    code, msg = _cli(*common, "--steps", "1", "-o", str(tmp_path / "n.npz"), "--resume", str(tmp_path / "m.ckpt.npz"))
+    assert code == 2 and msg.count("\n") == 1 and "beyond --steps 1" in msg, msg
+    # The output may not be the checkpoint (however spelled) nor the text it trains on.
+    os.symlink(tmp_path / "m.npz", tmp_path / "link.npz")
+    for out, ck, what in [("x.npz", "x.npz", "same file"), ("m.npz", "link.npz", "same file"),
+                          ("t.txt", None, "same file as --data")]:
+        args = [*common, "-o", str(tmp_path / out)] + (["--checkpoint", str(tmp_path / ck)] if ck else [])
+        code, msg = _cli(*args)
+        assert code == 2 and msg.count("\n") == 1 and what in msg, msg
+    assert text.read_text().startswith("the cat") and not (tmp_path / "x.npz").exists()
+    bad = _tampered(tmp_path, _set("step", "1"))
+    code, msg = _cli(*common, "-o", str(tmp_path / "k.npz"), "--resume", bad)
+    assert code == 2 and msg.count("\n") == 1 and "step must be a non-negative integer" in msg, msg
+
+
+def test_cli_train_json_report_and_threads(tmp_path, monkeypatch):
+    from minitx import threads
+
+    seen = []
+    monkeypatch.setattr(threads, "configure", lambda n=None: seen.append(n) or 1)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 80)
+    r = CliRunner().invoke(main, ["train", "--arch", "gpt2", "--data", str(text), "--vocab-size", "270",
+                                  "--batch-size", "2", "--seq-len", "8", "--steps", "2", "--eval-every", "1",
+                                  "--threads", "1", "--json", "-o", str(tmp_path / "m.npz")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)            # the progress line went to stderr
+    assert rep["steps"] == 2 and rep["output"] == str(tmp_path / "m.npz") and len(rep["history"]) == 2
+    assert rep["val_perplexity"] == pytest.approx(math.exp(rep["val_loss"]))
+    assert seen == [1]
+    assert "--batch-size" not in CliRunner().invoke(main, ["train", "--help"]).output   # a hidden alias

@@ -8,8 +8,9 @@ their rounded values predict well. Conversion is then the ordinary ``quant:MODE`
 fine-tuned float weights, validated like ``minitx optimize``; the packed graph computes what the
 fake-quant graph computed (to float rounding: :func:`packed_vs_fake_quant`).
 
-The loop is minitx.train's (:func:`minitx.train.train` on a state whose model has the fake-quant
-graph): same batches, schedule, clipping, AdamW, held-out evaluation and checkpoints. A checkpoint
+The loop is :func:`minitx.training.fit` with the cross-entropy objective on a state whose model
+has the fake-quant graph: same batches, schedule, precision, clipping, AdamW, held-out
+evaluation and checkpoints as ``minitx train``. A checkpoint
 holds the float weights being fine-tuned (``kind`` "qat"); resuming rebuilds the fake-quant graph
 over them, after checking that the starting model, the plugin and the text are the run's own.
 """
@@ -20,12 +21,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import data, plugin
-from . import train as tr
-from .errors import MinitxError
-from .executor import Executor
-from .model import Model
-from .optim import AdamW
+from .. import data, plugin
+from ..errors import MinitxError
+from ..executor import Executor
+from ..model import Model
+from . import checkpoint as ckpt
+from .evaluation import evaluate
+from .loop import CrossEntropy, batch_feeds, fit
+from .settings import TrainSettings, TrainState, new_state as _new_state
 
 QAT_MODES = ("int8", "int8_block", "int4")
 
@@ -49,7 +52,8 @@ def split_spec(text: str) -> tuple[str, str]:
     return fake, packed
 
 
-def _check_float(model: Model, what: str = "the model") -> None:
+def check_float(model: Model, what: str = "the model") -> None:
+    """QAT starts from a float decoder that no rewrite has touched."""
     if not model.is_decoder:
         raise MinitxError(f"quantization-aware training needs a decoder (gpt2 or llama), not {model.config['arch']}")
     done = [r.get("spec", r.get("plugin")) for r in model.meta.get("rewrites", [])]
@@ -62,7 +66,7 @@ def fake_quant_model(model: Model, text: str) -> Model:
     """The model with ``text``'s fake-quant graph over its own float weights (copied: training
     updates them in place, and ``model`` stays as it was)."""
     fake, _ = split_spec(text)
-    _check_float(model)
+    check_float(model)
     params = {k: np.array(a, copy=True) for k, a in model.params.items()}
     res = plugin.get_plugin("quant").apply(model.graph, params, plugin.parse_spec(fake).options)
     if set(res.graph.params) != set(model.graph.params):
@@ -76,26 +80,24 @@ class QATResult:
     packed: Model                 # the converted model (what gets saved)
     fine_tuned: Model             # the fine-tuned float weights in the float graph
     fake_quant: Model             # the training graph (fake_quant nodes) with those weights
-    state: tr.TrainState
+    state: TrainState
     packed_vs_fake_quant: float   # max |logits| difference on a check batch
 
 
-def new_state(model: Model, text: str, settings: tr.TrainSettings, model_file: str | None = None) -> tr.TrainState:
+def new_state(model: Model, text: str, settings: TrainSettings, model_file: str | None = None) -> TrainState:
     """A fresh QAT run: the fake-quant model over a copy of ``model``'s weights, a new AdamW."""
     settings.check()
     fq = fake_quant_model(model, text)
-    opt = AdamW(fq.params, (settings.beta1, settings.beta2), settings.eps, settings.weight_decay)
-    rng = np.random.Generator(np.random.PCG64([settings.seed, 1]))     # as minitx.train.new_state
-    st = tr.TrainState(fq, opt, rng, settings, kind="qat")
-    tr.check_run(st, run_identity(model, fq, text, model_file))
+    st = _new_state(fq, settings, kind="qat")
+    ckpt.check_run(st, run_identity(model, fq, text, model_file))
     return st
 
 
-def resume(path: str, model: Model, text: str, model_file: str | None = None) -> tr.TrainState:
+def resume(path: str, model: Model, text: str, model_file: str | None = None) -> TrainState:
     """The QAT run saved in checkpoint ``path``, which must have started from ``model`` with ``text``."""
-    st = tr.load_checkpoint(path, kind="qat")
+    st = ckpt.load(path, kind="qat")
     fq = fake_quant_model(st.model, text)   # the fine-tuned float weights, read through fake_quant
-    tr.check_run(st, run_identity(model, fq, text, model_file))
+    ckpt.check_run(st, run_identity(model, fq, text, model_file))
     st.model = fq
     return st
 
@@ -104,20 +106,21 @@ def run_identity(model: Model, fq: Model, text: str, model_file: str | None = No
     """What a resumed QAT run must repeat besides the training settings (its text is checked too):
     the starting model, and the fake-quant graph it trains through — the plugin options that
     shape it, not the conversion's tolerances (which may change)."""
-    return {"model": tr.model_identity(model, model_file),
-            "--plugin": {"what": split_spec(text)[1], "sha256": tr.fingerprint({"graph": fq.graph.to_json()})}}
+    return {"model": ckpt.model_identity(model, model_file),
+            "--plugin": {"what": split_spec(text)[1], "sha256": ckpt.fingerprint({"graph": fq.graph.to_json()})}}
 
 
-def finetune(model: Model, ids: np.ndarray, text: str, settings: tr.TrainSettings, *,
-             backends: Sequence[str] = ("numpy",), state: tr.TrainState | None = None,
+def finetune(model: Model, ids: np.ndarray, text: str, settings: TrainSettings, *,
+             backends: Sequence[str] = ("numpy",), state: TrainState | None = None,
              checkpoint: str | None = None, log: Callable[[str], None] | None = None,
-             progress: Callable[[dict[str, float]], None] | None = None) -> tuple[Model, Model, tr.TrainState]:
+             progress: Callable[[dict[str, float]], None] | None = None) -> tuple[Model, Model, TrainState]:
     """Train ``model`` through ``text``'s fake quantization (or continue ``state``, from
     :func:`resume`), checkpointing to ``checkpoint``; returns (fine-tuned float model, fake-quant
     model, the training state). ``model`` itself is not modified."""
     st = state if state is not None else new_state(model, text, settings)
     fq = st.model
-    st = tr.train(st, ids, backends=backends, checkpoint=checkpoint, log=log, progress=progress)
+    st = fit(st, ids, CrossEntropy(kind="qat"), backends=backends, checkpoint=checkpoint, log=log,
+             progress=progress)
     meta = {k: v for k, v in model.meta.items() if k != "qat_graph"}
     meta["qat"] = {"spec": split_spec(text)[0], "steps": st.step, "settings": asdict(st.settings),
                    "history": st.history}
@@ -132,14 +135,13 @@ def packed_vs_fake_quant(packed: Model, fake: Model, seed: int = 0, batch: int =
     x = rng.integers(0, packed.vocab_size, (batch, L))
     outs = []
     for m in (packed, fake):
-        feeds = tr._feeds(m.config, x, None, np.float32)
-        outs.append(Executor(m.graph, m.params).run(feeds, outputs=["logits"])["logits"])
+        outs.append(Executor(m.graph, m.params).run(batch_feeds(m.graph, x), outputs=["logits"])["logits"])
     return float(np.abs(outs[0].astype(np.float64) - outs[1]).max())
 
 
-def run(model: Model, ids: np.ndarray, text: str, settings: tr.TrainSettings, *,
+def run(model: Model, ids: np.ndarray, text: str, settings: TrainSettings, *,
         backends: Sequence[str] = ("numpy",), calib=None, force: bool = False,
-        state: tr.TrainState | None = None, checkpoint: str | None = None,
+        state: TrainState | None = None, checkpoint: str | None = None,
         warn: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
         progress: Callable[[dict[str, float]], None] | None = None) -> QATResult:
     """Fine-tune with fake quantization, then convert to the packed form (validated against the
@@ -153,26 +155,23 @@ def run(model: Model, ids: np.ndarray, text: str, settings: tr.TrainSettings, *,
     return QATResult(packed, fine, fq, st, diff)
 
 
-def held_out(ids: np.ndarray, settings: tr.TrainSettings, n_ctx: int) -> np.ndarray:
-    """The held-out tail minitx.train scores during training (never trained on)."""
+def held_out(ids: np.ndarray, settings: TrainSettings, n_ctx: int) -> np.ndarray:
+    """The held-out tail fit() scores during training (never trained on)."""
     return data.split(ids, settings.val_fraction, settings.seq_len or n_ctx)[1]
 
 
-def evaluate_plugins(model: Model, ids: np.ndarray, texts: Sequence[str], *, backends: Sequence[str] = ("numpy",),
-                     stride: int | None = None, strict: bool = False, precision: str = "float32",
-                     warn: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Perplexity of ``ids`` under ``model`` and under ``model`` rewritten by ``texts``, and the delta,
-    both computed in ``precision``.
-
-    The rewrite runs with ``force`` (the perplexity is the judge here, as in ``verify --plugin``)."""
-    base = tr.evaluate(model, ids, backends, stride, strict, precision=precision)
-    new = plugin.optimize(model, list(texts), force=True, warn=warn)
-    if {v.name: v.dtype for v in new.graph.inputs} != {v.name: v.dtype for v in model.graph.inputs}:
-        raise MinitxError(f"{' + '.join(texts)} changes the model's inputs (an int8 KV cache); eval scores "
-                          "windows without a cache and cannot feed it — leave kv= out")
-    res = tr.evaluate(new, ids, backends, stride, strict, precision=precision)
-    out = dict(base)
-    out.update(plugins=list(texts), rewritten={k: res[k] for k in ("loss", "perplexity")},
-               delta_loss=res["loss"] - base["loss"], delta_perplexity=res["perplexity"] - base["perplexity"],
-               relative_delta_perplexity=res["perplexity"] / base["perplexity"] - 1.0)
+def compare(model: Model, ids: np.ndarray, res: QATResult, text: str,
+            backends: Sequence[str] = ("numpy",)) -> dict[str, Any]:
+    """Held-out perplexity of the float model, its post-training quantization and the QAT model
+    (empty when the run held nothing out); recorded in the packed model's metadata too."""
+    val = held_out(ids, res.state.settings, model.n_ctx)
+    if len(val) < 2:
+        return {}
+    packed_text = split_spec(text)[1]
+    ptq = plugin.optimize(model, [packed_text], force=True)
+    score = {name: evaluate(m, val, backends=backends) for name, m in
+             (("float", model), ("ptq", ptq), ("qat", res.packed))}
+    out: dict[str, Any] = {"held_out_tokens": score["float"]["tokens"]}
+    out.update({f"{k}_perplexity": v["perplexity"] for k, v in score.items()})
+    res.packed.meta["qat"]["comparison"] = {k: v for k, v in out.items() if k.endswith("perplexity")}
     return out

@@ -23,29 +23,31 @@ layer map — so that ``--resume`` continues bit for bit and refuses a run that 
 Layer pairs (``--layer-map 0:1,1:3``: student layer 0 ↔ teacher layer 1, …) default to spacing
 the student's layers evenly over the teacher's, last to last. The teacher runs forward only (no
 gradients), once per micro-batch; its logits, hidden states and attention maps are fed to the
-student's graph as inputs. Everything else — settings, data split, batches, AdamW, schedule,
-clipping, accumulation, held-out evaluation — is :mod:`minitx.train`'s, so a student trained
-with ``ce`` alone is exactly ``minitx train`` (the ``--baseline`` the report compares against).
+student's graph as inputs. :class:`Distillation` is the objective; everything else — settings,
+data split, batches, AdamW, schedule, precision, recompute, clipping, accumulation, held-out
+evaluation, checkpoints — is :func:`minitx.training.fit`'s, so a student trained with ``ce``
+alone is exactly ``minitx train`` (the ``--baseline`` the report compares against).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import data, models
-from . import train as tr
-from .errors import MinitxError
-from .executor import Executor
-from .generate import generate
-from .ir import Graph, Node, Value
-from .model import Model
-from .optim import AdamW, clip_global_norm, lr_at
-from .train import TrainSettings, TrainState, _feeds, _heldout_loss, new_state, window_nll
+from .. import data, models
+from ..errors import MinitxError
+from ..executor import Executor
+from ..generate import generate
+from ..ir import Graph, Node, Value
+from ..model import Model
+from . import checkpoint as ckpt
+from .evaluation import evaluate
+from .loop import batch_feeds, fit
+from .settings import TrainSettings, TrainState, fresh_model
 
 LOSSES = ("response", "ce", "feature", "attention")
 PROJ = "distill.proj"
@@ -180,7 +182,9 @@ class Plan:
     proj_shapes: dict[str, tuple[int, ...]]
 
 
-def plan(teacher: Model, student: Model, s: DistillSettings) -> Plan:
+def plan(teacher: Model, student: Model, s: DistillSettings, graph: Graph | None = None) -> Plan:
+    """How ``student`` (its graph, or ``graph``: the student's rewritten for training) learns
+    from ``teacher``: the teacher's outputs to compute and the student's loss graph."""
     s.check()
     if not teacher.is_decoder:
         raise MinitxError(f"the teacher must be a decoder (gpt2 or llama), not {teacher.config['arch']}")
@@ -202,7 +206,7 @@ def plan(teacher: Model, student: Model, s: DistillSettings) -> Plan:
 
     tg = teacher.graph.copy()
     t_out: list[str] = []
-    sg = student.graph.copy()
+    sg = (graph or student.graph).copy()
     feeds: dict[str, str] = {}
     proj: dict[str, tuple[int, ...]] = {}
     terms: list[tuple[str, float]] = []
@@ -275,135 +279,77 @@ def init_projections(p: Plan, seed: int, dtype) -> dict[str, np.ndarray]:
             for k, shape in p.proj_shapes.items()}
 
 
-# --------------------------------------------------------------------------------- the loop
-@dataclass
-class DistillRun:
-    state: TrainState
-    proj: dict[str, np.ndarray]
-    history: list[dict[str, float]]   # the steps of this call only (a resumed run's begin after the checkpoint)
-
-
+# ---------------------------------------------------------------------------- the objective
 def run_identity(teacher: Model, ds: DistillSettings, p: Plan, teacher_file: str | None = None) -> dict[str, Any]:
     """What a resumed distillation must repeat besides the training settings (its text is checked too)."""
-    return {"teacher": tr.model_identity(teacher, teacher_file),
+    return {"teacher": ckpt.model_identity(teacher, teacher_file),
             "--loss": ",".join(f"{k}={float(ds.losses[k])!r}" for k in LOSSES if k in ds.losses),
             "--temperature": float(ds.temperature),
             "--layer-map": ",".join(f"{a}:{b}" for a, b in p.pairs) if ds.uses_layers else None}
 
 
-def _projections(st: TrainState, p: Plan, dtype) -> dict[str, np.ndarray]:
-    """The feature projections: fresh at step 0, else the checkpoint's (with their optimizer)."""
-    s = st.settings
-    if st.step == 0 and not st.aux:
-        st.aux = init_projections(p, s.seed, dtype)
-        st.aux_opt = AdamW(st.aux, (s.beta1, s.beta2), s.eps, s.weight_decay)
-    have = {k: tuple(a.shape) for k, a in st.aux.items()}
-    if have != {k: tuple(v) for k, v in p.proj_shapes.items()}:
-        raise MinitxError(f"{st.source or 'the resumed state'}: the checkpoint's feature projections "
-                          f"{sorted(have) or '(none)'} do not fit this run's ({sorted(p.proj_shapes) or 'none'})")
-    return st.aux
+@dataclass
+class Distillation:
+    """The objective :func:`minitx.training.fit` minimises to distil ``teacher`` into the state's
+    model; the feature projections train alongside as the state's ``aux``."""
+
+    teacher: Model
+    settings: DistillSettings
+    teacher_file: str | None = None
+    kind: str = "distill"
+    _plan: Plan | None = field(default=None, repr=False)
+    _student: Model | None = field(default=None, repr=False)
+    _teacher_ex: Executor | None = field(default=None, repr=False)
+
+    def prepare(self, st: TrainState, backends: Sequence[Any]) -> dict[str, Any]:
+        self._student = st.model
+        self._plan = p = plan(self.teacher, st.model, self.settings)
+        s = st.settings
+        if st.step == 0 and not st.aux:
+            st.aux = init_projections(p, s.seed, np.float32)
+            st.aux_opt = s.optimizer(st.aux)
+        have = {k: tuple(a.shape) for k, a in st.aux.items()}
+        if have != {k: tuple(v) for k, v in p.proj_shapes.items()}:
+            raise MinitxError(f"{st.source or 'the resumed state'}: the checkpoint's feature projections "
+                              f"{sorted(have) or '(none)'} do not fit this run's ({sorted(p.proj_shapes) or 'none'})")
+        self._teacher_ex = Executor(p.teacher_graph, self.teacher.params, backends)
+        return run_identity(self.teacher, self.settings, p, self.teacher_file)
+
+    def context(self, model: Model) -> int:
+        return min(model.n_ctx, self.teacher.n_ctx)
+
+    def loss_graph(self, graph: Graph) -> Graph:
+        return plan(self.teacher, self._student, self.settings, graph).student_graph
+
+    def extra_feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return teacher_feeds(self._plan, self._teacher_ex, x)
 
 
-def teacher_feeds(p: Plan, tex: Executor, teacher: Model, x: np.ndarray) -> dict[str, np.ndarray]:
+def teacher_feeds(p: Plan, tex: Executor, x: np.ndarray) -> dict[str, np.ndarray]:
     """The teacher's forward pass on ``x`` (no gradients): the student graph's ``teacher.*`` inputs."""
-    dtype = next(iter(teacher.params.values())).dtype
-    out = tex.run(_feeds(teacher.config, x, None, dtype), outputs=p.teacher_graph.outputs)
+    if not p.feeds_from_teacher:
+        return {}
+    out = tex.run(batch_feeds(tex.graph, x), outputs=p.teacher_graph.outputs)
     return {dst: out[src] for dst, src in p.feeds_from_teacher.items()}
 
 
 def distill(st: TrainState, teacher: Model, ids: np.ndarray, ds: DistillSettings, *,
             backends: Sequence[str] = ("numpy",), checkpoint: str | None = None, teacher_file: str | None = None,
             log: Callable[[str], None] | None = None,
-            progress: Callable[[dict[str, float]], None] | None = None) -> DistillRun:
-    """Train ``st.model`` up to ``st.settings.steps`` steps on ``ids`` against ``teacher``,
-    writing ``checkpoint`` as :func:`minitx.train.train` does. ``st`` may be a fresh student or a
-    distillation checkpoint (:func:`minitx.train.load_checkpoint` with ``kind="distill"``), which
-    must have been made with the same teacher, text and objectives.
-
-    Data split, batches (``st.rng``), schedule and clipping are :func:`minitx.train.train`'s.
-    """
-    s: TrainSettings = st.settings
-    s.check()
-    if getattr(s, "precision", "float32") != "float32":
-        raise MinitxError("distillation runs in float32 only (no --precision)")
-    if st.step and st.kind != "distill":
-        raise MinitxError(f"{st.source or 'the state'}: a `minitx {st.kind}` run cannot be resumed as a distillation")
-    student = st.model
-    p = plan(teacher, student, ds)
-    st.kind = "distill"
-    tr.check_run(st, {**run_identity(teacher, ds, p, teacher_file), "--data": tr.data_identity(ids)})
-    seq_len = s.seq_len or min(student.n_ctx, teacher.n_ctx)
-    if seq_len > min(student.n_ctx, teacher.n_ctx):
-        raise MinitxError(f"--seq-len {seq_len} exceeds the context length (student {student.n_ctx}, "
-                          f"teacher {teacher.n_ctx})")
-    if len(ids) and int(ids.max()) >= teacher.vocab_size:
-        raise MinitxError(f"token id {int(ids.max())} is outside the vocabulary of {teacher.vocab_size}")
-    train_ids, val_ids = data.split(ids, s.val_fraction, seq_len)
-    dtype = next(iter(student.params.values())).dtype
-    proj = _projections(st, p, dtype)
-    tex = Executor(p.teacher_graph, teacher.params, backends)
-    log = log or (lambda m: None)
-    history: list[dict[str, float]] = []
-    t_last = time.perf_counter()
-    while st.step < s.steps:
-        ex = Executor(p.student_graph, {**student.params, **proj}, backends)
-        grads: dict[str, np.ndarray] = {}
-        sums: dict[str, float] = {}
-        for _ in range(s.grad_accum):
-            x, y = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
-            feeds = _feeds(student.config, x, y, dtype)
-            if p.feeds_from_teacher:
-                feeds.update(teacher_feeds(p, tex, teacher, x))
-            res = ex.forward_backward(feeds, step=st.step)
-            for k in p.student_graph.outputs:
-                sums[k] = sums.get(k, 0.0) + float(res.outputs[k])
-            for k, g in res.grads.items():
-                grads[k] = g if k not in grads else grads[k] + g
-        if s.grad_accum > 1:
-            inv = np.asarray(1.0 / s.grad_accum, dtype)
-            grads = {k: g * inv for k, g in grads.items()}
-        rec: dict[str, float] = {k: v / s.grad_accum for k, v in sums.items()}
-        if not math.isfinite(rec["loss"]):
-            raise MinitxError(f"distillation diverged at step {st.step + 1}: loss is {rec['loss']} (lower --lr?)")
-        gnorm = clip_global_norm(grads, s.clip)
-        lr = lr_at(st.step, s.lr, s.warmup, s.steps, s.min_lr)
-        st.opt.step(student.params, {k: g for k, g in grads.items() if k in student.params}, lr)
-        if proj:
-            st.aux_opt.step(proj, {k: g for k, g in grads.items() if k in proj}, lr)
-        st.step += 1
-        now = time.perf_counter()
-        rec.update(step=st.step, lr=lr, grad_norm=gnorm,
-                   tokens_per_s=s.grad_accum * s.batch_size * seq_len / max(now - t_last, 1e-9))
-        t_last = now
-        if len(val_ids) >= 2 and ((s.eval_every and st.step % s.eval_every == 0) or st.step == s.steps):
-            vl = _heldout_loss(Executor(models.with_loss(student.graph), student.params, backends), student,
-                               val_ids, seq_len, s.eval_batches, s.batch_size)
-            rec.update(val_loss=vl, val_perplexity=math.exp(min(vl, 700.0)))
-            terms = ", ".join(f"{k[5:]} {rec[k]:.4f}" for k in p.student_graph.outputs[1:])
-            log(f"step {st.step}: distillation loss {rec['loss']:.4f} ({terms}), held-out loss {vl:.4f}, "
-                f"perplexity {rec['val_perplexity']:.2f}")
-            st.history.append({k: rec[k] for k in ("step", "loss", "val_loss", "val_perplexity")})
-        history.append(rec)
-        if progress:
-            progress(rec)
-        if checkpoint and tr.checkpoint_due(s, st.step):
-            tr.save_checkpoint(checkpoint, st)
-    return DistillRun(st, proj, history)
+            progress: Callable[[dict[str, float]], None] | None = None) -> TrainState:
+    """Train ``st.model`` (a fresh student, or a ``distill`` checkpoint made with the same teacher,
+    text and objectives) up to ``st.settings.steps`` steps on ``ids`` against ``teacher``."""
+    return fit(st, ids, Distillation(teacher, ds, teacher_file), backends=backends, checkpoint=checkpoint,
+               log=log, progress=progress)
 
 
 # ------------------------------------------------------------------------------------ report
 def heldout(model: Model, val_ids: np.ndarray, seq_len: int, backends: Sequence[str] = ("numpy",)) -> dict[str, float]:
     """Loss and perplexity on the true next tokens of ``val_ids``: consecutive windows of ``seq_len``
-    (the same windows for every model compared, whatever its own context length)."""
+    (the same windows for every model compared, whatever its own context length); NaN without text."""
     if len(val_ids) < 2:
         return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0}
-    ex = Executor(models.with_loss(model.graph), model.params, backends)
-    total, count = 0.0, 0
-    for x, y in data.eval_windows(val_ids, seq_len):
-        t, n = window_nll(ex, model, x[None], y[None])
-        total, count = total + t, count + n
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    return evaluate(model, val_ids, seq_len=seq_len, backends=backends)
 
 
 def decode_speed(model: Model, prompt: Sequence[int], n_tokens: int, backends: Sequence[str] = ("numpy",)) -> float:
@@ -453,18 +399,16 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def new_student(config: dict[str, Any], teacher: Model, settings: TrainSettings) -> TrainState:
     """A freshly initialised student (same seeds as ``minitx train``) carrying the teacher's tokenizer."""
-    return new_state(config, teacher.tokenizer_json, settings)
+    return fresh_model(config, teacher.tokenizer_json, settings, kind="distill")
 
 
 def objectives(teacher: Model, student: Model, proj: dict[str, np.ndarray], ds: DistillSettings,
                x: np.ndarray, y: np.ndarray, backends: Sequence[str] = ("numpy",)) -> dict[str, float]:
     """Each selected objective (and their weighted sum, ``loss``) on one batch, without training."""
     p = plan(teacher, student, ds)
-    dtype = next(iter(student.params.values())).dtype
-    feeds = _feeds(student.config, x, y, dtype)
-    if p.feeds_from_teacher:
-        feeds.update(teacher_feeds(p, Executor(p.teacher_graph, teacher.params, backends), teacher, x))
-    out = Executor(p.student_graph, {**student.params, **proj}, backends).run(feeds, outputs=p.student_graph.outputs)
+    extra = teacher_feeds(p, Executor(p.teacher_graph, teacher.params, backends), x)
+    out = Executor(p.student_graph, {**student.params, **proj}, backends).run(
+        batch_feeds(p.student_graph, x, y, extra), outputs=p.student_graph.outputs)
     return {k: float(v) for k, v in out.items()}
 
 
@@ -477,13 +421,11 @@ def run_report(teacher: Model, teacher_path: str | None, st: TrainState, ids: np
     models on the same held-out tokens and the same machine."""
     import tempfile
 
-    from . import modelfile
-    from .train import train as train_plain
+    from .. import modelfile
 
     log = log or (lambda m: None)
     s = st.settings
     seq_len = s.seq_len or min(st.model.n_ctx, teacher.n_ctx)
-    s.seq_len = seq_len
     t0 = time.perf_counter()
     distill(st, teacher, ids, ds, backends=backends, checkpoint=checkpoint, teacher_file=teacher_path,
             log=log, progress=progress)
@@ -492,7 +434,7 @@ def run_report(teacher: Model, teacher_path: str | None, st: TrainState, ids: np
     st.model.meta = {"source": "minitx distill", "teacher": os.path.basename(teacher_path or "bundled default"),
                      "losses": ds.losses, "temperature": ds.temperature,
                      "layer_map": [list(x) for x in p.pairs] if ds.uses_layers else None,
-                     "settings": dict(vars(s)), "history": st.history}
+                     "settings": asdict(s), "history": st.history}
     modelfile.save(st.model, output)
     _, val = data.split(ids, s.val_fraction, seq_len)
     prompt = (val if len(val) else ids)[:16].tolist()
@@ -500,8 +442,9 @@ def run_report(teacher: Model, teacher_path: str | None, st: TrainState, ids: np
             describe("student (distilled)", st.model, output, val, seq_len, prompt, decode_tokens, backends)]
     if baseline:
         log("baseline: the same student trained without the teacher")
-        bst = new_state(dict(st.model.config), st.model.tokenizer_json, TrainSettings.from_dict(vars(s)))
-        train_plain(bst, ids, backends=backends, log=log)
+        bst = fresh_model(dict(st.model.config), st.model.tokenizer_json,
+                          TrainSettings.from_dict({**asdict(s), "seq_len": seq_len}))
+        fit(bst, ids, backends=backends, log=log)
         bst.model.meta = {"source": "minitx distill --baseline"}
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "baseline.npz")

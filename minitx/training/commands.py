@@ -1,0 +1,285 @@
+"""What ``minitx train``, ``distill``, ``qat`` and ``eval`` do, as library functions.
+
+The CLI parses flags into :class:`RunOptions` (the flags the three training commands share) and
+each command's own arguments, calls one function here, and prints the report it returns. Here
+live the decisions: config resolution, settings, resume rules, which files may be written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+from .. import data, models, modelfile
+from ..errors import MinitxError
+from ..model import Model
+from . import checkpoint as ckpt
+from . import distill as dl
+from . import qat as Q
+from .evaluation import compare_plugins, evaluate
+from .loop import fit
+from .progress import ProgressLine
+from .settings import TrainSettings, TrainState, fresh_model
+
+Warn = Callable[[str], None]
+
+
+@dataclass
+class RunOptions:
+    """The flags every training command shares."""
+
+    values: dict[str, Any]           # TrainSettings fields as the command line set them (defaults included)
+    given: set[str] = field(default_factory=set)   # the fields the user gave explicitly
+    output: str = ""
+    checkpoint: str | None = None    # default: beside the output
+    resume: str | None = None
+    backends: tuple[str, ...] = ("numpy",)
+    quiet: bool = False
+
+    def settings(self) -> TrainSettings:
+        names = {f.name for f in fields(TrainSettings)}
+        kw = {k: v for k, v in self.values.items() if k in names}
+        kw["plugins"] = tuple(kw.get("plugins", ()))
+        s = TrainSettings(**kw)
+        s.check()
+        return s
+
+    def checkpoint_path(self, inputs: dict[str, str | None]) -> str:
+        """The checkpoint file, after checking the outputs can be written without destroying an input."""
+        path = self.checkpoint or ckpt.default_path(self.output)
+        ckpt.check_paths(self.output, path, {"--resume": self.resume, **inputs})
+        return path
+
+    def resumed(self, st: TrainState, changeable: Sequence[str] = ()) -> TrainState:
+        """Apply the command line to a resumed run's settings: --steps and --checkpoint-every (and
+        ``changeable``) take the new value; any other training flag given with a different value
+        than the checkpoint's is an error — the resumed run keeps its settings."""
+        free = {"steps", "checkpoint_every", *changeable}
+        for f in fields(st.settings):
+            if f.name not in self.given or f.name not in self.values:
+                continue
+            new, old = self.values[f.name], getattr(st.settings, f.name)
+            if isinstance(new, (list, tuple)):
+                new = tuple(new)
+            if new == old or (f.name == "seq_len" and new == 0):
+                continue
+            if f.name not in free:
+                flag, may = _flag(f.name), ", ".join(_flag(k) for k in sorted(free))
+                raise MinitxError(f"{st.source}: the checkpoint was made with {flag} {_show(old)}, not {_show(new)} "
+                                  f"(a resumed run keeps its settings; only {may} may change)")
+            setattr(st.settings, f.name, new)
+        st.settings.check()
+        return st
+
+    def reporter(self, total: int) -> tuple[ProgressLine | None, Callable[[str], None]]:
+        bar = None if self.quiet else ProgressLine(total)
+        return bar, (bar.message if bar else (lambda s: None))
+
+
+_FLAGS = {"batch_size": "--batch", "seq_len": "--seq", "plugins": "--plugin"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _show(v: Any) -> str:
+    return ",".join(v) if isinstance(v, tuple) else str(v)
+
+
+def _json_arg(src: str, what: str, inline: bool = False) -> Any:
+    """A JSON value from a file (or, with ``inline``, from text starting with ``{``)."""
+    try:
+        if inline and src.strip().startswith("{"):
+            return json.loads(src)
+        with open(src, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MinitxError(f"{what}: no such file" + (" (give a JSON file or inline JSON)" if inline else "")) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinitxError(f"{what}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise MinitxError(f"{what}: JSON nested too deeply") from None
+    except OSError as e:
+        raise MinitxError(f"{what}: cannot read: {e.strerror}") from None
+
+
+def resolve_config(arch: str | None, preset: str, config_path: str | None) -> dict[str, Any]:
+    """``train``'s starting config: the preset of ``arch``, overridden by a JSON config file."""
+    if config_path:
+        user = _json_arg(config_path, config_path)
+        if not isinstance(user, dict):
+            raise MinitxError(f"{config_path}: a config must be a JSON object")
+        a = user.get("arch", arch)
+        if a is None:
+            raise MinitxError(f"{config_path}: no 'arch' field; give --arch gpt2|llama")
+        if arch is not None and a != arch:
+            raise MinitxError(f"{config_path}: arch {user['arch']!r} contradicts --arch {arch}")
+        return {**models.preset(a, preset), **user, "arch": a}
+    if arch is None:
+        raise MinitxError("give --arch gpt2|llama (or --config cfg.json, or --resume ckpt.npz)")
+    return models.preset(arch, preset)
+
+
+def _check_early(opts: RunOptions) -> None:
+    """Refuse bad settings and plugins before any slow work (a tokenizer, a teacher)."""
+    if opts.resume is None:
+        opts.settings()
+    plugins = opts.values.get("plugins") or ()
+    if plugins:
+        from .. import plugin
+
+        plugin.plan(plugins)
+
+
+# ----------------------------------------------------------------------------------- train
+def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: str = "tiny",
+          config_path: str | None = None, tokenizer_path: str | None = None,
+          vocab_size: int | None = None) -> dict[str, Any]:
+    """``minitx train``: a new decoder (or a resumed run) trained on a text, saved to the output."""
+    _check_early(opts)
+    text = data.read_text(data_path)
+    checkpoint = opts.checkpoint_path({"--data": data_path, "--config": config_path, "--tokenizer": tokenizer_path})
+    t0 = time.perf_counter()
+    if opts.resume:
+        st = opts.resumed(ckpt.load(opts.resume), changeable=("precision", "plugins"))
+        tok_json = st.model.tokenizer_json
+        if tok_json is None:
+            raise MinitxError(f"{opts.resume}: the checkpoint carries no tokenizer")
+    else:
+        config = resolve_config(arch, preset, config_path)
+        if tokenizer_path:
+            tok_json = data.load_tokenizer_json(tokenizer_path)
+        else:
+            tok_json = data.train_tokenizer(text, vocab_size or int(config.get("vocab_size", 512)))
+        from tokenizers import Tokenizer
+
+        config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
+        st = fresh_model(models.complete_config(config), tok_json, opts.settings())
+    ids = data.encode(tok_json, text)
+    m, s = st.model, st.settings
+    bar, log = opts.reporter(s.steps)
+    log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
+        f"{len(ids):,} tokens of text; step {st.step} of {s.steps}; backend {', '.join(opts.backends)}"
+        + (f"; {s.precision} compute, float32 weights" if s.precision != "float32" else "")
+        + (f"; rewrites {', '.join(s.plugins)}" if s.plugins else ""))
+    fit(st, ids, backends=opts.backends, checkpoint=checkpoint, log=log, progress=bar)
+    m.meta = {"source": "minitx train", "data": os.path.basename(data_path), "steps": st.step,
+              "settings": asdict(s), "history": st.history}
+    modelfile.save(m, opts.output)
+    last = st.history[-1] if st.history else {}
+    return {"output": opts.output, "checkpoint": checkpoint, "steps": st.step,
+            "seconds": time.perf_counter() - t0, "params": m.n_params(),
+            "val_loss": last.get("val_loss"), "val_perplexity": last.get("val_perplexity"), "history": st.history}
+
+
+# --------------------------------------------------------------------------------- distill
+def distill(opts: RunOptions, teacher_path: str | None, student_config: str, data_path: str, *,
+            losses: Sequence[str] = (), temperature: float = 2.0, layer_map: str | None = None,
+            baseline: bool = False, decode_tokens: int = 32) -> dict[str, Any]:
+    """``minitx distill``: a student trained against a teacher (default: the bundled model)."""
+    from ..bundled import default_model_path
+
+    ds = dl.DistillSettings(dl.parse_losses(losses), temperature,
+                            dl.parse_layer_map(layer_map) if layer_map is not None else None)
+    ds.check()
+    if decode_tokens < 0:
+        raise MinitxError(f"--max-new-tokens must be >= 0, got {decode_tokens}")
+    _check_early(opts)
+    teacher_path = teacher_path if teacher_path is not None else default_model_path()
+    checkpoint = opts.checkpoint_path({"--data": data_path, "TEACHER": teacher_path})
+    t = modelfile.load(teacher_path)
+    if not t.is_decoder:
+        raise MinitxError(f"the teacher must be a decoder (gpt2 or llama), not {t.config['arch']}")
+    if t.tokenizer_json is None:
+        raise MinitxError(f"{teacher_path}: the teacher carries no tokenizer, so it cannot read the text")
+    config = dl.student_config(t, _json_arg(student_config, f"--student-config {student_config.strip()}",
+                                            inline=True))
+    if opts.resume:
+        st = opts.resumed(ckpt.load(opts.resume, kind="distill"), changeable=("precision", "plugins"))
+        if st.model.config != config:
+            diff = sorted(k for k in {*config, *st.model.config} if config.get(k) != st.model.config.get(k))
+            raise MinitxError(f"{opts.resume}: the checkpoint's student differs from --student-config in "
+                              f"{', '.join(diff)}")
+    else:
+        st = dl.new_student(config, t, opts.settings())
+    dl.plan(t, st.model, ds)   # bad layer maps and the like fail before any text is read
+    ids = data.encode(t.tokenizer_json, data.read_text(data_path))
+    bar, log = opts.reporter(st.settings.steps)
+    log(f"teacher {t.n_params():,} parameters, student {st.model.n_params():,}; {len(ids):,} tokens of text; "
+        f"losses {', '.join(f'{k}={v:g}' for k, v in ds.losses.items())}")
+    return dl.run_report(t, teacher_path, st, ids, ds, opts.output, baseline=baseline, decode_tokens=decode_tokens,
+                         backends=opts.backends, checkpoint=checkpoint, log=log, progress=bar)
+
+
+# ------------------------------------------------------------------------------------- qat
+def qat(opts: RunOptions, model_path: str | None, data_path: str, plugin_texts: Sequence[str], *,
+        calib: Sequence[str] = (), validate: Sequence[str] = (), force: bool = False, compare: bool = True,
+        warn: Warn | None = None) -> dict[str, Any]:
+    """``minitx qat``: fine-tune through fake quantization, convert, score, save. Of ``plugin_texts``
+    the one ``quant:`` spec is what to train for; the others are exact training rewrites (recompute)."""
+    from ..bundled import default_model_path
+    from ..validate import Calibration
+
+    from ..plugin import parse_spec
+
+    target = [p for p in plugin_texts if not parse_spec(p).plugin.exact]
+    if len(target) != 1:
+        raise MinitxError("give one --plugin quant:MODE[,OPTS] to train for (e.g. quant:int4), besides exact "
+                          "training rewrites such as recompute" + (f"; got {', '.join(target)}" if target else ""))
+    text = target[0]
+    opts.values["plugins"] = tuple(p for p in plugin_texts if p not in target)
+    if "plugins" in opts.given and not opts.values["plugins"]:
+        opts.given.discard("plugins")
+    Q.split_spec(text)                        # bad options fail before any work
+    _check_early(opts)
+    cal = Calibration.parse(list(calib), validate=list(validate))
+    model_file = model_path if model_path is not None else default_model_path()
+    checkpoint = opts.checkpoint_path({"--data": data_path, "MODEL": model_file})
+    m = modelfile.load(model_file)
+    Q.check_float(m, model_path or "the bundled model")
+    if m.tokenizer_json is None:
+        raise MinitxError("this model carries no tokenizer, so it cannot read text")
+    if opts.resume:
+        st = opts.resumed(Q.resume(opts.resume, m, text, model_file), changeable=("precision", "plugins"))
+    else:
+        st = Q.new_state(m, text, opts.settings(), model_file)
+    ids = data.encode(m.tokenizer_json, data.read_text(data_path))
+    bar, log = opts.reporter(st.settings.steps)
+    res = Q.run(m, ids, text, st.settings, backends=opts.backends, calib=cal, force=force, state=st,
+                checkpoint=checkpoint, warn=warn, log=log, progress=bar)
+    report: dict[str, Any] = {"plugin": Q.split_spec(text)[1], "steps": res.state.step,
+                              "packed_vs_fake_quant_max_abs": res.packed_vs_fake_quant}
+    v = res.packed.meta["rewrites"][-1].get("validation")
+    if v:
+        report["validation"] = {k: v[k] for k in ("calibration", "n_sequences", "passed", "failure")}
+    if compare:
+        report.update(Q.compare(m, ids, res, text, opts.backends))
+    modelfile.save(res.packed, opts.output)
+    return report
+
+
+# ------------------------------------------------------------------------------------ eval
+def evaluate_file(model: Model, data_path: str, *, stride: int | None = None, plugins: Sequence[str] = (),
+                  backends: Sequence[str] = ("numpy",), strict: bool = False, precision: str = "float32",
+                  warn: Warn | None = None) -> dict[str, Any]:
+    """``minitx eval``: loss and perplexity of ``model`` on a text (and of its rewrite by ``plugins``)."""
+    from ..precision import check_precision
+
+    check_precision(precision)
+    if not model.is_decoder:
+        raise MinitxError(f"eval scores next-token prediction: needs a decoder, not {model.config['arch']}")
+    if model.tokenizer_json is None:
+        raise MinitxError("this model carries no tokenizer, so it cannot read text")
+    if plugins:
+        from ..plugin import plan
+
+        plan(plugins)    # bad plugin options fail before any scoring
+    ids = data.encode(model.tokenizer_json, data.read_text(data_path))
+    if plugins:
+        return compare_plugins(model, ids, plugins, backends=backends, stride=stride, strict=strict,
+                               precision=precision, warn=warn)
+    return evaluate(model, ids, stride=stride, backends=backends, strict=strict, precision=precision)
+
