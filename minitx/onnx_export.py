@@ -260,9 +260,7 @@ def _pattern_keep(cx, a: dict, keep: str, scores: str, q: str, K: str) -> str:
         if pattern == "topk":
             k = cx.op("Min", [cx.op("Unsqueeze", [S, cx.ints(0)]), cx.ints(int(a["topk"]))])
             vals, _ = cx.op("TopK", [masked, k], 2, axis=-1, largest=1, sorted=1)
-            kth = cx.op("Gather", [vals, cx.op("Sub", [cx.op("Squeeze", [k, cx.ints(0)]), cx.const(np.int64(1))])],
-                        axis=-1)
-            cut = cx.op("Unsqueeze", [kth, cx.ints(-1)])
+            cut = cx.op("ReduceMin", [vals, cx.ints(-1)], keepdims=1)       # the k-th largest kept score
         else:
             mx = cx.op("ReduceMax", [masked, cx.ints(-1)], keepdims=1)
             cut = cx.op("Add", [mx, cx.like(q, float(np.log(a["threshold"])))])
@@ -489,7 +487,7 @@ CONVERTERS: dict[str, Callable[..., None]] = {
 }
 # Inputs a conversion reads at export time (repacked or densified): they must be constants.
 CONST_INPUTS: dict[str, tuple[int, ...]] = {
-    "linear_q4": (1, 2), "sparse_linear": (1, 2, 3), "nm_linear": (1, 2), "fake_quant": (0,),
+    "linear_q4": (1, 2), "sparse_linear": (1, 2, 3), "nm_linear": (1, 2), "fake_quant": (0,), "linear_cast": (1,),
 }
 _WHY_NOT = {
     "nystrom_attention": "its landmark pseudo-inverse has no ONNX op",
