@@ -977,5 +977,28 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
                    + ("PASS" if v["passed"] else f"FAIL: {v['failure']} (kept: --force)"))
     click.echo(f"wrote {output} after {res.state.step} QAT steps")
 
+# ------------------------------------------------------------------------------------- export
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (.onnx).")
+@click.option("--external-data/--no-external-data", "external_data", default=None,
+              help="Store the weights beside the model in OUTPUT.data (default: only when over ONNX's 2 GB limit).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def export(model: str, output: str, external_data: bool | None, as_json: bool) -> None:
+    """Export MODEL (any family, any rewrite) to ONNX, checked with onnx.checker (full check).
+
+    Inputs and outputs keep the graph's names; a decoder's KV cache is an explicit input
+    (past.*) and output (present.*), so a runtime decodes step by step."""
+    from minitx import onnx_export
+
+    w = onnx_export.export(load_model(model), output, external_data)
+    if as_json:
+        click.echo(json.dumps({"path": w.path, "opset": w.opset, "bytes": w.bytes, "external_data": w.external_data,
+                               "ops": w.ops}))
+        return
+    where = f", weights in {w.external_data}" if w.external_data else ""
+    click.echo(f"wrote {w.path}: ONNX opset {w.opset}, {w.bytes / 2**20:.1f} MiB{where}; checker: PASS")
+    click.echo("ops emitted: " + ", ".join(f"{op} x{n}" for op, n in w.ops.items()))
+
 if __name__ == "__main__":
     main()

@@ -269,7 +269,7 @@ def _pattern_keep(cx, a: dict, keep: str, scores: str, q: str, K: str) -> str:
         raise MinitxError(f"node {cx.node.name} (sparse_attention): pattern {pattern!r} has no ONNX mapping")
     if a.get("dense_below", 0):
         short = cx.op("LessOrEqual", [S, cx.const(np.int64(a["dense_below"]))])
-        return cx.op("Where", [short, keep, narrowed])
+        return cx.op("Or", [narrowed, cx.op("And", [keep, short])])   # narrowed ⊆ keep
     return narrowed
 
 
