@@ -632,7 +632,12 @@ def verify(model, golden_file, atol, rtol, as_json, plugins, backends, no_fallba
     """
     from minitx import golden as gd
 
-    m = load_model(model)
+    if model.endswith(".onnx"):  # a file `minitx export` wrote, run by ONNX Runtime
+        from minitx.onnx_export import load as load_onnx
+
+        m, backends = load_onnx(model), ("onnxruntime",)
+    else:
+        m = load_model(model)
     g = gd.load(golden_file)
     if plugins:
         from minitx.plugin import optimize as _optimize

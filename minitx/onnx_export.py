@@ -683,6 +683,102 @@ def save(exported: Exported, path: str, external_data: bool | None = None, check
 
 
 def export(model: Any, path: str, external_data: bool | None = None) -> Written:
-    """``minitx export``: a model (any family, any rewrite) → a checked ONNX file at ``path``."""
-    return save(graph_to_onnx(model.graph, model.params), path, external_data)
+    """``minitx export``: a model (any family, any rewrite) → a checked ONNX file at ``path``.
+
+    The model's config travels in the file's metadata (``minitx.config``), so a golden file
+    recorded for the model can be verified against the exported file (:func:`load`)."""
+    import json
+
+    from . import __version__
+
+    exported = graph_to_onnx(model.graph, model.params)
+    _onnx().helper.set_model_props(exported.model, {"minitx.config": json.dumps(model.config, sort_keys=True),
+                                                    "minitx.version": __version__})
+    return save(exported, path, external_data)
+
+
+# ------------------------------------------------------------------------------ running exported files
+def session(model: Any, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session (a ModelProto or a path) that keeps the spec's numerics: ONNX
+    Runtime rewrites DequantizeLinear → MatMul into MatMulNBits, which by default quantizes the
+    activations to int8 (accuracy level 4); level 1 accumulates in float32."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MinitxError("running ONNX needs onnxruntime: pip install 'minitx[onnx]'") from None
+    from . import threads as _threads
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or _threads.budget()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    src = model if isinstance(model, str) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 — a file ONNX Runtime refuses is the user's input
+        if isinstance(model, str):
+            raise MinitxError(f"{model}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        raise
+
+
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+                "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+                "tensor(bool)": "bool"}
+
+
+class _FileRunner:
+    """The executor interface (``run``, ``explain``) over an exported file in ONNX Runtime."""
+
+    def __init__(self, path: str) -> None:
+        self.sess = session(path)
+        self.inputs = {i.name: np.dtype(_ONNX_DTYPES.get(i.type, "float32")) for i in self.sess.get_inputs()}
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feeds: Mapping[str, Any], outputs: Iterable[str] | None = None, keep: Iterable[str] = (),
+            device_outputs: Iterable[str] = ()) -> dict[str, np.ndarray]:
+        missing = [k for k in self.inputs if k not in feeds]
+        if missing:
+            raise MinitxError(f"missing graph input {missing[0]!r}")
+        f = {k: np.ascontiguousarray(np.asarray(feeds[k]).astype(dt, copy=False)) for k, dt in self.inputs.items()}
+        res = dict(zip(self.outputs, self.sess.run(self.outputs, f)))
+        wanted = list(outputs) if outputs is not None else self.outputs
+        return {k: res[k] for k in wanted if k in res}
+
+    def explain(self) -> list[tuple[str, str, str]]:
+        return [("(exported graph)", "onnx", "onnxruntime")]
+
+
+def load(path: str) -> Any:
+    """An exported file as a model that ``minitx verify`` can check: its config from the file's
+    metadata, its graph reduced to inputs and outputs, run by ONNX Runtime whatever the backend."""
+    import json
+
+    from .ir import Value
+    from .model import Model
+
+    onnx = _onnx()
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except FileNotFoundError:
+        raise MinitxError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001
+        raise MinitxError(f"{path}: not an ONNX file ({type(e).__name__})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if "minitx.config" not in props:
+        raise MinitxError(f"{path}: carries no minitx config (not written by `minitx export`)")
+
+    def dims(v: Any) -> tuple:
+        return tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)
+
+    elem = {v: k for k, v in _ELEM.items()}
+    ins = [Value(v.name, dims(v), elem.get(v.type.tensor_type.elem_type, "float32")) for v in proto.graph.input]
+    graph = Graph(ins, [o.name for o in proto.graph.output], {}, [])
+    runner = _FileRunner(path)
+
+    class Exported(Model):
+        def executor(self, backends: Any = (), strict: bool = False) -> Any:  # noqa: ARG002
+            return runner
+
+    return Exported(json.loads(props["minitx.config"]), {}, graph, meta={"source": path})
 

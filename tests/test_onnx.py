@@ -278,3 +278,31 @@ def test_verify_real_minilm(tmp_path):
     assert run("convert", src, "-o", out).exit_code == 0
     r = run("verify", out, os.path.join(FIX, "golden-minilm.npz"), "--backend", "onnxruntime", "--no-fallback")
     assert r.exit_code == 0 and r.output.rstrip().endswith("PASS"), r.output
+
+
+def test_verify_an_exported_file(tmp_path):
+    """`minitx verify model.onnx golden.npz`: the exported file, in ONNX Runtime, against transformers."""
+    src, out = tmp_path / "m.npz", tmp_path / "m.onnx"
+    assert run("convert", os.path.join(FIX, "hf-llama-tiny"), "-o", src).exit_code == 0
+    assert run("export", src, "-o", out).exit_code == 0
+    r = run("verify", out, os.path.join(FIX, "golden-llama-tiny.npz"))
+    assert r.exit_code == 0 and "checking with onnxruntime" in r.output and r.output.rstrip().endswith("PASS"), r.output
+    r = run("verify", out, os.path.join(FIX, "golden-gpt2-tiny.npz"))
+    _one_line_error(r, "recorded for a gpt2 model")
+
+
+def test_verify_an_exported_file_catches_a_wrong_weight(tmp_path):
+    src, out = tmp_path / "m.npz", tmp_path / "m.onnx"
+    assert run("convert", os.path.join(FIX, "hf-gpt2-tiny"), "-o", src).exit_code == 0
+    m = modelfile.load(str(src))
+    m.params["layers.0.mlp.up.weight"] = m.params["layers.0.mlp.up.weight"] * 1.01
+    ox.export(m, str(out))
+    r = run("verify", out, os.path.join(FIX, "golden-gpt2-tiny.npz"))
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+def test_verify_refuses_an_onnx_file_minitx_did_not_write(tmp_path):
+    m = tiny("gpt2")
+    path = tmp_path / "plain.onnx"
+    onnx.save_model(ox.graph_to_onnx(m.graph, m.params).model, str(path))
+    _one_line_error(run("verify", path, os.path.join(FIX, "golden-gpt2-tiny.npz")), "no minitx config")

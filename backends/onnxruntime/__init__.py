@@ -8,9 +8,8 @@ graph — so ONNX Runtime sees, fuses and threads the model as a deployment woul
 a per-node kernel (a one-node session, cached by signature): what ``minitx conformance`` checks,
 and what training's forward pass calls. There are no VJPs: the backward pass runs on the spec.
 
-The sessions keep the spec's numerics: ONNX Runtime's rewrite of DequantizeLinear → MatMul into
-MatMulNBits would otherwise quantize activations to int8 (``accuracy_level`` 4), so it is pinned
-to float32 accumulation (level 1).
+The sessions keep the spec's numerics (minitx.onnx_export.session: float32 accumulation where ONNX
+Runtime rewrites DequantizeLinear → MatMul into MatMulNBits).
 """
 from __future__ import annotations
 
@@ -27,16 +26,9 @@ from minitx.ir import Graph, Node
 
 
 def _session(model: Any) -> Any:
-    import onnxruntime as ort
+    from minitx.onnx_export import session
 
-    from minitx import threads
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads.budget()
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session(model)
 
 
 class _Segment:
