@@ -73,10 +73,6 @@ class _Ctx:
         self.inits[name] = _onnx().numpy_helper.from_array(np.ascontiguousarray(a), name)
         return name
 
-    def tensor(self, name: str, tensor: Any) -> str:
-        self.inits[name] = tensor
-        return name
-
     def need_const(self, name: str, what: str) -> np.ndarray:
         a = self.consts(name) if name else None
         if a is None:
@@ -412,9 +408,8 @@ def _linear_cast(cx, n, i, o, a):
     x, w, b = i[:3]
     if cx.dtypes[w] == "uint16":      # bfloat16 bit patterns: the same bits, typed BFLOAT16
         wa = np.ascontiguousarray(cx.need_const(w, "weight"))
-        w = cx.tensor(cx.fresh("bf16"), onnx.helper.make_tensor(cx.fresh("bf16"), onnx.TensorProto.BFLOAT16,
-                                                                 wa.shape, wa.tobytes(), raw=True))
-        cx.inits[w].name = w
+        w = cx.fresh("bf16")
+        cx.inits[w] = onnx.helper.make_tensor(w, onnx.TensorProto.BFLOAT16, wa.shape, wa.tobytes(), raw=True)
     wf = cx.op("Cast", [w], to=_elem(cx.dtypes[x]))
     _matmul(cx, x, _swap_last(cx, wf) if a.get("transposed") else wf, b, o[0])
 
@@ -560,7 +555,7 @@ def convert(nodes: Sequence[Node], inputs: Sequence[Port], outputs: Sequence[str
         a = consts.get(k)
         if a is None:
             raise MinitxError(f"value {k!r} is read but is neither an input, a parameter nor computed")
-        cx.inits[k] = _initializer(k, a, dtypes.get(k))
+        cx.inits[k] = onnx.numpy_helper.from_array(np.ascontiguousarray(a), k)
     for k in [k for k in cx.inits if k not in used]:
         del cx.inits[k]
 
@@ -580,11 +575,7 @@ def convert(nodes: Sequence[Node], inputs: Sequence[Port], outputs: Sequence[str
     return Exported(model, dict(sorted(cx.emitted.items())))
 
 
-def _initializer(name: str, a: np.ndarray, dtype: str | None) -> Any:
-    return _onnx().numpy_helper.from_array(np.ascontiguousarray(a), name)
-
-
-def _probe(graph: Graph, base: int) -> tuple[dict[str, int], dict]:
+def probe_shapes(graph: Graph, base: int) -> tuple[dict[str, int], dict]:
     """Shape inference with the symbolic dims bound to distinct small values."""
     b = {s: base + 3 * k for k, s in enumerate(sorted(symbols(graph)))}
     return b, graph.infer(b)
@@ -595,7 +586,7 @@ def symbolic_shapes(graph: Graph, names: Iterable[str]) -> dict[str, tuple]:
     dim expression (``B``, ``S+T``) that moves the same way under two probes; None if none does."""
     from .ir import bind_shape
 
-    (b1, env1), (b2, env2) = _probe(graph, 2), _probe(graph, 5)
+    (b1, env1), (b2, env2) = probe_shapes(graph, 2), probe_shapes(graph, 5)
     exprs = {d for v in graph.inputs for d in v.shape if isinstance(d, str)}
     table = {(bind_shape([e], b1)[0], bind_shape([e], b2)[0]): e for e in sorted(exprs, key=len, reverse=True)}
     out = {}
@@ -608,7 +599,7 @@ def symbolic_shapes(graph: Graph, names: Iterable[str]) -> dict[str, tuple]:
 def graph_to_onnx(graph: Graph, params: Mapping[str, np.ndarray]) -> Exported:
     """The whole graph: its inputs (symbolic dims kept), its outputs, its parameters as initializers."""
     graph.validate()
-    _, env = _probe(graph, 2)
+    _, env = probe_shapes(graph, 2)
     dtypes = {k: d for k, (_, d) in env.items()}
     shapes = {k: s for k, (s, _) in env.items()}
     missing = [k for k in graph.params if k not in params]
@@ -776,9 +767,9 @@ def load(path: str) -> Any:
     graph = Graph(ins, [o.name for o in proto.graph.output], {}, [])
     runner = _FileRunner(path)
 
-    class Exported(Model):
+    class ExportedModel(Model):
         def executor(self, backends: Any = (), strict: bool = False) -> Any:  # noqa: ARG002
             return runner
 
-    return Exported(json.loads(props["minitx.config"]), {}, graph, meta={"source": path})
+    return ExportedModel(json.loads(props["minitx.config"]), {}, graph, meta={"source": path})
 

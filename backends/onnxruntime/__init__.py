@@ -21,7 +21,6 @@ import numpy as np
 
 from minitx import ops
 from minitx.backend import Backend
-from minitx.errors import MinitxError
 from minitx.ir import Graph, Node
 
 
@@ -46,7 +45,7 @@ class _Segment:
         from minitx import onnx_export as ox
 
         if self._env is None:
-            _, env = ox._probe(self.graph, 2)
+            _, env = ox.probe_shapes(self.graph, 2)
             self._env = env
         env = self._env
         declared = {v.name: v for v in self.graph.inputs}
@@ -124,6 +123,8 @@ class OnnxRuntimeBackend(Backend):
                 ports = [ox.Port(n, str(a.dtype), (None,) * (a.ndim - 1) + (a.shape[-1],) if a.ndim else ())
                          for n, a in dyn]
                 model = ox.convert([node], ports, out_names, dtypes, shapes, consts, name=op).model
+                if len(self._cache) >= 256:  # one-node sessions for new weights each call (conformance)
+                    self._cache.clear()
                 sess = self._cache[key] = _session(model)
         res = sess.run(out_names, {n: np.ascontiguousarray(a) for n, a in dyn})
         return res[0] if len(res) == 1 else tuple(res)
