@@ -52,6 +52,7 @@ class _Ctx:
     nodes: list = field(default_factory=list)
     inits: dict[str, Any] = field(default_factory=dict)
     emitted: Counter = field(default_factory=Counter)
+    _small: dict = field(default_factory=dict)   # small constants, shared (every layer reshapes alike)
     _n: int = 0
 
     def fresh(self, hint: str) -> str:
@@ -67,10 +68,15 @@ class _Ctx:
         self.emitted[f"{domain}.{op_type}" if domain else op_type] += 1
         return outs[0] if len(outs) == 1 else outs
 
-    def const(self, a: Any, hint: str = "c", dtype: Any = None) -> str:
-        a = np.asarray(a, dtype=dtype)
-        name = self.fresh(hint)
-        self.inits[name] = _onnx().numpy_helper.from_array(np.ascontiguousarray(a), name)
+    def const(self, a: Any, hint: str = "c") -> str:
+        a = np.ascontiguousarray(a)
+        key = (a.dtype.str, a.shape, a.tobytes()) if a.size <= 64 else None
+        if key in self._small:
+            return self._small[key]
+        name = self.fresh(hint) if key is None else f"const/{hint}_{len(self._small)}"
+        self.inits[name] = _onnx().numpy_helper.from_array(a, name)
+        if key is not None:
+            self._small[key] = name
         return name
 
     def need_const(self, name: str, what: str) -> np.ndarray:

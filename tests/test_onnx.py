@@ -278,6 +278,9 @@ def test_verify_real_minilm(tmp_path):
     assert run("convert", src, "-o", out).exit_code == 0
     r = run("verify", out, os.path.join(FIX, "golden-minilm.npz"), "--backend", "onnxruntime", "--no-fallback")
     assert r.exit_code == 0 and r.output.rstrip().endswith("PASS"), r.output
+    assert run("export", out, "-o", tmp_path / "minilm.onnx").exit_code == 0
+    r = run("verify", tmp_path / "minilm.onnx", os.path.join(FIX, "golden-minilm.npz"))
+    assert r.exit_code == 0 and r.output.rstrip().endswith("PASS"), r.output
 
 
 def test_verify_an_exported_file(tmp_path):
