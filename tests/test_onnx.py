@@ -189,6 +189,18 @@ def test_unwritable_path_and_missing_model(tmp_path):
     assert os.listdir(tmp_path) == ["m.npz"]
 
 
+def test_a_folder_that_refuses_writes(tmp_path, monkeypatch):
+    src = tmp_path / "m.npz"
+    modelfile.save(tiny("gpt2"), str(src))
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ox.tempfile, "mkdtemp", refuse)  # root ignores chmod, so refuse at the call
+    _one_line_error(run("export", src, "-o", tmp_path / "m.onnx"), "Permission denied")
+    assert os.listdir(tmp_path) == ["m.npz"]
+
+
 def test_too_large_without_external_data(tmp_path, monkeypatch):
     src = tmp_path / "m.npz"
     modelfile.save(tiny("gpt2"), str(src))
