@@ -113,8 +113,9 @@ class Executor:
             if hasattr(b, "compile_segment"):
                 run = nodes[idx:end]
                 made = {o for n in run for o in n.outputs}
-                ins = list(dict.fromkeys(i for n in run for i in n.inputs if i and i not in made and i not in self.params))
-                outs = [o for o in made if last_use.get(o, -1) >= end or o in self.graph.outputs]
+                ins = list(dict.fromkeys(i for n in run for i in n.inputs
+                                         if i and i not in made and i not in self.params))
+                outs = [o for n in run for o in n.outputs if last_use.get(o, -1) >= end or o in self.graph.outputs]
                 fn = b.compile_segment(self.graph, run, ins, outs, self.params)
                 if fn is not None:
                     out[idx] = (end, fn, ins, made)
