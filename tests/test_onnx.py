@@ -76,7 +76,7 @@ def assert_same(m: Model, sess, f, atol=2e-5, rtol=2e-4):
                                     "sparsity:weights=magnitude", "sparsity:weights=nm,format=compact",
                                     "sparsity:attention=local,window=3", "sparsity:attention=topk,topk=3",
                                     "sparsity:attention=composite,dense_below=4,long=block,block=2",
-                                    "lowrank:rank=8"])
+                                    "lowrank:rank=8", "quant:mode=int4,qat=true"])
 def test_gpt2_exports_and_matches_the_spec(plugin):
     m = tiny("gpt2", plugin)
     e = exported(m)
