@@ -370,14 +370,12 @@ def _linear_q8_block(cx, n, i, o, a):
 
 def _linear_q4(cx, n, i, o, a):
     """int4 weights as MatMulNBits: per output channel, K values in blocks of ``group``, two per byte
-    (low nibble first), zero point 8 — exactly minitx's nibbles (q + 8)."""
+    (low nibble first), zero point 8 — exactly minitx's nibbles (q + 8). A group MatMulNBits does
+    not take (under 16, or not a power of two) becomes a block-wise int4 DequantizeLinear → MatMul."""
     from .ops.quant import unpack_int4
 
     x, w, s, b = i[:4]
     group = int(a.get("group", 32))
-    if group < 16 or group & (group - 1):
-        raise MinitxError(f"node {n.name} (linear_q4): group {group} has no ONNX equivalent "
-                          "(MatMulNBits needs a power-of-two block of at least 16)")
     wa, sa = cx.need_const(w, "weight"), cx.need_const(s, "scale")
     if a.get("transposed"):
         rows, scales = wa, sa                                  # (N, K/2) packed along K, (N, K/group)
@@ -386,6 +384,16 @@ def _linear_q4(cx, n, i, o, a):
         rows = q[:, 0::2] | (q[:, 1::2] << 4)
         scales = sa.T
     N, K = rows.shape[0], rows.shape[1] * 2
+    if group < 16 or group & (group - 1):
+        onnx = _onnx()
+        nib = np.empty((N, K), np.int8)
+        nib[:, 0::2], nib[:, 1::2] = rows & 0x0F, rows >> 4
+        name = cx.fresh("int4")
+        cx.inits[name] = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, (N, K), (nib - 8).reshape(-1))
+        wd = cx.op("DequantizeLinear", [name, cx.const(np.ascontiguousarray(scales), "int4_scale")], axis=1,
+                   block_size=group)
+        _matmul(cx, x, _swap_last(cx, wd), b, o[0])
+        return
     B = np.ascontiguousarray(rows.reshape(N, K // group, group // 2), dtype=np.uint8)
     inputs = [x, cx.const(B, "nbits"), cx.const(np.ascontiguousarray(scales.reshape(-1)), "nbits_scale")]
     y = cx.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=K, N=N, bits=4, block_size=group)

@@ -221,18 +221,28 @@ def test_backend_conforms():
     assert report.counts()["PASS"] >= 100
 
 
+def _q4(r, group, transposed):
+    from minitx.ops import quant as Q
+
+    w = r.standard_normal((48, 40)) * 0.1
+    q, s = Q.quantize_int4_rows(w.T, group) if transposed else Q.quantize_int4(w, group)
+    return r.standard_normal((2, 3, 48)), q, s, r.standard_normal(40)
+
+
 @pytest.mark.parametrize("op,args,attrs", [
+    ("linear_q4", lambda r: _q4(r, 8, False), {"group": 8}),        # groups MatMulNBits does not take:
+    ("linear_q4", lambda r: _q4(r, 24, True), {"group": 24, "transposed": True}),   # int4 DequantizeLinear
     ("lowrank_linear", lambda r: (r.standard_normal((2, 3, 16)), r.standard_normal((16, 4)) * 0.3,
                                   r.standard_normal((4, 10)), r.standard_normal(10)), {}),
     ("scale", lambda r: (r.standard_normal((3, 4)),), {"factor": 0.25}),
     ("fake_quant", lambda r: (r.standard_normal((64, 8)),), {"bits": 4, "group": 32}),
 ])
 def test_kernels_without_conformance_cases(op, args, attrs):
-    """Ops the conformance table has no case for, checked against the spec here."""
+    """Ops (and cases) the conformance table does not cover, checked against the spec here."""
     from minitx import ops
     from minitx.backend import get_backend
 
-    inputs = [a.astype(np.float32) for a in args(np.random.default_rng(0))]
+    inputs = [a.astype(np.float32) if a.dtype.kind == "f" else a for a in args(np.random.default_rng(0))]
     got = get_backend("onnxruntime").kernels[op](*inputs, **attrs)
     np.testing.assert_allclose(got, ops.get(op).forward(*inputs, **attrs), atol=1e-5, rtol=1e-5)
 
