@@ -32,7 +32,7 @@ MS_DOMAIN = "com.microsoft"    # MatMulNBits: ONNX Runtime's int4 weight-only ma
 PROTOBUF_LIMIT = 2 ** 31       # a single ONNX protobuf cannot exceed 2 GB
 
 
-def _onnx():
+def require_onnx():
     try:
         import onnx
     except ImportError:
@@ -61,7 +61,7 @@ class _Ctx:
 
     def op(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str] | int = 1, domain: str = "",
            **attrs: Any) -> Any:
-        onnx = _onnx()
+        onnx = require_onnx()
         outs = [self.fresh(op_type) for _ in range(outputs)] if isinstance(outputs, int) else list(outputs)
         self.nodes.append(onnx.helper.make_node(op_type, list(inputs), outs, name=self.fresh(op_type + "_node"),
                                                 domain=domain or None, **attrs))
@@ -74,7 +74,7 @@ class _Ctx:
         if key in self._small:
             return self._small[key]
         name = self.fresh(hint) if key is None else f"const/{hint}_{len(self._small)}"
-        self.inits[name] = _onnx().numpy_helper.from_array(a, name)
+        self.inits[name] = require_onnx().numpy_helper.from_array(a, name)
         if key is not None:
             self._small[key] = name
         return name
@@ -298,7 +298,7 @@ def _attend(cx, a: dict, q: str, K: str, V: str, mask: str, out: str) -> None:
     if a.get("pattern", "dense") != "dense":
         if keep is None:
             keep = cx.op("Cast", [cx.op("ConstantOfShape", [cx.op("Shape", [scores])],
-                                        value=_onnx().numpy_helper.from_array(np.array([1], np.int64)))],
+                                        value=require_onnx().numpy_helper.from_array(np.array([1], np.int64)))],
                          to=_elem("bool"))
         keep = _pattern_keep(cx, a, keep, scores, q, K)
     if keep is not None:
@@ -385,7 +385,7 @@ def _linear_q4(cx, n, i, o, a):
         scales = sa.T
     N, K = rows.shape[0], rows.shape[1] * 2
     if group < 16 or group & (group - 1):
-        onnx = _onnx()
+        onnx = require_onnx()
         nib = np.empty((N, K), np.int8)
         nib[:, 0::2], nib[:, 1::2] = rows & 0x0F, rows >> 4
         name = cx.fresh("int4")
@@ -418,7 +418,7 @@ def _linear_w8a8(cx, n, i, o, a):
 
 
 def _linear_cast(cx, n, i, o, a):
-    onnx = _onnx()
+    onnx = require_onnx()
     x, w, b = i[:3]
     if cx.dtypes[w] == "uint16":      # bfloat16 bit patterns: the same bits, typed BFLOAT16
         wa = np.ascontiguousarray(cx.need_const(w, "weight"))
@@ -545,7 +545,7 @@ def convert(nodes: Sequence[Node], inputs: Sequence[Port], outputs: Sequence[str
             output_shapes: Mapping[str, tuple] | None = None) -> Exported:
     """Nodes (in order) → an ONNX model whose inputs are ``inputs`` and outputs ``outputs``; every
     value a node reads that is neither an input nor produced becomes an initializer from ``consts``."""
-    onnx = _onnx()
+    onnx = require_onnx()
     helper = onnx.helper
     cx = _Ctx(dict(dtypes), dict(shapes), lambda k: consts.get(k))
     for node in nodes:
@@ -643,7 +643,7 @@ def save(exported: Exported, path: str, external_data: bool | None = None, check
 
     ``external_data``: None stores the weights beside the model (``<path>.data``) only when the
     model would exceed protobuf's 2 GB; False makes that case an error; True always does it."""
-    onnx = _onnx()
+    onnx = require_onnx()
     model = exported.model
     size = _param_bytes(model)
     too_big = size >= PROTOBUF_LIMIT - (64 << 20)
@@ -697,7 +697,7 @@ def export(model: Any, path: str, external_data: bool | None = None) -> Written:
     from . import __version__
 
     exported = graph_to_onnx(model.graph, model.params)
-    _onnx().helper.set_model_props(exported.model, {"minitx.config": json.dumps(model.config, sort_keys=True),
+    require_onnx().helper.set_model_props(exported.model, {"minitx.config": json.dumps(model.config, sort_keys=True),
                                                     "minitx.version": __version__})
     return save(exported, path, external_data)
 
@@ -765,7 +765,7 @@ def load(path: str) -> Any:
     from .ir import Value
     from .model import Model
 
-    onnx = _onnx()
+    onnx = require_onnx()
     try:
         proto = onnx.load(path, load_external_data=False)
     except FileNotFoundError:

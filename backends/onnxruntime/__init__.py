@@ -22,12 +22,7 @@ import numpy as np
 from minitx import ops
 from minitx.backend import Backend
 from minitx.ir import Graph, Node
-
-
-def _session(model: Any) -> Any:
-    from minitx.onnx_export import session
-
-    return session(model)
+from minitx.onnx_export import session as _session
 
 
 class _Segment:
@@ -37,11 +32,11 @@ class _Segment:
                  params: Mapping[str, np.ndarray]) -> None:
         self.graph, self.nodes, self.inputs, self.outputs, self.params = graph, list(nodes), list(inputs), \
             list(outputs), params
-        self._sessions: dict[tuple[str, ...], tuple[Any, list[str]]] = {}
+        self._sessions: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
         self._env: dict | None = None
 
-    def _build(self, names: tuple[str, ...]) -> tuple[Any, list[str]]:
+    def _build(self, names: tuple[str, ...]) -> Any:
         from minitx import onnx_export as ox
 
         if self._env is None:
@@ -52,16 +47,15 @@ class _Segment:
         ports = [ox.Port(i, env[i][1], tuple(declared[i].shape) if i in declared else None) for i in self.inputs]
         exported = ox.convert(self.nodes, ports, list(names), {k: d for k, (_, d) in env.items()},
                               {k: s for k, (s, _) in env.items()}, self.params, name="segment")
-        return _session(exported.model), list(names)
+        return _session(exported.model)
 
     def __call__(self, feeds: Mapping[str, np.ndarray], extra: Sequence[str] = ()) -> dict[str, np.ndarray]:
         names = tuple(dict.fromkeys([*self.outputs, *extra]))
         with self._lock:
-            built = self._sessions.get(names)
-            if built is None:
-                built = self._sessions[names] = self._build(names)
-        sess, outs = built
-        return dict(zip(outs, sess.run(outs, {k: np.ascontiguousarray(v) for k, v in feeds.items()})))
+            sess = self._sessions.get(names)
+            if sess is None:
+                sess = self._sessions[names] = self._build(names)
+        return dict(zip(names, sess.run(list(names), {k: np.ascontiguousarray(v) for k, v in feeds.items()})))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -75,7 +69,7 @@ class OnnxRuntimeBackend(Backend):
 
         from minitx import onnx_export as ox
 
-        ox._onnx()
+        ox.require_onnx()  # and the exporter needs onnx
         self.version = onnxruntime.__version__
         self._cache: dict[tuple, Any] = {}
         self._lock = threading.Lock()
