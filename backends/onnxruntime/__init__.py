@@ -65,11 +65,13 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self) -> None:
         super().__init__()
-        import onnxruntime  # noqa: F401 — fails here, cleanly, when it is not installed
-
+        try:
+            import onnx  # noqa: F401 — the exporter's
+            import onnxruntime
+        except ImportError as e:
+            raise ImportError(f"{e.name} not installed — install the onnx extra: pip install 'minitx[onnx]'") from None
         from minitx import onnx_export as ox
 
-        ox.require_onnx()  # and the exporter needs onnx
         self.version = onnxruntime.__version__
         self._cache: dict[tuple, Any] = {}
         self._lock = threading.Lock()
