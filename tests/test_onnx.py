@@ -347,3 +347,14 @@ def test_training_forward_on_onnxruntime_gives_the_spec_gradients():
     assert got.outputs["loss"] == pytest.approx(float(ref.outputs["loss"]), rel=1e-5)
     for k, v in ref.grads.items():
         np.testing.assert_allclose(got.grads[k], v, atol=1e-5, rtol=1e-3, err_msg=k)
+
+
+def test_backend_without_onnxruntime_is_unavailable_with_the_remedy(monkeypatch):
+    import sys
+
+    from minitx.backend import Entry
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    e = Entry("onnxruntime", "minitx.backends.onnxruntime:backend")
+    assert e.load() is None
+    assert "onnxruntime not installed" in e.error and "pip install 'minitx[onnx]'" in e.error, e.error
