@@ -627,6 +627,8 @@ def golden(model, prompts, texts, ids, random_spec, seed, intermediates, backend
 def verify(model, golden_file, atol, rtol, as_json, plugins, backends, no_fallback, explain) -> None:
     """Recompute GOLDEN's outputs with MODEL and compare; exit 1 if any value is out of tolerance.
 
+    MODEL may be a file `minitx export` wrote (.onnx): ONNX Runtime runs it, whatever --backend says.
+
     Each value passes when |out - ref| <= atol + rtol*|ref| everywhere; "budget" is the worst
     element's share of that allowance.
     """
@@ -982,6 +984,7 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
                    + ("PASS" if v["passed"] else f"FAIL: {v['failure']} (kept: --force)"))
     click.echo(f"wrote {output} after {res.state.step} QAT steps")
 
+
 # ------------------------------------------------------------------------------------- export
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
@@ -1004,6 +1007,7 @@ def export(model: str, output: str, external_data: bool | None, as_json: bool) -
     where = f", weights in {w.external_data}" if w.external_data else ""
     click.echo(f"wrote {w.path}: ONNX opset {w.opset}, {w.bytes / 2**20:.1f} MiB{where}; checker: PASS")
     click.echo("ops emitted: " + ", ".join(f"{op} x{n}" for op, n in w.ops.items()))
+
 
 if __name__ == "__main__":
     main()
