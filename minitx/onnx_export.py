@@ -506,10 +506,6 @@ _WHY_NOT = {
 }
 
 
-def supported(op: str) -> bool:
-    return op in CONVERTERS
-
-
 _ELEM = {"float16": 10, "float32": 1, "float64": 11, "int8": 3, "uint8": 2, "int16": 5, "uint16": 4,
          "int32": 6, "int64": 7, "bool": 9, "bfloat16": 16}
 
