@@ -615,7 +615,8 @@ def golden(model, prompts, texts, ids, random_spec, seed, intermediates, backend
 def verify(files, atol, rtol, as_json, plugins, backends, no_fallback, explain) -> None:
     """Recompute GOLDEN's outputs with MODEL and compare; exit 1 if any value is out of tolerance.
 
-    MODEL defaults to the bundled model. Each value passes when |out - ref| <= atol + rtol*|ref|
+    MODEL defaults to the bundled model; it may be a file `minitx export` wrote (.onnx): ONNX
+    Runtime runs it, whatever --backend says. Each value passes when |out - ref| <= atol + rtol*|ref|
     everywhere; "budget" is the worst element's share of that allowance.
     """
     from minitx import golden as gd
@@ -623,7 +624,12 @@ def verify(files, atol, rtol, as_json, plugins, backends, no_fallback, explain) 
     if not 1 <= len(files) <= 2:
         raise click.UsageError(f"expected [MODEL] GOLDEN, got {len(files)} file(s)")
     model, golden_file = (None, *files) if len(files) == 1 else files
-    m = load_model(model)
+    if model is not None and model.endswith(".onnx"):  # a file `minitx export` wrote, run by ONNX Runtime
+        from minitx.onnx_export import load as load_onnx
+
+        m, backends = load_onnx(model), ("onnxruntime",)
+    else:
+        m = load_model(model)
     g = gd.load(golden_file)
     if plugins:
         from minitx.plugin import optimize as _optimize
@@ -875,6 +881,32 @@ def qat(model, data_path, output, calib, validate_specs, force, no_compare, as_j
         click.echo(f"conversion validated on {v['calibration']}: "
                    + ("PASS" if v["passed"] else f"FAIL: {v['failure']} (kept: --force)"))
     click.echo(f"wrote {output} after {rep['steps']} QAT steps")
+
+
+
+# ------------------------------------------------------------------------------------- export
+@main.command()
+@model_argument
+@output_option("ONNX file to write (.onnx).")
+@click.option("--external-data/--no-external-data", "external_data", default=None,
+              help="Store the weights beside the model in OUTPUT.data (default: only when over ONNX's 2 GB limit).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def export(model: str | None, output: str, external_data: bool | None, as_json: bool) -> None:
+    """Export MODEL (default: the bundled model; any family, any rewrite) to ONNX, checked with
+    onnx.checker (full check).
+
+    Inputs and outputs keep the graph's names; a decoder's KV cache is an explicit input
+    (past.*) and output (present.*), so a runtime decodes step by step."""
+    from minitx import onnx_export
+
+    w = onnx_export.export(load_model(model), output, external_data)
+    if as_json:
+        click.echo(json.dumps({"path": w.path, "opset": w.opset, "bytes": w.bytes, "external_data": w.external_data,
+                               "ops": w.ops}))
+        return
+    where = f", weights in {w.external_data}" if w.external_data else ""
+    click.echo(f"wrote {w.path}: ONNX opset {w.opset}, {w.bytes / 2**20:.1f} MiB{where}; checker: PASS")
+    click.echo("ops emitted: " + ", ".join(f"{op} x{n}" for op, n in w.ops.items()))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from .errors import MinitxError
 
 GROUP = "minitx.backends"
 # The backends minitx ships, as pyproject.toml declares them (used when not pip-installed).
-BUILTIN = {"numba": "minitx.backends.numba_cpu:backend", "cupy": "minitx.backends.cupy_gpu:backend"}
+BUILTIN = {"numba": "minitx.backends.numba_cpu:backend", "cupy": "minitx.backends.cupy_gpu:backend", "onnxruntime": "minitx.backends.onnxruntime:backend"}
 
 
 class Backend:

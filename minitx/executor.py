@@ -83,6 +83,7 @@ class Executor:
         for v, idx in last_use.items():
             if v not in keep:
                 self._free_after[idx].append(v)
+        self._segments = self._find_segments(last_use)
 
     # ------------------------------------------------------------------ placement
     def _compute_dtype(self) -> str:
@@ -98,6 +99,37 @@ class Executor:
             raise MinitxError(f"node {node.name}: op {node.op!r} in {self.dtype} is not implemented by "
                               f"backend {names}, and fallback to the spec is disabled (--no-fallback)")
         return self.spec
+
+    def _find_segments(self, last_use: Mapping[str, int]) -> dict[int, tuple]:
+        """Maximal runs of consecutive nodes on a backend that has ``compile_segment`` (ONNX Runtime:
+        one session per run). Such a backend gets the run's nodes, the values they read from outside
+        it and the values read after it, and returns ``fn(inputs, extra) -> outputs`` (``extra``:
+        further values the caller keeps), or None to be run node by node. Inference only."""
+        nodes, out, idx = self.graph.nodes, {}, 0
+        while idx < len(nodes):
+            b, end = self.placement[nodes[idx].name], idx + 1
+            while end < len(nodes) and self.placement[nodes[end].name] is b:
+                end += 1
+            if hasattr(b, "compile_segment"):
+                run = nodes[idx:end]
+                made = {o for n in run for o in n.outputs}
+                ins = list(dict.fromkeys(i for n in run for i in n.inputs
+                                         if i and i not in made and i not in self.params))
+                outs = [o for n in run for o in n.outputs if last_use.get(o, -1) >= end or o in self.graph.outputs]
+                fn = b.compile_segment(self.graph, run, ins, outs, self.params)
+                if fn is not None:
+                    out[idx] = (end, fn, ins, made)
+            idx = end
+        return out
+
+    def _run_segment(self, start: int, env: dict[str, Any], loc: dict[str, Backend], wanted: Collection[str],
+                     pinned: Collection[str]) -> int:
+        end, fn, ins, made = self._segments[start]
+        b = self.placement[self.graph.nodes[start].name]
+        res = fn({i: self._fetch(i, b, env, loc, pinned) for i in ins}, tuple(sorted(made & set(wanted))))
+        for k, a in res.items():
+            env[k], loc[k] = a, b
+        return end
 
     def explain(self) -> list[tuple[str, str, str]]:
         """(node, op, backend) for every node, in execution order."""
@@ -178,12 +210,19 @@ class Executor:
         env, loc = self._feeds(feeds)
         keep = set(keep)
         on_device = set(device_outputs)
-        for idx, node in enumerate(self.graph.nodes):
-            self._run_node(node, env, loc, training=False, step=0, pinned=on_device)
-            for v in self._free_after[idx]:
-                if v not in keep:
-                    env.pop(v, None)
         wanted = list(outputs) if outputs is not None else list(self.graph.outputs)
+        idx, nodes = 0, self.graph.nodes
+        while idx < len(nodes):
+            if idx in self._segments:
+                end = self._run_segment(idx, env, loc, keep | set(wanted), on_device)
+            else:
+                self._run_node(nodes[idx], env, loc, training=False, step=0, pinned=on_device)
+                end = idx + 1
+            for j in range(idx, end):
+                for v in self._free_after[j]:
+                    if v not in keep:
+                        env.pop(v, None)
+            idx = end
         return {k: env[k] if k in on_device else self._host(k, env, loc)
                 for k in (*wanted, *sorted(keep)) if k in env}
 

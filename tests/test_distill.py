@@ -1,4 +1,4 @@
-"""Knowledge distillation (minitx/distill.py, `minitx distill`).
+"""Knowledge distillation (minitx/training/distill.py, `minitx distill`).
 
 The fixed setting: the teacher is the bundled 1.07M-parameter GPT-2 (fitted to Jane Austen); the
 text is 24 passages sampled from it (seed 0, temperature 1), so the teacher's next-token
