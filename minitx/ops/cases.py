@@ -101,13 +101,15 @@ def tiny(dtype: str) -> float:
 
 
 def int8_grid(rng: np.random.Generator, shape: Sequence[int], dtype: str, heads: int = 1) -> np.ndarray:
-    """Values n·2⁻⁵, |n| ≤ 127, with one n = ±127 in each row (in each of ``heads`` slices of a
-    row): symmetric int8 quantization of them is exact in every dtype, float16 included. Ops that
+    """Values n·2ᵉ⁻⁵, |n| ≤ 127, with one n = ±127 in each row (in each of ``heads`` slices of a
+    row) and a random e ∈ [−2, 2] per slice: symmetric int8 quantization of them is exact in every
+    dtype, float16 included, and the slices' scales differ. Ops that
     round inside (W8A8 activations, the int8 KV cache, fake quantization) get these, since a
     low-precision run and the float64 reference may otherwise round a boundary value apart."""
     x = rng.integers(-126, 127, tuple(shape)).astype(np.float64)
     xh = x.reshape(*shape[:-1], heads, shape[-1] // heads)
     xh[..., 0] = np.where(rng.random(xh.shape[:-1]) < 0.5, -127, 127)
+    xh *= 2.0 ** rng.integers(-2, 3, xh.shape[:-1])[..., None]
     return (x / 32).astype(np_dtype(dtype))
 
 

@@ -1,0 +1,23 @@
+"""The conformance suite against a zoo of wrong kernels (tests/mutants): it must reject every one.
+
+A mutant that passes is a blind spot of the suite, whatever the mutant's error: add the input
+family or contract check that catches it. The kill rate is reported in docs/backends.md.
+"""
+from __future__ import annotations
+
+import pytest
+
+from minitx.conformance import run_conformance
+from mutants import ZOO
+
+
+def test_the_zoo_is_big_enough() -> None:
+    assert len(ZOO) >= 25 and len({m.name for m in ZOO}) == len(ZOO)
+
+
+@pytest.mark.parametrize("mutant", ZOO, ids=[m.name for m in ZOO])
+def test_conformance_kills(mutant) -> None:
+    report = run_conformance(mutant, include=[mutant.op])
+    assert report.checked, f"{mutant.name}: nothing was checked"
+    assert not report.ok, f"{mutant.name} ({mutant.why}) survived: {report.summary()}"
+    assert all(r.detail for r in report.failures), "every FAIL row says why"
