@@ -8,9 +8,10 @@ result on the same inputs computed in float64. An element passes when
     |backend − spec| ≤ atol·max(1, rms(spec)) + rtol·|spec|        (atol, rtol from TOLERANCE[dtype])
 
 The same is done for the backend's VJPs, with random cotangents. Every call is also held to the
-contract: outputs of the spec's shapes and dtypes (gradients in their input's dtype), no NaN or
-Inf where the spec has none, inputs left unmodified, and no output sharing memory with an input
-unless the op declares it may (``OpSpec.may_alias``). Ops without a case are SKIPPED, never
+contract: outputs of the spec's shapes and dtypes (gradients in their input's dtype, or the
+compute dtype where that is wider), no NaN or Inf where the spec has none, inputs left
+unmodified, and no output sharing memory with an input unless the op declares it may
+(``OpSpec.may_alias``). Ops without a case are SKIPPED, never
 silently passed, and a run that checks nothing is not ``ok``. Ops a backend delegates to the spec
 (``Backend.delegate``) are not its kernels and are not checked. A third party checks its backend
 in one line of pytest::
@@ -223,7 +224,10 @@ def _run_case(b: Backend, op: str, case: Case, dtype: str, kind: str, seed: int)
             raw = _tuple(b.vjps[op](dev_cots, tuple(dev_in), dev_outs, **attrs))
             # Non-differentiable inputs: the spec says None; a backend may say None or zeros.
             ref = tuple(None if (k in spec.nondiff or r is None) else r for k, r in enumerate(ref))
-            want = [None if r is None else (np.shape(x), x.dtype if _is_float(x) else None)
+            # A gradient comes in its input's dtype, or the compute dtype where that is wider (the
+            # gradient of float16 weights in a float32 graph).
+            want = [None if r is None else (np.shape(x), np.promote_types(x.dtype, np_dtype(dtype))
+                                            if _is_float(x) and dtype != "bfloat16" else None)
                     for r, x in zip(ref, inputs)]
             raw = tuple(None if k >= len(ref) or ref[k] is None else g for k, g in enumerate(raw))
             _unchanged(b, dev_in, host_in, "input")
@@ -295,7 +299,8 @@ def cases_for(backend: str | Backend, include: Iterable[str] | None = None, excl
         missing = sorted(set(include) & set(ops.OPS) - mine)
         if missing:
             raise MinitxError(f"--include {', '.join(missing)}: backend {b.name} has no kernel for "
-                              f"{'it' if len(missing) == 1 else 'them'} (its kernels: {', '.join(sorted(mine)) or 'none'})")
+                              f"{'it' if len(missing) == 1 else 'them'} "
+                              f"(its kernels: {', '.join(sorted(mine)) or 'none'})")
     out: list[Item] = []
     for kind in ("forward", "vjp"):
         for op in _selected(b, kind, include, exclude):

@@ -37,7 +37,7 @@ import numpy as np
 from minitx import ops
 
 from ._cuda import contiguous, function, source
-from .kernels import sdpa
+from .attention import sdpa
 from .kvcache import append
 
 SKINNY_MAX_ROWS = 8   # also the kernels' register array size (MAXM)
@@ -308,7 +308,7 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
     """The int8 KV cache on the device: the new tokens are quantized there by the spec's own
     ``quantize_heads`` (its NumPy calls dispatch to CuPy for device arrays), the int8 caches and
     their scales grow in place (kvcache.py), and decoding reads the int8 rows with their scales
-    in the fused kernel (kernels.py ``sdpa``)."""
+    in the fused kernel (attention.py ``sdpa``)."""
     if not _floats(q):
         return _on_host("attention_kv8", q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask,
                         n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)

@@ -1,10 +1,10 @@
 """Pointwise activations, SwiGLU and softmax, fused to one pass over memory.
 
-Spec: minitx/ops/activations.py (gelu both forms, silu, swiglu, softmax, relu). Each kernel computes in the input's dtype like the spec. The tanh
-form of GELU is computed as v·σ(2u), which equals 0.5·v·(1 + tanh u), and σ, SiLU and SwiGLU use
-the vectorisable exp of _vmath.py: results agree with the spec to a few ulps (the conformance
-table shows how few), and a GELU over 128×3072 values takes ~1 ms instead of ~6.
-"""
+Spec: minitx/ops/activations.py (gelu both forms, silu, swiglu, softmax, relu). Each kernel computes
+in the input's dtype like the spec. The tanh form of GELU is computed as v·σ(2u), which equals
+0.5·v·(1 + tanh u), and σ, SiLU and SwiGLU use the vectorisable exp of _vmath.py: results agree with
+the spec to a few ulps (the conformance table shows how few), and a GELU over 128×3072 values takes
+~1 ms instead of ~6."""
 from __future__ import annotations
 
 import math

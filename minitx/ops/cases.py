@@ -44,7 +44,8 @@ class Case:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise MinitxError(f"case {self.name!r}: unknown input family {self.family!r} (known: {', '.join(FAMILIES)})")
+            raise MinitxError(f"case {self.name!r}: unknown input family {self.family!r} "
+                              f"(known: {', '.join(FAMILIES)})")
 
 
 CASES: dict[str, list[Case]] = {}

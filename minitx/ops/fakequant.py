@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import register, require
-from .cases import Case, add_cases, int8_grid, randn
+from .cases import Case, add_cases, int8_grid
 from .quant import dequantize_blocks, quantize_blocks, quantize_int4, quantize_per_channel, unpack_int4
 
 

@@ -110,7 +110,8 @@ add_cases("matmul", _MATMUL + [
     *[Case(f"{m} rows, transpose_b (LM head)", lambda r, d, m=m: (
         (randn(r, (m, 1, 64), d), randn(r, (1000, 64), d, 0.1)), {"transpose_b": True})) for m in (1, 3, 8, 20)],
     # Square operands: a kernel that transposes the wrong one keeps every shape right.
-    Case("square, transpose_b", lambda r, d: ((randn(r, (2, 32, 32), d), randn(r, (32, 32), d)), {"transpose_b": True})),
+    Case("square, transpose_b", lambda r, d: ((randn(r, (2, 32, 32), d), randn(r, (32, 32), d)),
+                                              {"transpose_b": True})),
     Case("square", lambda r, d: ((randn(r, (32, 32), d), randn(r, (32, 32), d)), {})),
     *[Case(f"{m} rows, transpose_b, {m + 2} keys", lambda r, d, m=m: (
         (randn(r, (m, 1, 16), d), randn(r, (m + 2, 16), d)), {"transpose_b": True}), "sizes") for m in EDGE_ROWS],

@@ -59,8 +59,9 @@ def lowrank_linear_flops(shapes, outs):
 register("lowrank_linear", lowrank_linear, lowrank_linear_vjp, lowrank_linear_infer, flops=lowrank_linear_flops,
          n_optional=1, vjp_uses_outputs=False)
 add_cases("lowrank_linear", [
-    Case(f"{m} rows, rank 8", lambda r, d, m=m: ((randn(r, (m, 1, 64), d), randn(r, (64, 8), d, 0.2),
-                                                  randn(r, (8, 96), d, 0.2), randn(r, (96,), d) if m % 2 else None), {}))
+    Case(f"{m} rows, rank 8", lambda r, d, m=m: (
+        (randn(r, (m, 1, 64), d), randn(r, (64, 8), d, 0.2), randn(r, (8, 96), d, 0.2),
+         randn(r, (96,), d) if m % 2 else None), {}))
     for m in (1, 4, 9)])
 
 

@@ -301,7 +301,6 @@ def linear_cast(x, w, b=None, *, transposed=False):
     return y if b is None else y + b
 
 
-@wide_vjp
 def linear_cast_vjp(grads, inputs, outputs, *, transposed=False):
     (g,) = grads
     x, w, b = inputs
@@ -517,7 +516,8 @@ def _table(bits, ids=None):
     def make(r, d):
         E = randn(r, (300, 64), "float32")
         q, s = quantize_per_channel(E, axis=1) if bits == 8 else quantize_int4_rows(E, 16)
-        return (r.integers(0, 300, (3, 7)) if ids is None else ids, q, s.astype(d)), ({} if bits == 8 else {"group": 16})
+        ids_ = r.integers(0, 300, (3, 7)) if ids is None else ids
+        return (ids_, q, s.astype(d)), ({} if bits == 8 else {"group": 16})
     return make
 
 
@@ -562,8 +562,9 @@ for _m in (1, 3, 8, 20):
                               Case(f"{_m} rows, bfloat16 (out, in)", _cast(_m, True, True))])
 add_cases("linear_q8", [Case(f"{m} rows, transposed, tile edge", _packed_t(m, 64, 72, 8), "sizes") for m in (7, 9, 65)])
 add_cases("linear_q4", [Case("LM-head shape, 1 row, transposed", _packed_t(1, 64, 1100, 4)),
-                        *[Case(f"{m} rows, tile edge", _packed(m, 64, 72, lambda w: quantize_int4(w, 32), {"group": 32}),
-                               "sizes") for m in (7, 9, 65)]])
+                        *[Case(f"{m} rows, tile edge",
+                               _packed(m, 64, 72, lambda w: quantize_int4(w, 32), {"group": 32}), "sizes")
+                          for m in (7, 9, 65)]])
 add_cases("linear_w8a8", [
     # Integer sums of 1024 products of ±127 pass float16's 65504 before the rescale.
     Case("sums beyond float16's range", _packed(2, 1024, 16, lambda w: quantize_per_channel(np.abs(w)), {},

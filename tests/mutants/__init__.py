@@ -14,11 +14,9 @@ from minitx import ops
 from minitx.backend import Backend
 from minitx.ops import activations as A
 from minitx.ops import attention as T
-from minitx.ops import linalg as L
 from minitx.ops import norms as N
 from minitx.ops import positions as P
 from minitx.ops import quant as Q
-from minitx.ops import sparse as SP
 
 
 class Mutant(Backend):
