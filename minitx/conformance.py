@@ -131,6 +131,10 @@ def _up(x: Any) -> Any:
     return x.astype(np.float64) if _is_float(x) else x
 
 
+def _index(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(j) for j in np.unravel_index(i, shape))
+
+
 class _Broken(Exception):
     """A contract violation: the message is the row's reason."""
 
@@ -152,7 +156,7 @@ def _compare(got: Sequence[Any], ref: Sequence[Any], dtype: str, scale: float) -
         if bad.any():
             what = "NaN" if np.isnan(g[bad]).any() else "Inf"
             raise _Broken(f"{what} in output {k} at {int(bad.sum())} of {g.size} elements where the spec is finite "
-                          f"(first at index {np.unravel_index(int(np.argmax(bad)), g.shape)})")
+                          f"(first at index {_index(int(np.argmax(bad)), g.shape)})")
         fin = np.isfinite(r)
         rms = float(np.sqrt(np.mean(np.where(fin, r, 0.0) ** 2)))
         tol = (atol * max(1.0, rms) + rtol * np.abs(np.where(fin, r, 0.0))) * scale
@@ -160,7 +164,7 @@ def _compare(got: Sequence[Any], ref: Sequence[Any], dtype: str, scale: float) -
         share = err / tol
         i = int(np.argmax(share))
         if share.flat[i] > worst[2] or worst[1] == 0.0:
-            where = f"output {k} at index {np.unravel_index(i, g.shape)}: got {g.flat[i]:.6g}, spec {r.flat[i]:.6g}"
+            where = f"output {k} at index {_index(i, g.shape)}: got {g.flat[i]:.6g}, spec {r.flat[i]:.6g}"
             worst = (float(err.flat[i]), float(tol.flat[i]), float(share.flat[i]), where)
     return worst
 
