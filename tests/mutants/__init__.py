@@ -76,6 +76,12 @@ def layer_norm_vjp_no_mean(grads, inputs, outputs, *, eps=1e-5):
     return gx, (g * xhat).reshape(rows).sum(axis=0), g.reshape(rows).sum(axis=0)
 
 
+def rms_norm_assumes_contiguous(x, weight, *, eps=1e-6):
+    """Reads x's memory as if it were row-major, as a kernel taking a raw pointer would."""
+    c = np.lib.stride_tricks.as_strided(x, x.shape, tuple(np.cumprod((1,) + x.shape[:0:-1])[::-1] * x.itemsize))
+    return N.rms_norm(np.array(c), weight, eps=eps)
+
+
 def rms_norm_no_eps(x, weight, *, eps=1e-6):
     return x / np.sqrt((x * x).mean(axis=-1, keepdims=True)) * weight   # 0/0 on a zero row
 
@@ -256,6 +262,7 @@ ZOO: list[Mutant] = [
     Mutant("layer-norm-float64", "layer_norm", "float32 in, float64 out", layer_norm_float64),
     Mutant("layer-norm-vjp-no-mean", "layer_norm", "VJP without the −mean(ĝ) term", vjp=layer_norm_vjp_no_mean),
     Mutant("rms-norm-no-eps", "rms_norm", "no ε: zero rows divide 0 by 0", rms_norm_no_eps),
+    Mutant("rms-norm-raw-pointer", "rms_norm", "strided input read as row-major memory", rms_norm_assumes_contiguous),
     Mutant("rms-norm-in-place", "rms_norm", "normalises its input in place", rms_norm_in_place),
     Mutant("gelu-constant", "gelu", "√(2/π) mistyped", gelu_wrong_constant),
     Mutant("gelu-tanh-for-erf", "gelu", "tanh form where erf was asked", gelu_tanh_for_erf),
