@@ -300,6 +300,11 @@ def cases_for(backend: str | Backend, include: Iterable[str] | None = None, excl
     if include:
         mine = set(native(b, "forward")) | set(native(b, "vjp"))
         missing = sorted(set(include) & set(ops.OPS) - mine)
+        delegated = sorted(set(missing) & set(getattr(b, "delegate", ())))
+        if delegated:
+            raise MinitxError(f"--include {', '.join(delegated)}: backend {b.name} delegates "
+                              f"{'it' if len(delegated) == 1 else 'them'} to the spec; "
+                              f"there is no kernel of its own to check")
         if missing:
             raise MinitxError(f"--include {', '.join(missing)}: backend {b.name} has no kernel for "
                               f"{'it' if len(missing) == 1 else 'them'} "

@@ -63,6 +63,8 @@ def test_numba_delegates_the_spec_functions_it_does_not_implement() -> None:
     undeclared = {op for table in (b.kernels, b.vjps) for op, f in table.items()
                   if id(f) in spec_functions and op not in b.delegate}
     assert not undeclared, f"spec functions registered as numba kernels: {undeclared} (declare them in delegate)"
+    with pytest.raises(MinitxError, match="numba delegates it to the spec"):
+        run_conformance("numba", include=["add"])
 
 
 def test_the_spec_in_float16_and_float32_against_the_spec_in_float64() -> None:
