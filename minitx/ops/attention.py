@@ -255,12 +255,19 @@ def attention_probs_flops(shapes, outs, *, n_heads, **attrs):
 
 register("attention_probs", attention_probs, attention_probs_vjp, attention_probs_infer, flops=attention_probs_flops,
          nondiff=(2,), n_optional=1, vjp_uses_outputs=False)
-add_cases("attention_probs", [
-    Case("causal, per head", lambda r, d: (attention_inputs(2, 6, 0, 4, 2, 8, True, True, False)(r, d)[0][:2] + (None,),
-                                           {"n_heads": 4, "n_kv_heads": 2, "causal": True})),
-    Case("padded, heads averaged in pairs", lambda r, d: (
-        (*attention_inputs(3, 5, 0, 4, 4, 8, False, True, False)(r, d)[0][:2],
-         attention_inputs(3, 5, 0, 4, 4, 8, False, True, False)(r, d)[0][5]),
-        {"n_heads": 4, "n_kv_heads": 4, "causal": False, "n_maps": 2})),
-])
+def _probs_inputs(B: int, T: int, H: int, KV: int, causal: bool, pad: bool, dead_row: bool = False,
+                  **attrs) -> Make:
+    """attention_probs takes (q, k, mask) of an attention call."""
+    base = attention_inputs(B, T, 0, H, KV, 8, causal, pad, False, dead_row)
 
+    def make(r, d):
+        (q, k, _, _, _, mask), a = base(r, d)
+        return (q, k, mask), {**a, **attrs}
+    return make
+
+
+add_cases("attention_probs", [
+    Case("causal, per head", _probs_inputs(2, 6, 4, 2, True, False)),
+    Case("padded, heads averaged in pairs", _probs_inputs(3, 5, 4, 4, False, True, n_maps=2)),
+    Case("fully masked row", _probs_inputs(2, 5, 2, 1, False, True, dead_row=True), "masked"),
+])
