@@ -118,7 +118,7 @@ def wide_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
             return forward(*args, **attrs)
         dt = np.result_type(*floats)
         out = forward(*(wide(a) if _narrow(a) else a for a in args), **attrs)
-        return _map(lambda y: y.astype(dt) if isinstance(y, np.ndarray) and y.dtype.kind == "f" else y, out)
+        return _map(lambda y: y.astype(dt, copy=False) if isinstance(y, np.ndarray) and y.dtype.kind == "f" else y, out)
     return run
 
 

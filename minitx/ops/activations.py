@@ -5,7 +5,7 @@ import numpy as np
 from scipy.special import erf
 
 from . import elementwise_flops, register, require, same_as, wide
-from .cases import Case, EDGE_ROWS, add_cases, exp_range, randn, signed_zeros, tiny, viewed
+from .cases import EDGE_ROWS, Case, add_cases, exp_range, randn, signed_zeros, tiny, viewed
 
 _SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))  # a Python float keeps float32 inputs float32
 
@@ -47,10 +47,10 @@ def gelu_vjp(grads, inputs, outputs, *, approximate="none"):
         # 1 − t² is exactly 0 once tanh saturates; cancellation would leave rounding noise there
         sech2 = np.where(np.abs(u) > 20, 0.0, 1.0 - t * t).astype(v.dtype)
         du = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * v * v)
-        return ((g * (0.5 * (1.0 + t) + 0.5 * v * sech2 * du)).astype(x.dtype),)
+        return ((g * (0.5 * (1.0 + t) + 0.5 * v * sech2 * du)).astype(x.dtype, copy=False),)
     cdf = 0.5 * (1.0 + erf(v / np.sqrt(2.0)))
     pdf = np.exp(-0.5 * v * v) / np.sqrt(2.0 * np.pi)
-    return ((g * (cdf + v * pdf)).astype(x.dtype),)
+    return ((g * (cdf + v * pdf)).astype(x.dtype, copy=False),)
 
 
 def _gelu_infer(shapes, dtypes, *, approximate="none"):

@@ -13,7 +13,7 @@ def layer_norm(x, weight, bias, *, eps=1e-5):
     v = wide(x)
     mu = v.mean(axis=-1, keepdims=True)
     var = ((v - mu) ** 2).mean(axis=-1, keepdims=True)
-    return ((v - mu) / np.sqrt(var + eps) * weight + bias).astype(x.dtype)
+    return ((v - mu) / np.sqrt(var + eps) * weight + bias).astype(x.dtype, copy=False)
 
 
 def layer_norm_vjp(grads, inputs, outputs, *, eps=1e-5):
@@ -28,14 +28,14 @@ def layer_norm_vjp(grads, inputs, outputs, *, eps=1e-5):
     # d/dx of the normalisation: (gxhat − mean(gxhat) − xhat·mean(gxhat·xhat)) / σ
     gx = rstd * (gxhat - gxhat.mean(axis=-1, keepdims=True) - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
     rows = (-1, x.shape[-1])
-    return (gx.astype(dt), (g * xhat).reshape(rows).sum(axis=0).astype(weight.dtype),
-            g.reshape(rows).sum(axis=0).astype(bias.dtype))
+    return (gx.astype(dt, copy=False), (g * xhat).reshape(rows).sum(axis=0).astype(weight.dtype, copy=False),
+            g.reshape(rows).sum(axis=0).astype(bias.dtype, copy=False))
 
 
 def rms_norm(x, weight, *, eps=1e-6):
     """y = x / sqrt(mean(x²) + ε) · γ over the last axis (in float32 for 16-bit inputs)."""
     v = wide(x)
-    return (v / np.sqrt((v * v).mean(axis=-1, keepdims=True) + eps) * weight).astype(x.dtype)
+    return (v / np.sqrt((v * v).mean(axis=-1, keepdims=True) + eps) * weight).astype(x.dtype, copy=False)
 
 
 def rms_norm_vjp(grads, inputs, outputs, *, eps=1e-6):
@@ -47,7 +47,7 @@ def rms_norm_vjp(grads, inputs, outputs, *, eps=1e-6):
     xhat = x * rstd
     gxhat = g * weight
     gx = rstd * (gxhat - xhat * (gxhat * xhat).mean(axis=-1, keepdims=True))
-    return gx.astype(dt), (g * xhat).reshape(-1, x.shape[-1]).sum(axis=0).astype(weight.dtype)
+    return gx.astype(dt, copy=False), (g * xhat).reshape(-1, x.shape[-1]).sum(axis=0).astype(weight.dtype, copy=False)
 
 
 def _norm_infer(op):

@@ -41,7 +41,7 @@ add_cases("mean_pool", [
 def l2_normalize(x, *, eps=1e-12):
     """x / max(‖x‖₂, ε) along the last axis (the norm in float32 for 16-bit inputs, where ε is 0)."""
     v = wide(x)
-    return (v / np.maximum(np.sqrt((v * v).sum(axis=-1, keepdims=True)), v.dtype.type(eps))).astype(x.dtype)
+    return (v / np.maximum(np.sqrt((v * v).sum(axis=-1, keepdims=True)), v.dtype.type(eps))).astype(x.dtype, copy=False)
 
 
 def l2_normalize_vjp(grads, inputs, outputs, *, eps=1e-12):
@@ -53,7 +53,7 @@ def l2_normalize_vjp(grads, inputs, outputs, *, eps=1e-12):
     y = x / np.maximum(n, x.dtype.type(eps))
     clipped = n < eps
     gx = (g - y * (g * y).sum(axis=-1, keepdims=True)) / np.maximum(n, x.dtype.type(eps))
-    return (np.where(clipped, g / x.dtype.type(eps), gx).astype(dt),)
+    return (np.where(clipped, g / x.dtype.type(eps), gx).astype(dt, copy=False),)
 
 
 register("l2_normalize", l2_normalize, l2_normalize_vjp, lambda s, d, **a: [(tuple(s[0]), d[0])],
