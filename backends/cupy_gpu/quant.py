@@ -300,7 +300,7 @@ def linear_w8a8(x, w, scale, b=None):
     for k0 in range(0, K, TILE):
         acc += cp.matmul(q2[:, k0:k0 + TILE], w[k0:k0 + TILE].astype(cp.float64))
     # Rescaled before rounding to x's dtype: in float16 the integer sums alone overflow 65504.
-    y = (acc.reshape(*x.shape[:-1], N) * sx * scale).astype(cp.result_type(x.dtype, scale.dtype))
+    y = (acc.reshape(*x.shape[:-1], N) * sx * scale).astype(np.result_type(x.dtype, scale.dtype))
     return y if b is None else y + b
 
 
