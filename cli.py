@@ -540,6 +540,8 @@ def conformance(backend_name: str, include: str, exclude: str, dtypes, as_json: 
 
     report = run_conformance(backend_name, ops_list(include) or None, ops_list(exclude) or None,
                              dtypes or None)
+    if not report.checked:
+        raise MinitxError(f"conformance: nothing was checked ({report.summary()}; no op selected has cases)")
     click.echo(report.to_json() if as_json else report.table())
     if not report.ok:
         sys.exit(1)

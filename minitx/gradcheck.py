@@ -1,6 +1,7 @@
 """Check an op's VJP against central finite differences, in float64.
 
-Used by the test suite for every spec op and by the conformance suite for backend VJPs. The
+Used by the test suite for every spec op (a backend's VJPs are checked against the spec's by
+:mod:`minitx.conformance`, and ``forward``/``vjp`` here let a backend author probe one directly). The
 scalar probed is L = Σ_k <c_k, y_k> for random cotangents c_k, so ∂L/∂x is exactly what the VJP
 returns for those cotangents. Small inputs are perturbed element by element; large ones along
 random directions (a directional derivative), which still catches any wrong entry with high

@@ -137,3 +137,17 @@ def test_embedding_q4_shape_rule():
         spec.infer([(2, 3), (50, 32), (50, 2)], ["int64", "uint8", "float32"], group=16)
     with pytest.raises(ShapeError, match="embedding_q4.*does not divide"):
         spec.infer([(2, 3), (50, 32), (50, 4)], ["int64", "uint8", "float32"], group=24)
+
+
+def test_w8a8_in_float16_rescales_before_rounding():
+    """1024 products of ±127 sum past float16's 65504: a W8A8 layer in float16 must rescale the
+    integer accumulator first (it used to cast it, giving inf, then NaN downstream)."""
+    x = np.full((2, 1024), 0.5)
+    x[:, 0] = 1.0                                      # sₓ = 1/127: the int8 activations are ±127 / ±64
+    q, s = Q.quantize_per_channel(np.abs(rng.standard_normal((1024, 16))))
+    ref = Q.linear_w8a8(x, q, s.astype(np.float64))
+    got = Q.linear_w8a8(x.astype(np.float16), q, s.astype(np.float16))
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    np.testing.assert_allclose(got.astype(np.float64), ref, rtol=2e-3)
+    gx, _, gs, _ = Q.linear_w8a8_vjp((np.ones_like(got),), (x.astype(np.float16), q, s.astype(np.float16), None), None)
+    assert gx.dtype == gs.dtype == np.float16 and np.isfinite(gx).all() and np.isfinite(gs).all()

@@ -6,9 +6,10 @@ runs first. Importing this module never touches the GPU; :func:`backend` does, a
 — "cupy not installed" or "no CUDA device" — so ``minitx backends`` lists it as unavailable and
 everything else works.
 
-Submodules export ``KERNELS`` (and ``VJPS``) like the numba backend's: ``kernels`` (float ops),
-``quant`` (the quant plugin's packed int8 / int4 ops); ``kvcache`` is a helper (the in-place
-device KV cache). Each is imported on its own, so one that
+Submodules mirror the spec's modules (``norms``, ``activations``, ``linalg``, ``attention``,
+``positions``, ``quant`` for minitx/ops/X.py) and export ``KERNELS`` (and ``VJPS``) like the
+numba backend's; ``kvcache`` is a helper (the in-place device KV cache); the CUDA sources
+(``rows.cu``, ``quant.cu``) are shared. Each is imported on its own, so one that
 fails (a CUDA compile error shows up at first call, an import error here) is reported in
 ``backend().problems`` and the others still load. Every kernel runs behind a guard that turns
 CuPy's out-of-memory error into a one-line MinitxError naming the op.
@@ -24,7 +25,8 @@ import numpy as np
 from minitx.backend import Backend
 from minitx.errors import MinitxError
 
-MODULES = ("kernels", "quant")
+# One module per spec module (minitx/ops/X.py -> X.py); kvcache.py is a helper.
+MODULES = ("norms", "activations", "linalg", "attention", "positions", "quant")
 
 
 def _cupy() -> Any:

@@ -24,6 +24,7 @@ def source(name: str) -> str:
 
 
 PRELUDE = source("prelude.cuh")
+ROWS = source("rows.cu")   # the one-block-per-row kernels; one string, so compiled once per dtype
 
 _CTYPE = {"float32": "float", "float16": "half_t"}
 _modules: dict[tuple[int, str, str, str], Any] = {}
@@ -53,3 +54,9 @@ def threads(n: int) -> int:
 
 def contiguous(a: Any, dtype: Any = None) -> Any:
     return cp.ascontiguousarray(a, dtype=dtype)
+
+
+def rows(x: Any) -> Any:
+    """x as a contiguous (rows, last axis) matrix."""
+    x = contiguous(x)
+    return x.reshape(-1, x.shape[-1])

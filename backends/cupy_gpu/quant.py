@@ -37,7 +37,7 @@ import numpy as np
 from minitx import ops
 
 from ._cuda import contiguous, function, source
-from .kernels import sdpa
+from .attention import sdpa
 from .kvcache import append
 
 SKINNY_MAX_ROWS = 8   # also the kernels' register array size (MAXM)
@@ -299,7 +299,8 @@ def linear_w8a8(x, w, scale, b=None):
     acc = cp.zeros((q2.shape[0], N), cp.float64)
     for k0 in range(0, K, TILE):
         acc += cp.matmul(q2[:, k0:k0 + TILE], w[k0:k0 + TILE].astype(cp.float64))
-    y = acc.astype(x.dtype).reshape(*x.shape[:-1], N) * sx * scale
+    # Rescaled before rounding to x's dtype: in float16 the integer sums alone overflow 65504.
+    y = (acc.reshape(*x.shape[:-1], N) * sx * scale).astype(np.result_type(x.dtype, scale.dtype))
     return y if b is None else y + b
 
 
@@ -308,7 +309,7 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
     """The int8 KV cache on the device: the new tokens are quantized there by the spec's own
     ``quantize_heads`` (its NumPy calls dispatch to CuPy for device arrays), the int8 caches and
     their scales grow in place (kvcache.py), and decoding reads the int8 rows with their scales
-    in the fused kernel (kernels.py ``sdpa``)."""
+    in the fused kernel (attention.py ``sdpa``)."""
     if not _floats(q):
         return _on_host("attention_kv8", q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask,
                         n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)

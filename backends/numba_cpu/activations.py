@@ -1,11 +1,10 @@
-"""Pointwise activations, SwiGLU and softmax, fused to one pass over memory; add is the spec's.
+"""Pointwise activations, SwiGLU and softmax, fused to one pass over memory.
 
-Specs: minitx/ops/activations.py (gelu both forms, silu, swiglu, softmax, relu) and
-minitx/ops/linalg.py (add). Each kernel computes in the input's dtype like the spec. The tanh
-form of GELU is computed as v·σ(2u), which equals 0.5·v·(1 + tanh u), and σ, SiLU and SwiGLU use
-the vectorisable exp of _vmath.py: results agree with the spec to a few ulps (the conformance
-table shows how few), and a GELU over 128×3072 values takes ~1 ms instead of ~6.
-"""
+Spec: minitx/ops/activations.py (gelu both forms, silu, swiglu, softmax, relu). Each kernel computes
+in the input's dtype like the spec. The tanh form of GELU is computed as v·σ(2u), which equals
+0.5·v·(1 + tanh u), and σ, SiLU and SwiGLU use the vectorisable exp of _vmath.py: results agree with
+the spec to a few ulps (the conformance table shows how few), and a GELU over 128×3072 values takes
+~1 ms instead of ~6."""
 from __future__ import annotations
 
 import math
@@ -14,7 +13,6 @@ import numpy as np
 from numba import prange
 
 from minitx.ops import activations as spec_act
-from minitx.ops import linalg as spec_lin
 
 from ._jit import kernel, pick
 from ._vmath import erf, exp
@@ -171,6 +169,5 @@ def softmax(x, *, axis=-1):
     return y.reshape(x.shape)
 
 
-KERNELS = {"gelu": gelu, "silu": silu, "relu": relu, "swiglu": swiglu, "softmax": softmax,
-           "add": spec_lin.add}  # a + b is one memory-bound pass already; a kernel only adds dispatch cost
+KERNELS = {"gelu": gelu, "silu": silu, "relu": relu, "swiglu": swiglu, "softmax": softmax}
 VJPS = {"gelu": gelu_vjp, "silu": silu_vjp}

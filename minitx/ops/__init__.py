@@ -14,9 +14,13 @@ a backend and a gradient checker can all drive any op the same way:
   :class:`ShapeError` with the op's name when the inputs do not fit. Absent inputs have shape
   ``None``.
 * ``flops(shapes, out_shapes, **attrs)`` counts multiply-adds as two FLOPs.
+
+Each op module declares, right under an op's ``register``, its conformance cases
+(:func:`add_cases`, :mod:`minitx.ops.cases`): the inputs a backend's kernel for it is checked on.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -43,6 +47,9 @@ class OpSpec:
     mode_dependent: bool = False
     # Whether the VJP reads the forward outputs (if not, the executor need not keep them).
     vjp_uses_outputs: bool = True
+    # Whether outputs may share memory with inputs (split's views; attention's present keys are
+    # the new keys themselves without a cache). Conformance rejects aliasing anywhere else.
+    may_alias: bool = False
     doc: str = ""
     n_inputs: int = 0  # positional inputs of ``forward``, filled in by :func:`register`
 
@@ -85,6 +92,47 @@ def elementwise_flops(per_element: int) -> Callable[..., int]:
     return flops
 
 
+def wide(x: np.ndarray) -> np.ndarray:
+    """``x`` in at least float32: what the spec computes reductions and transcendentals of 16-bit
+    floats in (their results are rounded back), as every real kernel does — float16 holds
+    neither a sum of squares of 768 activations nor x³ of a large one."""
+    return x.astype(np.float32) if x.dtype.kind == "f" and x.dtype.itemsize < 4 else x
+
+
+def _map(f: Callable[[Any], Any], x: Any) -> Any:
+    return tuple(_map(f, y) for y in x) if isinstance(x, tuple) else f(x)
+
+
+def _narrow(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.dtype.itemsize < 4
+
+
+def wide_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``forward`` on 16-bit float inputs widened to float32 and round its float outputs back
+    to the inputs' dtype: matmuls and softmaxes in float16 lose the digits float32 accumulation
+    (what every float16 kernel does) keeps."""
+    @functools.wraps(forward)
+    def run(*args: Any, **attrs: Any) -> Any:
+        floats = [a.dtype for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
+        if not any(d.itemsize < 4 for d in floats):
+            return forward(*args, **attrs)
+        dt = np.result_type(*floats)
+        out = forward(*(wide(a) if _narrow(a) else a for a in args), **attrs)
+        return _map(lambda y: y.astype(dt, copy=False) if isinstance(y, np.ndarray) and y.dtype.kind == "f" else y, out)
+    return run
+
+
+def wide_vjp(vjp: Callable[..., tuple]) -> Callable[..., tuple]:
+    """The VJP counterpart of :func:`wide_forward`; every gradient comes back in its input's dtype."""
+    @functools.wraps(vjp)
+    def run(grads: tuple, inputs: tuple, outputs: tuple, **attrs: Any) -> tuple:
+        w = lambda x: _map(lambda y: wide(y) if _narrow(y) else y, x)  # noqa: E731
+        res = vjp(w(grads), w(inputs), w(outputs), **attrs)
+        return tuple(None if g is None else g.astype(x.dtype, copy=False)
+                     if isinstance(x, np.ndarray) and x.dtype.kind == "f" else g for g, x in zip(res, inputs))
+    return run
+
+
 def require(cond: bool, op: str, msg: str) -> None:
     if not cond:
         raise ShapeError(f"op {op}: {msg}")
@@ -100,6 +148,8 @@ def unbroadcast(g: np.ndarray, shape: Shape) -> np.ndarray:
     return g
 
 
-# Importing the op modules registers their ops.
+from .cases import CASES, Case, add_cases  # noqa: E402,F401 — op modules declare their cases with it
+
+# Importing the op modules registers their ops and their conformance cases.
 from . import activations, attention, linalg, losses, norms, positions, pooling, sparse, lowrank, quant  # noqa: E402,F401
 from . import fakequant  # noqa: E402,F401

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import register, require
+from .cases import Case, add_cases, int8_grid
 from .quant import dequantize_blocks, quantize_blocks, quantize_int4, quantize_per_channel, unpack_int4
 
 
@@ -74,3 +75,19 @@ def _infer(shapes, dtypes, *, bits=8, group=0, axis=0):
 
 register("fake_quant", fake_quant, fake_quant_vjp, _infer,
          flops=lambda shapes, outs, **a: 3 * int(np.prod(outs[0])), vjp_uses_outputs=False)
+def _int4_grid(r, shape, group, d):
+    """n·2⁻³, |n| ≤ 7, with one ±7.5·2⁻³ per group: the scale is exactly 2⁻³ and the extreme sits
+    exactly on the rounding tie in every dtype (a random extreme would round apart across dtypes)."""
+    n = r.integers(-7, 8, shape).astype(np.float64)
+    g = n.reshape(shape[0] // group, group, shape[1])
+    g[:, 0] = np.where(r.random(g[:, 0].shape) < 0.5, -7.5, 7.5)
+    return (n / 8).astype(d)
+
+
+add_cases("fake_quant", [
+    Case("int8 per column", lambda r, d: ((np.ascontiguousarray(int8_grid(r, (24, 40), d).T),), {})),
+    Case("int8 per row", lambda r, d: ((int8_grid(r, (24, 40), d),), {"axis": 1})),
+    Case("int8 blocks of 8", lambda r, d: ((np.ascontiguousarray(int8_grid(r, (24, 40), d, heads=5).T),),
+                                           {"group": 8})),
+    Case("int4 groups of 8", lambda r, d: ((_int4_grid(r, (40, 24), 8, d),), {"bits": 4, "group": 8})),
+])

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register, require, unbroadcast
+from . import register, require, unbroadcast, wide_forward, wide_vjp
+from .cases import EDGE_ROWS, Case, add_cases, randn, signed_zeros, viewed
 
 
 # ----------------------------------------------------------------------------------- linear
@@ -13,12 +14,14 @@ def rows_matmul(x, w):
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+@wide_forward
 def linear(x, w, b=None):
     """y = x W + b, with W stored as (in_features, out_features)."""
     y = rows_matmul(x, w)
     return y if b is None else y + b
 
 
+@wide_vjp
 def linear_vjp(grads, inputs, outputs):
     (g,) = grads
     x, w, b = inputs
@@ -41,17 +44,38 @@ def linear_flops(shapes, outs):
     return 2 * int(np.prod(x[:-1])) * w[0] * w[1]
 
 
+_LINEAR = [Case(f"{m} rows, bias", lambda r, d, m=m: ((randn(r, (1, m, 96), d), randn(r, (96, 300), d, 0.1),
+                                                       randn(r, (300,), d)), {}))
+           for m in (1, 3, 8, 33)]
+_LINEAR_CASES = _LINEAR + [
+    Case("8 rows, no bias", lambda r, d: ((randn(r, (8, 1, 64), d), randn(r, (64, 1100), d, 0.1), None), {})),
+    # A square weight: using W where Wᵀ is meant gives the right shape and the wrong numbers.
+    Case("square weight 64x64", lambda r, d: ((randn(r, (2, 5, 64), d), randn(r, (64, 64), d, 0.1), None), {})),
+    Case("large activations", lambda r, d: ((randn(r, (3, 96), d, 1e3 if d != "float16" else 30.0),
+                                             randn(r, (96, 40), d, 0.1), randn(r, (40,), d)), {}), "large"),
+    Case("zero activations", lambda r, d: ((signed_zeros((3, 96), d), randn(r, (96, 40), d, 0.1), randn(r, (40,), d)),
+                                           {}), "zeros"),
+    *[Case(f"{m} rows x {m + 1} in x {m + 2} out", lambda r, d, m=m: (
+        (randn(r, (m, m + 1), d), randn(r, (m + 1, m + 2), d, 0.3), randn(r, (m + 2,), d)), {}), "sizes")
+      for m in EDGE_ROWS],
+    Case("batch 256", lambda r, d: ((randn(r, (256, 2, 32), d), randn(r, (32, 24), d, 0.2), randn(r, (24,), d)), {}),
+         "batch"),
+    viewed(_LINEAR[1]),
+]
 register("linear", linear, linear_vjp, linear_infer, flops=linear_flops, n_optional=1,
          vjp_uses_outputs=False)
+add_cases("linear", _LINEAR_CASES)
 
 
 # ----------------------------------------------------------------------------------- matmul
+@wide_forward
 def matmul(a, b, *, transpose_b=False):
     """C = A B (or A Bᵀ), batched over leading axes like numpy's matmul."""
     bm = np.swapaxes(b, -1, -2) if transpose_b else b
     return rows_matmul(a, bm) if bm.ndim == 2 and a.ndim > 2 else a @ bm
 
 
+@wide_vjp
 def matmul_vjp(grads, inputs, outputs, *, transpose_b=False):
     (g,) = grads
     a, b = inputs
@@ -80,6 +104,19 @@ def matmul_flops(shapes, outs, *, transpose_b=False):
 
 
 register("matmul", matmul, matmul_vjp, matmul_infer, flops=matmul_flops, vjp_uses_outputs=False)
+_MATMUL = [Case("2-D", lambda r, d: ((randn(r, (7, 12), d), randn(r, (12, 9), d)), {})),
+           Case("batched", lambda r, d: ((randn(r, (2, 3, 7, 12), d), randn(r, (3, 12, 9), d)), {}))]
+add_cases("matmul", _MATMUL + [
+    *[Case(f"{m} rows, transpose_b (LM head)", lambda r, d, m=m: (
+        (randn(r, (m, 1, 64), d), randn(r, (1000, 64), d, 0.1)), {"transpose_b": True})) for m in (1, 3, 8, 20)],
+    # Square operands: a kernel that transposes the wrong one keeps every shape right.
+    Case("square, transpose_b", lambda r, d: ((randn(r, (2, 32, 32), d), randn(r, (32, 32), d)),
+                                              {"transpose_b": True})),
+    Case("square", lambda r, d: ((randn(r, (32, 32), d), randn(r, (32, 32), d)), {})),
+    *[Case(f"{m} rows, transpose_b, {m + 2} keys", lambda r, d, m=m: (
+        (randn(r, (m, 1, 16), d), randn(r, (m + 2, 16), d)), {"transpose_b": True}), "sizes") for m in EDGE_ROWS],
+    viewed(_MATMUL[1]),
+])
 
 
 # -------------------------------------------------------------------------------------- add
@@ -102,6 +139,14 @@ def add_infer(shapes, dtypes):
 
 
 register("add", add, add_vjp, add_infer, flops=lambda s, o: int(np.prod(o[0])), vjp_uses_outputs=False)
+add_cases("add", [
+    Case("same shape", lambda r, d: ((randn(r, (4, 5, 8), d), randn(r, (4, 5, 8), d)), {})),
+    Case("same shape, large", lambda r, d: ((randn(r, (64, 768), d), randn(r, (64, 768), d)), {})),
+    Case("bias over last axis", lambda r, d: ((randn(r, (4, 5, 8), d), randn(r, (8,), d)), {})),
+    Case("general broadcast", lambda r, d: ((randn(r, (4, 1, 8), d), randn(r, (5, 1), d)), {})),
+    Case("broadcast view", lambda r, d: ((randn(r, (4, 5, 8), d), np.broadcast_to(randn(r, (8,), d), (4, 5, 8))), {}),
+         "views"),
+])
 
 
 # -------------------------------------------------------------------------------- embedding
@@ -126,6 +171,11 @@ def embedding_infer(shapes, dtypes):
 
 
 register("embedding", embedding, embedding_vjp, embedding_infer, nondiff=(0,), vjp_uses_outputs=False)
+add_cases("embedding", [
+    Case("gather", lambda r, d: ((r.integers(0, 50, (3, 7)), randn(r, (50, 16), d)), {})),
+    Case("one id repeated", lambda r, d: ((np.full((2, 9), 4), randn(r, (50, 16), d)), {}), "ties"),
+    Case("batch 1, first and last row", lambda r, d: ((np.array([[0, 49]]), randn(r, (50, 16), d)), {}), "batch"),
+])
 
 
 # ------------------------------------------------------------------------------------ split
@@ -145,4 +195,8 @@ def split_infer(shapes, dtypes, *, sizes):
     return [((*x[:-1], n), dtypes[0]) for n in sizes]
 
 
-register("split", split, split_vjp, split_infer, vjp_uses_outputs=False)
+register("split", split, split_vjp, split_infer, vjp_uses_outputs=False, may_alias=True)  # views of x
+add_cases("split", [
+    Case("q|k|v", lambda r, d: ((randn(r, (2, 3, 24), d),), {"sizes": [8, 8, 8]})),
+    Case("uneven", lambda r, d: ((randn(r, (2, 3, 20), d),), {"sizes": [12, 4, 4]})),
+])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import register, require
+from .cases import Case, add_cases, exp_range, randn
 
 
 def _log_softmax(x):
@@ -42,6 +43,13 @@ def cross_entropy_infer(shapes, dtypes, *, ignore_index=-100):
 
 register("cross_entropy", cross_entropy, cross_entropy_vjp, cross_entropy_infer,
          flops=lambda s, o, **a: 4 * int(np.prod(s[0])), nondiff=(1,), vjp_uses_outputs=False)
+_TARGETS = np.array([[1, 2, -100, 4, 0], [3, 3, 3, -100, 10]])
+add_cases("cross_entropy", [
+    Case("with ignored", lambda r, d: ((randn(r, (2, 5, 11), d, 2.0), _TARGETS), {})),
+    Case("logits near exp overflow", lambda r, d: ((randn(r, (2, 5, 11), d, exp_range(d) / 3), _TARGETS), {}), "large"),
+    Case("every target ignored", lambda r, d: ((randn(r, (2, 5, 11), d), np.full((2, 5), -100)), {}), "masked"),
+    Case("tied logits", lambda r, d: ((np.zeros((2, 5, 11), d), _TARGETS), {}), "ties"),
+])
 
 
 # ------------------------------------------------------------------------- distillation (minitx distill)
@@ -50,7 +58,6 @@ register("cross_entropy", cross_entropy, cross_entropy_vjp, cross_entropy_infer,
 # (attention_probs + prob_kl). The teacher's side is a constant in training, but every input gets
 # its exact gradient so the spec stays complete.
 
-from . import attention as _attn  # noqa: E402  (attention_probs reuses the attention op's softmax)
 from . import same_as  # noqa: E402
 
 
@@ -92,6 +99,12 @@ def _kl_div_check(shapes, dtypes, *, temperature=1.0):
 
 register("kl_div", kl_div, kl_div_vjp, _kl_div_check,
          flops=lambda s, o, **a: 10 * int(np.prod(s[0])), vjp_uses_outputs=False)
+add_cases("kl_div", [
+    Case("T=1", lambda r, d: ((randn(r, (2, 5, 11), d, 2.0), randn(r, (2, 5, 11), d, 2.0)), {})),
+    Case("T=2", lambda r, d: ((randn(r, (3, 17), d, 2.0), randn(r, (3, 17), d, 2.0)), {"temperature": 2.0})),
+    Case("logits near exp overflow", lambda r, d: ((randn(r, (3, 17), d, exp_range(d) / 3),
+                                                    randn(r, (3, 17), d, exp_range(d) / 3)), {}), "large"),
+])
 
 
 def mse(x, target):
@@ -108,6 +121,8 @@ def mse_vjp(grads, inputs, outputs):
 
 register("mse", mse, mse_vjp, _same_shape_scalar("mse"),
          flops=lambda s, o, **a: 3 * int(np.prod(s[0])), vjp_uses_outputs=False)
+add_cases("mse", [Case("3x5x16", lambda r, d: ((randn(r, (3, 5, 16), d), randn(r, (3, 5, 16), d)), {})),
+                  Case("equal inputs", lambda r, d: ((np.ones((4, 8), d), np.ones((4, 8), d)), {}), "zeros")])
 
 
 def prob_kl(p, target):
@@ -140,57 +155,18 @@ register("prob_kl", prob_kl, prob_kl_vjp, _same_shape_scalar("prob_kl"),
          flops=lambda s, o, **a: 6 * int(np.prod(s[0])), vjp_uses_outputs=False)
 
 
-def attention_probs(q, k, mask=None, *, n_heads, n_kv_heads, causal, scale=None, n_maps=None):
-    """The attention op's probabilities softmax(Q Kᵀ·scale) over allowed keys, (B, n_maps, T, S):
-    per head (n_maps = n_heads, the default) or averaged over contiguous groups of n_heads / n_maps
-    heads, so models with different head counts can be compared map for map."""
-    B, T, _ = q.shape
-    D = q.shape[-1] // n_heads
-    m = n_maps or n_heads
-    sc = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
-    p, _, _, _ = _attn.probs(q, k, mask, n_heads, n_kv_heads, causal, sc)
-    p = p.reshape(B, m, n_heads // m, T, k.shape[1])
-    return p.mean(axis=2) if n_heads != m else p[:, :, 0]
+def _probs(r, shape, d, zeros=False):
+    e = np.exp(r.standard_normal(shape))
+    if zeros:
+        e[..., ::3] = 0.0      # masked keys: the target puts no mass there
+    return (e / e.sum(axis=-1, keepdims=True)).astype(d)
 
 
-def attention_probs_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, scale=None, n_maps=None):
-    (g,) = grads
-    q, k, mask = inputs
-    B, T, _ = q.shape
-    D = q.shape[-1] // n_heads
-    m = n_maps or n_heads
-    sc = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
-    p, _, qh, kh = _attn.probs(q, k, mask, n_heads, n_kv_heads, causal, sc)
-    gp = (np.repeat(g, n_heads // m, axis=1) / (n_heads // m)).reshape(p.shape)
-    gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True)) * sc      # softmax VJP, then the scale
-    gs = np.where(_attn.allowed_keys(T, k.shape[1], mask, causal, B)[:, :, None], gs, 0)
-    gq = _attn._merge((gs @ kh).reshape(B, n_heads, T, D))
-    gk = _attn._merge((np.swapaxes(gs, -1, -2) @ qh).sum(axis=2))
-    return gq.astype(q.dtype), gk.astype(k.dtype), None
-
-
-def attention_probs_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal, scale=None, n_maps=None):
-    q, k, mask = shapes
-    op = "attention_probs"
-    require(len(q) == 3 and len(k) == 3, op, f"q, k must be (B, T, H·D), got {q}, {k}")
-    require(n_heads % n_kv_heads == 0, op, f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
-    require(q[-1] % n_heads == 0, op, f"q width {q[-1]} is not divisible by n_heads {n_heads}")
-    m = n_maps or n_heads
-    require(n_heads % m == 0, op, f"n_heads {n_heads} is not a multiple of n_maps {m}")
-    kv = n_kv_heads * (q[-1] // n_heads)
-    require(k[0] == q[0] and k[2] == kv, op, f"k {k} must be ({q[0]}, S, {kv}) for {n_kv_heads} kv heads")
-    if mask is not None:
-        require(tuple(mask) == (q[0], k[1]), op, f"mask {mask} must be (batch, keys) = {(q[0], k[1])}")
-    return [((q[0], m, q[1], k[1]), dtypes[0])]
-
-
-def attention_probs_flops(shapes, outs, *, n_heads, **attrs):
-    (B, T, HD), S = shapes[0], shapes[1][1]
-    return 2 * B * T * S * HD + 5 * B * n_heads * T * S    # Q Kᵀ, then the softmax
-
-
-register("attention_probs", attention_probs, attention_probs_vjp, attention_probs_infer, flops=attention_probs_flops,
-         nondiff=(2,), n_optional=1, vjp_uses_outputs=False)
+add_cases("prob_kl", [
+    Case("attention maps", lambda r, d: ((_probs(r, (2, 3, 4, 9), d), _probs(r, (2, 3, 4, 9), d)), {})),
+    Case("target zero on masked keys", lambda r, d: ((_probs(r, (2, 4, 9), d), _probs(r, (2, 4, 9), d, True)), {}),
+         "masked"),
+])
 
 
 def scale(x, *, factor):
@@ -200,3 +176,5 @@ def scale(x, *, factor):
 
 register("scale", scale, lambda grads, inputs, outputs, *, factor: (np.asarray(grads[0] * factor, inputs[0].dtype),),
          same_as(0), flops=lambda s, o, **a: int(np.prod(o[0])), vjp_uses_outputs=False)
+add_cases("scale", [Case("0.25", lambda r, d: ((randn(r, (3, 7), d),), {"factor": 0.25})),
+                    Case("scalar loss", lambda r, d: ((np.asarray(randn(r, (1,), d)[0]),), {"factor": 3.0}))])

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register, require
-from .attention import _heads, _merge, attention_infer
+from . import register, require, wide_forward, wide_vjp
+from .attention import _heads, _merge, attention_infer, attention_inputs
+from .cases import Case, add_cases, randn
 
 
 # ------------------------------------------------------------------------------ lowrank_linear
+@wide_forward
 def lowrank_linear(x, u, v, b=None):
     """y = (x U) V + b: the rank-r linear W ≈ U V."""
     y = (x @ u) @ v
     return y if b is None else y + b
 
 
+@wide_vjp
 def lowrank_linear_vjp(grads, inputs, outputs):
     (g,) = grads
     x, u, v, b = inputs
@@ -55,6 +58,11 @@ def lowrank_linear_flops(shapes, outs):
 
 register("lowrank_linear", lowrank_linear, lowrank_linear_vjp, lowrank_linear_infer, flops=lowrank_linear_flops,
          n_optional=1, vjp_uses_outputs=False)
+add_cases("lowrank_linear", [
+    Case(f"{m} rows, rank 8", lambda r, d, m=m: (
+        (randn(r, (m, 1, 64), d), randn(r, (64, 8), d, 0.2), randn(r, (8, 96), d, 0.2),
+         randn(r, (96,), d) if m % 2 else None), {}))
+    for m in (1, 4, 9)])
 
 
 # ------------------------------------------------------------------------------ Nyström attention
@@ -111,6 +119,7 @@ def _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale):
                 F=F, A=A, Bm=Bm, Ap=Ap)
 
 
+@wide_forward
 def nystrom_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal=False,
                       n_landmarks, scale=None):
     """softmax(Q K̃ᵀ) pinv(softmax(Q̃ K̃ᵀ)) softmax(Q̃ Kᵀ) V per head; returns (out, K, V) like attention."""
@@ -123,6 +132,7 @@ def nystrom_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, 
     return _merge(out.reshape(q.shape[0], n_heads, q.shape[1], D)), K, V
 
 
+@wide_vjp
 def nystrom_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None):
     g_out, g_K, g_V = grads
     q, k, v, past_k, past_v, mask = inputs
@@ -177,4 +187,18 @@ def nystrom_attention_flops(shapes, outs, *, n_heads, n_kv_heads, causal=False, 
 
 
 register("nystrom_attention", nystrom_attention, nystrom_attention_vjp, nystrom_attention_infer,
-         flops=nystrom_attention_flops, nondiff=(5,), n_optional=3)
+         flops=nystrom_attention_flops, nondiff=(5,), n_optional=3, may_alias=True)
+
+
+def _nystrom(pad):
+    base = attention_inputs(2, 12, 0, 4, 2, 8, False, pad, False)
+
+    def make(r, d):
+        inputs, attrs = base(r, d)
+        return inputs, {**attrs, "n_landmarks": 4}
+    return make
+
+
+# tol_scale: the pseudo-inverse amplifies the inputs' rounding, in the reference too.
+add_cases("nystrom_attention", [Case("4 landmarks", _nystrom(False), tol_scale=10),
+                                Case("4 landmarks, padding", _nystrom(True), "masked", tol_scale=10)])

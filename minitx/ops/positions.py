@@ -9,6 +9,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import register, require
+from .cases import Case, add_cases, randn, viewed
 
 
 def _rope_angles(positions, head_dim, theta):
@@ -45,6 +46,17 @@ def rope_infer(shapes, dtypes, *, n_heads, theta=10000.0):
 
 register("rope", rope, rope_vjp, rope_infer, flops=lambda s, o, **a: 6 * int(np.prod(o[0])), nondiff=(1,),
          vjp_uses_outputs=False)
+_ROPE = [Case("decode", lambda r, d: ((randn(r, (2, 1, 4 * 8), d), r.integers(0, 100, (2, 1))), {"n_heads": 4})),
+         Case("prefill", lambda r, d: ((randn(r, (2, 50, 12 * 64), d), np.tile(np.arange(50), (2, 1))),
+                                       {"n_heads": 12, "theta": 10000.0}))]
+add_cases("rope", _ROPE + [
+    # Angles of far positions lose every digit when computed in float32.
+    Case("positions near 30000", lambda r, d: ((randn(r, (2, 3, 2 * 16), d), r.integers(29000, 30000, (2, 3))),
+                                               {"n_heads": 2}), "large"),
+    Case("65 positions, head dim 2", lambda r, d: ((randn(r, (1, 65, 3 * 2), d), np.arange(65)[None]), {"n_heads": 3}),
+         "sizes"),
+    viewed(_ROPE[1]),
+])
 
 
 @lru_cache(maxsize=8)
@@ -75,3 +87,5 @@ def sinusoidal_infer(shapes, dtypes, *, dim, max_len, dtype="float32"):
 
 register("sinusoidal_positions", sinusoidal_positions, sinusoidal_vjp, sinusoidal_infer, nondiff=(0,),
          vjp_uses_outputs=False)
+add_cases("sinusoidal_positions", [
+    Case("table", lambda r, d: ((r.integers(0, 64, (2, 5)),), {"dim": 16, "max_len": 64, "dtype": d}))])

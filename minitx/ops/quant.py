@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register, require
-from .attention import attention, attention_infer, attention_vjp
+from . import register, require, wide_vjp
+from .attention import attention, attention_infer, attention_inputs, attention_vjp
+from .cases import Case, add_cases, int8_grid, randn
 
 
 def _sum_rows(g: np.ndarray) -> np.ndarray:
@@ -258,23 +259,25 @@ def linear_w8a8(x, w, scale, b=None):
     """y = (q(x) Wq) · sₓ · s + b: x quantized per token on the fly, an exact integer product
     (accumulated in float64, exact below 2⁵³), then rescaled. Wq int8 (in, out), s (out,)."""
     q, sx = quantize_rows(x)
-    acc = (q.astype(np.float64) @ w.astype(np.float64)).astype(x.dtype)
-    y = acc * sx * scale
+    acc = q.astype(np.float64) @ w.astype(np.float64)
+    # Rescale before rounding to the activations' dtype: the integer sums alone pass float16's 65504.
+    y = (acc * sx * scale).astype(np.result_type(x.dtype, scale.dtype))
     return y if b is None else y + b
 
 
+@wide_vjp
 def linear_w8a8_vjp(grads, inputs, outputs):
     (g,) = grads
     x, w, scale, b = inputs
     q, sx = quantize_rows(x)
-    acc = (q.astype(np.float64) @ w.astype(np.float64)).astype(g.dtype)
+    acc = q.astype(np.float64) @ w.astype(np.float64)      # exact; float16 could not hold it
     # y depends on x only through sₓ = max|x_row| / 127 (round() is flat almost everywhere).
     dsx = (g * acc * scale).sum(axis=-1, keepdims=True)          # ∂L/∂sₓ per row
     gx = np.zeros_like(x)
     j = np.abs(x).argmax(axis=-1)[..., None]
     xj = np.take_along_axis(x, j, axis=-1)
-    np.put_along_axis(gx, j, np.sign(xj) / 127 * dsx * (xj != 0), axis=-1)
-    gs = _sum_rows(g * acc * sx)
+    np.put_along_axis(gx, j, (np.sign(xj) / 127 * dsx * (xj != 0)).astype(x.dtype), axis=-1)
+    gs = _sum_rows(g * acc * sx).astype(scale.dtype)
     return gx, None, gs, None if b is None else _sum_rows(g)
 
 
@@ -377,6 +380,7 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
     return out, cat(past_k, kq), cat(past_k_scale, ks), cat(past_v, vq), cat(past_v_scale, vs)
 
 
+@wide_vjp
 def attention_kv8_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, scale=None):
     g_out, _, g_ks, _, g_vs = grads
     q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask = inputs
@@ -482,3 +486,101 @@ def to_bfloat16_bits(w):
     u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
     u = u + 0x7FFF + ((u >> 16) & 1)
     return (u >> 16).astype(np.uint16)
+
+
+# ------------------------------------------------------------------------ conformance cases
+# Packed weights are built with the packers above, the format a rewritten model stores. Rounding
+# is discontinuous, so activations that are rounded inside an op (W8A8, the KV cache) are drawn
+# on the int8 grid of a power-of-two scale: quantization is then exact in every dtype and the
+# low-precision run and the float64 reference agree on every integer.
+def _packed(rows, n_in, n_out, pack, attrs, bias=True, grid=False):
+    def make(r, d):
+        w = randn(r, (n_in, n_out), "float32", 0.1)
+        # Scales in the case's dtype: float32 scales would cap a float64 case at float32 precision.
+        packed = [a.astype(d) if a.dtype.kind == "f" else a for a in pack(w)]
+        x = int8_grid(r, (rows, 1, n_in), d) if grid else randn(r, (rows, 1, n_in), d)
+        return (x, *packed, randn(r, (n_out,), d) if bias else None), dict(attrs)
+    return make
+
+
+def _packed_t(rows, n_in, n_out, bits):
+    def make(r, d):
+        w = randn(r, (n_out, n_in), "float32", 0.1)
+        q, s = quantize_per_channel(w, axis=1) if bits == 8 else quantize_int4_rows(w, 32)
+        attrs = {"transposed": True} if bits == 8 else {"group": 32, "transposed": True}
+        return (randn(r, (rows, 1, n_in), d), q, s.astype(d), randn(r, (n_out,), d) if rows % 2 else None), attrs
+    return make
+
+
+def _table(bits, ids=None):
+    def make(r, d):
+        E = randn(r, (300, 64), "float32")
+        q, s = quantize_per_channel(E, axis=1) if bits == 8 else quantize_int4_rows(E, 16)
+        ids_ = r.integers(0, 300, (3, 7)) if ids is None else ids
+        return (ids_, q, s.astype(d)), ({} if bits == 8 else {"group": 16})
+    return make
+
+
+def _cast(rows, bf16, transposed=False):
+    def make(r, d):
+        w = randn(r, (96, 160), "float32", 0.1)
+        w[0, :4] = [1e-6, -3e-7, 0.0, -0.0]  # float16 subnormals and signed zeros
+        w = np.ascontiguousarray(w.T) if transposed else w
+        return ((randn(r, (rows, 1, 96), d), to_bfloat16_bits(w) if bf16 else w.astype(np.float16),
+                 randn(r, (160,), d)), {"transposed": transposed})
+    return make
+
+
+def _attn_kv8(B, T, S, H, KV, D, causal, pad, cache, dead_row=False, scale=1.0, offset=0.0):
+    base = attention_inputs(B, T, S, H, KV, D, causal, pad, cache, dead_row, scale, offset)
+
+    def make(r, d):
+        (q, k, v, pk, pv, mask), attrs = base(r, d)
+        k, v = int8_grid(r, k.shape, d, KV), int8_grid(r, v.shape, d, KV)
+        if pk is None:
+            return (q, k, v, None, None, None, None, mask), attrs
+        pkq, pks = quantize_heads(int8_grid(r, pk.shape, d, KV), KV)
+        pvq, pvs = quantize_heads(int8_grid(r, pv.shape, d, KV), KV)
+        return (q, k, v, pkq, pks, pvq, pvs, mask), attrs
+    return make
+
+
+_per_channel = quantize_per_channel
+for _m in (1, 3, 8):
+    add_cases("linear_q8", [Case(f"{_m} rows", _packed(_m, 96, 160, _per_channel, {}))])
+    add_cases("linear_q8_block", [Case(f"{_m} rows, block 32",
+                                       _packed(_m, 96, 160, lambda w: quantize_blocks(w, 32), {"block": 32}))])
+    add_cases("linear_q4", [Case(f"{_m} rows, group 32",
+                                 _packed(_m, 96, 160, lambda w: quantize_int4(w, 32), {"group": 32}))])
+    add_cases("linear_w8a8", [Case(f"{_m} rows", _packed(_m, 96, 160, _per_channel, {}, grid=True))])
+for _m in (1, 3, 8, 20):
+    add_cases("linear_q8", [Case(f"{_m} rows, transposed (out, in)", _packed_t(_m, 96, 160, 8))])
+    add_cases("linear_q4", [Case(f"{_m} rows, group 32, transposed (out, in/2)", _packed_t(_m, 96, 160, 4))])
+    add_cases("linear_cast", [Case(f"{_m} rows, float16", _cast(_m, False)),
+                              Case(f"{_m} rows, bfloat16", _cast(_m, True)),
+                              Case(f"{_m} rows, float16 (out, in)", _cast(_m, False, True)),
+                              Case(f"{_m} rows, bfloat16 (out, in)", _cast(_m, True, True))])
+add_cases("linear_q8", [Case(f"{m} rows, transposed, tile edge", _packed_t(m, 64, 72, 8), "sizes") for m in (7, 9, 65)])
+add_cases("linear_q4", [Case("LM-head shape, 1 row, transposed", _packed_t(1, 64, 1100, 4)),
+                        *[Case(f"{m} rows, tile edge",
+                               _packed(m, 64, 72, lambda w: quantize_int4(w, 32), {"group": 32}), "sizes")
+                          for m in (7, 9, 65)]])
+add_cases("linear_w8a8", [
+    # Integer sums of 1024 products of ±127 pass float16's 65504 before the rescale.
+    Case("sums beyond float16's range", _packed(2, 1024, 16, lambda w: quantize_per_channel(np.abs(w)), {},
+                                                grid=True), "large"),
+    Case("a zero row", lambda r, d: ((lambda x: (x, *_packed(2, 64, 16, _per_channel, {})(r, d)[0][1:]))(
+        np.concatenate([np.zeros((1, 1, 64), d), int8_grid(r, (1, 1, 64), d)])), {}), "zeros"),
+])
+add_cases("embedding_q8", [Case("gather, repeated ids", _table(8)),
+                           Case("one id repeated", _table(8, np.full((2, 5), 7)), "ties")])
+add_cases("embedding_q4", [Case("gather, group 16", _table(4))])
+add_cases("attention_kv8", [
+    Case("MHA causal prefill", _attn_kv8(2, 9, 0, 4, 4, 8, True, False, False)),
+    Case("GQA decode, int8 cache + padding", _attn_kv8(3, 1, 11, 6, 2, 16, True, True, True)),
+    Case("GQA prefill after cache, padding", _attn_kv8(2, 5, 4, 4, 2, 8, True, True, True)),
+    Case("fully masked row", _attn_kv8(2, 3, 0, 2, 1, 4, False, True, False, dead_row=True), "masked"),
+    Case("decode, large scores", _attn_kv8(2, 1, 9, 2, 2, 8, True, True, True, scale=3.0), "large"),
+    *[Case(f"{t} queries over {t + 2} cached", _attn_kv8(1, t, t + 2, 2, 1, 8, True, False, True), "sizes")
+      for t in (1, 8, 9)],
+])

@@ -28,8 +28,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from . import register, require
-from .attention import attention_infer, concat_cache, head_scale, mix_values, probs, probs_vjp
+from . import register, require, wide, wide_forward, wide_vjp
+from .attention import (attention_cases, attention_infer, attention_inputs, concat_cache, head_scale, mix_values,
+                        probs, probs_vjp)
+from .cases import Case, add_cases, randn
 
 PATTERNS = ("dense", "local", "block", "strided", "topk", "threshold")
 
@@ -82,6 +84,7 @@ def _restrict(pattern, window, block, stride, n_global, topk, threshold, dense_b
     return restrict
 
 
+@wide_forward
 def sparse_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal,
                      pattern="dense", window=0, block=0, stride=0, n_global=0, topk=0, threshold=0.0,
                      dense_below=0, scale=None):
@@ -92,6 +95,7 @@ def sparse_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n
     return mix_values(p, V, n_heads, n_kv_heads, q.shape), K, V
 
 
+@wide_vjp
 def sparse_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, pattern="dense", window=0,
                          block=0, stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
     q, mask, K = inputs[0], inputs[5], outputs[1]
@@ -126,7 +130,7 @@ def sparse_attention_flops(shapes, outs, *, n_heads, n_kv_heads, causal, pattern
 
 
 register("sparse_attention", sparse_attention, sparse_attention_vjp, sparse_attention_infer,
-         flops=sparse_attention_flops, nondiff=(5,), n_optional=3)
+         flops=sparse_attention_flops, nondiff=(5,), n_optional=3, may_alias=True)
 
 
 # ------------------------------------------------------------------------------ CSR linear
@@ -136,8 +140,8 @@ def _csr(data, indices, indptr, shape):
 
 def sparse_linear(x, data, indices, indptr, b=None, *, shape):
     """y = x W + b, where Wᵀ (out, in) = CSR(data, indices, indptr): only the kept weights are stored."""
-    Wt = _csr(data, indices, indptr, shape)
-    rows = x.reshape(-1, x.shape[-1])
+    Wt = _csr(wide(data), indices, indptr, shape)      # scipy.sparse has no float16
+    rows = wide(x).reshape(-1, x.shape[-1])
     y = np.asarray((Wt @ rows.T).T, dtype=x.dtype).reshape(*x.shape[:-1], shape[0])
     return y if b is None else y + b
 
@@ -145,10 +149,10 @@ def sparse_linear(x, data, indices, indptr, b=None, *, shape):
 def sparse_linear_vjp(grads, inputs, outputs, *, shape):
     (g,) = grads
     x, data, indices, indptr, b = inputs
-    Wt = _csr(data, indices, indptr, shape)
+    Wt = _csr(wide(data), indices, indptr, shape)
     rows = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, shape[0])
-    gx = np.asarray(g2 @ Wt).reshape(x.shape)                  # ∂/∂x = g W
+    gx = np.asarray(wide(g2) @ Wt).astype(x.dtype).reshape(x.shape)   # ∂/∂x = g W
     out_of = np.repeat(np.arange(shape[0]), np.diff(indptr))    # the output row of every stored weight
     gdata = np.einsum("nk,nk->k", g2[:, out_of], rows[:, indices])  # ∂/∂Wᵀ[o, i] = Σ_n g[n, o] x[n, i]
     gb = None if b is None else g2.sum(axis=0)
@@ -253,3 +257,74 @@ def nm_linear_flops(shapes, outs, *, n, m, in_features):
 
 register("nm_linear", nm_linear, nm_linear_vjp, nm_linear_infer, flops=nm_linear_flops, nondiff=(2,),
          n_optional=1, vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ conformance cases
+def _sparse_attn(pattern, causal=True, **pat):
+    def build(B, T, S, H, KV, D, causal_, pad, cache, dead_row=False, scale=1.0, offset=0.0):
+        base = attention_inputs(B, T, S, H, KV, D, causal_, pad, cache, dead_row, scale, offset)
+
+        def make(r, d):
+            inputs, attrs = base(r, d)
+            return inputs, {**attrs, "pattern": pattern, **pat}
+        return make
+    return build
+
+
+add_cases("sparse_attention", [
+    Case("local window 4", _sparse_attn("local", window=4)(2, 16, 0, 4, 2, 8, True, True, False)),
+    Case("local, decode over cache", _sparse_attn("local", window=6)(2, 1, 20, 4, 2, 8, True, True, True)),
+    Case("block 4", _sparse_attn("block", block=4)(2, 16, 0, 4, 2, 8, True, True, False)),
+    Case("strided 4, bidirectional",
+         _sparse_attn("strided", stride=4, window=2)(2, 12, 0, 4, 2, 8, False, True, False)),
+    Case("top-3", _sparse_attn("topk", topk=3)(2, 10, 0, 4, 2, 8, True, True, False)),
+    Case("top-3 over tied scores", _sparse_attn("topk", topk=3)(2, 10, 0, 4, 2, 8, True, True, False, scale=0.0),
+         "ties"),
+    # With the dense pattern every attention situation applies.
+    *[Case("dense, " + c.name, c.make, c.family) for c in attention_cases(_sparse_attn("dense"))
+      if c.family in ("masked", "large", "sizes")],
+])
+
+
+def _csr_of(w, keep):
+    """(data, int16 indices, int32 indptr) of the CSR Wᵀ holding the kept weights of w (in, out)."""
+    wt, kt = w.T, keep.T
+    cols = [np.nonzero(row)[0] for row in kt]
+    data = np.concatenate([wt[o, c] for o, c in enumerate(cols)])
+    ptr = np.concatenate([[0], np.cumsum([len(c) for c in cols])]).astype(np.int32)
+    return data.astype(w.dtype), np.concatenate(cols).astype(np.int16), ptr
+
+
+def _sparse_linear(rows, n_in, n_out, density, bias=True):
+    def make(r, d):
+        w = randn(r, (n_in, n_out), d, 0.1)
+        data, idx, ptr = _csr_of(w, r.random(w.shape) < density)
+        return ((randn(r, (rows, 2, n_in), d), data, idx, ptr, randn(r, (n_out,), d) if bias else None),
+                {"shape": [n_out, n_in]})
+    return make
+
+
+add_cases("sparse_linear", [
+    Case("30% dense", _sparse_linear(3, 64, 96, 0.3)),
+    Case("80% dense", _sparse_linear(1, 64, 96, 0.8)),
+    Case("empty output rows", _sparse_linear(2, 64, 96, 0.01, bias=False), "zeros"),
+    *[Case(f"{m} rows, 50% dense", _sparse_linear(m, 33, 65, 0.5), "sizes") for m in (7, 9, 65)],
+])
+
+
+def _nm_linear(rows, n_in, n_out):
+    def make(r, d):
+        w = randn(r, (n_in, n_out), d, 0.1)
+        g = np.abs(w).reshape(n_in // 4, 4, n_out)
+        keep = np.zeros(g.shape, bool)
+        np.put_along_axis(keep, np.argsort(-g, axis=1, kind="stable")[:, :2], True, axis=1)
+        wt, kt = w.T, keep.reshape(w.shape).T                      # (out, in)
+        cols = np.nonzero(kt)[1].reshape(n_out, n_in // 2)
+        values = np.ascontiguousarray(np.take_along_axis(wt, cols, axis=1))
+        return (randn(r, (rows, 1, n_in), d), values, pack_positions(cols % 4, 4), None), \
+            {"n": 2, "m": 4, "in_features": n_in}
+    return make
+
+
+add_cases("nm_linear", [Case("2:4, 1 row", _nm_linear(1, 64, 96)), Case("2:4, 5 rows", _nm_linear(5, 64, 96)),
+                        *[Case(f"2:4, {m} rows", _nm_linear(m, 68, 65), "sizes") for m in (7, 9, 65)]])
