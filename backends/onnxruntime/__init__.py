@@ -123,6 +123,8 @@ class OnnxRuntimeBackend(Backend):
                     self._cache.clear()
                 sess = self._cache[key] = _session(model)
         res = sess.run(out_names, {n: np.ascontiguousarray(a) for n, a in dyn})
+        # ONNX Runtime returns a 0-d result as shape (1,): give back the spec's shape.
+        res = [r.reshape(s) if r.shape != tuple(s) else r for r, (s, _) in zip(res, outs_info)]
         return res[0] if len(res) == 1 else tuple(res)
 
 

@@ -109,13 +109,15 @@ add_cases("kl_div", [
 
 def mse(x, target):
     """mean((x − target)²) over every element."""
-    return np.asarray(float(np.square(x - target).sum()) / max(x.size, 1), dtype=x.dtype)
+    # Summed in float64: in float16 the sum of squares overflows long before their mean does.
+    d = x.astype(np.float64) - target.astype(np.float64)
+    return np.asarray(float(np.square(d).sum()) / max(x.size, 1), dtype=x.dtype)
 
 
 def mse_vjp(grads, inputs, outputs):
     (g,) = grads
     x, target = inputs
-    d = (x - target) * (2.0 * g / max(x.size, 1))
+    d = (x.astype(np.float64) - target) * (2.0 * np.float64(g) / max(x.size, 1))
     return d.astype(x.dtype), (-d).astype(target.dtype)
 
 
