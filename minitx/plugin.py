@@ -18,9 +18,10 @@ records it (``calibration.random``) and a warning says so — random tokens give
 activation norms, so an activation-aware rewrite calibrated on them is a poorer approximation.
 
 Plugins are discovered from the entry-point group ``minitx.plugins``: an entry point names a
-zero-argument factory (or class) returning a Plugin. As with backends (minitx/backend.py), nothing
-is imported until a plugin is used, and one that fails to load is reported with its reason while
-the others keep working. Built-in plugins are also found from a source checkout that was never
+zero-argument factory (or class) returning a Plugin. As with backends, through the same
+:mod:`minitx.registry`, nothing is imported until a plugin is used, one that fails to load is
+reported with its reason while the others keep working, and a name two packages declare is an
+error naming both. Built-in plugins are also found from a source checkout that was never
 installed.
 
 Option strings, as on the command line: ``name``, ``name:key=value,key2=value2``, or the
@@ -29,17 +30,14 @@ shorthand ``name:value`` which sets the plugin's ``positional`` option (``quant:
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import threading
-from dataclasses import dataclass, field, replace
-from importlib import metadata
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from . import rewrite
 from .errors import MinitxError
+from .registry import Entry, Registry
 
 GROUP = "minitx.plugins"
 
@@ -242,79 +240,29 @@ class Plugin:
 
 
 # ------------------------------------------------------------------------------ registry
-@dataclass
-class Entry:
-    name: str
-    target: str
-    factory: Callable[[], Plugin] | None = None
-    plugin: Plugin | None = None
-    error: str | None = None
-    loaded: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def load(self) -> Plugin | None:
-        with self.lock:
-            if not self.loaded:
-                self.loaded = True
-                try:
-                    factory = self.factory or _load_target(self.target)
-                    p = factory() if callable(factory) and not isinstance(factory, Plugin) else factory
-                    if not isinstance(p, Plugin):
-                        raise TypeError(f"entry point returned {type(p).__name__}, not a minitx Plugin")
-                    self.plugin = p
-                except Exception as e:  # noqa: BLE001 — fault isolation is the point
-                    self.error = f"{type(e).__name__}: {e}".strip()
-            return self.plugin
+def _make(target: Any) -> Plugin:
+    p = target() if callable(target) and not isinstance(target, Plugin) else target
+    if not isinstance(p, Plugin):
+        raise TypeError(f"entry point returned {type(p).__name__}, not a minitx Plugin")
+    return p
 
 
-def _load_target(target: str) -> Any:
-    mod, _, attr = target.partition(":")
-    obj: Any = importlib.import_module(mod)
-    for part in filter(None, attr.split(".")):
-        obj = getattr(obj, part)
-    return obj
+REGISTRY: Registry[Plugin] = Registry(GROUP, "plugin", _make, BUILTIN)
 
 
-_entries: dict[str, Entry] | None = None
-_lock = threading.Lock()
-
-
-def _builtin_present(target: str) -> bool:
-    try:
-        return importlib.util.find_spec(target.partition(":")[0]) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def entries() -> dict[str, Entry]:
+def entries() -> dict[str, Entry[Plugin]]:
     """Every plugin declared in the entry-point group (or shipped), none imported yet."""
-    global _entries
-    with _lock:
-        if _entries is None:
-            found: dict[str, Entry] = {}
-            for ep in metadata.entry_points(group=GROUP):
-                found.setdefault(ep.name, Entry(ep.name, ep.value))
-            for name, target in BUILTIN.items():
-                if name not in found and _builtin_present(target):
-                    found[name] = Entry(name, target)
-            _entries = found
-        return _entries
+    return REGISTRY.entries()
 
 
 def register(name: str, factory: Callable[[], Plugin]) -> None:
-    """Register a plugin in-process (tests, notebooks); installed packages use the entry point."""
-    entries()[name] = Entry(name, f"<registered {name}>", factory=factory)
+    """Register a plugin in-process (tests, notebooks); installed packages use the entry point.
+    A name already taken is an error."""
+    REGISTRY.register(name, factory)
 
 
 def get_plugin(name: str) -> Plugin:
-    table = entries()
-    if name not in table:
-        raise MinitxError(f"unknown plugin {name!r}; available: {', '.join(sorted(table)) or 'none'} "
-                          f"(a third-party plugin registers in the entry-point group {GROUP!r})")
-    p = table[name].load()
-    if p is None:
-        raise MinitxError(f"plugin {name!r} is unavailable: {table[name].error}")
-    return p
+    return REGISTRY.get(name)
 
 
 # ------------------------------------------------------------------------------ option strings
@@ -391,10 +339,12 @@ def describe() -> list[dict[str, Any]]:
     """One row per discovered plugin for ``minitx plugins``: name, status, options (loads each)."""
     rows = []
     for name, e in sorted(entries().items()):
-        p = e.load()
+        p = REGISTRY.load(e)
         row: dict[str, Any] = {"name": name, "target": e.target, "available": p is not None}
         if p is None:
             row["error"] = e.error
+            if e.remedy:
+                row["remedy"] = e.remedy
         else:
             row.update(description=p.description, exact=p.exact, order=p.order, positional=p.positional,
                        options={k: {"default": o.default, "help": o.help, "choices": list(o.choices or [])}

@@ -79,7 +79,10 @@ def test_bad_pattern_attrs_are_one_line_errors():
 
 
 # ------------------------------------------------------------------ the numba kernels
-nb = pytest.importorskip("minitx.backends.numba_cpu.sparse", reason="numba not installed")
+@pytest.fixture
+def nb():
+    """The numba sparse kernels; only the tests that take this fixture need numba."""
+    return pytest.importorskip("minitx.backends.numba_cpu.sparse", reason="numba not installed")
 
 
 @pytest.mark.parametrize("pattern,extra", [
@@ -87,7 +90,7 @@ nb = pytest.importorskip("minitx.backends.numba_cpu.sparse", reason="numba not i
     ("topk", {"topk": 9}), ("threshold", {"threshold": 0.05}), ("local", {"window": 2, "dense_below": 500}),
 ])
 @pytest.mark.parametrize("causal", [True, False])
-def test_numba_sparse_attention_matches_the_spec(pattern, extra, causal):
+def test_numba_sparse_attention_matches_the_spec(nb, pattern, extra, causal):
     rng = np.random.default_rng(3)
     xs, a = _qkv(rng, T=70, past=5)  # two query tiles, a partial one, padding, GQA, KV cache
     attrs = dict(a, causal=causal, pattern=pattern, **extra)
@@ -96,7 +99,7 @@ def test_numba_sparse_attention_matches_the_spec(pattern, extra, causal):
         np.testing.assert_allclose(g, w, atol=1e-12)
 
 
-def test_numba_local_attention_covering_the_sequence_equals_dense_attention():
+def test_numba_local_attention_covering_the_sequence_equals_dense_attention(nb):
     rng = np.random.default_rng(4)
     xs, a = _qkv(rng, T=100, past=0, dtype=np.float32)
     xs[3] = xs[4] = None  # no KV cache; xs[5] pads two keys of the last sequence
@@ -105,7 +108,7 @@ def test_numba_local_attention_covering_the_sequence_equals_dense_attention():
     assert np.abs(local - dense).max() <= 1e-6
 
 
-def test_numba_compact_linears_match_the_spec():
+def test_numba_compact_linears_match_the_spec(nb):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 16)).astype(np.float32)
     w = rng.standard_normal((16, 12)).astype(np.float32)
