@@ -669,8 +669,9 @@ def verify(model, golden_file, atol, rtol, as_json, plugins, backends, no_fallba
                    "(repeatable; default random:4x32).")
 @click.option("--calib-seed", default=0, show_default=True, help="Seed of random calibration sequences.")
 @click.option("--validate", "validate_specs", multiple=True, metavar="SPEC",
-              help="Validate on this input instead (same syntax as --calib; repeatable). Default: every 4th "
-                   "--calib sequence is held out from calibration and validated on.")
+              help="Validate on this input instead (same syntax as --calib, or heldout: the text shipped with "
+                   "minitx at every length; repeatable). Default: every 4th --calib sequence is held out from "
+                   "calibration and validated on; without --calib, heldout (random ids if no tokenizer).")
 @click.option("--force", is_flag=True, help="Keep a rewrite that exceeds its declared tolerance (warn only).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Model file to write (.npz).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rewrite reports as JSON.")
@@ -704,7 +705,7 @@ def optimize(model: str, plugins, calib, calib_seed: int, validate_specs, force:
 
             rep = ValidationReport(v["calibration"], v["n_sequences"], v["tolerance"],
                                    [OutputReport(**o) for o in v["outputs"]], v["layers"], v["perplexity"],
-                                   v["passed"], v["failure"])
+                                   v["passed"], v["failure"], lengths=v.get("lengths", []))
             if r.get("calibration"):
                 click.echo(f"  calibrated on {r['calibration']['source']}")
             click.echo(f"  validated on {v['calibration']}: {rep.summary()}")

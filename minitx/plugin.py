@@ -358,7 +358,9 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
              warn: Callable[[str], None] | None = None):
     """Apply the plugins named by ``texts`` to ``model`` (a minitx.model.Model), in composition
     order; each step is validated against the model before it on ``calib`` (a
-    :class:`minitx.validate.Calibration`, default: seeded random tokens) and refused when it
+    :class:`minitx.validate.Calibration`; by default :meth:`~minitx.validate.Calibration.default`:
+    fitted on seeded random tokens, validated on the held-out text shipped with minitx at every
+    length when the model has a tokenizer) and refused when it
     exceeds its plugin's declared tolerance — unless ``force``, which only warns. A plugin whose
     rewrite is activation-aware (:meth:`Plugin.uses_calibration`) collects its activations on the
     fitting part of ``calib``; every step is validated on the part held out from it
@@ -374,7 +376,7 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
     specs = plan(texts)
     if not specs:
         raise MinitxError("no plugin given (use --plugin NAME[:options]; `minitx plugins` lists them)")
-    calib = calib if calib is not None else val.Calibration.random()
+    calib = calib if calib is not None else val.Calibration.default()
     current = model
     log = list(model.meta.get("rewrites", []))
     for s in specs:
