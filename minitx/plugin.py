@@ -3,8 +3,10 @@
 A plugin is a :class:`Plugin` object. It declares its options (``Option``: default, parser,
 help), whether it is exact, its :class:`Tolerance`, its position in a composition (``order``:
 lower runs first; ties keep the user's order) and turns parsed options into
-:class:`minitx.rewrite.Rule` s. The default :meth:`Plugin.apply` runs those rules to a fixed point
-with :func:`minitx.rewrite.apply`; a plugin overrides it only if it needs a whole-graph step.
+:class:`minitx.rewrite.Rule` s. Whole-graph decisions (importance scores, masks, which heads to
+cut) belong in :meth:`Plugin.analyze`, whose typed plan the rules read as ``ctx.plan``; the user's
+options stay as given in ``ctx.options``. :meth:`Plugin.apply` runs the analysis, then the rules
+to a fixed point with :func:`minitx.rewrite.apply`.
 
 Activation-aware rewrites (Wanda pruning, whitened SVD, …) need the model's activations on
 representative inputs. Such a plugin says so per options with :meth:`Plugin.uses_calibration`;
@@ -232,11 +234,21 @@ class Plugin:
         :func:`optimize` passes them as the keyword ``calib`` (a :class:`CalibrationData`)."""
         return False
 
+    def analyze(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+                calib: CalibrationData | None = None) -> Any:
+        """Whole-graph work a rule cannot do node by node — importance scores, masks, which heads
+        or layers to cut, calibration activations — done once before the rules run. Return a typed
+        plan (a dataclass); the rules read it as ``ctx.plan``, beside the user's ``ctx.options``.
+        The default plans nothing (None)."""
+        return None
+
     def apply(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any], *,
               calib: CalibrationData | None = None) -> rewrite.RewriteResult:
-        """Rewrite ``graph``/``params`` (copies; the inputs are not modified). ``calib`` is given
-        only to a plugin whose :meth:`uses_calibration` is true for ``opts``."""
-        return rewrite.apply(graph, params, self.rules(opts), options=opts, where=f"plugin {self.name}")
+        """Rewrite ``graph``/``params`` (copies; the inputs are not modified): :meth:`analyze`,
+        then :meth:`rules` to a fixed point. ``calib`` is given only to a plugin whose
+        :meth:`uses_calibration` is true for ``opts``."""
+        plan = self.analyze(graph, params, opts, calib)
+        return rewrite.apply(graph, params, self.rules(opts), options=opts, plan=plan, where=f"plugin {self.name}")
 
 
 # ------------------------------------------------------------------------------ registry

@@ -367,3 +367,58 @@ def test_a_rewrite_fine_on_average_but_not_at_one_length_is_refused_naming_it():
     assert not ok and why == ("embedding mean cosine 0.997 < min_cosine 0.998 on inputs of 2-4 tokens "
                               "(and 1 other length buckets)")
     assert judge([emb], TOLERANCE["int8"], None, lengths[1:2])[0]      # one bucket: the overall verdict
+
+
+# ------------------------------------------------------------------ analyze → typed plan → rules
+def test_analyze_hands_a_typed_plan_to_the_rules_and_leaves_the_options_as_given():
+    from dataclasses import dataclass
+
+    from minitx import models
+    from minitx.model import Model
+    from minitx.rewrite import Rule
+
+    @dataclass(frozen=True)
+    class Plan:
+        first: str
+
+    seen: list = []
+
+    def rule(node, ctx):
+        seen.append((ctx.plan, dict(ctx.options)))
+        return None
+
+    class Analyzing(plugin.Plugin):
+        name = "analyze_test"
+        exact = True
+        options = {"k": plugin.Option(1, int)}
+
+        def analyze(self, graph, params, opts, calib=None):
+            return Plan(graph.nodes[0].name)
+
+        def rules(self, opts):
+            return [Rule("analyze_test.look", "*", rule)]
+
+    m = Model.from_config(models.preset("gpt2", "tiny"), seed=0)
+    Analyzing().apply(m.graph, m.params, {"k": 3})
+    assert seen and all(p == Plan(m.graph.nodes[0].name) and o == {"k": 3} for p, o in seen)
+
+
+def test_sparsity_and_lowrank_plans_are_dataclasses():
+    from minitx import models
+    from minitx.model import Model
+    from minitx.plugins.lowrank import LowRankPlan
+    from minitx.plugins.sparsity import KeptHeads, SparsityPlan
+
+    m = Model.from_config(models.preset("llama", "tiny"), seed=0)
+    heads = plugin.parse_spec("sparsity:weights=heads,sparsity=0.5")
+    calib = plugin.CalibrationData(((1, 2, 3, 4), (5, 6, 7)), "ids")
+    plan = heads.plugin.analyze(m.graph, m.params, heads.options, calib)
+    assert isinstance(plan, SparsityPlan) and not plan.masks and not plan.ffn
+    roles = {role for role, _ in plan.heads.values()}
+    assert roles == {"attn", "qkv", "out", "split", "rope_q", "rope_k"}
+    kept = next(k for r, k in plan.heads.values() if r == "attn")
+    assert isinstance(kept, KeptHeads) and kept.n_kv_heads == m.config["n_kv_heads"] // 2
+    low = plugin.parse_spec("lowrank:rank=8")
+    lp = low.plugin.analyze(m.graph, m.params, low.options)
+    assert isinstance(lp, LowRankPlan) and lp.targets and not lp.activations
+    assert not any(k.startswith("_") for k in heads.options) and not any(k.startswith("_") for k in low.options)
