@@ -180,7 +180,7 @@ class Tolerance:
 @dataclass(frozen=True)
 class CalibrationData:
     """The token sequences an activation-aware rewrite runs the graph on (one run per sequence,
-    batch 1, as :func:`minitx.validate.feeds_for` builds its inputs).
+    batch 1, as :func:`minitx.feeds.build` builds its inputs).
 
     ``source`` describes where they came from (``--calib``); the last ``n_random`` sequences are
     seeded random tokens rather than real text (all of them when the user gave no calibration).

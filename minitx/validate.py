@@ -33,10 +33,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import metrics
+from . import feeds, metrics
 from .errors import MinitxError
 from .executor import Executor
-from .ir import Graph, Value, bind_shape
+from .ir import Graph, Value
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -307,23 +307,6 @@ def length_bucket(n: int) -> str:
     return f"{hi // 4 + 1}-{hi}"
 
 
-def feeds_for(graph: Graph, ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Inputs for one sequence (batch 1) with an empty KV cache, for any graph's declared inputs."""
-    T = len(ids)
-    b = {"B": 1, "T": T, "S": 0}
-    out: dict[str, np.ndarray] = {}
-    for v in graph.inputs:
-        if v.name == "input_ids":
-            out[v.name] = np.asarray([ids], np.int64)
-        elif v.name == "position_ids":
-            out[v.name] = np.arange(T, dtype=np.int64)[None]
-        elif v.name == "attention_mask":
-            out[v.name] = np.ones((1, T), np.int64)
-        else:  # KV cache (empty), token types (0), anything else a rewrite declared: zeros
-            out[v.name] = np.zeros(bind_shape(v.shape, b, v.name), v.dtype)
-    return out
-
-
 # ------------------------------------------------------------------------------ the report
 @dataclass
 class OutputReport:
@@ -460,8 +443,8 @@ def validate(reference, rewritten, calib: Calibration, tolerance, *, shadow: boo
     n_text = len(seqs) - part.check_random     # perplexity is a measure of real text only
     seq_lens: list[int] = []                   # token count of each pair in got[primary]
     for k, ids in enumerate(seqs):
-        fr = feeds_for(reference.graph, ids)
-        fn = feeds_for(rewritten.graph, ids)
+        fr = feeds.build(reference.graph, [ids])
+        fn = feeds.build(rewritten.graph, [ids])
         # Keep everything of the reference (calibration runs are small) for shadow-mode feeds.
         keep = [o for n in reference.graph.nodes for o in n.outputs] if shadow else [ends[i] for i in layers]
         r = ref_ex.run(fr, keep=keep)

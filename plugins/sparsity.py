@@ -197,7 +197,7 @@ def calibration_run(graph: Graph, params: Mapping[str, np.ndarray], keep: Iterab
     """The values named in ``keep``, as (tokens, features) rows, on every calibration sequence
     (one run each). ``calib`` is what :func:`minitx.plugin.optimize` passes to an activation-aware
     plugin's ``apply``; without it there is nothing representative to measure, so it is an error."""
-    from minitx.validate import feeds_for
+    from minitx import feeds
 
     if calib is None or not calib.sequences:
         raise MinitxError(f"{who}: this rewrite reads activations and needs calibration sequences; apply it with "
@@ -206,7 +206,7 @@ def calibration_run(graph: Graph, params: Mapping[str, np.ndarray], keep: Iterab
     keep = list(keep)
     got: dict[str, list[np.ndarray]] = {k: [] for k in keep}
     for ids in calib.sequences:
-        r = ex.run(feeds_for(graph, list(ids)), outputs=[], keep=keep)
+        r = ex.run(feeds.build(graph, [list(ids)]), outputs=[], keep=keep)
         for k in keep:
             got[k].append(r[k].reshape(-1, r[k].shape[-1]))
     return got

@@ -136,8 +136,8 @@ def test_quantized_model_runs_on_numba_backend(gpt2):
     ex = new.executor(("numba",))
     placed = {op: b for _, op, b in ex.explain()}
     assert placed["linear_q8_block"] == "numba" and placed["embedding_q8"] == "numba"
-    from minitx.validate import feeds_for
-    f = feeds_for(new.graph, [1, 2, 3])
+    from minitx.feeds import build
+    f = build(new.graph, [[1, 2, 3]])
     np.testing.assert_allclose(ex.run(f)["logits"], new.executor().run(f)["logits"], rtol=1e-4, atol=1e-4)
 
 

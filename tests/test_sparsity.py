@@ -12,7 +12,8 @@ from minitx.model import Model
 from minitx.ops import attention as A
 from minitx.ops import sparse as S
 from minitx.plugins import sparsity as SP
-from minitx.validate import Calibration, feeds_for
+from minitx.feeds import build
+from minitx.validate import Calibration
 
 
 def _qkv(rng, B=2, T=9, H=4, KV=2, D=4, past=3, dtype=np.float64):
@@ -183,7 +184,7 @@ def gpt2():
 
 
 def _logits(model, ids):
-    return model.executor().run(feeds_for(model.graph, ids))["logits"]
+    return model.executor().run(build(model.graph, [ids]))["logits"]
 
 
 def _optimize(model, spec):
@@ -263,7 +264,7 @@ def test_wanda_masks_are_computed_from_the_calibration_given(gpt2):
     a, b = [[5, 9, 2, 33, 7, 1, 60, 4]], [[100, 3, 3, 3, 250, 17, 8]]
     _, got = _wanda_masks_of(gpt2, Calibration(ids=a))
     nodes = SP.block_linears(gpt2.graph)
-    run = gpt2.executor().run(feeds_for(gpt2.graph, a[0]), keep=[n.inputs[0] for n in nodes])
+    run = gpt2.executor().run(build(gpt2.graph, [a[0]]), keep=[n.inputs[0] for n in nodes])
     weights = {n.inputs[1]: gpt2.params[n.inputs[1]] for n in nodes}
     norms = {n.inputs[1]: np.linalg.norm(run[n.inputs[0]].reshape(-1, run[n.inputs[0]].shape[-1]).astype(np.float64),
                                          axis=0) for n in nodes}
