@@ -733,6 +733,8 @@ def plugins_cmd(as_json: bool) -> None:
     for r in rows:
         if not r["available"]:
             click.echo(f"{r['name']:<10} unavailable: {r['error']}")
+            if r.get("remedy"):
+                click.echo(f"{'':<10} remedy: {r['remedy']}")
             continue
         kind = "exact" if r["exact"] else "approximate"
         click.echo(f"{r['name']:<10} {r['description']} ({kind}; order {r['order']})")
