@@ -43,6 +43,11 @@ def test_composition_order_is_deterministic():
         plugin.plan(["quant:int8", "quant:int4"])
 
 
+def remedy(error: BaseException) -> str | None:
+    """What the registry asks the module defining a plugin's factory when the factory fails."""
+    return "build libfoo first (this module's remedy)" if "libfoo" in str(error) else None
+
+
 def test_in_process_registration_and_fault_isolation():
     class Noop(plugin.Plugin):
         name = "noop_test"
@@ -58,10 +63,13 @@ def test_in_process_registration_and_fault_isolation():
     plugin.register("broken_test", broken)
     try:
         assert plugin.parse_spec("noop_test:x=5").options == {"x": 5}
-        with pytest.raises(MinitxError, match="broken_test.*unavailable.*libfoo"):
+        with pytest.raises(MinitxError, match="broken_test.*unavailable.*libfoo.* — build libfoo first"):
             plugin.get_plugin("broken_test")
         rows = {r["name"]: r for r in plugin.describe()}
         assert rows["broken_test"]["available"] is False and rows["quant"]["available"] is True
+        assert rows["broken_test"]["remedy"] == "build libfoo first (this module's remedy)"
+        with pytest.raises(MinitxError, match="plugin 'noop_test' is already registered"):
+            plugin.register("noop_test", Noop)
     finally:
         plugin.entries().pop("noop_test")
         plugin.entries().pop("broken_test")
