@@ -76,7 +76,7 @@ from minitx.rewrite import Context, Replacement, Rule
 MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", "float16", "bfloat16", "kv8", "none")
 INTEGER_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4")
 QAT_MODES = ("int8", "int8_channel", "int8_block", "int4")   # weight-only: fake_quant reproduces them exactly
-SMALL_TABLE_ROWS = 16   # embedding tables this small stay float (see the module docstring)
+SMALL_TABLE_ROWS = 8   # embedding tables this small stay float (see the module docstring)
 # Declared tolerance of each mode against the float model (see the module docstring).
 _INT8 = Tolerance(min_cosine=0.998, max_kl=0.01, max_ppl_increase=0.01)
 TOLERANCE = {"int8": _INT8, "int8_channel": _INT8, "int8_block": _INT8, "kv8": _INT8, "bfloat16": _INT8,
