@@ -215,7 +215,8 @@ class Executor:
         training-mode forward that frees what no VJP reads, the seed cotangent, then one VJP per
         planned node in reverse order (recomputing dropped values on first need).
         """
-        plan = self._backward_plan(loss, frozenset(self.graph.params if wrt is None else wrt))
+        names = list(self.graph.params) if wrt is None else list(dict.fromkeys(wrt))   # the order of the result
+        plan = self._backward_plan(loss, frozenset(names))
         st = _Pass(step=step, saved=dict(plan.saved), keep=plan.keep)
         st.env, st.loc = self._feeds(feeds)
         self._forward_for_training(plan, st)
@@ -225,7 +226,7 @@ class Executor:
         for node in reversed(plan.nodes):
             if any(o in st.grads for o in node.outputs):
                 self._backprop(node, plan, st)
-        grads = {k: np.asarray(st.grads[k]) for k in plan.wrt if k in st.grads}
+        grads = {k: np.asarray(st.grads[k]) for k in names if k in st.grads}
         return TrainResult(outputs, grads, st.mem.peak, st.recomputed)
 
     def _backward_plan(self, loss: str, wrt: frozenset[str]) -> "_BackwardPlan":
