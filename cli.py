@@ -668,8 +668,9 @@ def verify(files, atol, rtol, as_json, plugins, backends, no_fallback, explain) 
                    "(repeatable; default random:4x32).")
 @click.option("--calib-seed", default=0, show_default=True, type=SEED, help="Seed of random calibration sequences.")
 @click.option("--validate", "validate_specs", multiple=True, metavar="SPEC",
-              help="Validate on this input instead (same syntax as --calib; repeatable). Default: every 4th "
-                   "--calib sequence is held out from calibration and validated on.")
+              help="Validate on this input instead (same syntax as --calib, or heldout: the text shipped with "
+                   "minitx at every length; repeatable). Default: every 4th --calib sequence is held out from "
+                   "calibration and validated on; without --calib, heldout (random ids if no tokenizer).")
 @click.option("--force", is_flag=True, help="Keep a rewrite that exceeds its declared tolerance (warn only).")
 @output_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the rewrite reports as JSON.")
@@ -704,7 +705,7 @@ def optimize(model: str | None, plugins, calib, calib_seed: int, validate_specs,
 
             rep = ValidationReport(v["calibration"], v["n_sequences"], v["tolerance"],
                                    [OutputReport(**o) for o in v["outputs"]], v["layers"], v["perplexity"],
-                                   v["passed"], v["failure"])
+                                   v["passed"], v["failure"], lengths=v.get("lengths", []))
             if r.get("calibration"):
                 click.echo(f"  calibrated on {r['calibration']['source']}")
             click.echo(f"  validated on {v['calibration']}: {rep.summary()}")
@@ -732,6 +733,8 @@ def plugins_cmd(as_json: bool) -> None:
     for r in rows:
         if not r["available"]:
             click.echo(f"{r['name']:<10} unavailable: {r['error']}")
+            if r.get("remedy"):
+                click.echo(f"{'':<10} remedy: {r['remedy']}")
             continue
         kind = "exact" if r["exact"] else "approximate"
         click.echo(f"{r['name']:<10} {r['description']} ({kind}; order {r['order']})")

@@ -30,7 +30,7 @@ from minitx import machine, metrics, models, plugin  # noqa: E402
 from minitx.bench import write_text_atomic  # noqa: E402
 from minitx.executor import Executor  # noqa: E402
 from minitx.model import Model  # noqa: E402
-from minitx.validate import feeds_for  # noqa: E402
+from minitx.feeds import build  # noqa: E402
 
 
 def best_of(fn, repeat: int) -> float:
@@ -98,15 +98,15 @@ def attention_section(T: int, window: int, heads: int, repeat: int) -> list[str]
 def accuracy(ref: Model, new: Model, seqs, decoder: bool) -> dict:
     er, en = Executor(ref.graph, ref.params), Executor(new.graph, new.params)
     key = "logits" if decoder else "embedding"
-    r = np.concatenate([er.run(feeds_for(ref.graph, s))[key].reshape(len(s) if decoder else 1, -1) for s in seqs])
-    n = np.concatenate([en.run(feeds_for(new.graph, s))[key].reshape(len(s) if decoder else 1, -1) for s in seqs])
+    r = np.concatenate([er.run(build(ref.graph, [s]))[key].reshape(len(s) if decoder else 1, -1) for s in seqs])
+    n = np.concatenate([en.run(build(new.graph, [s]))[key].reshape(len(s) if decoder else 1, -1) for s in seqs])
     c = metrics.compare(r, n, logits=decoder)
     return {"cosine": c.cosine, "top1": c.top1, "kl": c.kl}
 
 
 def speed(model: Model, seq, backends, repeat: int) -> float:
     ex = Executor(model.graph, model.params, backends)
-    f = feeds_for(model.graph, seq)
+    f = build(model.graph, [seq])
     return best_of(lambda: ex.run(f), repeat)
 
 

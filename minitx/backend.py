@@ -9,23 +9,23 @@ see docs/backends.md.
 Backends are discovered from the entry-point group ``minitx.backends``. An entry point names a
 zero-argument factory returning a :class:`Backend`; the factory is only called when the backend
 is first used, and a factory that fails (a missing library, no GPU) is recorded with its reason
-so that the other backends keep working (the JAX PJRT plugin pattern).
+and the remedy its package suggests, so that the other backends keep working
+(:mod:`minitx.registry`, shared with the plugins).
 """
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import ops
 from .errors import MinitxError
+from .registry import Entry, Registry
 
 GROUP = "minitx.backends"
 # The backends minitx ships, as pyproject.toml declares them (used when not pip-installed).
-BUILTIN = {"numba": "minitx.backends.numba_cpu:backend", "cupy": "minitx.backends.cupy_gpu:backend", "onnxruntime": "minitx.backends.onnxruntime:backend"}
+BUILTIN = {"numba": "minitx.backends.numba_cpu:backend", "cupy": "minitx.backends.cupy_gpu:backend",
+           "onnxruntime": "minitx.backends.onnxruntime:backend"}
 
 
 class Backend:
@@ -86,85 +86,34 @@ class SpecBackend(Backend):
         self.vjps = {name: spec.vjp for name, spec in ops.OPS.items()}
 
 
-@dataclass
-class Entry:
-    """One discovered backend: loaded lazily, failure remembered with its reason."""
-
-    name: str
-    target: str
-    dist: str = ""
-    factory: Callable[[], Backend] | None = None
-    backend: Backend | None = None
-    error: str | None = None
-    loaded: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def load(self) -> Backend | None:
-        with self.lock:
-            if not self.loaded:
-                self.loaded = True
-                try:
-                    factory = self.factory or _load_entry_point(self.target)
-                    b = factory()
-                    if not isinstance(b, Backend):
-                        raise TypeError(f"factory returned {type(b).__name__}, not a minitx Backend")
-                    b.check()
-                    self.backend = b
-                except Exception as e:  # noqa: BLE001 — fault isolation is the point
-                    self.error = f"{type(e).__name__}: {e}".strip()
-            return self.backend
+def _make(factory: Any) -> Backend:
+    b = factory()
+    if not isinstance(b, Backend):
+        raise TypeError(f"factory returned {type(b).__name__}, not a minitx Backend")
+    b.check()
+    return b
 
 
-def _load_entry_point(target: str) -> Callable[[], Backend]:
-    mod, _, attr = target.partition(":")
-    import importlib
-
-    obj: Any = importlib.import_module(mod)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+REGISTRY: Registry[Backend] = Registry(GROUP, "backend", _make, {"numpy": SpecBackend, **BUILTIN})
 
 
-_entries: dict[str, Entry] | None = None
-_discover_lock = threading.Lock()
-
-
-def entries() -> dict[str, Entry]:
+def entries() -> dict[str, Entry[Backend]]:
     """All backends declared in the ``minitx.backends`` entry-point group (nothing imported yet)."""
-    global _entries
-    with _discover_lock:
-        if _entries is None:
-            found: dict[str, Entry] = {}
-            for ep in metadata.entry_points(group=GROUP):
-                dist = getattr(getattr(ep, "dist", None), "name", "") or ""
-                found.setdefault(ep.name, Entry(ep.name, ep.value, dist))
-            # Our own backends are always there, even when running from a checkout that was never
-            # installed (and so has no entry points); the spec needs no import at all.
-            found.setdefault("numpy", Entry("numpy", "minitx.backend:SpecBackend", "minitx", factory=SpecBackend))
-            for name, target in BUILTIN.items():
-                found.setdefault(name, Entry(name, target, "minitx"))
-            _entries = found
-        return _entries
+    return REGISTRY.entries()
 
 
 def register(name: str, factory: Callable[[], Backend]) -> None:
-    """Register a backend in-process (tests, notebooks); installed packages use the entry point."""
-    entries()[name] = Entry(name, f"<registered {name}>", factory=factory)
+    """Register a backend in-process (tests, notebooks); installed packages use the entry point.
+    A name already taken (``numpy``, ``numba``, …) is an error."""
+    REGISTRY.register(name, factory)
 
 
 def get_backend(name: str | Backend) -> Backend:
-    """The named backend, loaded on first use; an unavailable one is an error naming the reason."""
+    """The named backend, loaded on first use; an unavailable one is an error naming the reason
+    and the backend's own remedy."""
     if isinstance(name, Backend):
         return name
-    table = entries()
-    if name not in table:
-        raise MinitxError(f"unknown backend {name!r}; available: {', '.join(sorted(table))} "
-                          f"(a third-party backend registers in the entry-point group {GROUP!r})")
-    entry = table[name]
-    b = entry.load()
-    if b is None:
-        raise MinitxError(f"backend {name!r} is unavailable: {entry.error}{_remedy(name, entry.error or '')}")
-    return b
+    return REGISTRY.get(name)
 
 
 def describe(name: str) -> dict[str, Any]:
@@ -173,13 +122,12 @@ def describe(name: str) -> dict[str, Any]:
     Unavailable backends carry ``reason`` (the import/initialisation error) and ``remedy``.
     """
     entry = entries()[name]
-    b = entry.load()
+    b = REGISTRY.load(entry)
     info: dict[str, Any] = {"name": name, "entry_point": entry.target, "distribution": entry.dist,
                             "available": b is not None}
     if b is None:
-        err = entry.error or "unknown error"
-        info.update(reason=err, remedy=_remedy(name, err).lstrip(" —") or
-                    f"reinstall or fix the package providing {entry.target}")
+        info.update(reason=entry.error or "unknown error",
+                    remedy=entry.remedy or f"reinstall or fix the package providing {entry.target}")
         return info
     info.update(device=b.device, version=b.version, dtypes=sorted(b.dtypes),
                 forward=sorted(b.kernels), vjp=sorted(b.vjps))
@@ -195,8 +143,7 @@ def owner(a: Any, prefer: Sequence[Backend] = ()) -> Backend | None:
     backend), or None for a host array or anything no backend claims."""
     if isinstance(a, np.ndarray):
         return None
-    loaded = [e.backend for e in list(entries().values()) if e.backend is not None]
-    for b in (*prefer, *loaded):
+    for b in (*prefer, *REGISTRY.loaded()):
         if b.owns(a):
             return b
     return None
@@ -207,15 +154,3 @@ def to_host(a: Any) -> np.ndarray:
     transfer for code that reads results a run left on a device (decode state, caches)."""
     b = owner(a)
     return np.asarray(a) if b is None else b.to_numpy(a)
-
-
-def _remedy(name: str, error: str) -> str:
-    if "no CUDA device" in error or "CUDA driver" in error:
-        return " — no usable NVIDIA GPU/driver was found; use --backend numba or numpy on this machine"
-    if "numba" in error:
-        return " — install the cpu extra: pip install 'minitx[cpu]'"
-    if "cupy" in error.lower():
-        return " — install the gpu extra (pip install 'minitx[gpu]') on a machine with an NVIDIA GPU"
-    if "CUDA" in error or "cuda" in error:
-        return " — no usable NVIDIA GPU/driver was found"
-    return ""

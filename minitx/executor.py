@@ -27,6 +27,14 @@ from .errors import MinitxError
 from .ir import Graph, Node
 
 
+def kernel_error(node: Node, b: Backend, e: BaseException, what: str = "kernel") -> MinitxError:
+    """One line for a kernel that raised: node, op, backend and the exception's first line (a
+    numba or CUDA error runs to dozens of lines; the chained exception keeps them all)."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return MinitxError(f"node {node.name}: the {what} of op {node.op} on backend {b.name} raised "
+                       f"{type(e).__name__}" + (f": {first}" if first else ""))
+
+
 def _nbytes(a: Any) -> int:
     return int(getattr(a, "nbytes", 0))
 
@@ -72,6 +80,7 @@ class Executor:
         self._input_dtypes = {v.name: np.dtype(v.dtype) for v in graph.inputs}  # str(dtype) costs 4 µs a feed
         self._device_params: dict[tuple[str, str], Any] = {}
         self._producer = graph.producers()
+        self._plans: dict[tuple[str, frozenset[str]], _BackwardPlan] = {}
         # Inference frees each value right after its last reader.
         last_use: dict[str, int] = {}
         for idx, n in enumerate(graph.nodes):
@@ -167,7 +176,12 @@ class Executor:
         attrs = node.attrs
         if spec.mode_dependent:
             attrs = {**attrs, "training": training, "step": step}
-        out = b.kernels[node.op](*args, **attrs)
+        try:
+            out = b.kernels[node.op](*args, **attrs)
+        except MinitxError:
+            raise
+        except Exception as e:  # noqa: BLE001 — any kernel failure becomes one line naming where
+            raise kernel_error(node, b, e) from e
         if not isinstance(out, tuple):
             out = (out,)
         for name, a in zip(node.outputs, out):
@@ -235,129 +249,196 @@ class Executor:
         ``wrt``, which may include graph inputs), and the peak activation bytes. ``loss_grad`` is
         the cotangent the backward pass starts from: mixed-precision training passes its loss
         scale here, so that small float16 gradients do not flush to zero (minitx/precision.py).
+
+        The steps: the backward plan (computed once per ``loss``/``wrt`` and cached), the
+        training-mode forward that frees what no VJP reads, the seed cotangent, then one VJP per
+        planned node in reverse order (recomputing dropped values on first need).
         """
+        names = list(self.graph.params) if wrt is None else list(dict.fromkeys(wrt))   # the order of the result
+        plan = self._backward_plan(loss, frozenset(names))
+        st = _Pass(step=step, saved=dict(plan.saved), keep=plan.keep)
+        st.env, st.loc = self._feeds(feeds)
+        self._forward_for_training(plan, st)
+        outputs = {k: self._host(k, st.env, st.loc) for k in self.graph.outputs if k in st.env}
+        self._ensure(loss, st)
+        st.grads[loss] = np.full_like(self._host(loss, st.env, st.loc), loss_grad)
+        for node in reversed(plan.nodes):
+            if any(o in st.grads for o in node.outputs):
+                self._backprop(node, plan, st)
+        grads = {k: np.asarray(st.grads[k]) for k in names if k in st.grads}
+        return TrainResult(outputs, grads, st.mem.peak, st.recomputed)
+
+    def _backward_plan(self, loss: str, wrt: frozenset[str]) -> "_BackwardPlan":
+        """Which values get gradients, which nodes run a VJP, and how often each value is read —
+        a function of the graph alone, so it is built once per (loss, wrt) and reused."""
+        key = (loss, wrt)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
         g = self.graph
-        wrt = set(g.params) if wrt is None else set(wrt)
+
+        def diff_inputs(n: Node) -> list[str]:
+            nondiff = self._specs[n.name].nondiff
+            return [i for k, i in enumerate(n.inputs) if i and k not in nondiff]
+
         # Values on a path from a differentiated leaf: only those get gradients.
         tracked = set(wrt)
         for n in g.nodes:
-            spec = self._specs[n.name]
-            if any(i in tracked for k, i in enumerate(n.inputs) if i and k not in spec.nondiff):
+            if any(i in tracked for i in diff_inputs(n)):
                 tracked.update(n.outputs)
         if loss not in tracked:
             raise MinitxError(f"loss {loss!r} does not depend on any parameter being differentiated")
-        bwd_nodes = [n for n in g.nodes
-                     if any(o in tracked for o in n.outputs)
-                     and any(i in tracked for k, i in enumerate(n.inputs) if i and k not in self._specs[n.name].nondiff)]
+        nodes = tuple(n for n in g.nodes
+                      if any(o in tracked for o in n.outputs) and any(i in tracked for i in diff_inputs(n)))
         # What each VJP reads, counted, so values are freed as soon as the last VJP has read them.
         saved: dict[str, int] = {}
-        for n in bwd_nodes:
-            reads = [i for i in n.inputs if i]
-            if self._specs[n.name].vjp_uses_outputs:
-                reads += n.outputs
-            for v in reads:
+        for n in nodes:
+            for v in self._vjp_reads(n):
                 saved[v] = saved.get(v, 0) + 1
         fwd_uses: dict[str, int] = {}
         for n in g.nodes:
             for i in n.inputs:
                 if i:
                     fwd_uses[i] = fwd_uses.get(i, 0) + 1
-        leaves = set(g.params) | {v.name for v in g.inputs}
-        outputs = set(g.outputs)
-        mem = _Memory()
-        env, loc = self._feeds(feeds)
-
-        def free(v: str) -> None:
-            if v not in leaves and v not in outputs and v in env:
-                del env[v]
-                mem.drop(v)
-
-        # ---- forward
-        for node in g.nodes:
-            self._run_node(node, env, loc, training=True, step=step)
-            for o in node.outputs:
-                mem.hold(o, env[o])
-            for i in node.inputs:
+        # After the forward, a value survives its last forward reader only if a VJP reads it and
+        # it is not tagged for recompute; graph inputs, parameters and outputs are never freed.
+        keep = set(g.params) | {v.name for v in g.inputs} | set(g.outputs)
+        dropped: list[list[str]] = [[] for _ in g.nodes]
+        remaining = dict(fwd_uses)
+        for idx, n in enumerate(g.nodes):
+            for i in n.inputs:
                 if i:
-                    fwd_uses[i] -= 1
-                    if fwd_uses[i] == 0 and (saved.get(i, 0) == 0 or self._recompute(i)):
-                        free(i)
-            for o in node.outputs:
-                if fwd_uses.get(o, 0) == 0 and (saved.get(o, 0) == 0 or self._recompute(o)):
-                    free(o)
-        result_outputs = {k: self._host(k, env, loc) for k in g.outputs if k in env}
+                    remaining[i] -= 1
+                    if remaining[i] == 0 and (saved.get(i, 0) == 0 or self._recompute(i)):
+                        dropped[idx].append(i)
+            for o in n.outputs:
+                if remaining.get(o, 0) == 0 and (saved.get(o, 0) == 0 or self._recompute(o)):
+                    dropped[idx].append(o)
+        plan = _BackwardPlan(wrt, frozenset(tracked), nodes, saved, frozenset(keep),
+                             [[v for v in d if v not in keep] for d in dropped])
+        self._plans[key] = plan
+        return plan
 
-        # ---- backward
-        grads: dict[str, Any] = {}
-        recomputed = 0
+    def _vjp_reads(self, node: Node) -> list[str]:
+        """The values the VJP of ``node`` reads: its inputs, and its outputs if the spec says so."""
+        reads = [i for i in node.inputs if i]
+        if self._specs[node.name].vjp_uses_outputs:
+            reads += node.outputs
+        return reads
 
-        def ensure(v: str) -> None:
-            nonlocal recomputed
-            if v in env or v in self.params:
-                return
-            node = self._producer[v]
-            for i in node.inputs:
-                if i:
-                    ensure(i)
-            self._run_node(node, env, loc, training=True, step=step)
-            recomputed += 1
+    def _forward_for_training(self, plan: "_BackwardPlan", st: "_Pass") -> None:
+        """Run every node in training mode, counting the bytes held and dropping each value the
+        plan says nothing will read again (the backward pass recomputes tagged ones)."""
+        for idx, node in enumerate(self.graph.nodes):
+            self._run_node(node, st.env, st.loc, training=True, step=st.step)
             for o in node.outputs:
-                mem.hold(o, env[o])
+                st.mem.hold(o, st.env[o])
+            for v in plan.dropped_after[idx]:
+                st.free(v)
 
-        ensure(loss)
-        grads[loss] = np.full_like(self._host(loss, env, loc), loss_grad)
-        for node in reversed(bwd_nodes):
-            if not any(o in grads for o in node.outputs):
-                continue
-            spec = self._specs[node.name]
-            b = self.placement[node.name]
-            vjp = b.vjps.get(node.op)
-            if vjp is None:
-                b = self.spec
-                vjp = spec.vjp
-            for i in node.inputs:
-                if i:
-                    ensure(i)
-            if spec.vjp_uses_outputs:
-                for o in node.outputs:
-                    ensure(o)
-            ins = [self._fetch(i, b, env, loc) if i else None for i in node.inputs]
-            ins += [None] * (spec.n_inputs - len(ins))
-            outs = [self._fetch(o, b, env, loc) for o in node.outputs] if spec.vjp_uses_outputs else None
-            gouts = []
-            for o in node.outputs:
-                go = grads.pop(o, None)
-                if go is None:  # an output nothing downstream differentiates (e.g. a KV-cache output)
-                    ensure(o)
-                    go = np.zeros(env[o].shape, env[o].dtype)
-                else:
-                    mem.drop("grad:" + o)
-                gouts.append(go if b is self.spec else b.asarray(go) if isinstance(go, np.ndarray) else go)
-            attrs = node.attrs
-            if spec.mode_dependent:
-                attrs = {**attrs, "training": True, "step": step}
-            gins = vjp(tuple(gouts), tuple(ins), tuple(outs) if outs is not None else None, **attrs)
-            for k, (i, gi) in enumerate(zip(node.inputs, gins)):
-                if not i or gi is None or i not in tracked or k in spec.nondiff:
-                    continue
-                gi = gi if b is self.spec else b.to_numpy(gi)
-                if i in grads:
-                    grads[i] = grads[i] + gi
-                else:
-                    grads[i] = gi
-                if i not in self.params and i not in wrt:
-                    mem.hold("grad:" + i, grads[i])
-            reads = [i for i in node.inputs if i] + (list(node.outputs) if spec.vjp_uses_outputs else [])
-            for v in reads:
-                saved[v] -= 1
-                if saved[v] == 0:
-                    free(v)
-            # Values recomputed only to rebuild others are not needed any more.
-            for v in [v for v in env if v not in leaves and saved.get(v, 0) == 0 and v not in outputs]:
-                free(v)
-        return TrainResult(result_outputs, {k: np.asarray(grads[k]) for k in wrt if k in grads},
-                           mem.peak, recomputed)
+    def _ensure(self, v: str, st: "_Pass") -> None:
+        """Make ``v`` present again, recomputing it (and what it needs) if the forward dropped it."""
+        if v in st.env or v in self.params:
+            return
+        node = self._producer[v]
+        for i in node.inputs:
+            if i:
+                self._ensure(i, st)
+        self._run_node(node, st.env, st.loc, training=True, step=st.step)
+        st.recomputed += 1
+        for o in node.outputs:
+            st.mem.hold(o, st.env[o])
+
+    def _backprop(self, node: Node, plan: "_BackwardPlan", st: "_Pass") -> None:
+        """One VJP: gather its inputs (on the node's backend, or the spec if that backend has no
+        VJP for the op), call it, accumulate the input gradients, free what it read last."""
+        spec = self._specs[node.name]
+        b = self.placement[node.name]
+        vjp = b.vjps.get(node.op)
+        if vjp is None:
+            b, vjp = self.spec, spec.vjp
+        reads = self._vjp_reads(node)
+        for v in reads:
+            self._ensure(v, st)
+        ins = [self._fetch(i, b, st.env, st.loc) if i else None for i in node.inputs]
+        ins += [None] * (spec.n_inputs - len(ins))
+        outs = tuple(self._fetch(o, b, st.env, st.loc) for o in node.outputs) if spec.vjp_uses_outputs else None
+        attrs = node.attrs
+        if spec.mode_dependent:
+            attrs = {**attrs, "training": True, "step": st.step}
+        gouts = self._output_grads(node, b, st)
+        try:
+            gins = vjp(gouts, tuple(ins), outs, **attrs)
+        except MinitxError:
+            raise
+        except Exception as e:  # noqa: BLE001 — as in _run_node
+            raise kernel_error(node, b, e, "VJP") from e
+        for k, (i, gi) in enumerate(zip(node.inputs, gins)):
+            if i and gi is not None and i in plan.tracked and k not in spec.nondiff:
+                self._accumulate(i, gi if b is self.spec else b.to_numpy(gi), plan, st)
+        for v in reads:
+            st.saved[v] -= 1
+            if st.saved[v] == 0:
+                st.free(v)
+        # Values recomputed only to rebuild others are not needed any more.
+        for v in [v for v in st.env if st.saved.get(v, 0) == 0]:
+            st.free(v)
+
+    def _output_grads(self, node: Node, b: Backend, st: "_Pass") -> tuple:
+        """The cotangents of ``node``'s outputs, on backend ``b``; zeros for an output nothing
+        downstream differentiates (e.g. a KV-cache output)."""
+        gouts = []
+        for o in node.outputs:
+            go = st.grads.pop(o, None)
+            if go is None:
+                self._ensure(o, st)
+                go = np.zeros(st.env[o].shape, st.env[o].dtype)
+            else:
+                st.mem.drop("grad:" + o)
+            gouts.append(go if b is self.spec else b.asarray(go) if isinstance(go, np.ndarray) else go)
+        return tuple(gouts)
+
+    def _accumulate(self, name: str, g: np.ndarray, plan: "_BackwardPlan", st: "_Pass") -> None:
+        """Add one gradient contribution (in the order the VJPs run: results are bit-for-bit)."""
+        st.grads[name] = st.grads[name] + g if name in st.grads else g
+        if name not in self.params and name not in plan.wrt:
+            st.mem.hold("grad:" + name, st.grads[name])
 
     def _recompute(self, v: str) -> bool:
         node = self._producer.get(v)
         return bool(node is not None and node.tags.get("recompute"))
+
+
+@dataclass(frozen=True)
+class _BackwardPlan:
+    """What :meth:`Executor.forward_backward` needs to know about the graph for one ``loss`` and
+    set of differentiated names, computed once: values that get gradients (``tracked``), the
+    nodes whose VJP runs (forward order), how often VJPs read each value (``saved``), values never
+    freed (``keep``: leaves and graph outputs) and what to free after each forward node."""
+
+    wrt: frozenset[str]
+    tracked: frozenset[str]
+    nodes: tuple[Node, ...]
+    saved: dict[str, int]
+    keep: frozenset[str]
+    dropped_after: list[list[str]]
+
+
+@dataclass
+class _Pass:
+    """The state of one forward/backward pass: values and where they lie, memory accounting, the
+    VJP reads still to come, gradients so far, and how many nodes were recomputed."""
+
+    step: int
+    saved: dict[str, int]
+    keep: frozenset[str] = frozenset()
+    env: dict[str, Any] = field(default_factory=dict)
+    loc: dict[str, Backend] = field(default_factory=dict)
+    mem: _Memory = field(default_factory=_Memory)
+    grads: dict[str, Any] = field(default_factory=dict)
+    recomputed: int = 0
+
+    def free(self, v: str) -> None:
+        if v not in self.keep and v in self.env:
+            del self.env[v]
+            self.mem.drop(v)

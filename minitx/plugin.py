@@ -3,8 +3,10 @@
 A plugin is a :class:`Plugin` object. It declares its options (``Option``: default, parser,
 help), whether it is exact, its :class:`Tolerance`, its position in a composition (``order``:
 lower runs first; ties keep the user's order) and turns parsed options into
-:class:`minitx.rewrite.Rule` s. The default :meth:`Plugin.apply` runs those rules to a fixed point
-with :func:`minitx.rewrite.apply`; a plugin overrides it only if it needs a whole-graph step.
+:class:`minitx.rewrite.Rule` s. Whole-graph decisions (importance scores, masks, which heads to
+cut) belong in :meth:`Plugin.analyze`, whose typed plan the rules read as ``ctx.plan``; the user's
+options stay as given in ``ctx.options``. :meth:`Plugin.apply` runs the analysis, then the rules
+to a fixed point with :func:`minitx.rewrite.apply`.
 
 Activation-aware rewrites (Wanda pruning, whitened SVD, …) need the model's activations on
 representative inputs. Such a plugin says so per options with :meth:`Plugin.uses_calibration`;
@@ -18,9 +20,10 @@ records it (``calibration.random``) and a warning says so — random tokens give
 activation norms, so an activation-aware rewrite calibrated on them is a poorer approximation.
 
 Plugins are discovered from the entry-point group ``minitx.plugins``: an entry point names a
-zero-argument factory (or class) returning a Plugin. As with backends (minitx/backend.py), nothing
-is imported until a plugin is used, and one that fails to load is reported with its reason while
-the others keep working. Built-in plugins are also found from a source checkout that was never
+zero-argument factory (or class) returning a Plugin. As with backends, through the same
+:mod:`minitx.registry`, nothing is imported until a plugin is used, one that fails to load is
+reported with its reason while the others keep working, and a name two packages declare is an
+error naming both. Built-in plugins are also found from a source checkout that was never
 installed.
 
 Option strings, as on the command line: ``name``, ``name:key=value,key2=value2``, or the
@@ -29,17 +32,14 @@ shorthand ``name:value`` which sets the plugin's ``positional`` option (``quant:
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import threading
-from dataclasses import dataclass, field, replace
-from importlib import metadata
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from . import rewrite
 from .errors import MinitxError
+from .registry import Entry, Registry
 
 GROUP = "minitx.plugins"
 
@@ -180,7 +180,7 @@ class Tolerance:
 @dataclass(frozen=True)
 class CalibrationData:
     """The token sequences an activation-aware rewrite runs the graph on (one run per sequence,
-    batch 1, as :func:`minitx.validate.feeds_for` builds its inputs).
+    batch 1, as :func:`minitx.feeds.build` builds its inputs).
 
     ``source`` describes where they came from (``--calib``); the last ``n_random`` sequences are
     seeded random tokens rather than real text (all of them when the user gave no calibration).
@@ -234,87 +234,47 @@ class Plugin:
         :func:`optimize` passes them as the keyword ``calib`` (a :class:`CalibrationData`)."""
         return False
 
+    def analyze(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+                calib: CalibrationData | None = None) -> Any:
+        """Whole-graph work a rule cannot do node by node — importance scores, masks, which heads
+        or layers to cut, calibration activations — done once before the rules run. Return a typed
+        plan (a dataclass); the rules read it as ``ctx.plan``, beside the user's ``ctx.options``.
+        The default plans nothing (None)."""
+        return None
+
     def apply(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any], *,
               calib: CalibrationData | None = None) -> rewrite.RewriteResult:
-        """Rewrite ``graph``/``params`` (copies; the inputs are not modified). ``calib`` is given
-        only to a plugin whose :meth:`uses_calibration` is true for ``opts``."""
-        return rewrite.apply(graph, params, self.rules(opts), options=opts, where=f"plugin {self.name}")
+        """Rewrite ``graph``/``params`` (copies; the inputs are not modified): :meth:`analyze`,
+        then :meth:`rules` to a fixed point. ``calib`` is given only to a plugin whose
+        :meth:`uses_calibration` is true for ``opts``."""
+        plan = self.analyze(graph, params, opts, calib)
+        return rewrite.apply(graph, params, self.rules(opts), options=opts, plan=plan, where=f"plugin {self.name}")
 
 
 # ------------------------------------------------------------------------------ registry
-@dataclass
-class Entry:
-    name: str
-    target: str
-    factory: Callable[[], Plugin] | None = None
-    plugin: Plugin | None = None
-    error: str | None = None
-    loaded: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def load(self) -> Plugin | None:
-        with self.lock:
-            if not self.loaded:
-                self.loaded = True
-                try:
-                    factory = self.factory or _load_target(self.target)
-                    p = factory() if callable(factory) and not isinstance(factory, Plugin) else factory
-                    if not isinstance(p, Plugin):
-                        raise TypeError(f"entry point returned {type(p).__name__}, not a minitx Plugin")
-                    self.plugin = p
-                except Exception as e:  # noqa: BLE001 — fault isolation is the point
-                    self.error = f"{type(e).__name__}: {e}".strip()
-            return self.plugin
+def _make(target: Any) -> Plugin:
+    p = target() if callable(target) and not isinstance(target, Plugin) else target
+    if not isinstance(p, Plugin):
+        raise TypeError(f"entry point returned {type(p).__name__}, not a minitx Plugin")
+    return p
 
 
-def _load_target(target: str) -> Any:
-    mod, _, attr = target.partition(":")
-    obj: Any = importlib.import_module(mod)
-    for part in filter(None, attr.split(".")):
-        obj = getattr(obj, part)
-    return obj
+REGISTRY: Registry[Plugin] = Registry(GROUP, "plugin", _make, BUILTIN)
 
 
-_entries: dict[str, Entry] | None = None
-_lock = threading.Lock()
-
-
-def _builtin_present(target: str) -> bool:
-    try:
-        return importlib.util.find_spec(target.partition(":")[0]) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def entries() -> dict[str, Entry]:
+def entries() -> dict[str, Entry[Plugin]]:
     """Every plugin declared in the entry-point group (or shipped), none imported yet."""
-    global _entries
-    with _lock:
-        if _entries is None:
-            found: dict[str, Entry] = {}
-            for ep in metadata.entry_points(group=GROUP):
-                found.setdefault(ep.name, Entry(ep.name, ep.value))
-            for name, target in BUILTIN.items():
-                if name not in found and _builtin_present(target):
-                    found[name] = Entry(name, target)
-            _entries = found
-        return _entries
+    return REGISTRY.entries()
 
 
 def register(name: str, factory: Callable[[], Plugin]) -> None:
-    """Register a plugin in-process (tests, notebooks); installed packages use the entry point."""
-    entries()[name] = Entry(name, f"<registered {name}>", factory=factory)
+    """Register a plugin in-process (tests, notebooks); installed packages use the entry point.
+    A name already taken is an error."""
+    REGISTRY.register(name, factory)
 
 
 def get_plugin(name: str) -> Plugin:
-    table = entries()
-    if name not in table:
-        raise MinitxError(f"unknown plugin {name!r}; available: {', '.join(sorted(table)) or 'none'} "
-                          f"(a third-party plugin registers in the entry-point group {GROUP!r})")
-    p = table[name].load()
-    if p is None:
-        raise MinitxError(f"plugin {name!r} is unavailable: {table[name].error}")
-    return p
+    return REGISTRY.get(name)
 
 
 # ------------------------------------------------------------------------------ option strings
@@ -391,10 +351,12 @@ def describe() -> list[dict[str, Any]]:
     """One row per discovered plugin for ``minitx plugins``: name, status, options (loads each)."""
     rows = []
     for name, e in sorted(entries().items()):
-        p = e.load()
+        p = REGISTRY.load(e)
         row: dict[str, Any] = {"name": name, "target": e.target, "available": p is not None}
         if p is None:
             row["error"] = e.error
+            if e.remedy:
+                row["remedy"] = e.remedy
         else:
             row.update(description=p.description, exact=p.exact, order=p.order, positional=p.positional,
                        options={k: {"default": o.default, "help": o.help, "choices": list(o.choices or [])}
@@ -408,7 +370,9 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
              warn: Callable[[str], None] | None = None):
     """Apply the plugins named by ``texts`` to ``model`` (a minitx.model.Model), in composition
     order; each step is validated against the model before it on ``calib`` (a
-    :class:`minitx.validate.Calibration`, default: seeded random tokens) and refused when it
+    :class:`minitx.validate.Calibration`; by default :meth:`~minitx.validate.Calibration.default`:
+    fitted on seeded random tokens, validated on the held-out text shipped with minitx at every
+    length when the model has a tokenizer) and refused when it
     exceeds its plugin's declared tolerance — unless ``force``, which only warns. A plugin whose
     rewrite is activation-aware (:meth:`Plugin.uses_calibration`) collects its activations on the
     fitting part of ``calib``; every step is validated on the part held out from it
@@ -424,7 +388,7 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
     specs = plan(texts)
     if not specs:
         raise MinitxError("no plugin given (use --plugin NAME[:options]; `minitx plugins` lists them)")
-    calib = calib if calib is not None else val.Calibration.random()
+    calib = calib if calib is not None else val.Calibration.default()
     current = model
     log = list(model.meta.get("rewrites", []))
     for s in specs:

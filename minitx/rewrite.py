@@ -81,13 +81,16 @@ class Firing:
 
 
 class Context:
-    """What a rule sees: the graph being rewritten, the weights, and helpers to add to them."""
+    """What a rule sees: the graph being rewritten, the weights, and helpers to add to them;
+    ``options`` are the user's (parsed) plugin options, ``plan`` what the plugin's analysis of the
+    whole graph decided before the rules ran (:meth:`minitx.plugin.Plugin.analyze`; None if none)."""
 
     def __init__(self, graph: Graph, params: dict[str, np.ndarray], options: Mapping[str, Any] | None = None,
-                 memo: dict[str, Any] | None = None) -> None:
+                 memo: dict[str, Any] | None = None, plan: Any = None) -> None:
         self.graph = graph
         self.params = params
         self.options = dict(options or {})
+        self.plan = plan
         # Scratch space kept for the whole apply() run (all passes): e.g. a tied weight quantized
         # once and shared by the two nodes that read it.
         self.memo: dict[str, Any] = memo if memo is not None else {}
@@ -197,12 +200,14 @@ def _same(a: Node, b: Node) -> bool:
 
 
 def apply(graph: Graph, params: Mapping[str, np.ndarray], rules: Iterable[Rule], *,
-          options: Mapping[str, Any] | None = None, max_passes: int = 16, where: str = "rewrite") -> RewriteResult:
+          options: Mapping[str, Any] | None = None, plan: Any = None, max_passes: int = 16,
+          where: str = "rewrite") -> RewriteResult:
     """Apply ``rules`` to a copy of ``graph``/``params`` until none fires; the inputs are untouched.
 
     In each sweep every node is offered to the rules targeting its op, in rule order; the first
     rule returning a replacement wins and the sweep moves on past the new nodes. Sweeps repeat
-    until one changes nothing. ``options`` is handed to rules as ``ctx.options``.
+    until one changes nothing. ``options`` is handed to rules as ``ctx.options``, ``plan`` as
+    ``ctx.plan``.
     """
     rules = list(rules)
     g = graph.copy()
@@ -214,7 +219,7 @@ def apply(graph: Graph, params: Mapping[str, np.ndarray], rules: Iterable[Rule],
         by_op.setdefault(r.op, []).append(r)
     memo: dict[str, Any] = {}
     for pass_index in range(max_passes):
-        ctx = Context(g, p, options, memo)
+        ctx = Context(g, p, options, memo, plan)
         changed = False
         new_nodes: list[Node] = []
         for node in g.nodes:

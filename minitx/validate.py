@@ -34,10 +34,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import metrics
+from . import feeds, metrics
 from .errors import MinitxError
 from .executor import Executor
-from .ir import Graph, Value, bind_shape
+from .ir import Graph, Value
 from .training.evaluation import token_nll
 
 
@@ -74,23 +74,43 @@ class Calibration:
     seed: int = 0
     source: str = ""
     validation: "Calibration | None" = None
+    # Validate on the text shipped with minitx at every length (:func:`heldout_sequences`):
+    # "asked" (--validate heldout) or "default" (falls back to random ids without a tokenizer).
+    heldout: str = ""
 
     @classmethod
     def random(cls, n: int = 4, length: int = 32, seed: int = 0) -> "Calibration":
         return cls(n_random=n, random_len=length, seed=seed, source=f"random:{n}x{length} (seed {seed})")
 
     @classmethod
+    def default(cls, seed: int = 0) -> "Calibration":
+        """What ``optimize`` uses when the user names nothing: fit on seeded random tokens (with a
+        warning, for activation-aware rewrites), validate on the shipped held-out text at every
+        length from 1 token to the full context when the model has a tokenizer (random token ids
+        otherwise) — users feed text of all lengths, and a rewrite can fail only at some."""
+        c = cls.random(seed=seed)
+        c.validation = cls(heldout="default", seed=seed, source="heldout")
+        return c
+
+    @classmethod
     def parse(cls, items: Sequence[str], seed: int = 0, validate: Sequence[str] = (),
               flag: str = "--calib") -> "Calibration":
         """Command-line ``--calib`` values: ``random[:BxT]``, ``file:PATH`` (one text per non-empty
-        line), ``ids:1,2,3``, ``text:TEXT`` or plain text (which must not look like a prefix); several may be combined. ``validate`` are ``--validate``
-        values in the same syntax: the inputs to validate on instead of a held-out part."""
+        line), ``ids:1,2,3``, ``text:TEXT`` or plain text (which must not look like a prefix); several
+        may be combined. ``validate`` are ``--validate`` values in the same syntax, plus ``heldout``
+        (the text shipped with minitx at every length): the inputs to validate on instead of a
+        held-out part. With neither, :meth:`default`."""
+        if not items and not validate:
+            return cls.default(seed)
         c = cls(seed=seed)
         if validate:
             c.validation = cls.parse(validate, seed=seed, flag="--validate")
         src = []
         for it in items:
-            if it == "random" or it.startswith("random:"):
+            if it == "heldout" and flag == "--validate":
+                c.heldout = "asked"
+                src.append("heldout")
+            elif it == "random" or it.startswith("random:"):
                 spec = it.partition(":")[2] or "4x32"
                 try:
                     n, _, ln = spec.partition("x")
@@ -148,8 +168,18 @@ class Calibration:
         is fitted on and the validation inputs are checked on."""
         real = self._real(model)
         rand_fit = self._random(model, 0)
-        if self.validation is not None:
-            v = self.validation
+        v = self.validation
+        if v is not None and v.heldout == "default" and model.tokenizer is None:
+            v = None   # the default without a tokenizer: random ids held apart, as below
+        if v is not None:
+            if v.heldout:
+                check = heldout_sequences(model) + v._real(model) + v._random(model, 1)
+                return CalibrationSplit(self._checked(real + rand_fit, model), self._checked(check, model, "validation"),
+                                        len(rand_fit), self.source or "calibration",
+                                        f"held-out text shipped with minitx ({len(check)} sequences of "
+                                        f"{min(map(len, check))}-{max(map(len, check))} tokens"
+                                        + (f", and {v.source}" if v.source != "heldout" else "") + ")",
+                                        True, v.n_random)
             check = v._real(model) + v._random(model, 1)
             fit = real + rand_fit
             seen = {tuple(x) for x in fit}
@@ -219,21 +249,70 @@ class Calibration:
         return seqs
 
 
-def feeds_for(graph: Graph, ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Inputs for one sequence (batch 1) with an empty KV cache, for any graph's declared inputs."""
-    T = len(ids)
-    b = {"B": 1, "T": T, "S": 0}
-    out: dict[str, np.ndarray] = {}
-    for v in graph.inputs:
-        if v.name == "input_ids":
-            out[v.name] = np.asarray([ids], np.int64)
-        elif v.name == "position_ids":
-            out[v.name] = np.arange(T, dtype=np.int64)[None]
-        elif v.name == "attention_mask":
-            out[v.name] = np.ones((1, T), np.int64)
-        else:  # KV cache (empty), token types (0), anything else a rewrite declared: zeros
-            out[v.name] = np.zeros(bind_shape(v.shape, b, v.name), v.dtype)
-    return out
+HELDOUT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "heldout.txt")
+HELDOUT_WINDOWS = 4   # windows of the held-out text per length
+
+
+def heldout_passages() -> list[str]:
+    """The held-out passages shipped with minitx (minitx/data/heldout.txt, sources in
+    DATA_SOURCES.md): public-domain prose and verse in several languages and scripts, code and
+    numbers, separated by blank lines. No model is trained or calibrated on them."""
+    with open(HELDOUT_TEXT, encoding="utf-8") as f:
+        return [p.strip("\n") for p in f.read().split("\n\n") if p.strip()]
+
+
+def length_ladder(longest: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, 32, … (alternately x1.5 and x4/3) up to and including ``longest``."""
+    out, n = [], 1
+    while n < longest:
+        out.append(n)
+        n = 2 if n == 1 else n * 3 // 2 if n & (n - 1) == 0 else n * 4 // 3
+    return out + [longest]
+
+
+def heldout_sequences(model) -> list[list[int]]:
+    """Windows of the held-out text for ``model``: for each length of :func:`length_ladder` from 1
+    text token to the full context (an encoder's ``max_seq_length``), ``HELDOUT_WINDOWS``
+    windows spread over the text (so over its languages), each wrapped in the tokenizer's special
+    tokens ([CLS] … [SEP]) exactly as encoding a text of that length would be."""
+    tok = model.tokenizer
+    if tok is None:
+        raise MinitxError("held-out text validation needs a tokenizer, and this model carries none")
+    saved = tok.truncation
+    tok.no_truncation()
+    try:
+        stream: list[int] = []
+        for p in heldout_passages():
+            stream += tok.encode(p, add_special_tokens=False).ids
+        bare, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a").ids
+    finally:
+        if saved:
+            tok.enable_truncation(**saved)
+    at = next((k for k in range(len(full) - len(bare) + 1) if full[k:k + len(bare)] == bare), 0)
+    pre, post = full[:at], full[at + len(bare):]
+    ctx = model.n_ctx
+    if not model.is_decoder and model.config.get("max_seq_length"):
+        ctx = min(ctx, int(model.config["max_seq_length"]))
+    room = max(1, ctx - len(pre) - len(post))
+    seqs = []
+    for n in length_ladder(room):
+        reps = -(-n // len(stream)) + 1
+        text = (stream * reps) if reps > 1 else stream
+        span = max(len(stream) - n, 0)
+        for k in range(HELDOUT_WINDOWS):
+            start = (k * span) // max(HELDOUT_WINDOWS - 1, 1)
+            seqs.append(pre + text[start:start + n] + post)
+    return seqs
+
+
+def length_bucket(n: int) -> str:
+    """The length bucket of an ``n``-token sequence: 1, 2-4, 5-16, 17-64, 65-256, … (powers of 4)."""
+    if n <= 1:
+        return "1"
+    hi = 4
+    while n > hi:
+        hi *= 4
+    return f"{hi // 4 + 1}-{hi}"
 
 
 # ------------------------------------------------------------------------------ the report
@@ -267,15 +346,25 @@ class ValidationReport:
     failure: str = ""
     fitted_on: str = ""                 # the calibration part activation-aware rewrites collect on
     disjoint: bool | None = None        # validation shares no sequence with that part
+    lengths: list[dict[str, Any]] = field(default_factory=list)   # the primary output per length bucket
 
     def primary(self) -> OutputReport:
         return self.outputs[0]
+
+    def worst_length(self) -> dict[str, Any] | None:
+        """The length bucket where the rewrite is furthest from the reference: the highest mean KL
+        (decoders) or the lowest single-row cosine (other outputs)."""
+        if not self.lengths:
+            return None
+        if self.lengths[0].get("kl") is not None:
+            return max(self.lengths, key=lambda b: b["kl"] if np.isfinite(b["kl"]) else np.inf)
+        return min(self.lengths, key=lambda b: b["min_cosine"] if np.isfinite(b["min_cosine"]) else -np.inf)
 
     def as_dict(self) -> dict[str, Any]:
         return {"calibration": self.calibration, "n_sequences": self.n_sequences, "tolerance": self.tolerance,
                 "outputs": [o.as_dict() for o in self.outputs], "layers": self.layers,
                 "perplexity": self.perplexity, "passed": self.passed, "failure": self.failure,
-                "fitted_on": self.fitted_on, "disjoint": self.disjoint}
+                "fitted_on": self.fitted_on, "disjoint": self.disjoint, "lengths": self.lengths}
 
     def summary(self) -> str:
         p = self.primary()
@@ -292,6 +381,11 @@ class ValidationReport:
             ppl = self.perplexity
             rel = ppl.get("relative_change", ppl["rewritten"] / ppl["reference"] - 1)
             parts.append(f"ppl {ppl['reference']:.3f} -> {ppl['rewritten']:.3f} ({100 * rel:+.2f}%)")
+        w = self.worst_length()
+        if w is not None and len(self.lengths) > 1:
+            what = (f"mean KL {w['kl']:.3g}, top-1 {w['top1']:.3f}" if w.get("kl") is not None
+                    else f"min cosine {w['min_cosine']:.6f}, mean {w['mean_cosine']:.6f}")
+            parts.append(f"worst length {w['tokens']} tokens ({w['sequences']} sequences): {what}")
         return "; ".join(parts)
 
 
@@ -355,9 +449,10 @@ def validate(reference, rewritten, calib: Calibration, tolerance, *, shadow: boo
     nll_ref: list[float] = []
     nll_new: list[float] = []
     n_text = len(seqs) - part.check_random     # perplexity is a measure of real text only
+    seq_lens: list[int] = []                   # token count of each pair in got[primary]
     for k, ids in enumerate(seqs):
-        fr = feeds_for(reference.graph, ids)
-        fn = feeds_for(rewritten.graph, ids)
+        fr = feeds.build(reference.graph, [ids])
+        fn = feeds.build(rewritten.graph, [ids])
         # Keep everything of the reference (calibration runs are small) for shadow-mode feeds.
         keep = [o for n in reference.graph.nodes for o in n.outputs] if shadow else [ends[i] for i in layers]
         r = ref_ex.run(fr, keep=keep)
@@ -365,6 +460,8 @@ def validate(reference, rewritten, calib: Calibration, tolerance, *, shadow: boo
         for n in names:
             if n in r and n in o and _float(r[n]):
                 got[n].append((r[n], o[n]))
+                if n == primary:
+                    seq_lens.append(len(ids))
         for i in layers:
             per_layer[i]["prop"].append((r[ends[i]], o[ends[i]]))
             if shadow:
@@ -418,12 +515,35 @@ def validate(reference, rewritten, calib: Calibration, tolerance, *, shadow: boo
         ppl["relative_change"] = float(np.expm1(d.mean()))
         ppl["relative_change_low"] = float(np.expm1(d.mean() - 2.0 * se))
         ppl["tokens"] = int(d.size)
-    passed, failure = judge(outs, tolerance, ppl)
+    lengths = _by_length(got[primary], seq_lens, primary == "logits")
+    passed, failure = judge(outs, tolerance, ppl, lengths)
     return ValidationReport(part.check_source, len(seqs), tolerance.as_dict(), outs, layer_rows, ppl, passed, failure,
-                            part.fit_source, part.disjoint)
+                            part.fit_source, part.disjoint, lengths)
 
 
-def judge(outs: Sequence[OutputReport], tol, perplexity: dict[str, float] | None = None) -> tuple[bool, str]:
+def _by_length(pairs: Sequence[tuple[np.ndarray, np.ndarray]], lens: Sequence[int], logits: bool) -> list[dict[str, Any]]:
+    """The primary output's agreement per length bucket (:func:`length_bucket`): a rewrite can be
+    fine on average and off on very short or very long inputs, so each bucket is reported (and
+    judged) on its own. Cosines are per row (token, or sentence for an encoder's embedding)."""
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for (a, b), n in zip(pairs, lens):
+        groups.setdefault(length_bucket(n), []).append((a, b))
+    rows = []
+    for label, ps in sorted(groups.items(), key=lambda kv: int(kv[0].split("-")[0])):
+        ref = np.concatenate([a.reshape(-1, a.shape[-1]) for a, _ in ps])
+        out = np.concatenate([b.reshape(-1, b.shape[-1]) for _, b in ps])
+        cos = _row_cosines(ref, out)
+        row: dict[str, Any] = {"tokens": label, "sequences": len(ps), "rows": int(cos.size),
+                               "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+        if logits:
+            c = metrics.compare(ref, out, logits=True)
+            row.update(kl=c.kl, top1=c.top1)
+        rows.append(row)
+    return rows
+
+
+def judge(outs: Sequence[OutputReport], tol, perplexity: dict[str, float] | None = None,
+          lengths: Sequence[dict[str, Any]] = ()) -> tuple[bool, str]:
     """(passed, why not) for the primary output (and, if exact, every output) against ``tol``.
 
     Every bound of ``tol`` that is set and measurable is checked (KL and top-1 need logits, the
@@ -431,7 +551,11 @@ def judge(outs: Sequence[OutputReport], tol, perplexity: dict[str, float] | None
     perplexity change is a mean over sampled next tokens, noisy on a short text, so it fails only
     when even the low end of its ~95% interval (mean per-token NLL difference minus two standard
     errors) exceeds ``max_ppl_increase``; KL, an expectation over the whole distribution, is the
-    precise criterion. The reason names each failed metric, its value and its bound, on one line."""
+    precise criterion. The reason names each failed metric, its value and its bound, on one line.
+
+    With several length buckets (``lengths``, from :func:`_by_length`), the averaged bounds
+    (``min_cosine``, ``max_kl``, and ``min_row_cosine``) hold in every bucket too: a rewrite that
+    is fine on average but not on one-token or full-context inputs is refused, naming the bucket."""
     p = outs[0]
     if tol.exact:
         bad = [o for o in outs if not o.allclose]
@@ -466,4 +590,20 @@ def judge(outs: Sequence[OutputReport], tol, perplexity: dict[str, float] | None
         else:
             label = f"{p.name} {label}"
         failed.append(f"{label} {shown} {'<' if higher else '>'} {key} {bound:g}")
+    if len(lengths) > 1:
+        for label, metric, key, higher in (("mean cosine", "mean_cosine", "min_cosine", True),
+                                           ("min row cosine", "min_cosine", "min_row_cosine", True),
+                                           ("mean KL", "kl", "max_kl", False)):
+            bound = getattr(tol, key)
+            if bound is None:
+                continue
+            bad = [b for b in lengths if b.get(metric) is not None and not (
+                np.isfinite(b[metric]) and (b[metric] >= bound if higher else b[metric] <= bound))]
+            if not bad:
+                continue
+            w = (min if higher else max)(bad, key=lambda b: b[metric] if np.isfinite(b[metric]) else
+                                         (-np.inf if higher else np.inf))
+            more = f" (and {len(bad) - 1} other length buckets)" if len(bad) > 1 else ""
+            failed.append(f"{p.name} {label} {w[metric]:.6g} {'<' if higher else '>'} {key} {bound:g} "
+                          f"on inputs of {w['tokens']} tokens{more}")
     return (not failed), "; ".join(failed)

@@ -29,6 +29,7 @@ override one bound each (``inf``, or 0 for a minimum, turns one off).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -36,7 +37,7 @@ import numpy as np
 from minitx.errors import MinitxError
 from minitx.ir import Graph, Node
 from minitx.plugin import CalibrationData, Option, Plugin, Tolerance, positive_int
-from minitx.rewrite import Context, Replacement, Rule, RewriteResult, apply as rewrite_apply
+from minitx.rewrite import Context, Replacement, Rule
 
 from .sparsity import block_linears, calibration_run, unit_interval
 
@@ -184,16 +185,25 @@ class LowRankPlugin(Plugin):
     def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
         return opts["method"] == "whiten"
 
-    def apply(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any], *,
-              calib: CalibrationData | None = None) -> RewriteResult:
-        o = dict(opts)
-        o["_trunc"] = self.truncations(opts)
-        nodes = [n for n in block_linears(graph) if o["_trunc"].get(layer_type(n.name)) is not None]
+    def analyze(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+                calib: CalibrationData | None = None) -> "LowRankPlan":
+        trunc = self.truncations(opts)
+        nodes = [n for n in block_linears(graph) if trunc.get(layer_type(n.name)) is not None]
+        acts: dict[str, np.ndarray] = {}
         if opts["method"] == "whiten" and nodes:
-            acts = calibration_run(graph, params, sorted({n.inputs[0] for n in nodes}), calib, who="lowrank")
-            o["_acts"] = {k: np.concatenate(v) for k, v in acts.items()}
-        o["_targets"] = {n.name for n in nodes}
-        return rewrite_apply(graph, params, self.rules(opts), options=o, where=f"plugin {self.name}")
+            runs = calibration_run(graph, params, sorted({n.inputs[0] for n in nodes}), calib, who="lowrank")
+            acts = {k: np.concatenate(v) for k, v in runs.items()}
+        return LowRankPlan(trunc, frozenset(n.name for n in nodes), acts)
+
+
+@dataclass(frozen=True)
+class LowRankPlan:
+    """What :meth:`LowRankPlugin.analyze` decided: the truncation (rank or energy) per layer type,
+    the linear nodes to factor, and for ``method=whiten`` each one's calibration input activations."""
+
+    truncations: dict[str, int | float | None]
+    targets: frozenset[str]
+    activations: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def plugin() -> LowRankPlugin:
@@ -202,15 +212,15 @@ def plugin() -> LowRankPlugin:
 
 
 def _lowrank_rule(node: Node, ctx: Context) -> Replacement | None:
-    o = ctx.options
-    if node.name not in o["_targets"] or "rule" in node.tags:
+    o, plan = ctx.options, ctx.plan
+    if node.name not in plan.targets or "rule" in node.tags:
         return None
     x, w, *rest = node.inputs
     b = rest[0] if rest else ""
     W = ctx.param(w)
-    trunc = o["_trunc"][layer_type(node.name)]
+    trunc = plan.truncations[layer_type(node.name)]
     if o["method"] == "whiten":
-        U, V = whitened_factors(W, o["_acts"][x], trunc, name=w)
+        U, V = whitened_factors(W, plan.activations[x], trunc, name=w)
     else:
         U, V = svd_factors(W, trunc, method=o["method"], rsvd_from=o["rsvd_from"], oversample=o["oversample"],
                            power_iters=o["power_iters"], seed=o["seed"], name=w)

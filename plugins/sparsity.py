@@ -49,6 +49,7 @@ The weight transforms are pure functions of arrays (``magnitude_masks``, ``wanda
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -59,7 +60,7 @@ from minitx.executor import Executor
 from minitx.ir import Graph, Node, Value
 from minitx.ops import sparse as S
 from minitx.plugin import CalibrationData, Option, Plugin, Tolerance, positive_int
-from minitx.rewrite import Context, Replacement, Rule, RewriteResult, apply as rewrite_apply
+from minitx.rewrite import Context, Replacement, Rule
 
 ATTENTION = ("none", "dense", "local", "block", "strided", "topk", "threshold", "composite")
 WEIGHTS = ("none", "magnitude", "wanda", "nm", "heads", "ffn")
@@ -196,7 +197,7 @@ def calibration_run(graph: Graph, params: Mapping[str, np.ndarray], keep: Iterab
     """The values named in ``keep``, as (tokens, features) rows, on every calibration sequence
     (one run each). ``calib`` is what :func:`minitx.plugin.optimize` passes to an activation-aware
     plugin's ``apply``; without it there is nothing representative to measure, so it is an error."""
-    from minitx.validate import feeds_for
+    from minitx import feeds
 
     if calib is None or not calib.sequences:
         raise MinitxError(f"{who}: this rewrite reads activations and needs calibration sequences; apply it with "
@@ -205,7 +206,7 @@ def calibration_run(graph: Graph, params: Mapping[str, np.ndarray], keep: Iterab
     keep = list(keep)
     got: dict[str, list[np.ndarray]] = {k: [] for k in keep}
     for ids in calib.sequences:
-        r = ex.run(feeds_for(graph, list(ids)), outputs=[], keep=keep)
+        r = ex.run(feeds.build(graph, [list(ids)]), outputs=[], keep=keep)
         for k in keep:
             got[k].append(r[k].reshape(-1, r[k].shape[-1]))
     return got
@@ -266,24 +267,50 @@ class SparsityPlugin(Plugin):
         out = []
         if opts["attention"] != "none":
             out.append(Rule("sparsity.attention", "attention", _attention_rule, exact=opts["attention"] == "dense"))
+        method = opts["weights"]
+        if method in ("magnitude", "wanda", "nm"):
+            out.append(Rule(f"sparsity.{method}", "linear", _pruned_linear_rule))
+        elif method == "heads":
+            out += [Rule("sparsity.heads", op, _heads_rule) for op in ("linear", "split", "rope", "attention")]
+        elif method == "ffn":
+            out.append(Rule("sparsity.ffn", "linear", _ffn_rule))
         return out
 
-    def apply(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any], *,
-              calib: CalibrationData | None = None) -> RewriteResult:
-        where = f"plugin {self.name}"
-        rules = self.rules(opts)
+    def analyze(self, graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+                calib: CalibrationData | None = None) -> "SparsityPlan":
         method = opts["weights"]
-        o = dict(opts)
         if method in ("magnitude", "wanda", "nm"):
-            o["_masks"] = _weight_masks(graph, params, opts, calib)
-            rules.append(Rule(f"sparsity.{method}", "linear", _pruned_linear_rule))
-        elif method == "heads":
-            o["_heads"] = _plan_heads(graph, params, opts, calib)
-            rules += [Rule("sparsity.heads", op, _heads_rule) for op in ("linear", "split", "rope", "attention")]
-        elif method == "ffn":
-            o["_ffn"] = _plan_ffn(graph, params, opts, calib)
-            rules.append(Rule("sparsity.ffn", "linear", _ffn_rule))
-        return rewrite_apply(graph, params, rules, options=o, where=where)
+            return SparsityPlan(masks=_weight_masks(graph, params, opts, calib))
+        if method == "heads":
+            return SparsityPlan(heads=_plan_heads(graph, params, opts, calib))
+        if method == "ffn":
+            return SparsityPlan(ffn=_plan_ffn(graph, params, opts, calib))
+        return SparsityPlan()
+
+
+@dataclass(frozen=True)
+class KeptHeads:
+    """The heads one attention block keeps: counts, the columns of its qkv and output weights
+    that belong to them, the split sizes of q/k/v, and which KV groups survive."""
+
+    n_heads: int
+    n_kv_heads: int
+    q_cols: np.ndarray
+    qkv_cols: np.ndarray
+    sizes: list[int]
+    groups: list[int]
+
+
+@dataclass(frozen=True)
+class SparsityPlan:
+    """What :meth:`SparsityPlugin.analyze` decided, per weight pruning method: ``masks`` (weight
+    name → boolean keep mask; magnitude, wanda, N:M), ``heads`` (node name → its role in an
+    attention block and the heads kept there) or ``ffn`` (node name → "up"/"down" and the kept
+    neuron indices, or the kept columns of a gated up projection)."""
+
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    heads: dict[str, tuple[str, KeptHeads]] = field(default_factory=dict)
+    ffn: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
 
 
 def plugin() -> SparsityPlugin:
@@ -334,7 +361,7 @@ def _weight_masks(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[
 def _pruned_linear_rule(node: Node, ctx: Context) -> Replacement | None:
     o = ctx.options
     x, w, *rest = node.inputs
-    masks = o["_masks"]
+    masks = ctx.plan.masks
     if w not in masks or _done(node):
         return None
     W, keep = ctx.param(w), masks[w]
@@ -390,13 +417,13 @@ def _attention_blocks(graph: Graph) -> list[dict[str, Node]]:
 
 
 def _plan_heads(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
-                calib: CalibrationData | None) -> dict[str, Any]:
-    """node name → what it becomes: kept query/KV heads per attention block, from calibration."""
+                calib: CalibrationData | None) -> dict[str, tuple[str, KeptHeads]]:
+    """node name → its role and the kept query/KV heads of its attention block, from calibration."""
     blocks = _attention_blocks(graph)
     if not blocks:
         raise MinitxError("sparsity: heads pruning found no qkv → attention → out block")
     acts = calibration_run(graph, params, [b["attn"].outputs[0] for b in blocks], calib)
-    plan: dict[str, Any] = {}
+    plan: dict[str, tuple[str, KeptHeads]] = {}
     for b in blocks:
         a = b["attn"]
         H, KV = int(a.attrs["n_heads"]), int(a.attrs["n_kv_heads"])
@@ -410,8 +437,8 @@ def _plan_heads(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[st
         kv_cols = np.concatenate([np.arange(g * D, (g + 1) * D) for g in groups])
         C = H * D
         qkv_cols = np.concatenate([q_cols, C + kv_cols, C + KV * D + kv_cols])
-        info = {"H": len(q_heads), "KV": len(groups), "q_cols": q_cols, "qkv_cols": qkv_cols,
-                "sizes": [len(q_cols), len(kv_cols), len(kv_cols)], "groups": groups.tolist()}
+        info = KeptHeads(len(q_heads), len(groups), q_cols, qkv_cols, [len(q_cols), len(kv_cols), len(kv_cols)],
+                         groups.tolist())
         for key in ("attn", "qkv", "out", "split", "rope_q", "rope_k"):
             if key in b:
                 plan[b[key].name] = (key, info)
@@ -419,42 +446,42 @@ def _plan_heads(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[st
 
 
 def _heads_rule(node: Node, ctx: Context) -> Replacement | None:
-    entry = ctx.options["_heads"].get(node.name)
+    entry = ctx.plan.heads.get(node.name)
     if entry is None or _done(node):
         return None
     role, info = entry
     attrs, ins = dict(node.attrs), list(node.inputs)
     if role == "qkv":
-        ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[:, info["qkv_cols"]])
+        ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[:, info.qkv_cols])
         if len(ins) > 2 and ins[2]:
-            ins[2] = ctx.add_param(ins[2] + ".heads", ctx.param(ins[2])[info["qkv_cols"]])
+            ins[2] = ctx.add_param(ins[2] + ".heads", ctx.param(ins[2])[info.qkv_cols])
     elif role == "out":
-        ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[info["q_cols"]])
+        ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[info.q_cols])
     elif role == "split":
-        attrs["sizes"] = info["sizes"]
+        attrs["sizes"] = info.sizes
     elif role == "rope_q":
-        attrs["n_heads"] = info["H"]
+        attrs["n_heads"] = info.n_heads
     elif role == "rope_k":
-        attrs["n_heads"] = info["KV"]
+        attrs["n_heads"] = info.n_kv_heads
     elif role == "attn":
-        attrs["n_heads"], attrs["n_kv_heads"] = info["H"], info["KV"]
+        attrs["n_heads"], attrs["n_kv_heads"] = info.n_heads, info.n_kv_heads
     redeclared = []
     if role == "attn":  # the KV cache inputs narrow with the kept KV heads
-        width = info["sizes"][1]
+        width = info.sizes[1]
         for name in ins[3:5]:
             v = next((v for v in ctx.graph.inputs if v.name == name), None) if name else None
             if v is not None:
                 redeclared.append(Value(v.name, (*v.shape[:-1], width), v.dtype))
     new = Node(ctx.fresh(node.name + ".heads"), node.op, ins, list(node.outputs), attrs,
-               {**node.tags, "kept_kv_groups": info["groups"]} if role == "attn" else dict(node.tags))
+               {**node.tags, "kept_kv_groups": info.groups} if role == "attn" else dict(node.tags))
     return Replacement([new], inputs=redeclared)
 
 
 # ---------------------------------------------------------------- ffn neurons
 def _plan_ffn(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
-              calib: CalibrationData | None) -> dict[str, Any]:
+              calib: CalibrationData | None) -> dict[str, tuple[str, np.ndarray]]:
     prod = graph.producers()
-    plan: dict[str, Any] = {}
+    plan: dict[str, tuple[str, np.ndarray]] = {}
     downs = [n for n in graph.nodes if n.op == "linear" and n.name.endswith(".mlp.down") and n.inputs[1] in graph.params]
     pairs = []
     for d in downs:
@@ -477,7 +504,7 @@ def _plan_ffn(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str,
 
 
 def _ffn_rule(node: Node, ctx: Context) -> Replacement | None:
-    entry = ctx.options["_ffn"].get(node.name)
+    entry = ctx.plan.ffn.get(node.name)
     if entry is None or _done(node):
         return None
     role, idx = entry

@@ -1,6 +1,7 @@
 """The backend registry, the numba backend end to end, and its growable KV cache."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -13,7 +14,8 @@ from minitx.errors import MinitxError
 from minitx.model import Model
 from minitx import generate as gen, models
 
-numba = pytest.importorskip("numba")
+# Only the tests that run numba kernels need numba; the registry tests run without it.
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 
 
 def _boom() -> Backend:
@@ -47,12 +49,123 @@ def test_failing_backend_is_listed_not_fatal(extra_backends) -> None:
     assert not info["available"] and "libwhatever.so" in info["reason"] and info["remedy"]
     with pytest.raises(MinitxError, match="unavailable.*libwhatever"):
         get_backend("failing")
-    assert describe("numba")["available"] and get_backend("numpy").name == "numpy"
+    assert get_backend("numpy").name == "numpy"
     r = CliRunner().invoke(__import__("cli").main, ["backends", "--json"])
     assert r.exit_code == 0
     infos = {b["name"]: b for b in json.loads(r.output)["backends"]}
-    assert not infos["failing"]["available"] and infos["numba"]["available"]
+    assert not infos["failing"]["available"] and infos["numpy"]["available"]
+
+
+@needs_numba
+def test_numba_is_listed_with_its_kernels() -> None:
+    infos = {b["name"]: b for b in json.loads(CliRunner().invoke(__import__("cli").main,
+                                                                 ["backends", "--json"]).output)["backends"]}
+    assert infos["numba"]["available"]
     assert "attention" in infos["numba"]["forward"] and "layer_norm" in infos["numba"]["vjp"]
+
+
+class _EntryPoint:
+    """What importlib.metadata yields for one declared entry point (name, target, distribution)."""
+
+    def __init__(self, name: str, value: str, dist: str) -> None:
+        self.name, self.value = name, value
+        self.dist = type("Dist", (), {"name": dist})()
+
+
+def test_a_third_party_backend_named_numba_is_an_error_naming_both_packages(monkeypatch) -> None:
+    from minitx import registry
+
+    declared = [_EntryPoint("numba", "minitx.backends.numba_cpu:backend", "minitx"),
+                _EntryPoint("numba", "evil_backend:backend", "evil-backend"),
+                _EntryPoint("good", "good_backend:backend", "good-backend")]
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: declared if group == reg.GROUP else [])
+    monkeypatch.setattr(reg.REGISTRY, "_entries", None)
+    with pytest.raises(MinitxError, match=r"'numba' is declared by two packages: minitx .*and evil-backend"):
+        get_backend("numba")
+    info = describe("numba")
+    assert not info["available"] and "evil-backend" in info["reason"] and "uninstall" in info["remedy"]
+    assert get_backend("numpy").name == "numpy"   # everything else keeps working
+
+
+def test_registering_a_taken_name_is_an_error_not_a_replacement() -> None:
+    with pytest.raises(MinitxError, match="backend 'numpy' is already registered by minitx"):
+        register("numpy", _Wrong)
+    assert type(get_backend("numpy")).__name__ == "SpecBackend"
+    from minitx import plugin
+
+    with pytest.raises(MinitxError, match="plugin 'quant' is already registered"):
+        plugin.register("quant", lambda: None)
+
+
+class _NoLibrary(ImportError):
+    pass
+
+
+def remedy(error: BaseException) -> str | None:
+    """This module's answer to the registry (the way a backend package gives its remedy)."""
+    return "build libwhatever first (test remedy)" if isinstance(error, _NoLibrary) else None
+
+
+def _needs_a_library() -> Backend:
+    raise _NoLibrary("libwhatever.so: missing")
+
+
+def _out_of_memory() -> Backend:
+    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_remedies_come_from_the_backend_not_from_its_error_text(extra_backends) -> None:
+    register("needs_lib", _needs_a_library)
+    register("oom", _out_of_memory)
+    assert describe("needs_lib")["remedy"] == "build libwhatever first (test remedy)"
+    with pytest.raises(MinitxError, match=r"unavailable: _NoLibrary: libwhatever.so: missing — build libwhatever"):
+        get_backend("needs_lib")
+    info = describe("oom")   # no remedy of its own: no guess from the words "CUDA" or "GPU"
+    assert "GPU" not in info["remedy"] and "reinstall or fix" in info["remedy"]
+    with pytest.raises(MinitxError) as e:
+        get_backend("oom")
+    assert str(e.value).endswith("Tried to allocate 2.00 GiB")
+
+
+def test_shipped_backends_give_their_own_remedies() -> None:
+    import minitx.backends.cupy_gpu as cg
+    import minitx.backends.numba_cpu as nb
+
+    assert "minitx[cpu]" in nb.remedy(ModuleNotFoundError("No module named 'numba'", name="numba"))
+    assert nb.remedy(RuntimeError("CUDA out of memory")) is None
+    assert "minitx[gpu]" in cg.remedy(cg.NoCupy("cupy not installed"))
+    assert "no usable NVIDIA GPU" in cg.remedy(cg.NoDevice("no CUDA device: 0 GPUs"))
+    assert cg.remedy(RuntimeError("CUDA out of memory")) is None
+
+
+class _Raising(Backend):
+    """A backend whose GELU fails the way a compiled kernel does: a long, multi-line error."""
+
+    name = "raising"
+    dtypes = frozenset({"float32"})
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def gelu(x, *, approximate="none"):
+            raise RuntimeError("Failed in nopython mode pipeline\nline two\nline three")
+
+        self.kernels = {"gelu": gelu}
+
+
+def test_a_kernel_that_raises_is_one_line_naming_node_op_and_backend(extra_backends, tmp_path) -> None:
+    import cli
+
+    register("raising", _Raising)
+    path = str(tmp_path / "m.npz")
+    runner = CliRunner()
+    assert runner.invoke(cli.main, ["init", "--arch", "gpt2", "--preset", "tiny", "-o", path]).exit_code == 0
+    r = runner.invoke(cli.main, ["infer", path, "--ids", "1,2,3", "-n", "1", "--backend", "raising"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    line = r.output.strip().splitlines()[-1]   # the prompt echoed so far, then the error
+    assert "line two" not in r.output
+    assert "error: node layers.0.mlp.act: the kernel of op gelu on backend raising raised RuntimeError: " \
+           "Failed in nopython mode pipeline" in line
 
 
 def test_unknown_or_unavailable_backend_is_one_line_exit_2(extra_backends, tmp_path) -> None:
@@ -78,6 +191,7 @@ def test_conformance_catches_a_wrong_kernel(extra_backends) -> None:
     assert r.exit_code == 0 and "PASS" in r.output
 
 
+@needs_numba
 def test_ops_without_cases_are_skipped_not_passed(monkeypatch) -> None:
     from minitx import conformance
 
@@ -86,6 +200,7 @@ def test_ops_without_cases_are_skipped_not_passed(monkeypatch) -> None:
     assert [r.status for r in report.rows] == ["SKIPPED"]
 
 
+@needs_numba
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_numba_decodes_like_the_spec(arch: str) -> None:
     cfg = models.preset(arch, "tiny")
@@ -104,6 +219,7 @@ def test_numba_decodes_like_the_spec(arch: str) -> None:
     assert {b for _, _, b in ex.explain()} == {"numba"}
 
 
+@needs_numba
 def test_a_broken_kernel_module_does_not_take_the_backend_down(monkeypatch) -> None:
     import minitx.backends.numba_cpu as nb
 
@@ -112,6 +228,7 @@ def test_a_broken_kernel_module_does_not_take_the_backend_down(monkeypatch) -> N
     assert "layer_norm" in b.kernels and "does_not_exist" in b.problems
 
 
+@needs_numba
 def test_kv_cache_appends_in_place_and_never_clobbers_a_branch() -> None:
     from minitx.backends.numba_cpu.kvcache import append
 
@@ -141,6 +258,7 @@ def test_kv_cache_appends_in_place_and_never_clobbers_a_branch() -> None:
     np.testing.assert_array_equal(K, ref)
 
 
+@needs_numba
 def test_cli_infer_explain_and_no_fallback_with_numba(tmp_path) -> None:
     import cli
 
@@ -155,6 +273,7 @@ def test_cli_infer_explain_and_no_fallback_with_numba(tmp_path) -> None:
     assert "numba" in got.output and "ran on: numba" in got.output
 
 
+@needs_numba
 def test_numba_cache_is_dropped_when_any_kernel_source_changes(tmp_path, monkeypatch) -> None:
     """numba re-validates a cached kernel against its own file only; a helper it inlines (``_vmath``)
     can change underneath it. The package digest beside the cache must catch that — and leave a
@@ -186,6 +305,7 @@ def test_numba_cache_is_dropped_when_any_kernel_source_changes(tmp_path, monkeyp
     assert (tmp_path / _jit.STAMP).read_text().strip() == "digest-2"
 
 
+@needs_numba
 def test_numba_sources_digest_covers_the_inlined_helpers(tmp_path, monkeypatch) -> None:
     import os
     import shutil
@@ -217,6 +337,7 @@ def _gelu_in_fresh_process(root, env) -> float:
     return float(r.stdout)
 
 
+@needs_numba
 def test_an_edited_helper_reaches_kernels_cached_on_disk(tmp_path) -> None:
     """End to end, in fresh processes as a user would meet it: GELU's kernel is cached on disk,
     then ``_vmath.exp``, which it inlines, is edited. The next process must run the edited code;

@@ -1,8 +1,10 @@
 """A third-party backend, for real: installed with pip into a fresh venv, found by entry point.
 
 tests/thirdparty/good_backend implements relu, softmax and add; tests/thirdparty/broken_backend
-raises on import. With both installed, ``minitx backends`` must list good as available and
-broken as unavailable with its reason, while everything else keeps working.
+raises on import; tests/thirdparty/clash_backend declares the name ``numba``, which minitx ships.
+With all three installed, ``minitx backends`` must list good as available, broken as unavailable
+with its reason, and numba as unavailable naming both packages that declare it, while everything
+else keeps working.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def venv(tmp_path_factory) -> Path:
     # Offline and fast when the build backends are already importable; otherwise pip fetches them.
     iso = [] if importlib.util.find_spec("hatchling") is None else ["--no-build-isolation"]
     _run([py, "-m", "pip", "install", "-q", "--no-deps", *iso, str(ROOT)], tmp)
-    for pkg in ("good_backend", "broken_backend"):
+    for pkg in ("good_backend", "broken_backend", "clash_backend"):
         shutil.copytree(HERE / pkg, tmp / pkg)  # build out of tree: no egg-info in the checkout
         _run([py, "-m", "pip", "install", "-q", "--no-deps", *iso, str(tmp / pkg)], tmp)
     return bindir
@@ -54,6 +56,9 @@ def test_listing_isolates_the_broken_backend(venv: Path, tmp_path: Path) -> None
     assert not infos["broken"]["available"]
     assert "libfancy.so.3" in infos["broken"]["reason"]
     assert infos["numpy"]["available"]
+    clash = infos["numba"]
+    assert not clash["available"] and "declared by two packages" in clash["reason"]
+    assert "minitx (" in clash["reason"] and "minitx-clash-backend (" in clash["reason"]
     text = _run([str(venv / "minitx"), "backends"], tmp_path).stdout
     assert "UNAVAILABLE" in text and "good" in text
     # The installed copy is what ran, not the checkout.

@@ -158,3 +158,56 @@ def test_context_overflow_and_bad_ids_are_errors():
         step(m, np.array([[m.vocab_size]]), empty_state(m, 1))
     with pytest.raises(MinitxError, match="empty"):
         generate(m, [[]], 1)
+
+
+def test_backward_plan_is_built_once_and_reused_bit_for_bit():
+    """The plan (what gets gradients, what each VJP reads) depends on the graph and the requested
+    gradients only: built on the first micro-batch, reused after, with results identical to a
+    fresh executor's; another ``wrt`` gets its own plan."""
+    m = Model.from_config(models.preset("llama", "tiny"), seed=2)
+    g = models.with_loss(m.graph)
+    built = []
+    ex = Executor(g, m.params)
+    orig = ex._backward_plan
+
+    def counting(loss, wrt):
+        plan = orig(loss, wrt)
+        built.append(id(plan))
+        return plan
+
+    ex._backward_plan = counting
+    a = ex.forward_backward(_feeds(m, 2, 5, seed=1), step=0)
+    b = ex.forward_backward(_feeds(m, 2, 5, seed=2), step=1)
+    assert len(set(built)) == 1 and len(built) == 2
+    fresh = Executor(g, m.params).forward_backward(_feeds(m, 2, 5, seed=2), step=1)
+    for k in fresh.grads:
+        np.testing.assert_array_equal(b.grads[k], fresh.grads[k])
+    assert b.peak_activation_bytes == fresh.peak_activation_bytes and set(a.grads) == set(m.params)
+    only = ex.forward_backward(_feeds(m, 2, 5, seed=2), wrt=["lm_head.weight"] if "lm_head.weight" in m.params
+                               else [sorted(m.params)[0]])
+    assert len(set(built)) == 2 and len(only.grads) == 1
+
+
+def test_a_vjp_that_raises_is_one_line_naming_node_op_and_backend():
+    from minitx.backend import Backend
+
+    class BadVJP(Backend):
+        name = "badvjp"
+        dtypes = frozenset({"float32"})
+
+        def __init__(self):
+            super().__init__()
+            self.kernels = {"relu": lambda x: np.maximum(x, 0), "gelu": _spec_gelu}
+            self.vjps = {"gelu": lambda grads, inputs, outputs, **attrs: 1 / 0}
+
+    m = Model.from_config(models.preset("gpt2", "tiny"), seed=5)
+    ex = Executor(models.with_loss(m.graph), m.params, [BadVJP()])   # the backward reaches the last layer first
+    with pytest.raises(MinitxError, match=r"^node layers\.1\.mlp\.act: the VJP of op gelu on backend badvjp "
+                                          r"raised ZeroDivisionError: division by zero$"):
+        ex.forward_backward(_feeds(m, 1, 4))
+
+
+def _spec_gelu(x, **attrs):
+    from minitx import ops
+
+    return ops.get("gelu").forward(x, **attrs)

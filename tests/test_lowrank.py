@@ -11,7 +11,8 @@ from minitx.model import Model
 from minitx.ops import attention as A
 from minitx.ops import lowrank as L
 from minitx.plugins import lowrank as LR
-from minitx.validate import Calibration, feeds_for
+from minitx.feeds import build
+from minitx.validate import Calibration
 
 
 def _low_rank_matrix(rng, m, n, r):
@@ -95,7 +96,7 @@ def gpt2():
 
 
 def _logits(model, ids):
-    return model.executor().run(feeds_for(model.graph, ids))["logits"]
+    return model.executor().run(build(model.graph, [ids]))["logits"]
 
 
 IDS = list(range(5, 37))
@@ -132,7 +133,7 @@ def test_whitening_uses_the_calibration_given(gpt2):
     new = plugin.optimize(gpt2, ["lowrank:rank=16,method=whiten"], calib=Calibration(ids=ids, source="ids"),
                           validate=False)
     node = gpt2.graph.node("layers.0.mlp.up")
-    x = gpt2.executor().run(feeds_for(gpt2.graph, ids[0]), keep=[node.inputs[0]])[node.inputs[0]]
+    x = gpt2.executor().run(build(gpt2.graph, [ids[0]]), keep=[node.inputs[0]])[node.inputs[0]]
     U, V = LR.whitened_factors(gpt2.params[node.inputs[1]], x, 16)
     np.testing.assert_allclose(new.params["layers.0.mlp.up.lowrank.u"] @ new.params["layers.0.mlp.up.lowrank.v"],
                                U @ V, rtol=1e-4, atol=1e-5)

@@ -352,9 +352,11 @@ def test_training_forward_on_onnxruntime_gives_the_spec_gradients():
 def test_backend_without_onnxruntime_is_unavailable_with_the_remedy(monkeypatch):
     import sys
 
-    from minitx.backend import Entry
+    from minitx.backend import REGISTRY
+    from minitx.registry import Entry
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
     e = Entry("onnxruntime", "minitx.backends.onnxruntime:backend")
-    assert e.load() is None
-    assert "onnxruntime not installed" in e.error and "pip install 'minitx[onnx]'" in e.error, e.error
+    assert REGISTRY.load(e) is None
+    assert "onnxruntime not installed" in e.error and e.remedy == "install the onnx extra: pip install 'minitx[onnx]'", \
+        (e.error, e.remedy)

@@ -75,7 +75,7 @@ def test_fake_quant_shape_rule_rejects_bad_attributes():
 @pytest.mark.parametrize("spec, packed_ops", [
     ("quant:int4,group=16", {"linear_q4", "embedding_q4"}),
     ("quant:int4,group=16,embeddings=int8", {"linear_q4", "embedding_q8"}),
-    ("quant:int8", {"linear_q8", "embedding_q8"}),
+    ("quant:int8", {"linear_q8_block", "embedding_q8"}),
     ("quant:int8_block,block=16,embeddings=false", {"linear_q8_block"}),
 ])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

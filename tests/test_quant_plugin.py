@@ -24,8 +24,8 @@ def bert():
 
 
 @pytest.mark.parametrize("spec,ops,max_ratio", [
-    ("quant:int8", {"linear_q8", "embedding_q8"}, 0.30),
-    ("quant:int8_block", {"linear_q8_block", "embedding_q8"}, 0.32),
+    ("quant:int8", {"linear_q8_block", "embedding_q8"}, 0.32),
+    ("quant:int8_channel", {"linear_q8", "embedding_q8"}, 0.30),
     ("quant:w8a8", {"linear_w8a8", "embedding_q8"}, 0.30),
     ("quant:int4,group=32", {"linear_q4", "embedding_q4"}, 0.25),
     ("quant:int4,embeddings=int8", {"linear_q4", "embedding_q8"}, 0.25),
@@ -105,7 +105,7 @@ def test_group_not_dividing_is_a_clear_error(gpt2):
 def test_skip_and_embeddings_options(gpt2):
     new = plugin.optimize(gpt2, ["quant:int8,embeddings=false,skip=layers.1.*"], calib=CAL)
     ops = {n.name: n.op for n in new.graph.nodes}
-    assert ops["layers.1.mlp.up"] == "linear" and ops["layers.0.mlp.up"] == "linear_q8"
+    assert ops["layers.1.mlp.up"] == "linear" and ops["layers.0.mlp.up"] == "linear_q8_block"
     assert ops["tok_emb"] == "embedding" and new.params["tok_emb.weight"].dtype == np.float32
 
 
@@ -135,9 +135,9 @@ def test_quantized_model_runs_on_numba_backend(gpt2):
     new = plugin.optimize(gpt2, ["quant:int8"], calib=CAL)
     ex = new.executor(("numba",))
     placed = {op: b for _, op, b in ex.explain()}
-    assert placed["linear_q8"] == "numba"
-    from minitx.validate import feeds_for
-    f = feeds_for(new.graph, [1, 2, 3])
+    assert placed["linear_q8_block"] == "numba" and placed["embedding_q8"] == "numba"
+    from minitx.feeds import build
+    f = build(new.graph, [[1, 2, 3]])
     np.testing.assert_allclose(ex.run(f)["logits"], new.executor().run(f)["logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -157,7 +157,7 @@ def test_int4_tables_tied_head_and_formats(gpt2):
     assert ops8["tok_emb"] == "embedding_q8" and ops8["lm_head"] == "linear_q8"
     ops4 = {n.name: n.op for n in plugin.optimize(gpt2, ["quant:int8,embeddings=int4"], calib=CAL).graph.nodes}
     assert ops4["tok_emb"] == "embedding_q4" and ops4["lm_head"] == "linear_q4"
-    assert ops4["layers.0.mlp.up"] == "linear_q8"
+    assert ops4["layers.0.mlp.up"] == "linear_q8_block"
     with pytest.raises(MinitxError, match="bad value 'int2' for embeddings"):
         plugin.optimize(gpt2, ["quant:int4,embeddings=int2"], calib=CAL)
     # the int4 table makes the file smaller than with int8 tables
@@ -165,8 +165,22 @@ def test_int4_tables_tied_head_and_formats(gpt2):
         gpt2, ["quant:int4,embeddings=int8"], calib=CAL).meta["rewrites"][-1]["bytes_after"]
 
 
-def test_int8_weights_stored_out_in(gpt2):
+def test_int8_blocks_of_32_and_per_channel_weights_stored_out_in(gpt2, bert):
+    """int8 is one scale per 32 inputs; where 32 does not divide a layer's inputs (LLaMA-tiny's
+    176-wide FFN) that layer gets one scale per channel; a tiny table (token types) stays float."""
+    from minitx.ops import quant as Q
+
     new = plugin.optimize(gpt2, ["quant:int8"], calib=CAL)
+    up = next(n for n in new.graph.nodes if n.name == "layers.0.mlp.up")
+    assert up.op == "linear_q8_block" and up.attrs == {"block": 32}
+    W = gpt2.params["layers.0.mlp.up.weight"]
+    np.testing.assert_array_equal(new.params["layers.0.mlp.up.weight.q"], Q.quantize_blocks(W, 32)[0])
+    llama = Model.from_config(models.preset("llama", "tiny"), seed=0)
+    ops = {n.name: n.op for n in plugin.optimize(llama, ["quant:int8"], calib=CAL).graph.nodes}
+    assert ops["layers.0.mlp.down"] == "linear_q8" and ops["layers.0.mlp.gate_up"] == "linear_q8_block"
+    qb = plugin.optimize(bert, ["quant:int8"], calib=CAL)
+    assert qb.params["type_emb.weight"].dtype == np.float32 and "tok_emb.weight" not in qb.params
+    new = plugin.optimize(gpt2, ["quant:int8_channel"], calib=CAL)
     up = next(n for n in new.graph.nodes if n.name == "layers.0.mlp.up")
     assert up.attrs == {"transposed": True}
     W = gpt2.params["layers.0.mlp.up.weight"]

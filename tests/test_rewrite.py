@@ -7,7 +7,7 @@ from minitx.errors import MinitxError
 from minitx.executor import Executor
 from minitx.ir import Node
 from minitx.model import Model
-from minitx.validate import feeds_for
+from minitx.feeds import build
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_fixed_point_log_and_weight_gc(gpt2):
     # the originals are untouched
     assert "layers.0.mlp.up.weight" in gpt2.params and gpt2.graph.node("layers.0.mlp.up").inputs[1].endswith("weight")
     # and the rewrite really changed the computation (doubling weights is not a no-op)
-    feeds = feeds_for(gpt2.graph, [1, 2, 3])
+    feeds = build(gpt2.graph, [[1, 2, 3]])
     a = Executor(gpt2.graph, gpt2.params).run(feeds)["logits"]
     b = Executor(res.graph, res.params).run(feeds)["logits"]
     assert not np.allclose(a, b)

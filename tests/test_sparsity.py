@@ -12,7 +12,8 @@ from minitx.model import Model
 from minitx.ops import attention as A
 from minitx.ops import sparse as S
 from minitx.plugins import sparsity as SP
-from minitx.validate import Calibration, feeds_for
+from minitx.feeds import build
+from minitx.validate import Calibration
 
 
 def _qkv(rng, B=2, T=9, H=4, KV=2, D=4, past=3, dtype=np.float64):
@@ -79,7 +80,10 @@ def test_bad_pattern_attrs_are_one_line_errors():
 
 
 # ------------------------------------------------------------------ the numba kernels
-nb = pytest.importorskip("minitx.backends.numba_cpu.sparse", reason="numba not installed")
+@pytest.fixture
+def nb():
+    """The numba sparse kernels; only the tests that take this fixture need numba."""
+    return pytest.importorskip("minitx.backends.numba_cpu.sparse", reason="numba not installed")
 
 
 @pytest.mark.parametrize("pattern,extra", [
@@ -87,7 +91,7 @@ nb = pytest.importorskip("minitx.backends.numba_cpu.sparse", reason="numba not i
     ("topk", {"topk": 9}), ("threshold", {"threshold": 0.05}), ("local", {"window": 2, "dense_below": 500}),
 ])
 @pytest.mark.parametrize("causal", [True, False])
-def test_numba_sparse_attention_matches_the_spec(pattern, extra, causal):
+def test_numba_sparse_attention_matches_the_spec(nb, pattern, extra, causal):
     rng = np.random.default_rng(3)
     xs, a = _qkv(rng, T=70, past=5)  # two query tiles, a partial one, padding, GQA, KV cache
     attrs = dict(a, causal=causal, pattern=pattern, **extra)
@@ -96,7 +100,7 @@ def test_numba_sparse_attention_matches_the_spec(pattern, extra, causal):
         np.testing.assert_allclose(g, w, atol=1e-12)
 
 
-def test_numba_local_attention_covering_the_sequence_equals_dense_attention():
+def test_numba_local_attention_covering_the_sequence_equals_dense_attention(nb):
     rng = np.random.default_rng(4)
     xs, a = _qkv(rng, T=100, past=0, dtype=np.float32)
     xs[3] = xs[4] = None  # no KV cache; xs[5] pads two keys of the last sequence
@@ -105,7 +109,7 @@ def test_numba_local_attention_covering_the_sequence_equals_dense_attention():
     assert np.abs(local - dense).max() <= 1e-6
 
 
-def test_numba_compact_linears_match_the_spec():
+def test_numba_compact_linears_match_the_spec(nb):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 16)).astype(np.float32)
     w = rng.standard_normal((16, 12)).astype(np.float32)
@@ -180,7 +184,7 @@ def gpt2():
 
 
 def _logits(model, ids):
-    return model.executor().run(feeds_for(model.graph, ids))["logits"]
+    return model.executor().run(build(model.graph, [ids]))["logits"]
 
 
 def _optimize(model, spec):
@@ -260,7 +264,7 @@ def test_wanda_masks_are_computed_from_the_calibration_given(gpt2):
     a, b = [[5, 9, 2, 33, 7, 1, 60, 4]], [[100, 3, 3, 3, 250, 17, 8]]
     _, got = _wanda_masks_of(gpt2, Calibration(ids=a))
     nodes = SP.block_linears(gpt2.graph)
-    run = gpt2.executor().run(feeds_for(gpt2.graph, a[0]), keep=[n.inputs[0] for n in nodes])
+    run = gpt2.executor().run(build(gpt2.graph, [a[0]]), keep=[n.inputs[0] for n in nodes])
     weights = {n.inputs[1]: gpt2.params[n.inputs[1]] for n in nodes}
     norms = {n.inputs[1]: np.linalg.norm(run[n.inputs[0]].reshape(-1, run[n.inputs[0]].shape[-1]).astype(np.float64),
                                          axis=0) for n in nodes}

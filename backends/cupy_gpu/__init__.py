@@ -29,18 +29,35 @@ from minitx.errors import MinitxError
 MODULES = ("norms", "activations", "linalg", "attention", "positions", "quant")
 
 
+class NoCupy(ImportError):
+    """CuPy is not installed."""
+
+
+class NoDevice(RuntimeError):
+    """CuPy is installed but no usable NVIDIA GPU/driver answers."""
+
+
 def _cupy() -> Any:
     try:
         import cupy
     except ImportError as e:
-        raise ImportError(f"cupy not installed ({e})") from None
+        raise NoCupy(f"cupy not installed ({e})") from None
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # noqa: BLE001 — CUDARuntimeError, driver missing, …
-        raise RuntimeError(f"no CUDA device: {e}") from None
+        raise NoDevice(f"no CUDA device: {e}") from None
     if n == 0:
-        raise RuntimeError("no CUDA device: the driver reports 0 GPUs")
+        raise NoDevice("no CUDA device: the driver reports 0 GPUs")
     return cupy
+
+
+def remedy(error: BaseException) -> str | None:
+    """What to do when :func:`backend` failed with ``error`` (asked by minitx's registry)."""
+    if isinstance(error, NoCupy):
+        return "install the gpu extra (pip install 'minitx[gpu]') on a machine with an NVIDIA GPU"
+    if isinstance(error, NoDevice):
+        return "no usable NVIDIA GPU/driver was found; use --backend numba or numpy on this machine"
+    return None
 
 
 def out_of_memory(e: Exception, what: str, nbytes: int | None = None) -> MinitxError:

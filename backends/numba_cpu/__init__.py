@@ -62,6 +62,13 @@ class NumbaBackend(Backend):
                 f"{k}: {v}" for k, v in self.problems.items()))
 
 
+def remedy(error: BaseException) -> str | None:
+    """What to do when :func:`backend` failed with ``error`` (asked by minitx's registry)."""
+    if isinstance(error, ImportError) and (error.name or "").partition(".")[0] in ("numba", "llvmlite"):
+        return "install the cpu extra: pip install 'minitx[cpu]'"
+    return None
+
+
 def backend() -> NumbaBackend:
     """Entry point ``minitx.backends: numba``."""
     return NumbaBackend()

@@ -69,7 +69,7 @@ class OnnxRuntimeBackend(Backend):
             import onnx  # noqa: F401 — the exporter's
             import onnxruntime
         except ImportError as e:
-            raise ImportError(f"{e.name} not installed — install the onnx extra: pip install 'minitx[onnx]'") from None
+            raise ImportError(f"{e.name} not installed") from None
         from minitx import onnx_export as ox
 
         self.version = onnxruntime.__version__
@@ -126,6 +126,13 @@ class OnnxRuntimeBackend(Backend):
         # ONNX Runtime returns a 0-d result as shape (1,): give back the spec's shape.
         res = [r.reshape(s) if r.shape != tuple(s) else r for r, (s, _) in zip(res, outs_info)]
         return res[0] if len(res) == 1 else tuple(res)
+
+
+def remedy(error: BaseException) -> str | None:
+    """What to do when :func:`backend` failed with ``error`` (asked by minitx's registry)."""
+    if isinstance(error, ImportError):
+        return "install the onnx extra: pip install 'minitx[onnx]'"
+    return None
 
 
 def backend() -> OnnxRuntimeBackend:
