@@ -7,7 +7,7 @@ The rewritten graph holds every rank's part side by side: each node carries ``ta
 meet only through collective nodes (``minitx/ops/collectives.py``, tagged with their group) and
 ``send_recv`` between pipeline stages. One process runs the whole graph — the collectives are
 their NumPy specs — and the rewrite is validated against the unsharded model like any exact
-plugin (float round-off only). Across processes, :func:`minitx.parallel.rank_program` cuts rank
+plugin (float round-off only). Across processes, :func:`minitx.distributed.program.rank_program` cuts rank
 r's part out of the same graph and an MPI transport runs its collectives.
 
 Ranks are numbered ``stage * tp + t``: tensor parallelism is innermost, as in Megatron-LM.
@@ -79,8 +79,9 @@ def padded_vocab(vocab: int, tp: int) -> int:
 class _Sharder:
     """One pass over the original graph, writing each node's per-rank replacement."""
 
-    def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], layout: Layout) -> None:
-        self.g, self.src, self.L = graph, params, layout
+    def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], layout: Layout,
+                 only_rank: int | None = None) -> None:
+        self.g, self.src, self.L, self.only = graph, params, layout, only_rank
         self.inputs = {v.name for v in graph.inputs}
         self.nodes: list[Node] = []
         self.params: dict[str, np.ndarray] = {}
@@ -124,7 +125,11 @@ class _Sharder:
         """Rank ``rank``'s copy or shard of weight ``p`` (``make()`` builds it); one kind per weight."""
         name = self.at(p, rank) if self.param_kind.setdefault(p, kind) == kind else self.at(f"{p}.{kind}", rank)
         if name not in self.params:
-            self.params[name] = np.ascontiguousarray(make())
+            a = make()
+            # Across processes a rank materialises its own weights only; the others are stand-ins
+            # of the right shape that take no memory.
+            self.params[name] = (np.ascontiguousarray(a) if self.only in (None, rank)
+                                 else np.broadcast_to(np.zeros((), a.dtype), a.shape))
         return name
 
     def read(self, v: str, stage: int, t: int, node: Node) -> str:
@@ -383,11 +388,13 @@ class _Sharder:
         return Graph(list(self.g.inputs), list(self.g.outputs), params, nodes, meta)
 
 
-def shard(graph: Graph, params: Mapping[str, np.ndarray], layout: Layout) -> tuple[Graph, dict[str, np.ndarray]]:
-    """The SPMD graph of ``layout`` for ``graph``: every rank's part, with its weights."""
+def shard(graph: Graph, params: Mapping[str, np.ndarray], layout: Layout,
+          only_rank: int | None = None) -> tuple[Graph, dict[str, np.ndarray]]:
+    """The SPMD graph of ``layout`` for ``graph``: every rank's part, with its weights (only
+    ``only_rank``'s materialised, when given: the other ranks' are zero-memory stand-ins)."""
     if graph.meta.get("parallel"):
         raise MinitxError("parallel: the graph is already sharded")
-    sh = _Sharder(graph, params, layout)
+    sh = _Sharder(graph, params, layout, only_rank)
     sh.run()
     g = sh.finish()
     check(g, sh.params, f"parallel {layout}")

@@ -1,0 +1,124 @@
+"""What a split costs: weight memory per rank, bytes each collective sends, and a latency–bandwidth
+model of the time they take.
+
+The bytes are those of the collectives the parallel rewrite actually put in the graph, at the
+shapes of a given step. Per collective the model is the textbook ring / tree cost (Thakur,
+Rabenseifner & Gropp 2005), with α the per-message latency and β the link bandwidth:
+
+==================  ============================  =========================
+collective          bytes each rank sends          messages in sequence
+==================  ============================  =========================
+all_reduce          2 (n-1)/n · b                  2 (n-1)
+all_gather          (n-1) · b   (b: one piece)      n-1
+reduce_scatter      (n-1)/n · b                    n-1
+all_to_all          (n-1)/n · b                    n-1
+broadcast           b                              ⌈log₂ n⌉
+send_recv           b                              1
+==================  ============================  =========================
+
+time = messages · α + bytes / β.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..ir import Graph
+
+# A default interconnect for the model: 100 Gb/s Ethernet-class links, 5 µs per message.
+ALPHA_S = 5e-6
+BETA_BPS = 12.5e9
+
+
+def sent_bytes(op: str, b: float, n: int) -> float:
+    """Bytes each rank sends in one ``op`` over ``n`` ranks whose input is ``b`` bytes per rank."""
+    if n <= 1 and op != "send_recv":
+        return 0.0
+    return {"all_reduce": 2 * (n - 1) / n * b, "all_gather": (n - 1) * b, "reduce_scatter": (n - 1) / n * b,
+            "all_to_all": (n - 1) / n * b, "broadcast": b, "send_recv": b}[op]
+
+
+def messages(op: str, n: int) -> int:
+    if n <= 1 and op != "send_recv":
+        return 0
+    return {"all_reduce": 2 * (n - 1), "all_gather": n - 1, "reduce_scatter": n - 1, "all_to_all": n - 1,
+            "broadcast": math.ceil(math.log2(n)), "send_recv": 1}[op]
+
+
+def seconds(op: str, b: float, n: int, alpha: float = ALPHA_S, beta: float = BETA_BPS) -> float:
+    return messages(op, n) * alpha + sent_bytes(op, b, n) / beta
+
+
+@dataclass
+class Comm:
+    node: str
+    op: str
+    ranks: list[int]
+    bytes_in: int          # per rank
+    bytes_sent: float      # per rank
+    seconds: float
+
+
+def collectives(graph: Graph, bindings: Mapping[str, int], alpha: float = ALPHA_S,
+                beta: float = BETA_BPS) -> list[Comm]:
+    """Every collective of a sharded graph at these shapes, with its modelled cost."""
+    env = graph.infer(dict(bindings))
+    out = []
+    for n in graph.nodes:
+        if "ranks" not in n.tags:
+            continue
+        shape, dtype = env[n.inputs[0]]
+        b = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        size = 2 if n.op == "send_recv" else len(n.tags["ranks"])
+        out.append(Comm(n.name, n.op, [int(r) for r in n.tags["ranks"]], b, sent_bytes(n.op, b, size),
+                        seconds(n.op, b, size, alpha, beta)))
+    return out
+
+
+def param_bytes_per_rank(graph: Graph) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for name, v in graph.params.items():
+        _, sep, r = name.rpartition("@")
+        if sep:
+            out[int(r)] = out.get(int(r), 0) + int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+    return dict(sorted(out.items()))
+
+
+def summary(graph: Graph, unsharded_bytes: int, batch: int, seq: int, past: int) -> dict[str, Any]:
+    """Per-rank weight memory and, for a prefill of ``seq`` tokens and for one decode step, the
+    bytes each rank sends per token and the modelled communication time."""
+    info = graph.meta["parallel"]
+    mem = param_bytes_per_rank(graph)
+    steps = {}
+    for what, T, S in (("prefill", seq, past), ("decode", 1, past + seq)):
+        comms = collectives(graph, {"B": batch, "T": T, "S": S})
+        sent: dict[int, float] = {r: 0.0 for r in mem}
+        secs: dict[int, float] = {r: 0.0 for r in mem}
+        for c in comms:
+            members = c.ranks if c.op != "send_recv" else c.ranks[:1]
+            for r in members:
+                sent[r] += c.bytes_sent
+                secs[r] += c.seconds
+        tokens = batch * T
+        steps[what] = {"tokens": tokens, "collectives": len(comms),
+                       "bytes_sent_per_token": {r: v / tokens for r, v in sent.items()},
+                       "comm_seconds_model": secs}
+    return {"layout": {k: info[k] for k in ("tp", "pp", "world")}, "unsharded_param_bytes": unsharded_bytes,
+            "param_bytes_per_rank": mem, "steps": steps, "model": {"alpha_s": ALPHA_S, "beta_bytes_per_s": BETA_BPS}}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    L = s["layout"]
+    lines = [f"parallel tp={L['tp']} pp={L['pp']} on {L['world']} ranks; cost model α={s['model']['alpha_s'] * 1e6:g} µs, "
+             f"β={s['model']['beta_bytes_per_s'] / 1e9:g} GB/s"]
+    lines.append(f"{'rank':>4}  {'weights MiB':>11} {'share':>6}  {'prefill B/token':>15} {'decode B/token':>14} "
+                 f"{'decode comm µs':>14}")
+    for r, b in s["param_bytes_per_rank"].items():
+        pf, dc = s["steps"]["prefill"], s["steps"]["decode"]
+        lines.append(f"{r:>4}  {b / 2**20:>11.2f} {b / max(s['unsharded_param_bytes'], 1):>6.1%}  "
+                     f"{pf['bytes_sent_per_token'][r]:>15,.0f} {dc['bytes_sent_per_token'][r]:>14,.0f} "
+                     f"{dc['comm_seconds_model'][r] * 1e6:>14.1f}")
+    return "\n".join(lines)
