@@ -72,6 +72,12 @@ def stage_sizes(n_layers: int, pp: int) -> list[int]:
     return [n_layers // pp + (1 if s < n_layers % pp else 0) for s in range(pp)]
 
 
+def pieces(n: int, tp: int) -> list[np.ndarray]:
+    """Rank t's indices of ``n`` features: contiguous, as even as possible (an FFN width that tp
+    does not divide is split unevenly; heads must divide, see ``_heads``)."""
+    return np.array_split(np.arange(n), tp)
+
+
 def padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // tp) * tp
 
@@ -219,13 +225,9 @@ class _Sharder:
                                              for k in range(3)])
         elif cons[0].op == "swiglu":                    # [gate | up]: the same features of both halves
             F = n_out // 2
-            if F % tp:
-                raise MinitxError(f"parallel: tp={tp} does not divide the {F} gated features of {node.name}")
-            cols = lambda t: np.concatenate([np.arange(t * F // tp, (t + 1) * F // tp) + h * F for h in (0, 1)])
+            cols = lambda t: np.concatenate([pieces(F, tp)[t] + h * F for h in (0, 1)])
         else:
-            if n_out % tp:
-                raise MinitxError(f"parallel: tp={tp} does not divide the {n_out} outputs of {node.name} ({w})")
-            cols = lambda t: np.arange(t * n_out // tp, (t + 1) * n_out // tp)
+            cols = lambda t: pieces(n_out, tp)[t]
         for t in range(tp):
             r = self.L.rank(s, t)
             ins = [self.read(x, s, t, node), self.param(w, r, "col", lambda: W[:, cols(t)])]
@@ -285,15 +287,14 @@ class _Sharder:
         b = rest[0] if rest else ""
         W = self.src[w]
         tp = self.L.tp
-        if W.shape[0] % tp:
-            raise MinitxError(f"parallel: tp={tp} does not divide the {W.shape[0]} inputs of {node.name} ({w})")
-        k = W.shape[0] // tp
+        if W.shape[0] < tp:
+            raise MinitxError(f"parallel: tp={tp} is more ranks than the {W.shape[0]} inputs of {node.name} ({w})")
         out = node.outputs[0]
         partial = f"{out}.partial"
         parts = []
         for t in range(tp):
             r = self.L.rank(s, t)
-            ins = [self.read(x, s, t, node), self.param(w, r, "row", lambda: W[t * k:(t + 1) * k])]
+            ins = [self.read(x, s, t, node), self.param(w, r, "row", lambda: W[pieces(W.shape[0], tp)[t]])]
             parts.append(self.at(partial, r))
             self.emit(Node(self.at(f"{node.name}.partial", r), "linear", ins, [parts[-1]], {},
                            {**node.tags, "rank": r, "parallel": "row"}))
