@@ -50,6 +50,7 @@ class Layout:
 
     tp: int = 1
     pp: int = 1
+    mb: int = 1          # micro-batches a pipeline streams through its stages
 
     @property
     def world(self) -> int:
@@ -62,7 +63,7 @@ class Layout:
         return [self.rank(stage, t) for t in range(self.tp)]
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in (("tp", self.tp), ("pp", self.pp)) if v > 1) or "tp=1"
+        return ",".join(f"{k}={v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("mb", self.mb)) if v > 1) or "tp=1"
 
 
 def stage_sizes(n_layers: int, pp: int) -> list[int]:
@@ -113,13 +114,18 @@ class _Sharder:
                 for layer in layers[k:k + n]:
                     of_layer[layer] = s
                 k += n
-        out, seen_layer = {}, False
+        # A node outside the layers runs where its inputs are (the latest of their stages): the
+        # embeddings on the first stage, the final norm and the head on the last.
+        out: dict[str, int] = {}
+        where: dict[str, int] = {}
         for n in self.g.nodes:
             if "layer" in n.tags:
-                seen_layer = True
-                out[n.name] = of_layer[int(n.tags["layer"])]
+                st = of_layer[int(n.tags["layer"])]
             else:
-                out[n.name] = L.pp - 1 if seen_layer else 0
+                st = max([where.get(i, 0) for i in n.inputs if i], default=0)
+            out[n.name] = st
+            for o in n.outputs:
+                where[o] = st
         return out
 
     # ------------------------------------------------------------------ naming
@@ -140,8 +146,10 @@ class _Sharder:
 
     def read(self, v: str, stage: int, t: int, node: Node) -> str:
         """The name of value ``v`` on rank (stage, t), handing it on from an earlier stage if needed."""
-        if not v or v in self.inputs:
+        if not v:
             return v
+        if v in self.inputs:
+            return self.cache_shard(v, stage, t) if self.is_cache(v) else v
         if v in self.g.params:
             return self.param(v, self.L.rank(stage, t), "rep", lambda: self.src[v])
         kind, s = self.values[v]
@@ -154,6 +162,25 @@ class _Sharder:
             self.emit(Node(f"{v}.send@{src}>{dst}", "send_recv", [self.at(v, src)], [out], {"src": src, "dst": dst},
                            {"ranks": [src, dst], "sends": v}))
         return out
+
+    def is_cache(self, v: str) -> bool:
+        """A KV cache at the graph's edge, which tensor parallelism splits by KV heads."""
+        return self.L.tp > 1 and v in self.inputs and v.startswith("past.")
+
+    def kind(self, v: str) -> str | None:
+        return "col" if self.is_cache(v) else self.values[v][0] if v in self.values else None
+
+    def cache_shard(self, v: str, stage: int, t: int) -> str:
+        """Rank (stage, t)'s KV heads of cache ``v``: one split at the graph's edge, per stage."""
+        outs = [self.at(v, r) for r in self.L.group(stage)]
+        if (v, -stage - 1) not in self.sent:
+            self.sent[(v, -stage - 1)] = None
+            width = next(int(x.shape[-1]) for x in self.g.inputs if x.name == v)
+            if width % self.L.tp:
+                raise MinitxError(f"parallel: tp={self.L.tp} does not divide the {width} columns of KV cache {v}")
+            self.emit(Node(f"{v}.shard@{stage}", "split", [v], outs, {"sizes": [width // self.L.tp] * self.L.tp},
+                           {"interface": True, "stage": stage}))
+        return outs[t]
 
     def emit(self, node: Node) -> None:
         self.nodes.append(node)
@@ -177,12 +204,12 @@ class _Sharder:
     def run(self) -> None:
         for node in self.g.nodes:
             s = self.stage[node.name]
-            kinds = {self.values[i][0] for i in node.inputs if i in self.values}
+            kinds = {self.kind(i) for i in node.inputs if i}
             if self.L.tp == 1:
                 self.replicate(node, s)
             elif node.op == "embedding" and node.inputs[0] == "input_ids" and node.inputs[1] in self.g.params:
                 self.vocab_embedding(node, s)
-            elif "logits" in node.outputs and node.op in ("matmul", "linear"):
+            elif node.op in ("matmul", "linear") and any(o == "logits" or o.startswith("logits.mb") for o in node.outputs):
                 self.lm_head(node, s)
             elif node.op == "linear" and "col" in kinds:
                 self.row_parallel(node, s)
@@ -249,38 +276,14 @@ class _Sharder:
         elif node.op == "attention":
             H, KV = self._heads(node)
             attrs["n_heads"], attrs["n_kv_heads"] = H // tp, KV // tp
-            return self.attention(node, s, attrs)
+        elif node.op in ("chunk", "concat"):
+            if int(attrs["axis"]) != 0:
+                raise MinitxError(f"parallel: {node.name} ({node.op}) cuts a tensor-parallel shard along axis "
+                                  f"{attrs['axis']}; only the batch axis (0) can be")
         elif node.op not in ON_SHARDS:
             raise MinitxError(f"parallel: node {node.name} ({node.op}) reads a tensor-parallel shard; only "
-                              f"{', '.join(ON_SHARDS + ('split', 'attention', 'linear'))} can")
+                              f"{', '.join(ON_SHARDS + ('split', 'attention', 'linear', 'chunk', 'concat'))} can")
         self.replicate(node, s, "col", attrs)
-
-    def attention(self, node: Node, s: int, attrs: dict) -> None:
-        """Attention on the rank's heads; a KV cache at the graph's edge is cut per rank and joined."""
-        tp = self.L.tp
-        q, k, v, *past = list(node.inputs) + [""] * (6 - len(node.inputs))
-        past_k, past_v, mask = past
-        sliced = {}
-        for p in (past_k, past_v):
-            if p and p in self.inputs:
-                width = next(int(x.shape[-1]) for x in self.g.inputs if x.name == p)
-                outs = [self.at(p, r) for r in self.L.group(s)]
-                self.emit(Node(f"{p}.shard@{s}", "split", [p], outs, {"sizes": [width // tp] * tp},
-                               {"interface": True, "stage": s}))
-                sliced[p] = outs
-            elif p:
-                raise MinitxError(f"parallel: {node.name} reads a KV cache {p!r} that is not a graph input")
-        for t in range(tp):
-            r = self.L.rank(s, t)
-            ins = [self.read(i, s, t, node) for i in (q, k, v)]
-            ins += [sliced[p][t] if p else "" for p in (past_k, past_v)]
-            ins.append(self.read(mask, s, t, node))
-            while ins and ins[-1] == "":
-                ins.pop()
-            self.emit(Node(self.at(node.name, r), "attention", ins, [self.at(o, r) for o in node.outputs], dict(attrs),
-                           {**node.tags, "rank": r}))
-        for o in node.outputs:
-            self.values[o] = ("col", s)
 
     def row_parallel(self, node: Node, s: int) -> None:
         x, w, *rest = node.inputs
@@ -385,7 +388,7 @@ class _Sharder:
             n.outputs = [rename.get(o, o) for o in n.outputs]
             nodes.append(n)
         params = {k: Value(k, tuple(int(d) for d in a.shape), str(a.dtype)) for k, a in self.params.items()}
-        meta = {**self.g.meta, "parallel": {"tp": self.L.tp, "pp": self.L.pp, "world": self.L.world}}
+        meta = {**self.g.meta, "parallel": {"tp": self.L.tp, "pp": self.L.pp, "mb": self.L.mb, "world": self.L.world}}
         return Graph(list(self.g.inputs), list(self.g.outputs), params, nodes, meta)
 
 
@@ -395,12 +398,46 @@ def shard(graph: Graph, params: Mapping[str, np.ndarray], layout: Layout,
     ``only_rank``'s materialised, when given: the other ranks' are zero-memory stand-ins)."""
     if graph.meta.get("parallel"):
         raise MinitxError("parallel: the graph is already sharded")
-    sh = _Sharder(graph, params, layout, only_rank)
+    sh = _Sharder(microbatch(graph, layout.mb), params, layout, only_rank)
     sh.run()
     g = sh.finish()
     check(g, sh.params, f"parallel {layout}")
     check_spmd(g)
     return g, sh.params
+
+
+def microbatch(graph: Graph, m: int) -> Graph:
+    """``graph`` run on ``m`` micro-batches one after the other (GPipe's forward order): every
+    batched input is cut along the batch (``chunk``), the whole graph is repeated per micro-batch,
+    and each output joined back (``concat``). Sharded, each stage then works on micro-batch k + 1
+    while the next stage works on k. A layer's KV cache is cut and joined on that layer's stage."""
+    if m == 1:
+        return graph
+    consumers, producers = graph.consumers(), graph.producers()
+
+    def layer_tag(nodes) -> dict:
+        layers = {n.tags.get("layer") for n in nodes}
+        return {"layer": layers.pop()} if len(layers) == 1 and None not in layers else {}
+
+    nodes: list[Node] = []
+    piece: dict[str, list[str]] = {}
+    for v in graph.inputs:
+        if v.shape and v.shape[0] == "B":
+            piece[v.name] = [f"{v.name}.mb{k}" for k in range(m)]
+            nodes.append(Node(f"{v.name}.chunk", "chunk", [v.name], piece[v.name], {"axis": 0, "n": m},
+                              layer_tag(consumers.get(v.name, []))))
+    for k in range(m):
+        def name(v: str) -> str:
+            if not v or v in graph.params:
+                return v
+            return piece[v][k] if v in piece else v if v not in producers else f"{v}.mb{k}"
+        for n in graph.nodes:
+            nodes.append(Node(f"{n.name}.mb{k}", n.op, [name(i) for i in n.inputs], [name(o) for o in n.outputs],
+                              dict(n.attrs), {**n.tags, "microbatch": k}))
+    for o in graph.outputs:
+        nodes.append(Node(f"{o}.microbatches", "concat", [f"{o}.mb{k}" for k in range(m)], [o], {"axis": 0},
+                          layer_tag([producers[o]])))
+    return Graph(list(graph.inputs), list(graph.outputs), dict(graph.params), nodes, dict(graph.meta))
 
 
 def check_spmd(graph: Graph) -> None:
@@ -447,6 +484,7 @@ class ParallelPlugin(Plugin):
     options = {
         "tp": Option(1, positive_int, "tensor-parallel ranks (heads, KV heads, FFN and vocabulary split)"),
         "pp": Option(1, positive_int, "pipeline stages (contiguous layers)"),
+        "mb": Option(1, positive_int, "micro-batches streamed through the pipeline (batch >= mb)"),
     }
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
@@ -456,7 +494,7 @@ class ParallelPlugin(Plugin):
               calib=None) -> RewriteResult:
         from minitx.rewrite import Firing
 
-        layout = Layout(int(opts.get("tp", 1)), int(opts.get("pp", 1)))
+        layout = Layout(int(opts.get("tp", 1)), int(opts.get("pp", 1)), int(opts.get("mb", 1)))
         g, p = shard(graph, params, layout)
         firings = [Firing("parallel", n.name, n.op, [n.name], [n.op], 0) for n in g.nodes
                    if n.tags.get("parallel") or n.tags.get("ranks")]

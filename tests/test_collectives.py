@@ -12,7 +12,7 @@ from minitx.gradcheck import check_vjp
 from minitx.ops import collectives as C
 
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv", "concat",
-                  "vocab_embedding")
+                  "chunk", "vocab_embedding")
 
 
 def _xs(n, shape, seed=0):
@@ -78,6 +78,7 @@ def _grad_cases():
         ("broadcast", x3, {"ranks": r, "root": 5}),
         ("send_recv", x3[:1], {"src": 0, "dst": 1}),
         ("concat", [x3[0], x3[1][:, :2]], {"axis": 1}),
+        ("chunk", _xs(1, (5, 3), 4), {"axis": 0, "n": 2}),
         ("vocab_embedding", [np.array([[0, 4, 5, 2, 4]]), _xs(1, (3, 4), 3)[0]], {"start": 2}),
     ]
 
@@ -121,3 +122,12 @@ def test_the_spec_cannot_run_one_ranks_part_alone():
         ops.get("all_reduce").forward(np.ones(3), ranks=[0, 1])
     with pytest.raises(MinitxError, match="needs a transport"):
         ops.get("send_recv").forward(None, src=0, dst=1)
+
+
+def test_chunk_cuts_micro_batches_and_concat_joins_them():
+    x = np.arange(10.0).reshape(5, 2)
+    pieces = _call("chunk", [x], axis=0, n=3)
+    assert [p.shape[0] for p in pieces] == [2, 2, 1]
+    np.testing.assert_array_equal(ops.get("concat").forward(*pieces, axis=0), x)
+    with pytest.raises(MinitxError, match="cannot be cut into 6"):
+        ops.get("chunk").forward(x, axis=0, n=6)

@@ -54,7 +54,7 @@ def test_sharded_graph_equals_the_unsharded_model(arch, tp, pp):
     m = _model(arch, **CONFIGS[arch])
     ref = _outputs(m)
     g, p = shard(m.graph, m.params, Layout(tp, pp))
-    assert g.meta["parallel"] == {"tp": tp, "pp": pp, "world": tp * pp}
+    assert g.meta["parallel"] == {"tp": tp, "pp": pp, "mb": 1, "world": tp * pp}
     assert [v.name for v in g.inputs] == [v.name for v in m.graph.inputs] and g.outputs == m.graph.outputs
     out = _outputs(m, g, p)
     for k, r in ref.items():
@@ -84,6 +84,35 @@ def test_decode_with_a_cache_matches_and_each_rank_holds_its_heads():
     np.testing.assert_allclose(out2["present.1.v"], ref2["present.1.v"], rtol=1e-6, atol=1e-7)
     sdpa = [n for n in g.nodes if n.op == "attention"]
     assert {(n.attrs["n_heads"], n.attrs["n_kv_heads"]) for n in sdpa} == {(4, 2)}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("tp,pp,mb", [(1, 2, 2), (2, 2, 2), (2, 1, 2)])
+def test_micro_batches_equal_the_whole_batch(arch, tp, pp, mb):
+    m = _model(arch, **CONFIGS[arch])
+    ref = _outputs(m)
+    g, p = shard(m.graph, m.params, Layout(tp, pp, mb))
+    out = _outputs(m, g, p)
+    for k, r in ref.items():
+        np.testing.assert_allclose(out[k], r, rtol=1e-5, atol=2e-6, err_msg=k)
+    assert {n.tags.get("microbatch") for n in g.nodes if "rank" in n.tags and n.op not in ("chunk", "concat")} == set(range(mb))
+
+
+def test_a_stage_starts_the_next_micro_batch_after_handing_on_the_last():
+    """GPipe's forward order in each rank's program: stage 0 sends micro-batch 0 on, then computes
+    micro-batch 1 while stage 1 works on 0; an uneven batch (3 rows in 2) is cut 2 + 1."""
+    m = _model("gpt2", n_layers=3)
+    g, p = shard(m.graph, m.params, Layout(1, 2, 2))
+    prog = rank_program(g, p, 0).graph.nodes
+    first_send = next(k for k, n in enumerate(prog) if n.op == "send_recv")
+    first_mb1 = next(k for k, n in enumerate(prog) if n.tags.get("microbatch") == 1)
+    assert first_send < first_mb1
+    ids = np.array([[1, 2], [3, 4], [5, 6]])
+    out = Executor(g, p).run(feeds.build(g, ids))
+    np.testing.assert_allclose(out["logits"], Executor(m.graph, m.params).run(feeds.build(m.graph, ids))["logits"],
+                               rtol=1e-6, atol=1e-7)
+    with pytest.raises(MinitxError, match="cannot be cut into 2 non-empty pieces"):
+        Executor(g, p).run(feeds.build(g, ids[:1]))
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_tp():

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..errors import MinitxError
 from ..model import Model
 
-KINDS = ("tp", "pp")
+KINDS = ("tp", "pp", "mb")
 LATER = {"dp": "data parallelism (training)", "sp": "sequence parallelism"}
 
 
@@ -35,9 +35,9 @@ def layout(text: str):
         key, sep, val = part.partition("=")
         key = key.strip()
         if key in LATER:
-            raise MinitxError(f"--parallel {key}: {LATER[key]} is not implemented yet (available: tp, pp)")
+            raise MinitxError(f"--parallel {key}: {LATER[key]} is not implemented yet (available: tp, pp, mb)")
         if not sep or key not in KINDS:
-            raise MinitxError(f"--parallel expects tp=N,pp=M, got {text!r}")
+            raise MinitxError(f"--parallel expects tp=N,pp=M[,mb=K], got {text!r}")
         try:
             n = int(val)
         except ValueError:
@@ -64,7 +64,7 @@ def launched_world() -> int:
 
 def plugin_text(text: str) -> str:
     L = layout(text)
-    return f"parallel:tp={L.tp},pp={L.pp}"
+    return f"parallel:tp={L.tp},pp={L.pp},mb={L.mb}"
 
 
 def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = None, validate: bool = True) -> Model:

@@ -260,6 +260,29 @@ register("concat", _variadic(_concat, "The inputs joined along ``axis`` (ranks' 
          _concat_vjp, _concat_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
 
 
+# chunk: cut a batch into micro-batches (the inverse of concat) --------------------------------
+def chunk(x, *, axis, n):
+    """``x`` cut into ``n`` consecutive pieces along ``axis``, as even as possible (earlier pieces one
+    larger): a pipeline's micro-batches. Every piece must get at least one row."""
+    if x.shape[axis] < n:
+        raise MinitxError(f"op chunk: {x.shape[axis]} rows (axis {axis} of {x.shape}) cannot be cut into {n} "
+                          "non-empty pieces (micro-batches need at least one sequence each)")
+    return tuple(np.array_split(x, n, axis=axis))
+
+
+def _chunk_vjp(grads, inputs, outputs, *, axis, n):
+    return (np.concatenate(grads, axis=axis),)
+
+
+def _chunk_infer(shapes, dtypes, *, axis, n):
+    (x,) = shapes
+    a = _axis(tuple(x), axis, "chunk")
+    return [((*x[:a], len(p), *x[a + 1:]), dtypes[0]) for p in np.array_split(np.arange(x[a]), n)]
+
+
+register("chunk", chunk, _chunk_vjp, _chunk_infer, vjp_uses_outputs=False)
+
+
 # vocab_embedding: one rank's rows of a vocabulary-parallel table --------------------------------
 def vocab_embedding(ids, table, *, start):
     """E[ids] for the ids in this shard's rows [start, start + rows), zeros for the others: summed
