@@ -42,6 +42,10 @@ from minitx.rewrite import RewriteResult, check
 
 COLUMN_CONSUMERS = ("split", "gelu", "relu", "silu", "swiglu")   # a linear feeding these is column-parallel
 ON_SHARDS = ("gelu", "relu", "silu", "swiglu", "rope")          # elementwise per head/feature: run on shards
+# Ops that compute each token from that token alone (given weights): sequence parallelism runs them on
+# the rank's piece of the sequence.
+PER_TOKEN = ("embedding", "add", "layer_norm", "rms_norm", "linear", "matmul", "split", "gelu", "relu", "silu",
+             "swiglu", "rope", "scale")
 
 
 @dataclass(frozen=True)
@@ -51,19 +55,30 @@ class Layout:
     tp: int = 1
     pp: int = 1
     mb: int = 1          # micro-batches a pipeline streams through its stages
+    sp: int = 1          # sequence parallel (Ulysses): each rank a piece of the sequence
+
+    def __post_init__(self) -> None:
+        if self.tp > 1 and self.sp > 1:
+            raise MinitxError("parallel: tp and sp together are not implemented yet (use one of them)")
+
+    @property
+    def width(self) -> int:
+        """Ranks per pipeline stage (the tp or the sp group)."""
+        return self.tp * self.sp
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp
+        return self.width * self.pp
 
     def rank(self, stage: int, t: int) -> int:
-        return stage * self.tp + t
+        return stage * self.width + t
 
     def group(self, stage: int) -> list[int]:
-        return [self.rank(stage, t) for t in range(self.tp)]
+        return [self.rank(stage, t) for t in range(self.width)]
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("mb", self.mb)) if v > 1) or "tp=1"
+        return ",".join(f"{k}={v}" for k, v in (("tp", self.tp), ("sp", self.sp), ("pp", self.pp), ("mb", self.mb))
+                        if v > 1) or "tp=1"
 
 
 def stage_sizes(n_layers: int, pp: int) -> list[int]:
@@ -90,6 +105,8 @@ class _Sharder:
                  only_rank: int | None = None) -> None:
         self.g, self.src, self.L, self.only = graph, params, layout, only_rank
         self.inputs = {v.name for v in graph.inputs}
+        self.input_shape = {v.name: v.shape for v in graph.inputs}
+        self.time_values: set[str] = set()      # micro-batches of per-token inputs
         self.nodes: list[Node] = []
         self.params: dict[str, np.ndarray] = {}
         self.values: dict[str, tuple[str, int]] = {}      # original value -> (kind "rep"|"col", stage)
@@ -165,7 +182,7 @@ class _Sharder:
 
     def is_cache(self, v: str) -> bool:
         """A KV cache at the graph's edge, which tensor parallelism splits by KV heads."""
-        return self.L.tp > 1 and v in self.inputs and v.startswith("past.")
+        return self.L.width > 1 and v in self.inputs and v.startswith("past.")
 
     def kind(self, v: str) -> str | None:
         return "col" if self.is_cache(v) else self.values[v][0] if v in self.values else None
@@ -176,19 +193,22 @@ class _Sharder:
         if (v, -stage - 1) not in self.sent:
             self.sent[(v, -stage - 1)] = None
             width = next(int(x.shape[-1]) for x in self.g.inputs if x.name == v)
-            if width % self.L.tp:
-                raise MinitxError(f"parallel: tp={self.L.tp} does not divide the {width} columns of KV cache {v}")
-            self.emit(Node(f"{v}.shard@{stage}", "split", [v], outs, {"sizes": [width // self.L.tp] * self.L.tp},
+            n = self.L.width
+            if width % n:
+                raise MinitxError(f"parallel: {n} ranks do not divide the {width} columns of KV cache {v}")
+            self.emit(Node(f"{v}.shard@{stage}", "split", [v], outs, {"sizes": [width // n] * n},
                            {"interface": True, "stage": stage}))
         return outs[t]
 
     def emit(self, node: Node) -> None:
         self.nodes.append(node)
 
-    def replicate(self, node: Node, stage: int, kind: str = "rep", attrs: dict | None = None) -> None:
-        for t in range(self.L.tp):
+    def replicate(self, node: Node, stage: int, kind: str = "rep", attrs: dict | None = None,
+                  read=None) -> None:
+        read = read or self.read
+        for t in range(self.L.width):
             r = self.L.rank(stage, t)
-            self.emit(Node(self.at(node.name, r), node.op, [self.read(i, stage, t, node) for i in node.inputs],
+            self.emit(Node(self.at(node.name, r), node.op, [read(i, stage, t, node) for i in node.inputs],
                            [self.at(o, r) for o in node.outputs], dict(attrs if attrs is not None else node.attrs),
                            {**node.tags, "rank": r}))
         for o in node.outputs:
@@ -205,7 +225,9 @@ class _Sharder:
         for node in self.g.nodes:
             s = self.stage[node.name]
             kinds = {self.kind(i) for i in node.inputs if i}
-            if self.L.tp == 1:
+            if self.L.sp > 1:
+                self.sequence_parallel(node, s, kinds)
+            elif self.L.tp == 1:
                 self.replicate(node, s)
             elif node.op == "embedding" and node.inputs[0] == "input_ids" and node.inputs[1] in self.g.params:
                 self.vocab_embedding(node, s)
@@ -229,11 +251,85 @@ class _Sharder:
         if a is None:
             raise MinitxError(f"parallel: cannot find the attention of {node.name} to split its heads")
         H, KV = int(a.attrs["n_heads"]), int(a.attrs["n_kv_heads"])
-        tp = self.L.tp
-        if H % tp or KV % tp:
-            raise MinitxError(f"parallel: tp={tp} cannot split {H} attention heads and {KV} KV heads "
-                              f"({a.name}): both must be multiples of tp")
+        kind, n = ("tp", self.L.tp) if self.L.tp > 1 else ("sp", self.L.sp)
+        if H % n or KV % n:
+            raise MinitxError(f"parallel: {kind}={n} cannot split {H} attention heads and {KV} KV heads "
+                              f"({a.name}): both must be multiples of {kind}")
         return H, KV
+
+    # ------------------------------------------------------------------ sequence parallel (Ulysses)
+    def is_time_input(self, v: str) -> bool:
+        """A graph input with one entry per token (ids, positions, token types, targets)."""
+        return (v in self.inputs and tuple(self.input_shape[v]) == ("B", "T")) or v in self.time_values
+
+    def read_seq(self, v: str, stage: int, t: int, node: Node) -> str:
+        """Like :meth:`read`, but a per-token graph input comes as the rank's piece of the sequence."""
+        if not self.is_time_input(v):
+            return self.read(v, stage, t, node)
+        r = self.L.rank(stage, t)
+        outs = [self.at(f"{v}.seq{k}", r) for k in range(self.L.sp)]
+        if ("seq", v, r) not in self.sent:
+            self.sent[("seq", v, r)] = None
+            src = v if v in self.inputs else self.read(v, stage, t, node)
+            self.emit(Node(self.at(f"{v}.seq", r), "chunk", [src], outs, {"axis": 1, "n": self.L.sp}, {"rank": r}))
+        return outs[t]
+
+    def gather_seq(self, v: str, stage: int) -> list[str]:
+        """Every rank gets the whole sequence of ``v`` (an all-gather of the pieces along time)."""
+        outs = [self.at(f"{v}.whole", r) for r in self.L.group(stage)]
+        if (v, "whole") not in self.sent:
+            self.sent[(v, "whole")] = None
+            group = self.L.group(stage)
+            self.emit(Node(f"{v}.gather@{stage}", "all_gather", [self.at(v, r) for r in group], outs,
+                           {"ranks": group, "axis": 1}, {"ranks": group, "stage": stage}))
+        return outs
+
+    def sequence_parallel(self, node: Node, s: int, kinds: set) -> None:
+        per_token = node.op in PER_TOKEN and (node.op not in ("linear", "matmul") or node.inputs[1] in self.g.params)
+        if node.op == "attention":
+            return self.seq_attention(node, s)
+        if node.op == "chunk" and all(self.is_time_input(i) for i in node.inputs):   # micro-batches of ids
+            self.time_values.update(node.outputs)
+            return self.replicate(node, s)
+        kinds = {self.kind(i) for i in node.inputs if i and not self.is_time_input(i)}
+        if "col" in kinds and node.op in ("chunk", "concat") and int(node.attrs["axis"]) == 0:   # caches' micro-batches
+            return self.replicate(node, s, "col")
+        if per_token and ("seq" in kinds or any(self.is_time_input(i) for i in node.inputs)):
+            if "rep" in kinds:
+                raise MinitxError(f"parallel: sp: {node.name} ({node.op}) mixes a sequence piece with a whole sequence")
+            return self.replicate(node, s, "seq", read=self.read_seq)
+        whole = {i: self.gather_seq(i, s) for i in node.inputs if i and self.kind(i) == "seq"}
+
+        def read(v, stage, t, n):
+            return whole[v][t] if v in whole else self.read(v, stage, t, n)
+
+        self.replicate(node, s, read=read)
+
+    def seq_attention(self, node: Node, s: int) -> None:
+        """Each rank's tokens of q, k, v → all tokens of its heads (all-to-all), attention on those
+        heads with its slice of the KV cache, and back to its tokens of all heads."""
+        n = self.L.sp
+        H, KV = self._heads(node)
+        group = self.L.group(s)
+        heads = {}
+        for x in node.inputs[:3]:
+            outs = [self.at(f"{x}.heads", r) for r in group]
+            self.emit(Node(f"{x}.to_heads@{s}", "all_to_all", [self.read(x, s, t, node) for t in range(n)], outs,
+                           {"ranks": group, "split_axis": 2, "concat_axis": 1}, {"ranks": group, "stage": s}))
+            heads[x] = outs
+        out, *present = node.outputs
+        attrs = {**node.attrs, "n_heads": H // n, "n_kv_heads": KV // n}
+        for t, r in enumerate(group):
+            ins = [heads[x][t] for x in node.inputs[:3]] + [self.read(i, s, t, node) for i in node.inputs[3:]]
+            self.emit(Node(self.at(node.name, r), "attention", ins,
+                           [self.at(f"{out}.heads", r), *[self.at(o, r) for o in present]], attrs,
+                           {**node.tags, "rank": r}))
+        self.emit(Node(f"{out}.to_tokens@{s}", "all_to_all", [self.at(f"{out}.heads", r) for r in group],
+                       [self.at(out, r) for r in group], {"ranks": group, "split_axis": 1, "concat_axis": 2},
+                       {"ranks": group, "stage": s}))
+        self.values[out] = ("seq", s)
+        for o in present:
+            self.values[o] = ("col", s)
 
     def column_parallel(self, node: Node, s: int) -> None:
         x, w, *rest = node.inputs
@@ -368,6 +464,27 @@ class _Sharder:
 
     # ------------------------------------------------------------------ the graph's edge
     def finish(self) -> Graph:
+        # A per-token result of sequence parallelism: its pieces become ``o.part``, gathered into ``o``.
+        parts: dict[str, str] = {}
+        for o in self.g.outputs:
+            kind, s = self.values[o]
+            if kind == "seq":
+                for r in self.L.group(s):
+                    parts[self.at(o, r)] = self.at(f"{o}.part", r)
+                    parts[self.at(f"{o}.whole", r)] = self.at(o, r)
+        for n in self.nodes:
+            n.inputs = [parts.get(i, i) for i in n.inputs]
+            n.outputs = [parts.get(x, x) for x in n.outputs]
+        for o in self.g.outputs:
+            kind, s = self.values[o]
+            if kind == "seq":
+                group = self.L.group(s)
+                if (o, "whole") not in self.sent:
+                    self.sent[(o, "whole")] = None
+                    self.emit(Node(f"{o}.gather@{s}", "all_gather", [self.at(f"{o}.part", r) for r in group],
+                                   [self.at(o, r) for r in group], {"ranks": group, "axis": 1},
+                                   {"ranks": group, "stage": s}))
+                self.values[o] = ("rep", s)
         rename: dict[str, str] = {}
         outputs_extra: list[Node] = []
         for o in self.g.outputs:
@@ -388,7 +505,8 @@ class _Sharder:
             n.outputs = [rename.get(o, o) for o in n.outputs]
             nodes.append(n)
         params = {k: Value(k, tuple(int(d) for d in a.shape), str(a.dtype)) for k, a in self.params.items()}
-        meta = {**self.g.meta, "parallel": {"tp": self.L.tp, "pp": self.L.pp, "mb": self.L.mb, "world": self.L.world}}
+        meta = {**self.g.meta, "parallel": {"tp": self.L.tp, "sp": self.L.sp, "pp": self.L.pp, "mb": self.L.mb,
+                                             "world": self.L.world}}
         return Graph(list(self.g.inputs), list(self.g.outputs), params, nodes, meta)
 
 
@@ -424,7 +542,7 @@ def microbatch(graph: Graph, m: int) -> Graph:
     for v in graph.inputs:
         if v.shape and v.shape[0] == "B":
             piece[v.name] = [f"{v.name}.mb{k}" for k in range(m)]
-            nodes.append(Node(f"{v.name}.chunk", "chunk", [v.name], piece[v.name], {"axis": 0, "n": m},
+            nodes.append(Node(f"{v.name}.chunk", "chunk", [v.name], piece[v.name], {"axis": 0, "n": m, "nonempty": True},
                               layer_tag(consumers.get(v.name, []))))
     for k in range(m):
         def name(v: str) -> str:
@@ -485,6 +603,7 @@ class ParallelPlugin(Plugin):
         "tp": Option(1, positive_int, "tensor-parallel ranks (heads, KV heads, FFN and vocabulary split)"),
         "pp": Option(1, positive_int, "pipeline stages (contiguous layers)"),
         "mb": Option(1, positive_int, "micro-batches streamed through the pipeline (batch >= mb)"),
+        "sp": Option(1, positive_int, "sequence-parallel ranks (Ulysses: all-to-all between tokens and heads)"),
     }
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
@@ -494,7 +613,7 @@ class ParallelPlugin(Plugin):
               calib=None) -> RewriteResult:
         from minitx.rewrite import Firing
 
-        layout = Layout(int(opts.get("tp", 1)), int(opts.get("pp", 1)), int(opts.get("mb", 1)))
+        layout = Layout(int(opts.get("tp", 1)), int(opts.get("pp", 1)), int(opts.get("mb", 1)), int(opts.get("sp", 1)))
         g, p = shard(graph, params, layout)
         firings = [Firing("parallel", n.name, n.op, [n.name], [n.op], 0) for n in g.nodes
                    if n.tags.get("parallel") or n.tags.get("ranks")]

@@ -130,4 +130,21 @@ def test_chunk_cuts_micro_batches_and_concat_joins_them():
     assert [p.shape[0] for p in pieces] == [2, 2, 1]
     np.testing.assert_array_equal(ops.get("concat").forward(*pieces, axis=0), x)
     with pytest.raises(MinitxError, match="cannot be cut into 6"):
-        ops.get("chunk").forward(x, axis=0, n=6)
+        ops.get("chunk").forward(x, axis=0, n=6, nonempty=True)
+    assert [p.shape[0] for p in _call("chunk", [x], axis=0, n=6)] == [1, 1, 1, 1, 1, 0]
+
+
+def test_uneven_pieces_gather_and_exchange():
+    """A sequence of 5 tokens on 2 ranks (3 + 2): all-gather joins them, all-to-all over heads
+    gives each rank all 5 tokens of its heads, and back."""
+    x = np.arange(5 * 4.0).reshape(1, 5, 4)
+    xs = np.array_split(x, 2, axis=1)
+    for y in _call("all_gather", xs, ranks=[0, 1], axis=1):
+        np.testing.assert_array_equal(y, x)
+    heads = _call("all_to_all", xs, ranks=[0, 1], split_axis=2, concat_axis=1)
+    np.testing.assert_array_equal(heads[1], x[..., 2:])
+    back = _call("all_to_all", heads, ranks=[0, 1], split_axis=1, concat_axis=2)
+    for a, b in zip(back, xs):
+        np.testing.assert_array_equal(a, b)
+    check_vjp("all_to_all", [a.astype(np.float64) for a in xs], {"ranks": [0, 1], "split_axis": 2, "concat_axis": 1})
+    check_vjp("all_gather", [a.astype(np.float64) for a in xs], {"ranks": [0, 1], "axis": 1})

@@ -54,7 +54,7 @@ def test_sharded_graph_equals_the_unsharded_model(arch, tp, pp):
     m = _model(arch, **CONFIGS[arch])
     ref = _outputs(m)
     g, p = shard(m.graph, m.params, Layout(tp, pp))
-    assert g.meta["parallel"] == {"tp": tp, "pp": pp, "mb": 1, "world": tp * pp}
+    assert g.meta["parallel"] == {"tp": tp, "sp": 1, "pp": pp, "mb": 1, "world": tp * pp}
     assert [v.name for v in g.inputs] == [v.name for v in m.graph.inputs] and g.outputs == m.graph.outputs
     out = _outputs(m, g, p)
     for k, r in ref.items():
@@ -113,6 +113,41 @@ def test_a_stage_starts_the_next_micro_batch_after_handing_on_the_last():
                                rtol=1e-6, atol=1e-7)
     with pytest.raises(MinitxError, match="cannot be cut into 2 non-empty pieces"):
         Executor(g, p).run(feeds.build(g, ids[:1]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("layout_", [Layout(sp=2), Layout(sp=4), Layout(sp=2, pp=2), Layout(sp=2, pp=2, mb=2)],
+                         ids=str)
+def test_sequence_parallel_equals_the_whole_sequence(arch, layout_):
+    """Ulysses: each rank a piece of the 6 tokens (4 ranks: 2+2+1+1), all-to-all to heads for
+    attention and back; per-token outputs all-gathered at the edge."""
+    m = _model(arch, **CONFIGS[arch])
+    ref = _outputs(m)
+    g, p = shard(m.graph, m.params, layout_)
+    out = _outputs(m, g, p)
+    for k, r in ref.items():
+        np.testing.assert_allclose(out[k], r, rtol=1e-5, atol=2e-6, err_msg=k)
+    ops = [n.op for n in g.nodes]
+    assert ops.count("all_to_all") == 2 * 2 * m.config["n_layers"] * layout_.mb   # q, k, v in, out back: 4 per layer
+    assert "all_reduce" not in ops
+
+
+def test_sequence_parallel_decodes_one_token_on_two_ranks():
+    """A decode step has one token: the second rank's piece is empty, and the result is exact."""
+    m = _model("gpt2")
+    g, p = shard(m.graph, m.params, Layout(sp=2))
+    ref1 = _outputs(m)
+    past = {k.replace("present.", "past."): v for k, v in ref1.items() if k.startswith("present.")}
+    step = np.array([[7], [11]])
+    ref2 = Executor(m.graph, m.params).run(feeds.build(m.graph, step, past=past))
+    out2 = Executor(g, p).run(feeds.build(g, step, past=past))
+    for k in ref2:
+        np.testing.assert_allclose(out2[k], ref2[k], rtol=1e-5, atol=2e-6, err_msg=k)
+
+
+def test_tp_with_sp_is_not_implemented_yet():
+    with pytest.raises(MinitxError, match="tp and sp together"):
+        Layout(tp=2, sp=2)
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_tp():
@@ -268,5 +303,6 @@ def test_cli_parallel_errors_are_one_line_exit_2(tmp_path, spec, msg):
 
 def test_layout_strings():
     assert layout("tp=2,pp=3") == Layout(2, 3) and layout(" pp=2 ") == Layout(1, 2)
+    assert layout("sp=2,pp=2,mb=4") == Layout(pp=2, mb=4, sp=2)
     with pytest.raises(MinitxError, match="twice"):
         layout("tp=2,tp=2")

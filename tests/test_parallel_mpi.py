@@ -65,7 +65,7 @@ def _single(*args: str) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2"), (2, "pp=2,mb=2"), (4, "tp=2,pp=2")])
+@pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2"), (2, "pp=2,mb=2"), (2, "sp=2"), (4, "tp=2,pp=2")])
 def test_mpiexec_infer_prints_once_what_one_process_prints(mpi, llama, n, spec):
     args = ["infer", llama, "--ids", "5,1,4,1", "--ids", "9,2", "-n", "12", "--json"]
     want = _single(*args)
@@ -91,7 +91,7 @@ def test_wrong_world_size_is_one_line_on_every_rank(mpi, llama):
     r = mpirun(3, CLI, "infer", llama, "--ids", "1,2", "--parallel", "tp=2")
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert lines == ["error: --parallel tp=2 needs 2 ranks (tp·pp), but mpiexec started 3"] * 3
+    assert lines == ["error: --parallel tp=2 needs 2 ranks (tp·sp·pp), but mpiexec started 3"] * 3
 
 
 def test_heads_tp_cannot_split_fail_on_every_rank(mpi, tmp_path):

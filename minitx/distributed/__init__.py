@@ -22,8 +22,8 @@ from typing import Any, Callable
 from ..errors import MinitxError
 from ..model import Model
 
-KINDS = ("tp", "pp", "mb")
-LATER = {"dp": "data parallelism (training)", "sp": "sequence parallelism"}
+KINDS = ("tp", "pp", "mb", "sp")
+LATER = {"dp": "data parallelism (training)"}
 
 
 def layout(text: str):
@@ -35,7 +35,7 @@ def layout(text: str):
         key, sep, val = part.partition("=")
         key = key.strip()
         if key in LATER:
-            raise MinitxError(f"--parallel {key}: {LATER[key]} is not implemented yet (available: tp, pp, mb)")
+            raise MinitxError(f"--parallel {key}: {LATER[key]} is not implemented yet (available: tp, sp, pp, mb)")
         if not sep or key not in KINDS:
             raise MinitxError(f"--parallel expects tp=N,pp=M[,mb=K], got {text!r}")
         try:
@@ -64,7 +64,7 @@ def launched_world() -> int:
 
 def plugin_text(text: str) -> str:
     L = layout(text)
-    return f"parallel:tp={L.tp},pp={L.pp},mb={L.mb}"
+    return f"parallel:tp={L.tp},sp={L.sp},pp={L.pp},mb={L.mb}"
 
 
 def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = None, validate: bool = True) -> Model:
@@ -78,7 +78,7 @@ def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = Non
         register("parallel", plugin)   # found from a source checkout too
         return optimize(model, [plugin_text(text)], warn=warn, validate=validate)
     if world != L.world:
-        raise MinitxError(f"--parallel {text} needs {L.world} ranks (tp·pp), but mpiexec started {world}")
+        raise MinitxError(f"--parallel {text} needs {L.world} ranks (tp·sp·pp), but mpiexec started {world}")
     from .mpi import MPITransport, load_mpi
     from .program import RankModel, rank_program
     from ..plugins.parallel import shard
@@ -86,7 +86,7 @@ def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = Non
     MPI = load_mpi()
     comm = MPI.COMM_WORLD
     if comm.Get_size() != L.world:
-        raise MinitxError(f"--parallel {text} needs {L.world} ranks (tp·pp), but MPI has {comm.Get_size()}")
+        raise MinitxError(f"--parallel {text} needs {L.world} ranks (tp·sp·pp), but MPI has {comm.Get_size()}")
     rank = comm.Get_rank()
     g, params = shard(model.graph, model.params, L, only_rank=rank)
     prog = rank_program(g, params, rank)

@@ -95,21 +95,38 @@ class MPITransport(Backend):
         self._wait(self._comm(ranks).Iallreduce(x, y, op=self.MPI.SUM), f"all_reduce over ranks {list(ranks)}")
         return y
 
+    def _shapes(self, comm, mine: np.ndarray, what: str, alltoall: bool = False) -> np.ndarray:
+        """Every rank's shape(s) — pieces may differ in length (a sequence sp does not divide)."""
+        out = np.empty((comm.Get_size(), *mine.shape[-1:]) if not alltoall else mine.shape, np.int64)
+        self._wait(comm.Ialltoall(mine, out) if alltoall else comm.Iallgather(mine, out), what)
+        return out
+
     def all_gather(self, x, *rest, ranks, axis):
+        comm, what = self._comm(ranks), f"all_gather over ranks {list(ranks)}"
         x = np.ascontiguousarray(x)
-        buf = np.empty((len(ranks), *x.shape), x.dtype)
-        self._wait(self._comm(ranks).Iallgather(x, buf), f"all_gather over ranks {list(ranks)}")
-        return np.concatenate(list(buf), axis=axis)
+        shapes = self._shapes(comm, np.array(x.shape, np.int64), what)
+        counts = shapes.prod(axis=1)
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        buf = np.empty(int(counts.sum()), x.dtype)
+        self._wait(comm.Iallgatherv(x.reshape(-1), [buf, (counts, displs)]), what)
+        return np.concatenate([buf[d:d + c].reshape(sh) for d, c, sh in zip(displs, counts, shapes)], axis=axis)
 
     def reduce_scatter(self, x, *rest, ranks, axis):
         total = self.all_reduce(x, ranks=ranks)
         return np.ascontiguousarray(np.split(total, len(ranks), axis=axis)[list(ranks).index(self.rank)])
 
     def all_to_all(self, x, *rest, ranks, split_axis, concat_axis):
-        pieces = np.ascontiguousarray(np.stack(np.split(x, len(ranks), axis=split_axis)))
-        recv = np.empty_like(pieces)
-        self._wait(self._comm(ranks).Ialltoall(pieces, recv), f"all_to_all over ranks {list(ranks)}")
-        return np.concatenate(list(recv), axis=concat_axis)
+        comm, what = self._comm(ranks), f"all_to_all over ranks {list(ranks)}"
+        pieces = [np.ascontiguousarray(p) for p in np.array_split(x, len(ranks), axis=split_axis)]
+        got = self._shapes(comm, np.array([p.shape for p in pieces], np.int64), what, alltoall=True)
+        scounts = np.array([p.size for p in pieces])
+        rcounts = got.prod(axis=1)
+        sdispls = np.concatenate([[0], np.cumsum(scounts)[:-1]])
+        rdispls = np.concatenate([[0], np.cumsum(rcounts)[:-1]])
+        send = np.concatenate([p.reshape(-1) for p in pieces])
+        recv = np.empty(int(rcounts.sum()), send.dtype)
+        self._wait(comm.Ialltoallv([send, (scounts, sdispls)], [recv, (rcounts, rdispls)]), what)
+        return np.concatenate([recv[d:d + c].reshape(sh) for d, c, sh in zip(rdispls, rcounts, got)], axis=concat_axis)
 
     def broadcast(self, x, *rest, ranks, root):
         buf = np.array(x, copy=True, order="C")

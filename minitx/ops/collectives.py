@@ -119,25 +119,43 @@ register("all_reduce", _variadic(_all_reduce, "Sum over the ranks of ``ranks``; 
 
 
 # all_gather ----------------------------------------------------------------------------------
+# The ranks' pieces may differ in length along ``axis`` (a sequence of T tokens cut in sp pieces
+# when sp does not divide T): the op then works on the list, the rank-axis definition being the
+# equal-length case.
+def _check_group(op: str, xs: Sequence[np.ndarray], ranks: Sequence[int]) -> None:
+    if len(xs) != len(ranks):
+        _group(op, xs, ranks)  # raises the error naming the transport or the count
+
+
 def _all_gather(xs, *, ranks, axis):
-    return tuple(all_gather_ranks(_group("all_gather", xs, ranks), axis))
+    _check_group("all_gather", xs, ranks)
+    whole = np.concatenate(xs, axis=axis)
+    return tuple(whole.copy() for _ in xs)
 
 
 def _all_gather_vjp(grads, inputs, outputs, *, ranks, axis):
-    return tuple(reduce_scatter_ranks(np.stack(grads), axis))
+    xs = [x for x in inputs if x is not None]
+    cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
+    total = grads[0].copy()
+    for g in grads[1:]:
+        total = total + g
+    return tuple(np.split(total, cuts, axis=axis))
 
 
-def _gathered(axis: int, op: str) -> Callable[[tuple, int], tuple]:
-    def shape(x: tuple, n: int) -> tuple:
-        a = _axis(x, axis, op)
-        return (*x[:a], x[a] * n, *x[a + 1:])
-    return shape
+def _all_gather_infer(shapes, dtypes, *, ranks, axis):
+    present = [tuple(x) for x in _present(shapes)]
+    n = len(ranks)
+    require(len(present) in (n, 1), "all_gather", f"{len(present)} inputs for a group of {n} ranks {list(ranks)}")
+    a = _axis(present[0], axis, "all_gather")
+    for x in present:
+        require(len(x) == len(present[0]) and all(x[k] == present[0][k] for k in range(len(x)) if k != a),
+                "all_gather", f"ranks' inputs differ off axis {axis}: {present}")
+    total = sum(x[a] for x in present) if len(present) == n else present[0][a] * n
+    return [((*present[0][:a], total, *present[0][a + 1:]), dtypes[0])] * len(present)
 
 
 register("all_gather", _variadic(_all_gather, "Every rank gets all ranks' arrays concatenated along ``axis``."),
-         _all_gather_vjp,
-         lambda s, d, *, ranks, axis: _infer_group("all_gather", s, d, ranks, _gathered(axis, "all_gather")),
-         n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+         _all_gather_vjp, _all_gather_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
 
 
 # reduce_scatter ------------------------------------------------------------------------------
@@ -165,27 +183,38 @@ register("reduce_scatter", _variadic(_reduce_scatter, "Rank r gets piece r (alon
 
 # all_to_all ----------------------------------------------------------------------------------
 def _all_to_all(xs, *, ranks, split_axis, concat_axis):
-    return tuple(all_to_all_ranks(_group("all_to_all", xs, ranks), split_axis, concat_axis))
+    _check_group("all_to_all", xs, ranks)
+    n = len(xs)
+    pieces = [np.array_split(x, n, axis=split_axis) for x in xs]
+    return tuple(np.concatenate([pieces[s][r] for s in range(n)], axis=concat_axis) for r in range(n))
 
 
 def _all_to_all_vjp(grads, inputs, outputs, *, ranks, split_axis, concat_axis):
-    return tuple(all_to_all_ranks(np.stack(grads), concat_axis, split_axis))
+    xs = [x for x in inputs if x is not None]
+    n = len(xs)
+    cuts = np.cumsum([x.shape[concat_axis] for x in xs])[:-1]      # rank s's part of each output
+    back = [np.split(g, cuts, axis=concat_axis) for g in grads]
+    return tuple(np.concatenate([back[r][s] for r in range(n)], axis=split_axis) for s in range(n))
 
 
-def _exchanged(split_axis: int, concat_axis: int) -> Callable[[tuple, int], tuple]:
-    def shape(x: tuple, n: int) -> tuple:
-        out = list(_scattered(split_axis, "all_to_all")(x, n))
-        c = _axis(x, concat_axis, "all_to_all")
-        out[c] *= n
-        return tuple(out)
-    return shape
+def _all_to_all_infer(shapes, dtypes, *, ranks, split_axis, concat_axis):
+    present = [tuple(x) for x in _present(shapes)]
+    n = len(ranks)
+    op = "all_to_all"
+    require(len(present) in (n, 1), op, f"{len(present)} inputs for a group of {n} ranks {list(ranks)}")
+    sa, ca = _axis(present[0], split_axis, op), _axis(present[0], concat_axis, op)
+    require(sa != ca, op, "split_axis and concat_axis must differ")
+    out = []
+    for r in range(len(present)):
+        shape = list(present[r])
+        shape[sa] = len(np.array_split(np.arange(present[r][sa]), n)[r if len(present) == n else 0])
+        shape[ca] = sum(x[ca] for x in present) if len(present) == n else present[0][ca] * n
+        out.append((tuple(shape), dtypes[0]))
+    return out
 
 
 register("all_to_all", _variadic(_all_to_all, "Rank r gets piece r of every rank's array, concatenated in rank order."),
-         _all_to_all_vjp,
-         lambda s, d, *, ranks, split_axis, concat_axis: _infer_group(
-             "all_to_all", s, d, ranks, _exchanged(split_axis, concat_axis)),
-         n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+         _all_to_all_vjp, _all_to_all_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
 
 
 # broadcast -----------------------------------------------------------------------------------
@@ -261,20 +290,21 @@ register("concat", _variadic(_concat, "The inputs joined along ``axis`` (ranks' 
 
 
 # chunk: cut a batch into micro-batches (the inverse of concat) --------------------------------
-def chunk(x, *, axis, n):
+def chunk(x, *, axis, n, nonempty=False):
     """``x`` cut into ``n`` consecutive pieces along ``axis``, as even as possible (earlier pieces one
-    larger): a pipeline's micro-batches. Every piece must get at least one row."""
-    if x.shape[axis] < n:
+    larger): a pipeline's micro-batches (``nonempty``: each must get a row), a rank's share of a
+    sequence (one token on two ranks leaves the second an empty piece)."""
+    if nonempty and x.shape[axis] < n:
         raise MinitxError(f"op chunk: {x.shape[axis]} rows (axis {axis} of {x.shape}) cannot be cut into {n} "
                           "non-empty pieces (micro-batches need at least one sequence each)")
     return tuple(np.array_split(x, n, axis=axis))
 
 
-def _chunk_vjp(grads, inputs, outputs, *, axis, n):
+def _chunk_vjp(grads, inputs, outputs, *, axis, n, nonempty=False):
     return (np.concatenate(grads, axis=axis),)
 
 
-def _chunk_infer(shapes, dtypes, *, axis, n):
+def _chunk_infer(shapes, dtypes, *, axis, n, nonempty=False):
     (x,) = shapes
     a = _axis(tuple(x), axis, "chunk")
     return [((*x[:a], len(p), *x[a + 1:]), dtypes[0]) for p in np.array_split(np.arange(x[a]), n)]
