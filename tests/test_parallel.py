@@ -282,8 +282,23 @@ def test_cli_show_parallel_prints_memory_and_bytes_per_rank(tmp_path):
     # Stage 0 (ranks 0, 1): embedding + 2·(attention, MLP) all-reduces of 64 floats... on one layer:
     # 3 all-reduces at 2(n-1)/n·256 B + the hand-on to stage 1 (256 B) per token.
     assert pf["0"] == pytest.approx(3 * sent_bytes("all_reduce", 256, 2) + 256)
+    assert set(s["peak_activation_bytes_per_rank"]) == {"0", "1", "2", "3"}
     text = run("show", path, "--parallel", "tp=2")
-    assert text.exit_code == 0 and "weights MiB" in text.output
+    assert text.exit_code == 0 and "weights MiB" in text.output and "act. MiB" in text.output
+
+
+def test_activation_memory_of_a_stage_is_its_part():
+    """Per-rank peak activations come from the rank's own nodes: a pipeline's first stage of a
+    4-layer model holds about half the activations of one process, never more than all of them."""
+    from minitx.distributed.cost import peak_activation_bytes
+
+    m = _model("gpt2", n_layers=4, vocab_size=64)
+    g, _ = shard(m.graph, m.params, Layout(1, 2))
+    b = {"B": 4, "T": 32, "S": 0}
+    whole = peak_activation_bytes(m.graph, b)
+    first = peak_activation_bytes(g, b, rank=0)
+    assert 0.3 * whole < first < 0.8 * whole
+    assert peak_activation_bytes(g, b) >= whole
 
 
 @pytest.mark.parametrize("spec,msg", [

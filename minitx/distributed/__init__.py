@@ -112,4 +112,4 @@ def cost_summary(model: Model, text: str, batch: int, seq: int, past: int) -> di
     from .cost import summary
 
     g, _ = shard(model.graph, model.params, layout(text), only_rank=-1)
-    return summary(g, model.nbytes(), batch, seq, past)
+    return summary(g, model.nbytes(), batch, seq, past, unsharded=model.graph)

@@ -87,11 +87,57 @@ def param_bytes_per_rank(graph: Graph) -> dict[int, int]:
     return dict(sorted(out.items()))
 
 
-def summary(graph: Graph, unsharded_bytes: int, batch: int, seq: int, past: int) -> dict[str, Any]:
-    """Per-rank weight memory and, for a prefill of ``seq`` tokens and for one decode step, the
-    bytes each rank sends per token and the modelled communication time."""
+def _local(n, rank: int | None) -> tuple[list[str], list[str]]:
+    """What node ``n`` of a sharded graph reads and writes on ``rank`` (everything when None)."""
+    if rank is None:
+        return [i for i in n.inputs if i], list(n.outputs)
+    if "rank" in n.tags:
+        return ([i for i in n.inputs if i], list(n.outputs)) if int(n.tags["rank"]) == rank else ([], [])
+    if n.op == "send_recv":
+        return ([n.inputs[0]], []) if int(n.attrs["src"]) == rank else ([], list(n.outputs)) \
+            if int(n.attrs["dst"]) == rank else ([], [])
+    if "ranks" in n.tags:
+        group = [int(r) for r in n.tags["ranks"]]
+        return ([n.inputs[group.index(rank)]], [n.outputs[group.index(rank)]]) if rank in group else ([], [])
+    if n.op == "concat":                     # the ranks' caches joined at the edge: each keeps its own
+        return [i for i in n.inputs if i.endswith(f"@{rank}")], []
+    return [], []                            # a cache cut at the edge: the rank's slice is an input
+
+
+def peak_activation_bytes(graph: Graph, bindings: Mapping[str, int], rank: int | None = None) -> int:
+    """The most bytes of node outputs alive at once on ``rank`` (the whole graph when None) when
+    ``graph`` runs forward in its order, each value freed after its last local reader (the
+    executor's inference policy); weights and graph inputs excluded, graph outputs kept."""
+    env = graph.infer(dict(bindings))
+    steps = [_local(n, rank) for n in graph.nodes]
+    last: dict[str, int] = {}
+    for k, (ins, _) in enumerate(steps):
+        for i in ins:
+            last[i] = k
+    keep = set(graph.outputs)
+    size = {v: int(np.prod(sh)) * np.dtype(d).itemsize for v, (sh, d) in env.items()}
+    alive: set[str] = set()
+    live = peak = 0
+    for k, (ins, outs) in enumerate(steps):
+        for o in outs:
+            alive.add(o)
+            live += size[o]
+        peak = max(peak, live)
+        for v in [v for v in (*ins, *outs) if v in alive and v not in keep and last.get(v, -1) <= k]:
+            alive.discard(v)
+            live -= size[v]
+    return peak
+
+
+def summary(graph: Graph, unsharded_bytes: int, batch: int, seq: int, past: int,
+            unsharded: Graph | None = None) -> dict[str, Any]:
+    """Per-rank weight memory and peak activation memory (prefill), and, for a prefill of ``seq``
+    tokens and for one decode step, the bytes each rank sends per token and the modelled
+    communication time."""
     info = graph.meta["parallel"]
     mem = param_bytes_per_rank(graph)
+    prefill = {"B": batch, "T": seq, "S": past}
+    act = {r: peak_activation_bytes(graph, prefill, r) for r in mem}
     steps = {}
     for what, T, S in (("prefill", seq, past), ("decode", 1, past + seq)):
         comms = collectives(graph, {"B": batch, "T": T, "S": S})
@@ -106,19 +152,28 @@ def summary(graph: Graph, unsharded_bytes: int, batch: int, seq: int, past: int)
         steps[what] = {"tokens": tokens, "collectives": len(comms),
                        "bytes_sent_per_token": {r: v / tokens for r, v in sent.items()},
                        "comm_seconds_model": secs}
-    return {"layout": {k: info[k] for k in ("tp", "pp", "world")}, "unsharded_param_bytes": unsharded_bytes,
-            "param_bytes_per_rank": mem, "steps": steps, "model": {"alpha_s": ALPHA_S, "beta_bytes_per_s": BETA_BPS}}
+    out = {"layout": {k: info[k] for k in ("tp", "sp", "pp", "mb", "world")}, "unsharded_param_bytes": unsharded_bytes,
+           "param_bytes_per_rank": mem, "peak_activation_bytes_per_rank": act, "steps": steps,
+           "model": {"alpha_s": ALPHA_S, "beta_bytes_per_s": BETA_BPS}}
+    if unsharded is not None:
+        out["unsharded_peak_activation_bytes"] = peak_activation_bytes(unsharded, prefill)
+    return out
 
 
 def format_summary(s: dict[str, Any]) -> str:
     L = s["layout"]
-    lines = [f"parallel tp={L['tp']} pp={L['pp']} on {L['world']} ranks; cost model α={s['model']['alpha_s'] * 1e6:g} µs, "
-             f"β={s['model']['beta_bytes_per_s'] / 1e9:g} GB/s"]
-    lines.append(f"{'rank':>4}  {'weights MiB':>11} {'share':>6}  {'prefill B/token':>15} {'decode B/token':>14} "
-                 f"{'decode comm µs':>14}")
+    lines = [f"parallel tp={L['tp']} sp={L['sp']} pp={L['pp']} mb={L['mb']} on {L['world']} ranks; cost model "
+             f"α={s['model']['alpha_s'] * 1e6:g} µs, β={s['model']['beta_bytes_per_s'] / 1e9:g} GB/s"]
+    one = s.get("unsharded_peak_activation_bytes")
+    if one is not None:
+        lines.append(f"one process: weights {s['unsharded_param_bytes'] / 2**20:.2f} MiB, peak activations "
+                     f"{one / 2**20:.2f} MiB (prefill)")
+    lines.append(f"{'rank':>4}  {'weights MiB':>11} {'share':>6}  {'act. MiB':>8}  {'prefill B/token':>15} "
+                 f"{'decode B/token':>14} {'decode comm µs':>14}")
     for r, b in s["param_bytes_per_rank"].items():
         pf, dc = s["steps"]["prefill"], s["steps"]["decode"]
         lines.append(f"{r:>4}  {b / 2**20:>11.2f} {b / max(s['unsharded_param_bytes'], 1):>6.1%}  "
+                     f"{s['peak_activation_bytes_per_rank'][r] / 2**20:>8.2f}  "
                      f"{pf['bytes_sent_per_token'][r]:>15,.0f} {dc['bytes_sent_per_token'][r]:>14,.0f} "
                      f"{dc['comm_seconds_model'][r] * 1e6:>14.1f}")
     return "\n".join(lines)
