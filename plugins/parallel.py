@@ -1,6 +1,6 @@
-"""Parallel plugin: tensor and pipeline parallelism as an exact rewrite into one SPMD graph.
+"""Parallel plugin: tensor, sequence and pipeline parallelism as an exact rewrite into one SPMD graph.
 
-    minitx verify model.npz golden.npz --parallel tp=4          # or --plugin parallel:tp=2,pp=2
+    minitx verify model.npz golden.npz --parallel tp=4          # or --plugin parallel:tp=2,pp=2,mb=2
 
 The rewritten graph holds every rank's part side by side: each node carries ``tags["rank"]``
 (its global rank), each rank has its own copy or shard of each weight (``name@rank``), and ranks
@@ -10,7 +10,8 @@ their NumPy specs — and the rewrite is validated against the unsharded model l
 plugin (float round-off only). Across processes, :func:`minitx.distributed.program.rank_program` cuts rank
 r's part out of the same graph and an MPI transport runs its collectives.
 
-Ranks are numbered ``stage * tp + t``: tensor parallelism is innermost, as in Megatron-LM.
+Ranks are numbered ``stage * width + t`` (width = tp or sp): tensor parallelism is innermost, as in
+Megatron-LM. docs/parallelism.md explains each kind and its cost.
 
 **Tensor parallel** (Megatron-LM's splits): the QKV, up and gate projections are column-parallel
 (rank t holds heads ``t·H/tp …`` and KV heads ``t·KV/tp …``, and for SwiGLU the matching columns
@@ -26,7 +27,13 @@ and the ranks' new caches are concatenated), so callers feed the graph as before
 **Pipeline parallel**: layers go to ``pp`` contiguous stages as evenly as possible, earlier
 stages taking one more when they do not divide (3 layers on pp=2: 2 + 1); what precedes the
 first layer runs on the first stage, what follows the last on the last. A value used on a later
-stage is handed on with ``send_recv``.
+stage is handed on with ``send_recv``. With ``mb`` micro-batches (:func:`microbatch`) the batch is
+cut and the graph repeated per micro-batch, so that the stages overlap (GPipe's forward order).
+
+**Sequence parallel** (``sp``, DeepSpeed Ulysses; not together with tp yet): each rank computes its
+piece of the sequence through every per-token op with replicated weights; around attention an
+all-to-all trades "my tokens, all heads" for "all tokens, my heads" and back; whatever needs the
+whole sequence (pooling, the graph's outputs) is all-gathered along time.
 """
 from __future__ import annotations
 
