@@ -321,3 +321,21 @@ def test_layout_strings():
     assert layout("sp=2,pp=2,mb=4") == Layout(pp=2, mb=4, sp=2)
     with pytest.raises(MinitxError, match="twice"):
         layout("tp=2,tp=2")
+
+
+@pytest.mark.parametrize("layout_", [Layout(tp=2), Layout(tp=4), Layout(tp=2, pp=2), Layout(sp=2), Layout(sp=4),
+                                     Layout(pp=3), Layout(sp=2, pp=2), Layout(tp=4, pp=3)], ids=str)
+@pytest.mark.parametrize("batch,seq", [(2, 8), (1, 7), (1, 1)])
+def test_the_analytic_cost_model_counts_what_the_rewrite_sends(layout_, batch, seq):
+    """predict() (from the model's shape alone, for layouts too large to build) equals the bytes
+    and modelled time of the collectives in the actual sharded graph, on its busiest rank."""
+    from minitx.distributed.cost import predict, summary
+
+    cfg = models.complete_config({**models.preset("llama", "tiny"), "n_layers": 5, "vocab_size": 509,
+                                  "n_heads": 8, "n_kv_heads": 4})
+    m = Model.from_config(cfg)
+    g, _ = shard(m.graph, m.params, layout_, only_rank=-1)
+    step = summary(g, m.nbytes(), batch, seq, 0)["steps"]["prefill"]
+    got = predict(cfg, layout_.tp, layout_.pp, layout_.sp, batch=batch, seq=seq)
+    assert got["bytes_sent_per_token"] == pytest.approx(max(step["bytes_sent_per_token"].values()), rel=1e-12)
+    assert got["comm_seconds"] == pytest.approx(max(step["comm_seconds_model"].values()), rel=1e-12)

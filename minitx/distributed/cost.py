@@ -177,3 +177,50 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{pf['bytes_sent_per_token'][r]:>15,.0f} {dc['bytes_sent_per_token'][r]:>14,.0f} "
                      f"{dc['comm_seconds_model'][r] * 1e6:>14.1f}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ analytic model for many ranks
+def predict(config: Mapping[str, Any], tp: int = 1, pp: int = 1, sp: int = 1, *, batch: int = 1, seq: int = 1,
+            alpha: float = ALPHA_S, beta: float = BETA_BPS, itemsize: int = 4) -> dict[str, float]:
+    """The communication of one forward step of a decoder split ``tp`` × ``pp`` (or ``sp`` × ``pp``),
+    from the model's shape alone — the collectives the parallel rewrite inserts, counted the way
+    :func:`collectives` counts them on the graph (``tests/test_parallel.py`` checks the two agree),
+    so that layouts too large to build (8–1024 ranks) can be predicted.
+
+    Returns the busiest rank's bytes sent per token and modelled seconds per step (what bounds a
+    full pipeline's throughput), and the seconds along the path one step takes through all stages
+    in turn (a lone decode step's latency).
+    """
+    from ..plugins.parallel import stage_sizes
+
+    d, L, V = int(config["d_model"]), int(config["n_layers"]), int(config["vocab_size"])
+    H = int(config["n_heads"])
+    KV = int(config.get("n_kv_heads") or H)
+    kv = KV * d // H
+    tokens = batch * seq
+    piece = -(-seq // sp) * batch                        # the busiest sp rank's tokens
+    stages = []
+    for st, layers in enumerate(stage_sizes(L, pp)):
+        cost = {"bytes": 0.0, "seconds": 0.0}
+
+        def add(op: str, b: float, n: int, times: int = 1) -> None:
+            cost["bytes"] += times * sent_bytes(op, b, n)
+            cost["seconds"] += times * seconds(op, b, n, alpha, beta)
+
+        last = st == pp - 1
+        if tp > 1:
+            add("all_reduce", tokens * d * itemsize, tp, 2 * layers + (st == 0))   # two per layer + the embedding
+            if last:
+                add("all_gather", tokens * (-(-V // tp)) * itemsize, tp)          # the vocabulary's logits
+        if sp > 1:
+            for width in (d, kv, kv):                                             # q, k, v: tokens → heads
+                add("all_to_all", piece * width * itemsize, sp, layers)
+            add("all_to_all", tokens * (d // sp) * itemsize, sp, layers)          # the output: heads → tokens
+            if last:
+                add("all_gather", piece * V * itemsize, sp)
+        if not last:
+            add("send_recv", (piece if sp > 1 else tokens) * d * itemsize, 2)     # the residual stream on
+        stages.append(cost)
+    return {"bytes_sent_per_token": max(c["bytes"] for c in stages) / tokens,
+            "comm_seconds": max(c["seconds"] for c in stages),
+            "comm_seconds_path": sum(c["seconds"] for c in stages), "ranks": tp * sp * pp}
