@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from minitx.errors import MinitxError
-from minitx.ir import Graph, Node, Value, symbols
+from minitx.ir import Graph, Node, Value
 from minitx.plugin import Option, Plugin, Tolerance, positive_int
 from minitx.rewrite import RewriteResult, check
 
@@ -120,10 +120,8 @@ class _Sharder:
         self.param_kind: dict[str, str] = {}
         self.sent: dict[tuple[str, int], None] = {}
         self.consumers = graph.consumers()
-        self.producers = graph.producers()
         self.stage = self._stages()
         self.attn = {n.tags.get("layer"): n for n in graph.nodes if n.op == "attention"}
-        self.names: set[str] = set()
 
     # ------------------------------------------------------------------ placement
     def _stages(self) -> dict[str, int]:
@@ -589,16 +587,13 @@ def check_spmd(graph: Graph) -> None:
                 where[o] = r
         elif n.tags.get("interface"):
             if n.op == "split":
-                for o, r in zip(n.outputs, _group_of(n, graph)):
+                for o in n.outputs:
+                    r = int(o.rsplit("@", 1)[1])
                     where[o] = r
             else:
                 where[n.outputs[0]] = None
         else:
             raise MinitxError(f"parallel: node {n.name} belongs to no rank")
-
-
-def _group_of(n: Node, graph: Graph) -> list[int]:
-    return [int(o.rsplit("@", 1)[1]) for o in n.outputs]
 
 
 class ParallelPlugin(Plugin):

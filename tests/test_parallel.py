@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from minitx import feeds, golden, models, modelfile
+from minitx import feeds, models, modelfile
 from minitx.cli import main
 from minitx.convert import convert
 from minitx.distributed import layout, prepare
@@ -18,7 +18,6 @@ from minitx.distributed.cost import param_bytes_per_rank, sent_bytes
 from minitx.distributed.program import rank_program
 from minitx.errors import MinitxError
 from minitx.executor import Executor
-from minitx.ir import Node
 from minitx.model import Model
 from minitx.plugins.parallel import Layout, check_spmd, shard, stage_sizes
 
