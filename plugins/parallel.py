@@ -116,9 +116,11 @@ class _Sharder:
         self.time_values: set[str] = set()      # micro-batches of per-token inputs
         self.nodes: list[Node] = []
         self.params: dict[str, np.ndarray] = {}
-        self.values: dict[str, tuple[str, int]] = {}      # original value -> (kind "rep"|"col", stage)
+        # original value -> (kind, stage); kind: "rep" (whole on every rank), "col" (a rank's heads or
+        # features), "seq" (a rank's piece of the sequence)
+        self.values: dict[str, tuple[str, int]] = {}
         self.param_kind: dict[str, str] = {}
-        self.sent: dict[tuple[str, int], None] = {}
+        self.done: set[tuple] = set()             # nodes emitted once: ("send", v, rank), ("cache", v, stage), …
         self.consumers = graph.consumers()
         self.stage = self._stages()
         self.attn = {n.tags.get("layer"): n for n in graph.nodes if n.op == "attention"}
@@ -179,8 +181,8 @@ class _Sharder:
             return self.at(v, self.L.rank(stage, t))
         src, dst = self.L.rank(s, t), self.L.rank(stage, t)
         out = self.at(v, dst)
-        if (v, dst) not in self.sent:
-            self.sent[(v, dst)] = None
+        if ("send", v, dst) not in self.done:
+            self.done.add(("send", v, dst))
             self.emit(Node(f"{v}.send@{src}>{dst}", "send_recv", [self.at(v, src)], [out], {"src": src, "dst": dst},
                            {"ranks": [src, dst], "sends": v}))
         return out
@@ -195,8 +197,8 @@ class _Sharder:
     def cache_shard(self, v: str, stage: int, t: int) -> str:
         """Rank (stage, t)'s KV heads of cache ``v``: one split at the graph's edge, per stage."""
         outs = [self.at(v, r) for r in self.L.group(stage)]
-        if (v, -stage - 1) not in self.sent:
-            self.sent[(v, -stage - 1)] = None
+        if ("cache", v, stage) not in self.done:
+            self.done.add(("cache", v, stage))
             width = next(int(x.shape[-1]) for x in self.g.inputs if x.name == v)
             n = self.L.width
             if width % n:
@@ -273,8 +275,8 @@ class _Sharder:
             return self.read(v, stage, t, node)
         r = self.L.rank(stage, t)
         outs = [self.at(f"{v}.seq{k}", r) for k in range(self.L.sp)]
-        if ("seq", v, r) not in self.sent:
-            self.sent[("seq", v, r)] = None
+        if ("seq", v, r) not in self.done:
+            self.done.add(("seq", v, r))
             src = v if v in self.inputs else self.read(v, stage, t, node)
             self.emit(Node(self.at(f"{v}.seq", r), "chunk", [src], outs, {"axis": 1, "n": self.L.sp}, {"rank": r}))
         return outs[t]
@@ -282,8 +284,8 @@ class _Sharder:
     def gather_seq(self, v: str, stage: int) -> list[str]:
         """Every rank gets the whole sequence of ``v`` (an all-gather of the pieces along time)."""
         outs = [self.at(f"{v}.whole", r) for r in self.L.group(stage)]
-        if (v, "whole") not in self.sent:
-            self.sent[(v, "whole")] = None
+        if ("whole", v) not in self.done:
+            self.done.add(("whole", v))
             group = self.L.group(stage)
             self.emit(Node(f"{v}.gather@{stage}", "all_gather", [self.at(v, r) for r in group], outs,
                            {"ranks": group, "axis": 1}, {"ranks": group, "stage": stage}))
@@ -484,8 +486,8 @@ class _Sharder:
             kind, s = self.values[o]
             if kind == "seq":
                 group = self.L.group(s)
-                if (o, "whole") not in self.sent:
-                    self.sent[(o, "whole")] = None
+                if ("whole", o) not in self.done:
+                    self.done.add(("whole", o))
                     self.emit(Node(f"{o}.gather@{s}", "all_gather", [self.at(f"{o}.part", r) for r in group],
                                    [self.at(o, r) for r in group], {"ranks": group, "axis": 1},
                                    {"ranks": group, "stage": s}))
