@@ -184,6 +184,12 @@ def backend_options(f):
     return f
 
 
+def parallel_option(f):
+    return click.option("--parallel", default=None, metavar="tp=N,pp=M",
+                        help="Split the model over ranks (docs/parallelism.md): simulated in one process, "
+                             "or one part per process under mpiexec.")(f)
+
+
 def _backends(backends: Sequence[str]) -> tuple[str, ...]:
     out: list[str] = []
     for b in backends:
@@ -242,10 +248,11 @@ def init(arch: str, preset: str, seed: int, output: str) -> None:
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Apply an optimization plugin in memory first, validated (repeatable; see `minitx plugins`).")
 @click.option("--force", is_flag=True, help="Run a --plugin rewrite that exceeds its declared tolerance (warn only).")
+@parallel_option
 @backend_options
 @threads_option
 def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, top_k, top_p, seed, stops,
-          as_json, plugins, force, backends, no_fallback, explain) -> None:
+          as_json, plugins, force, parallel, backends, no_fallback, explain) -> None:
     """Generate text with a decoder, or embed text with an encoder.
 
     MODEL defaults to the bundled model.
@@ -258,6 +265,10 @@ def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, t
         from minitx.plugin import optimize as _optimize
 
         m = _optimize(m, plugins, force=force, warn=lambda s: click.echo(s, err=True))
+    if parallel:
+        from minitx.distributed import prepare
+
+        m = prepare(m, parallel, warn=lambda s: click.echo(s, err=True))
     backends = _backends(backends)
     tok = m.tokenizer
     if m.is_decoder:
@@ -349,14 +360,23 @@ class _Streamer:
 @seq_option(None, "Tokens in the step (default: the context length less --past).")
 @click.option("--past", default=0, show_default=True, type=click.IntRange(min=0), help="Tokens already in the KV cache.")
 @click.option("--json", "as_json", is_flag=True)
-def show(model: str | None, batch: int, seq: int | None, past: int, as_json: bool) -> None:
-    """Print the graph: shapes, parameters, FLOPs and bytes per node, with totals.
+@parallel_option
+def show(model: str | None, batch: int, seq: int | None, past: int, as_json: bool, parallel: str | None) -> None:
+    """Print the graph: shapes, parameters, FLOPs and bytes per node, with totals; with --parallel,
+    per-rank weight memory and communication instead.
 
     MODEL defaults to the bundled model."""
     from minitx.cost import model_cost
 
     m = load_model(model)
     c = model_cost(m, batch, seq, past)
+    if parallel:  # per-rank weight memory and communication instead of the node table
+        from minitx.distributed import cost_summary
+        from minitx.distributed.cost import format_summary
+
+        summ = cost_summary(m, parallel, batch, c["seq"], past)
+        click.echo(json.dumps(summ) if as_json else format_summary(summ))
+        return
     rows, totals = c["nodes"], c["totals"]
     if as_json:
         click.echo(json.dumps({"config": m.config, "nodes": rows, "totals": totals}))
@@ -612,9 +632,10 @@ def golden(model, prompts, texts, ids, random_spec, seed, intermediates, backend
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Rewrite the model with this plugin first (repeatable); the golden table then shows "
                    "what the rewrite costs against the reference.")
+@parallel_option
 @backend_options
 @threads_option
-def verify(files, atol, rtol, as_json, plugins, backends, no_fallback, explain) -> None:
+def verify(files, atol, rtol, as_json, plugins, parallel, backends, no_fallback, explain) -> None:
     """Recompute GOLDEN's outputs with MODEL and compare; exit 1 if any value is out of tolerance.
 
     MODEL defaults to the bundled model; it may be a file `minitx export` wrote (.onnx): ONNX
@@ -638,6 +659,10 @@ def verify(files, atol, rtol, as_json, plugins, backends, no_fallback, explain) 
 
         # The golden comparison is the judge here, so a rewrite over its own tolerance still runs.
         m = _optimize(m, plugins, force=True, warn=lambda s: click.echo(s, err=True))
+    if parallel:
+        from minitx.distributed import prepare
+
+        m = prepare(m, parallel, warn=lambda s: click.echo(s, err=True), validate=False)
     backends = _backends(backends)
     rows = gd.verify(m, g, backends, no_fallback, atol, rtol, path=golden_file)
     ok = gd.passed(rows)

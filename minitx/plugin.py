@@ -49,6 +49,7 @@ BUILTIN = {
     "recompute": "minitx.plugins.recompute:plugin",
     "sparsity": "minitx.plugins.sparsity:plugin",
     "lowrank": "minitx.plugins.lowrank:plugin",
+    "parallel": "minitx.plugins.parallel:plugin",
 }
 
 

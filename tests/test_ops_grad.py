@@ -781,3 +781,8 @@ def test_every_registered_op_has_a_gradient_check():
     for name, fns in COVERED.items():
         for fn in fns:
             assert fn.startswith("test_") and callable(globals().get(fn)), (name, fn)
+
+
+# The collectives take one input per simulated rank; their checks live in tests/test_collectives.py.
+from test_collectives import COLLECTIVE_OPS, test_collective_vjps_match_finite_differences  # noqa: E402
+covers(*COLLECTIVE_OPS)(test_collective_vjps_match_finite_differences)

@@ -153,3 +153,4 @@ from .cases import CASES, Case, add_cases  # noqa: E402,F401 — op modules decl
 # Importing the op modules registers their ops and their conformance cases.
 from . import activations, attention, linalg, losses, norms, positions, pooling, sparse, lowrank, quant  # noqa: E402,F401
 from . import fakequant  # noqa: E402,F401
+from . import collectives  # noqa: E402,F401

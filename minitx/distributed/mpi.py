@@ -1,0 +1,161 @@
+"""The MPI transport: a backend whose kernels are the collective ops, run across processes by MPI.
+
+Collectives are a backend capability: this backend implements exactly the ops of
+``minitx/ops/collectives.py`` (forward and VJP) for one rank's part of a sharded graph, and the
+executor places every other node on the compute backends as usual. A third party can ship another
+transport (NCCL, Gloo) the same way. Each wait has a deadline (``MINITX_MPI_TIMEOUT`` seconds,
+default 60): a rank that died or never arrives makes the others fail with an error naming the
+collective instead of hanging, and the CLI then aborts the whole job.
+"""
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..backend import Backend
+from ..errors import MinitxError
+
+TAG = 19
+
+
+def load_mpi():
+    """mpi4py's MPI module, or a one-line error saying how to get it."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise MinitxError(f"--parallel across processes needs MPI: mpi4py is not importable ({e}); "
+                          "install it with pip install 'minitx[mpi]'") from None
+    return MPI
+
+
+def timeout_s() -> float:
+    try:
+        return float(os.environ.get("MINITX_MPI_TIMEOUT", "60"))
+    except ValueError:
+        raise MinitxError(f"MINITX_MPI_TIMEOUT must be a number of seconds, got "
+                          f"{os.environ['MINITX_MPI_TIMEOUT']!r}") from None
+
+
+class MPITransport(Backend):
+    name = "mpi"
+    device = "cpu"
+    dtypes = frozenset({"float16", "float32", "float64"})
+
+    def __init__(self, comm: Any, groups: Iterable[Sequence[int]]) -> None:
+        super().__init__()
+        self.MPI = load_mpi()
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.version = self.MPI.Get_library_version().splitlines()[0].strip()
+        self.timeout = timeout_s()
+        # Every rank creates every group's communicator, in the same order (Split is collective).
+        self.comms: dict[tuple[int, ...], Any] = {}
+        for g in sorted({tuple(int(r) for r in g) for g in groups}):
+            sub = comm.Split(0 if self.rank in g else self.MPI.UNDEFINED, g.index(self.rank) if self.rank in g else 0)
+            if self.rank in g:
+                self.comms[g] = sub
+        self.kernels = {"all_reduce": self.all_reduce, "all_gather": self.all_gather,
+                        "reduce_scatter": self.reduce_scatter, "all_to_all": self.all_to_all,
+                        "broadcast": self.broadcast, "send_recv": self.send_recv}
+        # VJPs are the adjoint collectives, one rank's part each.
+        self.vjps = {
+            "all_reduce": lambda g, i, o, *, ranks: (self.all_reduce(g[0], ranks=ranks),),
+            "all_gather": lambda g, i, o, *, ranks, axis: (self.reduce_scatter(g[0], ranks=ranks, axis=axis),),
+            "reduce_scatter": lambda g, i, o, *, ranks, axis: (self.all_gather(g[0], ranks=ranks, axis=axis),),
+            "all_to_all": lambda g, i, o, *, ranks, split_axis, concat_axis: (
+                self.all_to_all(g[0], ranks=ranks, split_axis=concat_axis, concat_axis=split_axis),),
+        }
+
+    # ------------------------------------------------------------------ plumbing
+    def _comm(self, ranks: Sequence[int]):
+        try:
+            return self.comms[tuple(int(r) for r in ranks)]
+        except KeyError:
+            raise MinitxError(f"mpi: rank {self.rank} has no communicator for group {list(ranks)}") from None
+
+    def _wait(self, req: Any, what: str) -> None:
+        """Wait for a request with a deadline; polling keeps MPI progressing."""
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5
+        while not req.Test():
+            if time.monotonic() > deadline:
+                raise MinitxError(f"mpi: rank {self.rank}: {what} got no answer within {self.timeout:g} s "
+                                  "(another rank failed or died; MINITX_MPI_TIMEOUT sets the limit)")
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+
+    # ------------------------------------------------------------------ collectives (one rank's part)
+    def all_reduce(self, x, *rest, ranks):
+        x = np.ascontiguousarray(x)
+        y = np.empty_like(x)
+        self._wait(self._comm(ranks).Iallreduce(x, y, op=self.MPI.SUM), f"all_reduce over ranks {list(ranks)}")
+        return y
+
+    def _shapes(self, comm, mine: np.ndarray, what: str, alltoall: bool = False) -> np.ndarray:
+        """Every rank's shape(s) — pieces may differ in length (a sequence sp does not divide)."""
+        out = np.empty((comm.Get_size(), *mine.shape[-1:]) if not alltoall else mine.shape, np.int64)
+        self._wait(comm.Ialltoall(mine, out) if alltoall else comm.Iallgather(mine, out), what)
+        return out
+
+    def all_gather(self, x, *rest, ranks, axis):
+        comm, what = self._comm(ranks), f"all_gather over ranks {list(ranks)}"
+        x = np.ascontiguousarray(x)
+        shapes = self._shapes(comm, np.array(x.shape, np.int64), what)
+        counts = shapes.prod(axis=1)
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        buf = np.empty(int(counts.sum()), x.dtype)
+        self._wait(comm.Iallgatherv(x.reshape(-1), [buf, (counts, displs)]), what)
+        return np.concatenate([buf[d:d + c].reshape(sh) for d, c, sh in zip(displs, counts, shapes)], axis=axis)
+
+    def reduce_scatter(self, x, *rest, ranks, axis):
+        total = self.all_reduce(x, ranks=ranks)
+        return np.ascontiguousarray(np.split(total, len(ranks), axis=axis)[list(ranks).index(self.rank)])
+
+    def all_to_all(self, x, *rest, ranks, split_axis, concat_axis):
+        comm, what = self._comm(ranks), f"all_to_all over ranks {list(ranks)}"
+        pieces = [np.ascontiguousarray(p) for p in np.array_split(x, len(ranks), axis=split_axis)]
+        got = self._shapes(comm, np.array([p.shape for p in pieces], np.int64), what, alltoall=True)
+        scounts = np.array([p.size for p in pieces])
+        rcounts = got.prod(axis=1)
+        sdispls = np.concatenate([[0], np.cumsum(scounts)[:-1]])
+        rdispls = np.concatenate([[0], np.cumsum(rcounts)[:-1]])
+        send = np.concatenate([p.reshape(-1) for p in pieces])
+        recv = np.empty(int(rcounts.sum()), send.dtype)
+        self._wait(comm.Ialltoallv([send, (scounts, sdispls)], [recv, (rcounts, rdispls)]), what)
+        return np.concatenate([recv[d:d + c].reshape(sh) for d, c, sh in zip(rdispls, rcounts, got)], axis=concat_axis)
+
+    def broadcast(self, x, *rest, ranks, root):
+        buf = np.array(x, copy=True, order="C")
+        self._wait(self._comm(ranks).Ibcast(buf, root=list(ranks).index(root)), f"broadcast from rank {root}")
+        return buf
+
+    def send_recv(self, x=None, *, src, dst):
+        if self.rank == src:
+            self._wait(self.comm.isend(np.ascontiguousarray(x), dest=dst, tag=TAG), f"send to rank {dst}")
+            return ()
+        deadline = time.monotonic() + self.timeout
+        while not self.comm.Iprobe(source=src, tag=TAG):
+            if time.monotonic() > deadline:
+                raise MinitxError(f"mpi: rank {self.rank}: receive from rank {src} got nothing within "
+                                  f"{self.timeout:g} s (another rank failed or died)")
+            time.sleep(1e-4)
+        return self.comm.recv(source=src, tag=TAG)
+
+    def share(self, value: Any, owner: int) -> np.ndarray:
+        """Every rank gets ``owner``'s array (a last pipeline stage's logits): its length, then its
+        .npy bytes, each a broadcast with a deadline."""
+        what = f"sharing a result of rank {owner}"
+        data = b""
+        if self.rank == owner:
+            f = io.BytesIO()
+            np.save(f, np.asarray(value), allow_pickle=False)
+            data = f.getvalue()
+        n = np.array([len(data)], np.int64)
+        self._wait(self.comm.Ibcast(n, root=owner), what)
+        buf = np.frombuffer(data, np.uint8).copy() if self.rank == owner else np.empty(int(n[0]), np.uint8)
+        self._wait(self.comm.Ibcast(buf, root=owner), what)
+        return np.load(io.BytesIO(buf.tobytes()), allow_pickle=False)

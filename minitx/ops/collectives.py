@@ -1,0 +1,347 @@
+"""Collectives and the layout ops of a sharded graph, as specs that simulate N ranks in one process.
+
+A sharded graph (``plugins/parallel.py``) holds every rank's computation side by side, so a
+collective node reads one value per rank and writes one value per rank. Each op is *defined* on a
+leading rank axis — ``all_reduce_ranks(X)`` with ``X[r]`` rank r's array — and the op stacks its
+inputs, applies the definition and hands rank r its slot; the VJPs are the adjoint collectives
+(the VJP of an all-reduce is an all-reduce, of an all-gather a reduce-scatter, and so on).
+
+Across processes each rank runs only its own part of the graph: a collective node then has one
+input (that rank's) and the op is run by a transport backend (``minitx/parallel.py`` registers
+MPI kernels for these ops). The spec's shape rules accept both forms — one input per rank of the
+group (``ranks``) or one rank's input alone — but the spec cannot *compute* one rank's part by
+itself; asking it to is an error naming the missing transport.
+
+Ops take up to :data:`MAX_RANKS` inputs (the op registry counts positional parameters, so the
+forward declares that many optional ones).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import MinitxError
+from . import register, require
+
+MAX_RANKS = 64
+
+
+# --------------------------------------------------------------------- definitions on a rank axis
+def all_reduce_ranks(x: np.ndarray) -> np.ndarray:
+    """Every rank gets the sum over ranks: out[r] = Σ_s x[s]."""
+    return np.broadcast_to(x.sum(axis=0), x.shape).copy()
+
+
+def all_gather_ranks(x: np.ndarray, axis: int) -> np.ndarray:
+    """Every rank gets all ranks' pieces concatenated along ``axis`` (an axis of one rank's array)."""
+    whole = np.concatenate(list(x), axis=axis)
+    return np.broadcast_to(whole, (x.shape[0], *whole.shape)).copy()
+
+
+def reduce_scatter_ranks(x: np.ndarray, axis: int) -> np.ndarray:
+    """Rank r gets the r-th of N equal pieces (along ``axis``) of the sum over ranks."""
+    return np.stack(np.split(x.sum(axis=0), x.shape[0], axis=axis))
+
+
+def all_to_all_ranks(x: np.ndarray, split_axis: int, concat_axis: int) -> np.ndarray:
+    """Rank r gets piece r of every rank's array (cut into N along ``split_axis``), concatenated in
+    rank order along ``concat_axis``: the exchange that turns a split over one axis into a split
+    over another (sequence ↔ heads)."""
+    n = x.shape[0]
+    pieces = [np.split(x[s], n, axis=split_axis) for s in range(n)]
+    return np.stack([np.concatenate([pieces[s][r] for s in range(n)], axis=concat_axis) for r in range(n)])
+
+
+def broadcast_ranks(x: np.ndarray, root: int) -> np.ndarray:
+    """Every rank gets rank ``root``'s array (``root`` indexes the group)."""
+    return np.broadcast_to(x[root], x.shape).copy()
+
+
+# ------------------------------------------------------------------------ one input per rank
+def _variadic(fn: Callable[..., Any], doc: str) -> Callable[..., Any]:
+    """An op forward taking ``x0 … x{MAX_RANKS-1}`` (absent ones None) and calling ``fn(xs, **attrs)``."""
+
+    def forward(*xs, **attrs):
+        return fn([x for x in xs if x is not None], **attrs)
+
+    P = inspect.Parameter
+    forward.__signature__ = inspect.Signature(
+        [P(f"x{i}", P.POSITIONAL_OR_KEYWORD, default=None) for i in range(MAX_RANKS)])
+    forward.__doc__ = doc
+    forward.__name__ = fn.__name__
+    return forward
+
+
+def _present(shapes: Sequence[Any]) -> list:
+    return [s for s in shapes if s is not None]
+
+
+def _group(op: str, xs: Sequence[np.ndarray], ranks: Sequence[int]) -> np.ndarray:
+    """The inputs stacked on a rank axis, after checking there is one per rank of the group."""
+    if len(xs) != len(ranks):
+        if len(xs) == 1 and len(ranks) > 1:
+            raise MinitxError(f"op {op}: one rank's part of a collective over ranks {list(ranks)} needs a "
+                              "transport (run under mpiexec with --parallel), not the spec")
+        raise MinitxError(f"op {op}: {len(xs)} inputs for a group of {len(ranks)} ranks {list(ranks)}")
+    return np.stack(xs)
+
+
+def _infer_group(op: str, shapes: Sequence[Any], dtypes: Sequence[Any], ranks: Sequence[int],
+                 out_shape: Callable[[tuple, int], tuple]) -> list:
+    present = _present(shapes)
+    n = len(ranks)
+    require(len(present) in (n, 1), op, f"{len(present)} inputs for a group of {n} ranks {list(ranks)} "
+            "(give one per rank, or one rank's alone)")
+    require(len(set(map(tuple, present))) == 1, op, f"ranks' inputs differ in shape: {present}")
+    shape = out_shape(tuple(present[0]), n)
+    return [(shape, dtypes[0])] * len(present)
+
+
+def _axis(shape: tuple, axis: int, op: str) -> int:
+    require(-len(shape) <= axis < len(shape), op, f"axis {axis} is out of range for shape {shape}")
+    return axis % len(shape)
+
+
+# all_reduce ----------------------------------------------------------------------------------
+def _all_reduce(xs, *, ranks):
+    return tuple(all_reduce_ranks(_group("all_reduce", xs, ranks)))
+
+
+def _all_reduce_vjp(grads, inputs, outputs, *, ranks):
+    return tuple(all_reduce_ranks(np.stack(grads)))
+
+
+register("all_reduce", _variadic(_all_reduce, "Sum over the ranks of ``ranks``; every rank gets the sum."),
+         _all_reduce_vjp, lambda s, d, *, ranks: _infer_group("all_reduce", s, d, ranks, lambda x, n: x),
+         n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+# all_gather ----------------------------------------------------------------------------------
+# The ranks' pieces may differ in length along ``axis`` (a sequence of T tokens cut in sp pieces
+# when sp does not divide T): the op then works on the list, the rank-axis definition being the
+# equal-length case.
+def _check_group(op: str, xs: Sequence[np.ndarray], ranks: Sequence[int]) -> None:
+    if len(xs) != len(ranks):
+        _group(op, xs, ranks)  # raises the error naming the transport or the count
+
+
+def _all_gather(xs, *, ranks, axis):
+    _check_group("all_gather", xs, ranks)
+    whole = np.concatenate(xs, axis=axis)
+    return tuple(whole.copy() for _ in xs)
+
+
+def _all_gather_vjp(grads, inputs, outputs, *, ranks, axis):
+    xs = [x for x in inputs if x is not None]
+    cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
+    total = grads[0].copy()
+    for g in grads[1:]:
+        total = total + g
+    return tuple(np.split(total, cuts, axis=axis))
+
+
+def _all_gather_infer(shapes, dtypes, *, ranks, axis):
+    present = [tuple(x) for x in _present(shapes)]
+    n = len(ranks)
+    require(len(present) in (n, 1), "all_gather", f"{len(present)} inputs for a group of {n} ranks {list(ranks)}")
+    a = _axis(present[0], axis, "all_gather")
+    for x in present:
+        require(len(x) == len(present[0]) and all(x[k] == present[0][k] for k in range(len(x)) if k != a),
+                "all_gather", f"ranks' inputs differ off axis {axis}: {present}")
+    total = sum(x[a] for x in present) if len(present) == n else present[0][a] * n
+    return [((*present[0][:a], total, *present[0][a + 1:]), dtypes[0])] * len(present)
+
+
+register("all_gather", _variadic(_all_gather, "Every rank gets all ranks' arrays concatenated along ``axis``."),
+         _all_gather_vjp, _all_gather_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+# reduce_scatter ------------------------------------------------------------------------------
+def _reduce_scatter(xs, *, ranks, axis):
+    return tuple(reduce_scatter_ranks(_group("reduce_scatter", xs, ranks), axis))
+
+
+def _reduce_scatter_vjp(grads, inputs, outputs, *, ranks, axis):
+    return tuple(all_gather_ranks(np.stack(grads), axis))
+
+
+def _scattered(axis: int, op: str) -> Callable[[tuple, int], tuple]:
+    def shape(x: tuple, n: int) -> tuple:
+        a = _axis(x, axis, op)
+        require(x[a] % n == 0, op, f"axis {axis} of {x} does not split into {n} equal pieces")
+        return (*x[:a], x[a] // n, *x[a + 1:])
+    return shape
+
+
+register("reduce_scatter", _variadic(_reduce_scatter, "Rank r gets piece r (along ``axis``) of the sum over ranks."),
+         _reduce_scatter_vjp,
+         lambda s, d, *, ranks, axis: _infer_group("reduce_scatter", s, d, ranks, _scattered(axis, "reduce_scatter")),
+         n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+# all_to_all ----------------------------------------------------------------------------------
+def _all_to_all(xs, *, ranks, split_axis, concat_axis):
+    _check_group("all_to_all", xs, ranks)
+    n = len(xs)
+    pieces = [np.array_split(x, n, axis=split_axis) for x in xs]
+    return tuple(np.concatenate([pieces[s][r] for s in range(n)], axis=concat_axis) for r in range(n))
+
+
+def _all_to_all_vjp(grads, inputs, outputs, *, ranks, split_axis, concat_axis):
+    xs = [x for x in inputs if x is not None]
+    n = len(xs)
+    cuts = np.cumsum([x.shape[concat_axis] for x in xs])[:-1]      # rank s's part of each output
+    back = [np.split(g, cuts, axis=concat_axis) for g in grads]
+    return tuple(np.concatenate([back[r][s] for r in range(n)], axis=split_axis) for s in range(n))
+
+
+def _all_to_all_infer(shapes, dtypes, *, ranks, split_axis, concat_axis):
+    present = [tuple(x) for x in _present(shapes)]
+    n = len(ranks)
+    op = "all_to_all"
+    require(len(present) in (n, 1), op, f"{len(present)} inputs for a group of {n} ranks {list(ranks)}")
+    sa, ca = _axis(present[0], split_axis, op), _axis(present[0], concat_axis, op)
+    require(sa != ca, op, "split_axis and concat_axis must differ")
+    out = []
+    for r in range(len(present)):
+        shape = list(present[r])
+        shape[sa] = len(np.array_split(np.arange(present[r][sa]), n)[r if len(present) == n else 0])
+        shape[ca] = sum(x[ca] for x in present) if len(present) == n else present[0][ca] * n
+        out.append((tuple(shape), dtypes[0]))
+    return out
+
+
+register("all_to_all", _variadic(_all_to_all, "Rank r gets piece r of every rank's array, concatenated in rank order."),
+         _all_to_all_vjp, _all_to_all_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+# broadcast -----------------------------------------------------------------------------------
+def _broadcast(xs, *, ranks, root):
+    return tuple(broadcast_ranks(_group("broadcast", xs, ranks), ranks.index(root)))
+
+
+def _broadcast_vjp(grads, inputs, outputs, *, ranks, root):
+    g = np.stack(grads)
+    out = np.zeros_like(g)
+    out[ranks.index(root)] = g.sum(axis=0)
+    return tuple(out)
+
+
+def _broadcast_infer(shapes, dtypes, *, ranks, root):
+    require(root in ranks, "broadcast", f"root {root} is not in the group {list(ranks)}")
+    return _infer_group("broadcast", shapes, dtypes, ranks, lambda x, n: x)
+
+
+register("broadcast", _variadic(_broadcast, "Every rank gets the array of rank ``root``."), _broadcast_vjp,
+         _broadcast_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+# send_recv: one point-to-point transfer --------------------------------------------------------
+def send_recv(x=None, *, src, dst):
+    """Rank ``dst`` receives rank ``src``'s array (a pipeline stage hands on its activations). In one
+    process this is the identity; across processes the sender's node has the input and no output,
+    the receiver's the output and no input."""
+    if x is None:
+        raise MinitxError(f"op send_recv: rank {dst}'s receive from rank {src} needs a transport (run under "
+                          "mpiexec with --parallel), not the spec")
+    return x
+
+
+def _send_recv_vjp(grads, inputs, outputs, *, src, dst):
+    return (grads[0],)
+
+
+def _send_recv_infer(shapes, dtypes, *, src, dst):
+    require(shapes[0] is not None, "send_recv", "the receiving rank's shape comes from the sender's input")
+    return [(tuple(shapes[0]), dtypes[0])]
+
+
+register("send_recv", send_recv, _send_recv_vjp, _send_recv_infer, n_optional=1, vjp_uses_outputs=False)
+
+
+# concat: joins ranks' shards into the unsharded value a graph's interface promises -------------
+def _concat(xs, *, axis):
+    return np.concatenate(xs, axis=axis)
+
+
+def _concat_vjp(grads, inputs, outputs, *, axis):
+    (g,) = grads
+    xs = [x for x in inputs if x is not None]
+    cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
+    return tuple(np.split(g, cuts, axis=axis))
+
+
+def _concat_infer(shapes, dtypes, *, axis):
+    present = _present(shapes)
+    require(len(present) >= 1, "concat", "needs at least one input")
+    a = _axis(tuple(present[0]), axis, "concat")
+    for s in present:
+        require(len(s) == len(present[0]) and all(s[k] == present[0][k] for k in range(len(s)) if k != a),
+                "concat", f"shapes {present} differ off axis {axis}")
+    out = list(present[0])
+    out[a] = sum(s[a] for s in present)
+    return [(tuple(out), dtypes[0])]
+
+
+register("concat", _variadic(_concat, "The inputs joined along ``axis`` (ranks' KV-cache shards → one cache)."),
+         _concat_vjp, _concat_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+# chunk: cut a batch into micro-batches (the inverse of concat) --------------------------------
+def chunk(x, *, axis, n, nonempty=False):
+    """``x`` cut into ``n`` consecutive pieces along ``axis``, as even as possible (earlier pieces one
+    larger): a pipeline's micro-batches (``nonempty``: each must get a row), a rank's share of a
+    sequence (one token on two ranks leaves the second an empty piece)."""
+    if nonempty and x.shape[axis] < n:
+        raise MinitxError(f"op chunk: {x.shape[axis]} rows (axis {axis} of {x.shape}) cannot be cut into {n} "
+                          "non-empty pieces (micro-batches need at least one sequence each)")
+    return tuple(np.array_split(x, n, axis=axis))
+
+
+def _chunk_vjp(grads, inputs, outputs, *, axis, n, nonempty=False):
+    return (np.concatenate(grads, axis=axis),)
+
+
+def _chunk_infer(shapes, dtypes, *, axis, n, nonempty=False):
+    (x,) = shapes
+    a = _axis(tuple(x), axis, "chunk")
+    return [((*x[:a], len(p), *x[a + 1:]), dtypes[0]) for p in np.array_split(np.arange(x[a]), n)]
+
+
+register("chunk", chunk, _chunk_vjp, _chunk_infer, vjp_uses_outputs=False)
+
+
+# vocab_embedding: one rank's rows of a vocabulary-parallel table --------------------------------
+def vocab_embedding(ids, table, *, start):
+    """E[ids] for the ids in this shard's rows [start, start + rows), zeros for the others: summed
+    over the shards (an all-reduce) it is the full table's lookup (Megatron's vocabulary-parallel
+    embedding)."""
+    local = ids - start
+    inside = (local >= 0) & (local < table.shape[0])
+    out = table[np.where(inside, local, 0)]
+    return np.where(inside[..., None], out, out.dtype.type(0))
+
+
+def _vocab_embedding_vjp(grads, inputs, outputs, *, start):
+    (g,) = grads
+    ids, table = inputs
+    local = (ids - start).reshape(-1)
+    inside = (local >= 0) & (local < table.shape[0])
+    gt = np.zeros_like(table)
+    np.add.at(gt, local[inside], g.reshape(-1, table.shape[1])[inside])
+    return None, gt
+
+
+def _vocab_embedding_infer(shapes, dtypes, *, start):
+    ids, table = shapes
+    require(len(table) == 2, "vocab_embedding", f"table must be 2-D, got {table}")
+    require(np.issubdtype(np.dtype(dtypes[0]), np.integer), "vocab_embedding", f"ids must be integers, got {dtypes[0]}")
+    return [((*ids, table[1]), dtypes[1])]
+
+
+register("vocab_embedding", vocab_embedding, _vocab_embedding_vjp, _vocab_embedding_infer, nondiff=(0,),
+         vjp_uses_outputs=False)
+
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv")

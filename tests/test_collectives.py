@@ -1,0 +1,150 @@
+"""The collective ops against their definitions, rank by rank, and their VJPs against finite
+differences (float64), as tests/test_ops_grad.py does for every other op (it imports the
+gradient check below to count these ops as covered)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minitx import ops
+from minitx.errors import MinitxError, ShapeError
+from minitx.gradcheck import check_vjp
+from minitx.ops import collectives as C
+
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv", "concat",
+                  "chunk", "vocab_embedding")
+
+
+def _xs(n, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape) for _ in range(n)]
+
+
+def _call(op, xs, **attrs):
+    out = ops.get(op).forward(*xs, **attrs)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_each_rank_gets_what_the_definition_says(n):
+    ranks = list(range(10, 10 + n))          # group ids need not start at 0
+    xs = _xs(n, (2, 3, 4 * n), seed=n)
+    total = xs[0].copy()
+    for x in xs[1:]:
+        total = total + x
+    for r, y in enumerate(_call("all_reduce", xs, ranks=ranks)):
+        np.testing.assert_allclose(y, total, rtol=1e-14, atol=1e-14)
+    for r, y in enumerate(_call("all_gather", xs, ranks=ranks, axis=1)):
+        assert y.shape == (2, 3 * n, 4 * n)
+        for s in range(n):
+            np.testing.assert_array_equal(y[:, 3 * s:3 * (s + 1)], xs[s])
+    for r, y in enumerate(_call("reduce_scatter", xs, ranks=ranks, axis=-1)):
+        np.testing.assert_allclose(y, total[..., 4 * r:4 * (r + 1)], rtol=1e-14, atol=1e-14)
+    for r, y in enumerate(_call("all_to_all", xs, ranks=ranks, split_axis=2, concat_axis=0)):
+        assert y.shape == (2 * n, 3, 4)
+        for s in range(n):
+            np.testing.assert_array_equal(y[2 * s:2 * (s + 1)], xs[s][..., 4 * r:4 * (r + 1)])
+    root = ranks[-1]
+    for y in _call("broadcast", xs, ranks=ranks, root=root):
+        np.testing.assert_array_equal(y, xs[-1])
+
+
+def test_all_to_all_undoes_itself_with_the_axes_swapped():
+    xs = _xs(3, (6, 9))
+    there = _call("all_to_all", xs, ranks=[0, 1, 2], split_axis=1, concat_axis=0)
+    back = _call("all_to_all", there, ranks=[0, 1, 2], split_axis=0, concat_axis=1)
+    for a, b in zip(xs, back):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_vocab_embedding_shards_sum_to_the_full_lookup():
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((10, 4))
+    padded = np.concatenate([table, np.zeros((2, 4))])      # 10 rows padded to 12 for 3 shards
+    ids = np.array([[0, 3, 9, 4], [8, 7, 1, 5]])
+    parts = [ops.get("vocab_embedding").forward(ids, padded[4 * t:4 * (t + 1)], start=4 * t) for t in range(3)]
+    np.testing.assert_allclose(sum(parts), table[ids], rtol=1e-14)
+
+
+# (op, inputs, attrs): one small case per op; float64 so that finite differences are exact enough.
+def _grad_cases():
+    r = [3, 5, 7]
+    x3 = _xs(3, (2, 6), seed=2)
+    return [
+        ("all_reduce", x3, {"ranks": r}),
+        ("all_gather", x3, {"ranks": r, "axis": 0}),
+        ("reduce_scatter", x3, {"ranks": r, "axis": 1}),
+        ("all_to_all", x3, {"ranks": r, "split_axis": 1, "concat_axis": 0}),
+        ("broadcast", x3, {"ranks": r, "root": 5}),
+        ("send_recv", x3[:1], {"src": 0, "dst": 1}),
+        ("concat", [x3[0], x3[1][:, :2]], {"axis": 1}),
+        ("chunk", _xs(1, (5, 3), 4), {"axis": 0, "n": 2}),
+        ("vocab_embedding", [np.array([[0, 4, 5, 2, 4]]), _xs(1, (3, 4), 3)[0]], {"start": 2}),
+    ]
+
+
+@pytest.mark.parametrize("case", _grad_cases(), ids=lambda c: c[0])
+def test_collective_vjps_match_finite_differences(case):
+    op, xs, attrs = case
+    results = check_vjp(op, xs, attrs)
+    assert len(results) == sum(1 for x in xs if np.issubdtype(x.dtype, np.floating))
+
+
+def test_grad_cases_cover_every_op_of_the_module():
+    assert {c[0] for c in _grad_cases()} == set(COLLECTIVE_OPS)
+    assert set(C.COLLECTIVES) < set(COLLECTIVE_OPS)
+
+
+def test_a_wrong_vjp_is_caught():
+    """The gradient check can fail: an all-gather VJP that forgets the other ranks' cotangents."""
+    op, xs, attrs = _grad_cases()[1]
+
+    def wrong(grads, inputs, outputs, **a):
+        return tuple(np.split(g, 3, axis=0)[k] for k, g in enumerate(grads))
+
+    with pytest.raises(AssertionError, match="all_gather"):
+        check_vjp(op, xs, attrs, vjp=wrong)
+
+
+def test_shapes_for_every_rank_or_one_rank():
+    spec = ops.get("all_gather")
+    pad = [None] * (C.MAX_RANKS - 2)
+    assert spec.infer([(2, 3), (2, 3), *pad], ["float32"] * C.MAX_RANKS, ranks=[0, 1], axis=-1) == [
+        ((2, 6), "float32")] * 2
+    one = spec.infer([(2, 3), None, *pad], ["float32"] * C.MAX_RANKS, ranks=[0, 1], axis=-1)
+    assert one == [((2, 6), "float32")]
+    with pytest.raises(ShapeError, match="reduce_scatter"):
+        ops.get("reduce_scatter").infer([(2, 3), (2, 3), *pad], ["float32"] * C.MAX_RANKS, ranks=[0, 1], axis=1)
+
+
+def test_the_spec_cannot_run_one_ranks_part_alone():
+    with pytest.raises(MinitxError, match="needs a transport"):
+        ops.get("all_reduce").forward(np.ones(3), ranks=[0, 1])
+    with pytest.raises(MinitxError, match="needs a transport"):
+        ops.get("send_recv").forward(None, src=0, dst=1)
+
+
+def test_chunk_cuts_micro_batches_and_concat_joins_them():
+    x = np.arange(10.0).reshape(5, 2)
+    pieces = _call("chunk", [x], axis=0, n=3)
+    assert [p.shape[0] for p in pieces] == [2, 2, 1]
+    np.testing.assert_array_equal(ops.get("concat").forward(*pieces, axis=0), x)
+    with pytest.raises(MinitxError, match="cannot be cut into 6"):
+        ops.get("chunk").forward(x, axis=0, n=6, nonempty=True)
+    assert [p.shape[0] for p in _call("chunk", [x], axis=0, n=6)] == [1, 1, 1, 1, 1, 0]
+
+
+def test_uneven_pieces_gather_and_exchange():
+    """A sequence of 5 tokens on 2 ranks (3 + 2): all-gather joins them, all-to-all over heads
+    gives each rank all 5 tokens of its heads, and back."""
+    x = np.arange(5 * 4.0).reshape(1, 5, 4)
+    xs = np.array_split(x, 2, axis=1)
+    for y in _call("all_gather", xs, ranks=[0, 1], axis=1):
+        np.testing.assert_array_equal(y, x)
+    heads = _call("all_to_all", xs, ranks=[0, 1], split_axis=2, concat_axis=1)
+    np.testing.assert_array_equal(heads[1], x[..., 2:])
+    back = _call("all_to_all", heads, ranks=[0, 1], split_axis=1, concat_axis=2)
+    for a, b in zip(back, xs):
+        np.testing.assert_array_equal(a, b)
+    check_vjp("all_to_all", [a.astype(np.float64) for a in xs], {"ranks": [0, 1], "split_axis": 2, "concat_axis": 1})
+    check_vjp("all_gather", [a.astype(np.float64) for a in xs], {"ranks": [0, 1], "axis": 1})
