@@ -17,6 +17,7 @@ from minitx import __version__  # first: it sets OpenBLAS's thread timeout befor
 import numpy as np  # noqa: E402
 from minitx.errors import MinitxError
 from minitx.generate import check_ids
+from minitx.outputs import check_output
 
 
 class _Group(click.Group):
@@ -90,6 +91,7 @@ def init(arch: str, preset: str, seed: int, output: str) -> None:
     from minitx import modelfile, models
     from minitx.model import Model
 
+    check_output(output)
     model = Model.from_config(models.preset(arch, preset), seed=seed)
     model.meta = {"source": f"minitx init --arch {arch} --preset {preset} --seed {seed}"}
     modelfile.save(model, output)
@@ -383,6 +385,8 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
         plugin.plan(plugins)     # likewise: an unknown plugin or option fails now
     text = data.read_text(data_path)
     checkpoint = _checkpoint_path(output, checkpoint)   # fail now, not after hours of training
+    check_output(output, [data_path, tokenizer_path, config_path, resume])
+    check_output(checkpoint, [data_path, tokenizer_path, config_path], in_place=[resume])
     t0 = time.perf_counter()
     if resume:
         st = tr.load_checkpoint(resume)
@@ -556,6 +560,7 @@ def convert(src: str, output: str) -> None:
     """
     from minitx import convert as cv
 
+    check_output(output, cv.source_files(src))
     plan, tensors = cv.plan(src)
     total = cv.total_bytes(plan, tensors)
     if sys.stderr.isatty():
@@ -605,6 +610,7 @@ def golden(model, prompts, texts, ids, random_spec, seed, intermediates, backend
     """Record a golden file: inputs, outputs (and with --intermediates every node) of MODEL."""
     from minitx import golden as gd
 
+    check_output(output, [model])
     m = load_model(model)
     seqs = _golden_inputs(m, prompts, texts, ids, random_spec, seed)
     g = gd.record(m, gd.make_feeds(m, seqs), _backends(backends), intermediates)
@@ -685,6 +691,7 @@ def optimize(model: str, plugins, calib, calib_seed: int, validate_specs, force:
     from minitx.plugin import optimize as _optimize
     from minitx.validate import Calibration
 
+    check_output(output, [model], in_place=[model])   # documented: optimize m.npz -o m.npz rewrites in place
     m = load_model(model)
     cal = Calibration.parse(list(calib), seed=calib_seed, validate=list(validate_specs))
     new = _optimize(m, plugins, calib=cal, force=force, warn=lambda s: click.echo(s, err=True))
@@ -775,6 +782,8 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, p
     s = bn.Settings(repeat=repeat, warmup=warmup, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
                     seed=seed, threads=threads)
     s.check()
+    if plot_path:
+        check_output(plot_path, [model])
     m = modelfile.load(model)
     sets = [[]] + [bn.parse_plugin_set(p) for p in plugin_sets]
     sets = [p for k, p in enumerate(sets) if p not in sets[:k]]
@@ -839,6 +848,8 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
     if decode_tokens < 0:
         raise MinitxError(f"--decode-tokens must be >= 0, got {decode_tokens}")
     checkpoint = _checkpoint_path(output, checkpoint)
+    check_output(output, [teacher, data_path, student_cfg, resume])
+    check_output(checkpoint, [teacher, data_path, student_cfg], in_place=[resume])
     from minitx.bundled import default_model_path
 
     teacher = teacher if teacher is not None else default_model_path()
@@ -926,6 +937,8 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
     Q.split_spec(plugin_text)                        # bad options fail before any work
     cal = Calibration.parse(list(calib), validate=list(validate_specs))
     checkpoint = _checkpoint_path(output, checkpoint)
+    check_output(output, [model, data_path, resume])
+    check_output(checkpoint, [model, data_path], in_place=[resume])
     m = load_model(model)
     Q._check_float(m, model or "the bundled model")
     if m.tokenizer_json is None:

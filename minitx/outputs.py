@@ -60,19 +60,20 @@ def _check_target(path: str, target: str) -> os.stat_result | None:
 
 
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
-                 in_place: bool = False) -> str:
+                 in_place: Iterable[str | os.PathLike | None] = ()) -> str:
     """Refuse, before any work, an output that cannot or must not be written; returns the path
     that will be written (a symlink's target).
 
-    ``inputs`` are the files the command reads; ``in_place=True`` allows the output to be one of
-    them (only for commands documented to rewrite their input).
+    ``inputs`` are the files the command reads; ``in_place`` those of them the output may be
+    (only for commands documented to rewrite their input, as ``optimize m.npz -o m.npz``).
     """
     path = os.fspath(path)
     target = resolve(path)
     st = _check_target(path, target)
-    if st is not None and not in_place:
+    if st is not None:
+        allowed = {os.fspath(p) for p in in_place if p is not None}
         for inp in inputs:
-            if inp is None:
+            if inp is None or os.fspath(inp) in allowed:
                 continue
             try:
                 si = os.stat(inp)
