@@ -23,7 +23,8 @@ from minitx.outputs import check_output
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # non-finite results are
+                return super().invoke(ctx)   # refused where they matter (NaN logits, loss); no warning noise
         except MinitxError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
@@ -129,7 +130,7 @@ def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, t
 
         m = _optimize(m, plugins, warn=lambda s: click.echo(s, err=True))
     backends = _backends(backends)
-    tok = m.tokenizer
+    tok = None if ids else m.tokenizer   # --ids: ids in, ids out; the tokenizer is not even parsed
     if m.is_decoder:
         if texts:
             raise MinitxError("--text is for encoders; use --prompt with a decoder")
