@@ -144,6 +144,10 @@ def load(path: str | os.PathLike) -> Golden:
             raise MinitxError(f"{r.path}: key '__golden__': format must be a positive integer, got {fmt!r:.40}")
         if fmt > GOLDEN_FORMAT:
             raise MinitxError(f"{r.path}: golden format {fmt} is newer than this minitx supports")
+        for k in ("arch", "config_hash"):
+            v = h["model"].get(k)
+            if not (isinstance(v, str) and len(v) <= 100):
+                raise MinitxError(f"{r.path}: key '__golden__': model.{k} must be a short string")
         prov = h.get("provenance", {})
         if not isinstance(prov, dict):
             raise MinitxError(f"{r.path}: key '__golden__': provenance must be a JSON object")

@@ -107,7 +107,8 @@ class NpzReader:
     def header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
         """The member's shape and dtype from its npy header, without reading its data."""
         if key not in self.infos:
-            raise MinitxError(f"{self.path}: missing key {key!r}")
+            shown = repr(key) if len(key) <= 80 else repr(key[:77] + "...")
+            raise MinitxError(f"{self.path}: missing key {shown}")
         info = self.infos[key]
         where = f"{self.path}: key {key!r}"
         try:
@@ -122,10 +123,10 @@ class NpzReader:
                 offset = f.tell()
         except MinitxError:
             raise
-        except (ValueError, SyntaxError, TypeError) as e:
-            raise MinitxError(f"{where} is not an npy array ({str(e).splitlines()[0] if str(e) else e!r})") from None
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as e:
             raise MinitxError(f"{where} is unreadable (truncated or corrupt file?): {e}") from None
+        except Exception as e:  # numpy parses the header dict with Python's tokenizer: any error type
+            raise MinitxError(f"{where} is not an npy array ({str(e).splitlines()[0] if str(e) else e!r})") from None
         if dtype.hasobject:
             raise MinitxError(f"{where} holds Python objects; refusing to unpickle")
         nbytes = _nbytes(shape, dtype)
@@ -224,10 +225,11 @@ def load(path: str | os.PathLike) -> Model:
         config = r.json("__config__")
         if not isinstance(config, dict):
             raise MinitxError(f"{r.path}: key '__config__' must be a JSON object")
+        graph_text = r.text("__graph__") if "__graph__" in r else None
         try:
             config = models.complete_config(config)
-            if "__graph__" in r:
-                graph = _stored_graph(r.text("__graph__"))
+            if graph_text is not None:
+                graph = _stored_graph(graph_text)
             else:
                 graph = models.build_graph(config)
         except MinitxError as e:

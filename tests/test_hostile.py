@@ -125,7 +125,7 @@ def test_npy_header_declaring_terabytes(tmp_path, gpt2_file):
     fails("declares 4,398,046,511,104 bytes", "infer", bad, "--ids", "1")
     # the same header in a golden file (no config to compare with): refused by the size records too
     bad_golden = write_zip(tmp_path / "g.npz", {"__golden__.npy": text(json.dumps(
-        {"format": 1, "model": {}, "inputs": [], "outputs": ["logits"]})), "out.logits.npy": buf.getvalue()})
+        {"format": 1, "model": {"arch": "gpt2", "config_hash": "0"}, "inputs": [], "outputs": ["logits"]})), "out.logits.npy": buf.getvalue()})
     with pytest.raises(MinitxError, match="declares"):
         gd.load(bad_golden)
 
