@@ -8,7 +8,8 @@ Cases run in children forked from one server process (``python tests/test_fuzz.p
 has imported minitx once, so a case costs milliseconds, not an interpreter start; the fork gives
 each case its own address space for ``RLIMIT_AS`` and can be killed at its timeout.
 
-The short run (default suite) takes a few seconds; ``-m slow`` runs many more cases.
+The short run (default suite) takes a few seconds; ``pytest -m slow tests/test_fuzz.py`` runs 1,200
+cases (the long run is skipped unless ``slow`` is selected explicitly).
 """
 from __future__ import annotations
 
@@ -328,7 +329,9 @@ def test_fuzz_short(seeds, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
-def test_fuzz_long(seeds, tmp_path, seed):
+def test_fuzz_long(seeds, tmp_path, seed, request):
+    if "slow" not in (request.config.option.markexpr or ""):
+        pytest.skip("the long fuzz (about a minute per seed) runs only when asked for: pytest -m slow")
     check(run_cases(make_cases(seeds, tmp_path, 300, seed=1000 + seed), tmp_path))
 
 
