@@ -692,7 +692,8 @@ def optimize(model: str, plugins, calib, calib_seed: int, validate_specs, force:
     from minitx.plugin import optimize as _optimize
     from minitx.validate import Calibration
 
-    check_output(output, [model], in_place=[model])   # documented: optimize m.npz -o m.npz rewrites in place
+    check_output(output, [model, *(s[5:] for s in (*calib, *validate_specs) if s.startswith("file:"))],
+                 in_place=[model])   # documented: optimize m.npz -o m.npz rewrites in place
     m = load_model(model)
     cal = Calibration.parse(list(calib), seed=calib_seed, validate=list(validate_specs))
     new = _optimize(m, plugins, calib=cal, force=force, warn=lambda s: click.echo(s, err=True))
@@ -938,7 +939,7 @@ def qat(model, data_path, plugin_text, output, steps, batch_size, seq_len, grad_
     Q.split_spec(plugin_text)                        # bad options fail before any work
     cal = Calibration.parse(list(calib), validate=list(validate_specs))
     checkpoint = _checkpoint_path(output, checkpoint)
-    check_output(output, [model, data_path, resume])
+    check_output(output, [model, data_path, resume, *(s[5:] for s in (*calib, *validate_specs) if s.startswith("file:"))])
     check_output(checkpoint, [model, data_path], in_place=[resume])
     m = load_model(model)
     Q._check_float(m, model or "the bundled model")
