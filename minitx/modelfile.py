@@ -271,6 +271,49 @@ def load(path: str | os.PathLike) -> Model:
     return Model(config, params, graph, tok, meta)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+# What a stored graph's node attributes may hold (ops take them as keyword arguments, and most
+# are used only when the graph runs, where a string ``eps`` would surface as a TypeError).
+_ATTR_RULES: dict[str, tuple[str, Any]] = {
+    **{k: ("an integer", _is_int) for k in ("axis", "seed", "step", "ignore_index")},
+    **{k: ("a non-negative integer", lambda v: _is_int(v) and v >= 0)
+       for k in ("bits", "block", "group", "dense_below", "n_global", "stride", "topk", "window")},
+    **{k: ("a positive integer", lambda v: _is_int(v) and v > 0)
+       for k in ("dim", "in_features", "m", "n", "max_len", "n_heads", "n_kv_heads", "n_landmarks")},
+    "n_maps": ("a positive integer or null", lambda v: v is None or (_is_int(v) and v > 0)),
+    **{k: ("true or false", lambda v: isinstance(v, bool)) for k in ("causal", "transpose_b", "transposed", "training")},
+    **{k: ("a finite number", _is_num) for k in ("eps", "theta", "threshold", "temperature", "p", "factor")},
+    "scale": ("a finite number or null", lambda v: v is None or _is_num(v)),
+    "approximate": ("'none' or 'tanh'", lambda v: v in ("none", "tanh")),
+    **{k: ("a string", lambda v: isinstance(v, str)) for k in ("pattern", "dtype")},
+    **{k: ("a list of non-negative integers", lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v))
+       for k in ("shape", "sizes")},
+}
+
+
+def _check_attrs(n: Any, known: dict[str, Any]) -> None:
+    for k, v in n.attrs.items():
+        if k not in known:
+            raise MinitxError(f"key '__graph__': node {n.name} ({n.op}) has unknown attribute {k!r} "
+                              f"(known: {', '.join(sorted(known)) or 'none'})")
+        what, ok = _ATTR_RULES.get(k, (None, None))
+        if ok is None:   # an attribute without a rule must at least have its default's type
+            d = known[k]
+            if d is None or d is inspect.Parameter.empty or type(v) is type(d):
+                continue
+            what, ok = f"of type {type(d).__name__}", lambda x: False
+        if not ok(v):
+            shown = repr(v) if len(repr(v)) <= 40 else type(v).__name__
+            raise MinitxError(f"key '__graph__': node {n.name} ({n.op}) attribute {k} must be {what}, got {shown}")
+
+
 def _stored_graph(text: str) -> Graph:
     """A rewritten model's graph, checked as far as it can be without running it: structure, value
     declarations, every node's attributes against its op, and shape inference."""
@@ -288,19 +331,19 @@ def _stored_graph(text: str) -> Graph:
         for n in graph.nodes:
             if not all(isinstance(x, str) for x in (n.name, n.op, *n.inputs, *n.outputs)):
                 raise TypeError(f"node {n.name!r}: names must be strings")
+            if not all(isinstance(k, str) for k in (*n.attrs, *n.tags)):
+                raise TypeError(f"node {n.name!r}: attribute names must be strings")
+        if not all(isinstance(o, str) for o in graph.outputs) or not isinstance(graph.meta, dict):
+            raise TypeError("outputs must be names and meta an object")
+        graph.validate()
     except MinitxError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise MinitxError(f"key '__graph__' is malformed: {e}") from None
-    graph.validate()
     for n in graph.nodes:
         spec = ops.get(n.op)
-        known = {p.name for p in inspect.signature(spec.forward).parameters.values()
-                 if p.kind == p.KEYWORD_ONLY}
-        unknown = sorted(set(n.attrs) - known)
-        if unknown:
-            raise MinitxError(f"key '__graph__': node {n.name} ({n.op}) has unknown attribute {unknown[0]!r} "
-                              f"(known: {', '.join(sorted(known)) or 'none'})")
+        _check_attrs(n, {p.name: p.default for p in inspect.signature(spec.forward).parameters.values()
+                         if p.kind == p.KEYWORD_ONLY})
     try:
         graph.infer({s: 1 for s in symbols(graph)})
     except MinitxError as e:

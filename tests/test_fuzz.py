@@ -55,7 +55,7 @@ def mutate_json(text: str, rng: random.Random) -> str:
     if not isinstance(doc, (dict, list)) or not doc or rng.random() < 0.03:
         return hostile_json(rng)
     node = doc
-    for _ in range(rng.randint(0, 2)):        # walk down a little way
+    for _ in range(rng.randint(0, 4)):        # walk down a little way
         keys = list(node) if isinstance(node, dict) else list(range(len(node)))
         inner = [k for k in keys if isinstance(node[k], (dict, list)) and node[k]]
         if not inner:
@@ -99,6 +99,7 @@ def mutate_npz(src: str, dst: str, rng: random.Random) -> str:
     done = []
     for _ in range(rng.randint(1, 3)):
         texts = [k for k in sorted(ms) if k.startswith("__") and k != "__format_version__.npy"]
+        texts += ["__graph__.npy"] * 3 if "__graph__.npy" in ms else []
         name = rng.choice(texts if texts and rng.random() < 0.4 else sorted(ms))
         parts = _split_npy(ms[name])
         kind = "json" if name.startswith("__") and rng.random() < 0.6 else rng.choice(["json", "shape", "dtype", "flip", "truncate", "drop", "add", "values"])
@@ -262,7 +263,8 @@ def serve(cases_path: str, results_path: str) -> None:
 # ------------------------------------------------------------------------------------- the test
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory) -> dict[str, str]:
-    """Valid inputs to mutate: a GPT-2 model with a tokenizer, a golden file of it, HF folders."""
+    """Valid inputs to mutate: a GPT-2 model with a tokenizer, a golden file of it, a rewritten
+    model (HF folders come from tests/fixtures)."""
     from minitx import data, modelfile, models
     from minitx import golden as gd
     from minitx.model import Model
@@ -273,7 +275,12 @@ def seeds(tmp_path_factory) -> dict[str, str]:
     modelfile.save(m, d / "m.npz")
     g = gd.record(m, gd.make_feeds(m, [[1, 2, 3], [4, 5]]))
     gd.save(g, d / "g.npz")
-    return {"model": str(d / "m.npz"), "golden": str(d / "g.npz")}
+    # a rewritten LLaMA carries its own __graph__ (quantized ops, int8 KV cache): hostile graphs too
+    from minitx.plugin import optimize
+
+    q = optimize(Model.from_config(models.preset("llama", "tiny"), seed=0), ["quant:int8,kv=int8"], validate=False)
+    modelfile.save(q, d / "q.npz")
+    return {"model": str(d / "m.npz"), "golden": str(d / "g.npz"), "rewritten": str(d / "q.npz")}
 
 
 def make_cases(seeds: dict[str, str], root, n: int, seed: int) -> list[dict]:
@@ -284,7 +291,7 @@ def make_cases(seeds: dict[str, str], root, n: int, seed: int) -> list[dict]:
         cwd.mkdir()
         target = ["model", "golden", "hf"][k % 3]
         if target == "model":
-            what = mutate_npz(seeds["model"], str(cwd / "m.npz"), rng)
+            what = mutate_npz(seeds["model" if k % 2 else "rewritten"], str(cwd / "m.npz"), rng)
             args = rng.choice([["infer", "m.npz", "--prompt", "hello", "-n", "2", "--json"],
                                ["infer", "m.npz", "--ids", "1,2", "-n", "2", "--json"],
                                ["show", "m.npz", "--json"]])

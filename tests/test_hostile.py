@@ -112,6 +112,21 @@ def test_unknown_node_attribute(tmp_path):
     fails("has unknown attribute 'bogus'", "infer", bad, "--ids", "1")
 
 
+@pytest.mark.parametrize("attr, value, match", [
+    ("eps", "1e-5", "attribute eps must be a finite number, got '1e-5'"),
+    ("approximate", "banana", "attribute approximate must be 'none' or 'tanh'"),
+])
+def test_node_attribute_of_the_wrong_kind(tmp_path, attr, value, match):
+    """Attributes an op reads only when it runs are checked when the file is loaded."""
+    m = Model.from_config(models.preset("gpt2", "tiny"))
+    g = json.loads(m.graph.to_json())
+    node = next(n for n in g["nodes"] if attr in n["attrs"])
+    node["attrs"][attr] = value
+    p = tmp_path / "g.npz"
+    modelfile.save(m, p, graph_differs=True)
+    fails(match, "infer", edited(tmp_path, str(p), __graph__=text(json.dumps(g))), "--ids", "1")
+
+
 def test_stored_graph_that_is_not_a_graph(tmp_path, gpt2_file):
     for g in ("[1, 2]", '{"inputs": 5}', '{"inputs": [], "outputs": [], "params": [], "nodes": [{"op": 3}]}'):
         bad = edited(tmp_path, gpt2_file, __graph__=text(g))
