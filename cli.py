@@ -402,8 +402,8 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
                     user = json.load(f)
             except FileNotFoundError:
                 raise MinitxError(f"{config_path}: no such config file") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise MinitxError(f"{config_path}: not valid JSON: {e}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
+                raise MinitxError(f"{config_path}: not valid JSON: {str(e)[:200] or 'nested too deeply'}") from None
             if not isinstance(user, dict):
                 raise MinitxError(f"{config_path}: a config must be a JSON object")
             a = user.get("arch", arch)
@@ -416,6 +416,7 @@ def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_si
             raise MinitxError("give --arch gpt2|llama (or --config cfg.json, or --resume ckpt.npz)")
         else:
             config = models.preset(arch, preset)
+        models.complete_config(config)   # every field and size checked before a tokenizer is trained
         if tokenizer_path:
             tok_json = data.load_tokenizer_json(tokenizer_path)
         else:
@@ -869,8 +870,8 @@ def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, la
                 user = json.load(f)
     except FileNotFoundError:
         raise MinitxError(f"--student-config {src}: no such file (give a JSON file or inline JSON)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinitxError(f"--student-config {src}: not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as e:
+        raise MinitxError(f"--student-config {src[:80]}: not valid JSON: {str(e)[:200] or 'nested too deeply'}") from None
     config = dl.student_config(t, user)
     if resume:
         st = tr.load_checkpoint(resume, kind="distill")

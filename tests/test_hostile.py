@@ -449,3 +449,25 @@ def test_check_output_returns_the_target(tmp_path):
         check_output("")
     with pytest.raises(MinitxError, match="does not exist"):
         check_output(tmp_path / "nope" / "x.npz")
+
+
+# ------------------------------------------------------------------------------- train's inputs
+@pytest.mark.parametrize("config, match", [
+    ('{"arch": "gpt2", "vocab_size": "x"}', "vocab_size must be a positive integer, got 'x'"),
+    ('{"arch": "gpt2", "n_layers": 1000000000}', "n_layers = 1000000000 exceeds the limit of 1024"),
+    ('{"arch": ["gpt2"]}', "unknown architecture list"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+])
+def test_train_config_refused_before_the_tokenizer(tmp_path, config, match):
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    (tmp_path / "c.json").write_text(config)
+    fails(match, "train", "--config", tmp_path / "c.json", "--data", tmp_path / "t.txt", "-o", tmp_path / "o.npz", "-q")
+
+
+def test_train_text_and_tokenizer_files(tmp_path):
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe not utf-8")
+    fails("not UTF-8", "train", "--arch", "gpt2", "--tokenizer", tmp_path / "bad.json", "--data", tmp_path / "t.txt",
+          "-o", tmp_path / "o.npz", "-q")
+    os.mkfifo(tmp_path / "fifo")
+    fails("is not a regular file", "train", "--arch", "gpt2", "--data", tmp_path / "fifo", "-o", tmp_path / "o.npz", "-q")

@@ -153,11 +153,11 @@ def init_params(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def preset(arch: str, name: str) -> dict[str, Any]:
-    fam = FAMILIES.get(arch)
+    fam = FAMILIES.get(arch) if isinstance(arch, str) else None
     if fam is None:
-        raise MinitxError(f"unknown architecture {arch!r} (supported: {', '.join(FAMILIES)})")
-    if name not in fam.PRESETS:
-        raise MinitxError(f"unknown preset {name!r} for {arch} (choose from {', '.join(fam.PRESETS)})")
+        raise MinitxError(f"unknown architecture {_short(arch)} (supported: {', '.join(FAMILIES)})")
+    if not isinstance(name, str) or name not in fam.PRESETS:
+        raise MinitxError(f"unknown preset {_short(name)} for {arch} (choose from {', '.join(fam.PRESETS)})")
     return {"arch": arch, **fam.PRESETS[name]}
 
 
