@@ -10,8 +10,9 @@ Keys:
   every other key          a parameter, named as in the graph (``layers.0.attn.qkv.weight``)
 
 Loading never unpickles and checks everything before anything runs; every problem is a one-line
-:class:`MinitxError` naming the file and the key. Saving is atomic: a temporary file in the same
-folder, renamed over the target only once fully written.
+:class:`MinitxError` naming the file and the key; config sizes have hard limits and every npy
+header is checked before its data is read (see :class:`NpzReader`). Saving goes through
+:mod:`minitx.outputs`: atomic, symlinks written through, special files refused.
 """
 from __future__ import annotations
 
