@@ -509,6 +509,8 @@ def plan(folder: str) -> tuple[Plan, "_Tensors"]:
         if got != want:
             detail = ", ".join(f"{s} {tensors.shapes[s]}" for s in srcs)
             raise MinitxError(f"{folder}: {detail} gives {name} the shape {got}, but config.json implies {want}")
+        if 8 * int(np.prod(want, dtype=object)) > (models.physical_memory() or 1 << 62):   # read + widened copy
+            raise MinitxError(f"{folder}: tensor {name} {want} would not fit in this machine's memory")
     p.tokenizer_json = _tokenizer(folder, p.config, lowercase)
     dtypes = sorted({tensors.dtypes[s] for srcs, _ in p.params.values() for s in srcs})
     p.meta = {"source": f"converted from Hugging Face {arch}", "hf_architecture": arch,
