@@ -23,7 +23,8 @@ import numpy as np
 
 from . import __version__, models
 from .errors import MinitxError
-from .modelfile import FORMAT_VERSION, _text, atomic_write
+from .modelfile import FORMAT_VERSION, _text
+from .outputs import atomic_write
 
 # A conversion plan: for each minitx parameter, the HF tensors it is built from and how.
 Build = Callable[[list[np.ndarray]], np.ndarray]

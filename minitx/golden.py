@@ -29,7 +29,8 @@ from . import __version__, metrics, models
 from .backend import Backend
 from .errors import MinitxError
 from .model import Model
-from .modelfile import NpzReader, write_npz_atomic
+from .modelfile import NpzReader
+from .outputs import write_npz_atomic
 
 GOLDEN_FORMAT = 1
 

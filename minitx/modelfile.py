@@ -31,7 +31,7 @@ from .errors import MinitxError
 from . import ops
 from .ir import Graph, symbols
 from .model import Model
-from .outputs import atomic_write, write_npz_atomic  # noqa: F401  (re-exported: train, golden, bench)
+from .outputs import atomic_write, write_npz_atomic  # noqa: F401  (re-exported for train.py and bench.py)
 
 FORMAT_VERSION = 1
 META_KEYS = ("__format_version__", "__config__", "__tokenizer__", "__graph__", "__meta__")
