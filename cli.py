@@ -23,6 +23,7 @@ from minitx import __version__  # first: it sets OpenBLAS's thread timeout befor
 
 import numpy as np  # noqa: E402
 from minitx.errors import MinitxError  # noqa: E402
+from minitx.outputs import check_output  # noqa: E402
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())   # click >= 8.2
@@ -52,7 +53,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):   # non-finite results are
+                return super().invoke(ctx)   # refused where they matter (NaN logits, loss); no warning noise
         except MinitxError as e:
             click.echo(f"error: {_one_line(e)}", err=True)
             ctx.exit(2)
@@ -226,6 +228,7 @@ def init(arch: str, preset: str, seed: int, output: str) -> None:
     from minitx import modelfile
     from minitx.model import Model
 
+    check_output(output)
     model = Model.from_preset(arch, preset, seed)
     modelfile.save(model, output)
     click.echo(f"wrote {output}: {arch} ({preset}), {model.n_params():,} parameters, "
@@ -270,7 +273,7 @@ def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, t
 
         m = prepare(m, parallel, warn=lambda s: click.echo(s, err=True))
     backends = _backends(backends)
-    tok = m.tokenizer
+    tok = None if ids else m.tokenizer   # --ids: ids in, ids out; the tokenizer is not even parsed
     if m.is_decoder:
         if texts:
             raise MinitxError("--text is for encoders; use --prompt with a decoder")
@@ -579,6 +582,7 @@ def convert(src: str, output: str) -> None:
     """
     from minitx import convert as cv
 
+    check_output(output, cv.source_files(src))
     plan, tensors = cv.plan(src)
     total = cv.total_bytes(plan, tensors)
     if sys.stderr.isatty():
@@ -617,6 +621,7 @@ def golden(model, prompts, texts, ids, random_spec, seed, intermediates, backend
     path = bundled.model_path(model)
     m = load_model(path)
     seqs = inputs.model_inputs(m, prompts, texts, ids, random_spec, seed)
+    check_output(output, [path])
     g = gd.record(m, gd.make_feeds(m, seqs), _backends(backends), intermediates)
     g.provenance["model_file"] = os.path.basename(path)
     gd.save(g, output)
@@ -711,6 +716,8 @@ def optimize(model: str | None, plugins, calib, calib_seed: int, validate_specs,
     from minitx.plugin import optimize as _optimize
     from minitx.validate import Calibration
 
+    check_output(output, [model, *(s[5:] for s in (*calib, *validate_specs) if s.startswith("file:"))],
+                 in_place=[model])   # documented: optimize m.npz -o m.npz rewrites in place
     m = load_model(model)
     cal = Calibration.parse(list(calib), seed=calib_seed, validate=list(validate_specs))
     new = _optimize(m, plugins, calib=cal, force=force, warn=lambda s: click.echo(s, err=True))
@@ -807,6 +814,8 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, s
     s.check()
     model = bundled.model_path(model)
     m = load_model(model)
+    if plot_path:
+        check_output(plot_path, [model])
     sets = [[]] + [bn.parse_plugin_set(p) for p in plugin_sets]
     sets = [p for k, p in enumerate(sets) if p not in sets[:k]]
     backends = list(backends) or ["numpy"]

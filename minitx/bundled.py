@@ -19,8 +19,8 @@ def default_model_path() -> str:
 def model_path(path: str | None) -> str:
     """The model file a command reads: ``path``, or the bundled model when none is named.
 
-    An existing path that is not a regular file (a FIFO, a device, a socket) is refused before it
-    is opened: reading one could block forever or never end.
+    A folder is refused with a hint (a Hugging Face folder needs `minitx convert`); the loader
+    refuses anything else that is not a regular file before opening it.
     """
     if path is None:
         return default_model_path()
@@ -32,8 +32,6 @@ def model_path(path: str | None) -> str:
         return path   # missing or unreadable: the loader names the problem
     if stat.S_ISDIR(mode):
         raise MinitxError(f"{path}: is a folder, not a model file (a Hugging Face folder? see `minitx convert`)")
-    if not stat.S_ISREG(mode):
-        raise MinitxError(f"{path}: not a regular file (a FIFO, device or socket cannot be read as a model)")
     return path
 
 

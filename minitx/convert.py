@@ -13,6 +13,7 @@ temporary file renamed into place only once complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ import numpy as np
 
 from . import __version__, models
 from .errors import MinitxError
-from .modelfile import FORMAT_VERSION, _text, atomic_write
+from .modelfile import FORMAT_VERSION, _text
+from .outputs import atomic_write
 
 # A conversion plan: for each minitx parameter, the HF tensors it is built from and how.
 Build = Callable[[list[np.ndarray]], np.ndarray]
@@ -53,16 +55,70 @@ def _cat(xs: list[np.ndarray]) -> np.ndarray:        # several biases -> one
 
 
 # ------------------------------------------------------------------------------------- reading
-def _read_json(path: str, required: bool = True) -> Any:
+MAX_JSON_BYTES = 1 << 28   # config, index and tokenizer files: 256 MiB is far beyond any real one
+
+
+def _read_json(path: str, required: bool = True, kind: type | None = None) -> Any:
+    """A JSON file's content; ``kind`` (dict or list) is what its top level must be. Every failure —
+    a folder in its place, bad UTF-8, nesting deep enough to exhaust recursion — is one line."""
     if not os.path.exists(path):
         if required:
             raise MinitxError(f"{path}: no such file")
         return None
+    if not os.path.isfile(path):
+        raise MinitxError(f"{path}: is not a regular file")
     try:
+        if os.path.getsize(path) > MAX_JSON_BYTES:
+            raise MinitxError(f"{path}: {os.path.getsize(path):,} bytes is too large for a JSON file of a model folder")
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            out = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MinitxError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise MinitxError(f"{path}: JSON nested too deeply") from None
+    except OSError as e:
+        raise MinitxError(f"{path}: cannot read: {e.strerror}") from None
+    if kind is not None and not isinstance(out, kind):
+        raise MinitxError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}, got {type(out).__name__}")
+    return out
+
+
+def _inside(folder: str, name: Any, what: str) -> str:
+    """``folder/name`` for a relative file name from a folder's own JSON; a name that is not a
+    string, is absolute or climbs out with ``..`` is refused (it would read files outside)."""
+    if not isinstance(name, str) or not name:
+        raise MinitxError(f"{folder}/{what}: file name {name!r} must be a non-empty string")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts:
+        raise MinitxError(f"{folder}/{what}: file name {name!r} points outside the model folder; refused")
+    return os.path.join(folder, name)
+
+
+def _fields(hf: dict[str, Any], ints: tuple[str, ...] = (), floats: tuple[str, ...] = (),
+            nullable: tuple[str, ...] = ()) -> None:
+    """config.json's numeric fields have the right types (a string n_layer would reach range())."""
+    for k in ints:
+        v = hf.get(k)
+        if k in hf and not (v is None and k in nullable) and (not isinstance(v, int) or isinstance(v, bool)):
+            raise MinitxError(f"config.json: {k} must be an integer, got {_short(v)}")
+    for k in floats:
+        v = hf.get(k)
+        if k in hf and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise MinitxError(f"config.json: {k} must be a finite number, got {_short(v)}")
+
+
+def _short(v: Any) -> str:
+    r = repr(v) if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _limits(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The minitx config checked (sizes within limits) before a plan loops over its layers."""
+    try:
+        models.complete_config(cfg)
+    except MinitxError as e:
+        raise MinitxError(f"config.json: {e}") from None
+    return cfg
 
 
 class _Tensors:
@@ -79,8 +135,11 @@ class _Tensors:
         if os.path.exists(single):
             files = [single]
         elif os.path.exists(index):
-            idx = _read_json(index)
-            files = [os.path.join(folder, f) for f in sorted(set(idx.get("weight_map", {}).values()))]
+            idx = _read_json(index, kind=dict)
+            wm = idx.get("weight_map", {})
+            if not isinstance(wm, dict):
+                raise MinitxError(f"{index}: weight_map must be a JSON object (tensor name -> file)")
+            files = sorted({_inside(folder, f, "model.safetensors.index.json") for f in wm.values()})
         else:
             bins = [f for f in ("pytorch_model.bin", "model.ckpt", "tf_model.h5") if os.path.exists(os.path.join(folder, f))]
             hint = f" (found {bins[0]}; only safetensors checkpoints are read — pickled weights are never loaded)" if bins else ""
@@ -110,9 +169,11 @@ class _Tensors:
                 n = int.from_bytes(f.read(8), "little")
                 try:
                     header = json.loads(f.read(n))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise MinitxError(f"{path}: corrupt safetensors header: {e}") from None
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                              default=0)
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError, KeyError,
+                        TypeError, ValueError, IndexError) as e:
+                    raise MinitxError(f"{path}: corrupt safetensors header: {e!r}") from None
             if 8 + n + end > size:
                 raise MinitxError(f"{path}: truncated — the header describes {8 + n + end:,} bytes, "
                                   f"the file has {size:,}")
@@ -152,9 +213,11 @@ def _strip_prefix(names: set[str], prefixes: tuple[str, ...]) -> str:
 
 
 def _gpt2(hf: dict[str, Any], names: set[str]) -> Plan:
+    _fields(hf, ints=("n_embd", "vocab_size", "n_positions", "n_ctx", "n_layer", "n_head", "n_inner"),
+            floats=("layer_norm_epsilon",), nullable=("n_inner",))
     act = hf.get("activation_function", "gelu_new")
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-    if act not in acts:
+    if not isinstance(act, str) or act not in acts:
         raise MinitxError(f"config.json: GPT-2 activation_function {act!r} is not supported (supported: {', '.join(acts)})")
     for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                     ("add_cross_attention", False)):
@@ -165,6 +228,7 @@ def _gpt2(hf: dict[str, Any], names: set[str]) -> Plan:
            "d_model": C, "n_layers": hf["n_layer"], "n_heads": hf["n_head"],
            "d_ff": hf.get("n_inner") or 4 * C, "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
            "activation": acts[act]}
+    _limits(cfg)
     p = _strip_prefix(names, ("transformer.",))
     plan = Plan(cfg)
     P = plan.params
@@ -188,9 +252,11 @@ def _gpt2(hf: dict[str, Any], names: set[str]) -> Plan:
 
 
 def _bert(hf: dict[str, Any], names: set[str]) -> Plan:
+    _fields(hf, ints=("vocab_size", "max_position_embeddings", "type_vocab_size", "hidden_size", "num_hidden_layers",
+                      "num_attention_heads", "intermediate_size"), floats=("layer_norm_eps",))
     act = hf.get("hidden_act", "gelu")
     acts = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-    if act not in acts:
+    if not isinstance(act, str) or act not in acts:
         raise MinitxError(f"config.json: BERT hidden_act {act!r} is not supported (supported: {', '.join(acts)})")
     pet = hf.get("position_embedding_type", "absolute")
     if pet != "absolute":
@@ -200,6 +266,7 @@ def _bert(hf: dict[str, Any], names: set[str]) -> Plan:
            "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
            "d_ff": hf["intermediate_size"], "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
            "activation": acts[act], "normalize": False, "max_seq_length": None}
+    _limits(cfg)
     p = _strip_prefix(names, ("bert.", "model."))
     plan = Plan(cfg)
     P = plan.params
@@ -228,7 +295,10 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     """rope_theta from either config layout; any scaling minitx's ``rope`` op does not implement is refused."""
     for key in ("rope_scaling", "rope_parameters"):
         rp = hf.get(key)
+        if rp is not None and not isinstance(rp, dict):
+            raise MinitxError(f"config.json: {key} must be a JSON object or null, got {_short(rp)}")
         if rp:
+            _fields(rp, floats=("rope_theta",))
             kind = rp.get("rope_type", rp.get("type", "default"))
             if kind != "default":
                 raise MinitxError(f"config.json: {key} of type {kind!r} is not supported "
@@ -239,6 +309,9 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 
 
 def _llama(hf: dict[str, Any], names: set[str]) -> Plan:
+    _fields(hf, ints=("hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings",
+                      "num_hidden_layers", "num_key_value_heads", "intermediate_size", "head_dim", "pretraining_tp"),
+            floats=("rms_norm_eps", "rope_theta"), nullable=("num_key_value_heads", "head_dim"))
     if hf.get("hidden_act", "silu") != "silu":
         raise MinitxError(f"config.json: LLaMA hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     for key in ("attention_bias", "mlp_bias"):
@@ -247,6 +320,8 @@ def _llama(hf: dict[str, Any], names: set[str]) -> Plan:
     if hf.get("pretraining_tp", 1) != 1:
         raise MinitxError(f"config.json: LLaMA with pretraining_tp={hf['pretraining_tp']} is not supported")
     C, H = hf["hidden_size"], hf["num_attention_heads"]
+    if H <= 0:
+        raise MinitxError(f"config.json: num_attention_heads must be positive, got {H}")
     if hf.get("head_dim") not in (None, C // H):
         raise MinitxError(f"config.json: head_dim {hf['head_dim']} differs from hidden_size/num_attention_heads "
                           f"= {C // H}; not supported")
@@ -255,6 +330,7 @@ def _llama(hf: dict[str, Any], names: set[str]) -> Plan:
            "d_model": C, "n_layers": hf["num_hidden_layers"], "n_heads": H,
            "n_kv_heads": hf.get("num_key_value_heads") or H, "d_ff": hf["intermediate_size"],
            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "rope_theta": _rope_theta(hf), "tie_embeddings": tied}
+    _limits(cfg)
     p = _strip_prefix(names, ("model.",))
     plan = Plan(cfg)
     P = plan.params
@@ -284,29 +360,38 @@ _MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "llama": "LlamaF
 # ------------------------------------------------------------------------ sentence-transformers
 def _sentence_transformers(folder: str, cfg: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     """Apply a sentence-transformers pipeline (modules.json): mean pooling, Normalize, max_seq_length."""
-    mods = _read_json(os.path.join(folder, "modules.json"))
-    if not isinstance(mods, list):
-        raise MinitxError(f"{folder}/modules.json: expected a list of modules")
+    mods = _read_json(os.path.join(folder, "modules.json"), kind=list)
+    if not all(isinstance(m, dict) for m in mods):
+        raise MinitxError(f"{folder}/modules.json: expected a list of module objects")
+    if not all(isinstance(m.get("idx", 0), int) for m in mods):
+        raise MinitxError(f"{folder}/modules.json: a module's idx must be an integer")
     st: dict[str, Any] = {"modules": []}
     cfg = {**cfg, "normalize": False}
     pooled = False
     for m in sorted(mods, key=lambda m: m.get("idx", 0)):
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-        path = os.path.join(folder, m.get("path", ""))
+        path = _inside(folder, m.get("path") or ".", "modules.json")
         st["modules"].append(kind)
         if kind == "Transformer":
             if m.get("path", "") not in ("", "."):
                 raise MinitxError(f"{folder}/modules.json: a Transformer module in a subfolder "
                                   f"({m['path']}) is not supported")
-            sb = _read_json(os.path.join(folder, "sentence_bert_config.json"), required=False) or {}
+            sb = _read_json(os.path.join(folder, "sentence_bert_config.json"), required=False, kind=dict) or {}
             msl = sb.get("max_seq_length")
             if msl is None:
-                tc = _read_json(os.path.join(folder, "tokenizer_config.json"), required=False) or {}
-                msl = min(int(hf.get("max_position_embeddings", 512)), int(tc.get("model_max_length", 10**9)))
+                tc = _read_json(os.path.join(folder, "tokenizer_config.json"), required=False, kind=dict) or {}
+                mml = tc.get("model_max_length", 10**9)
+                if not isinstance(mml, (int, float)) or isinstance(mml, bool):
+                    raise MinitxError(f"{folder}/tokenizer_config.json: model_max_length must be a number, "
+                                      f"got {_short(mml)}")
+                msl = min(int(hf.get("max_position_embeddings", 512)), int(min(mml, 10**9)))
+            elif not isinstance(msl, int) or isinstance(msl, bool) or msl <= 0:
+                raise MinitxError(f"{folder}/sentence_bert_config.json: max_seq_length must be a positive integer, "
+                                  f"got {_short(msl)}")
             cfg["max_seq_length"] = int(msl)
             st["do_lower_case"] = bool(sb.get("do_lower_case", False))
         elif kind == "Pooling":
-            pc = _read_json(os.path.join(path, "config.json"))
+            pc = _read_json(os.path.join(path, "config.json"), kind=dict)
             modes = [k[len("pooling_mode_"):] for k, v in pc.items() if k.startswith("pooling_mode_") and v is True]
             if pc.get("pooling_mode") is not None:
                 modes = [pc["pooling_mode"]]
@@ -334,8 +419,8 @@ def _tokenizer(folder: str, cfg: dict[str, Any], lowercase: bool) -> str | None:
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(path):
         return None
-    tj = _read_json(path)
-    if not isinstance(tj, dict) or "model" not in tj:
+    tj = _read_json(path, kind=dict)
+    if "model" not in tj:
         raise MinitxError(f"{path}: not a tokenizers tokenizer.json")
     tj["padding"] = None
     msl = cfg.get("max_seq_length")
@@ -343,7 +428,7 @@ def _tokenizer(folder: str, cfg: dict[str, Any], lowercase: bool) -> str | None:
                         if msl else None)
     if lowercase:
         norm = tj.get("normalizer")
-        if norm and norm.get("type") == "BertNormalizer":
+        if isinstance(norm, dict) and norm.get("type") == "BertNormalizer":
             norm["lowercase"] = True
         else:
             tj["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Lowercase"}] + ([norm] if norm else [])}
@@ -360,16 +445,39 @@ def _tokenizer(folder: str, cfg: dict[str, Any], lowercase: bool) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- the plan
+def source_files(folder: str) -> list[str]:
+    """The files of ``folder`` a conversion may read: an output must not be one of them."""
+    names = ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "modules.json", "sentence_bert_config.json", "tokenizer_config.json"]
+    out = [os.path.join(folder, n) for n in names]
+    out += [os.path.join(folder, n) for n in _listdir(folder) if n.endswith(".safetensors")]
+    for sub in _listdir(folder):   # sentence-transformers modules keep their config in subfolders
+        if os.path.isdir(os.path.join(folder, sub)):
+            out.append(os.path.join(folder, sub, "config.json"))
+    return out
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))[:10000]
+    except OSError:
+        return []
+
+
 def plan(folder: str) -> tuple[Plan, "_Tensors"]:
     """Read config and tensor headers, map names, and check every shape — before anything is written."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise MinitxError(f"{folder}: not a folder (expected a Hugging Face model folder with config.json "
                           f"and model.safetensors)")
-    hf = _read_json(os.path.join(folder, "config.json"))
-    if not isinstance(hf, dict):
-        raise MinitxError(f"{folder}/config.json: expected a JSON object")
-    archs = hf.get("architectures") or ([_MODEL_TYPES[hf["model_type"]]] if hf.get("model_type") in _MODEL_TYPES else [])
+    hf = _read_json(os.path.join(folder, "config.json"), kind=dict)
+    mt = hf.get("model_type")
+    if mt is not None and not isinstance(mt, str):
+        raise MinitxError(f"{folder}/config.json: model_type must be a string, got {_short(mt)}")
+    archs = hf.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise MinitxError(f"{folder}/config.json: architectures must be a list of strings, got {_short(archs)}")
+    archs = archs or ([_MODEL_TYPES[mt]] if mt in _MODEL_TYPES else [])
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise MinitxError(f"{folder}/config.json: architecture {', '.join(archs) or hf.get('model_type') or '(none)'} "
@@ -402,10 +510,13 @@ def plan(folder: str) -> tuple[Plan, "_Tensors"]:
         if got != want:
             detail = ", ".join(f"{s} {tensors.shapes[s]}" for s in srcs)
             raise MinitxError(f"{folder}: {detail} gives {name} the shape {got}, but config.json implies {want}")
+        if 8 * int(np.prod(want, dtype=object)) > (models.physical_memory() or 1 << 62):   # read + widened copy
+            raise MinitxError(f"{folder}: tensor {name} {want} would not fit in this machine's memory")
     p.tokenizer_json = _tokenizer(folder, p.config, lowercase)
     dtypes = sorted({tensors.dtypes[s] for srcs, _ in p.params.values() for s in srcs})
     p.meta = {"source": f"converted from Hugging Face {arch}", "hf_architecture": arch,
-              "hf_model": hf.get("_name_or_path") or os.path.basename(os.path.abspath(folder)),
+              "hf_model": (hf.get("_name_or_path") if isinstance(hf.get("_name_or_path"), str) else None)
+              or os.path.basename(os.path.abspath(folder)),
               "hf_dtypes": dtypes, "converted_by": f"minitx {__version__}"}
     if st:
         p.meta["sentence_transformers"] = st["modules"]

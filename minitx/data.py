@@ -15,17 +15,26 @@ from .errors import MinitxError
 EOT = "<|endoftext|>"
 
 
+def _regular(path: str, what: str) -> None:
+    """A FIFO or device would block or never end a read: only regular files are read."""
+    if not os.path.exists(path):
+        raise MinitxError(f"{path}: no such {what}")
+    if os.path.isdir(path):
+        raise MinitxError(f"{path}: is a folder, not a {what}")
+    if not os.path.isfile(path):
+        raise MinitxError(f"{path}: is not a regular file (a FIFO or device), not a {what}")
+
+
 def read_text(path: str | os.PathLike) -> str:
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MinitxError(f"{path}: no such data file")
-    if os.path.isdir(path):
-        raise MinitxError(f"{path}: is a folder, not a text file")
+    _regular(path, "data file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
         raise MinitxError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise MinitxError(f"{path}: cannot read: {e.strerror}") from None
     if not text.strip():
         raise MinitxError(f"{path}: the data file is empty")
     return text
@@ -43,8 +52,11 @@ def train_tokenizer(text: str, vocab_size: int) -> str:
     """A byte-level BPE (GPT-2 style: every byte is a token, so no text is unencodable) trained on
     ``text``; returns its tokenizer.json."""
     tk = _tokenizers()
-    if vocab_size < 257:
-        raise MinitxError(f"--vocab-size must be at least 257 (256 bytes + end-of-text), got {vocab_size}")
+    from .models import LIMITS
+
+    if not 257 <= vocab_size <= LIMITS["vocab_size"]:
+        raise MinitxError(f"--vocab-size must be in 257 (256 bytes + end-of-text) … {LIMITS['vocab_size']}, "
+                          f"got {vocab_size}")
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk.decoders.ByteLevel()
@@ -56,10 +68,14 @@ def train_tokenizer(text: str, vocab_size: int) -> str:
 
 def load_tokenizer_json(path: str | os.PathLike) -> str:
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MinitxError(f"{path}: no such tokenizer file")
-    with open(path, encoding="utf-8") as f:
-        s = f.read()
+    _regular(path, "tokenizer file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            s = f.read()
+    except UnicodeDecodeError as e:
+        raise MinitxError(f"{path}: not a valid tokenizer.json: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise MinitxError(f"{path}: cannot read: {e.strerror}") from None
     try:
         json.loads(s)
         _tokenizers().Tokenizer.from_str(s)

@@ -93,6 +93,8 @@ class Sampling:
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarray:
     """Next token per row from (B, V) logits: greedy, or temperature with top-k / top-p filtering."""
+    if np.isnan(logits).any():   # argmax of NaN is token 0: a wrong answer, not an answer
+        raise MinitxError("the model produced NaN logits: its weights overflow float32 arithmetic")
     if s.temperature == 0.0:
         return logits.argmax(axis=-1)
     z = logits.astype(np.float64) / s.temperature
@@ -211,7 +213,10 @@ def embed(model: Model, sequences: Sequence[Sequence[int]], token_types: Sequenc
         types = token_types[start:start + batch_size] if token_types is not None else None
         fed = feeds.for_sequences(model.graph, chunk, decoder=False, token_types=types)
         out.append(model.executor(backends, strict).run(fed, outputs=["embedding"])["embedding"])
-    return np.concatenate(out, axis=0)
+    emb = np.concatenate(out, axis=0)
+    if np.isnan(emb).any():
+        raise MinitxError("the model produced NaN embeddings: its weights overflow float32 arithmetic")
+    return emb
 
 
 def cosine_similarity(emb: np.ndarray) -> np.ndarray:

@@ -29,7 +29,8 @@ from . import __version__, feeds, metrics, models
 from .backend import Backend
 from .errors import MinitxError
 from .model import Model
-from .modelfile import NpzReader, write_npz_atomic
+from .modelfile import NpzReader
+from .outputs import write_npz_atomic
 
 GOLDEN_FORMAT = 1
 
@@ -117,6 +118,7 @@ def save(g: Golden, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike) -> Golden:
+    """Read a golden file, checking its header and every array's kind before any model runs it."""
     r = NpzReader(path, "golden file")
     try:
         if "__golden__" not in r:
@@ -124,18 +126,47 @@ def load(path: str | os.PathLike) -> Golden:
         h = r.json("__golden__")
         if not isinstance(h, dict) or not isinstance(h.get("model"), dict):
             raise MinitxError(f"{r.path}: key '__golden__' is malformed")
-        if int(h.get("format", 0)) > GOLDEN_FORMAT:
-            raise MinitxError(f"{r.path}: golden format {h['format']} is newer than this minitx supports")
+        fmt = h.get("format", 0)
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+            raise MinitxError(f"{r.path}: key '__golden__': format must be a positive integer, got {fmt!r:.40}")
+        if fmt > GOLDEN_FORMAT:
+            raise MinitxError(f"{r.path}: golden format {fmt} is newer than this minitx supports")
+        for k in ("arch", "config_hash"):
+            v = h["model"].get(k)
+            if not (isinstance(v, str) and len(v) <= 100):
+                raise MinitxError(f"{r.path}: key '__golden__': model.{k} must be a short string")
+        prov = h.get("provenance", {})
+        if not isinstance(prov, dict):
+            raise MinitxError(f"{r.path}: key '__golden__': provenance must be a JSON object")
         groups: list[dict[str, np.ndarray]] = [{}, {}, {}]
         for key, prefix, group in (("inputs", "in.", groups[0]), ("outputs", "out.", groups[1]),
                                    ("nodes", "node.", groups[2])):
-            for name in h.get(key, []):
-                group[name] = r.array(prefix + name)
+            names = h.get(key, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise MinitxError(f"{r.path}: key '__golden__': {key} must be a list of names")
+            for name in names:
+                group[name] = _checked(r, prefix + name, is_input=prefix == "in.")
         if not groups[1]:
             raise MinitxError(f"{r.path}: golden file holds no outputs")
-        return Golden(h["model"], h.get("provenance", {}), *groups)
+        return Golden(h["model"], prov, *groups)
     finally:
         r.close()
+
+
+def _checked(r: NpzReader, key: str, is_input: bool) -> np.ndarray:
+    """A recorded array, refused unless it is what a graph takes or gives: token-like inputs are
+    integer (B, T) arrays (float ids would be truncated silently), every value is real-valued."""
+    shape, dtype = r.header(key)
+    where = f"{r.path}: key {key!r}"
+    if dtype.kind not in "biuf":
+        raise MinitxError(f"{where} has dtype {dtype}; golden values must be real numbers")
+    name = key.split(".", 1)[1]
+    if is_input and not name.startswith("past."):
+        if dtype.kind not in "iu":
+            raise MinitxError(f"{where} has dtype {dtype}; {name} must be integers")
+        if len(shape) != 2:
+            raise MinitxError(f"{where} has shape {shape}; {name} must be 2-D (batch, tokens)")
+    return r.array(key)
 
 
 # ----------------------------------------------------------------------------------- verify

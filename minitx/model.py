@@ -66,7 +66,10 @@ class Model:
                 from tokenizers import Tokenizer
             except ImportError:
                 raise MinitxError("this model carries a tokenizer; install the hf extra: pip install 'minitx[hf]'") from None
-            self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+            try:
+                self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+            except Exception as e:  # the tokenizers library raises its own exception types
+                raise MinitxError(f"the model's stored tokenizer is not readable: {str(e)[:200]}") from None
         return self._tokenizer
 
     def n_params(self) -> int:

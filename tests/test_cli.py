@@ -177,7 +177,7 @@ def test_fifo_as_model_is_refused_without_blocking(tmp_path):
     r = subprocess.run([sys.executable, "-m", "minitx", "show", str(fifo)], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip() == f"error: {fifo}: not a regular file (a FIFO, device or socket cannot be read as a model)"
+    assert r.stderr.strip() == f"error: {fifo}: is not a regular file (a FIFO, device or socket), not a model file"
     one_line_error(run("infer", str(fifo), "--ids", "1", ok=False), "not a regular file")
     one_line_error(run("infer", str(tmp_path), "--ids", "1", ok=False), "is a folder")
 

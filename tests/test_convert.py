@@ -39,7 +39,7 @@ def _fails(tmp_path, folder: str, match: str) -> None:
     line = r.output.strip()
     assert line.startswith("error: ") and "\n" not in line and "Traceback" not in line
     assert match in line, line
-    assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert not out.exists() and not [f for f in os.listdir(tmp_path) if "minitx-tmp" in f]
 
 
 @pytest.mark.parametrize("name", ["hf-gpt2-tiny", "hf-llama-tiny", "hf-bert-tiny"])

@@ -8,6 +8,7 @@ return ``hidden`` and the sentence ``embedding``.
 """
 from __future__ import annotations
 
+import os
 from types import ModuleType
 from typing import Any
 
@@ -22,8 +23,8 @@ FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "llama": llama}
 
 def family(config: dict[str, Any]) -> ModuleType:
     arch = config.get("arch")
-    if arch not in FAMILIES:
-        raise MinitxError(f"unknown architecture {arch!r} (supported: {', '.join(FAMILIES)})")
+    if not isinstance(arch, str) or arch not in FAMILIES:
+        raise MinitxError(f"unknown architecture {_short(arch)} (supported: {', '.join(FAMILIES)})")
     return FAMILIES[arch]
 
 
@@ -31,30 +32,94 @@ def is_decoder(config: dict[str, Any]) -> bool:
     return family(config).DECODER
 
 
+# Upper bounds on every size a config can set. They are far above any model minitx can run, and
+# exist so that one hostile or mistyped value (n_layers = 10**9) fails at once with one line
+# instead of building a graph layer by layer until memory runs out.
+LIMITS = {"vocab_size": 1 << 22, "n_ctx": 1 << 20, "type_vocab_size": 1 << 16, "d_model": 1 << 16,
+          "n_layers": 1 << 10, "n_heads": 1 << 10, "n_kv_heads": 1 << 10, "d_ff": 1 << 18,
+          "max_seq_length": 1 << 20}
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
+def _positive_int(key: str, v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise MinitxError(f"config: {key} must be a positive integer, got {_short(v)}")
+    if v > LIMITS.get(key, v):
+        raise MinitxError(f"config: {key} = {v} exceeds the limit of {LIMITS[key]}")
+    return v
+
+
+def _short(v: Any) -> str:
+    r = repr(v) if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 def complete_config(config: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults and check every field, naming the first one that is wrong."""
+    if not isinstance(config, dict):
+        raise MinitxError(f"config: must be a JSON object, got {type(config).__name__}")
     fam = family(config)
     out = {**fam.DEFAULTS, **config}
     unknown = set(out) - set(fam.DEFAULTS) - set(fam.REQUIRED) - {"arch"}
     if unknown:
-        raise MinitxError(f"config: unknown field(s) {sorted(unknown)} for arch {out['arch']}")
+        raise MinitxError(f"config: unknown field(s) {sorted(map(str, unknown))} for arch {out['arch']}")
     for key, kind in fam.REQUIRED.items():
         if key not in out:
             raise MinitxError(f"config: missing field {key!r} for arch {out['arch']}")
-        v = out[key]
-        if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-            raise MinitxError(f"config: {key} must be a positive integer, got {v!r}")
+        if kind is int:
+            _positive_int(key, out[key])
     for key in ("norm_eps", "rope_theta"):
-        if key in out and not (isinstance(out[key], (int, float)) and out[key] > 0):
-            raise MinitxError(f"config: {key} must be a positive number, got {out[key]!r}")
+        if key in out:
+            v = out[key]
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+                raise MinitxError(f"config: {key} must be a positive finite number, got {_short(v)}")
+    for key in ("normalize", "tie_embeddings"):
+        if key in out and not isinstance(out[key], bool):
+            raise MinitxError(f"config: {key} must be true or false, got {_short(out[key])}")
+    if "activation" in out and out["activation"] not in ACTIVATIONS:
+        raise MinitxError(f"config: activation {_short(out['activation'])} is not supported "
+                          f"(supported: {', '.join(ACTIVATIONS)})")
+    if "pooling" in out and out["pooling"] != "mean":
+        raise MinitxError(f"config: pooling {_short(out['pooling'])} is not supported (only 'mean')")
+    if out.get("max_seq_length") is not None:
+        _positive_int("max_seq_length", out["max_seq_length"])
+    d = out.get("dropout", 0.0)
+    if not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= d < 1.0):
+        raise MinitxError(f"config: dropout must be in [0, 1), got {_short(d)}")
     if out["d_model"] % out["n_heads"]:
         raise MinitxError(f"config: d_model {out['d_model']} is not divisible by n_heads {out['n_heads']}")
-    kv = out.get("n_kv_heads") or out["n_heads"]
-    if out["n_heads"] % kv:
-        raise MinitxError(f"config: n_heads {out['n_heads']} is not a multiple of n_kv_heads {kv}")
-    if not (0.0 <= float(out.get("dropout", 0.0)) < 1.0):
-        raise MinitxError(f"config: dropout must be in [0, 1), got {out['dropout']!r}")
+    kv = out.get("n_kv_heads")
+    if kv is not None:
+        _positive_int("n_kv_heads", kv)
+        if "n_kv_heads" not in fam.REQUIRED and kv != out["n_heads"]:
+            raise MinitxError(f"config: {out['arch']} has no grouped-query attention: n_kv_heads must be "
+                              f"null or n_heads ({out['n_heads']}), got {kv}")
+        if out["n_heads"] % kv:
+            raise MinitxError(f"config: n_heads {out['n_heads']} is not a multiple of n_kv_heads {kv}")
     return out
+
+
+def n_params(config: dict[str, Any]) -> int:
+    """Parameters the config implies, counted from its graph (which allocates no weights)."""
+    return sum(int(np.prod(v.shape, dtype=object)) for v in build_graph(config).params.values())
+
+
+def check_memory(config: dict[str, Any], copies: int = 2) -> None:
+    """Refuse, before allocating, a config whose float32 weights (times ``copies``) exceed this
+    machine's physical memory: such a model would only swap or be killed."""
+    need = 4 * copies * n_params(config)
+    have = physical_memory()
+    if have and need > have:
+        raise MinitxError(f"config: the model needs {need / 2**30:,.1f} GiB for its weights, more than this "
+                          f"machine's {have / 2**30:,.1f} GiB of memory")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM (0 when the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def build_graph(config: dict[str, Any]) -> Graph:
@@ -69,6 +134,7 @@ def init_params(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     """Random weights in the usual GPT-2/BERT style: N(0, 0.02), residual projections scaled by
     1/√(2·layers), norms at 1, biases at 0."""
     config = complete_config(config)
+    check_memory(config)
     g = build_graph(config)
     rng = np.random.default_rng(seed)
     std = 0.02
@@ -87,11 +153,11 @@ def init_params(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def preset(arch: str, name: str) -> dict[str, Any]:
-    fam = FAMILIES.get(arch)
+    fam = FAMILIES.get(arch) if isinstance(arch, str) else None
     if fam is None:
-        raise MinitxError(f"unknown architecture {arch!r} (supported: {', '.join(FAMILIES)})")
-    if name not in fam.PRESETS:
-        raise MinitxError(f"unknown preset {name!r} for {arch} (choose from {', '.join(fam.PRESETS)})")
+        raise MinitxError(f"unknown architecture {_short(arch)} (supported: {', '.join(FAMILIES)})")
+    if not isinstance(name, str) or name not in fam.PRESETS:
+        raise MinitxError(f"unknown preset {_short(name)} for {arch} (choose from {', '.join(fam.PRESETS)})")
     return {"arch": arch, **fam.PRESETS[name]}
 
 

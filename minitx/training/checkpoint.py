@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import models
 from ..errors import MinitxError
+from ..outputs import check_output
 from ..model import Model
 from ..modelfile import NpzReader, write_npz_atomic
 from ..precision import LossScaler
@@ -163,20 +164,18 @@ def default_path(output: str) -> str:
 
 
 def check_paths(output: str, checkpoint: str, inputs: Mapping[str, str | None] = ()) -> None:
-    """Refuse, before any work, outputs whose folder is missing and an output that is the same
-    file as the checkpoint or an input (compared by inode: a link or another spelling counts)."""
-    for path in (output, checkpoint):
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise MinitxError(f"{path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise MinitxError(f"{path}: folder {folder} is not writable")
+    """Refuse, before any work, an output that is the checkpoint or an input (compared by inode: a
+    link or another spelling counts); :func:`minitx.outputs.check_output` then checks that both can
+    be written (folder, special files, symlinks written through)."""
     if _same(output, checkpoint):
         raise MinitxError(f"-o {output} and --checkpoint {checkpoint} are the same file: the model would "
                           "overwrite the checkpoint a resume needs")
     for flag, path in dict(inputs).items():
         if path and _same(output, path):
             raise MinitxError(f"-o {output} is the same file as {flag} {path}: writing it would destroy an input")
+    resume = dict(inputs).get("--resume")
+    check_output(output, inputs.values())
+    check_output(checkpoint, [p for f, p in dict(inputs).items() if f != "--resume"], in_place=[resume])
 
 
 def _same(a: str, b: str) -> bool:

@@ -150,6 +150,7 @@ def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: 
             raise MinitxError(f"{opts.resume}: the checkpoint carries no tokenizer")
     else:
         config = resolve_config(arch, preset, config_path)
+        models.complete_config(dict(config))   # every field and size checked before a tokenizer is trained
         if tokenizer_path:
             tok_json = data.load_tokenizer_json(tokenizer_path)
         else:
