@@ -15,9 +15,11 @@ import numpy as np
 
 from ..errors import MinitxError
 from ..ir import Graph, Node, Value
-from . import bert, gpt2, llama
+from . import bart, bert, gpt2, llama, marian, t5, transformer
 
-FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "llama": llama}
+FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "llama": llama,
+                                     # encoder–decoders (ENCODER_DECODER = True): minitx.seq2seq runs them
+                                     "t5": t5, "bart": bart, "marian": marian, "transformer": transformer}
 
 
 def family(config: dict[str, Any]) -> ModuleType:

@@ -103,4 +103,4 @@ def unbroadcast(g: np.ndarray, shape: Shape) -> np.ndarray:
 # Importing the op modules registers their ops.
 from . import activations, attention, linalg, losses, norms, positions, pooling, sparse, lowrank, quant  # noqa: E402,F401
 from . import fakequant  # noqa: E402,F401
-from . import cross_attention, relpos, gated  # noqa: E402,F401  (encoder–decoder ops)
+from . import concat, cross_attention, relpos, gated  # noqa: E402,F401  (encoder–decoder ops)
