@@ -63,7 +63,7 @@ def build(cfg: dict[str, Any]) -> Graph:
         x = _residual(b, x, lambda h: ffn(b, p, h, cfg, False, tag), f"{p}.mlp", cfg, tag)
     memory = norm(b, x, "enc.norm_f", cfg, {})
     for i in range(n_decoder_layers(cfg)):
-        cross_kv(b, i, memory, A, bias=False)
+        cross_kv(b, i, memory, C, A, bias=False)
     y = b.op("embedding", "input_ids", wte, name="dec.tok_emb")
     bias = b.op("relative_position_bias", b.param("dec.relpos.weight", (rp["num_buckets"], cfg["n_heads"])),
                 "attention_mask", "position_ids", name="dec.relpos", bidirectional=False, **rp)
@@ -75,7 +75,7 @@ def build(cfg: dict[str, Any]) -> Graph:
         y = _residual(b, y, lambda h: cross_attention(b, i, h, cfg, A, bias=False, scale=1.0), f"{p}.cross", cfg, tag)
         y = _residual(b, y, lambda h: ffn(b, p, h, cfg, False, tag), f"{p}.mlp", cfg, tag)
     y = norm(b, y, "norm_f", cfg, {})
-    scale = float(C) ** -0.5 if cfg["tie_embeddings"] and cfg["scale_logits"] else None
+    scale = float(C) ** -0.5 if cfg["scale_logits"] else None  # transformers 5 scales tied or not
     logits(b, y, cfg, wte, scale)
     b.output("logits", *[f"present.{i}.{t}" for i in range(n_decoder_layers(cfg)) for t in "kv"])
     return b.graph

@@ -85,12 +85,12 @@ def ffn(b: Builder, p: str, h: str, cfg: dict[str, Any], bias: bool, tags: dict)
                 b.param(f"{p}.mlp.down.bias", (C,)) if bias else None, name=f"{p}.mlp.down", tags=tags)
 
 
-def cross_kv(b: Builder, i: int, memory: str, width: int, bias: bool) -> None:
+def cross_kv(b: Builder, i: int, memory: str, d_model: int, width: int, bias: bool) -> None:
     """Layer i's cross-attention K/V from the encoder output, computed once per input."""
-    C, p = width, f"layers.{i}.cross"
-    kv = b.op("linear", memory, b.param(f"{p}.kv.weight", (C, 2 * C)),
-              b.param(f"{p}.kv.bias", (2 * C,)) if bias else None, name=f"{p}.kv", tags={"layer": i})
-    b.op("split", kv, name=f"{p}.split_kv", outputs=[f"cross.{i}.k", f"cross.{i}.v"], sizes=[C, C],
+    A, p = width, f"layers.{i}.cross"
+    kv = b.op("linear", memory, b.param(f"{p}.kv.weight", (d_model, 2 * A)),
+              b.param(f"{p}.kv.bias", (2 * A,)) if bias else None, name=f"{p}.kv", tags={"layer": i})
+    b.op("split", kv, name=f"{p}.split_kv", outputs=[f"cross.{i}.k", f"cross.{i}.v"], sizes=[A, A],
          tags={"layer": i})
 
 
@@ -177,7 +177,7 @@ def build(cfg: dict[str, Any]) -> Graph:
     if cfg["final_norm"]:
         x = norm(b, x, "enc.norm_f", cfg, {})
     for i in range(n_decoder_layers(cfg)):
-        cross_kv(b, i, x, C, bias=True)
+        cross_kv(b, i, x, C, C, bias=True)
     y = _embed(b, "input_ids", "position_ids", wte, "dec", cfg)
     for i in range(n_decoder_layers(cfg)):
         p, tag = f"layers.{i}", {"layer": i}
