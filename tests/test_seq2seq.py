@@ -1,0 +1,184 @@
+"""Encoder–decoders (T5, BART, Marian) against transformers: converted folders, teacher-forced
+logits, greedy and beam search, padded batches; the CLI's init/infer for every family.
+
+Golden numbers come from transformers (scripts/make_fixtures.py); the live cases at the bottom
+call transformers directly with other beam settings and model shapes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from minitx import modelfile, seq2seq
+from minitx.cli import main
+from minitx.convert import convert
+from minitx.errors import MinitxError
+from minitx.model import Model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+ARCHS = ("t5", "bart", "marian")
+REL = 1e-5
+
+
+def _rows(a: np.ndarray) -> list[list[int]]:
+    return [[int(t) for t in r if t >= 0] for r in a]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("seq2seq")
+    out = {}
+    for arch in ARCHS:
+        p = str(d / f"{arch}.npz")
+        convert(os.path.join(FIX, f"hf-{arch}-tiny"), p)
+        out[arch] = (p, modelfile.load(p), np.load(os.path.join(FIX, f"golden-seq2seq-{arch}.npz")))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_teacher_forced_logits_match_transformers(converted, arch):
+    _, m, g = converted[arch]
+    got = seq2seq.logits(m, _rows(g["sources"]), g["targets"])
+    ref = g["logits"]
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= REL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("search,beams", [("greedy", 1), ("beam3", 3)])
+def test_generation_matches_transformers(converted, arch, search, beams):
+    _, m, g = converted[arch]
+    assert seq2seq.generate(m, _rows(g["sources"]), 12, beams=beams) == _rows(g[search])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_padded_row_generates_what_it_would_alone(converted, arch):
+    _, m, g = converted[arch]
+    srcs = _rows(g["sources"])
+    batch = seq2seq.generate(m, srcs, 6, beams=2)
+    assert batch == [seq2seq.generate(m, [s], 6, beams=2)[0] for s in srcs]
+
+
+def test_cached_decoding_equals_teacher_forcing(converted):
+    """Step-by-step decoding with the self-attention cache gives the full forward's logits."""
+    _, m, g = converted["t5"]
+    srcs, tgt = _rows(g["sources"]), g["targets"]
+    cross, mask = seq2seq.encode(m, srcs)
+    past, steps = {}, []
+    for t in range(tgt.shape[1]):
+        lg, past = seq2seq.decode_step(m, tgt[:, t:t + 1], past, cross, mask)
+        steps.append(lg[:, 0])
+    np.testing.assert_allclose(np.stack(steps, 1), g["logits"], rtol=0, atol=1e-5 * np.abs(g["logits"]).max())
+
+
+def test_split_cuts_at_the_cross_attention_kv(converted):
+    _, m, _ = converted["bart"]
+    enc, dec = seq2seq.split(m.graph)
+    assert enc.outputs == [f"cross.{i}.{t}" for i in range(2) for t in "kv"]
+    assert {v.name for v in enc.inputs} == {"encoder_ids", "encoder_mask", "encoder_position_ids"}
+    assert "encoder_ids" not in {v.name for v in dec.inputs} and "cross.0.k" in {v.name for v in dec.inputs}
+    assert not any(n.op == "layer_norm" and n.name.startswith("enc.") for n in dec.nodes)
+
+
+def test_sampling_is_seeded_and_stops_at_eos(converted):
+    from minitx.generate import Sampling
+
+    _, m, g = converted["bart"]
+    srcs = _rows(g["sources"])
+    a = seq2seq.generate(m, srcs, 8, Sampling(temperature=1.5, seed=3))
+    assert a == seq2seq.generate(m, srcs, 8, Sampling(temperature=1.5, seed=3))
+    eos = m.config["eos_token_id"]
+    assert all(eos not in r[:-1] and 1 <= len(r) <= 8 for r in a)
+
+
+def test_bad_inputs_are_one_line_errors(converted):
+    _, m, _ = converted["marian"]
+    for bad, msg in (([[]], "empty"), ([[1, 99]], "outside the vocabulary"), ([list(range(1, 30))], "context")):
+        with pytest.raises(MinitxError, match=msg):
+            seq2seq.generate(m, bad, 3)
+    with pytest.raises(MinitxError, match="beams"):
+        seq2seq.generate(m, [[3]], 3, beams=0)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart", "marian", "transformer"])
+def test_cli_init_and_infer_json(tmp_path, arch):
+    p = str(tmp_path / f"{arch}.npz")
+    assert run("init", "--arch", arch, "-o", p).exit_code == 0
+    r = run("infer", p, "--ids", "5,6,7", "--ids", "9", "-n", "4", "--json")
+    assert r.exit_code == 0, r.output
+    ids = json.loads(r.output)["token_ids"]
+    assert len(ids) == 2 and all(1 <= len(x) <= 4 for x in ids)
+    m = Model.from_preset(arch, "tiny")
+    assert m.n_params() == modelfile.load(p).n_params()
+
+
+def test_cli_infer_beams_matches_transformers(converted):
+    p, _, g = converted["bart"]
+    args = [a for s in _rows(g["sources"]) for a in ("--ids", ",".join(map(str, s)))]
+    r = run("infer", p, *args, "-n", "12", "--beams", "3", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["token_ids"] == _rows(g["beam3"])
+
+
+def test_cli_errors_are_one_line_exit_2(converted, tmp_path):
+    p, _, _ = converted["t5"]
+    for args, msg in ((["--ids", "5,999"], "outside the vocabulary"), (["--ids", "5", "--beams", "2", "--temperature", "1"],
+                                                                      "--beams or --temperature"),
+                      (["--ids", "5", "--stop", "1"], "--stop")):
+        r = run("infer", p, *args)
+        assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    g = str(tmp_path / "gpt2.npz")
+    run("init", "--arch", "gpt2", "-o", g)
+    r = run("infer", g, "--ids", "5", "--beams", "2")
+    assert r.exit_code == 2 and "encoder–decoder" in r.output
+
+
+# ------------------------------------------------------------------------- live transformers
+def _reference():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(ROOT, "scripts", "make_fixtures.py"))
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    return ref
+
+
+LIVE = {
+    "t5-relu-tied": lambda ref, f: ref.tiny_t5(f, seed=3),
+    "t5-one-head-wide": lambda ref, f: ref.tiny_t5(f, heads=1, d_kv=20, layers=1, dec_layers=1, seed=4),
+    "bart-eos-prone": lambda ref, f: ref.tiny_bart(f, seed=5),
+    "marian-wide-ffn": lambda ref, f: ref.tiny_marian(f, d_ff=40, heads=4, seed=6),
+}
+SETTINGS = [(2, 1.0, False), (3, 0.5, True), (4, 2.0, "never"), (3, -1.0, False)]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name", sorted(LIVE))
+def test_live_beam_settings_match_transformers(tmp_path, name):
+    ref = _reference()
+    folder = LIVE[name](ref, str(tmp_path / "hf"))
+    convert(folder, str(tmp_path / "m.npz"))
+    m = modelfile.load(str(tmp_path / "m.npz"))
+    hf = ref.load_seq2seq(folder)
+    rng = np.random.default_rng(len(name))
+    pool = [t for t in range(m.vocab_size) if t not in (m.config["pad_token_id"], m.config["eos_token_id"])]
+    srcs = [rng.choice(pool, n).tolist() for n in (7, 2, 5)]
+    tgt = np.concatenate([np.full((3, 1), m.config["decoder_start_token_id"]), rng.choice(pool, (3, 4))], axis=1)
+    want = ref.seq2seq_logits(hf, srcs, tgt)
+    assert np.abs(seq2seq.logits(m, srcs, tgt) - want).max() / np.abs(want).max() <= REL
+    assert seq2seq.generate(m, srcs, 9) == ref.seq2seq_generate(hf, srcs, 9)
+    for beams, lp, es in SETTINGS:
+        got = seq2seq.generate(m, srcs, 9, beams=beams, length_penalty=lp, early_stopping=es)
+        assert got == ref.seq2seq_generate(hf, srcs, 9, beams=beams, length_penalty=lp, early_stopping=es), \
+            (beams, lp, es)
