@@ -248,7 +248,8 @@ def tiny_t5(folder: str, *, vocab: int = 41, d: int = 16, d_kv: int = 6, heads: 
 
 
 def tiny_bart(folder: str, *, vocab: int = 43, n_ctx: int = 24, d: int = 16, heads: int = 4, layers: int = 2,
-              dec_layers: int = 2, d_ff: int = 28, seed: int = 0) -> str:
+              dec_layers: int = 2, d_ff: int = 28, eos_bias: float = 0.0, seed: int = 0) -> str:
+    """``eos_bias`` raises EOS's logit, so that beams finish at different lengths."""
     from transformers import BartConfig, BartForConditionalGeneration
 
     _seeded(seed)
@@ -259,7 +260,7 @@ def tiny_bart(folder: str, *, vocab: int = 43, n_ctx: int = 24, d: int = 16, hea
                      decoder_start_token_id=2, forced_eos_token_id=None, forced_bos_token_id=None)
     m = BartForConditionalGeneration(cfg).eval()
     _randomize_norms(m)
-    _randomize_logits_bias(m)
+    _randomize_logits_bias(m, eos_bias)
     return _save(m, folder)
 
 
@@ -280,12 +281,13 @@ def tiny_marian(folder: str, *, vocab: int = 37, n_ctx: int = 24, d: int = 16, h
     return _save(m, folder)
 
 
-def _randomize_logits_bias(model: Any) -> None:
+def _randomize_logits_bias(model: Any, eos_bias: float = 0.0) -> None:
     """final_logits_bias is a zero buffer, not a parameter: make it matter."""
     import torch
 
     with torch.no_grad():
         model.final_logits_bias.add_(0.5 * torch.randn_like(model.final_logits_bias))
+        model.final_logits_bias[0, model.config.eos_token_id] += eos_bias
 
 
 def load_seq2seq(folder: str) -> Any:

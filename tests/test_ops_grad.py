@@ -822,6 +822,14 @@ def test_sinusoidal_positions_halves_grad(seed, dim):
     assert check_vjp("sinusoidal_positions", [pos], {"dim": dim, "max_len": 6, "halves": True}, seed=seed) == []
 
 
+@covers("concat")
+@FAST
+@given(seed=seeds, B=small, S=st.integers(0, 3), T=st.integers(1, 3), C=small)
+def test_concat_grad(seed, B, S, T, C):
+    rng = _rng(seed)
+    _check("concat", [rng.standard_normal((B, S, C)), rng.standard_normal((B, T, C))], {"axis": 1}, seed=seed)
+
+
 # ------------------------------------------------------------------------------ registry coverage
 
 def test_every_registered_op_has_a_gradient_check():

@@ -157,7 +157,8 @@ def _reference():
 LIVE = {
     "t5-relu-tied": lambda ref, f: ref.tiny_t5(f, seed=3),
     "t5-one-head-wide": lambda ref, f: ref.tiny_t5(f, heads=1, d_kv=20, layers=1, dec_layers=1, seed=4),
-    "bart-eos-prone": lambda ref, f: ref.tiny_bart(f, seed=5),
+    "bart-eos-mid": lambda ref, f: ref.tiny_bart(f, seed=5, eos_bias=1.5),
+    "bart-eos-late": lambda ref, f: ref.tiny_bart(f, seed=7, eos_bias=2.5),
     "marian-wide-ffn": lambda ref, f: ref.tiny_marian(f, d_ff=40, heads=4, seed=6),
 }
 SETTINGS = [(2, 1.0, False), (3, 0.5, True), (4, 2.0, "never"), (3, -1.0, False)]
@@ -174,11 +175,18 @@ def test_live_beam_settings_match_transformers(tmp_path, name):
     rng = np.random.default_rng(len(name))
     pool = [t for t in range(m.vocab_size) if t not in (m.config["pad_token_id"], m.config["eos_token_id"])]
     srcs = [rng.choice(pool, n).tolist() for n in (7, 2, 5)]
+    if "eos" in name:
+        rng = np.random.default_rng(14)
+        srcs = [rng.choice(pool, n).tolist() for n in (7, 2, 5)]
     tgt = np.concatenate([np.full((3, 1), m.config["decoder_start_token_id"]), rng.choice(pool, (3, 4))], axis=1)
     want = ref.seq2seq_logits(hf, srcs, tgt)
     assert np.abs(seq2seq.logits(m, srcs, tgt) - want).max() / np.abs(want).max() <= REL
     assert seq2seq.generate(m, srcs, 9) == ref.seq2seq_generate(hf, srcs, 9)
+    ended = []
     for beams, lp, es in SETTINGS:
         got = seq2seq.generate(m, srcs, 9, beams=beams, length_penalty=lp, early_stopping=es)
         assert got == ref.seq2seq_generate(hf, srcs, 9, beams=beams, length_penalty=lp, early_stopping=es), \
             (beams, lp, es)
+        ended += [r for r in got if len(r) > 1 and r[-1] == m.config["eos_token_id"]]
+    if "eos" in name:  # these models finish beams mid-way: the EOS bookkeeping is exercised
+        assert ended
