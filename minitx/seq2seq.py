@@ -234,3 +234,95 @@ def _beam_search(model: Model, cross: dict[str, Any], mask: np.ndarray, max_new_
         if not (improvable.any() and not (finished.all() and early_stopping is True) and not hits.all()):
             break
     return [finished_seqs[b, 0, 1:finished_len[b, 0]].tolist() for b in range(B)]
+
+
+# ---------------------------------------------------------------------------------- training
+def read_pairs(path: str, model: Model) -> list[tuple[list[int], list[int]]]:
+    """A text-pair file: one ``source<TAB>target`` per line. Sides are tokenized with the model's
+    tokenizer, or, without one, read as token ids separated by spaces or commas."""
+    tok = model.tokenizer
+    pairs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinitxError(f"{path}: cannot read the pair file: {e}") from None
+    for k, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.count("\t") != 1:
+            raise MinitxError(f"{path}:{k}: expected 'source<TAB>target', found {line.count(chr(9))} tabs")
+        sides = []
+        for side in line.split("\t"):
+            if tok is not None:
+                ids = tok.encode(side, add_special_tokens=False).ids
+            else:
+                try:
+                    ids = [int(t) for t in side.replace(",", " ").split()]
+                except ValueError:
+                    raise MinitxError(f"{path}:{k}: without a tokenizer each side must be token ids, got {side!r}") from None
+            bad = [t for t in ids if not 0 <= t < model.vocab_size]
+            if bad:
+                raise MinitxError(f"{path}:{k}: token id {bad[0]} is outside the vocabulary (0 … {model.vocab_size - 1})")
+            sides.append(ids)
+        if not sides[0]:
+            raise MinitxError(f"{path}:{k}: the source is empty")
+        pairs.append((sides[0], sides[1]))
+    if not pairs:
+        raise MinitxError(f"{path}: no source<TAB>target pairs")
+    return pairs
+
+
+def training_feeds(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, np.ndarray]:
+    """Teacher forcing: the decoder reads [start, y₁ … yₙ] and is scored on [y₁ … yₙ, EOS]; padded
+    target slots are ignored (-100) and, being after every real token, never seen causally."""
+    cfg = model.config
+    src_ids, src_mask = feeds.pad([p[0] for p in pairs], "right")
+    tgt = [list(p[1]) + [int(cfg["eos_token_id"])] for p in pairs]
+    T = max(len(t) for t in tgt)
+    dec = np.full((len(pairs), T), int(cfg["pad_token_id"]), np.int64)
+    targets = np.full((len(pairs), T), -100, np.int64)
+    for r, t in enumerate(tgt):
+        dec[r, 0] = int(cfg["decoder_start_token_id"])
+        dec[r, 1:len(t)] = t[:-1]
+        targets[r, :len(t)] = t
+    if max(src_ids.shape[1], T) > model.n_ctx:
+        raise MinitxError(f"a pair of {max(src_ids.shape[1], T)} tokens exceeds the model's context of {model.n_ctx}")
+    B = len(pairs)
+    out = {"encoder_ids": src_ids, "encoder_mask": src_mask,
+           "encoder_position_ids": np.broadcast_to(np.arange(src_ids.shape[1]), src_ids.shape).copy(),
+           "input_ids": dec, "position_ids": np.broadcast_to(np.arange(T), dec.shape).copy(),
+           "attention_mask": np.ones((B, T), np.int64), "targets": targets}
+    for v in model.graph.inputs:
+        if v.name.startswith("past."):
+            out[v.name] = np.zeros((B, 0, int(v.shape[2])), np.dtype(v.dtype))
+    return out
+
+
+def train(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], steps: int, batch: int = 32,
+          lr: float = 3e-3, warmup: int = 20, seed: int = 0, clip: float = 1.0,
+          backends: Sequence[str | Backend] = ("numpy",), on_step=None) -> list[float]:
+    """AdamW on the teacher-forced cross-entropy of random mini-batches of pairs; updates
+    ``model.params`` in place and returns the loss per step."""
+    from .models import with_loss
+    from .optim import AdamW, clip_global_norm, lr_at
+
+    if steps < 1 or batch < 1:
+        raise MinitxError(f"steps and batch must be >= 1, got {steps} and {batch}")
+    g = with_loss(model.graph)
+    names = {v.name for v in g.inputs}
+    ex = Executor(g, model.params, backends)
+    opt = AdamW(model.params, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for k in range(steps):
+        chosen = [pairs[i] for i in rng.integers(0, len(pairs), batch)]
+        fed = {n: a for n, a in training_feeds(model, chosen).items() if n in names}
+        res = ex.forward_backward(fed, step=k)
+        clip_global_norm(res.grads, clip)
+        opt.step(model.params, res.grads, lr_at(k, lr, warmup, steps, lr / 10))
+        losses.append(float(res.outputs["loss"]))
+        if on_step:
+            on_step(k, losses[-1])
+    model._executors.clear()  # executors hold the old weights' device copies
+    return losses
