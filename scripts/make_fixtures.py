@@ -261,7 +261,9 @@ def tiny_bart(folder: str, *, vocab: int = 43, n_ctx: int = 24, d: int = 16, hea
     m = BartForConditionalGeneration(cfg).eval()
     _randomize_norms(m)
     _randomize_logits_bias(m, eos_bias)
-    return _save(m, folder)
+    _save(m, folder)
+    _word_tokenizer(vocab).save(os.path.join(folder, "tokenizer.json"))
+    return folder
 
 
 def tiny_marian(folder: str, *, vocab: int = 37, n_ctx: int = 24, d: int = 16, heads: int = 2, layers: int = 2,
@@ -279,6 +281,19 @@ def tiny_marian(folder: str, *, vocab: int = 37, n_ctx: int = 24, d: int = 16, h
     _randomize_norms(m)
     _randomize_logits_bias(m)
     return _save(m, folder)
+
+
+def _word_tokenizer(vocab: int) -> Any:
+    """A word-level tokenizer in BART's id layout: <s> 0, <pad> 1, </s> 2, <unk> 3, words w4 … ;
+    inputs become <s> words </s>, as BART's tokenizer makes them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return tok
 
 
 def _randomize_logits_bias(model: Any, eos_bias: float = 0.0) -> None:

@@ -224,3 +224,22 @@ def test_pair_file_errors_name_the_line(tmp_path):
         p.write_text(text)
         with pytest.raises(MinitxError, match=msg):
             seq2seq.read_pairs(str(p), m)
+
+
+@pytest.mark.reference
+def test_cli_text_with_the_converted_tokenizer_matches_transformers(converted):
+    """--text goes through the tokenizer.json convert carried over (<s> words </s>); the beams
+    and their decoded text match transformers on the same ids."""
+    ref = _reference()
+    p, m, _ = converted["bart"]
+    assert m.tokenizer is not None
+    r = run("infer", p, "--text", "w10 w20 w30 w40", "--text", "w33 w12", "-n", "6", "--beams", "3",
+            "--length-penalty", "2", "--early-stopping", "never", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    ids = [m.tokenizer.encode(t).ids for t in ("w10 w20 w30 w40", "w33 w12")]
+    assert ids[1] == [0, 33, 12, 2]
+    hf = ref.load_seq2seq(os.path.join(FIX, "hf-bart-tiny"))
+    want = ref.seq2seq_generate(hf, ids, 6, beams=3, length_penalty=2.0, early_stopping="never")
+    assert got["token_ids"] == want and any(len(w) > 1 for w in want)
+    assert got["texts"] == [m.tokenizer.decode(w) for w in want]
