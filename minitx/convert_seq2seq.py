@@ -116,15 +116,22 @@ def _bart_like(hf: dict[str, Any], names: set[str], arch: str) -> Plan:
                              or hf.get("decoder_vocab_size", hf["vocab_size"]) != hf["vocab_size"]):
         raise MinitxError("config.json: Marian with separate source/target vocabularies is not supported")
     tied = hf.get("tie_word_embeddings", True) is not False or "lm_head.weight" not in names
+    # Untied checkpoints (transformers 5) keep distinct encoder and decoder tables as well.
+    per_stack = not tied and all(f"model.{s}.embed_tokens.weight" in names for s in ("encoder", "decoder"))
     cfg = {"arch": arch, "vocab_size": hf["vocab_size"], "n_ctx": hf["max_position_embeddings"], "d_model": hf["d_model"],
            "n_layers": hf["encoder_layers"], "n_decoder_layers": hf["decoder_layers"],
            "n_heads": hf["encoder_attention_heads"], "d_ff": hf["encoder_ffn_dim"], "activation": _ACTS[act],
            "scale_embeddings": bool(hf.get("scale_embedding", False)), "tie_embeddings": tied,
+           "shared_embeddings": not per_stack,
            "logits_bias": "final_logits_bias" in names}
     _ids(hf, cfg)
     plan = Plan(cfg)
     P = plan.params
-    P["tok_emb.weight"] = (["model.shared.weight"], _same)
+    if per_stack:
+        for stack in ("encoder", "decoder"):
+            P[f"{stack[:3]}.tok_emb.weight"] = ([f"model.{stack}.embed_tokens.weight"], _same)
+    else:
+        P["tok_emb.weight"] = (["model.shared.weight"], _same)
     for stack, dst in (("encoder", "enc."), ("decoder", "")):
         s = f"model.{stack}."
         n = cfg["n_layers"] if stack == "encoder" else cfg["n_decoder_layers"]

@@ -248,7 +248,8 @@ def tiny_t5(folder: str, *, vocab: int = 41, d: int = 16, d_kv: int = 6, heads: 
 
 
 def tiny_bart(folder: str, *, vocab: int = 43, n_ctx: int = 24, d: int = 16, heads: int = 4, layers: int = 2,
-              dec_layers: int = 2, d_ff: int = 28, eos_bias: float = 0.0, seed: int = 0) -> str:
+              dec_layers: int = 2, d_ff: int = 28, eos_bias: float = 0.0, tied: bool = True,
+              scale_embedding: bool = False, seed: int = 0) -> str:
     """``eos_bias`` raises EOS's logit, so that beams finish at different lengths."""
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -257,7 +258,8 @@ def tiny_bart(folder: str, *, vocab: int = 43, n_ctx: int = 24, d: int = 16, hea
                      decoder_layers=dec_layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
                      encoder_ffn_dim=d_ff, decoder_ffn_dim=d_ff, dropout=0.0, attention_dropout=0.0,
                      activation_dropout=0.0, init_std=0.2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                     decoder_start_token_id=2, forced_eos_token_id=None, forced_bos_token_id=None)
+                     decoder_start_token_id=2, forced_eos_token_id=None, forced_bos_token_id=None,
+                     tie_word_embeddings=tied, scale_embedding=scale_embedding)
     m = BartForConditionalGeneration(cfg).eval()
     _randomize_norms(m)
     _randomize_logits_bias(m, eos_bias)

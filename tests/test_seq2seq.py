@@ -157,6 +157,8 @@ def _reference():
 LIVE = {
     "t5-relu-tied": lambda ref, f: ref.tiny_t5(f, seed=3),
     "t5-one-head-wide": lambda ref, f: ref.tiny_t5(f, heads=1, d_kv=20, layers=1, dec_layers=1, seed=4),
+    "t5-v1.1-unscaled": lambda ref, f: ref.tiny_t5(f, ffn="gated-gelu", tied=False, seed=8),
+    "bart-untied-scaled": lambda ref, f: ref.tiny_bart(f, tied=False, scale_embedding=True, seed=9),
     "bart-eos-mid": lambda ref, f: ref.tiny_bart(f, seed=5, eos_bias=1.5),
     "bart-eos-late": lambda ref, f: ref.tiny_bart(f, seed=7, eos_bias=2.5),
     "marian-wide-ffn": lambda ref, f: ref.tiny_marian(f, d_ff=40, heads=4, seed=6),
@@ -171,6 +173,10 @@ def test_live_beam_settings_match_transformers(tmp_path, name):
     folder = LIVE[name](ref, str(tmp_path / "hf"))
     convert(folder, str(tmp_path / "m.npz"))
     m = modelfile.load(str(tmp_path / "m.npz"))
+    if "untied" in name:
+        assert not m.config["tie_embeddings"] and {"lm_head.weight", "enc.tok_emb.weight", "dec.tok_emb.weight"} <= set(m.params)
+    if "unscaled" in name:
+        assert not m.config["scale_logits"]
     hf = ref.load_seq2seq(folder)
     rng = np.random.default_rng(len(name))
     pool = [t for t in range(m.vocab_size) if t not in (m.config["pad_token_id"], m.config["eos_token_id"])]

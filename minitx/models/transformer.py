@@ -16,7 +16,9 @@ graph (quantizing the cross K/V projection, say) is therefore seen by both parts
 **The original architecture** (``arch: transformer``): scaled shared embeddings plus sinusoidal
 positions, post-norm blocks (x = LN(x + sublayer(x))), ReLU feed-forward, logits tied to the
 embedding. BART and Marian are this builder with other switches (``prenorm``, ``positions``,
-``activation``, ``emb_norm``, ``logits_bias``).
+``activation``, ``emb_norm``, ``logits_bias``, ``shared_embeddings``: one token table for both
+stacks, or ``enc.tok_emb``/``dec.tok_emb``; ``tie_embeddings``: the output layer is the decoder's
+table transposed, or its own ``lm_head.weight``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ REQUIRED = {"vocab_size": int, "n_ctx": int, "d_model": int, "n_layers": int, "n
 # Switches shared by the families this builder serves; each family fixes its own defaults.
 SWITCHES = {"n_decoder_layers": None, "norm_eps": 1e-5, "activation": "relu", "dropout": 0.0, "n_kv_heads": None,
             "prenorm": False, "positions": "sinusoidal", "scale_embeddings": True, "emb_norm": False,
-            "final_norm": False, "tie_embeddings": True, "logits_bias": False,
+            "final_norm": False, "shared_embeddings": True, "tie_embeddings": True, "logits_bias": False,
             "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 DEFAULTS = dict(SWITCHES)
 PRESETS = {
@@ -166,7 +168,9 @@ def build(cfg: dict[str, Any]) -> Graph:
     C = cfg["d_model"]
     b = Builder()
     inputs(b, cfg, C, encoder_positions=True)
-    wte = b.param("tok_emb.weight", (cfg["vocab_size"], C))
+    V = cfg["vocab_size"]
+    # One table for encoder, decoder (and a tied output layer), or one per stack when untied.
+    wte = b.param("tok_emb.weight", (V, C)) if cfg["shared_embeddings"] else b.param("enc.tok_emb.weight", (V, C))
     x = _embed(b, "encoder_ids", "encoder_position_ids", wte, "enc", cfg)
     for i in range(cfg["n_layers"]):
         p, tag = f"enc.layers.{i}", {"stack": "encoder", "layer": i}
@@ -178,6 +182,8 @@ def build(cfg: dict[str, Any]) -> Graph:
         x = norm(b, x, "enc.norm_f", cfg, {})
     for i in range(n_decoder_layers(cfg)):
         cross_kv(b, i, x, C, C, bias=True)
+    if not cfg["shared_embeddings"]:
+        wte = b.param("dec.tok_emb.weight", (V, C))
     y = _embed(b, "input_ids", "position_ids", wte, "dec", cfg)
     for i in range(n_decoder_layers(cfg)):
         p, tag = f"layers.{i}", {"layer": i}
