@@ -277,6 +277,9 @@ def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, t
         stopping = {"false": False, "true": True, "never": "never"}[early_stopping]
         result = seq2seq.generate(m, seqs, max_new_tokens, gen.Sampling(temperature, top_k, top_p, seed), beams,
                                   length_penalty, stopping, backends, no_fallback)
+        if explain:
+            for ex in seq2seq.executors(m, backends, no_fallback):  # the encoder part, then the decoder part
+                print_explain(ex)
         texts_out = [tok.decode(r) for r in result] if tok is not None else None
         if as_json:
             click.echo(json.dumps({"token_ids": result, **({"texts": texts_out} if texts_out else {})}))

@@ -68,7 +68,7 @@ def split(graph: Graph) -> tuple[Graph, Graph]:
     return encoder, decoder
 
 
-def _executors(model: Model, backends: Sequence[str | Backend], strict: bool) -> tuple[Executor, Executor]:
+def executors(model: Model, backends: Sequence[str | Backend], strict: bool) -> tuple[Executor, Executor]:
     key = ("seq2seq", tuple(b if isinstance(b, str) else b.name for b in backends), strict)
     ex = model._executors.get(key)
     if ex is None:
@@ -93,7 +93,7 @@ def encode(model: Model, sources: Sequence[Sequence[int]], backends: Sequence[st
         if len(s) > model.n_ctx:
             raise MinitxError(f"input {k + 1} has {len(s)} tokens, longer than the model's context of {model.n_ctx}")
     ids, mask = feeds.pad(sources, "right")
-    enc, _ = _executors(model, backends, strict)
+    enc, _ = executors(model, backends, strict)
     fed = {"encoder_ids": ids, "encoder_mask": mask,
            "encoder_position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
     fed = {v.name: fed[v.name] for v in enc.graph.inputs}
@@ -104,7 +104,7 @@ def decode_step(model: Model, ids: np.ndarray, past: dict[str, Any], cross: dict
                 backends: Sequence[str | Backend] = ("numpy",), strict: bool = False
                 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Feed ``ids`` (B, T) after the cached decoder tokens; returns logits (B, T, V) and the new cache."""
-    _, dec = _executors(model, backends, strict)
+    _, dec = executors(model, backends, strict)
     ids = np.asarray(ids, np.int64)
     S = feeds.cache_length(past)
     if S + ids.shape[1] > model.n_ctx:
