@@ -69,6 +69,7 @@ def split(graph: Graph) -> tuple[Graph, Graph]:
 
 
 def executors(model: Model, backends: Sequence[str | Backend], strict: bool) -> tuple[Executor, Executor]:
+    """(encoder, decoder) executors for the two parts of the model's graph, cached on the model."""
     key = ("seq2seq", tuple(b if isinstance(b, str) else b.name for b in backends), strict)
     ex = model._executors.get(key)
     if ex is None:
