@@ -360,8 +360,9 @@ SEQ2SEQ_FIXTURE_ARGS = {"t5": {"ffn": "gated-gelu", "seed": 1}, "bart": {}, "mar
 
 
 def seq2seq_fixtures(rng: np.random.Generator) -> None:
-    """hf-{t5,bart,marian}-tiny/ and golden-seq2seq-{…}.npz: teacher-forced logits of a padded batch,
-    greedy and 3-beam outputs (as int arrays padded with -1)."""
+    """hf-{t5,bart,marian}-tiny/ and reference-seq2seq-{…}.npz: teacher-forced logits of a padded batch,
+    greedy and 3-beam outputs (as int arrays padded with -1). Not golden files in `minitx verify`'s
+    format (that needs feeds for encoder inputs; see README): tests/test_seq2seq.py reads them."""
     for arch, make in SEQ2SEQ.items():
         folder = make(os.path.join(FIXTURES, f"hf-{arch}-tiny"), **SEQ2SEQ_FIXTURE_ARGS[arch])
         m = load_seq2seq(folder)
@@ -380,7 +381,7 @@ def seq2seq_fixtures(rng: np.random.Generator) -> None:
             for r, toks in enumerate(res):
                 arr[r, :len(toks)] = toks
             out[name] = arr
-        np.savez(os.path.join(FIXTURES, f"golden-seq2seq-{arch}.npz"), **out)
+        np.savez(os.path.join(FIXTURES, f"reference-seq2seq-{arch}.npz"), **out)
 
 
 def _name(folder: str) -> str:

@@ -37,7 +37,7 @@ def converted(tmp_path_factory):
     for arch in ARCHS:
         p = str(d / f"{arch}.npz")
         convert(os.path.join(FIX, f"hf-{arch}-tiny"), p)
-        out[arch] = (p, modelfile.load(p), np.load(os.path.join(FIX, f"golden-seq2seq-{arch}.npz")))
+        out[arch] = (p, modelfile.load(p), np.load(os.path.join(FIX, f"reference-seq2seq-{arch}.npz")))
     return out
 
 
