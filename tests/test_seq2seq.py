@@ -37,7 +37,8 @@ def converted(tmp_path_factory):
     for arch in ARCHS:
         p = str(d / f"{arch}.npz")
         convert(os.path.join(FIX, f"hf-{arch}-tiny"), p)
-        out[arch] = (p, modelfile.load(p), np.load(os.path.join(FIX, f"reference-seq2seq-{arch}.npz")))
+        ref = np.load(os.path.join(FIX, f"reference-seq2seq-{arch}.npz"), allow_pickle=False)
+        out[arch] = (p, modelfile.load(p), ref)
     return out
 
 
