@@ -250,3 +250,75 @@ def test_cli_text_with_the_converted_tokenizer_matches_transformers(converted):
     want = ref.seq2seq_generate(hf, ids, 6, beams=3, length_penalty=2.0, early_stopping="never")
     assert got["token_ids"] == want and any(len(w) > 1 for w in want)
     assert got["texts"] == [m.tokenizer.decode(w) for w in want]
+
+
+# --------------------------------------------------------------- the original Transformer vs torch
+def test_transformer_family_matches_torch_nn_transformer():
+    """``arch: transformer`` (post-norm, ReLU; final norms on, as torch.nn.Transformer always has
+    them) against torch.nn.Transformer given the same weights; embeddings·√d + sinusoidal
+    positions are computed here from the formula, the logits as y·Eᵀ."""
+    torch = pytest.importorskip("torch")
+    C, H, F, V = 16, 4, 24, 23
+    m = Model.from_config({"arch": "transformer", "vocab_size": V, "n_ctx": 16, "d_model": C, "n_layers": 2,
+                           "n_decoder_layers": 1, "n_heads": H, "d_ff": F, "final_norm": True}, seed=3)
+    rng = np.random.default_rng(0)
+    P = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in m.params.items()}  # norms ≠ 1, biases ≠ 0
+    m.params.update(P)
+    ref = torch.nn.Transformer(C, H, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=F, dropout=0.0,
+                               batch_first=True).eval()
+
+    def t(a):
+        return torch.tensor(np.ascontiguousarray(a))
+
+    with torch.no_grad():
+        for i, lay in enumerate(ref.encoder.layers):
+            p = f"enc.layers.{i}."
+            lay.self_attn.in_proj_weight.copy_(t(P[p + "attn.qkv.weight"].T))
+            lay.self_attn.in_proj_bias.copy_(t(P[p + "attn.qkv.bias"]))
+            lay.self_attn.out_proj.weight.copy_(t(P[p + "attn.out.weight"].T))
+            lay.self_attn.out_proj.bias.copy_(t(P[p + "attn.out.bias"]))
+            for mod, name in ((lay.linear1, "mlp.up"), (lay.linear2, "mlp.down")):
+                mod.weight.copy_(t(P[p + name + ".weight"].T))
+                mod.bias.copy_(t(P[p + name + ".bias"]))
+            for mod, name in ((lay.norm1, "attn.norm"), (lay.norm2, "mlp.norm")):
+                mod.weight.copy_(t(P[p + name + ".weight"]))
+                mod.bias.copy_(t(P[p + name + ".bias"]))
+        for i, lay in enumerate(ref.decoder.layers):
+            p = f"layers.{i}."
+            lay.self_attn.in_proj_weight.copy_(t(P[p + "attn.qkv.weight"].T))
+            lay.self_attn.in_proj_bias.copy_(t(P[p + "attn.qkv.bias"]))
+            lay.self_attn.out_proj.weight.copy_(t(P[p + "attn.out.weight"].T))
+            lay.self_attn.out_proj.bias.copy_(t(P[p + "attn.out.bias"]))
+            lay.multihead_attn.in_proj_weight.copy_(t(np.concatenate([P[p + "cross.q.weight"], P[p + "cross.kv.weight"]], 1).T))
+            lay.multihead_attn.in_proj_bias.copy_(t(np.concatenate([P[p + "cross.q.bias"], P[p + "cross.kv.bias"]])))
+            lay.multihead_attn.out_proj.weight.copy_(t(P[p + "cross.out.weight"].T))
+            lay.multihead_attn.out_proj.bias.copy_(t(P[p + "cross.out.bias"]))
+            for mod, name in ((lay.linear1, "mlp.up"), (lay.linear2, "mlp.down")):
+                mod.weight.copy_(t(P[p + name + ".weight"].T))
+                mod.bias.copy_(t(P[p + name + ".bias"]))
+            for mod, name in ((lay.norm1, "attn.norm"), (lay.norm2, "cross.norm"), (lay.norm3, "mlp.norm")):
+                mod.weight.copy_(t(P[p + name + ".weight"]))
+                mod.bias.copy_(t(P[p + name + ".bias"]))
+        for mod, name in ((ref.encoder.norm, "enc.norm_f"), (ref.decoder.norm, "norm_f")):
+            mod.weight.copy_(t(P[name + ".weight"]))
+            mod.bias.copy_(t(P[name + ".bias"]))
+
+    srcs = [[3, 4, 5, 6, 7], [8, 9]]
+    tgt = np.array([[0, 5, 6, 7], [0, 11, 12, 13]])
+    E = P["tok_emb.weight"]
+
+    def embed(ids):
+        T = ids.shape[1]
+        pos = np.arange(T)[:, None] / 10000.0 ** (np.arange(0, C, 2) / C)
+        pe = np.zeros((T, C))
+        pe[:, 0::2], pe[:, 1::2] = np.sin(pos), np.cos(pos)
+        return t((E[ids] * np.sqrt(C) + pe).astype(np.float32))
+
+    src = np.array([s + [0] * (5 - len(s)) for s in srcs])
+    pad = t(np.arange(5) >= np.array([[5], [2]]))              # True = padding, torch's convention
+    with torch.no_grad():
+        y = ref(embed(src), embed(tgt), src_key_padding_mask=pad, memory_key_padding_mask=pad,
+                tgt_mask=ref.generate_square_subsequent_mask(4), tgt_is_causal=True)
+    want = y.numpy() @ E.T
+    got = seq2seq.logits(m, srcs, tgt)
+    assert np.abs(got - want).max() / np.abs(want).max() <= REL
