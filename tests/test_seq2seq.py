@@ -253,19 +253,21 @@ def test_cli_text_with_the_converted_tokenizer_matches_transformers(converted):
 
 
 # --------------------------------------------------------------- the original Transformer vs torch
-def test_transformer_family_matches_torch_nn_transformer():
-    """``arch: transformer`` (post-norm, ReLU; final norms on, as torch.nn.Transformer always has
-    them) against torch.nn.Transformer given the same weights; embeddings·√d + sinusoidal
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_transformer_family_matches_torch_nn_transformer(prenorm):
+    """``arch: transformer`` (post-norm or pre-norm, ReLU; final norms on, as torch.nn.Transformer
+    always has them) against torch.nn.Transformer given the same weights; embeddings·√d + sinusoidal
     positions are computed here from the formula, the logits as y·Eᵀ."""
     torch = pytest.importorskip("torch")
     C, H, F, V = 16, 4, 24, 23
     m = Model.from_config({"arch": "transformer", "vocab_size": V, "n_ctx": 16, "d_model": C, "n_layers": 2,
-                           "n_decoder_layers": 1, "n_heads": H, "d_ff": F, "final_norm": True}, seed=3)
+                           "n_decoder_layers": 1, "n_heads": H, "d_ff": F, "final_norm": True, "prenorm": prenorm},
+                          seed=3)
     rng = np.random.default_rng(0)
     P = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in m.params.items()}  # norms ≠ 1, biases ≠ 0
     m.params.update(P)
     ref = torch.nn.Transformer(C, H, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=F, dropout=0.0,
-                               batch_first=True).eval()
+                               batch_first=True, norm_first=prenorm).eval()
 
     def t(a):
         return torch.tensor(np.ascontiguousarray(a))
