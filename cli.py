@@ -219,8 +219,9 @@ def print_explain(ex) -> None:
 
 # ------------------------------------------------------------------------------------- init
 @main.command()
-@click.option("--arch", type=click.Choice(["gpt2", "bert", "llama"]), required=True)
-@click.option("--preset", default="tiny", show_default=True, help="tiny or small.")
+@click.option("--arch", type=click.Choice(["gpt2", "bert", "llama", "t5", "bart", "marian", "transformer"]),
+              required=True)
+@click.option("--preset", default="tiny", show_default=True, help="tiny, or small / base (per family).")
 @seed_option()
 @output_option()
 def init(arch: str, preset: str, seed: int, output: str) -> None:
@@ -248,6 +249,13 @@ def init(arch: str, preset: str, seed: int, output: str) -> None:
 @seed_option("Sampling seed (>= 0).")
 @click.option("--stop", "stops", multiple=True, help="Stop token: an id, or a string the tokenizer maps to one token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--beams", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Beam search width (encoder–decoder models).")
+@click.option("--length-penalty", default=1.0, show_default=True, type=_Finite(),
+              help="Beam search: a finished beam scores sum(log p) / length^this.")
+@click.option("--early-stopping", default="false", show_default=True, type=click.Choice(["false", "true", "never"]),
+              help="Beam search: stop an input when N beams are finished (true), when no running beam can "
+                   "win (false), or never before the length limit.")
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Apply an optimization plugin in memory first, validated (repeatable; see `minitx plugins`).")
 @click.option("--force", is_flag=True, help="Run a --plugin rewrite that exceeds its declared tolerance (warn only).")
@@ -255,7 +263,8 @@ def init(arch: str, preset: str, seed: int, output: str) -> None:
 @backend_options
 @threads_option
 def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, top_k, top_p, seed, stops,
-          as_json, plugins, force, parallel, backends, no_fallback, explain) -> None:
+          as_json, beams, length_penalty, early_stopping, plugins, force, parallel, backends, no_fallback,
+          explain) -> None:
     """Generate text with a decoder, or embed text with an encoder.
 
     MODEL defaults to the bundled model.
@@ -274,6 +283,27 @@ def infer(model: str | None, prompts, texts, ids, max_new_tokens, temperature, t
         m = prepare(m, parallel, warn=lambda s: click.echo(s, err=True))
     backends = _backends(backends)
     tok = None if ids else m.tokenizer   # --ids: ids in, ids out; the tokenizer is not even parsed
+    from minitx import seq2seq
+
+    if seq2seq.is_encoder_decoder(m):
+        if stops:
+            raise MinitxError("--stop is for decoder-only models; an encoder–decoder stops at its EOS token")
+        seqs = inputs.token_sequences(m, list(prompts) + list(texts), ids, "--text")
+        stopping = {"false": False, "true": True, "never": "never"}[early_stopping]
+        result = seq2seq.generate(m, seqs, max_new_tokens, gen.Sampling(temperature, top_k, top_p, seed), beams,
+                                  length_penalty, stopping, backends, no_fallback)
+        if explain:
+            for ex in seq2seq.executors(m, backends, no_fallback):  # the encoder part, then the decoder part
+                print_explain(ex)
+        texts_out = [tok.decode(r) for r in result] if tok is not None else None
+        if as_json:
+            click.echo(json.dumps({"token_ids": result, **({"texts": texts_out} if texts_out else {})}))
+        else:
+            for r, out in enumerate(result):
+                click.echo(f"[{r + 1}] " + (texts_out[r] if texts_out else " ".join(map(str, out))))
+        return
+    if beams > 1:
+        raise MinitxError("--beams is for encoder–decoder models (t5, bart, marian, transformer)")
     if m.is_decoder:
         if texts:
             raise MinitxError("--text is for encoders; use --prompt with a decoder")

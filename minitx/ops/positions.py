@@ -60,27 +60,31 @@ add_cases("rope", _ROPE + [
 
 
 @lru_cache(maxsize=8)
-def sinusoidal_table(max_len: int, dim: int) -> np.ndarray:
-    """PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)) (Vaswani et al.)."""
+def sinusoidal_table(max_len: int, dim: int, halves: bool = False) -> np.ndarray:
+    """PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)) (Vaswani et al.);
+    with ``halves`` the sines fill the first ⌈d/2⌉ columns and the cosines the rest (Marian's layout)."""
     pos = np.arange(max_len, dtype=np.float64)[:, None]
     inv = 10000.0 ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
     table = np.zeros((max_len, dim))
-    table[:, 0::2] = np.sin(pos * inv)
-    table[:, 1::2] = np.cos(pos * inv)[:, : dim // 2]
+    sin, cos = np.sin(pos * inv), np.cos(pos * inv)[:, : dim // 2]
+    if halves:
+        table[:, : sin.shape[1]], table[:, sin.shape[1]:] = sin, cos
+    else:
+        table[:, 0::2], table[:, 1::2] = sin, cos
     table.flags.writeable = False
     return table
 
 
-def sinusoidal_positions(positions, *, dim, max_len, dtype="float32"):
+def sinusoidal_positions(positions, *, dim, max_len, dtype="float32", halves=False):
     """Rows of the precomputed sinusoidal table for the given positions."""
-    return sinusoidal_table(max_len, dim)[positions].astype(dtype)
+    return sinusoidal_table(max_len, dim, bool(halves))[positions].astype(dtype)
 
 
 def sinusoidal_vjp(grads, inputs, outputs, **attrs):
     return (None,)
 
 
-def sinusoidal_infer(shapes, dtypes, *, dim, max_len, dtype="float32"):
+def sinusoidal_infer(shapes, dtypes, *, dim, max_len, dtype="float32", halves=False):
     require(np.issubdtype(np.dtype(dtypes[0]), np.integer), "sinusoidal_positions", "positions must be integers")
     return [((*shapes[0], dim), dtype)]
 
