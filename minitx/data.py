@@ -112,7 +112,7 @@ def split(ids: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarra
     train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
     if len(train) < seq_len + 1:
         raise MinitxError(f"the data has {len(ids)} tokens: too few for training windows of {seq_len}+1 tokens "
-                          f"(use more text or a smaller --seq-len)")
+                          f"(use more text or a smaller --seq)")
     return train, val
 
 

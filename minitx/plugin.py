@@ -417,9 +417,9 @@ def optimize(model, texts: Sequence[str], *, calib=None, force: bool = False, va
             if not rep.passed:
                 msg = f"plugin {s.text}: exceeds its declared tolerance — {rep.failure}"
                 if not force:
-                    raise MinitxError(msg + " (use --force to keep it anyway)")
+                    raise MinitxError(msg + " (`optimize`, `infer` and `qat` keep it with --force)")
                 if warn:
-                    warn("warning: " + msg + " (kept because of --force)")
+                    warn("warning: " + msg + " (kept anyway)")
         log.append(entry)
         new.meta["rewrites"] = log
         current = new

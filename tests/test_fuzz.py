@@ -336,9 +336,7 @@ def test_fuzz_short(seeds, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
-def test_fuzz_long(seeds, tmp_path, seed, request):
-    if "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("the long fuzz (about a minute per seed) runs only when asked for: pytest -m slow")
+def test_fuzz_long(seeds, tmp_path, seed):
     check(run_cases(make_cases(seeds, tmp_path, 300, seed=1000 + seed), tmp_path))
 
 
