@@ -17,7 +17,7 @@ from ..errors import MinitxError
 from ..model import Model
 from . import checkpoint as ckpt
 from . import distill as dl
-from . import qat as Q
+from . import qat as quant_aware
 from .evaluation import compare_plugins, evaluate
 from .loop import fit
 from .progress import ProgressLine
@@ -234,30 +234,30 @@ def qat(opts: RunOptions, model_path: str | None, data_path: str, plugin_texts: 
     opts.values["plugins"] = tuple(p for p in plugin_texts if p not in target)
     if "plugins" in opts.given and not opts.values["plugins"]:
         opts.given.discard("plugins")
-    Q.split_spec(text)                        # bad options fail before any work
+    quant_aware.split_spec(text)                        # bad options fail before any work
     _check_early(opts)
     cal = Calibration.parse(list(calib), validate=list(validate))
     model_file = model_path if model_path is not None else default_model_path()
     checkpoint = opts.checkpoint_path({"--data": data_path, "MODEL": model_file})
     m = modelfile.load(model_file)
-    Q.check_float(m, model_path or "the bundled model")
+    quant_aware.check_float(m, model_path or "the bundled model")
     if m.tokenizer_json is None:
         raise MinitxError("this model carries no tokenizer, so it cannot read text")
     if opts.resume:
-        st = opts.resumed(Q.resume(opts.resume, m, text, model_file), changeable=("precision", "plugins"))
+        st = opts.resumed(quant_aware.resume(opts.resume, m, text, model_file), changeable=("precision", "plugins"))
     else:
-        st = Q.new_state(m, text, opts.settings(), model_file)
+        st = quant_aware.new_state(m, text, opts.settings(), model_file)
     ids = data.encode(m.tokenizer_json, data.read_text(data_path))
     bar, log = opts.reporter(st.settings.steps)
-    res = Q.run(m, ids, text, st.settings, backends=opts.backends, calib=cal, force=force, state=st,
+    res = quant_aware.run(m, ids, text, st.settings, backends=opts.backends, calib=cal, force=force, state=st,
                 checkpoint=checkpoint, warn=warn, log=log, progress=bar)
-    report: dict[str, Any] = {"plugin": Q.split_spec(text)[1], "steps": res.state.step,
+    report: dict[str, Any] = {"plugin": quant_aware.split_spec(text)[1], "steps": res.state.step,
                               "packed_vs_fake_quant_max_abs": res.packed_vs_fake_quant}
     v = res.packed.meta["rewrites"][-1].get("validation")
     if v:
         report["validation"] = {k: v[k] for k in ("calibration", "n_sequences", "passed", "failure")}
     if compare:
-        report.update(Q.compare(m, ids, res, text, opts.backends))
+        report.update(quant_aware.compare(m, ids, res, text, opts.backends))
     modelfile.save(res.packed, opts.output)
     return report
 
