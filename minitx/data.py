@@ -25,16 +25,21 @@ def _regular(path: str, what: str) -> None:
         raise MinitxError(f"{path}: is not a regular file (a FIFO or device), not a {what}")
 
 
-def read_text(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    _regular(path, "data file")
+def _read_utf8(path: str, what: str, not_utf8: str) -> str:
+    """The whole of a regular UTF-8 file; every failure one line naming ``path``."""
+    _regular(path, what)
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except UnicodeDecodeError as e:
-        raise MinitxError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise MinitxError(f"{path}: {not_utf8} ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise MinitxError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    text = _read_utf8(path, "data file", "not UTF-8 text")
     if not text.strip():
         raise MinitxError(f"{path}: the data file is empty")
     return text
@@ -68,14 +73,7 @@ def train_tokenizer(text: str, vocab_size: int) -> str:
 
 def load_tokenizer_json(path: str | os.PathLike) -> str:
     path = os.fspath(path)
-    _regular(path, "tokenizer file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            s = f.read()
-    except UnicodeDecodeError as e:
-        raise MinitxError(f"{path}: not a valid tokenizer.json: not UTF-8 ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise MinitxError(f"{path}: cannot read: {e.strerror}") from None
+    s = _read_utf8(path, "tokenizer file", "not a valid tokenizer.json: not UTF-8")
     try:
         json.loads(s)
         _tokenizers().Tokenizer.from_str(s)

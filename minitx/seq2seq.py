@@ -83,16 +83,9 @@ def executors(model: Model, backends: Sequence[str | Backend], strict: bool) -> 
 def encode(model: Model, sources: Sequence[Sequence[int]], backends: Sequence[str | Backend] = ("numpy",),
            strict: bool = False) -> tuple[dict[str, Any], np.ndarray]:
     """Every decoder layer's cross-attention K/V for a batch of inputs, and the inputs' padding mask."""
-    if not sources:
-        raise MinitxError("no input given")
-    for k, s in enumerate(sources):
-        if len(s) == 0:
-            raise MinitxError(f"input {k + 1} is empty (it has no tokens)")
-        bad = [t for t in s if not 0 <= t < model.vocab_size]
-        if bad:
-            raise MinitxError(f"input {k + 1}: token id {bad[0]} is outside the vocabulary (0 … {model.vocab_size - 1})")
-        if len(s) > model.n_ctx:
-            raise MinitxError(f"input {k + 1} has {len(s)} tokens, longer than the model's context of {model.n_ctx}")
+    from .generate import check_ids   # generate routes encoder–decoders here: imported on use
+
+    check_ids(model, sources)
     ids, mask = feeds.pad(sources, "right")
     enc, _ = executors(model, backends, strict)
     fed = {"encoder_ids": ids, "encoder_mask": mask,
