@@ -10,7 +10,7 @@ budget; torch is imported before the numba backend so that its OpenMP keeps its 
 
 Each round runs both conditions — quiet, then with one ``while True: pass`` process (the order
 alternates between rounds) — and in each condition every workload on every engine in turn (short
-workloads several times, the engines alternating between samples),
+workloads several times, the engines alternating between samples, their order rotating),
 so that changes of the machine's own load hit all of them alike. The load average is recorded at
 the start, at every round and at the end: on a shared machine "quiet" is only as quiet as the
 others let it be, which is why the targets are ratios.
@@ -114,8 +114,11 @@ def main() -> None:
                 ctx.__enter__()
             try:
                 for w, (_, fn, reps) in wl.items():
-                    for _ in range(reps):
-                        for e in ENGINES:
+                    for i in range(reps):
+                        # rotate the order, so that each engine follows each other one alike (torch's
+                        # OpenMP workers spin a while after each call and slow whatever runs next)
+                        k = (rnd * 7 + i) % len(ENGINES)
+                        for e in ENGINES[k:] + ENGINES[:k]:
                             samples.setdefault((w, e, cond), []).append(timed(e, fn, runners[(w, e)]))
             finally:
                 if ctx:

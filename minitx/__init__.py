@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # pool). Sleeping at once (2^4 cycles) measured faster on the 2-core machine: decode at batch 8
 # 92 → 101 tok/s, prefill 443 → 470 (benchmarks/results/decode_cpu.md). OpenBLAS reads this when
 # it loads, so it only takes effect when minitx is imported before NumPy (the CLI does); a user's
-# own setting wins.
+# own setting wins. How many threads BLAS gets, and when, is minitx/threads.py's to decide.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))

@@ -20,7 +20,7 @@ import contextlib
 import math
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import MinitxError
 
@@ -148,3 +148,44 @@ def blas(work: int) -> Iterator[None]:
     else:
         _set_blas(1)
         yield
+
+
+def _blas_work(op: str, args: tuple, kw: dict) -> int:
+    """Multiply-adds of a BLAS-backed op's call (``linear``: x (…, K) · W (K, N); ``matmul``:
+    a (…, K) · b (…, K, N), or b (…, N, K) transposed)."""
+    a, b = args[0], args[1]
+    if op == "matmul":
+        return a.size * b.shape[-2 if kw.get("transpose_b") else -1]
+    return a.size * b.shape[-1]
+
+
+def _sized(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kw: Any) -> Any:
+        with blas(_blas_work(op, args, kw)):
+            return fn(*args, **kw)
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    return run
+
+
+def _sized_vjp(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A VJP's products are the size of its forward's (``linear``: gx = g Wᵀ and gW = xᵀ g)."""
+    def run(grads: Any, inputs: Any, outputs: Any, **kw: Any) -> Any:
+        with blas(_blas_work(op, tuple(inputs), kw)):
+            return fn(grads, inputs, outputs, **kw)
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    return run
+
+
+BLAS_OPS = ("linear", "matmul")  # the ops whose kernels are BLAS calls on large inputs
+
+
+def size_blas(backend: Any) -> None:
+    """Wrap a host backend's BLAS-backed kernels and VJPs (``backend.kernels`` / ``.vjps``, its
+    own dicts) in :func:`blas`, so that each call gets the budget only when it is big enough."""
+    for op in BLAS_OPS:
+        if op in backend.kernels:
+            backend.kernels[op] = _sized(op, backend.kernels[op])
+        if backend.vjps.get(op) is not None:
+            backend.vjps[op] = _sized_vjp(op, backend.vjps[op])

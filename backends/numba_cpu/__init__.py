@@ -25,35 +25,6 @@ from minitx.backend import Backend
 CORE = ("norms", "activations", "attention", "linalg", "positions")
 
 
-def _blas_work(op: str, args: tuple, kw: dict) -> int:
-    """Multiply-adds of a BLAS-backed kernel's call (``linear``: x (…, K) · W (K, N); ``matmul``:
-    a (…, K) · b (…, K, N), or b (…, N, K) transposed)."""
-    a, b = args[0], args[1]
-    if op == "matmul":
-        return a.size * b.shape[-2 if kw.get("transpose_b") else -1]
-    return a.size * b.shape[-1]
-
-
-def _sized(op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with BLAS given the thread budget only for calls big enough to share (threads.blas)."""
-    def run(*args: Any, **kw: Any) -> Any:
-        with threads.blas(_blas_work(op, args, kw)):
-            return fn(*args, **kw)
-
-    run.__wrapped__ = fn  # type: ignore[attr-defined]
-    return run
-
-
-def _sized_vjp(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``linear``'s VJP: two products of the forward's size (gx = g Wᵀ, gW = xᵀ g)."""
-    def run(grads: Any, inputs: Any, outputs: Any, **kw: Any) -> Any:
-        with threads.blas(_blas_work("linear", (inputs[0], inputs[1]), kw)):
-            return fn(grads, inputs, outputs, **kw)
-
-    run.__wrapped__ = fn  # type: ignore[attr-defined]
-    return run
-
-
 def _submodules() -> list[str]:
     found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
     return list(CORE) + [m for m in found if m not in CORE]
@@ -69,7 +40,7 @@ class NumbaBackend(Backend):
         import numba  # noqa: F401 — fails here, cleanly, when numba is not installed
 
         self.version = numba.__version__
-        threads.attach_numba()
+        threads.attach_numba()  # the engine's budget (minitx/threads.py): numba's pool takes it
         self.threads = numba.get_num_threads()
         self.problems: dict[str, str] = {}
         for mod in _submodules():
@@ -82,11 +53,7 @@ class NumbaBackend(Backend):
             vjps: dict[str, Callable[..., Any]] = getattr(m, "VJPS", {})
             self.kernels.update(kernels)
             self.vjps.update(vjps)
-        for op in ("linear", "matmul"):  # the kernels that call BLAS on large inputs
-            if op in self.kernels:
-                self.kernels[op] = _sized(op, self.kernels[op])
-        if "linear" in self.vjps:
-            self.vjps["linear"] = _sized_vjp(self.vjps["linear"])
+        threads.size_blas(self)  # BLAS gets the budget only around calls big enough to share it
         if not self.kernels:
             raise RuntimeError("no numba kernel module could be loaded: " + "; ".join(
                 f"{k}: {v}" for k, v in self.problems.items()))
