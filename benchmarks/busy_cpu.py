@@ -1,12 +1,15 @@
 """Speed that holds on a busy machine (issue #20): minitx numba, the NumPy spec and PyTorch, each
-with and without one competing busy process, interleaved in one process.
+with and without one competing busy process, interleaved round by round.
 
 Workloads: the bundled model's prefill at batch 1 (32 tokens) and decode at batch 1, and an
 all-MiniLM-L6-v2-shaped encoder (random weights, seed 0) on 32 sentences x 128 tokens and on
 1 sentence x 16 tokens. Engines: minitx numba with the default thread budget; the same with
 OpenBLAS threaded on every call (how it ran before #20: ``threads.BLAS_PARALLEL_MIN = 0``); the
 NumPy spec; PyTorch (the direct torch build of the same weights, ``torch.set_num_threads`` = the
-budget; torch is imported before the numba backend so that its OpenMP keeps its own defaults).
+budget). Each engine lives in its own worker process, as a user would run it: in one process,
+torch's OpenMP runtime and numba's share one libgomp and its settings, which slowed the minitx
+kernels 2-3x in a first version of this script. The parent sends the workers their calls one at
+a time, so only one computes at any moment.
 
 Each round runs both conditions — quiet, then with one ``while True: pass`` process (the order
 alternates between rounds) — and in each condition every workload on every engine in turn (short
@@ -34,17 +37,18 @@ sys.path.insert(0, ROOT)
 import minitx  # noqa: E402,F401 — before NumPy, as in the CLI
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402,F401 — before numba: see the docstring
-
-from minitx import bench, bundled, machine, modelfile, models, threads, torchref  # noqa: E402
+from minitx import bench, bundled, machine, modelfile, models, threads  # noqa: E402
 from minitx.model import Model  # noqa: E402
 
 ENGINES = ("numba", "numba, BLAS threaded on every call (before #20)", "numpy spec", "torch")
 
 
-def workloads() -> dict[str, tuple[object, object, int]]:
-    """name → (model, the call to time given a runner, its samples per condition per round: short
-    calls are sampled more often, alternating engines between samples)."""
+# samples per workload, condition and round: short calls more often, the engines alternating
+REPS = {"bundled prefill 1x32": 10, "bundled decode 1x16 steps": 3, "MiniLM 32x128": 1, "MiniLM 1x16": 10}
+
+
+def workloads() -> dict[str, tuple[object, object]]:
+    """name → (model, the call to time given a runner)."""
     tiny = modelfile.load(bundled.default_model_path())
     minilm = Model.from_config(models.preset("bert", "small"), seed=0)
     rng = np.random.default_rng(0)
@@ -58,24 +62,59 @@ def workloads() -> dict[str, tuple[object, object, int]]:
             logits, st = r.step(logits[:, -1].argmax(-1)[:, None], st)
 
     return {
-        "bundled prefill 1x32": (tiny, lambda r: r.prefill(p32), 10),
-        "bundled decode 1x16 steps": (tiny, decode, 3),
-        "MiniLM 32x128": (minilm, lambda r: r.encode(s32), 1),
-        "MiniLM 1x16": (minilm, lambda r: r.encode(s1), 10),
+        "bundled prefill 1x32": (tiny, lambda r: r.prefill(p32)),
+        "bundled decode 1x16 steps": (tiny, decode),
+        "MiniLM 32x128": (minilm, lambda r: r.encode(s32)),
+        "MiniLM 1x16": (minilm, lambda r: r.encode(s1)),
     }
 
 
 def runner(engine: str, model):
     if engine == "torch":
+        from minitx import torchref
+
+        torchref.set_threads(threads.budget())
         return bench._TorchRunner(torchref.build(model))
     return bench._MinitxRunner(model, ["numpy"] if engine == "numpy spec" else ["numba"])
 
 
-def timed(engine: str, fn, r) -> float:
+def worker(engine: str) -> None:
+    """Build ``engine``'s runners, warm them up, then time each workload named on stdin."""
+    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the timings only
+    threads.configure(None)
     threads.BLAS_PARALLEL_MIN = 0 if "before" in engine else DEFAULT_MIN
-    t = time.perf_counter()
-    fn(r)
-    return time.perf_counter() - t
+    wl = workloads()
+    runners = {w: runner(engine, m) for w, (m, _) in wl.items()}
+    for w, r in runners.items():  # numba's kernels load, torch allocates
+        wl[w][1](r)
+    print("ready", file=out, flush=True)
+    for line in sys.stdin:
+        w = line.strip()
+        t = time.perf_counter()
+        wl[w][1](runners[w])
+        print(time.perf_counter() - t, file=out, flush=True)
+
+
+class Workers:
+    """One worker process per engine, asked for one timing at a time."""
+
+    def __init__(self) -> None:
+        self.p = {e: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", e], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True) for e in ENGINES}
+        for e, p in self.p.items():
+            if p.stdout.readline().strip() != "ready":
+                raise SystemExit(f"worker {e!r} failed to start")
+
+    def time(self, engine: str, workload: str) -> float:
+        p = self.p[engine]
+        p.stdin.write(workload + "\n")
+        p.stdin.flush()
+        return float(p.stdout.readline())
+
+    def close(self) -> None:
+        for p in self.p.values():
+            p.stdin.close()
+            p.wait()
 
 
 class Busy:
@@ -98,13 +137,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the Markdown table here (default: print it)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker)
     budget = threads.configure(None)
-    torchref.set_threads(budget)
-    wl = workloads()
-    runners = {(w, e): runner(e, m) for w, (m, _, _) in wl.items() for e in ENGINES}
-    for (w, e), r in runners.items():  # warm-up: numba's kernels load, torch allocates
-        timed(e, wl[w][1], r)
+    reps = REPS
+    workers = Workers()
     samples: dict[tuple[str, str, str], list[float]] = {}
     loads = [("start", os.getloadavg())]
     for rnd in range(a.rounds):
@@ -113,19 +152,20 @@ def main() -> None:
             if ctx:
                 ctx.__enter__()
             try:
-                for w, (_, fn, reps) in wl.items():
-                    for i in range(reps):
+                for w in reps:
+                    for i in range(reps[w]):
                         # rotate the order, so that each engine follows each other one alike (torch's
                         # OpenMP workers spin a while after each call and slow whatever runs next)
                         k = (rnd * 7 + i) % len(ENGINES)
                         for e in ENGINES[k:] + ENGINES[:k]:
-                            samples.setdefault((w, e, cond), []).append(timed(e, fn, runners[(w, e)]))
+                            samples.setdefault((w, e, cond), []).append(workers.time(e, w))
             finally:
                 if ctx:
                     ctx.__exit__(None, None, None)
         loads.append((f"after round {rnd + 1}", os.getloadavg()))
         print(f"round {rnd + 1}/{a.rounds} done, load {os.getloadavg()[0]:.2f}", file=sys.stderr)
-    text = report(samples, wl, loads, budget, a.rounds)
+    workers.close()
+    text = report(samples, reps, loads, budget, a.rounds)
     if a.out:
         bench.write_text_atomic(a.out, text)
     print(text)
@@ -141,7 +181,8 @@ def report(samples, wl, loads, budget: int, rounds: int) -> str:
            f"- thread budget {budget} (minitx numba's pool; BLAS one thread except calls of at least "
            f"{DEFAULT_MIN:,} multiply-adds); torch.set_num_threads({budget})",
            f"- {rounds} interleaved rounds (quiet / busy, order alternating; every engine and workload once per "
-           f"condition per round, short ones several times: prefill and MiniLM 1x16 10, decode 3); median, ms; "
+           f"condition per round, short ones several times: prefill and MiniLM 1x16 10, decode 3; the order of "
+           f"the engines rotating); each engine in its own worker process, one computing at a time; median, ms; "
            f"slowdown = busy / quiet",
            "- `python benchmarks/busy_cpu.py` — the machine is shared: compare ratios within this table, not "
            "absolute times across tables", "",

@@ -2,11 +2,12 @@
 
 numba's pool and OpenBLAS's pool each default to every core. OpenBLAS's threaded GEMM hands each
 call to its worker threads and busy-waits (``sched_yield``) for them; when another process holds a
-core, a worker is not scheduled and every small call waits a time slice. Measured on the 2-core
-machine with one competing busy process (benchmarks/results/busy_cpu.md): prefill of the bundled
-model at batch 1 took 159 ms with 2 BLAS threads and 16 ms with 1, and a 2-thread GEMM ran at
-0.01–0.5x its 1-thread speed at every shape below about 2^28 multiply-adds, while a numba pool of
-2 threads cost nothing measurable (its idle workers sleep, ``OMP_WAIT_POLICY=PASSIVE``).
+core, a worker is not scheduled and every small call waits a time slice. Measured in one process
+on the 2-core machine beside one competing busy process, pool sizes alternating: prefill of the
+bundled model at batch 1 took 159 ms with 2 BLAS threads and 16 ms with 1 (numba's pool at 1 or
+2 threads made no difference: its idle workers sleep, ``OMP_WAIT_POLICY=PASSIVE``), and a 2-thread
+GEMM ran at 0.01–0.5x its 1-thread speed at every shape below about 2^28 multiply-adds. The
+end-to-end comparison, with PyTorch beside it, is benchmarks/results/busy_cpu.md.
 
 So the budget goes to numba's pool for good, and to BLAS only around a call big enough to share
 (:func:`blas`, at least ``BLAS_PARALLEL_MIN`` multiply-adds); outside such a call BLAS runs on one
@@ -26,7 +27,8 @@ from .errors import MinitxError
 
 # From here on (multiply-adds of one BLAS call) OpenBLAS gets the whole budget. Below it, its
 # threads cost more than they gain under load (GEMMs of 0.3G multiply-adds ran at 0.45-0.85x with
-# 2 threads beside one busy process; 0.6G and up at 1.0-1.7x; benchmarks/results/busy_cpu.md).
+# 2 threads beside one busy process, 0.6G and up at 1.0-1.7x; on a quiet machine 2 threads win
+# from far smaller sizes, a measurement this shared machine could not give).
 BLAS_PARALLEL_MIN = 1 << 28
 CGROUP_V2 = "/sys/fs/cgroup/cpu.max"
 CGROUP_V1 = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
