@@ -6,10 +6,11 @@ all-MiniLM-L6-v2-shaped encoder (random weights, seed 0) on 32 sentences x 128 t
 1 sentence x 16 tokens. Engines: minitx numba with the default thread budget; the same with
 OpenBLAS threaded on every call (how it ran before #20: ``threads.BLAS_PARALLEL_MIN = 0``); the
 NumPy spec; PyTorch (the direct torch build of the same weights, ``torch.set_num_threads`` = the
-budget). Each engine lives in its own worker process, as a user would run it: in one process,
-torch's OpenMP runtime and numba's share one libgomp and its settings, which slowed the minitx
-kernels 2-3x in a first version of this script. The parent sends the workers their calls one at
-a time, so only one computes at any moment.
+budget). Each engine lives in its own worker process, as a user would run it: with torch loaded
+in the same process (its own libgomp beside numba's, each with its own thread pool), the minitx
+rows of a first version of this script ran 2-3x slower than without torch, the NumPy spec too;
+the cause was not isolated. The parent sends the workers their calls one at a time, so only one
+computes at any moment.
 
 Each round runs both conditions — quiet, then with one ``while True: pass`` process (the order
 alternates between rounds) — and in each condition every workload on every engine in turn (short
