@@ -6,11 +6,11 @@ all-MiniLM-L6-v2-shaped encoder (random weights, seed 0) on 32 sentences x 128 t
 1 sentence x 16 tokens. Engines: minitx numba with the default thread budget; the same with
 OpenBLAS threaded on every call (how it ran before #20: ``threads.BLAS_PARALLEL_MIN = 0``); the
 NumPy spec; PyTorch (the direct torch build of the same weights, ``torch.set_num_threads`` = the
-budget). Each engine lives in its own worker process, as a user would run it: with torch loaded
-in the same process (its own libgomp beside numba's, each with its own thread pool), the minitx
-rows of a first version of this script ran 2-3x slower than without torch, the NumPy spec too;
-the cause was not isolated. The parent sends the workers their calls one at a time, so only one
-computes at any moment.
+budget, and OpenMP's own wait policy, not minitx's). Each engine lives in its own worker process,
+as a user would run it (in one process, torch's OpenMP would sleep when idle, as minitx has every
+OpenMP runtime do; before minitx set that on import, torch's spinning pool slowed the minitx
+kernels 2-3x in a first version of this script). The parent sends the workers their calls one at
+a time, so only one computes at any moment.
 
 Each round runs both conditions — quiet, then with one ``while True: pass`` process (the order
 alternates between rounds) — and in each condition every workload on every engine in turn (short
@@ -34,6 +34,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_OMP = os.environ.get("OMP_WAIT_POLICY")  # before minitx sets its default: torch's worker keeps it
 sys.path.insert(0, ROOT)
 import minitx  # noqa: E402,F401 — before NumPy, as in the CLI
 
@@ -82,6 +83,11 @@ def runner(engine: str, model):
 def worker(engine: str) -> None:
     """Build ``engine``'s runners, warm them up, then time each workload named on stdin."""
     out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the timings only
+    if engine == "torch":  # torch's OpenMP as a user gets it, not with minitx's default
+        if USER_OMP is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = USER_OMP
     threads.configure(None)
     threads.BLAS_PARALLEL_MIN = 0 if "before" in engine else DEFAULT_MIN
     wl = workloads()
@@ -100,8 +106,12 @@ class Workers:
     """One worker process per engine, asked for one timing at a time."""
 
     def __init__(self) -> None:
+        torch_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if USER_OMP is not None:
+            torch_env["OMP_WAIT_POLICY"] = USER_OMP
         self.p = {e: subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", e], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True) for e in ENGINES}
+                                      stdout=subprocess.PIPE, text=True, env=torch_env if e == "torch" else None)
+                  for e in ENGINES}
         for e, p in self.p.items():
             if p.stdout.readline().strip() != "ready":
                 raise SystemExit(f"worker {e!r} failed to start")

@@ -10,14 +10,8 @@ reported in ``backend().problems`` instead of taking the whole backend down. Mod
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 from typing import Any, Callable
-
-# Idle OpenMP workers that spin (libgomp's default) steal the cores from the next kernel and from
-# BLAS; on a shared 2-core VM we measured 50x slowdowns (benchmarks/results/decode_cpu.md).
-# Must be set before numba starts its thread pool; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from minitx import threads
 from minitx.backend import Backend
