@@ -1,12 +1,12 @@
 """The engine's one thread budget (issue #20).
 
 numba's pool and OpenBLAS's pool each default to every core. OpenBLAS's threaded GEMM hands each
-call to its worker threads and busy-waits (``sched_yield``) for them; when another process holds a
-core, a worker is not scheduled and every small call waits a time slice. Measured in one process
+call to its worker threads and waits for all of them; when another process holds a core, a worker
+is not scheduled and every small call waits for it (and the waiting threads spin meanwhile). Measured in one process
 on the 2-core machine beside one competing busy process, pool sizes alternating: prefill of the
 bundled model at batch 1 took 159 ms with 2 BLAS threads and 16 ms with 1 (numba's pool at 1 or
 2 threads made no difference: its idle workers sleep, ``OMP_WAIT_POLICY=PASSIVE``), and a 2-thread
-GEMM ran at 0.01–0.5x its 1-thread speed at every shape below about 2^28 multiply-adds. The
+GEMM ran at 0.01–0.7x its 1-thread speed at every shape below about 2^28 multiply-adds. The
 end-to-end comparison, with PyTorch beside it, is benchmarks/results/busy_cpu.md.
 
 So the budget goes to numba's pool for good, and to BLAS only around a call big enough to share
