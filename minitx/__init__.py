@@ -15,8 +15,14 @@ __version__ = "0.1.0"
 # pool). Sleeping at once (2^4 cycles) measured faster on the 2-core machine: decode at batch 8
 # 92 → 101 tok/s, prefill 443 → 470 (benchmarks/results/decode_cpu.md). OpenBLAS reads this when
 # it loads, so it only takes effect when minitx is imported before NumPy (the CLI does); a user's
-# own setting wins.
+# own setting wins. How many threads BLAS gets, and when, is minitx/threads.py's to decide.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# Idle OpenMP workers that spin (libgomp's default) steal the cores from the next kernel and from
+# BLAS; on a shared 2-core VM we measured 50x slowdowns (benchmarks/results/decode_cpu.md). Every
+# OpenMP runtime reads this when it loads — numba's, and torch's own copy: with torch imported
+# before it was set (in the numba backend, formerly), minitx's MiniLM 1x16 ran at 44 ms instead
+# of 15. So it is set here, before any of them loads; a user's own setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "backends")) and _os.path.isfile(

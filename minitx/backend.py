@@ -84,6 +84,9 @@ class SpecBackend(Backend):
         self.version = np.__version__
         self.kernels = {name: spec.forward for name, spec in ops.OPS.items()}
         self.vjps = {name: spec.vjp for name, spec in ops.OPS.items()}
+        from . import threads
+
+        threads.size_blas(self)   # BLAS gets the thread budget only around calls big enough to share it
 
 
 def _make(factory: Any) -> Backend:

@@ -7,8 +7,9 @@ For every configuration asked, on the same seeded inputs:
 * decode throughput (decoders): ``new_tokens`` greedy KV-cache steps after the prompt, tokens/s
   at batch 1 and at the larger batch;
 * peak memory: the process's resident-set high-water mark (VmHWM) while that configuration ran —
-  reset before each configuration through /proc/self/clear_refs where Linux allows it, else the
-  process-wide ``ru_maxrss`` (then marked as not reset); device memory too when a GPU backend ran;
+  reset before each of its turns through /proc/self/clear_refs where Linux allows it (the maximum
+  over its turns), else the process-wide ``ru_maxrss`` (then marked as not reset); device memory
+  too when a GPU backend ran;
 * model bytes: the parameters' nbytes (for a plugin-rewritten model, its packed weights);
 * accuracy against the spec (NumPy backend, no plugin): max abs / rel error, cosine and top-1
   agreement of the logits (or embeddings) on the larger batch, via :mod:`minitx.metrics`;
@@ -17,8 +18,10 @@ For every configuration asked, on the same seeded inputs:
   (:func:`weight_bytes_per_token`: packed bytes for a quantized model), and the share of it reached.
 
 ``vs_torch`` adds the same model in PyTorch (:mod:`minitx.torchref`), same thread count, timed
-the same way in the same run, and every minitx row gets speed ratios against it. Every timing is
-a warm-up then ``repeat`` runs, summarised as median with min–max. A configuration that cannot
+the same way in the same run, and every minitx row gets speed ratios against it. Every
+configuration is warmed up, then measured in ``repeat`` rounds, each round running every
+configuration once in turn (interleaved, so that a change of load on a shared machine hits all of
+them alike); each timing is the median with min–max over the rounds. A configuration that cannot
 run (unknown backend, no GPU, a plugin failing validation) becomes a row with that reason in its
 ``status`` and the others still run. Nothing here asserts a speed: the figures are reported.
 """
@@ -37,6 +40,7 @@ import numpy as np
 from . import feeds, machine
 from .errors import MinitxError
 from .modelfile import atomic_write
+from .threads import budget as thread_budget
 
 SCHEMA = "minitx.bench/1"
 Progress = Callable[[int, str], None]
@@ -54,7 +58,7 @@ class Settings:
     prompt_len: int = 32
     new_tokens: int = 16
     seed: int = 0
-    threads: int = 0            # 0: numpy BLAS's thread count
+    threads: int = 0            # 0: the engine's thread budget (minitx.threads)
 
     def check(self) -> None:
         for k, flag in FLAGS.items():
@@ -94,11 +98,6 @@ class PeakRSS:
         except OSError:
             pass
         self.start_kib = _status_kib("VmRSS") or 0
-
-    def record(self, row: "Row") -> None:
-        row.peak_rss_mib = self.peak_mib()
-        row.peak_rss_delta_mib = max(row.peak_rss_mib - self.start_kib / 1024, 0.0) if self.start_kib else None
-        row.peak_rss_reset = self.reset_ok
 
     def peak_mib(self) -> float:
         kib = _status_kib("VmHWM") if self.reset_ok else None
@@ -169,18 +168,11 @@ class _TorchRunner:
         return self.ref.encode(ids)
 
 
-def _timed(fn: Callable[[], Any], sync: Callable[[], None], warmup: int, repeat: int) -> tuple[list[float], Any]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-        sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times, out
+def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
 
 
 def _decode(runner, state, first: np.ndarray, n: int) -> None:
@@ -195,42 +187,71 @@ def phases(is_decoder: bool) -> int:
     return 4 if is_decoder else 2
 
 
-class _Counted:
-    """A progress callback that remembers how far one configuration got (to skip the rest on failure)."""
+class _Job:
+    """One configuration in the interleaved measurement: its runner, its samples so far, its peak
+    memory over the slices it ran in, and how much progress it has reported."""
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress, self.done = progress, 0
+    def __init__(self, row: "Row", runner, model, progress: Progress) -> None:
+        self.row, self.runner, self.model, self.progress = row, runner, model, progress
+        self.samples: dict[str, list[float]] = {}
+        self.out_big: np.ndarray | None = None
+        self.done = 0
+        self.peak_mib = self.delta_mib = 0.0
+        self.reset_ok = True
 
-    def __call__(self, n: int, label: str) -> None:
-        self.done += n
-        self.progress(n, label)
-
-
-def _measure(runner, inputs: dict[int, np.ndarray], s: Settings, progress: Progress, label: str) -> tuple[dict, np.ndarray]:
-    """Time one runner; returns the timings and its output on the larger batch (for accuracy)."""
-    t: dict[str, Any] = {}
-    big = max(inputs)
-    out_big = None
-    for B, ids in inputs.items():
-        key = "b1" if B == 1 else "batch"
-        if runner.is_decoder:
-            times, (logits, state) = _timed(lambda: runner.prefill(ids), runner.sync, s.warmup, s.repeat)
-            t[f"prefill_ms_{key}"] = stat([x * 1e3 for x in times])
-            progress(1, f"{label}: prefill b={B}")
-            first = logits[:, -1].argmax(-1)
-            times, _ = _timed(lambda: _decode(runner, state, first, s.new_tokens), runner.sync, s.warmup, s.repeat)
-            t[f"decode_tok_s_{key}"] = stat([B * s.new_tokens / x for x in times])
-            progress(1, f"{label}: decode b={B}")
+    def once(self, inputs: dict[int, np.ndarray], s: Settings, timed: bool) -> None:
+        """Every measurement once (prefill, then decode from that prefill's cache, per batch)."""
+        mem = PeakRSS()
+        big = max(inputs)
+        r = self.runner
+        for B, ids in inputs.items():
+            key = "b1" if B == 1 else "batch"
+            if r.is_decoder:
+                dt, (logits, state) = _timed(lambda: r.prefill(ids), r.sync)
+                first = logits[:, -1].argmax(-1)
+                dd, _ = _timed(lambda: _decode(r, state, first, s.new_tokens), r.sync)
+                if timed:
+                    self.samples.setdefault(f"prefill_ms_{key}", []).append(dt * 1e3)
+                    self.samples.setdefault(f"decode_tok_s_{key}", []).append(B * s.new_tokens / dd)
+            else:
+                dt, logits = _timed(lambda: r.encode(ids), r.sync)
+                if timed:
+                    self.samples.setdefault(f"prefill_ms_{key}", []).append(dt * 1e3)
+                    self.samples.setdefault(f"sent_s_{key}", []).append(B / dt)
             if B == big:
-                out_big = logits
-        else:
-            times, emb = _timed(lambda: runner.encode(ids), runner.sync, s.warmup, s.repeat)
-            t[f"prefill_ms_{key}"] = stat([x * 1e3 for x in times])
-            t[f"sent_s_{key}"] = stat([B / x for x in times])
-            progress(1, f"{label}: encode b={B}")
-            if B == big:
-                out_big = emb
-    return t, out_big
+                self.out_big = logits
+        self.peak_mib = max(self.peak_mib, mem.peak_mib())
+        self.delta_mib = max(self.delta_mib, mem.peak_mib() - mem.start_kib / 1024 if mem.start_kib else 0.0)
+        self.reset_ok = self.reset_ok and mem.reset_ok
+
+    def report(self, units: int) -> None:
+        """Bring the reported progress of this configuration up to ``units``."""
+        if units > self.done:
+            self.progress(units - self.done, f"{self.row.config}: measuring")
+            self.done = units
+
+    def finish(self) -> None:
+        self.row.timings = {k: stat(v) for k, v in self.samples.items()}
+        self.row.peak_rss_mib = self.peak_mib
+        self.row.peak_rss_delta_mib = max(self.delta_mib, 0.0)
+        self.row.peak_rss_reset = self.reset_ok
+
+
+def _interleaved(jobs: list[_Job], inputs: dict[int, np.ndarray], s: Settings, on_error: Callable[[_Job, BaseException], None]) -> None:
+    """Warm every configuration up, then run ``repeat`` rounds, each measuring every configuration
+    once in turn: a change of load on a shared machine then hits all of them alike, instead of
+    whichever happened to run during it. A configuration that fails leaves the rounds."""
+    live = list(jobs)
+    for rnd in range(-s.warmup, s.repeat):
+        for job in list(live):
+            try:
+                job.once(inputs, s, timed=rnd >= 0)
+            except Exception as e:  # noqa: BLE001 — a kernel failing is that row's result
+                live.remove(job)
+                on_error(job, e)
+                continue
+            if rnd >= 0:
+                job.report(phases(job.runner.is_decoder) * (rnd + 1) // s.repeat)
 
 
 # ------------------------------------------------------------------------------------ accuracy
@@ -336,7 +357,7 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
                           f"context of {m0.n_ctx}")
     if not m0.is_decoder and s.prompt_len > m0.n_ctx:
         raise MinitxError(f"--seq {s.prompt_len} exceeds the model's context of {m0.n_ctx}")
-    threads = s.threads or machine.blas_threads()
+    threads = s.threads or thread_budget()
     rng = np.random.default_rng(s.seed)
     big = max(s.batch, 2)
     ids_big = rng.integers(0, m0.vocab_size, size=(big, s.prompt_len), dtype=np.int64)
@@ -349,6 +370,14 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
     bandwidth = machine.read_bandwidth() if m0.is_decoder else None
 
     rows: list[Row] = []
+    jobs: list[_Job] = []
+    per = phases(m0.is_decoder)
+
+    def failed(row: Row, e: BaseException, done: int = 0) -> None:
+        row.status = f"error: {_short(e)}"
+        row.timings = {}
+        progress(per - done + 1, f"{row.config}: failed")
+
     backend_lists = [[x.strip() for x in b.split(",") if x.strip()] for b in backends] or [["numpy"]]
     sets = [list(p) for p in plugin_sets] or [[]]
     for plugins in sets:
@@ -366,32 +395,21 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
             rows.append(row)
             if perr:
                 row.status = f"plugin failed: {perr}"
-                progress(phases(m0.is_decoder) + 1, f"{name}: {row.status}")
+                progress(per + 1, f"{name}: {row.status}")
                 continue
             row.model_bytes = int(model.nbytes())
-            mem = PeakRSS()
-            counted = _Counted(progress)
             try:
                 runner = _MinitxRunner(model, bl)
-                row.placement = runner.placement
-                row.timings, out = _measure(runner, inputs, s, counted, name)
-                row.accuracy = accuracy(ref, out, m0.is_decoder)
-                row.device_mib = _device_mib(runner.objs)
-                if bandwidth and all(b.device == "cpu" for b in runner.objs):  # a GPU's bound is its own
-                    row.roofline = roofline(row, weight_bytes_per_token(model), bandwidth)
-            except Exception as e:  # noqa: BLE001 — unknown backend, no GPU, a kernel failing
-                row.status = f"error: {_short(e)}"
-                row.timings = {}
-                progress(phases(m0.is_decoder) - counted.done, f"{name}: failed")
-            mem.record(row)
-            progress(1, f"{name}: done")
+            except Exception as e:  # noqa: BLE001 — unknown backend, no GPU
+                failed(row, e)
+                continue
+            row.placement = runner.placement
+            jobs.append(_Job(row, runner, model, progress))
 
     torch_row = None
     if vs_torch:
         torch_row = Row("torch", "torch", "torch", [])
         rows.append(torch_row)
-        mem = PeakRSS()
-        counted = _Counted(progress)
         try:
             from . import torchref
 
@@ -400,20 +418,26 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
             torch_row.backend = ref_model.name
             torch_row.config = "torch+transformers" if "transformers" in ref_model.name else "torch"
             torch_row.model_bytes = int(m0.nbytes())
-            torch_row.timings, out = _measure(_TorchRunner(ref_model), inputs, s, counted, "torch")
-            torch_row.accuracy = accuracy(ref, out, m0.is_decoder)
-            if bandwidth:
-                torch_row.roofline = roofline(torch_row, weight_bytes_per_token(m0), bandwidth)
+            jobs.append(_Job(torch_row, _TorchRunner(ref_model), m0, progress))
         except Exception as e:  # noqa: BLE001
-            torch_row.status = f"error: {_short(e)}"
-            torch_row.timings = {}
-            progress(phases(m0.is_decoder) - counted.done, "torch: failed")
-        mem.record(torch_row)
-        progress(1, "torch: done")
-        if torch_row.ok:
-            for r in rows:
-                if r.engine == "minitx" and r.ok:
-                    r.vs_torch = ratios(r.timings, torch_row.timings)
+            failed(torch_row, e)
+
+    _interleaved(jobs, inputs, s, lambda job, e: failed(job.row, e, job.done))
+    for job in jobs:
+        row = job.row
+        if not row.ok:
+            continue
+        job.finish()
+        row.accuracy = accuracy(ref, job.out_big, m0.is_decoder)
+        row.device_mib = _device_mib(job.runner.objs)
+        if bandwidth and all(b.device == "cpu" for b in job.runner.objs):  # a GPU's bound is its own
+            row.roofline = roofline(row, weight_bytes_per_token(job.model), bandwidth)
+        job.report(per)
+        progress(1, f"{row.config}: done")
+    if torch_row is not None and torch_row.ok:
+        for r in rows:
+            if r.engine == "minitx" and r.ok:
+                r.vs_torch = ratios(r.timings, torch_row.timings)
 
     return {
         "schema": SCHEMA,
@@ -539,8 +563,8 @@ def markdown(res: dict[str, Any], title: str | None = None, notes: Sequence[str]
            f"- accuracy against: {res['reference']}",
            *([f"- {ROOFLINE.format(bw=res['read_bandwidth_Bps'] / 1e9)}"]
              if any(r.get("roofline") for r in res["rows"]) else []),
-           "- peak RSS: the process's resident-set high-water mark while that configuration ran (reset per "
-           "configuration); it includes what the process already held (the loaded model, imported libraries); "
+           "- peak RSS: the process's resident-set high-water mark while that configuration ran (reset before each "
+           "of its turns); it includes what the process already held (the loaded model, imported libraries); "
            "+Δ is the growth above the RSS at the configuration's start",
            *[f"- {n}" for n in notes], "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

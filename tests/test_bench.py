@@ -193,3 +193,11 @@ def test_decode_rows_carry_their_roofline(decoder_result):
         assert rl["fraction_b1"] == pytest.approx(r["timings"]["decode_tok_s_b1"]["median"] / rl["tok_s"])
         assert cells[col] == f"{rl['fraction_b1']:.0%} of {rl['tok_s']:.1f}"
     assert "roofline: host read bandwidth" in bench.table(decoder_result)
+
+
+def test_configurations_are_measured_round_by_round(bert_file):
+    """Interleaved: every configuration takes its turn in each round, so load changes hit all alike."""
+    order = []
+    bench.run(bert_file, ["numpy", "numpy,numba"], [[]], settings=bench.Settings(**{**FAST, "repeat": 2}),
+              progress=lambda n, label: order.append(label.split(":")[0]) if label.endswith("measuring") else None)
+    assert order == ["numpy", "numpy,numba", "numpy", "numpy,numba"]

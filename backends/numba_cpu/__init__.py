@@ -10,16 +10,10 @@ reported in ``backend().problems`` instead of taking the whole backend down. Mod
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 from typing import Any, Callable
 
-# Idle OpenMP workers that spin (libgomp's default) steal the cores from the next kernel and from
-# BLAS; on a shared 2-core VM we measured 50x slowdowns (benchmarks/results/decode_cpu.md).
-# Must be set before numba starts its thread pool; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from minitx import ops
+from minitx import ops, threads
 from minitx.backend import Backend
 
 CORE = ("norms", "activations", "attention", "linalg", "positions")
@@ -43,6 +37,7 @@ class NumbaBackend(Backend):
         import numba  # noqa: F401 — fails here, cleanly, when numba is not installed
 
         self.version = numba.__version__
+        threads.attach_numba()  # the engine's budget (minitx/threads.py): numba's pool takes it
         self.threads = numba.get_num_threads()
         self.problems: dict[str, str] = {}
         for mod in _submodules():
@@ -57,6 +52,7 @@ class NumbaBackend(Backend):
             self.vjps.update(vjps)
         for op in self.delegate:
             self.kernels[op], self.vjps[op] = ops.get(op).forward, ops.get(op).vjp
+        threads.size_blas(self)  # BLAS gets the budget only around calls big enough to share it
         if not self.kernels:
             raise RuntimeError("no numba kernel module could be loaded: " + "; ".join(
                 f"{k}: {v}" for k, v in self.problems.items()))

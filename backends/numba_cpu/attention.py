@@ -17,21 +17,22 @@ from .kvcache import append, storage
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
-def _mix_values(p, n, Vb, lo, acc):
-    """acc += Σ_{s<n} p[s]·Vb[s, lo:lo+len(acc)], four value rows per pass over acc (one load and
-    store of acc per four multiply-adds)."""
+def _mix_values(p, n, Vb, first, lo, acc):
+    """acc += Σ_{s<n} p[s]·Vb[first + s, lo:lo+len(acc)], four value rows per pass over acc (one
+    load and store of acc per four multiply-adds)."""
     D = acc.size
     s = 0
     while s + 4 <= n:
         p0, p1, p2, p3 = p[s], p[s + 1], p[s + 2], p[s + 3]
-        v0, v1 = Vb[s, lo:lo + D], Vb[s + 1, lo:lo + D]
-        v2, v3 = Vb[s + 2, lo:lo + D], Vb[s + 3, lo:lo + D]
+        r = first + s
+        v0, v1 = Vb[r, lo:lo + D], Vb[r + 1, lo:lo + D]
+        v2, v3 = Vb[r + 2, lo:lo + D], Vb[r + 3, lo:lo + D]
         for d in range(D):
             acc[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
         s += 4
     while s < n:
         ps = p[s]
-        vs = Vb[s, lo:lo + D]
+        vs = Vb[first + s, lo:lo + D]
         for d in range(D):
             acc[d] += ps * vs[d]
         s += 1
@@ -109,82 +110,130 @@ def _sdpa(q, K, KS, V, VS, quantized, S_tot, mask, has_mask, causal, scale, H, K
         if quantized:
             for s in range(n):
                 sc[s] *= VS[b, s, g]
-        _mix_values(sc, n, V[b], g * D, acc)
+        _mix_values(sc, n, V[b], 0, g * D, acc)
         inv = 1.0 / total
         for d in range(D):
             o[d] = acc[d] * inv
 
 
-def _sdpa_prefill(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
-    """Many queries at once: one task per (batch, kv head), keys transposed once per task.
+QB = 16   # queries per block in the prefill kernel: they reuse one block of keys and values from L1
+KB = 64   # keys per block: Kᵀ and V for one block are 2·KB·D values (32 KiB at D = 64)
 
-    With Kᵀ (D, S) in hand, a query's scores are D unit-stride multiply-adds over the keys and
-    its output S unit-stride multiply-adds over D: no horizontal sums, all of it SIMD. Masked
-    keys get weight exactly 0; a query with no visible key averages all values, like the spec.
+
+def _sdpa_prefill(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
+    """Many queries at once, in one pass over the keys with an online softmax (flash-attention
+    style): one task per (batch, kv head), which first copies its keys (transposed), values and
+    mask into contiguous per-block tiles. Each block of QB queries walks the key blocks; per query
+    it keeps a running maximum m, a running sum of exp(score − m) and an output accumulator,
+    rescaled by exp(m_old − m_new) when m grows.
+
+    Why: the scores live in one KB-long row, never a (T, S) matrix, and the QB queries of a block
+    read the same KB keys and values while they are in L1 (a query walking all S keys at once
+    streams them from L2 once S·D outgrows L1). A score is D unit-stride multiply-adds over a
+    block's keys, four rows of Kᵀ per pass; the weighted sum of values takes four value rows per
+    pass over the accumulator: no horizontal sums, all of it SIMD. Masked or not-yet-visible keys
+    get weight exactly 0; a query with no visible key averages all values, like the spec.
+    Measured against the previous kernel (one query at a time over all keys, scores and Kᵀ over
+    the whole sequence), in-process, alternating, 15 rounds, 2 threads, load average 6–7 on the
+    2-core machine: MiniLM 32×128 1.02x, GPT-2 1×128 causal 4.6x, 4×128 1.3x, 1×1024 1.45x,
+    GQA 1×512 1.1x (KB = 128: 0.8x on GQA). Tiles indexed ``tile[j]`` rather than
+    ``whole[s0 + j]``: the latter cost numba a negative-index check per access and LLVM its
+    vectors (the first version, so written, ran at 0.3–0.7x).
     """
     B, T, HD = q.shape
     D = HD // H
     G = H // KV
     past = S - T
+    ninf = zero - np.float32(np.inf)
+    nb = (S + KB - 1) // KB
     for task in prange(B * KV):
         b = task // KV
         g = task % KV
-        KT = np.empty((D, S), q.dtype)
+        # Per key block: Kᵀ (D, KB), V (KB, D) and the mask, contiguous (indexing a whole-sequence
+        # array at s0 + j costs numba a negative-index check per access, and LLVM its vectors).
+        KT = np.zeros((nb, D, KB), q.dtype)
+        VB = np.zeros((nb, KB, D), q.dtype)
+        vis = np.zeros((nb, KB), q.dtype)
         for s in range(S):
             for d in range(D):
-                KT[d, s] = K[b, s, g * D + d]
-        vis = np.ones(S, q.dtype)
-        if has_mask:
-            for s in range(S):
-                if mask[b, s] == 0:
-                    vis[s] = zero
-        sc = np.empty(S, q.dtype)
-        acc = np.empty(D, q.dtype)
+                KT[s // KB, d, s % KB] = K[b, s, g * D + d]
+                VB[s // KB, s % KB, d] = V[b, s, g * D + d]
+            vis[s // KB, s % KB] = zero if has_mask and mask[b, s] == 0 else zero + 1
+        sc = np.empty(KB, q.dtype)
+        acc = np.empty((QB, D), q.dtype)
+        m = np.empty(QB, q.dtype)
+        tot = np.empty(QB, q.dtype)
         for hh in range(G):
             h = g * G + hh
-            for t in range(T):
-                n = past + t + 1 if causal else S
-                for s in range(n):
-                    sc[s] = zero
-                d = 0
-                while d + 4 <= D:  # four rows of Kᵀ per pass: one load/store of sc per 4 FMAs
-                    q0 = q[b, t, h * D + d] * scale
-                    q1 = q[b, t, h * D + d + 1] * scale
-                    q2 = q[b, t, h * D + d + 2] * scale
-                    q3 = q[b, t, h * D + d + 3] * scale
-                    k0, k1, k2, k3 = KT[d], KT[d + 1], KT[d + 2], KT[d + 3]
-                    for s in range(n):
-                        sc[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
-                    d += 4
-                while d < D:
-                    qd = q[b, t, h * D + d] * scale
-                    kd = KT[d]
-                    for s in range(n):
-                        sc[s] += qd * kd[s]
-                    d += 1
-                m = zero - np.float32(np.inf)
-                for s in range(n):
-                    if vis[s] != zero and sc[s] > m:
-                        m = sc[s]
-                for d in range(D):
-                    acc[d] = zero
-                o = out[b, t, h * D:(h + 1) * D]
-                if m == -np.inf:  # nothing visible: uniform over all keys
-                    for s in range(S):
-                        for d in range(D):
-                            acc[d] += V[b, s, g * D + d]
+            for t0 in range(0, T, QB):
+                nq = min(QB, T - t0)
+                for i in range(nq):
+                    m[i] = ninf
+                    tot[i] = zero
                     for d in range(D):
-                        o[d] = acc[d] / S
-                    continue
-                total = zero
-                for s in range(n):
-                    p = exp(sc[s] - m) * vis[s]
-                    sc[s] = p
-                    total += p
-                _mix_values(sc, n, V[b], g * D, acc)
-                inv = 1.0 / total
-                for d in range(D):
-                    o[d] = acc[d] * inv
+                        acc[i, d] = zero
+                hi = past + t0 + nq if causal else S
+                for blk in range((hi + KB - 1) // KB):
+                    s0 = blk * KB
+                    kb, vb, vi = KT[blk], VB[blk], vis[blk]
+                    for i in range(nq):
+                        t = t0 + i
+                        # keys of this block query t may see: s0 … s0 + n − 1
+                        n = min(KB, (past + t + 1 if causal else S) - s0)
+                        if n <= 0:
+                            continue
+                        qt = q[b, t, h * D:(h + 1) * D]
+                        for j in range(n):
+                            sc[j] = zero
+                        d = 0
+                        while d + 4 <= D:  # four rows of Kᵀ per pass: one load/store of sc per 4 FMAs
+                            c0, c1, c2, c3 = qt[d] * scale, qt[d + 1] * scale, qt[d + 2] * scale, qt[d + 3] * scale
+                            k0, k1, k2, k3 = kb[d], kb[d + 1], kb[d + 2], kb[d + 3]
+                            for j in range(n):
+                                sc[j] += c0 * k0[j] + c1 * k1[j] + c2 * k2[j] + c3 * k3[j]
+                            d += 4
+                        while d < D:
+                            c0 = qt[d] * scale
+                            k0 = kb[d]
+                            for j in range(n):
+                                sc[j] += c0 * k0[j]
+                            d += 1
+                        bm = ninf
+                        for j in range(n):
+                            if vi[j] != zero and sc[j] > bm:
+                                bm = sc[j]
+                        if bm == ninf:  # nothing visible in this block: running state unchanged
+                            continue
+                        ai = acc[i]
+                        if bm > m[i]:
+                            c = exp(m[i] - bm)  # ~0 on the first visible block (m = −inf)
+                            tot[i] *= c
+                            for d in range(D):
+                                ai[d] *= c
+                            m[i] = bm
+                        mi = m[i]
+                        total = zero
+                        for j in range(n):
+                            p = exp(sc[j] - mi) * vi[j]
+                            sc[j] = p
+                            total += p
+                        tot[i] += total
+                        _mix_values(sc, n, vb, 0, 0, ai)
+                for i in range(nq):
+                    o = out[b, t0 + i, h * D:(h + 1) * D]
+                    if m[i] == ninf:  # nothing visible: uniform over all keys, like the spec
+                        for d in range(D):
+                            o[d] = zero
+                        for s in range(S):
+                            for d in range(D):
+                                o[d] += V[b, s, g * D + d]
+                        for d in range(D):
+                            o[d] = o[d] / S
+                        continue
+                    inv = 1.0 / tot[i]
+                    ai = acc[i]
+                    for d in range(D):
+                        o[d] = ai[d] * inv
 
 
 _SDPA, _SDPA_PREFILL = kernel(_sdpa), kernel(_sdpa_prefill)
