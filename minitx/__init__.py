@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 # OpenBLAS's idle threads spin for ~2^28 cycles (~0.1 s) after every call, so during decoding they
 # never sleep and take the cores from whatever runs between BLAS calls (numba kernels, the numba
-# pool). Sleeping at once (2^4 cycles) measured faster on the 2-core machine: decode at batch 8
-# 92 → 101 tok/s, prefill 443 → 470 (benchmarks/results/decode_cpu.md). OpenBLAS reads this when
+# pool). Sleeping at once (2^4 cycles) measured faster on the 2-core machine
+# (benchmarks/results/decode_cpu.md). OpenBLAS reads this when
 # it loads, so it only takes effect when minitx is imported before NumPy (the CLI does); a user's
 # own setting wins. How many threads BLAS gets, and when, is minitx/threads.py's to decide.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

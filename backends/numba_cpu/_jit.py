@@ -26,7 +26,7 @@ FASTMATH = {"reassoc", "contract", "arcp"}
 # Below this much work (elements, or multiply-adds for attention) a kernel runs on one thread.
 # Measured on the 2-core machine (benchmarks/results/decode_cpu.md): BLAS's own threads hold the
 # cores between calls, and numba's pool competing with them cost more than it gained up to
-# GPT-2's 128-token prefill (382 → 436 tok/s serial); the LM head at batch 8 (39M) still gains.
+# GPT-2's 128-token prefill; the LM head at batch 8 (39M) still gains.
 PARALLEL_MIN = 1 << 24
 
 
@@ -61,7 +61,7 @@ def _drop_stale_cache(dispatcher: Any) -> None:
     ``exp``): after an edit to a helper, every kernel using it would keep its old machine code, and
     a test run would pass on code that no longer exists. One digest of the package's sources, kept
     beside the cache, catches that; checked once per cache folder. (Found when a cached int8 kernel
-    ran at 12 GB/s where the same source compiled afresh ran at 15–18 GB/s.)
+    ran slower than the same source compiled afresh.)
     """
     path = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
     if not path or path in _checked:

@@ -4,10 +4,9 @@ Spec: minitx/ops/linalg.py. Measured on this project's 2-core machine (single-th
 weights streamed from DRAM; see benchmarks/results/decode_cpu.md): OpenBLAS's GEMV/GEMM on ``x @ W``
 with W (in, out) is as good as anything we wrote in numba for every row count, so ``linear`` is the
 spec's own BLAS call, delegated (``NumbaBackend.delegate``; a numba GEMV prefetching rows ahead, as
-the int8 kernels do, streamed 17–19 GB/s against OpenBLAS's 20–24 at batch 1, re-measured with
-freshly compiled kernels: not enough to switch). But ``x @ Eᵀ`` with the (vocab, d) embedding table
-is 2x slower than it should be for 2–16 rows (its transposed small-M path): for GPT-2's 50257×768
-head at 8 rows, 40 ms against 23 ms for :func:`_xwt`, where each output is a dot product along a
+the int8 kernels do, streamed slower than OpenBLAS at batch 1). But ``x @ Eᵀ`` with the (vocab, d) embedding table
+is about 2x slower than it should be for 2–16 rows (its transposed small-M path) against
+:func:`_xwt`, where each output is a dot product along a
 contiguous row of E, four rows of x at a time. ``embedding`` (a row gather) and ``split`` (views)
 are delegated to the spec too: its NumPy code is already optimal."""
 from __future__ import annotations

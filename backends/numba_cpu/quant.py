@@ -6,8 +6,8 @@ provided the kernel keeps up with memory. The quant plugin stores int8 and int4 
 ``transposed`` (out, in): each output channel is then one contiguous dot product, int8 (or a byte
 of two nibbles) widened to float32 in registers, one float32 accumulator per row and output, the
 per-channel / per-group scale applied once per channel / group; threads split the output channels,
-and each prefetches the rows it will read next (``_jit.prefetch``): on the 2-core machine that took
-the int8 LM head from 17 to 23 GB/s, level with OpenBLAS's float32 GEMV.
+and each prefetches the rows it will read next (``_jit.prefetch``), which brought the int8 LM head
+level with OpenBLAS's float32 GEMV (benchmarks/results/quant_decode_cpu.md).
 (The (in, out) layout — int8 blocks, and int8 / 16-bit files from before the plugin transposed
 them — is streamed row by row into per-thread column accumulators: correct, but it moves every
 accumulator through cache once per input row; int4 in that layout takes the BLAS path.) With
