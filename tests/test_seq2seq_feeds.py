@@ -98,3 +98,14 @@ def test_golden_and_verify(converted, arch, tmp_path):
     np.savez(bad, **arrays)
     r = run("verify", p, bad)
     assert r.exit_code == 1 and "FAIL" in r.output, r.output
+
+
+def test_a_rewritten_encoder_decoder_is_stored_and_reloaded(converted, tmp_path):
+    """A rewrite stores the graph itself; its concat nodes' ``axis`` (the KV cache) must pass the
+    load-time attribute check (the variadic ops' signatures declare their attributes)."""
+    p, _ = converted["t5"]
+    q = str(tmp_path / "q.npz")
+    r = run("optimize", p, "--plugin", "quant:int8", "-o", q)
+    assert r.exit_code == 0, r.output
+    r = run("show", q)
+    assert r.exit_code == 0 and "concat" in r.output, r.output

@@ -68,8 +68,11 @@ def _variadic(fn: Callable[..., Any], doc: str) -> Callable[..., Any]:
         return fn([x for x in xs if x is not None], **attrs)
 
     P = inspect.Parameter
+    # fn's keyword-only attributes stay in the signature: a stored graph's node attributes are
+    # checked against them at load.
+    attrs = [p for p in inspect.signature(fn).parameters.values() if p.kind == P.KEYWORD_ONLY]
     forward.__signature__ = inspect.Signature(
-        [P(f"x{i}", P.POSITIONAL_OR_KEYWORD, default=None) for i in range(MAX_RANKS)])
+        [P(f"x{i}", P.POSITIONAL_OR_KEYWORD, default=None) for i in range(MAX_RANKS)] + attrs)
     forward.__doc__ = doc
     forward.__name__ = fn.__name__
     return forward
