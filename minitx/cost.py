@@ -37,7 +37,9 @@ def graph_table(graph: Graph, params: Mapping[str, np.ndarray], bindings: dict[s
 def model_cost(model: Any, batch: int = 1, seq: int | None = None, past: int = 0) -> dict[str, Any]:
     """:func:`graph_table` for one step of ``model``: ``batch`` sequences of ``seq`` new tokens
     (default: what the context leaves after ``past``) after ``past`` cached ones. Returns
-    ``{"nodes", "totals", "seq"}``."""
+    ``{"nodes", "totals", "seq"}``. An encoder–decoder's source (``E``) is taken as long as the
+    decoder's whole sequence, ``past + seq``: one number for both sides keeps ``show``'s options
+    those of every model, and the default (the full context) is the costliest case of each."""
     if batch < 1:
         raise MinitxError(f"--batch must be at least 1, got {batch}")
     if past < 0:
@@ -50,5 +52,5 @@ def model_cost(model: Any, batch: int = 1, seq: int | None = None, past: int = 0
         raise MinitxError(f"--seq must be at least 1, got {seq}")
     if seq + past > model.n_ctx:
         raise MinitxError(f"--seq {seq} + --past {past} exceeds the model's context of {model.n_ctx}")
-    rows, totals = graph_table(model.graph, model.params, {"B": batch, "T": seq, "S": past})
+    rows, totals = graph_table(model.graph, model.params, {"B": batch, "T": seq, "S": past, "E": past + seq})
     return {"nodes": rows, "totals": totals, "seq": seq}

@@ -71,13 +71,18 @@ def cache_length(past: Mapping[str, np.ndarray]) -> int:
 def build(graph: Graph, ids: np.ndarray, *, mask: np.ndarray | None = None,
           position_ids: np.ndarray | None = None, token_type_ids: np.ndarray | None = None,
           targets: np.ndarray | None = None, past: Mapping[str, Any] | None = None,
-          cache_dtype: Any = None) -> dict[str, Any]:
+          cache_dtype: Any = None, encoder_ids: np.ndarray | None = None,
+          encoder_mask: np.ndarray | None = None, encoder_position_ids: np.ndarray | None = None
+          ) -> dict[str, Any]:
     """Every input ``graph`` declares, for a (B, T) batch of ``ids``.
 
     Defaults: positions count from the cache's length (or from 0), the mask marks every token real
     (covering the cached tokens too), token types are 0, caches are empty. ``mask`` may cover the
-    new tokens only (B, T) or the cached ones too (B, S+T). An input the graph declares that is
-    none of these is an error naming it, never a silent zero.
+    new tokens only (B, T) or the cached ones too (B, S+T). An encoder–decoder's source
+    (``encoder_ids``, (B, E)) defaults to ``ids`` themselves, so that a command which has one batch
+    of ids (a benchmark, a calibration run) feeds every family alike; its mask defaults to all
+    real, its positions to 0 … E−1. An input the graph declares that is none of these is an error
+    naming it, never a silent zero.
     """
     ids = np.asarray(ids, np.int64)
     if ids.ndim != 2:
@@ -96,6 +101,15 @@ def build(graph: Graph, ids: np.ndarray, *, mask: np.ndarray | None = None,
             mask = np.concatenate([np.ones((B, S), np.int64), mask], axis=1)
     if position_ids is None:
         position_ids = positions(mask[:, S:], mask[:, :S].sum(axis=1))
+    src = ids if encoder_ids is None else np.asarray(encoder_ids, np.int64)
+    if src.ndim != 2 or src.shape[0] != B:
+        raise MinitxError(f"encoder_ids must be (batch {B}, tokens), got shape {src.shape}")
+    src_mask = np.ones_like(src) if encoder_mask is None else np.asarray(encoder_mask, np.int64)
+    src_pos = (np.broadcast_to(np.arange(src.shape[1], dtype=np.int64), src.shape).copy()
+               if encoder_position_ids is None else np.asarray(encoder_position_ids, np.int64))
+    for what, a in (("encoder_mask", src_mask), ("encoder_position_ids", src_pos)):
+        if a.shape != src.shape:
+            raise MinitxError(f"{what} must have encoder_ids' shape {src.shape}, got {a.shape}")
     feeds: dict[str, Any] = {}
     for v in graph.inputs:
         n = v.name
@@ -111,6 +125,12 @@ def build(graph: Graph, ids: np.ndarray, *, mask: np.ndarray | None = None,
             if targets is None:
                 raise MinitxError("this graph computes a loss: it needs targets")
             feeds[n] = np.asarray(targets, np.int64)
+        elif n == "encoder_ids":
+            feeds[n] = src
+        elif n == "encoder_mask":
+            feeds[n] = src_mask
+        elif n == "encoder_position_ids":
+            feeds[n] = src_pos
         elif n.startswith("past."):
             if n not in past:
                 raise MinitxError(f"KV cache {n!r} is missing from the carried-over state")
@@ -124,8 +144,14 @@ def for_sequences(graph: Graph, seqs: Sequence[Sequence[int]], decoder: bool,
                   token_types: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """Feeds for a batch of token-id lists as minitx itself pads them: decoders on the left with
     positions counting real tokens, encoders on the right with positions 0… and token types 0
-    (or ``token_types``)."""
-    ids, mask = pad(seqs, "left" if decoder else "right")
+    (or ``token_types``). An encoder–decoder reads the sequences on both sides, right-padded
+    with positions 0… as in teacher forcing (a causal decoder never sees the padding after its
+    real tokens)."""
+    seq2seq = any(v.name == "encoder_ids" for v in graph.inputs)
+    ids, mask = pad(seqs, "left" if decoder and not seq2seq else "right")
+    if seq2seq:
+        pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        return build(graph, ids, mask=mask, position_ids=pos, encoder_ids=ids, encoder_mask=mask)
     if decoder:
         return build(graph, ids, mask=mask)
     T = ids.shape[1]

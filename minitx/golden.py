@@ -87,7 +87,8 @@ def complete_feeds(model: Model, inputs: dict[str, np.ndarray]) -> dict[str, np.
     past = {k: a for k, a in inputs.items() if k.startswith("past.")}
     return feeds.build(model.graph, inputs["input_ids"], mask=inputs.get("attention_mask"),
                        position_ids=inputs.get("position_ids"), token_type_ids=inputs.get("token_type_ids"),
-                       past=past or None)
+                       past=past or None,
+                       **{k: inputs.get(k) for k in ("encoder_ids", "encoder_mask", "encoder_position_ids")})
 
 
 # ------------------------------------------------------------------------------ record / io

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import MinitxError
 from . import register, require
+from .cases import EDGE_ROWS, Case, Make, add_cases, randn, signed_zeros, viewed
 
 MAX_RANKS = 64
 
@@ -67,8 +68,11 @@ def _variadic(fn: Callable[..., Any], doc: str) -> Callable[..., Any]:
         return fn([x for x in xs if x is not None], **attrs)
 
     P = inspect.Parameter
+    # fn's keyword-only attributes stay in the signature: a stored graph's node attributes are
+    # checked against them at load.
+    attrs = [p for p in inspect.signature(fn).parameters.values() if p.kind == P.KEYWORD_ONLY]
     forward.__signature__ = inspect.Signature(
-        [P(f"x{i}", P.POSITIONAL_OR_KEYWORD, default=None) for i in range(MAX_RANKS)])
+        [P(f"x{i}", P.POSITIONAL_OR_KEYWORD, default=None) for i in range(MAX_RANKS)] + attrs)
     forward.__doc__ = doc
     forward.__name__ = fn.__name__
     return forward
@@ -104,6 +108,41 @@ def _axis(shape: tuple, axis: int, op: str) -> int:
     return axis % len(shape)
 
 
+
+# ------------------------------------------------------------------------ conformance cases
+Shape = Callable[[int, int], tuple]     # (ranks, rows) -> one rank's input shape
+
+
+def _ranked(n: int, shape: tuple, attrs: Callable[[int], dict], fill: Callable[..., np.ndarray] = randn) -> Make:
+    """One array per rank of a group of ``n`` (ranks 0 … n−1) and the op's ``attrs(n)``."""
+    def make(r, d):
+        xs = tuple(fill(r, shape, d) if fill is randn else fill(shape, d) for _ in range(n))
+        return xs, {"ranks": list(range(n)), **attrs(n)}
+    return make
+
+
+def _collective_cases(shape: Shape, attrs: Callable[[int], dict] = lambda n: {}) -> list[Case]:
+    """Groups of 2, 3 and 4 ranks, of 1 and 8 (``batch``), row counts across tile edges, signed
+    zeros and strided views, for a collective whose rank r input has ``shape(n, rows)``."""
+    typical = [Case(f"{n} ranks, {'x'.join(map(str, shape(n, 5)))}", _ranked(n, shape(n, 5), attrs))
+               for n in (2, 3, 4)]
+    return typical + [
+        Case("1 rank", _ranked(1, shape(1, 5), attrs), "batch"),
+        Case("8 ranks", _ranked(8, shape(8, 3), attrs), "batch"),
+        *[Case(f"2 ranks, {k} rows", _ranked(2, shape(2, k), attrs), "sizes") for k in EDGE_ROWS],
+        Case("signed zeros", _ranked(3, shape(3, 4), attrs, signed_zeros), "zeros"),
+        viewed(typical[1]),
+    ]
+
+
+def _pieces(sizes: Sequence[int], axis: int, lead: tuple = (3,), **attrs: Any) -> Make:
+    """Pieces of the given lengths along ``axis``, the other axes ``lead`` (then a width of 4)."""
+    def make(r, d):
+        other = [*lead, 4]
+        return tuple(randn(r, (*other[:axis], k, *other[axis:]), d) for k in sizes), {"axis": axis, **attrs}
+    return make
+
+
 # all_reduce ----------------------------------------------------------------------------------
 def _all_reduce(xs, *, ranks):
     return tuple(all_reduce_ranks(_group("all_reduce", xs, ranks)))
@@ -116,6 +155,7 @@ def _all_reduce_vjp(grads, inputs, outputs, *, ranks):
 register("all_reduce", _variadic(_all_reduce, "Sum over the ranks of ``ranks``; every rank gets the sum."),
          _all_reduce_vjp, lambda s, d, *, ranks: _infer_group("all_reduce", s, d, ranks, lambda x, n: x),
          n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+add_cases("all_reduce", _collective_cases(lambda n, rows: (rows, 6)))
 
 
 # all_gather ----------------------------------------------------------------------------------
@@ -156,6 +196,11 @@ def _all_gather_infer(shapes, dtypes, *, ranks, axis):
 
 register("all_gather", _variadic(_all_gather, "Every rank gets all ranks' arrays concatenated along ``axis``."),
          _all_gather_vjp, _all_gather_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+add_cases("all_gather", _collective_cases(lambda n, rows: (rows, 6), lambda n: {"axis": 0}) + [
+    Case("3 ranks, last axis", _ranked(3, (2, 4, 5), lambda n: {"axis": -1})),
+    Case("uneven pieces 4, 3, 3 (10 tokens on 3 ranks)", _pieces((4, 3, 3), 1, ranks=[0, 1, 2])),
+    Case("an empty piece (1 token on 2 ranks)", _pieces((1, 0), 1, ranks=[0, 1]), "sizes"),
+])
 
 
 # reduce_scatter ------------------------------------------------------------------------------
@@ -179,6 +224,9 @@ register("reduce_scatter", _variadic(_reduce_scatter, "Rank r gets piece r (alon
          _reduce_scatter_vjp,
          lambda s, d, *, ranks, axis: _infer_group("reduce_scatter", s, d, ranks, _scattered(axis, "reduce_scatter")),
          n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+add_cases("reduce_scatter", _collective_cases(lambda n, rows: (rows, 3 * n), lambda n: {"axis": 1}) + [
+    Case("2 ranks, first axis", _ranked(2, (8, 3), lambda n: {"axis": 0})),
+])
 
 
 # all_to_all ----------------------------------------------------------------------------------
@@ -215,6 +263,12 @@ def _all_to_all_infer(shapes, dtypes, *, ranks, split_axis, concat_axis):
 
 register("all_to_all", _variadic(_all_to_all, "Rank r gets piece r of every rank's array, concatenated in rank order."),
          _all_to_all_vjp, _all_to_all_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+add_cases("all_to_all", _collective_cases(lambda n, rows: (rows, 2 * n, 3),
+                                          lambda n: {"split_axis": 1, "concat_axis": 0}) + [
+    Case("heads → sequence", _ranked(2, (4, 6, 3), lambda n: {"split_axis": 0, "concat_axis": 1})),
+    Case("uneven split, 7 heads on 2 ranks", _ranked(2, (3, 7), lambda n: {"split_axis": 1, "concat_axis": 0}),
+         "sizes"),
+])
 
 
 # broadcast -----------------------------------------------------------------------------------
@@ -236,6 +290,9 @@ def _broadcast_infer(shapes, dtypes, *, ranks, root):
 
 register("broadcast", _variadic(_broadcast, "Every rank gets the array of rank ``root``."), _broadcast_vjp,
          _broadcast_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+add_cases("broadcast", _collective_cases(lambda n, rows: (rows, 6), lambda n: {"root": n - 1}) + [
+    Case("3 ranks, root 0", _ranked(3, (4, 6), lambda n: {"root": 0})),
+])
 
 
 # send_recv: one point-to-point transfer --------------------------------------------------------
@@ -258,7 +315,12 @@ def _send_recv_infer(shapes, dtypes, *, src, dst):
     return [(tuple(shapes[0]), dtypes[0])]
 
 
-register("send_recv", send_recv, _send_recv_vjp, _send_recv_infer, n_optional=1, vjp_uses_outputs=False)
+register("send_recv", send_recv, _send_recv_vjp, _send_recv_infer, n_optional=1, vjp_uses_outputs=False,
+         may_alias=True)  # in one process the receiver's array is the sender's
+add_cases("send_recv", [
+    Case("activations 2x5x16", lambda r, d: ((randn(r, (2, 5, 16), d),), {"src": 0, "dst": 1})),
+    *[Case(f"{k} rows", lambda r, d, k=k: ((randn(r, (k, 6), d),), {"src": 1, "dst": 0}), "sizes") for k in EDGE_ROWS],
+])
 
 
 # concat: joins ranks' shards into the unsharded value a graph's interface promises -------------
@@ -287,6 +349,13 @@ def _concat_infer(shapes, dtypes, *, axis):
 
 register("concat", _variadic(_concat, "The inputs joined along ``axis`` (ranks' KV-cache shards → one cache)."),
          _concat_vjp, _concat_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+add_cases("concat", [
+    Case("2 KV-cache shards on the width", _pieces((8, 8), 2, lead=(2, 5))),
+    Case("3 pieces of different lengths", _pieces((4, 1, 6), 0, lead=(5,))),
+    Case("one piece", _pieces((7,), 1, lead=(3,)), "batch"),
+    Case("an empty piece", _pieces((3, 0, 2), 1, lead=(3,)), "sizes"),
+    *[Case(f"2 pieces of {k} rows", _pieces((k, k), 0, lead=(6,)), "sizes") for k in EDGE_ROWS],
+])
 
 
 # chunk: cut a batch into micro-batches (the inverse of concat) --------------------------------
@@ -310,7 +379,15 @@ def _chunk_infer(shapes, dtypes, *, axis, n, nonempty=False):
     return [((*x[:a], len(p), *x[a + 1:]), dtypes[0]) for p in np.array_split(np.arange(x[a]), n)]
 
 
-register("chunk", chunk, _chunk_vjp, _chunk_infer, vjp_uses_outputs=False)
+register("chunk", chunk, _chunk_vjp, _chunk_infer, vjp_uses_outputs=False, may_alias=True)  # views of x
+add_cases("chunk", [
+    Case("2 micro-batches of 4", lambda r, d: ((randn(r, (8, 5, 6), d),), {"axis": 0, "n": 2, "nonempty": True})),
+    Case("10 tokens on 3 ranks", lambda r, d: ((randn(r, (2, 10, 6), d),), {"axis": 1, "n": 3})),
+    Case("1 token on 2 ranks (an empty piece)", lambda r, d: ((randn(r, (2, 1, 6), d),), {"axis": 1, "n": 2}),
+         "sizes"),
+    *[Case(f"{k} rows in 4", lambda r, d, k=k: ((randn(r, (k, 6), d),), {"axis": 0, "n": 4}), "sizes")
+      for k in EDGE_ROWS],
+])
 
 
 # vocab_embedding: one rank's rows of a vocabulary-parallel table --------------------------------
@@ -343,5 +420,20 @@ def _vocab_embedding_infer(shapes, dtypes, *, start):
 
 register("vocab_embedding", vocab_embedding, _vocab_embedding_vjp, _vocab_embedding_infer, nondiff=(0,),
          vjp_uses_outputs=False)
+
+
+def _shard_lookup(ids: Callable[[np.random.Generator], np.ndarray], start: int, rows: int = 25) -> Make:
+    """ids over a 100-token vocabulary, looked up in the shard holding rows [start, start + rows)."""
+    return lambda r, d: ((ids(r), randn(r, (rows, 16), d)), {"start": start})
+
+
+add_cases("vocab_embedding", [
+    Case("second of 4 shards", _shard_lookup(lambda r: r.integers(0, 100, (3, 7)), 25)),
+    Case("first shard", _shard_lookup(lambda r: r.integers(0, 100, (2, 9)), 0)),
+    Case("last shard, its edge rows", _shard_lookup(lambda r: np.array([[74, 75, 98, 99, 0]]), 75)),
+    Case("no id in the shard", _shard_lookup(lambda r: r.integers(0, 50, (2, 5)), 50), "zeros"),
+    Case("one id repeated", _shard_lookup(lambda r: np.full((2, 9), 30), 25), "ties"),
+    *[Case(f"{k} ids", _shard_lookup(lambda r, k=k: r.integers(0, 100, (1, k)), 50), "sizes") for k in EDGE_ROWS],
+])
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv")

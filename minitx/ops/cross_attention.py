@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register, require, unbroadcast
+from . import register, require, unbroadcast, wide_forward, wide_vjp
 from .attention import _heads, _merge, allowed_keys, head_scale
+from .cases import Case, Make, add_cases, randn, viewed
 
 
 def _probs(q, k, mask, bias, n_heads, causal, scale):
@@ -32,12 +33,14 @@ def _probs(q, k, mask, bias, n_heads, causal, scale):
     return e / e.sum(axis=-1, keepdims=True), keep, qh, kh
 
 
+@wide_forward
 def cross_attention(q, k, v, mask=None, bias=None, *, n_heads, causal=False, scale=None):
     """softmax(Q Kᵀ·scale + bias) V per head over the given keys/values (see the module doc)."""
     p, _, _, _ = _probs(q, k, mask, bias, n_heads, causal, head_scale(q, n_heads, scale))
     return _merge(p @ _heads(v, n_heads))
 
 
+@wide_vjp
 def cross_attention_vjp(grads, inputs, outputs, *, n_heads, causal=False, scale=None):
     (g,) = grads
     q, k, v, mask, bias = inputs
@@ -76,3 +79,43 @@ def cross_attention_flops(shapes, outs, *, n_heads, causal=False, scale=None):
 
 register("cross_attention", cross_attention, cross_attention_vjp, cross_attention_infer,
          flops=cross_attention_flops, nondiff=(3,), n_optional=2, vjp_uses_outputs=False)
+
+
+def _cross_inputs(B: int, T: int, S: int, H: int, D: int, *, pad: bool = False, bias: str | None = None,
+                  causal: bool = False, dead_row: bool = False, scale: float = 1.0) -> Make:
+    """q (B, T, H·D) over k, v (B, S, H·D). ``pad`` right-pads the sources by different lengths
+    (an encoder's padding mask); ``dead_row`` masks batch row 0 entirely; ``bias`` is "shared"
+    (1, H, T, S) or "per-row" (B, H, T, S), T5's position bias (its scale is then 1); ``scale``
+    shapes q so that scores reach a given magnitude."""
+    def make(r, d):
+        q = randn(r, (B, T, H * D), d, scale)
+        k, v = randn(r, (B, S, H * D), d), randn(r, (B, S, H * D), d)
+        mask = None
+        if pad or dead_row:
+            mask = np.ones((B, S), np.int64)
+            for b in range(B):
+                mask[b, S - b % S:] = 0  # right padding of different lengths per row
+            if dead_row:
+                mask[0] = 0
+        bb = None if bias is None else randn(r, (1 if bias == "shared" else B, H, T, S), d, 2.0)
+        attrs = {"n_heads": H, "causal": causal, **({"scale": 1.0} if bias else {})}
+        return (q, k, v, mask, bb), attrs
+    return make
+
+
+add_cases("cross_attention", [
+    Case("decoder over encoder, 2 heads", _cross_inputs(2, 5, 7, 2, 8)),
+    Case("decoder over padded encoder", _cross_inputs(3, 4, 9, 4, 8, pad=True)),
+    Case("T5 encoder self-attention, shared bias, padding", _cross_inputs(2, 6, 6, 2, 8, pad=True, bias="shared")),
+    Case("T5 decoder, causal over past + new, per-row bias", _cross_inputs(2, 3, 8, 2, 4, causal=True, bias="per-row")),
+    Case("decode step over padded encoder", _cross_inputs(3, 1, 11, 4, 16, pad=True)),
+    Case("fully padded source row", _cross_inputs(2, 3, 5, 2, 4, dead_row=True), "masked"),
+    Case("fully padded source row, with bias", _cross_inputs(3, 4, 6, 2, 4, dead_row=True, bias="shared"), "masked"),
+    Case("large scores", _cross_inputs(2, 4, 9, 2, 8, pad=True, scale=12.0), "large"),
+    Case("zero queries (uniform)", _cross_inputs(2, 5, 7, 2, 8, scale=0.0), "zeros"),
+    *[Case(f"{t} queries over {s} keys", _cross_inputs(1, t, s, 2, 8, pad=False), "sizes")
+      for t, s in ((1, 1), (7, 9), (8, 8), (9, 17), (17, 65))],
+    Case("batch 1", _cross_inputs(1, 3, 5, 2, 8), "batch"),
+    Case("batch 16, padded", _cross_inputs(16, 2, 6, 2, 4, pad=True), "batch"),
+    viewed(Case("decoder over padded encoder", _cross_inputs(3, 4, 9, 4, 8, pad=True))),
+])

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import elementwise_flops, register, require
-from .activations import gelu, gelu_vjp
+from .activations import _pointwise_cases, gelu, gelu_vjp
+from .cases import add_cases
 
 
 def geglu(h, *, approximate="tanh"):
@@ -32,3 +33,4 @@ def _geglu_infer(shapes, dtypes, *, approximate="tanh"):
 
 
 register("geglu", geglu, geglu_vjp, _geglu_infer, flops=elementwise_flops(10), vjp_uses_outputs=False)
+add_cases("geglu", _pointwise_cases(pair=True, approximate="tanh") + _pointwise_cases(pair=True, approximate="none"))

@@ -15,7 +15,8 @@ import math
 
 import numpy as np
 
-from . import register, require
+from . import register, require, wide_vjp
+from .cases import EDGE_ROWS, Case, Make, add_cases, randn, viewed
 
 
 def buckets(relative: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -49,6 +50,7 @@ def relative_position_bias(table, key_mask, query_positions=None, *, bidirection
     return np.ascontiguousarray(table[idx].transpose(0, 3, 1, 2))
 
 
+@wide_vjp
 def relative_position_bias_vjp(grads, inputs, outputs, *, bidirectional, num_buckets=32, max_distance=128):
     """Each table entry gets the sum of the cotangents of the scores that read it."""
     (g,) = grads
@@ -74,3 +76,33 @@ def relative_position_bias_infer(shapes, dtypes, *, bidirectional, num_buckets=3
 
 register("relative_position_bias", relative_position_bias, relative_position_bias_vjp, relative_position_bias_infer,
          nondiff=(1, 2), n_optional=1, vjp_uses_outputs=False)
+
+
+def _bias_inputs(B: int, S: int, H: int = 4, T: int | None = None, *, bidirectional: bool,
+                 num_buckets: int = 32, max_distance: int = 128, scale: float = 1.0) -> Make:
+    """A (num_buckets, H) table over S keys: the encoder's square bias (``T`` None) or decoder
+    queries at positions S − T … S − 1 of each row (the new tokens after a cache)."""
+    def make(r, d):
+        table = randn(r, (num_buckets, H), d, scale)
+        mask = np.ones((B, S), np.int64)
+        qpos = None if T is None else np.broadcast_to(np.arange(S - T, S), (B, T)).copy()
+        return (table, mask, qpos), {"bidirectional": bidirectional, "num_buckets": num_buckets,
+                                     "max_distance": max_distance}
+    return make
+
+
+add_cases("relative_position_bias", [
+    Case("encoder, 9 tokens", _bias_inputs(1, 9, bidirectional=True)),
+    Case("decoder prefill, 7 tokens", _bias_inputs(2, 7, T=7, bidirectional=False)),
+    Case("decoder step over 12", _bias_inputs(3, 12, T=1, bidirectional=False)),
+    Case("few buckets, short max distance", _bias_inputs(2, 20, T=5, bidirectional=True, num_buckets=8,
+                                                         max_distance=12)),
+    Case("encoder, distances past max_distance", _bias_inputs(1, 40, H=2, bidirectional=True, max_distance=16),
+         "large"),
+    Case("decoder, distances past max_distance", _bias_inputs(1, 160, H=2, T=3, bidirectional=False),
+         "large"),
+    Case("large table values", _bias_inputs(1, 9, bidirectional=True, scale=1e3), "large"),
+    *[Case(f"encoder, {s} tokens", _bias_inputs(1, s, H=2, bidirectional=True), "sizes") for s in EDGE_ROWS],
+    Case("batch 8 decoder steps", _bias_inputs(8, 10, T=1, bidirectional=False), "batch"),
+    viewed(Case("decoder prefill, 7 tokens", _bias_inputs(2, 7, T=7, bidirectional=False))),
+])
