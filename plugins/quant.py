@@ -63,6 +63,7 @@ graph, then applies the same mode without ``qat`` to the fine-tuned weights.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -70,7 +71,7 @@ import numpy as np
 from minitx.errors import MinitxError
 from minitx.ir import Node, Value
 from minitx.ops import quant as Q
-from minitx.plugin import Option, Plugin, Tolerance, boolean, positive_int
+from minitx.plugin import CalibrationData, Option, Plugin, Tolerance, boolean, fraction, positive_int
 from minitx.rewrite import Context, Replacement, Rule
 
 MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", "float16", "bfloat16", "kv8", "none")
@@ -98,16 +99,11 @@ def _int8_block(opts: Mapping[str, Any], n_in: int) -> int:
     return 0 if n_in % k else k
 
 
-def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
+def _pack(ctx: Context, mode: str, name: str, x: str, w: str, W: np.ndarray, b: str, outputs: list[str],
+          tags: Mapping[str, Any]) -> Node:
+    """The packed linear of mode ``mode`` computing ``x W + b`` (W (in, out), stored as param ``w``)."""
     opts = ctx.options
-    mode = opts["mode"]
-    if mode in ("kv8", "none") or _skipped(node, opts):
-        return None
-    x, w, *rest = node.inputs
-    b = rest[0] if rest else ""
-    if not ctx.is_param(w):
-        return None
-    W = ctx.param(w).astype(np.float32)
+    W = W.astype(np.float32)
     n_in = W.shape[0]
     attrs: dict[str, Any] = {}
     if mode == "int8_channel" or (mode in ("int8", "int8_block") and not _int8_block(opts, n_in)):
@@ -123,8 +119,8 @@ def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
     elif mode == "int4":
         k = opts["group"]
         if n_in % k:
-            raise MinitxError(f"quant: group size {k} does not divide the {n_in} input features of {node.name} "
-                              f"(weight {w} {tuple(W.shape)})")
+            raise MinitxError(f"quant: group size {k} does not divide the {n_in} input features of {name} "
+                              f"(weight {w} {tuple(W.shape)}; pick another group=, or layers=PATTERN:int8 for it)")
         q, s = Q.quantize_int4_rows(np.ascontiguousarray(W.T), k)  # = quantize_int4(W, k), stored (out, in/2)
         op, ins, attrs = "linear_q4", [q, s], {"group": k, "transposed": True}
     elif mode == "float16":
@@ -132,8 +128,89 @@ def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
     else:  # bfloat16
         op, ins, attrs = "linear_cast", [Q.to_bfloat16_bits(np.ascontiguousarray(W.T))], {"transposed": True}
     names = [ctx.add_param(f"{w}.q", ins[0])] + ([ctx.add_param(f"{w}.scale", ins[1])] if len(ins) > 1 else [])
-    new = Node(node.name, op, [x, *names, b], list(node.outputs), attrs, dict(node.tags))
-    return Replacement([new])
+    return Node(name, op, [x, *names, b], list(outputs), attrs, {**tags, "quant": mode})
+
+
+def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
+    mode = _mode_of(node, ctx)
+    if mode in ("kv8", "none"):
+        return None
+    x, w, *rest = node.inputs
+    if not ctx.is_param(w):
+        return None
+    err = ctx.plan.errors.get(node.name) if ctx.plan is not None else None
+    tags = {**node.tags, "sensitivity": round(err, 6)} if err is not None else node.tags
+    return Replacement([_pack(ctx, mode, node.name, x, w, ctx.param(w), rest[0] if rest else "",
+                              list(node.outputs), tags)])
+
+
+def _lowrank_rule(node: Node, ctx: Context) -> Replacement | None:
+    """lowrank_linear(x, U, V, b) → two packed linears: quantization after low rank packs the
+    factors, which hold all of the layer's weights."""
+    mode = _mode_of(node, ctx)
+    x, u, v, *rest = node.inputs
+    if mode in ("kv8", "none") or not (ctx.is_param(u) and ctx.is_param(v)):
+        return None
+    mid = ctx.fresh(node.name + ".h")
+    first = _pack(ctx, mode, ctx.fresh(node.name + ".u"), x, u, ctx.param(u), "", [mid], node.tags)
+    second = _pack(ctx, mode, ctx.fresh(node.name + ".v"), mid, v, ctx.param(v), rest[0] if rest else "",
+                   list(node.outputs), node.tags)
+    return Replacement([first, second])
+
+
+# ------------------------------------------------------------------ mixed precision per layer
+WEIGHT_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", "float16", "bfloat16", "none")
+
+
+def _layer_modes(s: str) -> tuple[tuple[str, str], ...]:
+    """``layers=`` value: ``GLOB:MODE|GLOB:MODE`` → ((glob, mode), ...); the first match wins."""
+    out = []
+    for item in (t.strip() for t in s.split("|")):
+        if not item:
+            continue
+        pat, sep, mode = item.rpartition(":")
+        if not sep or not pat or mode not in WEIGHT_MODES:
+            raise ValueError(f"{item!r} is not GLOB:MODE with MODE one of {', '.join(WEIGHT_MODES)}")
+        out.append((pat, mode))
+    return tuple(out)
+
+
+def _mode_of(node: Node, ctx: Context) -> str:
+    """The weight mode of one node: ``skip`` → none, then the first ``layers=`` glob that matches,
+    then the measured-sensitivity plan (``sensitive=``), then ``mode``."""
+    opts = ctx.options
+    if _skipped(node, opts):
+        return "none"
+    for pat, mode in opts.get("layers") or ():
+        if fnmatch.fnmatchcase(node.name, pat):
+            return mode
+    plan = ctx.plan
+    if plan is not None and node.name in plan.promoted:
+        return opts["high"]
+    return opts["mode"]
+
+
+def layer_error(W: np.ndarray, X: np.ndarray, attrs: Mapping[str, Any]) -> float:
+    """Relative output error ‖X (W − Ŵ)‖ / ‖X W‖ of one linear on its calibration inputs X, with Ŵ
+    the weight rounded through ``fake_quant`` — the same rounding the packed op computes. This is the
+    sensitivity ``sensitive=`` ranks layers by: what the layer's own output loses on real inputs."""
+    from minitx.ops.fakequant import fake_quant
+
+    W = W.astype(np.float64)
+    Wq = fake_quant(W, **attrs)
+    X = X.astype(np.float64)
+    ref = np.linalg.norm(X @ W)
+    return float(np.linalg.norm(X @ (W - Wq)) / ref) if ref > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """What :meth:`QuantPlugin.analyze` measured: each candidate linear's relative output error at
+    the base mode (:func:`layer_error`), and the ``sensitive`` fraction with the largest errors,
+    which get mode ``high``."""
+
+    errors: dict[str, float] = field(default_factory=dict)
+    promoted: frozenset[str] = frozenset()
 
 
 def _table_format(s: str) -> str | bool:
@@ -215,9 +292,8 @@ def _kv_rule(node: Node, ctx: Context) -> Replacement | None:
 
 
 # ------------------------------------------------------------------ quantization-aware training
-def _qat_weight_attrs(opts: Mapping[str, Any], n_in: int) -> dict[str, Any]:
-    """fake_quant attributes that reproduce the packed linear weights of ``opts["mode"]``."""
-    mode = opts["mode"]
+def _qat_weight_attrs(opts: Mapping[str, Any], mode: str, n_in: int) -> dict[str, Any]:
+    """fake_quant attributes that reproduce the packed linear weights of ``mode``."""
     if mode == "int4":
         return {"bits": 4, "group": int(opts["group"])}
     if mode in ("int8", "int8_block") and _int8_block(opts, n_in):
@@ -228,10 +304,11 @@ def _qat_weight_attrs(opts: Mapping[str, Any], n_in: int) -> dict[str, Any]:
 def _qat_linear_rule(node: Node, ctx: Context) -> Replacement | None:
     """linear(x, W) → linear(x, fake_quant(W)): the weight stays float and trainable."""
     x, w, *rest = node.inputs
-    if _skipped(node, ctx.options) or not ctx.is_param(w):
+    mode = _mode_of(node, ctx)
+    if mode == "none" or not ctx.is_param(w):
         return None
     n_in = ctx.graph.params[w].shape[0]
-    attrs = _qat_weight_attrs(ctx.options, n_in)
+    attrs = _qat_weight_attrs(ctx.options, mode, n_in)
     if attrs.get("group") and n_in % attrs["group"]:
         raise MinitxError(f"quant: group size {attrs['group']} does not divide the {n_in} input features of "
                           f"{node.name} (weight {w} {tuple(ctx.graph.params[w].shape)})")
@@ -289,20 +366,36 @@ class QuantPlugin(Plugin):
         **Tolerance.options(),
         "qat": Option(False, boolean, "int8/int8_channel/int4: fake_quant nodes over float weights, for training "
                                       "(minitx qat)"),
+        "layers": Option((), _layer_modes, "per-layer modes: GLOB:MODE|GLOB:MODE (node-name globs; first match wins)"),
+        "sensitive": Option(0.0, fraction, "fraction of the block linears, most sensitive first (measured on the "
+                                           "calibration inputs), given mode high"),
+        "high": Option("int8", str, "mode of the sensitive layers", WEIGHT_MODES),
     }
     exact = False
 
+    def modes(self, opts: Mapping[str, Any]) -> set[str]:
+        """Every weight mode these options can give a layer."""
+        return ({opts["mode"]} | {m for _, m in opts.get("layers") or ()}
+                | ({opts["high"]} if opts.get("sensitive") else set()))
+
     def check_options(self, opts: Mapping[str, Any]) -> None:
-        if (opts["mode"] == "int4" or opts["embeddings"] == "int4") and opts["group"] % 2:
+        modes = self.modes(opts)
+        if ("int4" in modes or opts["embeddings"] == "int4") and opts["group"] % 2:
             raise MinitxError(f"group size {opts['group']} must be even (two 4-bit values per byte)")
-        if opts["mode"] == "none" and opts["kv"] == "none":
+        if modes == {"none"} and opts["kv"] == "none":
             raise MinitxError("mode=none quantizes nothing; add kv=int8")
-        if opts.get("qat") and (opts["mode"] not in QAT_MODES or opts["kv"] != "none"):
+        if opts["sensitive"] and opts["mode"] in ("kv8", "none"):
+            raise MinitxError(f"sensitive= ranks layers by their error in the base mode; mode={opts['mode']} has none")
+        if opts.get("qat") and opts["sensitive"]:
+            raise MinitxError("qat=true with sensitive=: the packed model would re-measure the fine-tuned weights "
+                              "and may promote other layers; pass the measured choice as layers=GLOB:MODE")
+        if opts.get("qat") and (not modes - {"none"} <= set(QAT_MODES) or opts["kv"] != "none"):
             raise MinitxError(f"qat=true supports the weight-only modes {', '.join(QAT_MODES)} without kv=int8, "
-                              f"not mode={opts['mode']}" + (f", kv={opts['kv']}" if opts["kv"] != "none" else ""))
+                              f"not {', '.join(sorted(modes - set(QAT_MODES) - {'none'}))}"
+                              + (f", kv={opts['kv']}" if opts["kv"] != "none" else ""))
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
-        parts = [TOLERANCE[opts["mode"]]]
+        parts = [TOLERANCE[m] for m in sorted(self.modes(opts))]
         if opts["kv"] == "int8":
             parts.append(TOLERANCE["kv8"])
         if opts.get("embeddings") == "int4":  # int4 tables (and tied head) in another mode
@@ -314,8 +407,34 @@ class QuantPlugin(Plugin):
             return [Rule("quant.qat_linear", "linear", _qat_linear_rule),
                     Rule("quant.qat_embedding", "embedding", _qat_embedding_rule),
                     Rule("quant.qat_lm_head", "matmul", _qat_lm_head_rule)]
-        return [Rule("quant.linear", "linear", _linear_rule), Rule("quant.embedding", "embedding", _embedding_rule),
+        return [Rule("quant.linear", "linear", _linear_rule), Rule("quant.lowrank", "lowrank_linear", _lowrank_rule),
+                Rule("quant.embedding", "embedding", _embedding_rule),
                 Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule)]
+
+    def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
+        return bool(opts.get("sensitive"))
+
+    def analyze(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+                calib: CalibrationData | None = None) -> QuantPlan:
+        """With ``sensitive=F``: measure :func:`layer_error` of every block linear left to the base
+        mode (not skipped, not named by ``layers=``) and promote the ``ceil(F · n)`` worst to ``high``."""
+        if not opts.get("sensitive"):
+            return QuantPlan()
+        from .sparsity import block_linears, calibration_run
+
+        fixed = {n.name for n in graph.nodes for pat, _ in opts.get("layers") or () if fnmatch.fnmatchcase(n.name, pat)}
+        nodes = [n for n in block_linears(graph) if n.name not in fixed and not _skipped(n, opts)]
+        if not nodes:
+            return QuantPlan()
+        runs = calibration_run(graph, params, sorted({n.inputs[0] for n in nodes}), calib, who="quant")
+        errors = {}
+        for n in nodes:
+            W = np.asarray(params[n.inputs[1]])
+            errors[n.name] = layer_error(W, np.concatenate(runs[n.inputs[0]]),
+                                         _qat_weight_attrs(opts, opts["mode"], W.shape[0]))
+        k = int(np.ceil(opts["sensitive"] * len(nodes)))
+        worst = sorted(errors, key=lambda name: -errors[name])[:k]
+        return QuantPlan(errors, frozenset(worst))
 
 
 def plugin() -> QuantPlugin:
