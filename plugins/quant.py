@@ -13,6 +13,12 @@ Modes (the shorthand ``quant:MODE``):
                 (block-32: >= 0.999 at every length), so it is not the default
 ``w8a8``        int8 weights per channel + int8 activations quantized per token at run time
 ``int4``        4-bit weights, one scale per ``group`` inputs, two values per byte
+``log4``        4-bit power-of-two weights: sign · 2^-e (e 0..6) or 0, times a scale per ``group``
+``int2``        2-bit uniform levels ±0.5, ±1.5 at the error-minimising scale per ``group``
+``ternary``     2-bit {-1, 0, +1} · scale (TWN: threshold 0.7 · mean|w|, scale = mean kept |w|)
+``binary``      1-bit {-1, +1} · scale (XNOR-Net: scale = mean|w| per ``group``); the last four
+                are ``linear_lut`` (a codebook, codes packed 8/bits per byte) and lose too much
+                without quantization-aware training: use them with ``minitx qat``
 ``float16``     weights cast to float16; ``bfloat16`` likewise (stored as uint16 bit patterns)
 ``kv8``         only the KV cache in int8 (per token and head); ``kv=int8`` adds it to any mode
 ``none``        no weight quantization (with ``kv=int8``)
@@ -46,6 +52,9 @@ mode                                            mean cos   KL        perplexity
 ``int8``, ``int8_channel``, ``kv8``, ``bfloat16``  >= 0.998   <= 0.01   <= +1%
 ``w8a8``                                        >= 0.99    <= 0.02   <= +2%
 ``int4``                                        >= 0.93    <= 0.05   <= +5%
+``log4`` (after QAT)                            >= 0.9     <= 0.1    <= +10%
+``int2``, ``ternary`` (after QAT)               >= 0.8     <= 0.3    <= +30%
+``binary`` (after QAT)                          >= 0.7     <= 0.5    <= +50%
 ==============================================  =========  ========  ==========
 
 (mean per-row cosine of the primary output; mean next-token KL in nats and the relative perplexity
@@ -54,7 +63,8 @@ change for decoders; top-1 agreement is reported, and bounded only on request.) 
 (the worst row, off by default) and
 ``max_rel=`` override one bound each (``inf``, or 0 for a minimum, turns one off).
 
-``qat=true`` (modes int8, int8_channel, int4) is quantization-aware training: instead of packing,
+``qat=true`` (the weight-only modes: int8, int8_channel, int4, log4, int2, ternary, binary) is
+quantization-aware training: instead of packing,
 each quantized weight is read through a ``fake_quant`` node (minitx/ops/fakequant.py) that rounds
 it exactly as the packed format would, so the graph trains in float with the quantization error
 in its forward and a straight-through gradient. ``minitx qat`` (minitx/qat.py) fine-tunes such a
@@ -74,9 +84,10 @@ from minitx.ops import quant as Q
 from minitx.plugin import CalibrationData, Option, Plugin, Tolerance, boolean, fraction, positive_int
 from minitx.rewrite import Context, Replacement, Rule
 
-MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", "float16", "bfloat16", "kv8", "none")
-INTEGER_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4")
-QAT_MODES = ("int8", "int8_channel", "int8_block", "int4")   # weight-only: fake_quant reproduces them exactly
+LUT_MODES = tuple(Q.CODEBOOKS)   # binary, ternary, int2, log4: linear_lut
+MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES, "float16", "bfloat16", "kv8", "none")
+INTEGER_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES)
+QAT_MODES = ("int8", "int8_channel", "int8_block", "int4", *LUT_MODES)   # fake_quant reproduces them exactly
 SMALL_TABLE_ROWS = 8   # embedding tables this small stay float (see the module docstring)
 # Declared tolerance of each mode against the float model (see the module docstring).
 _INT8 = Tolerance(min_cosine=0.998, max_kl=0.01, max_ppl_increase=0.01)
@@ -84,6 +95,11 @@ TOLERANCE = {"int8": _INT8, "int8_channel": _INT8, "int8_block": _INT8, "kv8": _
              "w8a8": Tolerance(min_cosine=0.99, max_kl=0.02, max_ppl_increase=0.02),
              "int4": Tolerance(min_cosine=0.93, max_kl=0.05, max_ppl_increase=0.05),
              "float16": Tolerance(min_cosine=0.9999, max_kl=0.001, max_ppl_increase=0.001),
+             # after QAT (post-training alone they are far outside: they exist to be fine-tuned)
+             "log4": Tolerance(min_cosine=0.9, max_kl=0.1, max_ppl_increase=0.1),
+             "int2": Tolerance(min_cosine=0.8, max_kl=0.3, max_ppl_increase=0.3),
+             "ternary": Tolerance(min_cosine=0.8, max_kl=0.3, max_ppl_increase=0.3),
+             "binary": Tolerance(min_cosine=0.7, max_kl=0.5, max_ppl_increase=0.5),
              "none": Tolerance(exact=True)}
 
 
@@ -123,6 +139,14 @@ def _pack(ctx: Context, mode: str, name: str, x: str, w: str, W: np.ndarray, b: 
                               f"(weight {w} {tuple(W.shape)}; pick another group=, or layers=PATTERN:int8 for it)")
         q, s = Q.quantize_int4_rows(np.ascontiguousarray(W.T), k)  # = quantize_int4(W, k), stored (out, in/2)
         op, ins, attrs = "linear_q4", [q, s], {"group": k, "transposed": True}
+    elif mode in LUT_MODES:
+        k = opts["group"]
+        per = 8 // Q.CODEBOOKS[mode][0]
+        if n_in % k or k % per:
+            raise MinitxError(f"quant: group size {k} must divide the {n_in} input features of {name} and be a "
+                              f"multiple of {per} for {mode} (weight {w} {tuple(W.shape)})")
+        q, s = Q.quantize_lut(np.ascontiguousarray(W.T), mode, k)
+        op, ins, attrs = "linear_lut", [q, s], {"codebook": mode, "group": k}
     elif mode == "float16":
         op, ins, attrs = "linear_cast", [np.ascontiguousarray(W.T).astype(np.float16)], {"transposed": True}
     else:  # bfloat16
@@ -159,7 +183,7 @@ def _lowrank_rule(node: Node, ctx: Context) -> Replacement | None:
 
 
 # ------------------------------------------------------------------ mixed precision per layer
-WEIGHT_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", "float16", "bfloat16", "none")
+WEIGHT_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES, "float16", "bfloat16", "none")
 
 
 def _layer_modes(s: str) -> tuple[tuple[str, str], ...]:
@@ -296,6 +320,8 @@ def _qat_weight_attrs(opts: Mapping[str, Any], mode: str, n_in: int) -> dict[str
     """fake_quant attributes that reproduce the packed linear weights of ``mode``."""
     if mode == "int4":
         return {"bits": 4, "group": int(opts["group"])}
+    if mode in LUT_MODES:
+        return {"bits": Q.CODEBOOKS[mode][0], "group": int(opts["group"]), "codebook": mode}
     if mode in ("int8", "int8_block") and _int8_block(opts, n_in):
         return {"bits": 8, "group": int(opts["block"])}
     return {"bits": 8}
@@ -358,7 +384,8 @@ class QuantPlugin(Plugin):
     options = {
         "mode": Option("int8", str, "what to quantize (see the module docstring)", MODES),
         "block": Option(32, positive_int, "int8: inputs per scale"),
-        "group": Option(32, positive_int, "int4: inputs per scale (even; must divide each layer's inputs)"),
+        "group": Option(32, positive_int, "int4, log4, int2, ternary, binary: inputs per scale (must divide each "
+                        "layer's inputs)"),
         "kv": Option("none", str, "int8: also keep the KV cache in int8", ("none", "int8")),
         "embeddings": Option("auto", _table_format, "integer modes: embedding tables as int8 | int4 | false "
                              "(auto: int4 in mode int4, else int8)", ("auto", "int8", "int4", "false", "true")),
