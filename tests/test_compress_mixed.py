@@ -65,15 +65,24 @@ def test_sensitive_layers_are_the_measured_worst_and_get_high(gpt2):
     assert cm > _cos(ref, _logits(other, x))   # the measured choice beats promoting another layer
 
 
-def test_layer_error_matches_an_independent_int4_rounding():
-    from plugins.quant import layer_error
-    rng = np.random.default_rng(0)
-    W, X = rng.normal(size=(32, 8)), rng.normal(size=(50, 32))
-    g = W.reshape(2, 16, 8)
-    s = (np.abs(g).max(1, keepdims=True) / 7.5).astype(np.float32)   # the packed format stores float32 scales
-    Wq = (np.clip(np.round(g / s), -8, 7) * s).reshape(32, 8)
-    want = np.linalg.norm(X @ (W - Wq)) / np.linalg.norm(X @ W)
-    assert layer_error(W, X, {"bits": 4, "group": 16}) == pytest.approx(want, rel=1e-6)
+def test_output_errors_match_an_independent_int4_rounding(gpt2):
+    """The sensitivity of one weight: the model's output error with that weight alone rounded to
+    int4 — here rounded by the test's own code and run through the executor."""
+    from plugins.quant import output_errors
+    seqs = [[1, 5, 9, 2, 7, 3], [4, 4, 8, 1]]
+    name = "layers.0.mlp.down.weight"
+    W = gpt2.params[name].astype(np.float32)                             # rounded in float32, as packed
+    g = W.reshape(W.shape[0] // 16, 16, -1)
+    s = np.abs(g).max(1, keepdims=True) / np.float32(7.5)
+    Wq = (np.clip(np.round(g / s), -8, 7) * s).reshape(W.shape)
+    num = den = 0.0
+    for ids in seqs:
+        x = np.array([ids])
+        ref = _logits(gpt2, x).astype(np.float64)
+        q = _logits(Model(gpt2.config, {**gpt2.params, name: Wq}, gpt2.graph), x).astype(np.float64)
+        num, den = num + np.sum((q - ref) ** 2), den + np.sum(ref ** 2)
+    got = output_errors(gpt2.graph, gpt2.params, {name: {"bits": 4, "group": 16}}, seqs)[name]
+    assert got == pytest.approx(np.sqrt(num / den), rel=1e-4) and got > 0
 
 
 def test_qat_follows_the_per_layer_modes(gpt2):
@@ -102,7 +111,7 @@ def test_bad_mixed_options_are_one_line_errors(spec, match):
 
 
 def test_sensitive_needs_calibration(gpt2):
-    with pytest.raises(MinitxError, match="needs calibration sequences"):
+    with pytest.raises(MinitxError, match="calibration sequences"):
         plugin.get_plugin("quant").apply(gpt2.graph, gpt2.params, plugin.parse_spec("quant:int4,sensitive=0.5").options)
 
 
