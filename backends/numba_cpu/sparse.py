@@ -169,24 +169,50 @@ def sparse_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n
 
 # ------------------------------------------------------------------------------ CSR linear
 def _csr_rows(xT, data, indices, indptr, yT):
+    """Many rows (prefill): yT[o, :] += w · xT[col, :] for every stored weight — each weight read
+    once, a contiguous row of xT per weight; accumulating in yT itself (no buffer per output)."""
     out_f = yT.shape[0]
     N = xT.shape[1]
     for o in prange(out_f):
-        acc = np.zeros(N, yT.dtype)
+        yo = yT[o]
+        for n in range(N):
+            yo[n] = 0.0
         for p in range(indptr[o], indptr[o + 1]):
             w = data[p]
-            col = indices[p]
+            xc = xT[indices[p]]
             for n in range(N):
-                acc[n] += w * xT[col, n]
-        yT[o, :] = acc
+                yo[n] += w * xc[n]
+
+
+def _csr_skinny(x, data, indices, indptr, y):
+    """Few rows (decode): one scalar accumulator per (row, output), the row's inputs gathered by
+    index — the loop over rows of ``_csr_rows`` has length 1 here and only costs overhead."""
+    out_f = y.shape[1]
+    for o in prange(out_f):
+        p0, p1 = indptr[o], indptr[o + 1]
+        for n in range(x.shape[0]):
+            xn = x[n]
+            acc = np.float32(0.0)
+            for p in range(p0, p1):
+                acc += data[p] * xn[indices[p]]
+            y[n, o] = acc
 
 
 _CSR = kernel(_csr_rows)
+_CSR_SKINNY = kernel(_csr_skinny)
+SKINNY_MAX_ROWS = 8
 
 
 def sparse_linear(x, data, indices, indptr, b=None, *, shape):
     out_f, in_f = shape
-    xT = np.ascontiguousarray(x.reshape(-1, in_f).T)
+    x2 = x.reshape(-1, in_f)
+    if x2.shape[0] <= SKINNY_MAX_ROWS and x.dtype == np.float32:
+        y2 = np.empty((x2.shape[0], out_f), x.dtype)
+        pick(_CSR_SKINNY, data.size * x2.shape[0])(np.ascontiguousarray(x2), data.astype(x.dtype, copy=False),
+                                                    indices, indptr, y2)
+        y = y2.reshape(*x.shape[:-1], out_f)
+        return y if b is None else y + b
+    xT = np.ascontiguousarray(x2.T)
     yT = np.empty((out_f, xT.shape[1]), x.dtype)
     pick(_CSR, data.size * xT.shape[1])(xT, data.astype(x.dtype, copy=False), indices, indptr, yT)
     y = yT.T.reshape(*x.shape[:-1], out_f)
