@@ -12,7 +12,6 @@ import sys
 from minitx import modelfile, plugin
 from minitx.validate import Calibration
 
-
 SPECS = ("quant:int4", "quant:int4,sensitive=0.1", "quant:int4,sensitive=0.25", "quant:int4,sensitive=0.5",
          "quant:int4,embeddings=int8", "quant:int4,embeddings=int8,sensitive=0.25",
          # control: as many int8 layers as sensitive=0.25, chosen by position (the last ones)
@@ -26,7 +25,8 @@ SPECS = ("quant:int4", "quant:int4,sensitive=0.1", "quant:int4,sensitive=0.25", 
 def main(path: str, specs=SPECS) -> None:
     m = modelfile.load(path)
     # fit (measure sensitivity) on prose unrelated to the held-out text it is validated on
-    lines = [ln.strip() for ln in open("docs/backends.md", encoding="utf-8") if len(ln.strip()) > 60][:16]
+    with open("docs/backends.md", encoding="utf-8") as f:
+        lines = [ln.strip() for ln in f if len(ln.strip()) > 60][:16]
     cal = Calibration.parse(["text:" + ln for ln in lines], validate=["heldout"])
     print("| spec | int8 layers | mean cos | worst row cos | MiB |\n|---|---|---|---|---|")
     for spec in specs:

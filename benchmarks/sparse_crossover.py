@@ -32,7 +32,7 @@ def main() -> None:
     n_in, n_out = 768, 3072
     W = rng.standard_normal((n_in, n_out)).astype(np.float32)
     print(f"load average at start: {os.getloadavg()}\n")
-    print("| rows | sparsity | dense / sparse (median of %d rounds) |\n|---|---|---|" % ROUNDS)
+    print(f"| rows | sparsity | dense / sparse (median of {ROUNDS} rounds) |\n|---|---|---|")
     for rows, reps in ((1, 50), (128, 3)):
         x = rng.standard_normal((rows, n_in)).astype(np.float32)
         cases = {}
@@ -41,8 +41,8 @@ def main() -> None:
             data, idx, ptr = to_csr(W, keep)
             args = (data.astype(np.float32), idx, ptr)
             K.sparse_linear(x, *args, shape=(n_out, n_in))   # compile
-            cases[sp] = (lambda a=args: K.sparse_linear(x, *a, shape=(n_out, n_in)))
-        dense = lambda: x @ W  # noqa: E731
+            cases[sp] = (lambda a=args, x=x: K.sparse_linear(x, *a, shape=(n_out, n_in)))
+        dense = lambda x=x: x @ W
         times = {k: [] for k in ("dense", *SPARSITIES)}
         for r in range(ROUNDS):
             order = ["dense", *SPARSITIES] if r % 2 == 0 else [*SPARSITIES, "dense"]

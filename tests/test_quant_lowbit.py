@@ -2,6 +2,7 @@
 definitions, the quant plugin's modes, the numba kernel, and quantization-aware training."""
 import numpy as np
 import pytest
+from test_qat import V, _markov_ids, _settings
 
 from minitx import modelfile, models, plugin
 from minitx import training as tr
@@ -9,7 +10,6 @@ from minitx.executor import Executor
 from minitx.model import Model
 from minitx.ops import quant as Q
 from minitx.training import qat
-from test_qat import _markov_ids, _settings, V
 
 rng = np.random.default_rng(0)
 
@@ -105,7 +105,7 @@ def test_qat_recovers_ternary_and_binary(trained, mode):
     s = _settings(steps=40, lr=3e-3, min_lr=3e-4, warmup=3)
     val = qat.held_out(ids, s, m.n_ctx)
     res = qat.run(m, ids, spec, s, force=True)
-    ppl = lambda mm: tr.evaluate(mm, val)["perplexity"]  # noqa: E731
+    ppl = lambda mm: tr.evaluate(mm, val)["perplexity"]
     # the fair control: the same steps in float (same batches, schedule), then post-training quantization
     ctrl = tr.new_state(Model(m.config, {k: a.copy() for k, a in m.params.items()}, m.graph), s)
     tr.fit(ctrl, ids)

@@ -34,8 +34,16 @@ import numpy as np
 
 from . import register, require
 from .cases import Case, add_cases, int8_grid
-from .quant import (CODEBOOKS, dequantize_blocks, dequantize_lut, quantize_blocks, quantize_int4, quantize_lut,
-                    quantize_per_channel, unpack_int4)
+from .quant import (
+    CODEBOOKS,
+    dequantize_blocks,
+    dequantize_lut,
+    quantize_blocks,
+    quantize_int4,
+    quantize_lut,
+    quantize_per_channel,
+    unpack_int4,
+)
 
 
 def fake_quant(w, *, bits=8, group=0, axis=0, codebook=""):

@@ -533,7 +533,7 @@ def unpack_codes(packed, bits):
 def quantize_lut(w, name, group=32):
     """float (out, in) → (uint8 (out, in·bits/8) packed codes, float32 scale (out, in / group)): the
     one definition of each codebook's rounding (rows = output channels, groups along inputs)."""
-    bits, levels = codebook(name)
+    bits, _ = codebook(name)
     n_out, n_in = w.shape
     if n_in % group or group % (8 // bits):
         raise ValueError(f"group size {group} must divide the input features {n_in} and be a multiple of "
