@@ -1,6 +1,6 @@
 """Where unstructured (CSR) pruning starts to beat dense on the numba backend: one GPT-2-small
 MLP up projection (768 → 3072), dense float32 (BLAS) against ``sparse_linear``'s numba kernel at
-a range of sparsities, for decode (1 row) and prefill (128 rows).
+a range of sparsities and 2:4 (``nm_linear``), for decode (1 row) and prefill (128 rows).
 
     python benchmarks/sparse_crossover.py > benchmarks/results/sparse_crossover.md
 
@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from backends.numba_cpu import sparse as K
-from plugins.sparsity import to_csr
+from plugins.sparsity import to_csr, to_nm
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 ROUNDS = 15
@@ -42,15 +42,21 @@ def main() -> None:
             args = (data.astype(np.float32), idx, ptr)
             K.sparse_linear(x, *args, shape=(n_out, n_in))   # compile
             cases[sp] = (lambda a=args, x=x: K.sparse_linear(x, *a, shape=(n_out, n_in)))
+        g = np.abs(W).reshape(n_in // 4, 4, n_out)
+        keep = (np.argsort(np.argsort(-g, axis=1), axis=1) < 2).reshape(n_in, n_out)   # 2 largest of 4
+        vals, pos = to_nm(W, keep, 2, 4)
+        K.nm_linear(x, vals, pos, n=2, m=4, in_features=n_in)
+        cases["2:4"] = (lambda x=x: K.nm_linear(x, vals, pos, n=2, m=4, in_features=n_in))
         dense = lambda x=x: x @ W
-        times = {k: [] for k in ("dense", *SPARSITIES)}
+        times = {k: [] for k in ("dense", *SPARSITIES, "2:4")}
         for r in range(ROUNDS):
-            order = ["dense", *SPARSITIES] if r % 2 == 0 else [*SPARSITIES, "dense"]
+            order = ["dense", *SPARSITIES, "2:4"] if r % 2 == 0 else ["2:4", *SPARSITIES, "dense"]
             for k in order:
                 times[k].append(_time(dense if k == "dense" else cases[k], reps))
         d = np.median(times["dense"])
-        for sp in SPARSITIES:
-            print(f"| {rows} | {sp:.2f} | {d / np.median(times[sp]):.2f} |", flush=True)
+        for sp in (*SPARSITIES, "2:4"):
+            label = sp if isinstance(sp, str) else f"{sp:.2f}"
+            print(f"| {rows} | {label} | {d / np.median(times[sp]):.2f} |", flush=True)
     print(f"\nload average at end: {os.getloadavg()}")
 
 
