@@ -13,6 +13,12 @@ Modes (the shorthand ``quant:MODE``):
                 (block-32: >= 0.999 at every length), so it is not the default
 ``w8a8``        int8 weights per channel + int8 activations quantized per token at run time
 ``int4``        4-bit weights, one scale per ``group`` inputs, two values per byte
+``log4``        4-bit power-of-two weights: sign · 2^-e (e 0..6) or 0, times a scale per ``group``
+``int2``        2-bit uniform levels ±0.5, ±1.5 at the error-minimising scale per ``group``
+``ternary``     2-bit {-1, 0, +1} · scale (TWN: threshold 0.7 · mean|w|, scale = mean kept |w|)
+``binary``      1-bit {-1, +1} · scale (XNOR-Net: scale = mean|w| per ``group``); the last four
+                are ``linear_lut`` (a codebook, codes packed 8/bits per byte) and lose too much
+                without quantization-aware training: use them with ``minitx qat``
 ``float16``     weights cast to float16; ``bfloat16`` likewise (stored as uint16 bit patterns)
 ``kv8``         only the KV cache in int8 (per token and head); ``kv=int8`` adds it to any mode
 ``none``        no weight quantization (with ``kv=int8``)
@@ -46,6 +52,9 @@ mode                                            mean cos   KL        perplexity
 ``int8``, ``int8_channel``, ``kv8``, ``bfloat16``  >= 0.998   <= 0.01   <= +1%
 ``w8a8``                                        >= 0.99    <= 0.02   <= +2%
 ``int4``                                        >= 0.93    <= 0.05   <= +5%
+``log4`` (after QAT)                            >= 0.9     <= 0.1    <= +10%
+``int2``, ``ternary`` (after QAT)               >= 0.8     <= 0.3    <= +30%
+``binary`` (after QAT)                          >= 0.7     <= 0.5    <= +50%
 ==============================================  =========  ========  ==========
 
 (mean per-row cosine of the primary output; mean next-token KL in nats and the relative perplexity
@@ -54,7 +63,8 @@ change for decoders; top-1 agreement is reported, and bounded only on request.) 
 (the worst row, off by default) and
 ``max_rel=`` override one bound each (``inf``, or 0 for a minimum, turns one off).
 
-``qat=true`` (modes int8, int8_channel, int4) is quantization-aware training: instead of packing,
+``qat=true`` (the weight-only modes: int8, int8_channel, int4, log4, int2, ternary, binary) is
+quantization-aware training: instead of packing,
 each quantized weight is read through a ``fake_quant`` node (minitx/ops/fakequant.py) that rounds
 it exactly as the packed format would, so the graph trains in float with the quantization error
 in its forward and a straight-through gradient. ``minitx qat`` (minitx/qat.py) fine-tunes such a
@@ -63,6 +73,7 @@ graph, then applies the same mode without ``qat`` to the fine-tuned weights.
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -70,12 +81,13 @@ import numpy as np
 from minitx.errors import MinitxError
 from minitx.ir import Node, Value
 from minitx.ops import quant as Q
-from minitx.plugin import Option, Plugin, Tolerance, boolean, positive_int
+from minitx.plugin import CalibrationData, Option, Plugin, Tolerance, boolean, fraction, positive_int
 from minitx.rewrite import Context, Replacement, Rule
 
-MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", "float16", "bfloat16", "kv8", "none")
-INTEGER_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4")
-QAT_MODES = ("int8", "int8_channel", "int8_block", "int4")   # weight-only: fake_quant reproduces them exactly
+LUT_MODES = tuple(Q.CODEBOOKS)   # binary, ternary, int2, log4: linear_lut
+MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES, "float16", "bfloat16", "kv8", "none")
+INTEGER_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES)
+QAT_MODES = ("int8", "int8_channel", "int8_block", "int4", *LUT_MODES)   # fake_quant reproduces them exactly
 SMALL_TABLE_ROWS = 8   # embedding tables this small stay float (see the module docstring)
 # Declared tolerance of each mode against the float model (see the module docstring).
 _INT8 = Tolerance(min_cosine=0.998, max_kl=0.01, max_ppl_increase=0.01)
@@ -83,6 +95,11 @@ TOLERANCE = {"int8": _INT8, "int8_channel": _INT8, "int8_block": _INT8, "kv8": _
              "w8a8": Tolerance(min_cosine=0.99, max_kl=0.02, max_ppl_increase=0.02),
              "int4": Tolerance(min_cosine=0.93, max_kl=0.05, max_ppl_increase=0.05),
              "float16": Tolerance(min_cosine=0.9999, max_kl=0.001, max_ppl_increase=0.001),
+             # after QAT (post-training alone they are far outside: they exist to be fine-tuned)
+             "log4": Tolerance(min_cosine=0.9, max_kl=0.1, max_ppl_increase=0.1),
+             "int2": Tolerance(min_cosine=0.8, max_kl=0.3, max_ppl_increase=0.3),
+             "ternary": Tolerance(min_cosine=0.8, max_kl=0.3, max_ppl_increase=0.3),
+             "binary": Tolerance(min_cosine=0.7, max_kl=0.5, max_ppl_increase=0.5),
              "none": Tolerance(exact=True)}
 
 
@@ -98,16 +115,11 @@ def _int8_block(opts: Mapping[str, Any], n_in: int) -> int:
     return 0 if n_in % k else k
 
 
-def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
+def _pack(ctx: Context, mode: str, name: str, x: str, w: str, W: np.ndarray, b: str, outputs: list[str],
+          tags: Mapping[str, Any]) -> Node:
+    """The packed linear of mode ``mode`` computing ``x W + b`` (W (in, out), stored as param ``w``)."""
     opts = ctx.options
-    mode = opts["mode"]
-    if mode in ("kv8", "none") or _skipped(node, opts):
-        return None
-    x, w, *rest = node.inputs
-    b = rest[0] if rest else ""
-    if not ctx.is_param(w):
-        return None
-    W = ctx.param(w).astype(np.float32)
+    W = W.astype(np.float32)
     n_in = W.shape[0]
     attrs: dict[str, Any] = {}
     if mode == "int8_channel" or (mode in ("int8", "int8_block") and not _int8_block(opts, n_in)):
@@ -123,17 +135,117 @@ def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
     elif mode == "int4":
         k = opts["group"]
         if n_in % k:
-            raise MinitxError(f"quant: group size {k} does not divide the {n_in} input features of {node.name} "
-                              f"(weight {w} {tuple(W.shape)})")
+            raise MinitxError(f"quant: group size {k} does not divide the {n_in} input features of {name} "
+                              f"(weight {w} {tuple(W.shape)}; pick another group=, or layers=PATTERN:int8 for it)")
         q, s = Q.quantize_int4_rows(np.ascontiguousarray(W.T), k)  # = quantize_int4(W, k), stored (out, in/2)
         op, ins, attrs = "linear_q4", [q, s], {"group": k, "transposed": True}
+    elif mode in LUT_MODES:
+        k = opts["group"]
+        per = 8 // Q.CODEBOOKS[mode][0]
+        if n_in % k or k % per:
+            raise MinitxError(f"quant: group size {k} must divide the {n_in} input features of {name} and be a "
+                              f"multiple of {per} for {mode} (weight {w} {tuple(W.shape)})")
+        q, s = Q.quantize_lut(np.ascontiguousarray(W.T), mode, k)
+        op, ins, attrs = "linear_lut", [q, s], {"codebook": mode, "group": k}
     elif mode == "float16":
         op, ins, attrs = "linear_cast", [np.ascontiguousarray(W.T).astype(np.float16)], {"transposed": True}
     else:  # bfloat16
         op, ins, attrs = "linear_cast", [Q.to_bfloat16_bits(np.ascontiguousarray(W.T))], {"transposed": True}
     names = [ctx.add_param(f"{w}.q", ins[0])] + ([ctx.add_param(f"{w}.scale", ins[1])] if len(ins) > 1 else [])
-    new = Node(node.name, op, [x, *names, b], list(node.outputs), attrs, dict(node.tags))
-    return Replacement([new])
+    return Node(name, op, [x, *names, b], list(outputs), attrs, {**tags, "quant": mode})
+
+
+def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
+    mode = _mode_of(node, ctx)
+    if mode in ("kv8", "none"):
+        return None
+    x, w, *rest = node.inputs
+    if not ctx.is_param(w):
+        return None
+    err = ctx.plan.errors.get(node.name) if ctx.plan is not None else None
+    tags = {**node.tags, "sensitivity": round(err, 6)} if err is not None else node.tags
+    return Replacement([_pack(ctx, mode, node.name, x, w, ctx.param(w), rest[0] if rest else "",
+                              list(node.outputs), tags)])
+
+
+def _lowrank_rule(node: Node, ctx: Context) -> Replacement | None:
+    """lowrank_linear(x, U, V, b) → two packed linears: quantization after low rank packs the
+    factors, which hold all of the layer's weights."""
+    mode = _mode_of(node, ctx)
+    x, u, v, *rest = node.inputs
+    if mode in ("kv8", "none") or not (ctx.is_param(u) and ctx.is_param(v)):
+        return None
+    mid = ctx.fresh(node.name + ".h")
+    first = _pack(ctx, mode, ctx.fresh(node.name + ".u"), x, u, ctx.param(u), "", [mid], node.tags)
+    second = _pack(ctx, mode, ctx.fresh(node.name + ".v"), mid, v, ctx.param(v), rest[0] if rest else "",
+                   list(node.outputs), node.tags)
+    return Replacement([first, second])
+
+
+# ------------------------------------------------------------------ mixed precision per layer
+WEIGHT_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES, "float16", "bfloat16", "none")
+
+
+def _layer_modes(s: str) -> tuple[tuple[str, str], ...]:
+    """``layers=`` value: ``GLOB:MODE|GLOB:MODE`` → ((glob, mode), ...); the first match wins."""
+    out = []
+    for item in (t.strip() for t in s.split("|")):
+        if not item:
+            continue
+        pat, sep, mode = item.rpartition(":")
+        if not sep or not pat or mode not in WEIGHT_MODES:
+            raise ValueError(f"{item!r} is not GLOB:MODE with MODE one of {', '.join(WEIGHT_MODES)}")
+        out.append((pat, mode))
+    return tuple(out)
+
+
+def _mode_of(node: Node, ctx: Context) -> str:
+    """The weight mode of one node: ``skip`` → none, then the first ``layers=`` glob that matches,
+    then the measured-sensitivity plan (``sensitive=``), then ``mode``."""
+    opts = ctx.options
+    if _skipped(node, opts):
+        return "none"
+    for pat, mode in opts.get("layers") or ():
+        if fnmatch.fnmatchcase(node.name, pat):
+            return mode
+    plan = ctx.plan
+    if plan is not None and node.name in plan.promoted:
+        return opts["high"]
+    return opts["mode"]
+
+
+def output_errors(graph, params: Mapping[str, np.ndarray], weights: Mapping[str, Mapping[str, Any]],
+                  sequences) -> dict[str, float]:
+    """For each weight name → fake_quant attributes: the relative error ‖y − y₀‖ / ‖y₀‖ of the
+    graph's primary output over ``sequences`` when that weight alone is rounded as it would be
+    packed. What a layer's rounding does to the model's output, not to the layer's own output
+    (on all-MiniLM-L6-v2 the layer-local error ranked layers no better than their position)."""
+    from minitx import feeds
+    from minitx.executor import Executor
+    from minitx.ops.fakequant import fake_quant
+
+    out = graph.outputs[0]
+    fs = [feeds.build(graph, [list(ids)]) for ids in sequences]
+    ref = [np.asarray(Executor(graph, params).run(f, outputs=[out])[out], np.float64) for f in fs]
+    norm = np.sqrt(sum(float(np.sum(r * r)) for r in ref)) or 1.0
+    errors = {}
+    for w, attrs in weights.items():
+        W = np.asarray(params[w])
+        ex = Executor(graph, {**params, w: fake_quant(W.astype(np.float32), **attrs).astype(W.dtype)})
+        diff = sum(float(np.sum((np.asarray(ex.run(f, outputs=[out])[out], np.float64) - r) ** 2))
+                   for f, r in zip(fs, ref))
+        errors[w] = float(np.sqrt(diff) / norm)
+    return errors
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """What :meth:`QuantPlugin.analyze` measured: the model's relative output error with each
+    candidate linear alone at the base mode (:func:`output_errors`), and the ``sensitive`` fraction with the largest errors,
+    which get mode ``high``."""
+
+    errors: dict[str, float] = field(default_factory=dict)
+    promoted: frozenset[str] = frozenset()
 
 
 def _table_format(s: str) -> str | bool:
@@ -215,11 +327,12 @@ def _kv_rule(node: Node, ctx: Context) -> Replacement | None:
 
 
 # ------------------------------------------------------------------ quantization-aware training
-def _qat_weight_attrs(opts: Mapping[str, Any], n_in: int) -> dict[str, Any]:
-    """fake_quant attributes that reproduce the packed linear weights of ``opts["mode"]``."""
-    mode = opts["mode"]
+def _qat_weight_attrs(opts: Mapping[str, Any], mode: str, n_in: int) -> dict[str, Any]:
+    """fake_quant attributes that reproduce the packed linear weights of ``mode``."""
     if mode == "int4":
         return {"bits": 4, "group": int(opts["group"])}
+    if mode in LUT_MODES:
+        return {"bits": Q.CODEBOOKS[mode][0], "group": int(opts["group"]), "codebook": mode}
     if mode in ("int8", "int8_block") and _int8_block(opts, n_in):
         return {"bits": 8, "group": int(opts["block"])}
     return {"bits": 8}
@@ -228,10 +341,11 @@ def _qat_weight_attrs(opts: Mapping[str, Any], n_in: int) -> dict[str, Any]:
 def _qat_linear_rule(node: Node, ctx: Context) -> Replacement | None:
     """linear(x, W) → linear(x, fake_quant(W)): the weight stays float and trainable."""
     x, w, *rest = node.inputs
-    if _skipped(node, ctx.options) or not ctx.is_param(w):
+    mode = _mode_of(node, ctx)
+    if mode == "none" or not ctx.is_param(w):
         return None
     n_in = ctx.graph.params[w].shape[0]
-    attrs = _qat_weight_attrs(ctx.options, n_in)
+    attrs = _qat_weight_attrs(ctx.options, mode, n_in)
     if attrs.get("group") and n_in % attrs["group"]:
         raise MinitxError(f"quant: group size {attrs['group']} does not divide the {n_in} input features of "
                           f"{node.name} (weight {w} {tuple(ctx.graph.params[w].shape)})")
@@ -281,7 +395,8 @@ class QuantPlugin(Plugin):
     options = {
         "mode": Option("int8", str, "what to quantize (see the module docstring)", MODES),
         "block": Option(32, positive_int, "int8: inputs per scale"),
-        "group": Option(32, positive_int, "int4: inputs per scale (even; must divide each layer's inputs)"),
+        "group": Option(32, positive_int, "int4, log4, int2, ternary, binary: inputs per scale (must divide each "
+                        "layer's inputs)"),
         "kv": Option("none", str, "int8: also keep the KV cache in int8", ("none", "int8")),
         "embeddings": Option("auto", _table_format, "integer modes: embedding tables as int8 | int4 | false "
                              "(auto: int4 in mode int4, else int8)", ("auto", "int8", "int4", "false", "true")),
@@ -289,20 +404,36 @@ class QuantPlugin(Plugin):
         **Tolerance.options(),
         "qat": Option(False, boolean, "int8/int8_channel/int4: fake_quant nodes over float weights, for training "
                                       "(minitx qat)"),
+        "layers": Option((), _layer_modes, "per-layer modes: GLOB:MODE|GLOB:MODE (node-name globs; first match wins)"),
+        "sensitive": Option(0.0, fraction, "fraction of the block linears, most sensitive first (measured on the "
+                                           "calibration inputs), given mode high"),
+        "high": Option("int8", str, "mode of the sensitive layers", WEIGHT_MODES),
     }
     exact = False
 
+    def modes(self, opts: Mapping[str, Any]) -> set[str]:
+        """Every weight mode these options can give a layer."""
+        return ({opts["mode"]} | {m for _, m in opts.get("layers") or ()}
+                | ({opts["high"]} if opts.get("sensitive") else set()))
+
     def check_options(self, opts: Mapping[str, Any]) -> None:
-        if (opts["mode"] == "int4" or opts["embeddings"] == "int4") and opts["group"] % 2:
+        modes = self.modes(opts)
+        if ("int4" in modes or opts["embeddings"] == "int4") and opts["group"] % 2:
             raise MinitxError(f"group size {opts['group']} must be even (two 4-bit values per byte)")
-        if opts["mode"] == "none" and opts["kv"] == "none":
+        if modes == {"none"} and opts["kv"] == "none":
             raise MinitxError("mode=none quantizes nothing; add kv=int8")
-        if opts.get("qat") and (opts["mode"] not in QAT_MODES or opts["kv"] != "none"):
+        if opts["sensitive"] and opts["mode"] in ("kv8", "none"):
+            raise MinitxError(f"sensitive= ranks layers by their error in the base mode; mode={opts['mode']} has none")
+        if opts.get("qat") and opts["sensitive"]:
+            raise MinitxError("qat=true with sensitive=: the packed model would re-measure the fine-tuned weights "
+                              "and may promote other layers; pass the measured choice as layers=GLOB:MODE")
+        if opts.get("qat") and (not modes - {"none"} <= set(QAT_MODES) or opts["kv"] != "none"):
             raise MinitxError(f"qat=true supports the weight-only modes {', '.join(QAT_MODES)} without kv=int8, "
-                              f"not mode={opts['mode']}" + (f", kv={opts['kv']}" if opts["kv"] != "none" else ""))
+                              f"not {', '.join(sorted(modes - set(QAT_MODES) - {'none'}))}"
+                              + (f", kv={opts['kv']}" if opts["kv"] != "none" else ""))
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
-        parts = [TOLERANCE[opts["mode"]]]
+        parts = [TOLERANCE[m] for m in sorted(self.modes(opts))]
         if opts["kv"] == "int8":
             parts.append(TOLERANCE["kv8"])
         if opts.get("embeddings") == "int4":  # int4 tables (and tied head) in another mode
@@ -314,8 +445,34 @@ class QuantPlugin(Plugin):
             return [Rule("quant.qat_linear", "linear", _qat_linear_rule),
                     Rule("quant.qat_embedding", "embedding", _qat_embedding_rule),
                     Rule("quant.qat_lm_head", "matmul", _qat_lm_head_rule)]
-        return [Rule("quant.linear", "linear", _linear_rule), Rule("quant.embedding", "embedding", _embedding_rule),
+        return [Rule("quant.linear", "linear", _linear_rule), Rule("quant.lowrank", "lowrank_linear", _lowrank_rule),
+                Rule("quant.embedding", "embedding", _embedding_rule),
                 Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule)]
+
+    def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
+        return bool(opts.get("sensitive"))
+
+    def analyze(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
+                calib: CalibrationData | None = None) -> QuantPlan:
+        """With ``sensitive=F``: measure :func:`output_errors` of every block linear left to the base
+        mode (not skipped, not named by ``layers=``) and promote the ``ceil(F · n)`` worst to ``high``."""
+        if not opts.get("sensitive"):
+            return QuantPlan()
+        from .sparsity import block_linears
+
+        fixed = {n.name for n in graph.nodes for pat, _ in opts.get("layers") or () if fnmatch.fnmatchcase(n.name, pat)}
+        nodes = [n for n in block_linears(graph) if n.name not in fixed and not _skipped(n, opts)]
+        if not nodes:
+            return QuantPlan()
+        if calib is None or not calib.sequences:
+            raise MinitxError("quant: sensitive= measures each layer on calibration sequences; apply it with "
+                              "minitx.plugin.optimize (or `minitx optimize --calib ...`), which passes them")
+        by_weight = output_errors(graph, params, {n.inputs[1]: _qat_weight_attrs(
+            opts, opts["mode"], params[n.inputs[1]].shape[0]) for n in nodes}, calib.sequences)
+        errors = {n.name: by_weight[n.inputs[1]] for n in nodes}
+        k = int(np.ceil(opts["sensitive"] * len(nodes)))
+        worst = sorted(errors, key=lambda name: -errors[name])[:k]
+        return QuantPlan(errors, frozenset(worst))
 
 
 def plugin() -> QuantPlugin:

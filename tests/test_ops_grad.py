@@ -577,6 +577,24 @@ def test_linear_q4_transposed_grad(seed, lead, group, n_groups, n_out, with_bias
     assert _vjp("linear_q4", [x, w, scale.astype(np.float64), b], attrs)[1] is None
 
 
+@covers("linear_lut")
+@FEW
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+       cb=st.sampled_from(["binary", "ternary", "int2", "log4"]), n_groups=st.integers(1, 2),
+       n_out=st.integers(1, 3), with_bias=st.booleans())
+def test_linear_lut_grad(seed, lead, cb, n_groups, n_out, with_bias):
+    from minitx.ops.quant import quantize_lut
+
+    rng = _rng(seed)
+    n_in = 8 * n_groups
+    w, scale = quantize_lut(rng.standard_normal((n_out, n_in)), cb, 8)   # (out, in·bits/8), (out, in/8)
+    x = rng.standard_normal((*lead, n_in))
+    b = rng.standard_normal(n_out) if with_bias else None
+    attrs = {"codebook": cb, "group": 8}
+    _check("linear_lut", [x, w, scale.astype(np.float64), b], attrs, seed=seed)
+    assert _vjp("linear_lut", [x, w, scale.astype(np.float64), b], attrs)[1] is None
+
+
 @covers("embedding_q4")
 @FAST
 @given(seed=seeds, B=small, T=st.integers(2, 4), V=st.integers(1, 5), group=st.sampled_from([2, 4]),

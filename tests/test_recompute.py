@@ -55,3 +55,20 @@ def test_selective_tags_only_attention(setup):
     new = plugin.optimize(m, ["recompute:every_k,k=2"], validate=False)
     assert not new.graph.node("layers.1.res2").tags.get("recompute")
     assert new.graph.node("layers.0.res2").tags.get("recompute")
+
+
+@pytest.mark.parametrize("layers, batch, tokens, d, lower", [(12, 4, 64, 128, True), (4, 2, 256, 64, False)])
+def test_recomputing_attention_lowers_the_peak_only_with_many_short_layers(layers, batch, tokens, d, lower):
+    """The documented trade (plugins/recompute.py): attention=recompute saves a value per layer in
+    the forward but holds more at once in the backward; which wins depends on the shape."""
+    from minitx import feeds as fd
+
+    cfg = models.complete_config({"arch": "gpt2", "n_layers": layers, "d_model": d, "n_heads": 4, "d_ff": 4 * d,
+                                  "n_ctx": tokens, "vocab_size": 256})
+    m = Model.from_config(cfg, seed=0)
+    x = np.random.default_rng(0).integers(0, 256, (batch, tokens + 1))
+    peak = {}
+    for spec in ("recompute:every", "recompute:every,attention=recompute"):
+        g = models.with_loss(plugin.optimize(m, [spec], validate=False).graph)
+        peak[spec] = Executor(g, m.params).forward_backward(fd.build(g, x[:, :-1], targets=x[:, 1:])).peak_activation_bytes
+    assert (peak["recompute:every,attention=recompute"] < peak["recompute:every"]) == lower, peak

@@ -112,6 +112,33 @@ def _q4_skinny_t(xe, xo, xsum, w, s, y, shift):
                 y[m, n] = acc
 
 
+def _lut_skinny(x, w, table, s, group, y):
+    """y[m, n] = Σ_g s[n, g] Σ_{k in g} x[m, k] level[code(n, k)] for packed codes w (N, K·bits/8):
+    ``table[byte]`` holds the levels of a byte's 8/bits codes, so one byte load and one table row
+    decode them all (no per-code shifts in the inner loop)."""
+    M = x.shape[0]
+    N, nb = w.shape
+    per = table.shape[1]
+    gb = group // per  # bytes per group
+    for blk in prange((N + 15) // 16):
+        for n in range(blk * 16, min(N, blk * 16 + 16)):
+            for c in range(0, nb, 64):
+                prefetch(w, (n + 2 * AHEAD) * nb + c)
+            wn = w[n]
+            sn = s[n]
+            for m in range(M):
+                xm = x[m]
+                acc = np.float32(0.0)
+                for g in range(nb // gb):
+                    part = np.float32(0.0)
+                    for i in range(g * gb, (g + 1) * gb):
+                        t = table[wn[i]]
+                        for j in range(per):
+                            part += xm[i * per + j] * t[j]
+                    acc += part * sn[g]
+                y[m, n] = acc
+
+
 def _embed_q8(ids, table, scale, out):
     for i in prange(ids.shape[0]):
         r = ids[i]
@@ -161,6 +188,7 @@ def _cols_stream(x, w, bf16, s, group, y, block):
 
 _ROWS_DOT = kernel(_rows_dot)
 _Q4T = kernel(_q4_skinny_t)
+_LUT = kernel(_lut_skinny)
 _EMB8 = kernel(_embed_q8)
 _EMB4 = kernel(_embed_q4)
 _COLS = kernel(_cols_stream)
@@ -329,6 +357,35 @@ def linear_w8a8(x, w, scale, b=None):
     return _finish(y, x, b)
 
 
-KERNELS = {"linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
+_BYTE_TABLES: dict[str, np.ndarray] = {}
+
+
+def _byte_table(name: str) -> np.ndarray:
+    """(256, 8/bits) float32: the levels of every byte's codes, decoded once per codebook."""
+    if name not in _BYTE_TABLES:
+        bits, _ = spec.codebook(name)
+        codes = spec.unpack_codes(np.arange(256, dtype=np.uint8)[:, None], bits)
+        _BYTE_TABLES[name] = np.ascontiguousarray(np.asarray(spec.CODEBOOKS[name][1], np.float32)[codes])
+    return _BYTE_TABLES[name]
+
+
+def linear_lut(x, w, scale, b=None, *, codebook="int2", group=32):
+    bits = spec.CODEBOOKS[codebook][0]
+    if x.dtype != np.float32 or group % (8 // bits):
+        return spec.linear_lut(x, w, scale, b, codebook=codebook, group=group)
+    x2 = _rows(x)
+    s = np.ascontiguousarray(scale, np.float32)
+    n_out = w.shape[0]
+    y = np.empty((x2.shape[0], n_out), np.float32)
+    if x2.shape[0] <= SKINNY_MAX_ROWS:
+        _pick(_LUT, w.size * 8 // bits)(x2, np.ascontiguousarray(w), _byte_table(codebook), s, group, y)
+    else:
+        for n0 in range(0, n_out, 4 * TILE):  # dequantize 4·TILE output channels at a time for BLAS
+            y[:, n0:n0 + 4 * TILE] = x2 @ spec.dequantize_lut(w[n0:n0 + 4 * TILE], s[n0:n0 + 4 * TILE],
+                                                              codebook, group).T
+    return _finish(y, x, b)
+
+
+KERNELS = {"linear_lut": linear_lut, "linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
            "linear_w8a8": linear_w8a8, "linear_cast": linear_cast, "embedding_q8": embedding_q8,
            "embedding_q4": embedding_q4, "attention_kv8": attention_kv8}

@@ -169,24 +169,50 @@ def sparse_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n
 
 # ------------------------------------------------------------------------------ CSR linear
 def _csr_rows(xT, data, indices, indptr, yT):
+    """Many rows (prefill): yT[o, :] += w · xT[col, :] for every stored weight — each weight read
+    once, a contiguous row of xT per weight; accumulating in yT itself (no buffer per output)."""
     out_f = yT.shape[0]
     N = xT.shape[1]
     for o in prange(out_f):
-        acc = np.zeros(N, yT.dtype)
+        yo = yT[o]
+        for n in range(N):
+            yo[n] = 0.0
         for p in range(indptr[o], indptr[o + 1]):
             w = data[p]
-            col = indices[p]
+            xc = xT[indices[p]]
             for n in range(N):
-                acc[n] += w * xT[col, n]
-        yT[o, :] = acc
+                yo[n] += w * xc[n]
+
+
+def _csr_skinny(x, data, indices, indptr, y):
+    """Few rows (decode): one scalar accumulator per (row, output), the row's inputs gathered by
+    index — the loop over rows of ``_csr_rows`` has length 1 here and only costs overhead."""
+    out_f = y.shape[1]
+    for o in prange(out_f):
+        p0, p1 = indptr[o], indptr[o + 1]
+        for n in range(x.shape[0]):
+            xn = x[n]
+            acc = np.float32(0.0)
+            for p in range(p0, p1):
+                acc += data[p] * xn[indices[p]]
+            y[n, o] = acc
 
 
 _CSR = kernel(_csr_rows)
+_CSR_SKINNY = kernel(_csr_skinny)
+SKINNY_MAX_ROWS = 8
 
 
 def sparse_linear(x, data, indices, indptr, b=None, *, shape):
     out_f, in_f = shape
-    xT = np.ascontiguousarray(x.reshape(-1, in_f).T)
+    x2 = x.reshape(-1, in_f)
+    if x2.shape[0] <= SKINNY_MAX_ROWS and x.dtype == np.float32:
+        y2 = np.empty((x2.shape[0], out_f), x.dtype)
+        pick(_CSR_SKINNY, data.size * x2.shape[0])(np.ascontiguousarray(x2), data.astype(x.dtype, copy=False),
+                                                    indices, indptr, y2)
+        y = y2.reshape(*x.shape[:-1], out_f)
+        return y if b is None else y + b
+    xT = np.ascontiguousarray(x2.T)
     yT = np.empty((out_f, xT.shape[1]), x.dtype)
     pick(_CSR, data.size * xT.shape[1])(xT, data.astype(x.dtype, copy=False), indices, indptr, yT)
     y = yT.T.reshape(*x.shape[:-1], out_f)
@@ -213,10 +239,45 @@ def _nm_rows(xT, values, packed, n, m, bits, yT):
 _NM = kernel(_nm_rows)
 
 
+def _nm_expand(values, packed, n, m, bits, Wt):
+    """Wt (out, in) = the dense matrix an N:M pair stands for (Wt zeroed here)."""
+    out_f, K = values.shape
+    per = 8 // bits
+    low = (1 << bits) - 1
+    for o in prange(out_f):
+        row = Wt[o]
+        for i in range(row.size):
+            row[i] = 0.0
+        for kk in range(K):
+            pos = (packed[o, kk // per] >> (bits * (kk % per))) & low
+            row[(kk // n) * m + pos] = values[o, kk]
+
+
+_NM_EXPAND = kernel(_nm_expand)
+
+
+NM_TILE = 1024  # output channels expanded to dense at a time on the many-rows path
+
+
 def nm_linear(x, values, idx, b=None, *, n, m, in_features):
+    """Few rows: the gather kernel. Many rows: N:M holds no speed-up for a CPU's vector units (no
+    sparse tensor cores), so tiles of output channels are expanded to dense and multiplied with
+    BLAS — 2:4's gain here is storage, at close to dense speed (measured:
+    benchmarks/results/sparse_crossover.md)."""
     from minitx.ops.sparse import index_bits
 
-    xT = np.ascontiguousarray(x.reshape(-1, in_features).T)
+    x2 = x.reshape(-1, in_features)
+    if x2.shape[0] > 8 and x.dtype == np.float32:
+        y2 = np.empty((x2.shape[0], values.shape[0]), x.dtype)
+        wt = np.empty((min(NM_TILE, values.shape[0]), in_features), np.float32)
+        vals = values.astype(np.float32, copy=False)
+        for o in range(0, values.shape[0], NM_TILE):
+            t = wt[:min(NM_TILE, values.shape[0] - o)]
+            pick(_NM_EXPAND, t.size)(vals[o:o + NM_TILE], idx[o:o + NM_TILE], int(n), int(m), index_bits(m), t)
+            y2[:, o:o + NM_TILE] = x2 @ t.T
+        y = y2.reshape(*x.shape[:-1], values.shape[0])
+        return y if b is None else y + b
+    xT = np.ascontiguousarray(x2.T)
     yT = np.empty((values.shape[0], xT.shape[1]), x.dtype)
     pick(_NM, values.size * xT.shape[1])(xT, values.astype(x.dtype, copy=False), idx, int(n), int(m),
                                          index_bits(m), yT)

@@ -14,6 +14,8 @@ computes after conversion:
 * ``bits=4, group=k``          int4 in [-8, 7], one scale per ``k`` input rows: ``quantize_int4`` (``linear_q4``)
 * ``bits=4, group=k, axis=1``  int4, one scale per ``k`` columns of a row: ``quantize_int4_rows``
   (``embedding_q4`` and the tied int4 LM head)
+* ``codebook=NAME, bits=b, group=k``  binary / ternary / int2 / log4 codes, one scale per ``k``
+  input rows: ``quantize_lut`` (``linear_lut``)
 
 ``axis`` is the axis a scale's values run along: 0 = down a column, 1 = along a row.
 
@@ -32,11 +34,23 @@ import numpy as np
 
 from . import register, require
 from .cases import Case, add_cases, int8_grid
-from .quant import dequantize_blocks, quantize_blocks, quantize_int4, quantize_per_channel, unpack_int4
+from .quant import (
+    CODEBOOKS,
+    dequantize_blocks,
+    dequantize_lut,
+    quantize_blocks,
+    quantize_int4,
+    quantize_lut,
+    quantize_per_channel,
+    unpack_int4,
+)
 
 
-def fake_quant(w, *, bits=8, group=0, axis=0):
+def fake_quant(w, *, bits=8, group=0, axis=0, codebook=""):
     """W ↦ dequantize(quantize(W)) in W's dtype (see the module docstring for the formats)."""
+    if codebook:                    # W (in, out) packed (out, in) with groups along inputs
+        q, s = quantize_lut(np.ascontiguousarray(w.T), codebook, group)
+        return np.ascontiguousarray(dequantize_lut(q, s, codebook, group).T).astype(w.dtype, copy=False)
     if axis == 1 and group:         # groups along each row: the transpose's column groups
         return np.ascontiguousarray(fake_quant(w.T, bits=bits, group=group, axis=0).T)
     if bits == 4:
@@ -51,16 +65,24 @@ def fake_quant(w, *, bits=8, group=0, axis=0):
     return r.astype(w.dtype, copy=False)
 
 
-def fake_quant_vjp(grads, inputs, outputs, *, bits=8, group=0, axis=0):
+def fake_quant_vjp(grads, inputs, outputs, *, bits=8, group=0, axis=0, codebook=""):
     """Straight-through estimator: the cotangent passes through unchanged."""
     (g,) = grads
     return (g,)
 
 
-def _infer(shapes, dtypes, *, bits=8, group=0, axis=0):
+def _infer(shapes, dtypes, *, bits=8, group=0, axis=0, codebook=""):
     (w,) = shapes
     op = "fake_quant"
-    require(bits in (4, 8), op, f"bits must be 4 or 8, got {bits}")
+    if codebook:
+        require(codebook in CODEBOOKS, op, f"unknown codebook {codebook!r} (known: {', '.join(CODEBOOKS)})")
+        cb_bits = CODEBOOKS[codebook][0]
+        require(bits == cb_bits and axis == 0, op, f"codebook {codebook} is {cb_bits}-bit along axis 0, "
+                                                   f"got bits={bits}, axis={axis}")
+        require(group > 0 and group % (8 // cb_bits) == 0, op,
+                f"codebook {codebook} needs a group that is a multiple of {8 // cb_bits}, got {group}")
+    else:
+        require(bits in (4, 8), op, f"bits must be 4 or 8, got {bits}")
     require(len(w) == 2, op, f"weight must be 2-D, got shape {w}")
     require(np.issubdtype(np.dtype(dtypes[0]), np.floating), op, f"weight must be float, got {dtypes[0]}")
     require(axis in (0, 1), op, f"axis must be 0 (scale per column) or 1 (per row), got {axis}")
@@ -91,3 +113,21 @@ add_cases("fake_quant", [
                                            {"group": 8})),
     Case("int4 groups of 8", lambda r, d: ((_int4_grid(r, (40, 24), 8, d),), {"bits": 4, "group": 8})),
 ])
+
+
+def _on_levels(name):
+    """Weights already on the codebook's levels (one scale per group of 8): rounding is exact in
+    every dtype, so a low-precision run and the float64 reference agree code for code."""
+    def make(r, d):
+        bits, levels = CODEBOOKS[name][0], np.asarray(CODEBOOKS[name][1])
+        used = np.unique(levels)
+        codes = r.integers(0, len(used), (40, 16))
+        w = used[codes]
+        w[0::8] = used[np.argmax(np.abs(used))]          # each group reaches the largest level
+        if name in ("binary", "ternary"):
+            w = np.sign(w) * (np.abs(w) > 0)             # one magnitude: mean-abs scales are exact
+        return (w.astype(d),), {"bits": bits, "group": 8, "codebook": name}
+    return make
+
+
+add_cases("fake_quant", [Case(f"{name} codes, groups of 8", _on_levels(name)) for name in CODEBOOKS])

@@ -13,6 +13,8 @@ shared by a group of values (an output channel, a block of 32 inputs, a token's 
                       product with int8 weights, rescaled by sₓ · s[out]
 * ``linear_cast``     W stored as float16, or as bfloat16 bit patterns in uint16 (NumPy has none)
 * ``attention_kv8``   attention whose cache is int8 with a scale per token and head
+* ``linear_lut``      W = level[code] · s[out, in // group] from a codebook: binary (1 bit), ternary
+                      and int2 (2 bits), log4 (4-bit powers of two); codes packed along inputs
 
 VJPs give the gradient with respect to every float input (activations, scales, biases) and
 ``None`` for integer inputs. Where an activation itself is rounded (W8A8, the KV cache) the VJP is
@@ -488,6 +490,135 @@ def to_bfloat16_bits(w):
     return (u >> 16).astype(np.uint16)
 
 
+# ------------------------------------------------------------------------ 1/2/4-bit codebook weights
+# A codebook maps each packed code to a level; a weight is level · s[out, in // group]. Binary and
+# ternary follow XNOR-Net / TWN (scale = mean |w| of the kept weights); int2 is the uniform grid
+# {±0.5, ±1.5} at the squared-error-optimal clipping scale; log4 is power-of-two (logarithmic)
+# quantization: sign · 2^-e, e in 0..6, or 0 — each weight a shift of the scale, fine near zero where most weights are, coarse at the top.
+CODEBOOKS: dict[str, tuple[int, tuple[float, ...]]] = {
+    "binary": (1, (-1.0, 1.0)),
+    "ternary": (2, (0.0, 1.0, -1.0, 0.0)),
+    "int2": (2, (-1.5, -0.5, 0.5, 1.5)),
+    "log4": (4, (0.0, *(2.0 ** -e for e in range(7)), 0.0, *(-(2.0 ** -e) for e in range(7)))),
+}
+
+
+def codebook(name):
+    """(bits per weight, levels as float64) of a codebook name."""
+    if name not in CODEBOOKS:
+        raise ValueError(f"unknown codebook {name!r} (known: {', '.join(CODEBOOKS)})")
+    bits, levels = CODEBOOKS[name]
+    return bits, np.asarray(levels, np.float64)
+
+
+def pack_codes(codes, bits):
+    """uint8 codes (…, K) < 2^bits → uint8 (…, K·bits/8): code j of a byte in bits [j·bits, (j+1)·bits)."""
+    per = 8 // bits
+    c = codes.astype(np.uint8).reshape(*codes.shape[:-1], -1, per)
+    out = np.zeros(c.shape[:-1], np.uint8)
+    for j in range(per):
+        out |= (c[..., j] << (j * bits)).astype(np.uint8)
+    return out
+
+
+def unpack_codes(packed, bits):
+    """uint8 (…, K·bits/8) → uint8 codes (…, K), the inverse of :func:`pack_codes`."""
+    per, mask = 8 // bits, (1 << bits) - 1
+    out = np.empty((*packed.shape, per), np.uint8)
+    for j in range(per):
+        out[..., j] = (packed >> (j * bits)) & mask
+    return out.reshape(*packed.shape[:-1], -1)
+
+
+def quantize_lut(w, name, group=32):
+    """float (out, in) → (uint8 (out, in·bits/8) packed codes, float32 scale (out, in / group)): the
+    one definition of each codebook's rounding (rows = output channels, groups along inputs)."""
+    bits, _ = codebook(name)
+    n_out, n_in = w.shape
+    if n_in % group or group % (8 // bits):
+        raise ValueError(f"group size {group} must divide the input features {n_in} and be a multiple of "
+                         f"{8 // bits} ({bits}-bit codes, {8 // bits} per byte)")
+    g = np.asarray(w, np.float64).reshape(n_out, n_in // group, group)
+    a = np.abs(g)
+    if name == "binary":
+        codes = (g >= 0).astype(np.uint8)
+        s = a.mean(axis=-1)
+    elif name == "ternary":
+        keep = a > 0.7 * a.mean(axis=-1, keepdims=True)
+        codes = np.where(keep, np.where(g > 0, 1, 2), 0).astype(np.uint8)
+        s = (a * keep).sum(axis=-1) / np.maximum(keep.sum(axis=-1), 1)
+    elif name == "int2":
+        # levels ±0.5, ±1.5: the clipping scale that minimises the group's squared error, searched
+        # over fractions of max-abs (max-abs itself wastes two of four levels on the tails)
+        best, s, codes = None, None, None
+        for c in np.linspace(0.3, 1.0, 15):
+            sc = np.where(a.max(axis=-1) > 0, c * a.max(axis=-1) / 1.5, 1)[..., None]
+            k = np.clip(np.floor(g / sc), -2, 1)          # level k + 0.5
+            err = ((g - (k + 0.5) * sc) ** 2).sum(axis=-1)
+            pick = err < best if best is not None else np.ones(err.shape, bool)
+            best = np.where(pick, err, best) if best is not None else err
+            s = np.where(pick, sc[..., 0], s) if s is not None else sc[..., 0]
+            codes = np.where(pick[..., None], k + 2, codes) if codes is not None else k + 2
+        codes = codes.astype(np.uint8)
+    else:  # log4
+        s = a.max(axis=-1)
+        with np.errstate(divide="ignore"):
+            e = np.rint(-np.log2(a / np.where(s > 0, s, 1)[..., None]))
+        zero = ~(e <= 6)   # below 2^-6.5 of the group's largest (and exact zeros) round to 0
+        e = np.where(zero, 0, e).astype(np.uint8)
+        codes = np.where(zero, 0, np.where(g > 0, 1 + e, 9 + e)).astype(np.uint8)
+    s = np.where(s > 0, s, 1).astype(np.float32)
+    return pack_codes(codes.reshape(n_out, n_in), bits), s
+
+
+def dequantize_lut(w, scale, name, group=32):
+    """packed codes (out, in·bits/8) and scales (out, in / group) → float (out, in) in scale's dtype."""
+    bits, levels = codebook(name)
+    q = levels.astype(scale.dtype)[unpack_codes(w, bits)]
+    return q * np.repeat(scale, group, axis=-1)
+
+
+def linear_lut(x, w, scale, b=None, *, codebook="int2", group=32):
+    """y = x Wᵀ + b with W (out, in) = level[code] · s[out, in // group], codes packed 8/bits per byte
+    along each output channel's inputs (uint8 (out, in·bits/8)), scales (out, in / group)."""
+    y = x @ dequantize_lut(w, scale, codebook, group).astype(x.dtype).T
+    return y if b is None else y + b
+
+
+def linear_lut_vjp(grads, inputs, outputs, *, codebook="int2", group=32):
+    (g,) = grads
+    x, w, scale, b = inputs
+    bits, levels = CODEBOOKS[codebook][0], np.asarray(CODEBOOKS[codebook][1])
+    lv = levels.astype(g.dtype)[unpack_codes(w, bits)]                        # (out, in)
+    gx = g @ (lv * np.repeat(scale, group, axis=-1)).astype(g.dtype)
+    gW = _rows(g).T @ _rows(x)                                                 # (out, in)
+    gs = (gW * lv).reshape(w.shape[0], -1, group).sum(axis=-1)
+    return gx, None, gs, None if b is None else _sum_rows(g)
+
+
+def _linear_lut_infer(shapes, dtypes, *, codebook="int2", group=32):
+    op = "linear_lut"
+    x, w, s, b = shapes
+    require(codebook in CODEBOOKS, op, f"unknown codebook {codebook!r} (known: {', '.join(CODEBOOKS)})")
+    bits = CODEBOOKS[codebook][0]
+    require(len(w) == 2 and len(s) == 2, op, f"weight {w} and scale {s} must be 2-D")
+    require(dtypes[1] == "uint8", op, f"weight must be uint8 (packed codes), got {dtypes[1]}")
+    n_in = w[1] * 8 // bits
+    require(x[-1] == n_in, op, f"input features {x[-1]} != {n_in} ({w[1]} bytes of {bits}-bit codes)")
+    require(group > 0 and n_in % group == 0, op, f"group size {group} does not divide the input features {n_in}")
+    require(tuple(s) == (w[0], n_in // group), op, f"scale shape {s} != ({w[0]}, {n_in // group})")
+    require(b is None or tuple(b) == (w[0],), op, f"bias shape {b} != ({w[0]},)")
+    return [((*x[:-1], w[0]), dtypes[0])]
+
+
+def _linear_lut_flops(shapes, outs, *, codebook="int2", group=32):
+    return 2 * int(np.prod(shapes[0][:-1])) * shapes[1][0] * shapes[1][1] * 8 // CODEBOOKS[codebook][0]
+
+
+register("linear_lut", linear_lut, linear_lut_vjp, _linear_lut_infer, flops=_linear_lut_flops, n_optional=1,
+         vjp_uses_outputs=False)
+
+
 # ------------------------------------------------------------------------ conformance cases
 # Packed weights are built with the packers above, the format a rewritten model stores. Rounding
 # is discontinuous, so activations that are rounded inside an op (W8A8, the KV cache) are drawn
@@ -584,3 +715,17 @@ add_cases("attention_kv8", [
     *[Case(f"{t} queries over {t + 2} cached", _attn_kv8(1, t, t + 2, 2, 1, 8, True, False, True), "sizes")
       for t in (1, 8, 9)],
 ])
+
+
+def _lut(rows, n_in, n_out, name, group, bias=True):
+    def make(r, d):
+        q, sc = quantize_lut(randn(r, (n_out, n_in), "float32", 0.1), name, group)
+        return (randn(r, (rows, 1, n_in), d), q, sc.astype(d), randn(r, (n_out,), d) if bias else None), \
+            {"codebook": name, "group": group}
+    return make
+
+
+for _cb in CODEBOOKS:
+    add_cases("linear_lut", [Case(f"{_cb}, {m} rows, group 32", _lut(m, 96, 40, _cb, 32, m % 2 == 1))
+                             for m in (1, 3, 9)])
+    add_cases("linear_lut", [Case(f"{_cb}, tile edges", _lut(65, 64, 72, _cb, 16), "sizes")])
