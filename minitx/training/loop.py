@@ -109,13 +109,22 @@ def training_graph(model: Model, plugins: Sequence[str] = ()) -> Graph:
 def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
         backends: Sequence[Any] = ("numpy",), checkpoint: str | None = None,
         log: Callable[[str], None] | None = None,
-        progress: Callable[[Record], None] | None = None) -> TrainState:
+        progress: Callable[[Record], None] | None = None, reducer: Any = None) -> TrainState:
     """Train ``st`` up to ``st.settings.steps`` optimizer steps on the token stream ``ids``,
     minimising ``objective`` (default: :class:`CrossEntropy`), writing ``checkpoint`` every
-    ``checkpoint_every`` steps and at the end. ``progress`` gets each step's record."""
+    ``checkpoint_every`` steps and at the end. ``progress`` gets each step's record.
+    ``reducer`` splits each batch over data-parallel ranks and averages their gradients
+    (minitx/distributed/data_parallel.py; default: one rank); only its writer logs and saves."""
+    from ..distributed.data_parallel import LocalReducer
+
     objective = objective if objective is not None else CrossEntropy()
+    red = reducer if reducer is not None else LocalReducer()
     s = st.settings
     s.check()
+    if s.batch_size % red.world:
+        raise MinitxError(f"--batch {s.batch_size} does not split into {red.world} data-parallel ranks")
+    if not red.is_writer:
+        checkpoint, log, progress = None, None, None
     model = st.model
     if not model.is_decoder:
         raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
@@ -145,7 +154,7 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
     run_on = prec.backends(backends)
     t_last = time.perf_counter()
     while st.step < s.steps:
-        rec = _step(st, graph, objective, train_ids, seq_len, prec, scaler, run_on, terms)
+        rec = _step(st, graph, objective, train_ids, seq_len, prec, scaler, run_on, terms, red)
         st.step += 1
         now = time.perf_counter()
         rec.update(step=st.step, tokens_per_s=s.grad_accum * s.batch_size * seq_len / max(now - t_last, 1e-9))
@@ -168,32 +177,39 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
 
 
 def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndarray, seq_len: int,
-          prec: Precision, scaler: LossScaler | None, run_on: Sequence[Any], terms: list[str]) -> Record:
-    """One optimizer step (its micro-batches, the update); returns its record without the step number."""
+          prec: Precision, scaler: LossScaler | None, run_on: Sequence[Any], terms: list[str], red: Any) -> Record:
+    """One optimizer step (its micro-batches, the update); returns its record without the step number.
+    Each micro-batch is the global batch; this process computes the slices ``red.local`` of it."""
     s, model = st.settings, st.model
     # Fresh compute-precision copies of the float32 master weights each step.
     ex = Executor(graph, prec.params({**model.params, **st.aux}), run_on)
-    grads: dict[str, np.ndarray] = {}
+    parts: list[dict[str, np.ndarray]] = [{} for _ in red.local]
     sums = dict.fromkeys(["loss", *terms], 0.0)
     peak, overflow = 0, False
+    b = s.batch_size // red.world
     for _ in range(s.grad_accum):
-        x, y = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
-        extra = objective.extra_feeds(x)
-        inputs = batch_feeds(graph, x, y, extra, prec.dtype)
-        if scaler is None:
-            res = ex.forward_backward(inputs, step=st.step)
-            micro = res.grads
-        else:
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected: the scaler handles it
-                res = ex.forward_backward(inputs, step=st.step, loss_grad=scaler.scale)
-            micro = scaler.unscale(res.grads)  # float32, summed in float32 across micro-batches
-            overflow = overflow or not scaler.finite(micro)
-        for k in sums:
-            sums[k] += float(res.outputs[k])
-        peak = max(peak, res.peak_activation_bytes)
-        if not overflow:  # an overflowed step is skipped whole; its micro-batches still draw their data
-            for k, g in micro.items():
-                grads[k] = g if k not in grads else grads[k] + g
+        x_all, y_all = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
+        for grads, r in zip(parts, red.local):
+            x, y = x_all[r * b:(r + 1) * b], y_all[r * b:(r + 1) * b]
+            extra = objective.extra_feeds(x)
+            inputs = batch_feeds(graph, x, y, extra, prec.dtype)
+            if scaler is None:
+                res = ex.forward_backward(inputs, step=st.step)
+                micro = res.grads
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected: the scaler handles it
+                    res = ex.forward_backward(inputs, step=st.step, loss_grad=scaler.scale)
+                micro = scaler.unscale(res.grads)  # float32, summed in float32 across micro-batches
+                overflow = overflow or not scaler.finite(micro)
+            for k in sums:
+                sums[k] += float(res.outputs[k])
+            peak = max(peak, res.peak_activation_bytes)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflowed step is skipped whole below
+                for k, g in micro.items():
+                    grads[k] = g if k not in grads else grads[k] + g
+    # Average over the data-parallel ranks (every rank then holds the same gradients and loss).
+    grads, avg = red.reduce(parts, np.array([*sums.values(), float(overflow)]))
+    sums, overflow = dict(zip(sums, avg[:-1].tolist())), bool(avg[-1] > 0)
     if s.grad_accum > 1:
         inv = np.float32(1.0 / s.grad_accum)
         grads = {k: g * inv for k, g in grads.items()}
