@@ -1,0 +1,134 @@
+"""Data-parallel training: ``mpiexec -n 2 python cli.py train … --parallel dp=2`` trains on the
+single-process run's global batches and reaches its weights (float round-off), writes once, and
+its checkpoint resumes in one process. The mpiexec tests skip when MPI cannot start (CI installs
+``[mpi]``, so they run there)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minitx.distributed import data_parallel as dp
+from minitx.errors import MinitxError
+from test_parallel_mpi import CLI, ROOT, _env, mpi, mpirun  # noqa: F401  (mpi: the skip-if-no-MPI fixture)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dp")
+    (d / "t.txt").write_text("the cat sat on the mat. the dog sat on the log. a bird flew over the hill. " * 40)
+    (d / "cfg.json").write_text(json.dumps({"arch": "gpt2", "n_ctx": 16, "d_model": 16, "n_layers": 2,
+                                            "n_heads": 2, "d_ff": 32}))
+    return d
+
+
+def _common(d, steps=4, batch=4, accum=2):
+    return ["train", "--config", str(d / "cfg.json"), "--data", str(d / "t.txt"), "--vocab-size", "280",
+            "--batch", str(batch), "--grad-accum", str(accum), "--steps", str(steps), "--eval-every", "2",
+            "--eval-batches", "1", "--warmup", "1", "--seed", "3", "--checkpoint-every", "2", "-q"]
+
+
+def _one(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, CLI, *args], capture_output=True, text=True, timeout=120, env=_env(),
+                          cwd=ROOT)
+
+
+def _weights(path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if not k.startswith("__")}
+
+
+def _compare(a, b, exact: bool) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa and sorted(wa) == sorted(wb)
+    worst = 0.0
+    for k in wa:
+        if exact:
+            np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+        worst = max(worst, float(np.abs(wa[k].astype(np.float64) - wb[k]).max()))
+    return worst
+
+
+def test_mpiexec_dp2_reaches_the_single_process_weights(mpi, corpus, tmp_path):
+    d = corpus
+    one = _one(*_common(d), "-o", str(tmp_path / "one.npz"), "--json")
+    assert one.returncode == 0, one.stderr
+    sim = _one(*_common(d), "-o", str(tmp_path / "sim.npz"), "--parallel", "dp=2", "--json")
+    assert sim.returncode == 0, sim.stderr
+    r = mpirun(2, CLI, *_common(d), "-o", str(tmp_path / "mpi.npz"), "--parallel", "dp=2", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1          # rank 0 reports, once
+    rep = json.loads(r.stdout)
+    assert rep["steps"] == 4 and os.path.exists(tmp_path / "mpi.ckpt.npz")
+    # Same global batches, gradients averaged: the one-process weights up to float round-off
+    # (each slice's mean is scaled by 1/(B/2), then the halves summed) ...
+    worst = _compare(tmp_path / "one.npz", tmp_path / "mpi.npz", exact=False)
+    assert worst < 1e-5, worst
+    # ... and bit for bit the simulated two ranks (with 2 ranks MPI's sum is the same float sum).
+    _compare(tmp_path / "sim.npz", tmp_path / "mpi.npz", exact=True)
+    assert abs(rep["val_loss"] - json.loads(one.stdout)["val_loss"]) < 1e-4
+
+
+def test_batch_that_dp_does_not_divide_is_one_line_on_every_rank(mpi, corpus, tmp_path):
+    r = mpirun(2, CLI, *_common(corpus, batch=3), "-o", str(tmp_path / "x.npz"), "--parallel", "dp=2", timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(ln.startswith("error: --batch 3 does not split into 2") for ln in lines), r.stderr
+    assert not os.path.exists(tmp_path / "x.npz")
+
+
+def test_mpiexec_without_dp_is_refused(mpi, corpus, tmp_path):
+    r = mpirun(2, CLI, *_common(corpus), "-o", str(tmp_path / "x.npz"), timeout=60)
+    assert r.returncode == 2 and r.stderr.count("give --parallel dp=2") == 2, r.stderr
+
+
+def test_dp2_checkpoint_resumes_in_one_process(mpi, corpus, tmp_path):
+    """The checkpoint holds the global state only: resumed by one process (a different rank count)
+    it continues as the straight dp=2 run does, to round-off."""
+    d = corpus
+    ck = str(tmp_path / "half.ckpt.npz")
+    r = mpirun(2, CLI, *_common(d, steps=2), "-o", str(tmp_path / "half.npz"), "--checkpoint", ck,
+               "--parallel", "dp=2", timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = _one(*_common(d, steps=4), "-o", str(tmp_path / "resumed.npz"), "--resume", ck)
+    assert r.returncode == 0, r.stderr
+    straight = _one(*_common(d, steps=4), "-o", str(tmp_path / "straight.npz"), "--parallel", "dp=2")
+    assert straight.returncode == 0, straight.stderr
+    worst = _compare(tmp_path / "straight.npz", tmp_path / "resumed.npz", exact=False)
+    assert worst < 1e-5, worst
+    # Resumed with dp=2 simulated, it is the straight dp=2 run bit for bit.
+    r = _one(*_common(d, steps=4), "-o", str(tmp_path / "resumed2.npz"), "--resume", ck, "--parallel", "dp=2")
+    assert r.returncode == 0, r.stderr
+    _compare(tmp_path / "straight.npz", tmp_path / "resumed2.npz", exact=True)
+
+
+def test_parse_and_refusals():
+    assert dp.parse(None) == 1 and dp.parse("dp=4") == 4
+    for bad in ("tp=2", "dp=0", "dp=x", "dp", "dp=2,tp=2"):
+        with pytest.raises(MinitxError, match="--parallel"):
+            dp.parse(bad)
+    with pytest.raises(MinitxError, match="--batch 6 does not split into 4"):
+        dp.reducer("dp=4", 6)
+
+
+def test_buckets_are_flat_per_dtype_and_bounded():
+    g = {"a": np.zeros(5, np.float32), "b": np.zeros(3, np.float32), "c": np.zeros(2, np.float64),
+         "d": np.zeros(9, np.float32), "e": np.zeros(1, np.float32)}
+    out = dp.buckets(g, size=8)
+    assert sorted(k for b in out for k in b) == sorted(g)
+    for b in out:
+        assert len({g[k].dtype for k in b}) == 1
+        assert len(b) == 1 or sum(g[k].size for k in b) <= 8
+    assert ["a", "b"] in out and ["d"] in out
+
+
+def test_simulated_reducer_averages_the_slices():
+    red = dp.LocalReducer(2)
+    parts = [{"w": np.array([1.0, 2.0], np.float32)}, {"w": np.array([3.0, 6.0], np.float32)}]
+    grads, stats = red.reduce(parts, np.array([2.0, 4.0]))
+    np.testing.assert_array_equal(grads["w"], [2.0, 4.0])
+    np.testing.assert_array_equal(stats, [1.0, 2.0])
