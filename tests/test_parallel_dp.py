@@ -132,3 +132,24 @@ def test_simulated_reducer_averages_the_slices():
     grads, stats = red.reduce(parts, np.array([2.0, 4.0]))
     np.testing.assert_array_equal(grads["w"], [2.0, 4.0])
     np.testing.assert_array_equal(stats, [1.0, 2.0])
+
+
+AGREE = """
+import sys
+from mpi4py import MPI
+from minitx.distributed.data_parallel import MPIReducer
+from minitx.errors import MinitxError
+red = MPIReducer(MPI.COMM_WORLD)
+red.agree("ab" * 32, "tokens")                                  # the same: passes
+try:
+    red.agree(("ab" if red.rank == 0 else "cd") * 32, "tokens")
+except MinitxError as e:
+    print(red.rank, e)
+"""
+
+
+def test_ranks_that_read_different_text_are_refused(mpi):
+    r = mpirun(2, "-c", AGREE, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = sorted(r.stdout.strip().splitlines())
+    assert len(lines) == 2 and all("rank 1 has other tokens than rank 0" in ln for ln in lines), r.stdout

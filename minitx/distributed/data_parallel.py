@@ -71,6 +71,9 @@ class LocalReducer:
                 total[k] = total[k] + g
         return _scaled(total, self.world), stats / self.world
 
+    def agree(self, digest: str, what: str) -> None:
+        """One process: nothing to compare."""
+
 
 class MPIReducer:
     """One rank per process: the slice ``rank`` here, the sums over MPI."""
@@ -97,6 +100,16 @@ class MPIReducer:
                 at += n
         stats = self.transport.all_reduce(np.ascontiguousarray(stats, np.float64), ranks=self.group)
         return _scaled(out, self.world), stats / self.world
+
+    def agree(self, digest: str, what: str) -> None:
+        """Check every rank holds the same ``what`` (its hex ``digest``): ranks that read or
+        tokenised the text differently would otherwise train on different data in silence."""
+        mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
+        every = self.transport.all_gather(mine[None], ranks=self.group, axis=0)
+        differ = [r for r in range(self.world) if not np.array_equal(every[r], every[0])]
+        if differ:
+            raise MinitxError(f"--parallel dp={self.world}: rank {differ[0]} has other {what} than rank 0 "
+                              "(every rank must read the same files)")
 
 
 def buckets(grads: Grads, size: int = BUCKET) -> list[list[str]]:

@@ -172,6 +172,7 @@ def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: 
     opts.quiet = opts.quiet or not red.is_writer     # rank 0 reports; the others are silent
     data_parallel.quiet_unless_writer(red)
     ids = data.encode(tok_json, text)
+    red.agree(ckpt.data_identity(ids)["sha256"], "tokens of the text")
     m, s = st.model, st.settings
     bar, log = opts.reporter(s.steps)
     log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
