@@ -129,9 +129,11 @@ def test_buckets_are_flat_per_dtype_and_bounded():
 def test_simulated_reducer_averages_the_slices():
     red = dp.LocalReducer(2)
     parts = [{"w": np.array([1.0, 2.0], np.float32)}, {"w": np.array([3.0, 6.0], np.float32)}]
-    grads, stats = red.reduce(parts, np.array([2.0, 4.0]))
+    grads, stats = red.reduce(parts, np.array([2.0, 4.0, 0.0]))    # last: overflow flag
     np.testing.assert_array_equal(grads["w"], [2.0, 4.0])
-    np.testing.assert_array_equal(stats, [1.0, 2.0])
+    np.testing.assert_array_equal(stats, [1.0, 2.0, 0.0])
+    grads, stats = red.reduce([{}, parts[1]], np.array([2.0, 4.0, 1.0]))   # slice 0 overflowed: skip
+    assert grads == {} and stats[-1] > 0
 
 
 AGREE = """

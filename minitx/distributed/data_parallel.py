@@ -63,13 +63,18 @@ class LocalReducer:
         self.local: Sequence[int] = range(world)
 
     def reduce(self, parts: list[Grads], stats: np.ndarray) -> tuple[Grads, np.ndarray]:
-        """``parts[i]`` is slice ``local[i]``'s gradient sum, ``stats`` the sum of its statistics
-        (float64); returns the averages over all ranks."""
+        """``parts[i]`` is slice ``local[i]``'s gradient sum, ``stats`` the sum of the slices'
+        statistics (float64), whose last entry is nonzero where a step overflowed (mixed
+        precision): then the step is skipped on every rank and no gradients are returned.
+        Returns the averages over all ranks."""
+        stats = stats / self.world
+        if stats[-1]:
+            return {}, stats
         total = dict(parts[0])
         for p in parts[1:]:
             for k, g in p.items():
                 total[k] = total[k] + g
-        return _scaled(total, self.world), stats / self.world
+        return _scaled(total, self.world), stats
 
     def agree(self, digest: str, what: str) -> None:
         """One process: nothing to compare."""
@@ -88,6 +93,11 @@ class MPIReducer:
         self.local = (self.rank,)
 
     def reduce(self, parts: list[Grads], stats: np.ndarray) -> tuple[Grads, np.ndarray]:
+        """As :meth:`LocalReducer.reduce`; the statistics go first, so a step that overflowed on
+        any rank exchanges no gradients."""
+        stats = self.transport.all_reduce(np.ascontiguousarray(stats, np.float64), ranks=self.group) / self.world
+        if stats[-1]:
+            return {}, stats
         (grads,) = parts
         out: Grads = {}
         for keys in buckets(grads):
@@ -98,8 +108,7 @@ class MPIReducer:
                 n = grads[k].size
                 out[k] = total[at: at + n].reshape(grads[k].shape)
                 at += n
-        stats = self.transport.all_reduce(np.ascontiguousarray(stats, np.float64), ranks=self.group)
-        return _scaled(out, self.world), stats / self.world
+        return _scaled(out, self.world), stats
 
     def agree(self, digest: str, what: str) -> None:
         """Check every rank holds the same ``what`` (its hex ``digest``): ranks that read or

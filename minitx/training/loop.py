@@ -178,38 +178,33 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
 
 def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndarray, seq_len: int,
           prec: Precision, scaler: LossScaler | None, run_on: Sequence[Any], terms: list[str], red: Any) -> Record:
-    """One optimizer step (its micro-batches, the update); returns its record without the step number.
-    Each micro-batch is the global batch; this process computes the slices ``red.local`` of it."""
+    """One optimizer step (its micro-batches, the update); returns its record without the step number."""
     s, model = st.settings, st.model
     # Fresh compute-precision copies of the float32 master weights each step.
     ex = Executor(graph, prec.params({**model.params, **st.aux}), run_on)
-    parts: list[dict[str, np.ndarray]] = [{} for _ in red.local]
+    parts: list[dict[str, np.ndarray]] = [{} for _ in red.local]   # a gradient sum per data-parallel slice
     sums = dict.fromkeys(["loss", *terms], 0.0)
     peak, overflow = 0, False
-    b = s.batch_size // red.world
-    for _ in range(s.grad_accum):
-        x_all, y_all = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
-        for grads, r in zip(parts, red.local):
-            x, y = x_all[r * b:(r + 1) * b], y_all[r * b:(r + 1) * b]
-            extra = objective.extra_feeds(x)
-            inputs = batch_feeds(graph, x, y, extra, prec.dtype)
-            if scaler is None:
-                res = ex.forward_backward(inputs, step=st.step)
-                micro = res.grads
-            else:
-                with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected: the scaler handles it
-                    res = ex.forward_backward(inputs, step=st.step, loss_grad=scaler.scale)
-                micro = scaler.unscale(res.grads)  # float32, summed in float32 across micro-batches
-                overflow = overflow or not scaler.finite(micro)
-            for k in sums:
-                sums[k] += float(res.outputs[k])
-            peak = max(peak, res.peak_activation_bytes)
-            with np.errstate(over="ignore", invalid="ignore"):  # an overflowed step is skipped whole below
-                for k, g in micro.items():
-                    grads[k] = g if k not in grads else grads[k] + g
-    # Average over the data-parallel ranks (every rank then holds the same gradients and loss).
+    for grads, x, y in _slices(st, train_ids, seq_len, red, parts):
+        extra = objective.extra_feeds(x)
+        inputs = batch_feeds(graph, x, y, extra, prec.dtype)
+        if scaler is None:
+            res = ex.forward_backward(inputs, step=st.step)
+            micro = res.grads
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected: the scaler handles it
+                res = ex.forward_backward(inputs, step=st.step, loss_grad=scaler.scale)
+            micro = scaler.unscale(res.grads)  # float32, summed in float32 across micro-batches
+            overflow = overflow or not scaler.finite(micro)
+        for k in sums:
+            sums[k] += float(res.outputs[k])
+        peak = max(peak, res.peak_activation_bytes)
+        if not overflow:  # an overflowed step is skipped whole; its micro-batches still draw their data
+            for k, g in micro.items():
+                grads[k] = g if k not in grads else grads[k] + g
+    # Averaged over the data-parallel ranks: every rank then holds the same gradients and loss.
     grads, avg = red.reduce(parts, np.array([*sums.values(), float(overflow)]))
-    sums, overflow = dict(zip(sums, avg[:-1].tolist())), bool(avg[-1] > 0)
+    sums, overflow = dict(zip(sums, avg[:-1].tolist())), bool(avg[-1])
     if s.grad_accum > 1:
         inv = np.float32(1.0 / s.grad_accum)
         grads = {k: g * inv for k, g in grads.items()}
@@ -231,6 +226,17 @@ def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndar
         scaler.update(overflow)
         rec.update(loss_scale=scale_used, skipped=overflow, skipped_total=scaler.skipped)
     return rec
+
+
+def _slices(st: TrainState, train_ids: np.ndarray, seq_len: int, red: Any, parts: list[dict[str, np.ndarray]]):
+    """The step's ``grad_accum`` micro-batches of the global batch, each cut into this process's
+    data-parallel slices: (that slice's gradient sum, windows, targets)."""
+    s = st.settings
+    b = s.batch_size // red.world
+    for _ in range(s.grad_accum):
+        x, y = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
+        for acc, r in zip(parts, red.local):
+            yield acc, x[r * b:(r + 1) * b], y[r * b:(r + 1) * b]
 
 
 def batch_feeds(graph: Graph, x: np.ndarray, y: np.ndarray | None = None, extra: dict[str, Any] | None = None,
