@@ -155,3 +155,32 @@ def test_ranks_that_read_different_text_are_refused(mpi):
     assert r.returncode == 0, r.stderr
     lines = sorted(r.stdout.strip().splitlines())
     assert len(lines) == 2 and all("rank 1 has other tokens than rank 0" in ln for ln in lines), r.stdout
+
+
+OVERFLOW = """
+import sys
+import numpy as np
+from minitx import models, training as tr
+from minitx.distributed import data_parallel as dp
+from minitx.precision import LossScaler
+cfg = {"arch": "gpt2", "vocab_size": 12, "n_ctx": 16, "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32}
+s = tr.TrainSettings(steps=2, batch_size=4, seq_len=12, lr=1e-2, min_lr=1e-3, warmup=1, eval_every=0,
+                     eval_batches=1, val_fraction=0.1, seed=3, precision="float16")
+st = tr.fresh_model(models.complete_config(cfg), None, s)
+st.scaler = LossScaler(scale=2.0 ** 17, max_scale=2.0 ** 17, backoff=0.25)   # the first step overflows
+recs = []
+tr.fit(st, (np.arange(2000) % 10).astype(np.int64), progress=recs.append, reducer=dp.reducer("dp=2", 4))
+if st.scaler.skipped == 1 and [r["skipped"] for r in recs] == [True, False]:
+    np.savez(sys.argv[1], **st.model.params)
+"""
+
+
+def test_an_overflow_skips_the_step_on_every_rank(mpi, tmp_path):
+    """float16 with a loss scale beyond its range: the first step overflows; every rank skips it,
+    lowers the scale and takes the second — as the simulated two ranks do, bit for bit."""
+    r = mpirun(2, "-c", OVERFLOW, str(tmp_path / "mpi.npz"), timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", OVERFLOW, str(tmp_path / "sim.npz")], capture_output=True, text=True,
+                       timeout=60, env=_env(), cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    _compare(tmp_path / "mpi.npz", tmp_path / "sim.npz", exact=True)
