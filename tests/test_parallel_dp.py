@@ -107,8 +107,8 @@ def test_dp2_checkpoint_resumes_in_one_process(mpi, corpus, tmp_path):
 
 
 def test_parse_and_refusals():
-    assert dp.parse(None) == 1 and dp.parse("dp=4") == 4
-    for bad in ("tp=2", "dp=0", "dp=x", "dp", "dp=2,tp=2"):
+    assert dp.parse(None) == (1, False) and dp.parse("dp=4") == (4, False) and dp.parse("dp=2,zero=1") == (2, True)
+    for bad in ("tp=2", "dp=0", "dp=x", "dp", "dp=2,tp=2", "dp=2,zero=2", "dp=2,dp=2", "zero=1"):
         with pytest.raises(MinitxError, match="--parallel"):
             dp.parse(bad)
     with pytest.raises(MinitxError, match="--batch 6 does not split into 4"):
@@ -184,3 +184,38 @@ def test_an_overflow_skips_the_step_on_every_rank(mpi, tmp_path):
                        timeout=60, env=_env(), cwd=ROOT)
     assert r.returncode == 0, r.stderr
     _compare(tmp_path / "mpi.npz", tmp_path / "sim.npz", exact=True)
+
+
+ZERO = """
+import sys
+import numpy as np
+from minitx import models, training as tr
+from minitx.distributed import data_parallel as dp
+cfg = {"arch": "gpt2", "vocab_size": 12, "n_ctx": 16, "d_model": 16, "n_layers": 2, "n_heads": 2, "d_ff": 32}
+s = tr.TrainSettings(steps=3, batch_size=4, seq_len=12, lr=1e-2, min_lr=1e-3, warmup=1, eval_every=0,
+                     eval_batches=1, val_fraction=0.1, seed=3, checkpoint_every=2)
+st = tr.fresh_model(models.complete_config(cfg), None, s)
+red = dp.reducer(sys.argv[2], 4)
+tr.fit(st, (np.arange(2000) % 10).astype(np.int64), reducer=red, checkpoint=sys.argv[1] + ".ckpt.npz")
+held = sum(a.size for a in st.opt.m.values()) / sum(a.size for a in st.model.params.values())
+print(f"moments {held:.3f}", flush=True)
+if red.is_writer:
+    np.savez(sys.argv[1] + ".npz", **st.model.params)
+"""
+
+
+def test_zero1_shards_the_moments_and_keeps_the_weights_bit_for_bit(mpi, tmp_path):
+    """dp=2,zero=1: each rank keeps about half the AdamW moments, yet the weights and the
+    checkpoint (moments gathered) are the plain dp=2 run's, bit for bit."""
+    sim = subprocess.run([sys.executable, "-c", ZERO, str(tmp_path / "sim"), "dp=2"], capture_output=True, text=True,
+                         timeout=60, env=_env(), cwd=ROOT)
+    assert sim.returncode == 0, sim.stderr
+    assert sim.stdout.strip() == "moments 1.000"
+    r = mpirun(2, "-c", ZERO, str(tmp_path / "zero"), "dp=2,zero=1", timeout=60)
+    assert r.returncode == 0, r.stderr
+    shares = [float(ln.split()[1]) for ln in r.stdout.split("\n") if ln.startswith("moments")]
+    assert len(shares) == 2 and all(0.3 < x < 0.7 for x in shares) and abs(sum(shares) - 1) < 1e-9, shares
+    _compare(tmp_path / "sim.npz", tmp_path / "zero.npz", exact=True)
+    _compare(tmp_path / "sim.ckpt.npz", tmp_path / "zero.ckpt.npz", exact=True)
+    with np.load(tmp_path / "zero.ckpt.npz", allow_pickle=False) as z:   # every rank's moments, gathered
+        assert sum(k.startswith("opt.m.") for k in z.files) == sum(k.startswith("param.") for k in z.files) > 0

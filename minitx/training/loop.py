@@ -114,7 +114,8 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
     minimising ``objective`` (default: :class:`CrossEntropy`), writing ``checkpoint`` every
     ``checkpoint_every`` steps and at the end. ``progress`` gets each step's record.
     ``reducer`` splits each batch over data-parallel ranks and averages their gradients
-    (minitx/distributed/data_parallel.py; default: one rank); only its writer logs and saves."""
+    (minitx/distributed/data_parallel.py; default: one rank), updates the weights (sharding the
+    optimizer state with ZeRO-1) and saves; only its writer logs and writes."""
     from ..distributed.data_parallel import LocalReducer
 
     objective = objective if objective is not None else CrossEntropy()
@@ -124,7 +125,7 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
     if s.batch_size % red.world:
         raise MinitxError(f"--batch {s.batch_size} does not split into {red.world} data-parallel ranks")
     if not red.is_writer:
-        checkpoint, log, progress = None, None, None
+        log, progress = None, None
     model = st.model
     if not model.is_decoder:
         raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
@@ -172,7 +173,7 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
         if progress:
             progress(rec)
         if checkpoint and ckpt.due(s, st.step):
-            ckpt.save(checkpoint, st)
+            red.save(checkpoint, st)   # the writer writes (after gathering any sharded optimizer state)
     return st
 
 
@@ -217,7 +218,7 @@ def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndar
         gnorm = math.inf  # skip the update: weights and optimizer state stay as they are
     else:
         gnorm = clip_global_norm(grads, s.clip)
-        st.opt.step(model.params, {k: g for k, g in grads.items() if k in model.params}, lr)
+        red.step(st.opt, model.params, {k: g for k, g in grads.items() if k in model.params}, lr)
         if st.aux:
             st.aux_opt.step(st.aux, {k: g for k, g in grads.items() if k in st.aux}, lr)
     rec.update(lr=lr, grad_norm=gnorm, peak_activation_bytes=peak)
