@@ -123,10 +123,17 @@ def resolve_config(arch: str | None, preset: str, config_path: str | None) -> di
     return models.preset(arch, preset)
 
 
-def _check_early(opts: RunOptions) -> None:
-    """Refuse bad settings and plugins before any slow work (a tokenizer, a teacher)."""
+def _check_early(opts: RunOptions, parallel: bool = False) -> None:
+    """Refuse bad settings and plugins before any slow work (a tokenizer, a teacher).
+    ``parallel``: the command trains data-parallel (only ``train`` so far)."""
+    from ..distributed import data_parallel
+
+    if opts.values.get("parallel") and not parallel:
+        raise MinitxError("--parallel: data-parallel training is available for `minitx train` only, so far")
     if opts.resume is None:
-        opts.settings()
+        s = opts.settings()
+        if parallel:
+            data_parallel.reducer(opts.values.get("parallel"), s.batch_size, connect=False)
     plugins = opts.values.get("plugins") or ()
     if plugins:
         from .. import plugin
@@ -139,7 +146,9 @@ def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: 
           config_path: str | None = None, tokenizer_path: str | None = None,
           vocab_size: int | None = None) -> dict[str, Any]:
     """``minitx train``: a new decoder (or a resumed run) trained on a text, saved to the output."""
-    _check_early(opts)
+    from ..distributed import data_parallel
+
+    _check_early(opts, parallel=True)
     text = data.read_text(data_path)
     checkpoint = opts.checkpoint_path({"--data": data_path, "--config": config_path, "--tokenizer": tokenizer_path})
     t0 = time.perf_counter()
@@ -159,17 +168,22 @@ def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: 
 
         config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
         st = fresh_model(models.complete_config(config), tok_json, opts.settings())
+    red = data_parallel.reducer(opts.values.get("parallel"), st.settings.batch_size)
+    opts.quiet = opts.quiet or not red.is_writer     # rank 0 reports; the others are silent
+    data_parallel.quiet_unless_writer(red)
     ids = data.encode(tok_json, text)
+    red.agree(ckpt.data_identity(ids)["sha256"], "tokens of the text")
     m, s = st.model, st.settings
     bar, log = opts.reporter(s.steps)
     log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
         f"{len(ids):,} tokens of text; step {st.step} of {s.steps}; backend {', '.join(opts.backends)}"
         + (f"; {s.precision} compute, float32 weights" if s.precision != "float32" else "")
         + (f"; rewrites {', '.join(s.plugins)}" if s.plugins else ""))
-    fit(st, ids, backends=opts.backends, checkpoint=checkpoint, log=log, progress=bar)
+    fit(st, ids, backends=opts.backends, checkpoint=checkpoint, log=log, progress=bar, reducer=red)
     m.meta = {"source": "minitx train", "data": os.path.basename(data_path), "steps": st.step,
               "settings": asdict(s), "history": st.history}
-    modelfile.save(m, opts.output)
+    if red.is_writer:
+        modelfile.save(m, opts.output)
     last = st.history[-1] if st.history else {}
     return {"output": opts.output, "checkpoint": checkpoint, "steps": st.step,
             "seconds": time.perf_counter() - t0, "params": m.n_params(),

@@ -109,13 +109,23 @@ def training_graph(model: Model, plugins: Sequence[str] = ()) -> Graph:
 def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
         backends: Sequence[Any] = ("numpy",), checkpoint: str | None = None,
         log: Callable[[str], None] | None = None,
-        progress: Callable[[Record], None] | None = None) -> TrainState:
+        progress: Callable[[Record], None] | None = None, reducer: Any = None) -> TrainState:
     """Train ``st`` up to ``st.settings.steps`` optimizer steps on the token stream ``ids``,
     minimising ``objective`` (default: :class:`CrossEntropy`), writing ``checkpoint`` every
-    ``checkpoint_every`` steps and at the end. ``progress`` gets each step's record."""
+    ``checkpoint_every`` steps and at the end. ``progress`` gets each step's record.
+    ``reducer`` splits each batch over data-parallel ranks and averages their gradients
+    (minitx/distributed/data_parallel.py; default: one rank), updates the weights (sharding the
+    optimizer state with ZeRO-1) and saves; only its writer logs and writes."""
+    from ..distributed.data_parallel import LocalReducer
+
     objective = objective if objective is not None else CrossEntropy()
+    red = reducer if reducer is not None else LocalReducer()
     s = st.settings
     s.check()
+    if s.batch_size % red.world:
+        raise MinitxError(f"--batch {s.batch_size} does not split into {red.world} data-parallel ranks")
+    if not red.is_writer:
+        log, progress = None, None
     model = st.model
     if not model.is_decoder:
         raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
@@ -145,7 +155,7 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
     run_on = prec.backends(backends)
     t_last = time.perf_counter()
     while st.step < s.steps:
-        rec = _step(st, graph, objective, train_ids, seq_len, prec, scaler, run_on, terms)
+        rec = _step(st, graph, objective, train_ids, seq_len, prec, scaler, run_on, terms, red)
         st.step += 1
         now = time.perf_counter()
         rec.update(step=st.step, tokens_per_s=s.grad_accum * s.batch_size * seq_len / max(now - t_last, 1e-9))
@@ -163,21 +173,20 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
         if progress:
             progress(rec)
         if checkpoint and ckpt.due(s, st.step):
-            ckpt.save(checkpoint, st)
+            red.save(checkpoint, st)   # the writer writes (after gathering any sharded optimizer state)
     return st
 
 
 def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndarray, seq_len: int,
-          prec: Precision, scaler: LossScaler | None, run_on: Sequence[Any], terms: list[str]) -> Record:
+          prec: Precision, scaler: LossScaler | None, run_on: Sequence[Any], terms: list[str], red: Any) -> Record:
     """One optimizer step (its micro-batches, the update); returns its record without the step number."""
     s, model = st.settings, st.model
     # Fresh compute-precision copies of the float32 master weights each step.
     ex = Executor(graph, prec.params({**model.params, **st.aux}), run_on)
-    grads: dict[str, np.ndarray] = {}
+    parts: list[dict[str, np.ndarray]] = [{} for _ in red.local]   # a gradient sum per data-parallel slice
     sums = dict.fromkeys(["loss", *terms], 0.0)
     peak, overflow = 0, False
-    for _ in range(s.grad_accum):
-        x, y = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
+    for grads, x, y in _slices(st, train_ids, seq_len, red, parts):
         extra = objective.extra_feeds(x)
         inputs = batch_feeds(graph, x, y, extra, prec.dtype)
         if scaler is None:
@@ -194,6 +203,9 @@ def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndar
         if not overflow:  # an overflowed step is skipped whole; its micro-batches still draw their data
             for k, g in micro.items():
                 grads[k] = g if k not in grads else grads[k] + g
+    # Averaged over the data-parallel ranks: every rank then holds the same gradients and loss.
+    grads, avg = red.reduce(parts, np.array([*sums.values(), float(overflow)]))
+    sums, overflow = dict(zip(sums, avg[:-1].tolist())), bool(avg[-1])
     if s.grad_accum > 1:
         inv = np.float32(1.0 / s.grad_accum)
         grads = {k: g * inv for k, g in grads.items()}
@@ -206,7 +218,7 @@ def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndar
         gnorm = math.inf  # skip the update: weights and optimizer state stay as they are
     else:
         gnorm = clip_global_norm(grads, s.clip)
-        st.opt.step(model.params, {k: g for k, g in grads.items() if k in model.params}, lr)
+        red.step(st.opt, model.params, {k: g for k, g in grads.items() if k in model.params}, lr)
         if st.aux:
             st.aux_opt.step(st.aux, {k: g for k, g in grads.items() if k in st.aux}, lr)
     rec.update(lr=lr, grad_norm=gnorm, peak_activation_bytes=peak)
@@ -215,6 +227,17 @@ def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndar
         scaler.update(overflow)
         rec.update(loss_scale=scale_used, skipped=overflow, skipped_total=scaler.skipped)
     return rec
+
+
+def _slices(st: TrainState, train_ids: np.ndarray, seq_len: int, red: Any, parts: list[dict[str, np.ndarray]]):
+    """The step's ``grad_accum`` micro-batches of the global batch, each cut into this process's
+    data-parallel slices: (that slice's gradient sum, windows, targets)."""
+    s = st.settings
+    b = s.batch_size // red.world
+    for _ in range(s.grad_accum):
+        x, y = data.random_batch(train_ids, s.batch_size, seq_len, st.rng)
+        for acc, r in zip(parts, red.local):
+            yield acc, x[r * b:(r + 1) * b], y[r * b:(r + 1) * b]
 
 
 def batch_feeds(graph: Graph, x: np.ndarray, y: np.ndarray | None = None, extra: dict[str, Any] | None = None,
