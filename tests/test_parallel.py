@@ -302,7 +302,7 @@ def test_activation_memory_of_a_stage_is_its_part():
 
 @pytest.mark.parametrize("spec,msg", [
     ("tp=4", "tp=4 cannot split 4 attention heads and 2 KV heads"),
-    ("dp=2", "data parallelism (training) is not implemented yet"),
+    ("dp=2", "data parallelism is for training: minitx train --parallel dp=N"),
     ("tp=0", "tp must be a positive integer"),
     ("tp2", "expects tp=N,pp=M"),
     ("pp=3", "pp=3 stages for a model of 2 layer(s)"),

@@ -23,7 +23,7 @@ from ..errors import MinitxError
 from ..model import Model
 
 KINDS = ("tp", "pp", "mb", "sp")
-LATER = {"dp": "data parallelism (training)"}
+TRAINING_ONLY = {"dp": "data parallelism is for training: minitx train --parallel dp=N"}
 
 
 def layout(text: str):
@@ -34,8 +34,8 @@ def layout(text: str):
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, val = part.partition("=")
         key = key.strip()
-        if key in LATER:
-            raise MinitxError(f"--parallel {key}: {LATER[key]} is not implemented yet (available: tp, sp, pp, mb)")
+        if key in TRAINING_ONLY:
+            raise MinitxError(f"--parallel {key}: {TRAINING_ONLY[key]} (here: tp, sp, pp, mb)")
         if not sep or key not in KINDS:
             raise MinitxError(f"--parallel expects tp=N,pp=M[,mb=K], got {text!r}")
         try:
