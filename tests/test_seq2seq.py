@@ -66,6 +66,17 @@ def test_a_padded_row_generates_what_it_would_alone(converted, arch):
     assert batch == [seq2seq.generate(m, [s], 6, beams=2)[0] for s in srcs]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_numba_runs_every_node_and_matches_transformers(converted, arch):
+    """With no fallback to the spec, the numba backend's logits and beams equal transformers'."""
+    pytest.importorskip("numba")
+    _, m, g = converted[arch]
+    nb = ("numba",)
+    got = seq2seq.logits(m, _rows(g["sources"]), g["targets"], backends=nb, strict=True)
+    assert np.abs(got - g["logits"]).max() / np.abs(g["logits"]).max() <= REL
+    assert seq2seq.generate(m, _rows(g["sources"]), 12, beams=3, backends=nb, strict=True) == _rows(g["beam3"])
+
+
 def test_cached_decoding_equals_teacher_forcing(converted):
     """Step-by-step decoding with the self-attention cache gives the full forward's logits."""
     _, m, g = converted["t5"]
