@@ -335,3 +335,21 @@ def test_transformer_family_matches_torch_nn_transformer(prenorm):
     want = y.numpy() @ E.T
     got = seq2seq.logits(m, srcs, tgt)
     assert np.abs(got - want).max() / np.abs(want).max() <= REL
+
+
+# ---------------------------------------------------------------------------------------- bench
+def test_bench_reports_encoder_time_and_decoder_tokens_apart(converted):
+    """An encoder–decoder's bench row has the encoder's milliseconds and the decoder's tokens/s
+    (not a decoder-only 'prefill'), and its first-step logits agree with the spec's."""
+    from minitx import bench
+
+    p, m, _ = converted["t5"]
+    res = bench.run(p, ["numpy", "numba"], settings=bench.Settings(repeat=1, warmup=0, batch=2, prompt_len=5,
+                                                                    new_tokens=3), model=m)
+    assert res["model"]["encoder_decoder"]
+    for row in res["rows"]:
+        assert row["status"] == "ok", row["status"]
+        assert {"encode_ms_b1", "encode_ms_batch", "decode_tok_s_b1", "decode_tok_s_batch"} == set(row["timings"])
+        assert row["accuracy"]["top1"] == 1.0 and row["accuracy"]["max_rel"] < 1e-5
+    text = bench.table(res)
+    assert "encode b=1 ms" in text and "decode b=2 tok/s" in text and "prefill" not in text
