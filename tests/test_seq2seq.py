@@ -13,12 +13,15 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from minitx.cli import main
 
 from minitx import modelfile, seq2seq
-from minitx.cli import main
 from minitx.convert import convert
 from minitx.errors import MinitxError
 from minitx.model import Model
+from minitx.training import pairs as pair_training
+from minitx.training.loop import fit
+from minitx.training.settings import TrainSettings, new_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -227,8 +230,13 @@ def test_training_on_a_pair_file_learns_to_reverse_digits(tmp_path):
     pairs = seq2seq.read_pairs(str(path), m)
     test = [digits() for _ in range(100)]
     before = seq2seq.generate(m, test, 8)
-    losses = seq2seq.train(m, pairs, 400, batch=32, lr=3e-3)
+    losses = []
+    settings = TrainSettings(steps=400, batch_size=32, lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.0,
+                             eval_every=0, val_fraction=0.05)
+    st = fit(new_state(m, settings), pair_training.stream(pairs), pair_training.PairCrossEntropy(pairs),
+             progress=lambda rec: losses.append(rec["loss"]))
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    assert st.history[-1]["val_loss"] < 0.5 * np.mean(losses[:20])   # the file's held-out tail
     out = seq2seq.generate(m, test, 8)
     acc = np.mean([o == s[::-1] + [1] for o, s in zip(out, test)])
     assert acc >= 0.9 and np.mean([o == s[::-1] + [1] for o, s in zip(before, test)]) == 0
