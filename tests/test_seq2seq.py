@@ -361,3 +361,43 @@ def test_bench_reports_encoder_time_and_decoder_tokens_apart(converted):
         assert row["accuracy"]["top1"] == 1.0 and row["accuracy"]["max_rel"] < 1e-5
     text = bench.table(res)
     assert "encode b=1 ms" in text and "decode b=2 tok/s" in text and "prefill" not in text
+
+
+def _reverse_pairs(path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    rows = (rng.integers(3, 13, rng.integers(2, 7)).tolist() for _ in range(n))
+    path.write_text("".join(f"{' '.join(map(str, s))}\t{' '.join(map(str, s[::-1]))}\n" for s in rows))
+
+
+def test_cli_train_pairs_resumes_exactly(tmp_path):
+    """`train --pairs` stopped at step 4 and resumed to 8 ends with the weights of one 8-step run
+    (the pairs objective keeps no state of its own: the loop's generator draws the pairs)."""
+    pairs = tmp_path / "pairs.tsv"
+    _reverse_pairs(pairs, 120)
+    common = ["--pairs", str(pairs), "--batch", "4", "--eval-every", "4", "--quiet"]
+    r = run("train", "--arch", "transformer", *common, "--steps", "8", "-o", str(tmp_path / "one.npz"))
+    assert r.exit_code == 0, r.output
+    r = run("train", "--arch", "transformer", *common, "--steps", "4", "-o", str(tmp_path / "half.npz"))
+    assert r.exit_code == 0, r.output
+    r = run("train", "--resume", str(tmp_path / "half.ckpt.npz"), *common, "--steps", "8",
+            "-o", str(tmp_path / "two.npz"))
+    assert r.exit_code == 0, r.output
+    a, b = modelfile.load(str(tmp_path / "one.npz")), modelfile.load(str(tmp_path / "two.npz"))
+    start = Model.from_preset("transformer", "tiny", seed=0)
+    assert any(not np.array_equal(a.params[k], start.params[k]) for k in a.params)   # it trained
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+
+
+def test_cli_train_pairs_refusals_are_one_line(tmp_path):
+    pairs, text = tmp_path / "pairs.tsv", tmp_path / "t.txt"
+    _reverse_pairs(pairs, 20)
+    text.write_text("some text to train on\n")
+    out = ["-o", str(tmp_path / "m.npz")]
+    for args, msg in ((["--arch", "transformer"], "give one of --data"),
+                      (["--arch", "t5", "--data", str(text)], "train it on --pairs"),
+                      (["--arch", "gpt2", "--pairs", str(pairs)], "trains an encoder–decoder"),
+                      (["--arch", "bart", "--pairs", str(pairs), "--vocab-size", "300"], "--vocab-size")):
+        r = run("train", *args, *out, "--quiet")
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not os.path.exists(tmp_path / "m.npz")
