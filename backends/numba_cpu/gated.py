@@ -3,7 +3,8 @@
 Spec: minitx/ops/gated.py. The spec splits, runs GELU over the gate half (a temporary the size of
 the output) and multiplies; here each output element reads its gate and up value once and writes
 once. GELU's forms are activations.py's (tanh form as v·σ(2u), erf form exactly), so results agree
-with the spec to a few ulps, like that module's.
+with the spec to a few ulps, like that module's. Measured in-process, 1 thread, float32 [gate | up]
+of 2·1024: one decode row 4x the spec, 512 rows 16x (the spec's tanh and temporaries dominate).
 """
 from __future__ import annotations
 
