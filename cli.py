@@ -506,8 +506,16 @@ def train(arch, preset, config_path, data_path, pairs_path, output, tokenizer_pa
     Marian, transformer) on a source<TAB>target file, with AdamW."""
     from minitx.training import commands
 
-    rep = commands.train(_run_options(p, output), data_path, arch=arch, preset=preset, config_path=config_path,
-                         tokenizer_path=tokenizer_path, vocab_size=vocab_size, pairs_path=pairs_path)
+    if (data_path is None) == (pairs_path is None):
+        raise MinitxError("give one of --data TEXT (a decoder) or --pairs FILE (an encoder–decoder)")
+    if pairs_path is not None:
+        if vocab_size is not None:
+            raise MinitxError("--vocab-size trains a tokenizer on --data; with --pairs give --tokenizer, or token ids")
+        rep = commands.train_pairs(_run_options(p, output), pairs_path, arch=arch, preset=preset,
+                                   config_path=config_path, tokenizer_path=tokenizer_path)
+    else:
+        rep = commands.train(_run_options(p, output), data_path, arch=arch, preset=preset, config_path=config_path,
+                             tokenizer_path=tokenizer_path, vocab_size=vocab_size)
     if as_json:
         click.echo(json.dumps(rep))
         return

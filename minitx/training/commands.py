@@ -135,18 +135,11 @@ def _check_early(opts: RunOptions) -> None:
 
 
 # ----------------------------------------------------------------------------------- train
-def train(opts: RunOptions, data_path: str | None, *, arch: str | None = None, preset: str = "tiny",
+def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: str = "tiny",
           config_path: str | None = None, tokenizer_path: str | None = None,
-          vocab_size: int | None = None, pairs_path: str | None = None) -> dict[str, Any]:
-    """``minitx train``: a new decoder (or a resumed run) trained on a text, saved to the output;
-    with ``pairs_path`` instead, an encoder–decoder on a source<TAB>target file."""
+          vocab_size: int | None = None) -> dict[str, Any]:
+    """``minitx train``: a new decoder (or a resumed run) trained on a text, saved to the output."""
     _check_early(opts)
-    if (data_path is None) == (pairs_path is None):
-        raise MinitxError("give one of --data TEXT (a decoder) or --pairs FILE (an encoder–decoder)")
-    if pairs_path is not None:
-        if vocab_size is not None:
-            raise MinitxError("--vocab-size trains a tokenizer on --data; with --pairs give --tokenizer, or token ids")
-        return _train_pairs(opts, pairs_path, arch, preset, config_path, tokenizer_path)
     text = data.read_text(data_path)
     checkpoint = opts.checkpoint_path({"--data": data_path, "--config": config_path, "--tokenizer": tokenizer_path})
     t0 = time.perf_counter()
@@ -185,9 +178,10 @@ def train(opts: RunOptions, data_path: str | None, *, arch: str | None = None, p
             "val_loss": last.get("val_loss"), "val_perplexity": last.get("val_perplexity"), "history": st.history}
 
 
-def _train_pairs(opts: RunOptions, pairs_path: str, arch: str | None, preset: str, config_path: str | None,
-                 tokenizer_path: str | None) -> dict[str, Any]:
-    """An encoder–decoder on source<TAB>target lines, through the one loop (training/pairs.py).
+def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, preset: str = "tiny",
+                config_path: str | None = None, tokenizer_path: str | None = None) -> dict[str, Any]:
+    """``minitx train --pairs``: an encoder–decoder on source<TAB>target lines, through the one
+    loop (training/pairs.py), saved to the output.
 
     Each side is text for ``--tokenizer`` (or a resumed model's tokenizer), else token ids
     separated by spaces or commas (seq2seq.read_pairs): a BPE trained here would not know the
@@ -195,6 +189,7 @@ def _train_pairs(opts: RunOptions, pairs_path: str, arch: str | None, preset: st
     from .. import seq2seq
     from . import pairs as pair_objective
 
+    _check_early(opts)
     checkpoint = opts.checkpoint_path({"--pairs": pairs_path, "--config": config_path, "--tokenizer": tokenizer_path})
     t0 = time.perf_counter()
     if opts.resume:
