@@ -490,10 +490,13 @@ def _run_options(p: dict[str, Any], output: str):
 
 # ------------------------------------------------------------------------------------- train
 @main.command()
-@click.option("--arch", type=click.Choice(["gpt2", "llama"]), default=None, help="Model family (not needed with --config or --resume).")
+@click.option("--arch", type=click.Choice(["gpt2", "llama", "t5", "bart", "marian", "transformer"]), default=None,
+              help="Model family (not needed with --config or --resume); encoder–decoders train on --pairs.")
 @click.option("--preset", default="tiny", show_default=True, help="tiny or small: the starting config.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="JSON config; its fields override the preset.")
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 training text.")
+@click.option("--data", "data_path", type=click.Path(dir_okay=False), help="UTF-8 training text (decoders).")
+@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False),
+              help="source<TAB>target lines (encoder–decoders): text with --tokenizer, else token ids.")
 @output_option()
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="tokenizer.json to use instead of training one.")
 @click.option("--vocab-size", type=int, default=None, help="Train a byte-level BPE of this size (default: the config's vocab_size).")
@@ -501,12 +504,21 @@ def _run_options(p: dict[str, Any], output: str):
               help="Exact graph rewrite for training, e.g. recompute:sqrt (less activation memory, same "
                    "gradients); repeatable; kept in checkpoints.")
 @training_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
-def train(arch, preset, config_path, data_path, output, tokenizer_path, vocab_size, as_json, **p) -> None:
-    """Train a decoder (GPT-2 or LLaMA style) on a text file with AdamW."""
+def train(arch, preset, config_path, data_path, pairs_path, output, tokenizer_path, vocab_size, as_json, **p) -> None:
+    """Train a decoder (GPT-2 or LLaMA style) on a text file, or an encoder–decoder (T5, BART,
+    Marian, transformer) on a source<TAB>target file, with AdamW."""
     from minitx.training import commands
 
-    rep = commands.train(_run_options(p, output), data_path, arch=arch, preset=preset,
-                         config_path=config_path, tokenizer_path=tokenizer_path, vocab_size=vocab_size)
+    if (data_path is None) == (pairs_path is None):
+        raise MinitxError("give one of --data TEXT (a decoder) or --pairs FILE (an encoder–decoder)")
+    if pairs_path is not None:
+        if vocab_size is not None:
+            raise MinitxError("--vocab-size trains a tokenizer on --data; with --pairs give --tokenizer, or token ids")
+        rep = commands.train_pairs(_run_options(p, output), pairs_path, arch=arch, preset=preset,
+                                   config_path=config_path, tokenizer_path=tokenizer_path)
+    else:
+        rep = commands.train(_run_options(p, output), data_path, arch=arch, preset=preset, config_path=config_path,
+                             tokenizer_path=tokenizer_path, vocab_size=vocab_size)
     if as_json:
         click.echo(json.dumps(rep))
         return

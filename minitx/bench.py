@@ -6,6 +6,10 @@ For every configuration asked, on the same seeded inputs:
   encoders: one forward pass, reported as sentences/s too);
 * decode throughput (decoders): ``new_tokens`` greedy KV-cache steps after the prompt, tokens/s
   at batch 1 and at the larger batch;
+* encoder–decoders (T5, BART, Marian, transformer): the encoder's time over a ``prompt_len``-token
+  source (``encode_ms``: the encoder stack plus every layer's cross-attention K/V, what runs once
+  per input), then decoder tokens/s over ``new_tokens`` greedy steps from the start token; the
+  two are reported apart because they scale differently (source length vs. output length);
 * peak memory: the process's resident-set high-water mark (VmHWM) while that configuration ran —
   reset before each of its turns through /proc/self/clear_refs where Linux allows it (the maximum
   over its turns), else the process-wide ``ru_maxrss`` (then marked as not reset); device memory
@@ -37,7 +41,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import feeds, machine
+from . import feeds, machine, seq2seq
 from .errors import MinitxError
 from .modelfile import atomic_write
 from .threads import budget as thread_budget
@@ -129,6 +133,7 @@ class _MinitxRunner:
         self.model = model
         self.backends = list(backends)
         self.is_decoder = model.is_decoder
+        self.seq2seq = seq2seq.is_encoder_decoder(model)
         ex = model.executor(self.backends)
         self.objs = ex.backends
         self.placement = {b: sum(1 for _, _, x in ex.explain() if x == b) for b in {x for _, _, x in ex.explain()}}
@@ -142,11 +147,24 @@ class _MinitxRunner:
         return self.gen.step(self.model, ids, st, None, self.backends)
 
     def step(self, ids: np.ndarray, state):
+        if self.seq2seq:   # state: (self-attention cache, cross-attention K/V, source mask)
+            past, cross, mask = state
+            logits, past = seq2seq.decode_step(self.model, ids, past, cross, mask, self.backends)
+            return logits, (past, cross, mask)
         return self.gen.step(self.model, ids, state, None, self.backends)
 
-    def encode(self, ids: np.ndarray) -> np.ndarray:
+    def encode(self, ids: np.ndarray):
+        """Encoders: the embeddings. Encoder–decoders: the decoder's starting state (an empty
+        cache, the cross-attention K/V, the source mask)."""
+        if self.seq2seq:
+            cross, mask = seq2seq.encode(self.model, ids.tolist(), self.backends)
+            return {}, cross, mask
         fed = feeds.build(self.model.graph, ids)   # unpadded rows: every token real, positions 0…T-1
         return self.model.executor(self.backends).run(fed, outputs=["embedding"])["embedding"]
+
+    def start(self, batch: int) -> np.ndarray:
+        """An encoder–decoder's first decoder input: its start token per row."""
+        return np.full(batch, int(self.model.config["decoder_start_token_id"]), np.int64)
 
 
 class _TorchRunner:
@@ -175,11 +193,15 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, Any]
     return time.perf_counter() - t0, out
 
 
-def _decode(runner, state, first: np.ndarray, n: int) -> None:
-    nxt = first
+def _decode(runner, state, first: np.ndarray, n: int) -> np.ndarray | None:
+    """``n`` greedy steps from ``first``; the first step's logits (an encoder–decoder's output
+    that accuracy compares)."""
+    nxt, out = first, None
     for _ in range(n):
         logits, state = runner.step(nxt[:, None], state)
+        out = logits if out is None else out
         nxt = logits[:, -1].argmax(-1)
+    return out
 
 
 def phases(is_decoder: bool) -> int:
@@ -206,7 +228,13 @@ class _Job:
         r = self.runner
         for B, ids in inputs.items():
             key = "b1" if B == 1 else "batch"
-            if r.is_decoder:
+            if getattr(r, "seq2seq", False):
+                de, state = _timed(lambda: r.encode(ids), r.sync)
+                dd, logits = _timed(lambda: _decode(r, state, r.start(B), s.new_tokens), r.sync)
+                if timed:
+                    self.samples.setdefault(f"encode_ms_{key}", []).append(de * 1e3)
+                    self.samples.setdefault(f"decode_tok_s_{key}", []).append(B * s.new_tokens / dd)
+            elif r.is_decoder:
                 dt, (logits, state) = _timed(lambda: r.prefill(ids), r.sync)
                 first = logits[:, -1].argmax(-1)
                 dd, _ = _timed(lambda: _decode(r, state, first, s.new_tokens), r.sync)
@@ -352,7 +380,11 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
     s.check()
     progress = progress or (lambda n, label: None)
     m0 = model if model is not None else modelfile.load(model_path)
-    if m0.is_decoder and s.prompt_len + s.new_tokens > m0.n_ctx:
+    s2s = seq2seq.is_encoder_decoder(m0)
+    if s2s and max(s.prompt_len, s.new_tokens) > m0.n_ctx:
+        raise MinitxError(f"--seq {s.prompt_len} or --max-new-tokens {s.new_tokens} exceeds the model's "
+                          f"context of {m0.n_ctx}")
+    if m0.is_decoder and not s2s and s.prompt_len + s.new_tokens > m0.n_ctx:
         raise MinitxError(f"--seq {s.prompt_len} + --max-new-tokens {s.new_tokens} exceeds the model's "
                           f"context of {m0.n_ctx}")
     if not m0.is_decoder and s.prompt_len > m0.n_ctx:
@@ -365,9 +397,14 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
 
     # The reference every row is scored against: the spec, no plugin, on the same inputs.
     spec = _MinitxRunner(m0, ["numpy"])
-    ref = spec.prefill(ids_big)[0] if m0.is_decoder else spec.encode(ids_big)
+    if s2s:   # the first decoder step after the source: it reads every encoder and decoder weight
+        ref = spec.step(spec.start(big)[:, None], spec.encode(ids_big))[0]
+    else:
+        ref = spec.prefill(ids_big)[0] if m0.is_decoder else spec.encode(ids_big)
     progress(1, "spec reference")
-    bandwidth = machine.read_bandwidth() if m0.is_decoder else None
+    # The roofline counts the weights one decoder step reads; an encoder–decoder's step reads only
+    # the decoder's, which weight_bytes_per_token does not tell apart: no roofline for them.
+    bandwidth = machine.read_bandwidth() if m0.is_decoder and not s2s else None
 
     rows: list[Row] = []
     jobs: list[_Job] = []
@@ -442,6 +479,7 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
     return {
         "schema": SCHEMA,
         "model": {"path": os.path.basename(str(model_path)), "arch": m0.config["arch"], "decoder": m0.is_decoder,
+                  "encoder_decoder": s2s,
                   "params": m0.n_params(), "bytes": m0.nbytes(), "source": m0.meta.get("source", ""),
                   "config": {k: m0.config[k] for k in ("d_model", "n_layers", "n_heads", "vocab_size", "n_ctx")
                              if k in m0.config}},
@@ -461,7 +499,7 @@ def ratios(mine: dict[str, Any], torch: dict[str, Any]) -> dict[str, float]:
             continue
         a, b = v["median"], torch[k]["median"]
         if a > 0 and b > 0:
-            out[k] = (b / a) if k.startswith("prefill_ms") else (a / b)
+            out[k] = (b / a) if "_ms_" in k else (a / b)
     return out
 
 
@@ -484,17 +522,18 @@ def _fmt_num(v: float | None, fmt: str) -> str:
 
 def _columns(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     dec = res["model"]["decoder"]
+    first = "encode" if res["model"].get("encoder_decoder") else "prefill"   # the once-per-input phase
     B = res["settings"]["batch"]
     vs = any(r["engine"] == "torch" for r in res["rows"])
-    head = ["configuration", "status", "prefill b=1 ms", f"prefill b={B} ms"]
+    head = ["configuration", "status", f"{first} b=1 ms", f"{first} b={B} ms"]
     head += ["decode b=1 tok/s", "b=1 of roofline", f"decode b={B} tok/s"] if dec else ["b=1 sent/s", f"b={B} sent/s"]
     head += ["peak RSS MiB (+Δ)", "model MiB", "max abs err", "max rel err", "cosine"] + (["top-1"] if dec else [])
     if vs:
-        head += ["vs torch prefill", "vs torch " + ("decode" if dec else "sent/s")]
+        head += [f"vs torch {first}", "vs torch " + ("decode" if dec else "sent/s")]
     body = []
     for r in res["rows"]:
         t, a = r["timings"], r["accuracy"] or {}
-        row = [r["config"], r["status"], _fmt_stat(t.get("prefill_ms_b1")), _fmt_stat(t.get("prefill_ms_batch"))]
+        row = [r["config"], r["status"], _fmt_stat(t.get(f"{first}_ms_b1")), _fmt_stat(t.get(f"{first}_ms_batch"))]
         k = "decode_tok_s" if dec else "sent_s"
         row.append(_fmt_stat(t.get(f"{k}_b1")))
         if dec:
@@ -512,7 +551,7 @@ def _columns(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             row.append(_fmt_num(a.get("top1"), ".3f"))
         if vs:
             v = r.get("vs_torch") or {}
-            row += [_fmt_num(v.get("prefill_ms_b1"), ".2f") + "x" if v.get("prefill_ms_b1") else "-",
+            row += [_fmt_num(v.get(f"{first}_ms_b1"), ".2f") + "x" if v.get(f"{first}_ms_b1") else "-",
                     _fmt_num(v.get(f"{k}_b1"), ".2f") + "x" if v.get(f"{k}_b1") else "-"]
         body.append(row)
     return head, body
@@ -533,7 +572,7 @@ def table(res: dict[str, Any]) -> str:
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in body]
     s = res["settings"]
     m = res["model"]
-    cap = (f"{m['path']}: {m['arch']}, {m['params']:,} parameters; prompt {s['prompt_len']} tokens"
+    cap = (f"{m['path']}: {m['arch']}, {m['params']:,} parameters; {'source' if m.get('encoder_decoder') else 'prompt'} {s['prompt_len']} tokens"
            + (f", {s['new_tokens']} new tokens" if m["decoder"] else "")
            + f"; {s['warmup']} warm-up + {s['repeat']} runs, median (min–max); {s['threads']} thread(s)")
     out = [cap, *lines]
@@ -556,7 +595,7 @@ def markdown(res: dict[str, Any], title: str | None = None, notes: Sequence[str]
            f"- machine: {machine.summary(mach)}",
            f"- model: `{m['path']}` — {m['arch']}, {m['params']:,} parameters ({m['bytes'] / 2**20:.1f} MiB)"
            + (f"; {m['source']}" if m.get("source") else ""),
-           f"- inputs: random token ids (seed {s['seed']}), prompt {s['prompt_len']} tokens"
+           f"- inputs: random token ids (seed {s['seed']}), {'source' if m.get('encoder_decoder') else 'prompt'} {s['prompt_len']} tokens"
            + (f", {s['new_tokens']} greedy new tokens" if m["decoder"] else "")
            + f", batch 1 and {s['batch']}; {s['warmup']} warm-up + {s['repeat']} timed runs, "
              f"median (min–max); {s['threads']} thread(s) for BLAS and torch",

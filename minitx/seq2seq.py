@@ -291,32 +291,3 @@ def training_feeds(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[i
         if v.name.startswith("past."):
             out[v.name] = np.zeros((B, 0, int(v.shape[2])), np.dtype(v.dtype))
     return out
-
-
-def train(model: Model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], steps: int, batch: int = 32,
-          lr: float = 3e-3, warmup: int = 20, seed: int = 0, clip: float = 1.0,
-          backends: Sequence[str | Backend] = ("numpy",), on_step=None) -> list[float]:
-    """AdamW on the teacher-forced cross-entropy of random mini-batches of pairs; updates
-    ``model.params`` in place and returns the loss per step."""
-    from .models import with_loss
-    from .optim import AdamW, clip_global_norm, lr_at
-
-    if steps < 1 or batch < 1:
-        raise MinitxError(f"steps and batch must be >= 1, got {steps} and {batch}")
-    g = with_loss(model.graph)
-    names = {v.name for v in g.inputs}
-    ex = Executor(g, model.params, backends)
-    opt = AdamW(model.params, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    losses = []
-    for k in range(steps):
-        chosen = [pairs[i] for i in rng.integers(0, len(pairs), batch)]
-        fed = {n: a for n, a in training_feeds(model, chosen).items() if n in names}
-        res = ex.forward_backward(fed, step=k)
-        clip_global_norm(res.grads, clip)
-        opt.step(model.params, res.grads, lr_at(k, lr, warmup, steps, lr / 10))
-        losses.append(float(res.outputs["loss"]))
-        if on_step:
-            on_step(k, losses[-1])
-    model._executors.clear()  # executors hold the old weights' device copies
-    return losses

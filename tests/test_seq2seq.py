@@ -13,12 +13,15 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from minitx.cli import main
 
 from minitx import modelfile, seq2seq
-from minitx.cli import main
 from minitx.convert import convert
 from minitx.errors import MinitxError
 from minitx.model import Model
+from minitx.training import pairs as pair_training
+from minitx.training.loop import fit
+from minitx.training.settings import TrainSettings, new_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -64,6 +67,17 @@ def test_a_padded_row_generates_what_it_would_alone(converted, arch):
     srcs = _rows(g["sources"])
     batch = seq2seq.generate(m, srcs, 6, beams=2)
     assert batch == [seq2seq.generate(m, [s], 6, beams=2)[0] for s in srcs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_numba_runs_every_node_and_matches_transformers(converted, arch):
+    """With no fallback to the spec, the numba backend's logits and beams equal transformers'."""
+    pytest.importorskip("numba")
+    _, m, g = converted[arch]
+    nb = ("numba",)
+    got = seq2seq.logits(m, _rows(g["sources"]), g["targets"], backends=nb, strict=True)
+    assert np.abs(got - g["logits"]).max() / np.abs(g["logits"]).max() <= REL
+    assert seq2seq.generate(m, _rows(g["sources"]), 12, beams=3, backends=nb, strict=True) == _rows(g["beam3"])
 
 
 def test_cached_decoding_equals_teacher_forcing(converted):
@@ -216,8 +230,13 @@ def test_training_on_a_pair_file_learns_to_reverse_digits(tmp_path):
     pairs = seq2seq.read_pairs(str(path), m)
     test = [digits() for _ in range(100)]
     before = seq2seq.generate(m, test, 8)
-    losses = seq2seq.train(m, pairs, 400, batch=32, lr=3e-3)
+    losses = []
+    settings = TrainSettings(steps=400, batch_size=32, lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.0,
+                             eval_every=0, val_fraction=0.05)
+    st = fit(new_state(m, settings), pair_training.stream(pairs), pair_training.PairCrossEntropy(pairs),
+             progress=lambda rec: losses.append(rec["loss"]))
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    assert st.history[-1]["val_loss"] < 0.5 * np.mean(losses[:20])   # the file's held-out tail
     out = seq2seq.generate(m, test, 8)
     acc = np.mean([o == s[::-1] + [1] for o, s in zip(out, test)])
     assert acc >= 0.9 and np.mean([o == s[::-1] + [1] for o, s in zip(before, test)]) == 0
@@ -324,3 +343,61 @@ def test_transformer_family_matches_torch_nn_transformer(prenorm):
     want = y.numpy() @ E.T
     got = seq2seq.logits(m, srcs, tgt)
     assert np.abs(got - want).max() / np.abs(want).max() <= REL
+
+
+# ---------------------------------------------------------------------------------------- bench
+def test_bench_reports_encoder_time_and_decoder_tokens_apart(converted):
+    """An encoder–decoder's bench row has the encoder's milliseconds and the decoder's tokens/s
+    (not a decoder-only 'prefill'), and its first-step logits agree with the spec's."""
+    from minitx import bench
+
+    p, m, _ = converted["t5"]
+    res = bench.run(p, ["numpy", "numba"], settings=bench.Settings(repeat=1, warmup=0, batch=2, prompt_len=5,
+                                                                    new_tokens=3), model=m)
+    assert res["model"]["encoder_decoder"]
+    for row in res["rows"]:
+        assert row["status"] == "ok", row["status"]
+        assert {"encode_ms_b1", "encode_ms_batch", "decode_tok_s_b1", "decode_tok_s_batch"} == set(row["timings"])
+        assert row["accuracy"]["top1"] == 1.0 and row["accuracy"]["max_rel"] < 1e-5
+    text = bench.table(res)
+    assert "encode b=1 ms" in text and "decode b=2 tok/s" in text and "prefill" not in text
+
+
+def _reverse_pairs(path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    rows = (rng.integers(3, 13, rng.integers(2, 7)).tolist() for _ in range(n))
+    path.write_text("".join(f"{' '.join(map(str, s))}\t{' '.join(map(str, s[::-1]))}\n" for s in rows))
+
+
+def test_cli_train_pairs_resumes_exactly(tmp_path):
+    """`train --pairs` stopped at step 4 and resumed to 8 ends with the weights of one 8-step run
+    (the pairs objective keeps no state of its own: the loop's generator draws the pairs)."""
+    pairs = tmp_path / "pairs.tsv"
+    _reverse_pairs(pairs, 120)
+    common = ["--pairs", str(pairs), "--batch", "4", "--eval-every", "4", "--quiet"]
+    r = run("train", "--arch", "transformer", *common, "--steps", "8", "-o", str(tmp_path / "one.npz"))
+    assert r.exit_code == 0, r.output
+    r = run("train", "--arch", "transformer", *common, "--steps", "4", "-o", str(tmp_path / "half.npz"))
+    assert r.exit_code == 0, r.output
+    r = run("train", "--resume", str(tmp_path / "half.ckpt.npz"), *common, "--steps", "8",
+            "-o", str(tmp_path / "two.npz"))
+    assert r.exit_code == 0, r.output
+    a, b = modelfile.load(str(tmp_path / "one.npz")), modelfile.load(str(tmp_path / "two.npz"))
+    start = Model.from_preset("transformer", "tiny", seed=0)
+    assert any(not np.array_equal(a.params[k], start.params[k]) for k in a.params)   # it trained
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+
+
+def test_cli_train_pairs_refusals_are_one_line(tmp_path):
+    pairs, text = tmp_path / "pairs.tsv", tmp_path / "t.txt"
+    _reverse_pairs(pairs, 20)
+    text.write_text("some text to train on\n")
+    out = ["-o", str(tmp_path / "m.npz")]
+    for args, msg in ((["--arch", "transformer"], "give one of --data"),
+                      (["--arch", "t5", "--data", str(text)], "train it on --pairs"),
+                      (["--arch", "gpt2", "--pairs", str(pairs)], "trains an encoder–decoder"),
+                      (["--arch", "bart", "--pairs", str(pairs), "--vocab-size", "300"], "--vocab-size")):
+        r = run("train", *args, *out, "--quiet")
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not os.path.exists(tmp_path / "m.npz")

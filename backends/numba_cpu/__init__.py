@@ -28,9 +28,11 @@ class NumbaBackend(Backend):
     name = "numba"
     device = "cpu"
     dtypes = frozenset({"float32", "float64"})
-    # One memory pass (add), a gather (embedding), views (split), one BLAS call (linear): the
-    # spec's NumPy code is already what a kernel would do, so these run it on this backend.
-    delegate = frozenset({"add", "embedding", "linear", "split"})
+    # One memory pass (add, concat, scale), gathers (embedding, sinusoidal_positions,
+    # relative_position_bias — the last two once per stack), views (split), one BLAS call
+    # (linear): the spec's NumPy code is already what a kernel would do, so these run it here.
+    delegate = frozenset({"add", "concat", "embedding", "linear", "relative_position_bias", "scale",
+                          "sinusoidal_positions", "split"})
 
     def __init__(self) -> None:
         super().__init__()

@@ -159,6 +159,8 @@ def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: 
             raise MinitxError(f"{opts.resume}: the checkpoint carries no tokenizer")
     else:
         config = resolve_config(arch, preset, config_path)
+        if getattr(models.FAMILIES.get(config["arch"]), "ENCODER_DECODER", False):
+            raise MinitxError(f"{config['arch']} is an encoder–decoder: train it on --pairs source<TAB>target lines")
         models.complete_config(dict(config))   # every field and size checked before a tokenizer is trained
         if tokenizer_path:
             tok_json = data.load_tokenizer_json(tokenizer_path)
@@ -184,6 +186,46 @@ def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: 
               "settings": asdict(s), "history": st.history}
     if red.is_writer:
         modelfile.save(m, opts.output)
+    last = st.history[-1] if st.history else {}
+    return {"output": opts.output, "checkpoint": checkpoint, "steps": st.step,
+            "seconds": time.perf_counter() - t0, "params": m.n_params(),
+            "val_loss": last.get("val_loss"), "val_perplexity": last.get("val_perplexity"), "history": st.history}
+
+
+def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, preset: str = "tiny",
+                config_path: str | None = None, tokenizer_path: str | None = None) -> dict[str, Any]:
+    """``minitx train --pairs``: an encoder–decoder on source<TAB>target lines, through the one
+    loop (training/pairs.py), saved to the output.
+
+    Each side is text for ``--tokenizer`` (or a resumed model's tokenizer), else token ids
+    separated by spaces or commas (seq2seq.read_pairs): a BPE trained here would not know the
+    config's pad / EOS / decoder-start ids, so none is trained."""
+    from .. import seq2seq
+    from . import pairs as pair_objective
+
+    _check_early(opts)
+    checkpoint = opts.checkpoint_path({"--pairs": pairs_path, "--config": config_path, "--tokenizer": tokenizer_path})
+    t0 = time.perf_counter()
+    if opts.resume:
+        st = opts.resumed(ckpt.load(opts.resume), changeable=("precision", "plugins"))
+    else:
+        config = resolve_config(arch, preset, config_path)
+        tok_json = data.load_tokenizer_json(tokenizer_path) if tokenizer_path else None
+        if tok_json is not None:
+            from tokenizers import Tokenizer
+
+            config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
+        st = fresh_model(models.complete_config(config), tok_json, opts.settings())
+    m, s = st.model, st.settings
+    pairs = seq2seq.read_pairs(pairs_path, m)
+    bar, log = opts.reporter(s.steps)
+    log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
+        f"{len(pairs):,} pairs; step {st.step} of {s.steps}; backend {', '.join(opts.backends)}")
+    fit(st, pair_objective.stream(pairs), pair_objective.PairCrossEntropy(pairs), backends=opts.backends,
+        checkpoint=checkpoint, log=log, progress=bar)
+    m.meta = {"source": "minitx train", "pairs": os.path.basename(pairs_path), "steps": st.step,
+              "settings": asdict(s), "history": st.history}
+    modelfile.save(m, opts.output)
     last = st.history[-1] if st.history else {}
     return {"output": opts.output, "checkpoint": checkpoint, "steps": st.step,
             "seconds": time.perf_counter() - t0, "params": m.n_params(),

@@ -62,6 +62,10 @@ class Objective(Protocol):
     def extra_feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Inputs of the loss graph beyond the model's own, for the batch of windows ``x``."""
 
+    # An objective whose data is not a token stream (training/pairs.py: pair indices) also has
+    # check_data(ids) and held_out(model, ids, backends, batch) -> loss, used instead of the
+    # token checks and the next-token evaluation.
+
 
 @dataclass
 class CrossEntropy:
@@ -140,7 +144,9 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
     if seq_len > context:
         raise MinitxError(f"--seq {seq_len} exceeds the context length {context}")
     ids = np.asarray(ids, np.int64)
-    if len(ids) and (int(ids.max()) >= model.vocab_size or int(ids.min()) < 0):
+    if hasattr(objective, "check_data"):
+        objective.check_data(ids)
+    elif len(ids) and (int(ids.max()) >= model.vocab_size or int(ids.min()) < 0):
         raise MinitxError(f"token id {int(ids.max())} is outside the model's vocabulary of {model.vocab_size} "
                           "(the tokenizer is larger than the config's vocab_size)")
     ckpt.check_run(st, {**objective.prepare(st, backends), "--data": ckpt.data_identity(ids)})
@@ -162,8 +168,11 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
         t_last = now
         if len(val_ids) >= 2 and ((s.eval_every and st.step % s.eval_every == 0) or st.step == s.steps):
             # Held out: the float32 master weights, i.e. the model that will be saved.
-            vl = evaluate(model, val_ids, seq_len=seq_len, count=s.eval_batches * s.batch_size,
-                          batch=s.batch_size, backends=backends)["loss"]
+            if hasattr(objective, "held_out"):
+                vl = objective.held_out(model, val_ids, backends, s.batch_size)
+            else:
+                vl = evaluate(model, val_ids, seq_len=seq_len, count=s.eval_batches * s.batch_size,
+                              batch=s.batch_size, backends=backends)["loss"]
             rec.update(val_loss=vl, val_perplexity=math.exp(min(vl, 700.0)))
             keys = ("step", "loss", "val_loss", "val_perplexity") + (("loss_scale", "skipped_total") if scaler else ())
             st.history.append({k: rec[k] for k in keys})
