@@ -6,6 +6,7 @@ live the decisions: config resolution, settings, resume rules, which files may b
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -201,9 +202,10 @@ def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, p
     separated by spaces or commas (seq2seq.read_pairs): a BPE trained here would not know the
     config's pad / EOS / decoder-start ids, so none is trained."""
     from .. import seq2seq
+    from ..distributed import data_parallel
     from . import pairs as pair_objective
 
-    _check_early(opts)
+    _check_early(opts, parallel=True)
     checkpoint = opts.checkpoint_path({"--pairs": pairs_path, "--config": config_path, "--tokenizer": tokenizer_path})
     t0 = time.perf_counter()
     if opts.resume:
@@ -216,16 +218,21 @@ def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, p
 
             config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
         st = fresh_model(models.complete_config(config), tok_json, opts.settings())
+    red = data_parallel.reducer(opts.values.get("parallel"), st.settings.batch_size)
+    opts.quiet = opts.quiet or not red.is_writer     # rank 0 reports; the others are silent
+    data_parallel.quiet_unless_writer(red)
     m, s = st.model, st.settings
     pairs = seq2seq.read_pairs(pairs_path, m)
+    red.agree(hashlib.sha256(json.dumps(pairs).encode()).hexdigest(), "pairs of the file")
     bar, log = opts.reporter(s.steps)
     log(f"{m.config['arch']}: {m.n_params():,} parameters, vocab {m.vocab_size}, context {m.n_ctx}; "
         f"{len(pairs):,} pairs; step {st.step} of {s.steps}; backend {', '.join(opts.backends)}")
     fit(st, pair_objective.stream(pairs), pair_objective.PairCrossEntropy(pairs), backends=opts.backends,
-        checkpoint=checkpoint, log=log, progress=bar)
+        checkpoint=checkpoint, log=log, progress=bar, reducer=red)
     m.meta = {"source": "minitx train", "pairs": os.path.basename(pairs_path), "steps": st.step,
               "settings": asdict(s), "history": st.history}
-    modelfile.save(m, opts.output)
+    if red.is_writer:
+        modelfile.save(m, opts.output)
     last = st.history[-1] if st.history else {}
     return {"output": opts.output, "checkpoint": checkpoint, "steps": st.step,
             "seconds": time.perf_counter() - t0, "params": m.n_params(),
