@@ -232,7 +232,7 @@ class SparsityPlugin(Plugin):
         "stride": Option(64, positive_int, "strided: stride (and local width)"),
         "topk": Option(32, positive_int, "topk: keys kept per query"),
         "threshold": Option(0.01, unit_interval, "threshold: min weight relative to the row's largest"),
-        "dense_below": Option(512, positive_int, "composite and topk: dense up to this many keys"),
+        "dense_below": Option(1024, positive_int, "composite and topk: dense up to this many keys"),
         "long": Option("local", help="composite: pattern beyond dense_below",
                        choices=("local", "block", "strided", "topk", "threshold")),
         "weights": Option("none", help="weight pruning method", choices=WEIGHTS),
@@ -327,8 +327,8 @@ def _attention_rule(node: Node, ctx: Context) -> Replacement | None:
     if pat == "composite":
         pat = o["long"]
     if o["attention"] == "composite" or pat == "topk":
-        # top-k is dense up to dense_below keys: below ~256 keys selecting costs more than the
-        # values' pass it saves (benchmarks/results/attention_patterns_cpu.md)
+        # top-k is dense up to dense_below (1024) keys: below ~1000 keys selecting costs about what
+        # the values' pass saves (benchmarks/results/attention_patterns_cpu.md)
         attrs["dense_below"] = o["dense_below"]
     attrs["pattern"] = pat
     extra = {"local": ("window",), "block": ("block", "n_global"), "strided": ("stride",), "topk": ("topk",),
