@@ -38,7 +38,7 @@ def _phi(x, feature, proj):
     D = x.shape[-1]
     xs = x / D ** 0.25
     u = xs @ proj.T - 0.5 * (xs * xs).sum(axis=-1, keepdims=True)
-    return np.exp(u) / np.sqrt(proj.shape[0]), xs
+    return np.exp(u) / float(proj.shape[0]) ** 0.5, xs   # a Python float: keeps the dtype
 
 
 def _phi_vjp(g, x, phi, xs, feature, proj):
