@@ -1,12 +1,14 @@
-"""Kernels for the sparsity plugin's ops: pattern attention that skips masked key blocks, and
+"""Kernels for the sparsity plugin's ops: pattern attention that touches only the kept keys, and
 linears computed from compact weights (CSR, packed N:M).
 
-Spec: minitx/ops/sparse.py. ``sparse_attention`` works on tiles of ``QB`` queries: for each tile
-it gathers only the key range its pattern can reach (a band of 2·window keys for ``local``, the
-own and global blocks for ``block``, the causal prefix otherwise), computes the tile's scores, applies
-the exact per-element pattern, softmax, and multiplies by the gathered values. For local attention
-at T = 4096, window 256 that is ~320 keys per tile instead of up to 4096. ``topk``/``threshold``
-still compute every score (which keys survive depends on them) but only the survivors are summed.
+Spec: minitx/ops/sparse.py. ``sparse_attention`` dispatches three ways. Where the pattern keeps
+every key (``dense``, at most ``dense_below`` keys, or no more keys than ``topk``) it runs the
+dense kernel of attention.py, so it is never slower than dense there. The static patterns (local,
+block, strided) run one task per query over the keys its pattern keeps, enumerated by arithmetic:
+at T = 4096 with window 128 a causal query reads 128 keys instead of 2048 on average, and the
+time falls with the FLOPs (benchmarks/results/attention_patterns_cpu.md). Top-k and threshold
+need every score; they compute them as the dense prefill kernel does (Kᵀ once per kv head), find
+the cut-off by partial selection, and exponentiate and mix only the surviving keys.
 
 The linears keep the weights in their compact form: ``sparse_linear`` walks the CSR rows of Wᵀ,
 ``nm_linear`` decodes the packed positions on the fly; both accumulate whole rows of xᵀ, so the
