@@ -25,7 +25,7 @@ import numpy as np
 
 from . import register, require, wide_forward, wide_vjp
 from .attention import _heads, _merge, allowed_keys, attention_infer, attention_inputs, concat_cache
-from .cases import Case, add_cases, randn
+from .cases import Case, add_cases
 
 FEATURES = ("elu", "favor")
 EPS = 1e-6
