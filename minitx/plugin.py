@@ -50,6 +50,7 @@ BUILTIN = {
     "sparsity": "minitx.plugins.sparsity:plugin",
     "lowrank": "minitx.plugins.lowrank:plugin",
     "parallel": "minitx.plugins.parallel:plugin",
+    "attention": "minitx.plugins.attention:plugin",
 }
 
 

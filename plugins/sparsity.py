@@ -5,8 +5,9 @@
 
 Attention (``attention=``): every ``attention`` node becomes ``sparse_attention`` with the pattern
 ``local`` (``window``), ``block`` (``block``, ``n_global``), ``strided`` (``stride``), ``topk``
-(``topk``), ``threshold`` (``threshold``) or ``composite`` — dense up to ``dense_below`` keys, the
-``long`` pattern beyond. Weights (``weights=``), on the linears inside the Transformer blocks
+(``topk``; dense up to ``dense_below`` keys, where selecting costs more than it saves),
+``threshold`` (``threshold``) or ``composite`` — dense up to ``dense_below`` keys, the ``long``
+pattern beyond. Weights (``weights=``), on the linears inside the Transformer blocks
 (``targets=all|attn|mlp``):
 
 ==============  ==============================================================================
@@ -231,7 +232,7 @@ class SparsityPlugin(Plugin):
         "stride": Option(64, positive_int, "strided: stride (and local width)"),
         "topk": Option(32, positive_int, "topk: keys kept per query"),
         "threshold": Option(0.01, unit_interval, "threshold: min weight relative to the row's largest"),
-        "dense_below": Option(512, positive_int, "composite: dense up to this many keys"),
+        "dense_below": Option(1024, positive_int, "composite and topk: dense up to this many keys"),
         "long": Option("local", help="composite: pattern beyond dense_below",
                        choices=("local", "block", "strided", "topk", "threshold")),
         "weights": Option("none", help="weight pruning method", choices=WEIGHTS),
@@ -325,6 +326,9 @@ def _attention_rule(node: Node, ctx: Context) -> Replacement | None:
     attrs = dict(node.attrs)
     if pat == "composite":
         pat = o["long"]
+    if o["attention"] == "composite" or pat == "topk":
+        # top-k is dense up to dense_below (1024) keys: below ~1000 keys selecting costs about what
+        # the values' pass saves (benchmarks/results/attention_patterns_cpu.md)
         attrs["dense_below"] = o["dense_below"]
     attrs["pattern"] = pat
     extra = {"local": ("window",), "block": ("block", "n_global"), "strided": ("stride",), "topk": ("topk",),

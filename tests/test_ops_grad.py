@@ -865,3 +865,7 @@ def test_every_registered_op_has_a_gradient_check():
 # The collectives take one input per simulated rank; their checks live in tests/test_collectives.py.
 from test_collectives import COLLECTIVE_OPS, test_collective_vjps_match_finite_differences  # noqa: E402
 covers(*COLLECTIVE_OPS)(test_collective_vjps_match_finite_differences)
+
+# Linear attention's checks run over its declared cases in tests/test_attention_linear.py.
+from test_attention_linear import test_linear_attention_vjp_matches_finite_differences  # noqa: E402
+covers("linear_attention")(test_linear_attention_vjp_matches_finite_differences)

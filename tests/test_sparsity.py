@@ -100,6 +100,23 @@ def test_numba_sparse_attention_matches_the_spec(nb, pattern, extra, causal):
         np.testing.assert_allclose(g, w, atol=1e-12)
 
 
+def test_topk_is_dense_up_to_dense_below_keys_and_selects_beyond(gpt2):
+    new = _optimize(gpt2, "sparsity:attention=topk,topk=4,dense_below=40")
+    assert all(n.attrs["dense_below"] == 40 for n in new.graph.nodes if n.op == "sparse_attention")
+    np.testing.assert_allclose(_logits(new, IDS), _logits(gpt2, IDS), atol=1e-6)   # 37 keys: dense
+    short = _optimize(gpt2, "sparsity:attention=topk,topk=4,dense_below=8")
+    assert not np.allclose(_logits(short, IDS), _logits(gpt2, IDS), atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern,extra", [("topk", {"topk": 3}), ("strided", {"stride": 3}),
+                                           ("block", {"block": 4, "n_global": 2})])
+def test_numba_patterns_in_decode_match_the_spec(nb, pattern, extra):
+    rng = np.random.default_rng(5)
+    xs, a = _qkv(rng, T=1, past=40)  # one query over a long cache: the per-key (untransposed) path
+    attrs = dict(a, causal=True, pattern=pattern, **extra)
+    np.testing.assert_allclose(nb.sparse_attention(*xs, **attrs)[0], S.sparse_attention(*xs, **attrs)[0], atol=1e-12)
+
+
 def test_numba_local_attention_covering_the_sequence_equals_dense_attention(nb):
     rng = np.random.default_rng(4)
     xs, a = _qkv(rng, T=100, past=0, dtype=np.float32)

@@ -9,7 +9,18 @@ contiguous segments into landmarks Q̃, K̃ (padding keys excluded), and
 
     softmax(Q Kᵀ) V  ≈  softmax(Q K̃ᵀ) · pinv(softmax(Q̃ K̃ᵀ)) · softmax(Q̃ Kᵀ) V,
 
-O(T·L) instead of O(T·S). With one landmark per position it is exact (P P⁺ P = P).
+O(T·L) instead of O(T·S). The pseudo-inverse is the paper's iterative one (its §3.2, after
+Razavi et al., 2014), not an SVD: Z₀ = Aᵀ / (‖A‖₁‖A‖∞), then ``pinv_iters`` (6) steps of
+Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))). An exact pinv of the landmark softmax — whose rows are
+nearly alike, so its small singular values are noise — inverts that noise: outputs came out
+orders of magnitude beyond anything attention can produce (a convex mix of values). The
+iteration converges on the large singular values first and leaves the tiny ones damped (they
+start at σ²/‖A‖₁‖A‖∞ ≈ 0 and grow only cubically), which is the regularisation the paper relies
+on. It is a polynomial in A, so its VJP is exact backpropagation through the steps. With one
+landmark per position and enough iterations it is exact (P P⁺ P = P).
+
+Worth it: the cost is O((T + S)·L·D + L³) against O(T·S·D), so it pays when sequences are several
+times longer than L (T ≳ 4L); below that dense attention is both exact and as fast.
 """
 from __future__ import annotations
 
@@ -83,17 +94,7 @@ def _softmax_keep_vjp(g, p, keep):
     return np.where(keep, p * (g - (g * p).sum(axis=-1, keepdims=True)), 0.0)
 
 
-def pinv_vjp(g, a, ap):
-    """Cotangent of A from that of A⁺ (Golub & Pereyra; valid while rank(A) is locally constant):
-    −A⁺ᵀ G A⁺ᵀ + (I − A A⁺) Gᵀ A⁺ A⁺ᵀ + A⁺ᵀ A⁺ Gᵀ (I − A⁺ A)."""
-    t = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
-    m, n = a.shape[-2], a.shape[-1]
-    P = np.eye(m) - a @ ap
-    Q = np.eye(n) - ap @ a
-    return -t(ap) @ g @ t(ap) + P @ t(g) @ ap @ t(ap) + t(ap) @ ap @ t(g) @ Q
-
-
-def _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale):
+def _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale, pinv_iters=6):
     B, T, _ = q.shape
     S = K.shape[1]
     G = n_heads // n_kv_heads
@@ -114,26 +115,73 @@ def _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale):
     F = _softmax_keep((qh @ np.swapaxes(kt, -1, -2)) * scale, keep_l)   # (…, T, Lk)
     A = _softmax_keep((qt @ np.swapaxes(kt, -1, -2)) * scale, keep_l)   # (…, Lq, Lk)
     Bm = _softmax_keep((qt @ np.swapaxes(kh, -1, -2)) * scale, keep_k)  # (…, Lq, S)
-    Ap = np.linalg.pinv(A.astype(np.float64)).astype(dt)
+    steps = iterative_pinv(A, pinv_iters)
     return dict(qh=qh, kh=kh, vh=vh, Mq=Mq, Mk=Mk, qt=qt, kt=kt, keep_l=keep_l, keep_k=keep_k,
-                F=F, A=A, Bm=Bm, Ap=Ap)
+                F=F, A=A, Bm=Bm, Ap=steps[-1], steps=steps)
+
+
+def _pinv_scale(a):
+    """1 / (‖A‖₁ ‖A‖∞) per matrix (max column sum × max row sum of |A|), and the argmax column/row."""
+    col, row = np.abs(a).sum(axis=-2), np.abs(a).sum(axis=-1)
+    return 1.0 / (col.max(axis=-1) * row.max(axis=-1))[..., None, None], col.argmax(axis=-1), row.argmax(axis=-1)
+
+
+def iterative_pinv(a: np.ndarray, iters: int) -> list[np.ndarray]:
+    """The Nyströmformer's iterative Moore–Penrose inverse of each matrix in ``a`` (…, m, n):
+    Z₀ = Aᵀ / (‖A‖₁‖A‖∞), Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))). Returns [Z₀, …, Z_iters]
+    (the VJP walks them back)."""
+    eye = np.eye(a.shape[-2], dtype=a.dtype)
+    z = _pinv_scale(a)[0].astype(a.dtype) * np.swapaxes(a, -1, -2)
+    out = [z]
+    for _ in range(iters):
+        p = a @ z
+        z = 0.25 * z @ (13 * eye - p @ (15 * eye - p @ (7 * eye - p)))
+        out.append(z)
+    return out
+
+
+def iterative_pinv_vjp(g: np.ndarray, a: np.ndarray, steps: list[np.ndarray]) -> np.ndarray:
+    """Cotangent of A from that of the last step: backpropagation through every step and Z₀."""
+    t = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
+    eye = np.eye(a.shape[-2], dtype=a.dtype)
+    ga = np.zeros_like(a)
+    gz = g
+    for z in reversed(steps[:-1]):     # z' = ¼ z M(P), P = A z, M = 13I − 15P + 7P² − P³
+        p = a @ z
+        p2 = p @ p
+        m = 13 * eye - 15 * p + 7 * p2 - p2 @ p
+        gm = 0.25 * t(z) @ gz
+        pt, p2t = t(p), t(p2)
+        gp = -15 * gm + 7 * (gm @ pt + pt @ gm) - (gm @ p2t + pt @ gm @ pt + p2t @ gm)
+        ga = ga + gp @ t(z)
+        gz = 0.25 * gz @ t(m) + t(a) @ gp
+    c, jc, ir = _pinv_scale(a)                  # Z₀ = c Aᵀ, c = 1 / (colsum[jc] · rowsum[ir])
+    ga = ga + c * t(gz)
+    gc = (gz * t(a)).sum(axis=(-1, -2))[..., None, None]
+    col_max = np.take_along_axis(np.abs(a).sum(axis=-2), jc[..., None], -1)[..., None]
+    row_max = np.take_along_axis(np.abs(a).sum(axis=-1), ir[..., None], -1)[..., None]
+    sgn = np.sign(a)
+    on_col = (np.arange(a.shape[-1]) == jc[..., None])[..., None, :]
+    on_row = (np.arange(a.shape[-2]) == ir[..., None])[..., :, None]
+    return ga - gc * c * (on_col * sgn / col_max + on_row * sgn / row_max)
 
 
 @wide_forward
 def nystrom_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal=False,
-                      n_landmarks, scale=None):
+                      n_landmarks, scale=None, pinv_iters=6):
     """softmax(Q K̃ᵀ) pinv(softmax(Q̃ K̃ᵀ)) softmax(Q̃ Kᵀ) V per head; returns (out, K, V) like attention."""
     K = k if past_k is None else np.concatenate([past_k, k], axis=1)
     V = v if past_v is None else np.concatenate([past_v, v], axis=1)
     D = q.shape[-1] // n_heads
     scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
-    p = _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale)
+    p = _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale, pinv_iters)
     out = p["F"] @ (p["Ap"] @ (p["Bm"] @ p["vh"]))
     return _merge(out.reshape(q.shape[0], n_heads, q.shape[1], D)), K, V
 
 
 @wide_vjp
-def nystrom_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None):
+def nystrom_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None,
+                          pinv_iters=6):
     g_out, g_K, g_V = grads
     q, k, v, past_k, past_v, mask = inputs
     _, K, V = outputs
@@ -141,7 +189,7 @@ def nystrom_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal
     D = q.shape[-1] // n_heads
     G = n_heads // n_kv_heads
     scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
-    p = _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale)
+    p = _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale, pinv_iters)
     t = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
     F, Ap, Bm, vh = p["F"], p["Ap"], p["Bm"], p["vh"]
     W = Bm @ vh                      # (…, Lq, D)
@@ -153,7 +201,7 @@ def nystrom_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal
     gW = t(Ap) @ gZ
     gBm = gW @ t(vh)
     gvh = (t(Bm) @ gW).sum(axis=2)
-    gA = pinv_vjp(gAp, p["A"], Ap)
+    gA = iterative_pinv_vjp(gAp, p["A"], p["steps"])
     gSF = _softmax_keep_vjp(gF, F, p["keep_l"]) * scale   # scores Q K̃ᵀ
     gSA = _softmax_keep_vjp(gA, p["A"], p["keep_l"]) * scale  # scores Q̃ K̃ᵀ
     gSB = _softmax_keep_vjp(gBm, Bm, p["keep_k"]) * scale  # scores Q̃ Kᵀ
@@ -171,19 +219,23 @@ def nystrom_attention_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal
             None if past_k is None else gK[:, :S], None if past_v is None else gV[:, :S], None)
 
 
-def nystrom_attention_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None):
+def nystrom_attention_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None,
+                            pinv_iters=6):
     op = "nystrom_attention"
     require(not causal, op, "Nyström attention mixes all positions; it does not support causal=True")
     require(isinstance(n_landmarks, (int, np.integer)) and n_landmarks >= 1, op,
             f"n_landmarks must be a positive integer, got {n_landmarks!r}")
+    require(isinstance(pinv_iters, (int, np.integer)) and pinv_iters >= 0, op,
+            f"pinv_iters must be a non-negative integer, got {pinv_iters!r}")
     return attention_infer(shapes, dtypes, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=False, scale=scale)
 
 
-def nystrom_attention_flops(shapes, outs, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None):
+def nystrom_attention_flops(shapes, outs, *, n_heads, n_kv_heads, causal=False, n_landmarks, scale=None,
+                            pinv_iters=6):
     q = shapes[0]
     T, S, L = q[1], outs[1][1], n_landmarks
     per_row = 2 * (T * L + L * L + L * S) + 2 * (T * L + L * L + L * S)  # scores, then the three products
-    return q[0] * q[2] * per_row + q[0] * n_heads * (5 * (T * L + L * L + L * S) + 20 * L ** 3)
+    return q[0] * q[2] * per_row + q[0] * n_heads * (5 * (T * L + L * L + L * S) + 8 * (pinv_iters + 1) * L ** 3)
 
 
 register("nystrom_attention", nystrom_attention, nystrom_attention_vjp, nystrom_attention_infer,

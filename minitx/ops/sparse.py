@@ -278,6 +278,12 @@ add_cases("sparse_attention", [
     Case("strided 4, bidirectional",
          _sparse_attn("strided", stride=4, window=2)(2, 12, 0, 4, 2, 8, False, True, False)),
     Case("top-3", _sparse_attn("topk", topk=3)(2, 10, 0, 4, 2, 8, True, True, False)),
+    Case("strided 3, causal, prefill after cache", _sparse_attn("strided", stride=3)(2, 13, 7, 4, 2, 8, True, True, True)),
+    Case("block 3, 2 global, prefill after cache",
+         _sparse_attn("block", block=3, n_global=2)(2, 11, 6, 4, 2, 8, True, True, True)),
+    Case("top-4, decode over cache", _sparse_attn("topk", topk=4)(3, 1, 15, 4, 2, 8, True, True, True)),
+    Case("top-5, prefill after cache (many queries)", _sparse_attn("topk", topk=5)(2, 12, 6, 4, 2, 8, True, True, True)),
+    Case("threshold 0.05, bidirectional", _sparse_attn("threshold", threshold=0.05)(2, 11, 0, 4, 2, 8, False, True, False)),
     Case("top-3 over tied scores", _sparse_attn("topk", topk=3)(2, 10, 0, 4, 2, 8, True, True, False, scale=0.0),
          "ties"),
     # With the dense pattern every attention situation applies.

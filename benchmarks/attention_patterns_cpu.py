@@ -1,0 +1,94 @@
+"""In-process A/B of the numba attention kernels: each sparse pattern against dense attention.
+
+    python benchmarks/attention_patterns_cpu.py [--lengths 500,1024,4096] [--rounds 5] [-o FILE.md]
+
+One causal prefill of GPT-2-small's attention shape (12 heads of 64, batch 1) per call. Dense and
+the pattern alternate within every round (dense, pattern, dense, pattern, ...), so a change in the
+machine's load hits both alike; the figure is the ratio of medians, dense / pattern (> 1: the
+pattern is faster). The load average is written beside the results: on a shared machine quote
+ratios, not absolute times.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minitx.backends.numba_cpu import attention as A  # noqa: E402
+from minitx.backends.numba_cpu import sparse as SP  # noqa: E402
+
+PATTERNS = {"local (window 128)": dict(pattern="local", window=128),
+            "block (64, 1 global)": dict(pattern="block", block=64, n_global=1),
+            "strided (64)": dict(pattern="strided", stride=64),
+            "top-k (k 32)": dict(pattern="topk", topk=32),
+            "threshold (0.01)": dict(pattern="threshold", threshold=0.01)}
+H, D = 12, 64
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run(lengths: list[int], rounds: int, only: list[str] | None) -> list[tuple[int, str, float, float, float]]:
+    r = np.random.default_rng(0)
+    rows = []
+    for T in lengths:
+        q, k, v = (r.standard_normal((1, T, H * D), dtype=np.float32) for _ in range(3))
+        a = dict(n_heads=H, n_kv_heads=H, causal=True)
+        dense = lambda: A.attention(q, k, v, **a)  # noqa: E731
+        dense()
+        for name, pat in PATTERNS.items():
+            if only and not any(o in name for o in only):
+                continue
+            sp = lambda pat=pat: SP.sparse_attention(q, k, v, **a, **pat)  # noqa: E731
+            sp()
+            td, ts = [], []
+            for _ in range(rounds):
+                td.append(_time(dense))
+                ts.append(_time(sp))
+            md, ms = statistics.median(td), statistics.median(ts)
+            rows.append((T, name, md * 1e3, ms * 1e3, md / ms))
+            print(f"T={T:5d} {name:22s} dense {md * 1e3:8.1f} ms  pattern {ms * 1e3:8.1f} ms  ratio {md / ms:5.2f}",
+                  flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="500,1024,4096")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated substrings of pattern names")
+    ap.add_argument("-o", "--output", default="")
+    args = ap.parse_args()
+    load0 = os.getloadavg()
+    rows = run([int(x) for x in args.lengths.split(",")], args.rounds,
+               [s for s in args.only.split(",") if s] or None)
+    load1 = os.getloadavg()
+    lines = ["# Sparse attention patterns vs dense attention (numba, CPU)", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}; "
+             f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'default')}. "
+             f"Load average (1, 5, 15 min) before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+             f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}: the machine is shared, quote the ratios.", "",
+             f"Causal prefill, batch 1, {H} heads of {D} (GPT-2-small's attention), float32; median of "
+             f"{args.rounds} alternating rounds. Command: `python benchmarks/attention_patterns_cpu.py "
+             f"--lengths {args.lengths} --rounds {args.rounds}`.", "",
+             "| tokens | pattern | dense ms | pattern ms | dense / pattern |", "|---:|---|---:|---:|---:|"]
+    lines += [f"| {T} | {n} | {d:.1f} | {s:.1f} | {x:.2f} |" for T, n, d, s, x in rows]
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Attention plugin: softmax attention replaced by linear (kernel) attention.
+
+    minitx optimize model.npz --plugin attention:map=elu -o model.linear.npz --force
+    minitx optimize model.npz --plugin attention:map=favor,features=64,seed=0 -o model.favor.npz --force
+
+Every ``attention`` node (causal or not, with its KV cache inputs) becomes ``linear_attention``
+(spec: minitx/ops/linear_attention.py): ``map=elu`` is the linear Transformer's φ(x) = elu(x) + 1;
+``map=favor`` is FAVOR+ with ``features`` positive orthogonal random features per head, drawn from
+``seed`` (a new seed redraws them; each layer gets its own draw, stored as a parameter
+``<node>.favor.proj``, which training leaves fixed).
+
+This changes the function — elu+1 is not softmax, FAVOR+ only estimates it — so a trained model
+usually falls outside the declared tolerance (perplexity +25%, KL <= 0.25, cosine >= 0.9) and
+``minitx optimize`` refuses it unless ``--force``; the rewritten model is then fine-tuned to
+recover. Recovery is :func:`minitx.training.fit` (``minitx train``'s loop) on the rewritten graph;
+accuracy before and after on the bundled decoder: benchmarks/results/attention_recovery.md
+(``benchmarks/attention_recovery.py``).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from minitx.ir import Node
+from minitx.ops.linear_attention import favor_projection
+from minitx.plugin import Option, Plugin, Tolerance, positive_int
+from minitx.rewrite import Context, Replacement, Rule
+
+TOLERANCE = Tolerance(min_cosine=0.9, max_kl=0.25, max_ppl_increase=0.25)
+
+
+class AttentionPlugin(Plugin):
+    name = "attention"
+    description = "linear (kernel) attention: elu+1 or FAVOR+ random features; needs a recovery fine-tune"
+    order = 32
+    positional = None
+    exact = False
+    options = {
+        "map": Option("elu", help="feature map", choices=("elu", "favor")),
+        "features": Option(64, positive_int, "favor: random features per head"),
+        "seed": Option(0, int, "favor: seed of the random features (another seed redraws them)"),
+        **Tolerance.options(),
+    }
+
+    def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
+        return TOLERANCE.override(opts)
+
+    def rules(self, opts: Mapping[str, Any]) -> list[Rule]:
+        return [Rule("attention.linear", "attention", _linear_rule)]
+
+
+def plugin() -> AttentionPlugin:
+    """Entry point ``minitx.plugins: attention``."""
+    return AttentionPlugin()
+
+
+def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
+    o = ctx.options
+    if node.attrs.get("scale") is not None:
+        return None  # a custom softmax temperature has no counterpart in the feature maps
+    attrs = {k: node.attrs[k] for k in ("n_heads", "n_kv_heads", "causal")}
+    attrs["feature"] = o["map"]
+    ins = list(node.inputs) + [""] * (6 - len(node.inputs))
+    if o["map"] == "favor":
+        D = ctx.shapes()[node.inputs[0]][0][-1] // int(node.attrs["n_heads"])
+        layer = int(node.tags.get("layer", 0))
+        proj = favor_projection(o["features"], D, 1000 * o["seed"] + layer).astype("float32")  # own draw per layer
+        ins.append(ctx.add_param(node.name + ".favor.proj", proj))
+    return Replacement([Node(ctx.fresh(node.name + ".linear"), "linear_attention", ins, list(node.outputs), attrs,
+                             dict(node.tags))])

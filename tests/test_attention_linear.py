@@ -1,0 +1,66 @@
+"""Linear (kernel) attention: the spec against its definitions, its VJP against float64 finite
+differences (collected into test_ops_grad's registry coverage), and FAVOR+ against softmax."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minitx.gradcheck import check_vjp
+from minitx.ops import attention as A
+from minitx.ops import linear_attention as LA
+from minitx.ops.cases import CASES
+
+
+def _grad_cases():
+    return [(c.name, c.make) for c in CASES["linear_attention"]]
+
+
+@pytest.mark.parametrize("case", _grad_cases(), ids=lambda c: c[0])
+def test_linear_attention_vjp_matches_finite_differences(case):
+    _, make = case
+    inputs, attrs = make(np.random.default_rng(0), "float64")
+    results = check_vjp("linear_attention", inputs, attrs, eps=1e-6, rtol=1e-5)
+    assert len(results) >= 3
+
+
+def _recurrent(q, k, v, feature, proj, causal):
+    """The running-sum form, one head, written independently: state S = Σ φ(k) vᵀ, z = Σ φ(k)."""
+    phi = (lambda x: np.where(x > 0, x + 1, np.exp(x))) if feature == "elu" else \
+        (lambda x: np.exp((x / x.shape[-1] ** 0.25) @ proj.T - 0.5 * ((x / x.shape[-1] ** 0.25) ** 2).sum(-1, keepdims=True))
+         / np.sqrt(proj.shape[0]))
+    pq, pk = phi(q), phi(k)
+    out = np.empty_like(v)
+    if not causal:
+        S, z = pk.T @ v, pk.sum(0)
+        return (pq @ S) / (pq @ z + LA.EPS)[:, None]
+    S, z = np.zeros((pk.shape[1], v.shape[1])), np.zeros(pk.shape[1])
+    for t in range(len(q)):
+        S += np.outer(pk[t], v[t])
+        z += pk[t]
+        out[t] = pq[t] @ S / (pq[t] @ z + LA.EPS)
+    return out
+
+
+@pytest.mark.parametrize("feature", ["elu", "favor"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_attention_equals_its_running_sum_form(feature, causal):
+    rng = np.random.default_rng(1)
+    T, D = 11, 8
+    q, k, v = (rng.standard_normal((1, T, D)) * 0.5 for _ in range(3))
+    proj = LA.favor_projection(16, D, 3) if feature == "favor" else None
+    got = LA.linear_attention(q, k, v, None, None, None, proj, n_heads=1, n_kv_heads=1, causal=causal,
+                              feature=feature)[0][0]
+    np.testing.assert_allclose(got, _recurrent(q[0], k[0], v[0], feature, proj, causal), atol=1e-12)
+
+
+def test_favor_approaches_softmax_attention_with_many_features_and_a_seed_redraws_them():
+    rng = np.random.default_rng(2)
+    T, D = 16, 8
+    q, k, v = (rng.standard_normal((1, T, D)) * 0.4 for _ in range(3))
+    a = dict(n_heads=1, n_kv_heads=1, causal=False)
+    dense = A.attention(q, k, v, **a)[0]
+    err = {F: np.abs(LA.linear_attention(q, k, v, None, None, None, LA.favor_projection(F, D, 0), feature="favor",
+                                         **a)[0] - dense).max() for F in (8, 4096)}
+    assert err[4096] < 0.05 < err[8] or err[4096] < err[8] / 3
+    assert not np.allclose(LA.favor_projection(8, D, 0), LA.favor_projection(8, D, 1))
+    np.testing.assert_array_equal(LA.favor_projection(8, D, 5), LA.favor_projection(8, D, 5))
