@@ -149,3 +149,17 @@ def _widen_impl(arr, i, bf16):
     def impl_int(arr, i, bf16):
         return types.float32(arr[i])
     return impl_int
+
+
+@njit(inline="always", fastmath={"reassoc", "contract", "arcp"})
+def dot4(q, k0, k1, k2, k3, D, zero):
+    """Four dot products of ``q`` with four key rows in one pass over ``q``: the score loop every
+    attention kernel unrolls (each ``q[d]`` is loaded once for four keys)."""
+    a0 = a1 = a2 = a3 = zero
+    for d in range(D):
+        qd = q[d]
+        a0 += qd * k0[d]
+        a1 += qd * k1[d]
+        a2 += qd * k2[d]
+        a3 += qd * k3[d]
+    return a0, a1, a2, a3

@@ -12,7 +12,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import FASTMATH, kernel, pick
-from ._vmath import exp
+from ._vmath import dot4, exp
 from .kvcache import append, storage
 
 
@@ -66,13 +66,7 @@ def _sdpa(q, K, KS, V, VS, quantized, S_tot, mask, has_mask, causal, scale, H, K
             k1 = K[b, s + 1, g * D:(g + 1) * D]
             k2 = K[b, s + 2, g * D:(g + 1) * D]
             k3 = K[b, s + 3, g * D:(g + 1) * D]
-            a0 = a1 = a2 = a3 = zero
-            for d in range(D):
-                qd = qh[d]
-                a0 += qd * k0[d]
-                a1 += qd * k1[d]
-                a2 += qd * k2[d]
-                a3 += qd * k3[d]
+            a0, a1, a2, a3 = dot4(qh, k0, k1, k2, k3, D, zero)
             sc[s], sc[s + 1], sc[s + 2], sc[s + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
             s += 4
         while s < n:

@@ -23,7 +23,7 @@ from numba import prange
 from minitx.ops import cross_attention as spec
 
 from ._jit import kernel, pick
-from ._vmath import exp
+from ._vmath import dot4, exp
 from .attention import PREFILL_MIN_QUERIES, _mix_values, sdpa
 
 
@@ -48,13 +48,7 @@ def _biased(q, K, V, mask, has_mask, bias, causal, scale, H, zero, out):
         s = 0
         while s + 4 <= n:
             k0, k1, k2, k3 = K[b, s, lo:lo + D], K[b, s + 1, lo:lo + D], K[b, s + 2, lo:lo + D], K[b, s + 3, lo:lo + D]
-            a0 = a1 = a2 = a3 = zero
-            for d in range(D):
-                qd = qh[d]
-                a0 += qd * k0[d]
-                a1 += qd * k1[d]
-                a2 += qd * k2[d]
-                a3 += qd * k3[d]
+            a0, a1, a2, a3 = dot4(qh, k0, k1, k2, k3, D, zero)
             sc[s], sc[s + 1] = a0 * scale + brow[s], a1 * scale + brow[s + 1]
             sc[s + 2], sc[s + 3] = a2 * scale + brow[s + 2], a3 * scale + brow[s + 3]
             s += 4

@@ -21,7 +21,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import FASTMATH, kernel, pick
-from ._vmath import exp
+from ._vmath import dot4, exp
 from .attention import PREFILL_MIN_QUERIES, sdpa
 from .kvcache import append, storage
 
@@ -109,13 +109,7 @@ def _pattern_sdpa(q, K, V, S, mask, has_mask, causal, code, window, block, strid
             k1 = K[b, idx[c + 1], g * D:(g + 1) * D]
             k2 = K[b, idx[c + 2], g * D:(g + 1) * D]
             k3 = K[b, idx[c + 3], g * D:(g + 1) * D]
-            a0 = a1 = a2 = a3 = zero
-            for d in range(D):
-                qd = qh[d]
-                a0 += qd * k0[d]
-                a1 += qd * k1[d]
-                a2 += qd * k2[d]
-                a3 += qd * k3[d]
+            a0, a1, a2, a3 = dot4(qh, k0, k1, k2, k3, D, zero)
             sc[c], sc[c + 1], sc[c + 2], sc[c + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
             c += 4
         while c < n:

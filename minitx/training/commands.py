@@ -143,12 +143,28 @@ def _check_early(opts: RunOptions, parallel: bool = False) -> None:
 
 
 # ----------------------------------------------------------------------------------- train
+def _reducer(opts: RunOptions, st: TrainState):
+    """This process's share of ``--parallel dp=N`` (one rank without it); only rank 0 reports."""
+    from ..distributed import data_parallel
+
+    red = data_parallel.reducer(opts.values.get("parallel"), st.settings.batch_size)
+    opts.quiet = opts.quiet or not red.is_writer
+    data_parallel.quiet_unless_writer(red)
+    return red
+
+
+def _trained(opts: RunOptions, checkpoint: str, st: TrainState, t0: float) -> dict[str, Any]:
+    """What ``train`` reports: output, checkpoint, steps, time, size and the last held-out loss."""
+    last = st.history[-1] if st.history else {}
+    return {"output": opts.output, "checkpoint": checkpoint, "steps": st.step,
+            "seconds": time.perf_counter() - t0, "params": st.model.n_params(),
+            "val_loss": last.get("val_loss"), "val_perplexity": last.get("val_perplexity"), "history": st.history}
+
+
 def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: str = "tiny",
           config_path: str | None = None, tokenizer_path: str | None = None,
           vocab_size: int | None = None) -> dict[str, Any]:
     """``minitx train``: a new decoder (or a resumed run) trained on a text, saved to the output."""
-    from ..distributed import data_parallel
-
     _check_early(opts, parallel=True)
     text = data.read_text(data_path)
     checkpoint = opts.checkpoint_path({"--data": data_path, "--config": config_path, "--tokenizer": tokenizer_path})
@@ -171,9 +187,7 @@ def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: 
 
         config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
         st = fresh_model(models.complete_config(config), tok_json, opts.settings())
-    red = data_parallel.reducer(opts.values.get("parallel"), st.settings.batch_size)
-    opts.quiet = opts.quiet or not red.is_writer     # rank 0 reports; the others are silent
-    data_parallel.quiet_unless_writer(red)
+    red = _reducer(opts, st)
     ids = data.encode(tok_json, text)
     red.agree(ckpt.data_identity(ids)["sha256"], "tokens of the text")
     m, s = st.model, st.settings
@@ -187,10 +201,7 @@ def train(opts: RunOptions, data_path: str, *, arch: str | None = None, preset: 
               "settings": asdict(s), "history": st.history}
     if red.is_writer:
         modelfile.save(m, opts.output)
-    last = st.history[-1] if st.history else {}
-    return {"output": opts.output, "checkpoint": checkpoint, "steps": st.step,
-            "seconds": time.perf_counter() - t0, "params": m.n_params(),
-            "val_loss": last.get("val_loss"), "val_perplexity": last.get("val_perplexity"), "history": st.history}
+    return _trained(opts, checkpoint, st, t0)
 
 
 def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, preset: str = "tiny",
@@ -202,7 +213,6 @@ def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, p
     separated by spaces or commas (seq2seq.read_pairs): a BPE trained here would not know the
     config's pad / EOS / decoder-start ids, so none is trained."""
     from .. import seq2seq
-    from ..distributed import data_parallel
     from . import pairs as pair_objective
 
     _check_early(opts, parallel=True)
@@ -218,9 +228,7 @@ def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, p
 
             config["vocab_size"] = Tokenizer.from_str(tok_json).get_vocab_size()
         st = fresh_model(models.complete_config(config), tok_json, opts.settings())
-    red = data_parallel.reducer(opts.values.get("parallel"), st.settings.batch_size)
-    opts.quiet = opts.quiet or not red.is_writer     # rank 0 reports; the others are silent
-    data_parallel.quiet_unless_writer(red)
+    red = _reducer(opts, st)
     m, s = st.model, st.settings
     pairs = seq2seq.read_pairs(pairs_path, m)
     red.agree(hashlib.sha256(json.dumps(pairs).encode()).hexdigest(), "pairs of the file")
@@ -233,10 +241,7 @@ def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, p
               "settings": asdict(s), "history": st.history}
     if red.is_writer:
         modelfile.save(m, opts.output)
-    last = st.history[-1] if st.history else {}
-    return {"output": opts.output, "checkpoint": checkpoint, "steps": st.step,
-            "seconds": time.perf_counter() - t0, "params": m.n_params(),
-            "val_loss": last.get("val_loss"), "val_perplexity": last.get("val_perplexity"), "history": st.history}
+    return _trained(opts, checkpoint, st, t0)
 
 
 # --------------------------------------------------------------------------------- distill
