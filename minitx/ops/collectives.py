@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import MinitxError
 from . import register, require
-from .cases import EDGE_ROWS, Case, Make, add_cases, randn, signed_zeros, viewed
+from .cases import EDGE_ROWS, Case, Make, add_cases, np_dtype, randn, signed_zeros, viewed
 
 MAX_RANKS = 64
 
@@ -121,6 +121,16 @@ def _ranked(n: int, shape: tuple, attrs: Callable[[int], dict], fill: Callable[.
     return make
 
 
+def _magnitude(scale: Callable[[np.finfo], float]) -> Callable[..., np.ndarray]:
+    """A deterministic fill (signs and sizes varying along the array) at ``scale(finfo(dtype))``:
+    near the dtype's maximum, yet summable over 8 ranks without overflow, or subnormal."""
+    def fill(shape: Sequence[int], dtype: str) -> np.ndarray:
+        dt = np_dtype(dtype)
+        wave = np.cos(np.arange(int(np.prod(shape)), dtype=np.float64)).reshape(tuple(shape))
+        return (wave * scale(np.finfo(dt))).astype(dt)
+    return fill
+
+
 def _collective_cases(shape: Shape, attrs: Callable[[int], dict] = lambda n: {}) -> list[Case]:
     """Groups of 2, 3 and 4 ranks, of 1 and 8 (``batch``), row counts across tile edges, signed
     zeros and strided views, for a collective whose rank r input has ``shape(n, rows)``."""
@@ -131,6 +141,10 @@ def _collective_cases(shape: Shape, attrs: Callable[[int], dict] = lambda n: {})
         Case("8 ranks", _ranked(8, shape(8, 3), attrs), "batch"),
         *[Case(f"2 ranks, {k} rows", _ranked(2, shape(2, k), attrs), "sizes") for k in EDGE_ROWS],
         Case("signed zeros", _ranked(3, shape(3, 4), attrs, signed_zeros), "zeros"),
+        Case("near the dtype's maximum", _ranked(3, shape(3, 4), attrs, _magnitude(lambda f: float(f.max) / 16)),
+             "large"),
+        Case("subnormal", _ranked(3, shape(3, 4), attrs, _magnitude(lambda f: 4 * float(f.smallest_subnormal))),
+             "tiny"),
         viewed(typical[1]),
     ]
 

@@ -163,4 +163,7 @@ add_cases("linear_attention", [
     Case("favor, causal prefill after cache", _linear("favor", 16)(2, 6, 4, 4, 2, 8, True, True, True)),
     Case("favor, bidirectional", _linear("favor", 12)(2, 10, 0, 2, 1, 8, False, False, False)),
     *[Case(f"elu, {t} queries", _linear("elu")(1, t, 2, 2, 1, 8, True, False, True), "sizes") for t in (1, 8, 17)],
+    Case("elu, large scores", _linear("elu")(2, 9, 0, 4, 2, 8, True, False, False, scale=20.0), "large"),
+    Case("favor, large scores", _linear("favor", 16)(2, 9, 0, 4, 2, 8, True, False, False, scale=3.0), "large"),
+    Case("elu, subnormal inputs", _linear("elu")(2, 9, 0, 4, 2, 8, True, False, False, scale=1e-30), "tiny"),
 ])

@@ -717,10 +717,10 @@ add_cases("attention_kv8", [
 ])
 
 
-def _lut(rows, n_in, n_out, name, group, bias=True):
+def _lut(rows, n_in, n_out, name, group, bias=True, x_scale=1.0):
     def make(r, d):
         q, sc = quantize_lut(randn(r, (n_out, n_in), "float32", 0.1), name, group)
-        return (randn(r, (rows, 1, n_in), d), q, sc.astype(d), randn(r, (n_out,), d) if bias else None), \
+        return (randn(r, (rows, 1, n_in), d, x_scale), q, sc.astype(d), randn(r, (n_out,), d) if bias else None), \
             {"codebook": name, "group": group}
     return make
 
@@ -728,4 +728,6 @@ def _lut(rows, n_in, n_out, name, group, bias=True):
 for _cb in CODEBOOKS:
     add_cases("linear_lut", [Case(f"{_cb}, {m} rows, group 32", _lut(m, 96, 40, _cb, 32, m % 2 == 1))
                              for m in (1, 3, 9)])
-    add_cases("linear_lut", [Case(f"{_cb}, tile edges", _lut(65, 64, 72, _cb, 16), "sizes")])
+    add_cases("linear_lut", [Case(f"{_cb}, tile edges", _lut(65, 64, 72, _cb, 16), "sizes"),
+                             Case(f"{_cb}, large inputs", _lut(3, 96, 40, _cb, 32, x_scale=1e3), "large"),
+                             Case(f"{_cb}, subnormal inputs", _lut(3, 96, 40, _cb, 32, x_scale=1e-40), "tiny")])
