@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minitx.backends.numba_cpu import attention as A  # noqa: E402
 from minitx.backends.numba_cpu import sparse as SP  # noqa: E402
+from minitx.outputs import atomic_write  # noqa: E402
 
 PATTERNS = {"local (window 128)": dict(pattern="local", window=128),
             "block (64, 1 global)": dict(pattern="block", block=64, n_global=1),
@@ -84,10 +85,8 @@ def main() -> None:
              "| tokens | pattern | dense ms | pattern ms | dense / pattern |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {T} | {n} | {d:.1f} | {s:.1f} | {x:.2f} |" for T, n, d, s, x in rows]
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, args.output)
+        with atomic_write(args.output) as f:
+            f.write(("\n".join(lines) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from minitx import data, plugin  # noqa: E402
 from minitx.bundled import load_model  # noqa: E402
 from minitx.training.evaluation import evaluate  # noqa: E402
 from minitx.training.loop import fit  # noqa: E402
+from minitx.outputs import atomic_write  # noqa: E402
 from minitx.training.settings import TrainSettings, new_state  # noqa: E402
 
 DEFAULT_TEXT = "/usr/share/common-licenses"
@@ -75,10 +76,8 @@ def main() -> None:
              "| model | perplexity before | after fine-tune | fine-tune s |", "|---|---:|---:|---:|"]
     lines += [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.0f} |" for r in rows]
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, args.output)
+        with atomic_write(args.output) as f:
+            f.write(("\n".join(lines) + "\n").encode())
 
 
 if __name__ == "__main__":
