@@ -2,7 +2,7 @@
 definitions, the quant plugin's modes, the numba kernel, and quantization-aware training."""
 import numpy as np
 import pytest
-from test_qat import V, _markov_ids, _settings
+from test_qat import _settings, trained  # noqa: F401 — trained: the float model fixture test_qat trains
 
 from minitx import modelfile, models, plugin
 from minitx import training as tr
@@ -87,15 +87,6 @@ def test_modes_pack_every_linear_and_save(gpt2, mode, tmp_path):
     spec = Executor(new.graph, new.params, backends=("numpy",)).run(f, outputs=["logits"])["logits"]
     fast = Executor(back.graph, back.params, backends=("numba", "numpy"), strict=False).run(f, outputs=["logits"])["logits"]
     assert np.abs(spec - fast).max() <= 1e-4 * np.abs(spec).max()
-
-
-@pytest.fixture(scope="module")
-def trained():
-    ids = _markov_ids(12000)
-    cfg = models.complete_config({"arch": "gpt2", "vocab_size": V, "n_ctx": 16, "d_model": 32, "n_layers": 1,
-                                  "n_heads": 2, "d_ff": 64})
-    st = tr.fit(tr.fresh_model(cfg, None, _settings()), ids)
-    return st.model, ids
 
 
 @pytest.mark.parametrize("mode", ["ternary", "binary"])
