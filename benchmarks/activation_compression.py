@@ -106,6 +106,8 @@ def main() -> None:
               f"{cos:.6f} | {rel:.2e} | {t / t0:.2f} |")
         w("\nStep time: median of the rounds, interleaved; compression costs a pass over each saved value each way.\n")
         w(f"## Training {a.steps} steps: held-out loss\n")
+        w("The held-out tail of the corpus is the multilingual held-out text, unlike the English prose trained "
+          "on, hence the gap between train and held-out loss: compare the columns with each other.\n")
         names = list(curves)
         w("| step | " + " | ".join(f"`{n}`" for n in names) + " |")
         w("|---" * (len(names) + 1) + "|")
