@@ -501,8 +501,9 @@ def _run_options(p: dict[str, Any], output: str):
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(dir_okay=False), help="tokenizer.json to use instead of training one.")
 @click.option("--vocab-size", type=int, default=None, help="Train a byte-level BPE of this size (default: the config's vocab_size).")
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
-              help="Exact graph rewrite for training, e.g. recompute:sqrt (less activation memory, same "
-                   "gradients); repeatable; kept in checkpoints.")
+              help="Graph rewrite for training that keeps the forward exact: recompute:sqrt (less activation "
+                   "memory, same gradients) or activations:int8|fp8 (saved activations in 8 bits, gradients "
+                   "approximate); repeatable; kept in checkpoints.")
 @training_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
 def train(arch, preset, config_path, data_path, pairs_path, output, tokenizer_path, vocab_size, as_json, **p) -> None:
     """Train a decoder (GPT-2 or LLaMA style) on a text file, or an encoder–decoder (T5, BART,

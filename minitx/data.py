@@ -10,24 +10,14 @@ import os
 
 import numpy as np
 
-from .errors import MinitxError
+from .errors import MinitxError, regular_file
 
 EOT = "<|endoftext|>"
 
 
-def _regular(path: str, what: str) -> None:
-    """A FIFO or device would block or never end a read: only regular files are read."""
-    if not os.path.exists(path):
-        raise MinitxError(f"{path}: no such {what}")
-    if os.path.isdir(path):
-        raise MinitxError(f"{path}: is a folder, not a {what}")
-    if not os.path.isfile(path):
-        raise MinitxError(f"{path}: is not a regular file (a FIFO or device), not a {what}")
-
-
 def _read_utf8(path: str, what: str, not_utf8: str) -> str:
     """The whole of a regular UTF-8 file; every failure one line naming ``path``."""
-    _regular(path, what)
+    regular_file(path, what)
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()

@@ -12,7 +12,9 @@ Training keeps exactly what the VJPs will read, frees everything else as soon as
 has run, and counts the bytes held: ``peak_activation_bytes`` is the high-water mark of node
 outputs plus activation gradients alive at once (parameters and their gradients excluded). Nodes
 tagged ``recompute`` drop their outputs after the forward pass; the backward pass recomputes them
-on first need — the mechanism the recompute plugin's policies drive.
+on first need — the mechanism the recompute plugin's policies drive. Nodes tagged
+``{"save": "int8"|"fp8"}`` keep their outputs compressed (minitx/saved.py) from their last forward
+reader to their first VJP reader, which gets them decompressed — the activations plugin.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import ops
+from . import ops, saved as saved_values
 from .backend import Backend, get_backend, owner, spec_backend
 from .errors import MinitxError
 from .ir import Graph, Node
@@ -303,19 +305,29 @@ class Executor:
         # After the forward, a value survives its last forward reader only if a VJP reads it and
         # it is not tagged for recompute; graph inputs, parameters and outputs are never freed.
         keep = set(g.params) | {v.name for v in g.inputs} | set(g.outputs)
+        # A value a VJP reads whose producer is tagged ``save`` is compressed instead, once its
+        # last forward reader has run.
         dropped: list[list[str]] = [[] for _ in g.nodes]
+        compressed: list[list[tuple[str, str, int]]] = [[] for _ in g.nodes]
+
+        def settle(v: str, idx: int) -> None:
+            if saved.get(v, 0) == 0 or self._recompute(v):
+                dropped[idx].append(v)
+            elif v not in keep and (fmt := self._save_format(v)) is not None:
+                compressed[idx].append((v, *fmt))
+
         remaining = dict(fwd_uses)
         for idx, n in enumerate(g.nodes):
             for i in n.inputs:
                 if i:
                     remaining[i] -= 1
-                    if remaining[i] == 0 and (saved.get(i, 0) == 0 or self._recompute(i)):
-                        dropped[idx].append(i)
+                    if remaining[i] == 0:
+                        settle(i, idx)
             for o in n.outputs:
-                if remaining.get(o, 0) == 0 and (saved.get(o, 0) == 0 or self._recompute(o)):
-                    dropped[idx].append(o)
+                if remaining.get(o, 0) == 0:
+                    settle(o, idx)
         plan = _BackwardPlan(wrt, frozenset(tracked), nodes, saved, frozenset(keep),
-                             [[v for v in d if v not in keep] for d in dropped])
+                             [[v for v in d if v not in keep] for d in dropped], compressed)
         self._plans[key] = plan
         return plan
 
@@ -335,10 +347,19 @@ class Executor:
                 st.mem.hold(o, st.env[o])
             for v in plan.dropped_after[idx]:
                 st.free(v)
+            for v, fmt, block in plan.compressed_after[idx]:
+                if v in st.env and saved_values.compressible(a := self._host(v, st.env, st.loc)):
+                    st.env[v], st.loc[v] = saved_values.compress(a, fmt, block), self.spec
+                    st.mem.hold(v, st.env[v])
 
     def _ensure(self, v: str, st: "_Pass") -> None:
         """Make ``v`` present again, recomputing it (and what it needs) if the forward dropped it."""
-        if v in st.env or v in self.params:
+        if v in self.params:
+            return
+        if v in st.env:
+            if isinstance(st.env[v], saved_values.Compressed):
+                st.env[v] = saved_values.decompress(st.env[v])
+                st.mem.hold(v, st.env[v])
             return
         node = self._producer[v]
         for i in node.inputs:
@@ -408,13 +429,20 @@ class Executor:
         node = self._producer.get(v)
         return bool(node is not None and node.tags.get("recompute"))
 
+    def _save_format(self, v: str) -> tuple[str, int] | None:
+        """(format, block) a tagged producer asks its saved outputs to be kept in, else None."""
+        node = self._producer.get(v)
+        fmt = node.tags.get("save") if node is not None else None
+        return (str(fmt), int(node.tags.get("save_block", 64))) if fmt else None
+
 
 @dataclass(frozen=True)
 class _BackwardPlan:
     """What :meth:`Executor.forward_backward` needs to know about the graph for one ``loss`` and
     set of differentiated names, computed once: values that get gradients (``tracked``), the
     nodes whose VJP runs (forward order), how often VJPs read each value (``saved``), values never
-    freed (``keep``: leaves and graph outputs) and what to free after each forward node."""
+    freed (``keep``: leaves and graph outputs), what to free after each forward node, and what to
+    compress after it (value, format, block)."""
 
     wrt: frozenset[str]
     tracked: frozenset[str]
@@ -422,6 +450,7 @@ class _BackwardPlan:
     saved: dict[str, int]
     keep: frozenset[str]
     dropped_after: list[list[str]]
+    compressed_after: list[list[tuple[str, str, int]]]
 
 
 @dataclass

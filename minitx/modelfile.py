@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import stat
 import zipfile
 import zlib
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import models
-from .errors import MinitxError
+from .errors import MinitxError, regular_file
 from . import ops
 from .ir import Graph, symbols
 from .model import Model
@@ -78,16 +77,7 @@ class NpzReader:
     def __init__(self, path: str | os.PathLike, what: str = "model file") -> None:
         self.path = os.fspath(path)
         self.what = what
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise MinitxError(f"{self.path}: no such file") from None
-        except OSError as e:
-            raise MinitxError(f"{self.path}: cannot read: {e.strerror}") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise MinitxError(f"{self.path}: is a folder, not a {what} (.npz)")
-        if not stat.S_ISREG(st.st_mode):
-            raise MinitxError(f"{self.path}: is not a regular file (a FIFO, device or socket), not a {what}")
+        regular_file(self.path, what)
         try:
             self.z = zipfile.ZipFile(self.path)
             infos = self.z.infolist()

@@ -83,7 +83,7 @@ def test_missing_model_file_subprocess(tmp_path):
     r = subprocess.run([sys.executable, "-m", "minitx.cli", "infer", str(tmp_path / "nope.npz"), "--ids", "1"],
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip() == f"error: {tmp_path / 'nope.npz'}: no such file"
+    assert r.stderr.strip() == f"error: {tmp_path / 'nope.npz'}: no such model file"
     assert r.stdout == ""
 
 

@@ -101,7 +101,7 @@ def test_truncated_and_non_zip_files(saved, tmp_path):
     junk.write_text("hello")
     with pytest.raises(MinitxError, match="junk.npz: not a valid model file"):
         modelfile.load(junk)
-    with pytest.raises(MinitxError, match="no such file"):
+    with pytest.raises(MinitxError, match="no such model file"):
         modelfile.load(tmp_path / "absent.npz")
     npy = tmp_path / "arr.npy"
     np.save(npy, np.zeros(3))

@@ -576,6 +576,11 @@ def test_kl_div_matches_torch():
     pt = torch.softmax(torch.from_numpy(t.reshape(-1, 9)).double() / T, -1)
     ref = torch.nn.functional.kl_div(ls, pt, reduction="batchmean").item() * T * T
     close(fwd("kl_div", s, t, temperature=T), ref, rtol=1e-5)
+    # masked: the mean over the counted positions only
+    mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0]])
+    keep = torch.from_numpy(mask.reshape(-1) == 1)
+    ref = torch.nn.functional.kl_div(ls[keep], pt[keep], reduction="batchmean").item() * T * T
+    close(fwd("kl_div", s, t, mask, temperature=T), ref, rtol=1e-5)
 
 
 def test_mse_known_value():

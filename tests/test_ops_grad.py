@@ -691,6 +691,11 @@ def test_kl_div_grad(seed, lead, V, temperature):
     # At the minimum (student = teacher) both gradients vanish.
     g = _vjp("kl_div", [target, target], {"temperature": temperature})
     assert np.allclose(g[0], 0, atol=1e-12) and np.allclose(g[1], 0, atol=1e-12)
+    # Masked positions get no gradient; the others are checked against finite differences.
+    mask = rng.integers(0, 2, lead)
+    _check("kl_div", [logits, target, mask], {"temperature": temperature}, seed=seed)
+    g = _vjp("kl_div", [logits, target, mask], {"temperature": temperature})
+    assert np.all(g[0][mask == 0] == 0) and np.all(g[1][mask == 0] == 0) and g[2] is None
 
 
 @covers("mse")

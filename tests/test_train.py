@@ -274,7 +274,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     code, msg = _cli("train", "--arch", "gpt2", "--data", str(text), "-o", str(tmp_path / "no" / "m.npz"))
     assert code == 2 and "does not exist" in msg
     code, msg = _cli("eval", str(tmp_path / "none.npz"), "--data", str(text))
-    assert code == 2 and "no such file" in msg
+    assert code == 2 and "no such model file" in msg
     assert not os.path.exists(out)
 
 

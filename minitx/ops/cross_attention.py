@@ -17,7 +17,7 @@ import numpy as np
 
 from . import register, require, unbroadcast, wide_forward, wide_vjp
 from .attention import _heads, _merge, allowed_keys, head_scale
-from .cases import Case, Make, add_cases, randn, viewed
+from .cases import Case, Make, add_cases, randn, tiny, viewed
 
 
 def _probs(q, k, mask, bias, n_heads, causal, scale):
@@ -82,14 +82,16 @@ register("cross_attention", cross_attention, cross_attention_vjp, cross_attentio
 
 
 def _cross_inputs(B: int, T: int, S: int, H: int, D: int, *, pad: bool = False, bias: str | None = None,
-                  causal: bool = False, dead_row: bool = False, scale: float = 1.0) -> Make:
+                  causal: bool = False, dead_row: bool = False, scale: float = 1.0, subnormal: bool = False) -> Make:
     """q (B, T, H·D) over k, v (B, S, H·D). ``pad`` right-pads the sources by different lengths
     (an encoder's padding mask); ``dead_row`` masks batch row 0 entirely; ``bias`` is "shared"
     (1, H, T, S) or "per-row" (B, H, T, S), T5's position bias (its scale is then 1); ``scale``
-    shapes q so that scores reach a given magnitude."""
+    shapes q so that scores reach a given magnitude; ``subnormal`` makes q, k and v subnormal (the
+    scores underflow to zero: uniform weights over subnormal values)."""
     def make(r, d):
-        q = randn(r, (B, T, H * D), d, scale)
-        k, v = randn(r, (B, S, H * D), d), randn(r, (B, S, H * D), d)
+        t = tiny(d) if subnormal else 1.0
+        q = randn(r, (B, T, H * D), d, scale * t)
+        k, v = randn(r, (B, S, H * D), d, t), randn(r, (B, S, H * D), d, t)
         mask = None
         if pad or dead_row:
             mask = np.ones((B, S), np.int64)
@@ -113,6 +115,7 @@ add_cases("cross_attention", [
     Case("fully padded source row, with bias", _cross_inputs(3, 4, 6, 2, 4, dead_row=True, bias="shared"), "masked"),
     Case("large scores", _cross_inputs(2, 4, 9, 2, 8, pad=True, scale=12.0), "large"),
     Case("zero queries (uniform)", _cross_inputs(2, 5, 7, 2, 8, scale=0.0), "zeros"),
+    Case("subnormal q, k, v over padded encoder", _cross_inputs(2, 4, 9, 2, 8, pad=True, subnormal=True), "tiny"),
     *[Case(f"{t} queries over {s} keys", _cross_inputs(1, t, s, 2, 8, pad=False), "sizes")
       for t, s in ((1, 1), (7, 9), (8, 8), (9, 17), (17, 65))],
     Case("batch 1", _cross_inputs(1, 3, 5, 2, 8), "batch"),

@@ -61,26 +61,34 @@ add_cases("cross_entropy", [
 from . import same_as  # noqa: E402
 
 
-def kl_div(logits, target_logits, *, temperature=1.0):
+def kl_div(logits, target_logits, mask=None, *, temperature=1.0):
     """T² · mean over positions of KL(p_t ‖ p_s) = Σ_v p_t,v (log p_t,v − log p_s,v),
-    p_s = softmax(logits / T), p_t = softmax(target_logits / T)."""
+    p_s = softmax(logits / T), p_t = softmax(target_logits / T). ``mask`` (the positions' shape,
+    1 = counted) leaves out padding: an encoder–decoder's padded target slots."""
     T = temperature
     ls, lt = _log_softmax(logits / T), _log_softmax(target_logits / T)
-    rows = max(int(np.prod(logits.shape[:-1])), 1)
-    return np.asarray(T * T * float((np.exp(lt) * (lt - ls)).sum()) / rows, dtype=logits.dtype)
+    per_row = (np.exp(lt) * (lt - ls)).sum(axis=-1)
+    if mask is None:
+        return np.asarray(T * T * float(per_row.sum()) / max(per_row.size, 1), dtype=logits.dtype)
+    m = mask != 0
+    return np.asarray(T * T * float(per_row[m].sum()) / max(int(m.sum()), 1), dtype=logits.dtype)
 
 
 def kl_div_vjp(grads, inputs, outputs, *, temperature=1.0):
     # ∂/∂s = T/N · (p_s − p_t);   ∂/∂t = T/N · p_t ⊙ (d − Σ p_t d),  d = log p_t − log p_s
     (g,) = grads
-    logits, target = inputs
+    logits, target, mask = (*inputs, None)[:3]
     T = temperature
     ls, lt = _log_softmax(logits / T), _log_softmax(target / T)
     ps, pt = np.exp(ls), np.exp(lt)
-    c = g * T / max(int(np.prod(logits.shape[:-1])), 1)
+    if mask is None:
+        c = g * T / max(int(np.prod(logits.shape[:-1])), 1)
+    else:
+        m = (mask != 0)[..., None]
+        c = g * T * m / max(int(m.sum()), 1)
     d = lt - ls
     g_t = pt * (d - (pt * d).sum(axis=-1, keepdims=True))
-    return (c * (ps - pt)).astype(logits.dtype), (c * g_t).astype(target.dtype)
+    return ((c * (ps - pt)).astype(logits.dtype), (c * g_t).astype(target.dtype), None)[:len(inputs)]
 
 
 def _same_shape_scalar(op):
@@ -94,16 +102,24 @@ def _same_shape_scalar(op):
 
 def _kl_div_check(shapes, dtypes, *, temperature=1.0):
     require(temperature > 0, "kl_div", f"temperature must be > 0, got {temperature}")
-    return _same_shape_scalar("kl_div")(shapes, dtypes)
+    a, b, m = (*shapes, None)[:3]
+    require(m is None or tuple(m) == tuple(a[:-1]), "kl_div",
+            f"mask {m} must match the logits {a} without the class axis")
+    return _same_shape_scalar("kl_div")([a, b], dtypes)
 
 
 register("kl_div", kl_div, kl_div_vjp, _kl_div_check,
-         flops=lambda s, o, **a: 10 * int(np.prod(s[0])), vjp_uses_outputs=False)
+         flops=lambda s, o, **a: 10 * int(np.prod(s[0])), nondiff=(2,), n_optional=1, vjp_uses_outputs=False)
+_PAD = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
 add_cases("kl_div", [
     Case("T=1", lambda r, d: ((randn(r, (2, 5, 11), d, 2.0), randn(r, (2, 5, 11), d, 2.0)), {})),
     Case("T=2", lambda r, d: ((randn(r, (3, 17), d, 2.0), randn(r, (3, 17), d, 2.0)), {"temperature": 2.0})),
     Case("logits near exp overflow", lambda r, d: ((randn(r, (3, 17), d, exp_range(d) / 3),
                                                     randn(r, (3, 17), d, exp_range(d) / 3)), {}), "large"),
+    Case("padded positions masked", lambda r, d: ((randn(r, (2, 5, 11), d, 2.0), randn(r, (2, 5, 11), d, 2.0),
+                                                   _PAD), {"temperature": 2.0}), "masked"),
+    Case("every position masked", lambda r, d: ((randn(r, (2, 5, 11), d), randn(r, (2, 5, 11), d),
+                                                 np.zeros((2, 5), np.int64)), {}), "masked"),
 ])
 
 

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import register, require, wide_vjp
-from .cases import EDGE_ROWS, Case, Make, add_cases, randn, viewed
+from .cases import EDGE_ROWS, Case, Make, add_cases, randn, tiny, viewed
 
 
 def buckets(relative: np.ndarray, *, bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -79,11 +79,12 @@ register("relative_position_bias", relative_position_bias, relative_position_bia
 
 
 def _bias_inputs(B: int, S: int, H: int = 4, T: int | None = None, *, bidirectional: bool,
-                 num_buckets: int = 32, max_distance: int = 128, scale: float = 1.0) -> Make:
+                 num_buckets: int = 32, max_distance: int = 128, scale: float | None = 1.0) -> Make:
     """A (num_buckets, H) table over S keys: the encoder's square bias (``T`` None) or decoder
-    queries at positions S − T … S − 1 of each row (the new tokens after a cache)."""
+    queries at positions S − T … S − 1 of each row (the new tokens after a cache). ``scale`` None:
+    a subnormal table."""
     def make(r, d):
-        table = randn(r, (num_buckets, H), d, scale)
+        table = randn(r, (num_buckets, H), d, tiny(d) if scale is None else scale)
         mask = np.ones((B, S), np.int64)
         qpos = None if T is None else np.broadcast_to(np.arange(S - T, S), (B, T)).copy()
         return (table, mask, qpos), {"bidirectional": bidirectional, "num_buckets": num_buckets,
@@ -102,6 +103,7 @@ add_cases("relative_position_bias", [
     Case("decoder, distances past max_distance", _bias_inputs(1, 160, H=2, T=3, bidirectional=False),
          "large"),
     Case("large table values", _bias_inputs(1, 9, bidirectional=True, scale=1e3), "large"),
+    Case("subnormal table values", _bias_inputs(2, 9, T=3, bidirectional=False, scale=None), "tiny"),
     *[Case(f"encoder, {s} tokens", _bias_inputs(1, s, H=2, bidirectional=True), "sizes") for s in EDGE_ROWS],
     Case("batch 8 decoder steps", _bias_inputs(8, 10, T=1, bidirectional=False), "batch"),
     viewed(Case("decoder prefill, 7 tokens", _bias_inputs(2, 7, T=7, bidirectional=False))),
