@@ -90,7 +90,7 @@ def _timed(obj, names, acc: dict) -> None:
         setattr(obj, name, wrap)
 
 
-def worker_infer(layout: str, threads: int, steps: int, layers: int | None) -> None:
+def worker_infer(layout: str, threads: int, steps: int, layers: int | None, backend: str = "numpy") -> None:
     from minitx import generate as gen, threads as th
     from minitx.model import Model
 
@@ -126,7 +126,7 @@ def worker_infer(layout: str, threads: int, steps: int, layers: int | None) -> N
         st = gen.empty_state(model, 1)
         barrier()
         t = time.perf_counter()
-        logits, st = gen.step(model, ids, st)
+        logits, st = gen.step(model, ids, st, backends=(backend,))
         return time.perf_counter() - t, logits, st
 
     prefill()                                              # warm-up
@@ -142,13 +142,15 @@ def worker_infer(layout: str, threads: int, steps: int, layers: int | None) -> N
     barrier()
     for k in range(steps + 1):
         t = time.perf_counter()
-        logits, st = gen.step(model, nxt, st)
+        logits, st = gen.step(model, nxt, st, backends=(backend,))
         if k:                                              # the first step warms the decode path
             dec.append(time.perf_counter() - t)
         else:
             acc["s"], acc["n"] = 0.0, 0
         nxt = np.argmax(logits[:, -1], axis=-1)[:, None]
-    out = {"layout": layout, "threads": threads, "rank": rank, "full_param_bytes": full, "held_param_bytes": held,
+    nccl = getattr(getattr(model, "transport", None), "nccl", None)
+    transport = "none" if comm is None else "nccl" if nccl else "mpi"
+    out = {"layout": layout, "threads": threads, "rank": rank, "backend": backend, "transport": transport, "full_param_bytes": full, "held_param_bytes": held,
            "rss_bytes": rss, "prefill_s": min(pre), "prefill_comm_s": pre_comm[int(np.argmin(pre))],
            "decode_tok_s": 1.0 / statistics.median(dec), "decode_step_s": statistics.median(dec),
            "decode_comm_s_per_step": acc["s"] / max(len(dec), 1), "collectives_per_step": acc["n"] / max(len(dec), 1),
@@ -512,6 +514,61 @@ def report(log, args) -> str:
     return "\n".join(L) + "\n"
 
 
+def drive_gpu(args) -> None:
+    """``--gpu``: decode and prefill on the cupy backend, one process against mpiexec -n 2 tp=2 and
+    pp=2, interleaved rounds; which transport each run used (NCCL or MPI) is recorded."""
+    from minitx import machine
+    from minitx.outputs import atomic_write
+
+    me = [sys.executable, os.path.abspath(__file__)]
+    layers = ["--layers", str(args.layers)] if args.layers else []
+    backend = args.backend or "cupy"
+    info = machine.info()
+    log = {"machine": info, "load_start": _load(), "args": vars(args), "rounds": [], "backend": backend}
+    confs = [("single", 1)] + ([("tp=2", 1), ("pp=2", 1)] if shutil.which("mpiexec") else [])
+    t0 = time.time()
+    for r in range(args.rounds):
+        rnd = {"round": r + 1, "infer": [], "errors": []}
+        for layout, n in (confs if r % 2 == 0 else confs[::-1]):
+            cmd = [*(["mpiexec", "-n", "2"] if layout != "single" else []), *me, "--worker", "infer", "--layout",
+                   layout, "--threads", str(n), "--steps", str(args.steps), "--backend", backend, *layers]
+            try:
+                rnd["infer"].append(_run(cmd, _env(n), 600))
+                x = rnd["infer"][-1]
+                print(f"round {r + 1} {layout} on {backend} ({x['transport']}): {x['decode_tok_s']:.1f} tok/s, "
+                      f"prefill {x['prefill_s'] * 1e3:.1f} ms", flush=True)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                rnd["errors"].append(f"{layout}: {str(e)[-400:]}")
+                print(f"round {r + 1} {layout}: FAILED {str(e)[-400:]}", flush=True)
+        rnd["load"] = _load()
+        log["rounds"].append(rnd)
+    log["seconds"] = time.time() - t0
+    L = [f"# Parallel inference on {info.get('gpu') or 'no GPU'} ({backend} backend)\n",
+         f"`python benchmarks/parallel_cpu.py --gpu --out {args.out}` — {log['seconds'] / 60:.1f} min; "
+         f"{machine.summary(info)}; load {log['load_start']} → {[r['load'] for r in log['rounds']]}.\n",
+         f"GPT-2-small shape{'' if not args.layers else f', {args.layers} layers'}, float32, random weights; medians "
+         f"over {args.rounds} interleaved rounds.\n",
+         "| configuration | transport | decode tok/s | prefill ms | comm. per decode step ms | weights per rank MiB |",
+         "|---|---|---|---|---|---|"]
+    for layout, n in confs:
+        xs = [x for rnd in log["rounds"] for x in rnd["infer"] if x["layout"] == layout]
+        if not xs:
+            L.append(f"| mpiexec -n 2 {layout} | failed | | | | |")
+            continue
+        med = lambda k: statistics.median(x[k] for x in xs)  # noqa: E731
+        L.append(f"| {'one process' if layout == 'single' else 'mpiexec -n 2 ' + layout} | {xs[0]['transport']} | "
+                 f"{med('decode_tok_s'):.1f} | {med('prefill_s') * 1e3:.1f} | {med('decode_comm_s_per_step') * 1e3:.2f} | "
+                 f"{xs[0]['held_param_bytes'] / 2**20:.0f} |")
+    errors = [e for rnd in log["rounds"] for e in rnd["errors"]]
+    if errors:
+        L.append("\nFailures:\n\n" + "\n".join(f"* {e}" for e in errors))
+    with atomic_write(os.path.splitext(args.out)[0] + ".json") as f:
+        f.write(json.dumps(log, indent=1).encode())
+    with atomic_write(args.out) as f:
+        f.write(("\n".join(L) + "\n").encode())
+    print("\n".join(L))
+
+
 def plot(log, path: str) -> None:
     try:
         import matplotlib
@@ -562,6 +619,115 @@ def plot(log, path: str) -> None:
         fig.savefig(f, format="png", dpi=110)
 
 
+# ------------------------------------------------------------------------------- the model at scale
+def cluster():
+    """The stated machine for predictions beyond this one: DGX-A100-class nodes."""
+    from minitx.distributed import cost
+
+    a100 = cost.Device("NVIDIA A100 SXM4 80GB", 0.5 * 156e12, 0.8 * 2.039e12, 5e-6,
+                       "datasheet: TF32 tensor cores 156 TFLOP/s dense, HBM2e 2,039 GB/s; assumed sustained: 50 % "
+                       "and 80 % of those, 5 µs per kernel launch")
+    nvlink = cost.Link("NVLink 3 through NVSwitch, 8 GPUs per node", 2e-6, 240e9,
+                       "datasheet: 600 GB/s per GPU (300 GB/s each way); assumed usable 80 %, α 2 µs")
+    ib = cost.Link("InfiniBand HDR 200 Gb/s, one port per GPU", 5e-6, 25e9,
+                   "200 Gb/s = 25 GB/s per GPU (DGX A100: one HDR port per GPU); assumed α 5 µs")
+    return cost.Cluster(a100, nvlink, ib, 8)
+
+
+LLAMA70 = {"arch": "llama", "vocab_size": 32000, "n_ctx": 4096, "d_model": 8192, "n_layers": 80, "n_heads": 64,
+           "n_kv_heads": 8, "d_ff": 28672}
+
+
+def scale(args) -> None:
+    """``--scale``: predicted training step time and tokens/s on 8–1024 GPUs for dp, tp, pp and sp
+    (GPT-2 small, weak scaling) and for a LLaMA-2-70B shape (tp × pp × dp); a table and a plot."""
+    from minitx.distributed import cost
+    from minitx.outputs import atomic_write
+
+    cl = cluster()
+    gpt = _config()
+    ranks = [8, 16, 32, 64, 128, 256, 512, 1024]
+    per = 8                                             # sequences of 1024 tokens per model replica
+    lays = {"dp": dict(), "tp=4 × dp": dict(tp=4), "pp=4 × dp (m=8)": dict(pp=4, microbatches=8),
+            "sp=4 × dp": dict(sp=4)}
+    rows = []
+    for name, lay in lays.items():
+        width = lay.get("tp", 1) * lay.get("pp", 1) * lay.get("sp", 1)
+        for n in ranks:
+            dp = n // width
+            r = cost.step_time(gpt, cluster=cl, dp=dp, batch=per * dp, seq=1024, train=True,
+                               **{"microbatches": 1, **lay})
+            rows.append({"model": "GPT-2 small", "layout": name, "ranks": n, **r})
+    big = []
+    for tp, pp in ((8, 4), (8, 8)):
+        for n in [x for x in ranks if x >= tp * pp]:
+            dp = n // (tp * pp)
+            r = cost.step_time(LLAMA70, cluster=cl, tp=tp, pp=pp, dp=dp, batch=1024, seq=4096,
+                               microbatches=1024 // dp, train=True)
+            big.append({"model": "LLaMA-2-70B shape", "layout": f"tp={tp} × pp={pp} × dp", "ranks": n, **r})
+            print(f"70B tp={tp} pp={pp} on {n}: {r['seconds']:.1f} s", flush=True)
+    L = ["# The cost model at scale: predicted training steps on 8–1024 GPUs\n",
+         f"`python benchmarks/parallel_cpu.py --scale --out {args.out}` (no measurement: minitx/distributed/cost.py "
+         "on the rewritten graphs).\n",
+         f"Device: {cl.device.name} — {cl.device.source}. Within a node: {cl.intra.name} ({cl.intra.source}); "
+         f"across nodes: {cl.inter.name} ({cl.inter.source}). float32 activations and weights as minitx "
+         "computes them; no overlap of communication with compute (an upper bound); AdamW on every rank.\n",
+         "## GPT-2 small, 8 sequences × 1024 tokens per model replica (weak scaling)\n",
+         "| layout | GPUs | step s | tokens/s | per GPU | comm. share | dp all-reduce s | bubble |",
+         "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['layout']} | {r['ranks']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | "
+                 f"{r['tokens_per_s'] / r['ranks']:,.0f} | {r['comm_share']:.0%} | {r['grad_allreduce_s']:.3f} | "
+                 f"{r['bubble']:.0%} |")
+    L += ["\n## LLaMA-2-70B shape (d 8192, 80 layers, 64 heads, 8 KV heads), global batch 1024 × 4096 tokens\n",
+          "Micro-batches of one sequence: m = 1024 / dp per pipeline.\n",
+          "| layout | GPUs | step s | tokens/s | per GPU | comm. share | dp all-reduce s | bubble |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in big:
+        L.append(f"| {r['layout']} | {r['ranks']} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | "
+                 f"{r['tokens_per_s'] / r['ranks']:,.0f} | {r['comm_share']:.0%} | {r['grad_allreduce_s']:.2f} | "
+                 f"{r['bubble']:.1%} |")
+    base = os.path.splitext(args.out)[0]
+    with atomic_write(base + ".json") as f:
+        f.write(json.dumps({"cluster": {"device": vars(cl.device), "intra": vars(cl.intra), "inter": vars(cl.inter),
+                                        "per_node": cl.per_node}, "gpt2": rows, "llama70b": big}, indent=1).encode())
+    with atomic_write(args.out) as f:
+        f.write(("\n".join(L) + "\n").encode())
+    print("\n".join(L))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install '.[plot]'): no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    ax = axes[0]
+    for name in lays:
+        xs = [r for r in rows if r["layout"] == name]
+        ax.loglog([r["ranks"] for r in xs], [r["tokens_per_s"] for r in xs], "o-", label=name)
+    one = next(r for r in rows if r["layout"] == "dp" and r["ranks"] == 8)
+    ax.loglog(ranks, [one["tokens_per_s"] * n / 8 for n in ranks], "k:", lw=0.8, label="linear from 8 GPUs")
+    ax.set_title("GPT-2 small, 8 × 1024 tokens per replica", fontsize=9)
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("predicted training tokens/s")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for name in sorted({r["layout"] for r in big}):
+        xs = [r for r in big if r["layout"] == name]
+        ax.loglog([r["ranks"] for r in xs], [r["tokens_per_s"] for r in xs], "o-", label=name)
+        for r in xs:
+            ax.annotate(f"{r['comm_share']:.0%}", (r["ranks"], r["tokens_per_s"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, -9))
+    ax.set_title("LLaMA-2-70B shape, 1024 × 4096 tokens per step (labels: comm. share)", fontsize=9)
+    ax.set_xlabel("GPUs")
+    ax.legend(fontsize=7)
+    fig.suptitle("cost model: A100-class GPUs, NVLink inside 8-GPU nodes, InfiniBand HDR 200 Gb/s across", fontsize=9)
+    fig.tight_layout()
+    with atomic_write(base + ".png") as f:
+        fig.savefig(f, format="png", dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "parallel_cpu.md"))
@@ -572,13 +738,19 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64, help="training sequence length")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than GPT-2 small's 12 (a quick check)")
     ap.add_argument("--max-log2", type=int, default=26, help="largest MPI message, log2 bytes")
+    ap.add_argument("--gpu", action="store_true",
+                    help="the inference rounds on the cupy backend: one GPU, and mpiexec -n 2 tp=2 / pp=2 (NCCL "
+                         "when each rank has a GPU of its own, else MPI through the host)")
+    ap.add_argument("--backend", default=None, help="with --gpu: the backend (default cupy; numpy for a smoke run)")
+    ap.add_argument("--scale", action="store_true",
+                    help="no measurement: the cost model's training steps on 8–1024 GPUs (table and plot at --out)")
     ap.add_argument("--from-json", metavar="FILE", help="re-make the report and plot from a run's raw figures")
     ap.add_argument("--worker", choices=["infer", "train", "comm", "device"], help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="single", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker == "infer":
-        worker_infer(args.layout, args.threads, args.steps, args.layers)
+        worker_infer(args.layout, args.threads, args.steps, args.layers, args.backend or "numpy")
     elif args.worker == "train":
         worker_train(args.layout, args.threads, args.train_steps, args.batch, args.seq, args.layers)
     elif args.worker == "comm":
@@ -591,6 +763,10 @@ def main() -> None:
         args.rounds, args.batch, args.seq, args.layers, args.train_steps = (
             log["args"][k] for k in ("rounds", "batch", "seq", "layers", "train_steps"))
         write_report(log, args)
+    elif args.gpu:
+        drive_gpu(args)
+    elif args.scale:
+        scale(args)
     else:
         drive(args)
 

@@ -20,6 +20,8 @@ time = messages · α + bytes / β.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -330,19 +332,25 @@ class RankCost:
     collectives: int = 0
 
 
-def _rank_costs(config: Mapping[str, Any], n_layers: int, tp: int, pp: int, sp: int,
-                bindings: Mapping[str, int], cluster: Cluster) -> dict[int, RankCost]:
+@functools.lru_cache(maxsize=8)
+def _sharded(config_json: str, n_layers: int, tp: int, pp: int, sp: int) -> tuple[Graph, dict[int, int]]:
+    """The model's graph rewritten tp × sp × pp (stand-in weights), and each rank's weight bytes;
+    kept for the next call — a sweep over batch sizes and dp reuses the same few rewrites."""
     from .. import models
     from ..plugins.parallel import Layout, shard
 
-    cfg = models.complete_config({**config, "n_layers": n_layers})
+    cfg = models.complete_config({**json.loads(config_json), "n_layers": n_layers})
     g = models.build_graph(cfg)
     L = Layout(tp=tp, pp=pp, sp=sp)
-    if L.world > 1:
-        g, _ = shard(g, _standins(g), L, only_rank=-1)
-        params = param_bytes_per_rank(g)
-    else:
-        params = {0: sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in g.params.values())}
+    if L.world == 1:
+        return g, {0: sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in g.params.values())}
+    g, _ = shard(g, _standins(g), L, only_rank=-1)
+    return g, param_bytes_per_rank(g)
+
+
+def _rank_costs(config: Mapping[str, Any], n_layers: int, tp: int, pp: int, sp: int,
+                bindings: Mapping[str, int], cluster: Cluster) -> dict[int, RankCost]:
+    g, params = _sharded(json.dumps(dict(config), sort_keys=True), n_layers, tp, pp, sp)
     width = tp * sp
     out = {r: RankCost(r // width, param_bytes=float(b)) for r, b in params.items()}
     for r, s in compute_seconds(g, bindings, cluster.device).items():
