@@ -500,7 +500,7 @@ def report(log, args) -> str:
         L.append(f"| {r['bytes']:,} | {r['pingpong'] * 1e6:.1f} | {r['allreduce_mpi'] * 1e6:.1f} | "
                  f"{r['allreduce_minitx'] * 1e6:.1f} | {mod * 1e6:.1f} |")
     d = log["device"]
-    L.append(f"\nFitted (least squares, relative): transport all-reduce α = {lk['alpha'] * 1e6:.2f} µs, "
+    L.append(f"\nFitted (α from the messages of at most 4 KiB, β from the three largest): transport all-reduce α = {lk['alpha'] * 1e6:.2f} µs, "
              f"β = {lk['beta'] / 1e9:.2f} GB/s; raw MPI all-reduce α = {m['raw_mpi_link']['alpha'] * 1e6:.2f} µs, "
              f"β = {m['raw_mpi_link']['beta'] / 1e9:.2f} GB/s; ping-pong α = {m['pingpong_link']['alpha'] * 1e6:.2f} µs, "
              f"β = {m['pingpong_link']['beta'] / 1e9:.2f} GB/s. Device: GEMM {d['gemm_flops_1'] / 1e9:.1f} / "
@@ -511,6 +511,29 @@ def report(log, args) -> str:
     ae = [abs(e) for e in errs if e == e]
     L.append(f"**Model error** over the {len(ae)} measured figures above: median {statistics.median(ae):.0%}, "
              f"largest {max(ae):.0%} (signed errors in the tables: + = the model is slower than measured).\n")
+    # Ratios inside a round cancel a slowdown the whole round shared (the machine's load).
+    L.append("**Speed ratios inside a round** (each against one process on 1 thread in the same round; median over "
+             "rounds), measured and modelled:\n")
+    L.append("| configuration | decode, measured | decode, model | prefill, measured | prefill, model |")
+    L.append("|---|---|---|---|---|")
+    base = m["infer"]["single/1"]
+    for (layout, n), name in list(names.items())[1:]:
+        rat = {"decode": [], "prefill": []}
+        for rnd in R:
+            one_ = next((x for x in rnd["infer"] if x["layout"] == "single" and x["threads"] == 1), None)
+            it = next((x for x in rnd["infer"] if x["layout"] == layout and x["threads"] == n), None)
+            if one_ and it:
+                rat["decode"].append(it["decode_tok_s"] / one_["decode_tok_s"])
+                rat["prefill"].append(one_["prefill_s"] / it["prefill_s"])
+        pr = m["infer"][f"{layout}/{n}"]
+        L.append(f"| {name} | {statistics.median(rat['decode']):.2f} | "
+                 f"{base['decode']['seconds'] / pr['decode']['seconds']:.2f} | {statistics.median(rat['prefill']):.2f} | "
+                 f"{base['prefill']['seconds'] / pr['prefill']['seconds']:.2f} |")
+    L.append("\nOn a machine whose load average is several times its core count each runnable process gets a "
+             "fair share of the cores: a 2-process job then gets about twice the CPU of a 1-process, 1-thread "
+             "run, which flatters `mpiexec -n 2` beyond what the model (which assumes the cores are ours) "
+             "predicts; the absolute times are slower than the model for the same reason (the device was "
+             "calibrated in short bursts). Re-run on a quiet machine for a clean check.\n")
     return "\n".join(L) + "\n"
 
 
