@@ -75,19 +75,22 @@ def _emit(obj: dict) -> None:
 
 
 # ------------------------------------------------------------------------------- workers
-def _timed(obj, names, acc: dict) -> None:
-    """Wrap ``obj``'s methods ``names`` so that their wall time adds up in ``acc['s']``."""
-    for name in names:
-        fn = getattr(obj, name)
+def _clock(fn, acc: dict):
+    """``fn`` whose wall time and calls add up in ``acc['s']`` and ``acc['n']``."""
+    def wrap(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc["s"] += time.perf_counter() - t
+            acc["n"] += 1
+    return wrap
 
-        def wrap(*a, _fn=fn, **k):
-            t = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                acc["s"] += time.perf_counter() - t
-                acc["n"] += 1
-        setattr(obj, name, wrap)
+
+def _timed(obj, names, acc: dict) -> None:
+    """Time ``obj``'s methods ``names`` into ``acc``."""
+    for name in names:
+        setattr(obj, name, _clock(getattr(obj, name), acc))
 
 
 def worker_infer(layout: str, threads: int, steps: int, layers: int | None, backend: str = "numpy") -> None:
@@ -106,16 +109,9 @@ def worker_infer(layout: str, threads: int, steps: int, layers: int | None, back
         model = prepare(model, layout)
         comm = model.transport.comm
         _timed(model.transport, ["share"], acc)           # the logits a last stage hands every rank
-        kernels = model.transport.kernels
+        kernels = model.transport.kernels                  # the collectives, as the executor calls them
         for k, fn in list(kernels.items()):
-            def wrap(*a, _fn=fn, **kw):
-                t = time.perf_counter()
-                try:
-                    return _fn(*a, **kw)
-                finally:
-                    acc["s"] += time.perf_counter() - t
-                    acc["n"] += 1
-            kernels[k] = wrap
+            kernels[k] = _clock(fn, acc)
     gc.collect()
     held, rss = _held_bytes(model.params), _rss() - base_rss
     rank = comm.Get_rank() if comm is not None else 0
