@@ -20,12 +20,15 @@ time = messages · α + bytes / β.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import MinitxError
 from ..ir import Graph
 
 # A default interconnect for the model: 100 Gb/s Ethernet-class links, 5 µs per message.
@@ -149,7 +152,7 @@ def summary(graph: Graph, unsharded_bytes: int, batch: int, seq: int, past: int,
                 sent[r] += c.bytes_sent
                 secs[r] += c.seconds
         tokens = batch * T
-        steps[what] = {"tokens": tokens, "collectives": len(comms),
+        steps[what] = {"tokens": tokens, "collectives": len(comms), "bytes_sent_per_step": sent,
                        "bytes_sent_per_token": {r: v / tokens for r, v in sent.items()},
                        "comm_seconds_model": secs}
     out = {"layout": {k: info[k] for k in ("tp", "sp", "pp", "mb", "world")}, "unsharded_param_bytes": unsharded_bytes,
@@ -168,14 +171,16 @@ def format_summary(s: dict[str, Any]) -> str:
     if one is not None:
         lines.append(f"one process: weights {s['unsharded_param_bytes'] / 2**20:.2f} MiB, peak activations "
                      f"{one / 2**20:.2f} MiB (prefill)")
+    pf, dc = s["steps"]["prefill"], s["steps"]["decode"]
+    lines.append(f"bytes each rank sends: per token and per step, prefill = {pf['tokens']} tokens, decode = "
+                 f"{dc['tokens']} token(s)")
     lines.append(f"{'rank':>4}  {'weights MiB':>11} {'share':>6}  {'act. MiB':>8}  {'prefill B/token':>15} "
-                 f"{'decode B/token':>14} {'decode comm µs':>14}")
+                 f"{'prefill B/step':>14} {'decode B/token':>14} {'decode comm µs':>14}")
     for r, b in s["param_bytes_per_rank"].items():
-        pf, dc = s["steps"]["prefill"], s["steps"]["decode"]
         lines.append(f"{r:>4}  {b / 2**20:>11.2f} {b / max(s['unsharded_param_bytes'], 1):>6.1%}  "
                      f"{s['peak_activation_bytes_per_rank'][r] / 2**20:>8.2f}  "
-                     f"{pf['bytes_sent_per_token'][r]:>15,.0f} {dc['bytes_sent_per_token'][r]:>14,.0f} "
-                     f"{dc['comm_seconds_model'][r] * 1e6:>14.1f}")
+                     f"{pf['bytes_sent_per_token'][r]:>15,.0f} {pf['bytes_sent_per_step'][r]:>14,.0f} "
+                     f"{dc['bytes_sent_per_token'][r]:>14,.0f} {dc['comm_seconds_model'][r] * 1e6:>14.1f}")
     return "\n".join(lines)
 
 
@@ -224,3 +229,218 @@ def predict(config: Mapping[str, Any], tp: int = 1, pp: int = 1, sp: int = 1, *,
     return {"bytes_sent_per_token": max(c["bytes"] for c in stages) / tokens,
             "comm_seconds": max(c["seconds"] for c in stages),
             "comm_seconds_path": sum(c["seconds"] for c in stages), "ranks": tp * sp * pp}
+
+
+# ------------------------------------------------------------------ a machine, its links, and time
+@dataclass(frozen=True)
+class Link:
+    """A latency–bandwidth (α–β) model of the links a collective uses: a message costs α, a byte 1/β."""
+    name: str
+    alpha: float            # seconds per message
+    beta: float             # bytes per second per rank
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Device:
+    """What one rank computes with: a node costs max(FLOPs / flops, bytes / bandwidth) (a roofline)
+    plus a fixed dispatch cost; ``flops`` and ``bandwidth`` are sustained rates, not peaks."""
+    name: str
+    flops: float            # FLOP/s
+    bandwidth: float        # bytes/s
+    node_overhead: float = 0.0
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Ranks on nodes of ``per_node`` devices: a group inside one node uses ``intra``, any other
+    ``inter`` (its slowest link). Ranks are numbered tp innermost, then sp, then the stages, then
+    data parallelism (Megatron-LM's order), so a tp group of at most ``per_node`` stays in a node."""
+    device: Device
+    intra: Link
+    inter: Link
+    per_node: int = 8
+
+    def link(self, ranks: Sequence[int]) -> Link:
+        return self.intra if len({int(r) // self.per_node for r in ranks}) <= 1 else self.inter
+
+
+def fit_link(sizes: Sequence[float], secs: Sequence[float], op: str = "all_reduce", n: int = 2,
+             name: str = "measured") -> Link:
+    """α and β from measured times of ``op`` over ``n`` ranks for inputs of ``sizes`` bytes per
+    rank: α from the small messages (the least time per message of those sending at most 4 KiB),
+    β from the three largest (sent bytes over the time α does not explain, their median). Two
+    regimes rather than one least-squares line, because on a shared machine a few descheduled
+    small messages would otherwise drag β anywhere."""
+    m = np.array([messages(op, n) for _ in sizes], float)
+    s = np.array([sent_bytes(op, b, n) for b in sizes], float)
+    t = np.asarray(secs, float)
+    small = s <= 4096
+    alpha = float(np.min(t[small] / m[small])) if small.any() else 0.0
+    big = np.argsort(s)[-3:]
+    beta = float(np.median(s[big] / np.maximum(t[big] - m[big] * alpha, 1e-12)))
+    return Link(name, alpha, beta, f"fitted to {len(t)} measured {op} times over {n} ranks")
+
+
+LOOKUPS = ("embedding", "vocab_embedding")
+
+
+def node_work(graph: Graph, bindings: Mapping[str, int]) -> list[tuple[Any, float, float]]:
+    """(node, FLOPs, bytes read + written) of every compute node — collectives and the layout
+    ops at the graph's edge excluded: they are communication, not work."""
+    from .. import ops
+
+    env = graph.infer(dict(bindings))
+    out = []
+    for n in graph.nodes:
+        if "ranks" in n.tags or n.op == "send_recv" or n.tags.get("interface"):
+            continue
+        spec = ops.get(n.op)
+        ins = [env[i][0] if i else None for i in n.inputs] + [None] * (spec.n_inputs - len(n.inputs))
+        outs = [env[o][0] for o in n.outputs]
+        size = {v: int(np.prod(env[v][0])) * np.dtype(env[v][1]).itemsize for v in (*n.inputs, *n.outputs) if v}
+        if n.op in LOOKUPS:          # a lookup reads the rows it returns, not the whole table
+            size[n.inputs[1]] = sum(size[o] for o in n.outputs)
+        out.append((n, float(spec.flops(ins, outs, **n.attrs)), float(sum(size.values()))))
+    return out
+
+
+def compute_seconds(graph: Graph, bindings: Mapping[str, int], device: Device) -> dict[int, float]:
+    """Modelled forward compute time per rank (rank 0 alone for an unsharded graph)."""
+    out: dict[int, float] = {}
+    for n, flops, nbytes in node_work(graph, bindings):
+        r = int(n.tags.get("rank", 0))
+        out[r] = out.get(r, 0.0) + max(flops / device.flops, nbytes / device.bandwidth) + device.node_overhead
+    return out
+
+
+# ------------------------------------------------------------------ graph-derived model of a layout
+def _standins(graph: Graph) -> dict[str, np.ndarray]:
+    """Weights of the right shape that take no memory: the rewrite only needs their shapes."""
+    return {k: np.broadcast_to(np.zeros((), v.dtype), v.shape) for k, v in graph.params.items()}
+
+
+@dataclass
+class RankCost:
+    """One rank's share of one forward step of a layout (what :func:`layout_cost` returns per rank)."""
+    stage: int
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    bytes_sent: float = 0.0
+    param_bytes: float = 0.0
+    collectives: int = 0
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded(config_json: str, n_layers: int, tp: int, pp: int, sp: int) -> tuple[Graph, dict[int, int]]:
+    """The model's graph rewritten tp × sp × pp (stand-in weights), and each rank's weight bytes;
+    kept for the next call — a sweep over batch sizes and dp reuses the same few rewrites."""
+    from .. import models
+    from ..plugins.parallel import Layout, shard
+
+    cfg = models.complete_config({**json.loads(config_json), "n_layers": n_layers})
+    g = models.build_graph(cfg)
+    L = Layout(tp=tp, pp=pp, sp=sp)
+    if L.world == 1:
+        return g, {0: sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in g.params.values())}
+    g, _ = shard(g, _standins(g), L, only_rank=-1)
+    return g, param_bytes_per_rank(g)
+
+
+def _rank_costs(config: Mapping[str, Any], n_layers: int, tp: int, pp: int, sp: int,
+                bindings: Mapping[str, int], cluster: Cluster) -> dict[int, RankCost]:
+    g, params = _sharded(json.dumps(dict(config), sort_keys=True), n_layers, tp, pp, sp)
+    width = tp * sp
+    out = {r: RankCost(r // width, param_bytes=float(b)) for r, b in params.items()}
+    for r, s in compute_seconds(g, bindings, cluster.device).items():
+        out[r].compute_s += s
+    for c in collectives(g, bindings):
+        size = 2 if c.op == "send_recv" else len(c.ranks)
+        link = cluster.link(c.ranks)
+        secs = seconds(c.op, c.bytes_in, size, link.alpha, link.beta)
+        for r in (c.ranks[:1] if c.op == "send_recv" else c.ranks):
+            out[r].comm_s += secs
+            out[r].bytes_sent += c.bytes_sent
+            out[r].collectives += 1
+    return out
+
+
+def layout_cost(config: Mapping[str, Any], tp: int = 1, pp: int = 1, sp: int = 1, *, batch: int = 1,
+                seq: int = 1, past: int = 0, cluster: Cluster) -> dict[int, RankCost]:
+    """Per rank: modelled compute and communication time, bytes sent and weight bytes of one
+    forward step (``batch`` × ``seq`` new tokens after ``past`` cached ones) of the model
+    ``config`` split tp × sp × pp.
+
+    The collectives and their bytes are those of the rewritten graph itself (the parallel plugin
+    applied to the model's graph, with stand-in weights that take no memory). A model of 80
+    layers is not rewritten whole: every layer of a stage is the same, so each rank's figures are
+    linear in its stage's layer count — the graph is rewritten with one and with two layers per
+    stage and the line extended to the real count (exact: ``tests/test_parallel_cost.py``)."""
+    from ..plugins.parallel import stage_sizes
+
+    L = int(config["n_layers"])
+    if pp > L:
+        raise MinitxError(f"pp={pp} needs at least {pp} layers, the model has {L}")
+    b = {"B": batch, "T": seq, "S": past}
+    one = _rank_costs(config, pp, tp, pp, sp, b, cluster)
+    if L == pp:
+        return one
+    two = _rank_costs(config, 2 * pp, tp, pp, sp, b, cluster)
+    sizes = stage_sizes(L, pp)
+    out = {}
+    for r, a in one.items():
+        k = sizes[a.stage] - 1
+        c = two[r]
+        out[r] = RankCost(a.stage, *(getattr(a, f) + k * (getattr(c, f) - getattr(a, f))
+                                     for f in ("compute_s", "comm_s", "bytes_sent", "param_bytes", "collectives")))
+    return out
+
+
+def step_time(config: Mapping[str, Any], *, cluster: Cluster, tp: int = 1, pp: int = 1, sp: int = 1, dp: int = 1,
+              batch: int = 1, seq: int = 128, microbatches: int = 1, train: bool = False) -> dict[str, float]:
+    """Modelled time of one step on ``dp × tp × sp × pp`` ranks, no overlap of compute and
+    communication (an upper bound a good runtime beats by overlapping).
+
+    Inference (``train=False``): a forward pass of ``batch`` sequences of ``seq`` tokens, its
+    stages in turn (a lone step's latency). Training: ``batch`` is the global batch; each of the
+    ``dp`` replicas runs ``microbatches`` micro-batches through its ``pp`` stages, GPipe/1F1B
+    schedule, so a step lasts (m + p − 1) micro-batch stage times (the bubble is (p − 1)/(m + p − 1)
+    of it); a micro-batch's forward + backward is 3× the forward's compute and 2× its tensor /
+    sequence-parallel communication (the VJP of a collective is a collective of the same size);
+    then the gradients are all-reduced over dp (ring, each rank's weight bytes) and AdamW reads
+    and writes 7 arrays as large as the weights (weight, gradient, two moments; 4 read, 3 written).
+    """
+    if train:
+        per = batch // (dp * microbatches)
+        if per < 1 or per * dp * microbatches != batch:
+            raise MinitxError(f"batch {batch} does not split into dp={dp} × {microbatches} micro-batches")
+    else:
+        per = batch
+    ranks = layout_cost(config, tp, pp, sp, batch=per, seq=seq, cluster=cluster)
+    stages: dict[int, list[RankCost]] = {}
+    for c in ranks.values():
+        stages.setdefault(c.stage, []).append(c)
+    stage_s = [max(c.compute_s + c.comm_s for c in cs) for _, cs in sorted(stages.items())]
+    compute = max(c.compute_s for c in ranks.values())
+    comm = max(c.comm_s for c in ranks.values())
+    width = tp * sp * pp
+    if not train:
+        t = sum(stage_s)
+        return {"seconds": t, "tokens_per_s": batch * seq / t, "compute_s": sum(
+            max(c.compute_s for c in cs) for cs in stages.values()), "comm_s": t - sum(
+            max(c.compute_s for c in cs) for cs in stages.values()), "ranks": width,
+            "bytes_sent_per_token": max(c.bytes_sent for c in ranks.values()) / (per * seq)}
+    mb_stage = max(3 * c.compute_s + 2 * c.comm_s for c in ranks.values())
+    pipe = (microbatches + pp - 1) * mb_stage
+    grads = max(c.param_bytes for c in ranks.values())
+    # A dp group is every width-th rank from an offset; the step waits for the slowest group.
+    allreduce = max(seconds("all_reduce", grads, dp, lk.alpha, lk.beta) for lk in
+                    (cluster.link([j + k * width for k in range(dp)]) for j in range(width)))
+    adam = 7 * grads / cluster.device.bandwidth
+    t = pipe + allreduce + adam
+    return {"seconds": t, "tokens_per_s": batch * seq / t, "pipeline_s": pipe,
+            "bubble": (pp - 1) / (microbatches + pp - 1), "grad_allreduce_s": allreduce, "optimizer_s": adam,
+            "compute_s": microbatches * 3 * compute, "tp_sp_pp_comm_s": microbatches * 2 * comm,
+            "comm_share": (allreduce + (microbatches + pp - 1) * 2 * comm) / t, "ranks": dp * width,
+            "grad_bytes_sent": sent_bytes("all_reduce", grads, dp)}

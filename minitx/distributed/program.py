@@ -165,7 +165,9 @@ class RankModel(Model):
         ex = self._executors.get(key)
         if ex is None:
             from ..executor import Executor
+            from .nccl import placement
 
-            inner = Executor(self.graph, self.params, [self.transport, *backends], strict)
+            # The MPI transport first, or NCCL fused with the cupy backend when it runs on GPUs.
+            inner = Executor(self.graph, self.params, placement(self.transport, backends), strict)
             ex = self._executors[key] = RankExecutor(inner, self.shared, self.transport)
         return ex
