@@ -124,6 +124,7 @@ class _Sharder:
         self.consumers = graph.consumers()
         self.stage = self._stages()
         self.attn = {n.tags.get("layer"): n for n in graph.nodes if n.op == "attention"}
+        self.vocab_size: dict[str, int] = {}     # logits left sharded by vocabulary → the true vocabulary
 
     # ------------------------------------------------------------------ placement
     def _stages(self) -> dict[str, int]:
@@ -240,6 +241,8 @@ class _Sharder:
                 self.vocab_embedding(node, s)
             elif node.op in ("matmul", "linear") and any(o == "logits" or o.startswith("logits.mb") for o in node.outputs):
                 self.lm_head(node, s)
+            elif node.op == "cross_entropy" and "vocab" in kinds:
+                self.vocab_cross_entropy(node, s)
             elif node.op == "linear" and "col" in kinds:
                 self.row_parallel(node, s)
             elif node.op == "linear" and self.is_column(node):
@@ -459,6 +462,11 @@ class _Sharder:
                            [self.read(x, s, t, node), self.param(w, r, "vocab", lambda: shard(t))],
                            [local[-1]], dict(node.attrs), {**node.tags, "rank": r, "parallel": "vocab"}))
         group = self.L.group(s)
+        if out not in self.g.outputs and all(c.op == "cross_entropy" for c in self.consumers.get(out, [])):
+            # Only a loss reads the logits: it takes them sharded (vocab_cross_entropy), never gathered.
+            self.values[out] = ("vocab", s)
+            self.vocab_size[out] = V
+            return
         full = [self.at(f"{out}.padded" if Vp > V else out, r) for r in group]
         self.emit(Node(f"{node.name}.all_gather@{s}", "all_gather", local, full, {"ranks": group, "axis": -1},
                        {"ranks": group, "stage": s}))
@@ -468,6 +476,19 @@ class _Sharder:
                                [self.at(out, r), self.at(f"{out}.pad", r)], {"sizes": [V, Vp - V]},
                                {**node.tags, "rank": r}))
         self.values[out] = ("rep", s)
+
+    def vocab_cross_entropy(self, node: Node, s: int) -> None:
+        """Megatron's vocabulary-parallel cross-entropy on the ranks' logits shards: a max and two
+        sums all-reduced inside the op (minitx/ops/collectives.py), the logits never gathered."""
+        logits, targets = node.inputs
+        group = self.L.group(s)
+        outs = [self.at(node.outputs[0], r) for r in group]
+        ins = [self.at(f"{logits}.shard", r) for r in group] + [self.read(targets, s, 0, node)]
+        self.emit(Node(f"{node.name}.vocab_parallel@{s}", "vocab_cross_entropy", ins, outs,
+                       {"ranks": group, "vocab": self.vocab_size[logits],
+                        "ignore_index": int(node.attrs.get("ignore_index", -100))},
+                       {"ranks": group, "stage": s, "shared_inputs": 1}))
+        self.values[node.outputs[0]] = ("rep", s)
 
     # ------------------------------------------------------------------ the graph's edge
     def finish(self) -> Graph:

@@ -67,7 +67,9 @@ def rank_program(graph: Graph, params: Mapping[str, np.ndarray], rank: int) -> R
                 producer_rank[o] = r
             if rank in group:
                 k = group.index(rank)
-                nodes.append(Node(n.name, n.op, [n.inputs[k]], [n.outputs[k]], dict(n.attrs), dict(tags)))
+                # one input per rank, then any the ranks share (vocab_cross_entropy's targets)
+                nodes.append(Node(n.name, n.op, [n.inputs[k], *n.inputs[len(group):]], [n.outputs[k]], dict(n.attrs),
+                                  dict(tags)))
         elif tags.get("interface") and n.op == "split":        # a KV cache cut per rank: ours is an input
             src = inputs[n.inputs[0]]
             for o in n.outputs:

@@ -450,4 +450,137 @@ add_cases("vocab_embedding", [
     *[Case(f"{k} ids", _shard_lookup(lambda r, k=k: r.integers(0, 100, (1, k)), 50), "sizes") for k in EDGE_ROWS],
 ])
 
+
+# vocab_cross_entropy: Megatron's vocabulary-parallel cross-entropy --------------------------------
+# Each rank holds a vocabulary shard of the logits (its columns of the LM head). The loss needs
+# three numbers per token from the whole vocabulary — the max (for a stable log-sum-exp), the sum
+# of exponentials and the target's logit — and each is a reduction over the ranks of a local one:
+# a max all-reduce, then two sum all-reduces of B·T values. The (B, T, V) logits are never
+# gathered. Columns at or beyond ``vocab`` are padding (the vocabulary padded to a multiple of
+# the ranks) and count for nothing.
+def _vce_parts(xs, ranks, op):
+    """(logits shards, targets) of a vocab_cross_entropy node: one shard per rank, then the targets."""
+    *shards, targets = xs
+    if len(shards) != len(ranks):
+        if len(shards) == 1 and len(ranks) > 1:
+            raise MinitxError(f"op {op}: one rank's part of a collective over ranks {list(ranks)} needs a "
+                              "transport (run under mpiexec with --parallel), not the spec")
+        raise MinitxError(f"op {op}: {len(shards)} logits shards for a group of {len(ranks)} ranks")
+    return shards, targets
+
+
+def vce_local(z: np.ndarray, targets: np.ndarray, start: int, vocab: int, ignore_index: int):
+    """One shard's local statistics in float64: the column mask of real (unpadded) columns, its
+    max per token, and the target's logit where this shard holds the target (else 0)."""
+    z = z.astype(np.float64).reshape(-1, z.shape[-1])
+    real = (start + np.arange(z.shape[1])) < vocab
+    zm = np.where(real, z, -np.inf)
+    t = targets.reshape(-1)
+    local = t - start
+    mine = (t != ignore_index) & (local >= 0) & (local < z.shape[1])
+    picked = np.where(mine, z[np.arange(len(t)), np.where(mine, local, 0)], 0.0)
+    return zm, zm.max(axis=1) if zm.shape[1] else np.full(len(t), -np.inf), picked
+
+
+def vce_loss(m: np.ndarray, sumexp: np.ndarray, picked: np.ndarray, targets: np.ndarray, ignore_index: int) -> float:
+    keep = targets.reshape(-1) != ignore_index
+    per = np.log(sumexp) + m - picked
+    return float(per[keep].sum()) / max(int(keep.sum()), 1)
+
+
+def vce_grad(zm: np.ndarray, m: np.ndarray, sumexp: np.ndarray, targets: np.ndarray, start: int, g: float,
+             ignore_index: int, shape: tuple, dtype) -> np.ndarray:
+    """One shard's gradient: g/N · (softmax − one-hot) on its columns, zero on padding and ignored tokens."""
+    t = targets.reshape(-1)
+    keep = t != ignore_index
+    p = np.exp(zm - m[:, None]) / sumexp[:, None]
+    local = t - start
+    mine = keep & (local >= 0) & (local < zm.shape[1])
+    p[np.nonzero(mine)[0], local[mine]] -= 1.0
+    p[~keep] = 0.0
+    return (p * (g / max(int(keep.sum()), 1))).reshape(shape).astype(dtype)
+
+
+def _vocab_cross_entropy(xs, *, ranks, vocab, ignore_index=-100):
+    shards, targets = _vce_parts(xs, ranks, "vocab_cross_entropy")
+    n = shards[0].shape[-1]
+    stats = [vce_local(z, targets, t * n, vocab, ignore_index) for t, z in enumerate(shards)]
+    m = np.max([s[1] for s in stats], axis=0)                                  # the max all-reduce
+    sumexp = np.sum([np.exp(zm - m[:, None]).sum(axis=1) for zm, _, _ in stats], axis=0)   # a sum all-reduce
+    picked = np.sum([s[2] for s in stats], axis=0)                             # a sum all-reduce
+    loss = np.asarray(vce_loss(m, sumexp, picked, targets, ignore_index), shards[0].dtype)
+    return tuple(loss.copy() for _ in shards)
+
+
+def _vocab_cross_entropy_vjp(grads, inputs, outputs, *, ranks, vocab, ignore_index=-100):
+    shards, targets = _vce_parts([x for x in inputs if x is not None], ranks, "vocab_cross_entropy")
+    n = shards[0].shape[-1]
+    g = float(np.sum([float(x) for x in grads]))       # every rank's loss is the same value: cotangents add
+    stats = [vce_local(z, targets, t * n, vocab, ignore_index) for t, z in enumerate(shards)]
+    m = np.max([s[1] for s in stats], axis=0)
+    sumexp = np.sum([np.exp(zm - m[:, None]).sum(axis=1) for zm, _, _ in stats], axis=0)
+    return (*(vce_grad(zm, m, sumexp, targets, t * n, g, ignore_index, z.shape, z.dtype)
+              for t, ((zm, _, _), z) in enumerate(zip(stats, shards))), None)
+
+
+def _vocab_cross_entropy_infer(shapes, dtypes, *, ranks, vocab, ignore_index=-100):
+    present = _present(shapes)
+    require(len(present) >= 2, "vocab_cross_entropy", "needs the logits shards and the targets")
+    *shards, targets = present
+    require(len(shards) in (len(ranks), 1), "vocab_cross_entropy",
+            f"{len(shards)} logits shards for a group of {len(ranks)} ranks {list(ranks)}")
+    require(len(set(map(tuple, shards))) == 1, "vocab_cross_entropy", f"ranks' shards differ in shape: {shards}")
+    require(tuple(targets) == tuple(shards[0][:-1]), "vocab_cross_entropy",
+            f"targets {targets} must match the logits shards {shards[0]} without the class axis")
+    require(shards[0][-1] * len(ranks) >= vocab, "vocab_cross_entropy",
+            f"{len(ranks)} shards of {shards[0][-1]} columns hold fewer than the vocabulary of {vocab}")
+    return [((), dtypes[0])] * len(shards)
+
+
+register("vocab_cross_entropy",
+         _variadic(_vocab_cross_entropy, "Cross-entropy from vocabulary shards of the logits (the targets last): "
+                   "max and sum of exponentials all-reduced, the logits never gathered."),
+         _vocab_cross_entropy_vjp, _vocab_cross_entropy_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+def _vce_case(n: int, cols: int, vocab: int, lead: tuple = (2, 5)) -> Make:
+    def make(r, d):
+        targets = r.integers(0, vocab, lead)
+        targets[0, 0] = -100
+        return (*(randn(r, (*lead, cols), d, 2.0) for _ in range(n)), targets), {"ranks": list(range(n)), "vocab": vocab}
+    return make
+
+
+add_cases("vocab_cross_entropy", [
+    Case("2 shards of 6", _vce_case(2, 6, 12)),
+    Case("3 shards, vocabulary padded by 2", _vce_case(3, 4, 10)),
+    Case("1 shard", _vce_case(1, 9, 9), "batch"),
+])
+
+
+# inner: the scalar a pipeline stage's backward pass starts from ----------------------------------
+def inner(x, g):
+    """Σ x·g, a scalar whose gradient with respect to ``x`` is ``g``: a pipeline stage that is not
+    the last ends its training graph with it, ``g`` being the cotangent the next stage sent back,
+    so that one backward pass from this scalar is the stage's VJP."""
+    return np.asarray(float(np.sum(x.astype(np.float64) * g.astype(np.float64))), x.dtype)
+
+
+def _inner_vjp(grads, inputs, outputs):
+    (go,) = grads
+    x, g = inputs
+    return (g * go).astype(x.dtype), (x * go).astype(g.dtype)
+
+
+def _inner_infer(shapes, dtypes):
+    require(tuple(shapes[0]) == tuple(shapes[1]), "inner", f"shapes {shapes[0]} and {shapes[1]} differ")
+    return [((), dtypes[0])]
+
+
+register("inner", inner, _inner_vjp, _inner_infer, vjp_uses_outputs=False)
+add_cases("inner", [
+    Case("activations 2x5x8", lambda r, d: ((randn(r, (2, 5, 8), d), randn(r, (2, 5, 8), d)), {})),
+    *[Case(f"{k} rows", lambda r, d, k=k: ((randn(r, (k, 6), d), randn(r, (k, 6), d)), {}), "sizes") for k in EDGE_ROWS],
+])
+
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv")
