@@ -12,7 +12,7 @@ from minitx.gradcheck import check_vjp
 from minitx.ops import collectives as C
 
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv", "concat",
-                  "chunk", "vocab_embedding")
+                  "chunk", "vocab_embedding", "vocab_cross_entropy", "inner")
 
 
 def _xs(n, shape, seed=0):
@@ -80,6 +80,9 @@ def _grad_cases():
         ("concat", [x3[0], x3[1][:, :2]], {"axis": 1}),
         ("chunk", _xs(1, (5, 3), 4), {"axis": 0, "n": 2}),
         ("vocab_embedding", [np.array([[0, 4, 5, 2, 4]]), _xs(1, (3, 4), 3)[0]], {"start": 2}),
+        ("vocab_cross_entropy", [*_xs(3, (2, 3, 4), 5), np.array([[0, 11, 5], [9, -100, 7]])],
+         {"ranks": r, "vocab": 10}),
+        ("inner", _xs(2, (3, 4), 6), {}),
     ]
 
 
@@ -148,3 +151,33 @@ def test_uneven_pieces_gather_and_exchange():
         np.testing.assert_array_equal(a, b)
     check_vjp("all_to_all", [a.astype(np.float64) for a in xs], {"ranks": [0, 1], "split_axis": 2, "concat_axis": 1})
     check_vjp("all_gather", [a.astype(np.float64) for a in xs], {"ranks": [0, 1], "axis": 1})
+
+
+def test_vocab_cross_entropy_of_the_shards_is_the_full_cross_entropy():
+    """Megatron's vocabulary-parallel loss against the plain cross-entropy of the whole logits
+    (padding columns beyond the vocabulary ignored), value and gradient, for 1 to 4 shards."""
+    rng = np.random.default_rng(3)
+    V = 10
+    full = rng.standard_normal((2, 5, V)) * 3
+    t = rng.integers(0, V, (2, 5))
+    t[1, 2] = -100
+    want = ops.get("cross_entropy").forward(full, t)
+    (gwant, _) = ops.get("cross_entropy").vjp((np.float64(1.0),), (full, t), None)
+    for n in (1, 2, 3, 4):
+        cols = -(-V // n)
+        padded = np.concatenate([full, np.full((2, 5, cols * n - V), 50.0)], axis=-1)   # padding must not count
+        shards = [padded[..., k * cols:(k + 1) * cols] for k in range(n)]
+        got = _call("vocab_cross_entropy", [*shards, t], ranks=list(range(n)), vocab=V)
+        for y in got:
+            np.testing.assert_allclose(y, want, rtol=1e-12)
+        cot = [np.float64(1.0)] + [np.float64(0.0)] * (n - 1)          # one rank seeds the backward pass
+        g = ops.get("vocab_cross_entropy").vjp(tuple(cot), (*shards, t), None, ranks=list(range(n)), vocab=V)
+        np.testing.assert_allclose(np.concatenate(g[:n], axis=-1)[..., :V], gwant, rtol=1e-10, atol=1e-14)
+        assert not np.concatenate(g[:n], axis=-1)[..., V:].any()
+
+
+def test_inner_seeds_a_backward_pass_with_a_given_cotangent():
+    x, g = _xs(2, (2, 3), seed=9)
+    assert float(ops.get("inner").forward(x, g)) == pytest.approx(float((x * g).sum()))
+    dx, _ = ops.get("inner").vjp((np.float64(1.0),), (x, g), None)
+    np.testing.assert_array_equal(dx, g)

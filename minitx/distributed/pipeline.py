@@ -198,7 +198,7 @@ class Pipeline:
         weights = [c / total for c in counts]
         mail: dict[tuple[str, int], np.ndarray] = {}
         held: dict[int, dict[int, dict[str, np.ndarray]]] = {s: {} for s in self.ex}
-        grads: dict[str, np.ndarray] = {}
+        grads: dict[int, dict[str, np.ndarray]] = {}     # per stage, summed over its micro-batches
         loss, peak = 0.0, 0
         pos = {s: 0 for s in self.ex}
 
@@ -252,7 +252,8 @@ class Pipeline:
                         loss += weights[k] * float(res.outputs["loss"])
                     for name, g in res.grads.items():
                         if name in st.train.params:
-                            grads[name] = g if name not in grads else grads[name] + g
+                            mine = grads.setdefault(s, {})
+                            mine[name] = g if name not in mine else mine[name] + g
                     for key, v, src in st.recv:
                         give(f"{key}.cot", k, res.grads.get(v, np.zeros_like(inp[v])), src)
                     peak = max(peak, res.peak_activation_bytes)
@@ -260,4 +261,8 @@ class Pipeline:
                 progressed = True
             if not progressed:
                 raise MinitxError("pipeline: the schedule deadlocks (no stage can run its next step)")
-        return TrainResult({"loss": np.float32(loss)}, grads, peak, 0)
+        total: dict[str, np.ndarray] = {}
+        for s in sorted(grads):        # stage by stage, as an all-reduce over the stages adds them
+            for name, g in grads[s].items():
+                total[name] = g if name not in total else total[name] + g
+        return TrainResult({"loss": np.float32(loss)}, total, peak, 0)
