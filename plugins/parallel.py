@@ -47,7 +47,7 @@ from minitx.ir import Graph, Node, Value
 from minitx.plugin import Option, Plugin, Tolerance, positive_int
 from minitx.rewrite import RewriteResult, check
 
-COLUMN_CONSUMERS = ("split", "gelu", "relu", "silu", "swiglu")   # a linear feeding these is column-parallel
+COLUMN_CONSUMERS = ("split", "gelu", "relu", "silu", "swiglu", "cross_attention")   # these read a column-parallel linear
 ON_SHARDS = ("gelu", "relu", "silu", "swiglu", "rope")          # elementwise per head/feature: run on shards
 # Ops that compute each token from that token alone (given weights): sequence parallelism runs them on
 # the rank's piece of the sequence.
@@ -123,7 +123,12 @@ class _Sharder:
         self.done: set[tuple] = set()             # nodes emitted once: ("send", v, rank), ("cache", v, stage), …
         self.consumers = graph.consumers()
         self.stage = self._stages()
-        self.attn = {n.tags.get("layer"): n for n in graph.nodes if n.op == "attention"}
+        # Each layer's attention (an encoder–decoder's two stacks number their layers alike; a
+        # decoder layer's self- and cross-attention have the same heads).
+        self.attn: dict[tuple, Node] = {}
+        for n in graph.nodes:
+            if n.op in ("attention", "cross_attention"):
+                self.attn.setdefault((n.tags.get("stack"), n.tags.get("layer")), n)
         self.vocab_size: dict[str, int] = {}     # logits left sharded by vocabulary → the true vocabulary
 
     # ------------------------------------------------------------------ placement
@@ -237,7 +242,7 @@ class _Sharder:
                 self.sequence_parallel(node, s, kinds)
             elif self.L.tp == 1:
                 self.replicate(node, s)
-            elif node.op == "embedding" and node.inputs[0] == "input_ids" and node.inputs[1] in self.g.params:
+            elif node.op == "embedding" and node.inputs[0] in ("input_ids", "encoder_ids") and node.inputs[1] in self.g.params:
                 self.vocab_embedding(node, s)
             elif node.op in ("matmul", "linear") and any(o == "logits" or o.startswith("logits.mb") for o in node.outputs):
                 self.lm_head(node, s)
@@ -247,6 +252,8 @@ class _Sharder:
                 self.row_parallel(node, s)
             elif node.op == "linear" and self.is_column(node):
                 self.column_parallel(node, s)
+            elif node.op == "relative_position_bias" and node.inputs[0] in self.g.params:
+                self.head_bias(node, s)
             elif "col" in kinds:
                 self.on_shards(node, s)
             else:
@@ -257,10 +264,11 @@ class _Sharder:
         return (node.inputs[1] in self.g.params and bool(cons) and all(c.op in COLUMN_CONSUMERS for c in cons))
 
     def _heads(self, node: Node) -> tuple[int, int]:
-        a = self.attn.get(node.tags.get("layer"))
+        a = self.attn.get((node.tags.get("stack"), node.tags.get("layer")))
         if a is None:
             raise MinitxError(f"parallel: cannot find the attention of {node.name} to split its heads")
-        H, KV = int(a.attrs["n_heads"]), int(a.attrs["n_kv_heads"])
+        H = int(a.attrs["n_heads"])
+        KV = int(a.attrs.get("n_kv_heads", H))           # cross_attention: as many K/V heads as queries
         kind, n = ("tp", self.L.tp) if self.L.tp > 1 else ("sp", self.L.sp)
         if H % n or KV % n:
             raise MinitxError(f"parallel: {kind}={n} cannot split {H} attention heads and {KV} KV heads "
@@ -351,11 +359,12 @@ class _Sharder:
         if cons[0].op == "split":                       # fused q | k | v: split by heads
             H, KV = self._heads(node)
             sizes = list(cons[0].attrs["sizes"])
-            if len(sizes) != 3:
-                raise MinitxError(f"parallel: {node.name} feeds a split into {len(sizes)} parts, not q, k, v")
+            if len(sizes) not in (2, 3):
+                raise MinitxError(f"parallel: {node.name} feeds a split into {len(sizes)} parts, not q, k, v "
+                                  "(or a cross-attention's k, v)")
             starts = np.cumsum([0, *sizes])
             cols = lambda t: np.concatenate([np.arange(starts[k] + t * sizes[k] // tp, starts[k] + (t + 1) * sizes[k] // tp)
-                                             for k in range(3)])
+                                             for k in range(len(sizes))])
         elif cons[0].op == "swiglu":                    # [gate | up]: the same features of both halves
             F = n_out // 2
             cols = lambda t: np.concatenate([pieces(F, tp)[t] + h * F for h in (0, 1)])
@@ -382,14 +391,38 @@ class _Sharder:
         elif node.op == "attention":
             H, KV = self._heads(node)
             attrs["n_heads"], attrs["n_kv_heads"] = H // tp, KV // tp
+        elif node.op == "cross_attention":
+            q, k, v, *rest = node.inputs
+            bias = rest[1] if len(rest) > 1 else ""
+            if any(self.kind(x) != "col" for x in (q, k, v)) or (bias and self.kind(bias) != "col"):
+                raise MinitxError(f"parallel: {node.name} (cross_attention) reads q, k, v or a bias that tp does "
+                                  "not split by heads")
+            self._heads(node)
+            attrs["n_heads"] = int(attrs["n_heads"]) // tp
         elif node.op in ("chunk", "concat"):
-            if int(attrs["axis"]) != 0:
+            if int(attrs["axis"]) not in (0, 1):      # a KV cache grows along time (1): its heads stay split
                 raise MinitxError(f"parallel: {node.name} ({node.op}) cuts a tensor-parallel shard along axis "
-                                  f"{attrs['axis']}; only the batch axis (0) can be")
+                                  f"{attrs['axis']}; only the batch (0) and time (1) axes can be")
         elif node.op not in ON_SHARDS:
             raise MinitxError(f"parallel: node {node.name} ({node.op}) reads a tensor-parallel shard; only "
                               f"{', '.join(ON_SHARDS + ('split', 'attention', 'linear', 'chunk', 'concat'))} can")
         self.replicate(node, s, "col", attrs)
+
+    def head_bias(self, node: Node, s: int) -> None:
+        """T5's relative position bias, (buckets, H) → (1, H, T, S): each rank computes its heads'
+        (the table's columns), as attention runs on the rank's heads."""
+        table = node.inputs[0]
+        W = self.src[table]
+        if W.shape[1] % self.L.tp:
+            raise MinitxError(f"parallel: tp={self.L.tp} cannot split the {W.shape[1]} heads of {node.name} "
+                              "(relative_position_bias)")
+        for t in range(self.L.tp):
+            r = self.L.rank(s, t)
+            cols = pieces(W.shape[1], self.L.tp)[t]
+            ins = [self.param(table, r, "col", lambda: W[:, cols]), *(self.read(i, s, t, node) for i in node.inputs[1:])]
+            self.emit(Node(self.at(node.name, r), node.op, ins, [self.at(o, r) for o in node.outputs], dict(node.attrs),
+                           {**node.tags, "rank": r, "parallel": "column"}))
+        self.values[node.outputs[0]] = ("col", s)
 
     def row_parallel(self, node: Node, s: int) -> None:
         x, w, *rest = node.inputs
