@@ -105,6 +105,20 @@ def test_heads_tp_cannot_split_fail_on_every_rank(mpi, tmp_path):
     assert len(lines) == 4 and all("tp=4 cannot split 4 attention heads and 2 KV heads" in l for l in lines)
 
 
+def test_encoder_decoder_across_processes_is_refused_on_every_rank(mpi, tmp_path):
+    """T5/BART/Marian split by tp run in one process (tests/test_parallel.py); across processes
+    they are a one-line refusal on every rank for now, not a hang."""
+    from minitx.convert import convert
+
+    path = str(tmp_path / "t5.npz")
+    convert(os.path.join(ROOT, "tests", "fixtures", "hf-t5-tiny"), path)
+    r = mpirun(2, CLI, "infer", path, "--ids", "5,1,4", "-n", "3", "--parallel", "tp=2", timeout=120)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 2 and all("encoder–decoders (T5, BART, Marian) run split in one process only" in l
+                                   for l in lines), r.stderr
+
+
 def test_missing_mpi4py_is_an_error_not_a_hang(mpi, llama, tmp_path):
     fake = tmp_path / "nompi" / "mpi4py"
     fake.mkdir(parents=True)

@@ -77,6 +77,9 @@ def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = Non
         return optimize(model, [plugin_text(text)], warn=warn, validate=validate)
     if world != L.world:
         raise MinitxError(f"--parallel {text} needs {L.world} ranks (tp·sp·pp), but mpiexec started {world}")
+    if any(v.name == "encoder_ids" for v in model.graph.inputs):
+        raise MinitxError(f"--parallel {text} across processes: encoder–decoders (T5, BART, Marian) run split in "
+                          "one process only so far (run without mpiexec)")
     from .mpi import MPITransport, load_mpi
     from .program import RankModel, rank_program
     from ..plugins.parallel import shard

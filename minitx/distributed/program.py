@@ -46,7 +46,7 @@ def rank_program(graph: Graph, params: Mapping[str, np.ndarray], rank: int) -> R
     outputs: list[str] = []
     producer_rank: dict[str, int | None] = {}
     nodes: list[Node] = []
-    shapes = graph.infer({"B": 1, "T": 1, "S": 1})
+    shapes = graph.infer({"B": 1, "T": 1, "S": 1, "E": 1})
     for n in graph.nodes:
         tags = n.tags
         if "rank" in tags:
