@@ -583,4 +583,204 @@ add_cases("inner", [
     *[Case(f"{k} rows", lambda r, d, k=k: ((randn(r, (k, 6), d), randn(r, (k, 6), d)), {}), "sizes") for k in EDGE_ROWS],
 ])
 
+
+# attention_block / attention_merge: ring attention (sequence parallel) --------------------------
+# Ring attention (Liu et al., 2023) gives each rank a piece of the sequence and passes the K/V
+# pieces around the ranks with send_recv; a rank attends its queries to one block of keys at a
+# time (attention_block: the block's softmax-normalised output and its log-sum-exp per query and
+# head) and combines the blocks' results exactly (attention_merge: the "online softmax"), so no
+# rank ever holds the scores against the whole sequence. Which keys a block holds follows from
+# its attributes: ``block`` -1 is the KV cache before this step (S positions, all visible);
+# ``block`` b ≥ 0 is piece b of this step's T tokens cut into ``blocks`` pieces as ``chunk``
+# cuts them; with ``causal`` a query sees its own piece up to itself (``block == query_block``)
+# and no piece after its own. The padding mask covers the S + T positions, as for ``attention``;
+# ``past`` is the cache (only its length is read) so that the op knows S.
+def _block_geometry(k, mask, past, block, blocks):
+    """The padding-mask columns of this block (None without a mask)."""
+    S = 0 if past is None else past.shape[1]
+    if mask is None:
+        return None
+    if block < 0:
+        return mask[:, :S]
+    T = mask.shape[1] - S
+    piece = np.array_split(np.arange(T), blocks)[block]
+    return mask[:, S + piece]
+
+
+def _block_probs(q, k, mask, past, n_heads, n_kv_heads, scale, block, blocks, query_block, causal):
+    B, Tq, HD = q.shape
+    Tk = k.shape[1]
+    G, D = n_heads // n_kv_heads, HD // n_heads
+    sc = (1.0 / np.sqrt(D)) if scale is None else scale
+    qh = q.astype(np.float64).reshape(B, Tq, n_kv_heads, G, D).transpose(0, 2, 3, 1, 4)       # (B, KV, G, Tq, D)
+    kh = k.astype(np.float64).reshape(B, Tk, n_kv_heads, D).transpose(0, 2, 1, 3)[:, :, None]  # (B, KV, 1, Tk, D)
+    scores = (qh @ np.swapaxes(kh, -1, -2)) * sc
+    keep = np.ones((B, 1, 1, Tq, Tk), bool)
+    cols = _block_geometry(k, mask, past, block, blocks)
+    if cols is not None:
+        keep &= cols.astype(bool)[:, None, None, None, :]
+    if causal and block == query_block:
+        keep &= np.tril(np.ones((Tq, Tk), bool))[None, None, None]
+    m = np.where(keep, scores, -np.inf).max(axis=-1, keepdims=True) if Tk else np.full((*scores.shape[:-1], 1), -np.inf)
+    e = np.where(keep, np.exp(scores - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    l = e.sum(axis=-1, keepdims=True)
+    p = np.divide(e, l, out=np.zeros_like(e), where=l > 0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(l > 0, np.log(np.where(l > 0, l, 1.0)) + np.where(np.isfinite(m), m, 0.0), -np.inf)
+    return p, keep, qh, kh, lse[..., 0], sc
+
+
+def _block_check(block, query_block, causal, op="attention_block"):
+    if causal and block > query_block:
+        raise MinitxError(f"op {op}: with causal attention, block {block} lies after the queries' block {query_block}")
+
+
+def attention_block(q, k, v, mask=None, past=None, *, n_heads, n_kv_heads, block, blocks, query_block, causal,
+                    scale=None):
+    """Attention of the queries ``q`` to one block of keys/values only: (the block's softmax-
+    normalised output (B, T, H·D), its log-sum-exp per head and query (B, H, T); −inf where the
+    block holds no key the query may see, the output then 0)."""
+    _block_check(block, query_block, causal)
+    B, Tq, HD = q.shape
+    p, _, _, _, lse, _ = _block_probs(q, k, mask, past, n_heads, n_kv_heads, scale, block, blocks, query_block, causal)
+    vh = v.astype(np.float64).reshape(B, v.shape[1], n_kv_heads, HD // n_heads).transpose(0, 2, 1, 3)[:, :, None]
+    o = (p @ vh).reshape(B, n_heads, Tq, HD // n_heads).transpose(0, 2, 1, 3).reshape(B, Tq, HD)
+    return o.astype(q.dtype), lse.reshape(B, n_heads, Tq).astype(q.dtype)
+
+
+def _attention_block_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, block, blocks, query_block, causal,
+                         scale=None):
+    g_o, g_lse = grads
+    q, k, v, mask, past = inputs
+    B, Tq, HD = q.shape
+    D, KV, G = HD // n_heads, n_kv_heads, n_heads // n_kv_heads
+    p, keep, qh, kh, _, sc = _block_probs(q, k, mask, past, n_heads, n_kv_heads, scale, block, blocks, query_block,
+                                          causal)
+    vh = v.astype(np.float64).reshape(B, v.shape[1], KV, D).transpose(0, 2, 1, 3)[:, :, None]
+    go = g_o.astype(np.float64).reshape(B, Tq, KV, G, D).transpose(0, 2, 3, 1, 4)
+    gl = g_lse.astype(np.float64).reshape(B, KV, G, Tq, 1)
+    gv = (np.swapaxes(p, -1, -2) @ go).sum(axis=2)                                   # (B, KV, Tk, D)
+    gp = go @ np.swapaxes(vh, -1, -2)
+    gs = np.where(keep, p * (gp - (gp * p).sum(axis=-1, keepdims=True)) + gl * p, 0.0) * sc   # d lse / d s = p
+    gq = (gs @ kh).transpose(0, 3, 1, 2, 4).reshape(B, Tq, HD)
+    gk = (np.swapaxes(gs, -1, -2) @ qh).sum(axis=2)
+    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(B, x.shape[2], KV * D)   # noqa: E731
+    return gq.astype(q.dtype), merge(gk).astype(k.dtype), merge(gv).astype(v.dtype), None, None
+
+
+def _attention_block_infer(shapes, dtypes, *, n_heads, n_kv_heads, block, blocks, query_block, causal, scale=None):
+    q, k, v, mask, past = shapes
+    op = "attention_block"
+    require(len(q) == 3 and len(k) == 3 and tuple(v) == tuple(k), op, f"q {q}, k {k}, v {v} must be (B, T, width)")
+    require(n_heads % n_kv_heads == 0 and q[-1] % n_heads == 0, op, f"{n_heads} heads, {n_kv_heads} KV heads, width {q[-1]}")
+    require(k[-1] == n_kv_heads * (q[-1] // n_heads) and k[0] == q[0], op, f"k {k} does not match q {q}")
+    require(-1 <= block < blocks and 0 <= query_block < blocks, op, f"block {block} / query_block {query_block} of {blocks}")
+    require(not (causal and block > query_block), op, f"causal: block {block} lies after the queries' block {query_block}")
+    return [(tuple(q), dtypes[0]), ((q[0], n_heads, q[1]), dtypes[0])]
+
+
+register("attention_block", attention_block, _attention_block_vjp, _attention_block_infer, n_optional=2,
+         nondiff=(3, 4), vjp_uses_outputs=False)
+
+
+def _merge_parts(xs, op="attention_merge"):
+    if len(xs) % 2 or not xs:
+        raise MinitxError(f"op {op}: takes pairs (output, log-sum-exp), got {len(xs)} inputs")
+    return xs[0::2], xs[1::2]
+
+
+def _merge_weights(lses):
+    """Each block's share exp(lse_b − lse), lse = log Σ_b exp(lse_b); 0 where no block has a key."""
+    L = np.stack([x.astype(np.float64) for x in lses])
+    top = L.max(axis=0)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    e = np.where(np.isfinite(L), np.exp(L - safe), 0.0)
+    tot = e.sum(axis=0)
+    return np.divide(e, tot, out=np.zeros_like(e), where=tot > 0)          # (blocks, B, H, T)
+
+
+def _attention_merge(xs):
+    outs, lses = _merge_parts(xs)
+    w = _merge_weights(lses)
+    B, T, HD = outs[0].shape
+    H = lses[0].shape[1]
+    total = sum(w[b].transpose(0, 2, 1)[..., None] * o.astype(np.float64).reshape(B, T, H, HD // H)
+                for b, o in enumerate(outs))
+    return np.asarray(total).reshape(B, T, HD).astype(outs[0].dtype)
+
+
+def _attention_merge_vjp(grads, inputs, outputs):
+    (g,) = grads
+    outs, lses = _merge_parts([x for x in inputs if x is not None])
+    w = _merge_weights(lses)
+    B, T, HD = outs[0].shape
+    H = lses[0].shape[1]
+    gh = g.astype(np.float64).reshape(B, T, H, HD // H)
+    oh = [o.astype(np.float64).reshape(B, T, H, HD // H) for o in outs]
+    whole = sum(w[b].transpose(0, 2, 1)[..., None] * oh[b] for b in range(len(outs)))
+    res = []
+    for b in range(len(outs)):
+        wb = w[b].transpose(0, 2, 1)[..., None]                                # (B, T, H, 1)
+        res.append((wb * gh).reshape(B, T, HD).astype(outs[b].dtype))
+        res.append((wb[..., 0] * (gh * (oh[b] - whole)).sum(axis=-1)).transpose(0, 2, 1).astype(lses[b].dtype))
+    return tuple(res)
+
+
+def _attention_merge_infer(shapes, dtypes):
+    present = _present(shapes)
+    require(len(present) >= 2 and len(present) % 2 == 0, "attention_merge", f"needs (output, lse) pairs, got {len(present)}")
+    o = tuple(present[0])
+    for k in range(0, len(present), 2):
+        require(tuple(present[k]) == o and len(present[k + 1]) == 3 and present[k + 1][0] == o[0]
+                and present[k + 1][2] == o[1], "attention_merge", f"pair {k // 2}: {present[k]}, {present[k + 1]} vs {o}")
+    return [(o, dtypes[0])]
+
+
+register("attention_merge", _variadic(_attention_merge, "The blocks' attention outputs combined by their log-sum-exps "
+                                       "(the online softmax): the attention over all their keys."),
+         _attention_merge_vjp, _attention_merge_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+def _block_case(Tq: int, Tk: int, block: int, query_block: int, causal: bool, pad: bool = False) -> Make:
+    """q over one block of a 2-piece sequence (Tq = Tk tokens each, a cache of 3), 4 heads on 2 KV heads."""
+    def make(r, d):
+        B, H, KV, D, S = 2, 4, 2, 3, 3
+        T = Tq + Tk if block != query_block else 2 * Tq
+        mask = np.ones((B, S + T), np.int64)
+        if pad:
+            mask[1, :2] = 0
+        n = S if block < 0 else Tk
+        ins = (randn(r, (B, Tq, H * D), d), randn(r, (B, n, KV * D), d), randn(r, (B, n, KV * D), d), mask,
+               randn(r, (B, S, KV * D), d))
+        return ins, {"n_heads": H, "n_kv_heads": KV, "block": block, "blocks": 2, "query_block": query_block,
+                     "causal": causal}
+    return make
+
+
+add_cases("attention_block", [
+    Case("the queries' own block, causal", _block_case(3, 3, 1, 1, True)),
+    Case("an earlier block, causal", _block_case(3, 3, 0, 1, True)),
+    Case("the cache block, padded", _block_case(3, 3, -1, 0, True, pad=True), "masked"),
+    Case("a later block, bidirectional", _block_case(3, 3, 1, 0, False)),
+])
+
+
+def _merge_case(blocks: int, dead: bool = False) -> Make:
+    def make(r, d):
+        xs = []
+        for b in range(blocks):
+            lse = randn(r, (2, 4, 5), d)
+            if dead and b == 0:
+                lse[:, :, 0] = -np.inf
+            xs += [randn(r, (2, 5, 12), d), lse]
+        return tuple(xs), {}
+    return make
+
+
+add_cases("attention_merge", [
+    Case("3 blocks", _merge_case(3)),
+    Case("one block", _merge_case(1), "batch"),
+    Case("a block without keys for a query", _merge_case(2, dead=True), "masked"),
+])
+
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv")
