@@ -63,10 +63,13 @@ class Layout:
     pp: int = 1
     mb: int = 1          # micro-batches a pipeline streams through its stages
     sp: int = 1          # sequence parallel (Ulysses): each rank a piece of the sequence
+    ring: int = 0        # 1: sequence-parallel attention by ring (K/V blocks passed on) instead of all-to-all
 
     def __post_init__(self) -> None:
         if self.tp > 1 and self.sp > 1:
             raise MinitxError("parallel: tp and sp together are not implemented yet (use one of them)")
+        if self.ring not in (0, 1) or (self.ring and self.sp == 1):
+            raise MinitxError("parallel: ring=1 is how sequence parallelism attends (give sp=N with it)")
 
     @property
     def width(self) -> int:
@@ -84,8 +87,8 @@ class Layout:
         return [self.rank(stage, t) for t in range(self.width)]
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in (("tp", self.tp), ("sp", self.sp), ("pp", self.pp), ("mb", self.mb))
-                        if v > 1) or "tp=1"
+        return ",".join(f"{k}={v}" for k, v in (("tp", self.tp), ("sp", self.sp), ("ring", self.ring), ("pp", self.pp),
+                                                ("mb", self.mb)) if v > 1 or (k == "ring" and v)) or "tp=1"
 
 
 def stage_sizes(n_layers: int, pp: int) -> list[int]:
@@ -195,7 +198,7 @@ class _Sharder:
 
     def is_cache(self, v: str) -> bool:
         """A KV cache at the graph's edge, which tensor parallelism splits by KV heads."""
-        return self.L.width > 1 and v in self.inputs and v.startswith("past.")
+        return self.L.width > 1 and not self.L.ring and v in self.inputs and v.startswith("past.")
 
     def kind(self, v: str) -> str | None:
         return "col" if self.is_cache(v) else self.values[v][0] if v in self.values else None
@@ -326,6 +329,8 @@ class _Sharder:
     def seq_attention(self, node: Node, s: int) -> None:
         """Each rank's tokens of q, k, v → all tokens of its heads (all-to-all), attention on those
         heads with its slice of the KV cache, and back to its tokens of all heads."""
+        if self.L.ring:
+            return self.ring_attention(node, s)
         n = self.L.sp
         H, KV = self._heads(node)
         group = self.L.group(s)
@@ -348,6 +353,58 @@ class _Sharder:
         self.values[out] = ("seq", s)
         for o in present:
             self.values[o] = ("col", s)
+
+    def ring_attention(self, node: Node, s: int) -> None:
+        """Ring attention: each rank keeps its piece of q and passes its K/V piece on to the next
+        rank (send_recv), attending to one block at a time (attention_block: its output and
+        log-sum-exp) and combining the blocks exactly (attention_merge, the online softmax). With a
+        causal mask a block only travels forward (rank b's keys are no use to earlier ranks) and
+        rank t attends to blocks 0 … t. The KV cache before this step is whole on every rank (one
+        more block, attended locally); a cache the graph returns is the past plus this step's
+        K/V all-gathered along time."""
+        n, group = self.L.sp, self.L.group(s)
+        q, k, v, pk, pv, mask = [*node.inputs, "", "", ""][:6]
+        H, KV = int(node.attrs["n_heads"]), int(node.attrs["n_kv_heads"])
+        causal = bool(node.attrs["causal"])
+        base = {"n_heads": H, "n_kv_heads": KV, "blocks": n, "causal": causal,
+                **({"scale": node.attrs["scale"]} if node.attrs.get("scale") is not None else {})}
+        have = {(x, t, t): self.read(x, s, t, node) for x in (k, v) for t in range(n)}
+        for j in range(1, n):                           # ring step j: block b moves from rank b+j−1 to b+j
+            for b in range(n):
+                src_t, dst_t = (b + j - 1) % n, (b + j) % n
+                if causal and b + j >= n:               # would wrap to an earlier rank, which does not need it
+                    continue
+                src, dst = self.L.rank(s, src_t), self.L.rank(s, dst_t)
+                for x in (k, v):
+                    out = self.at(f"{x}.blk{b}", dst)
+                    self.emit(Node(f"{x}.blk{b}.send@{src}>{dst}", "send_recv", [have[(x, b, src_t)]], [out],
+                                   {"src": src, "dst": dst}, {"ranks": [src, dst], "sends": x, "ring": j}))
+                    have[(x, b, dst_t)] = out
+        out, *present = node.outputs
+        for t, r in enumerate(group):
+            qn = self.read(q, s, t, node)
+            m = self.read(mask, s, t, node) if mask else ""
+            past = self.read(pk, s, t, node) if pk else ""
+            blocks = ([(-1, past, self.read(pv, s, t, node))] if pk else []) + [
+                (b, have[(k, b, t)], have[(v, b, t)]) for b in range(n) if not (causal and b > t)]
+            parts = []
+            for b, kb, vb in blocks:
+                o, lse = self.at(f"{out}.blk{b}", r), self.at(f"{out}.lse{b}", r)
+                self.emit(Node(self.at(f"{node.name}.blk{b}", r), "attention_block", [qn, kb, vb, m, past], [o, lse],
+                               {**base, "block": b, "query_block": t}, {**node.tags, "rank": r}))
+                parts += [o, lse]
+            self.emit(Node(self.at(f"{node.name}.merge", r), "attention_merge", parts, [self.at(out, r)], {},
+                           {**node.tags, "rank": r}))
+        self.values[out] = ("seq", s)
+        for o, x, p in zip(present, (k, v), (pk, pv)):
+            if o not in self.g.outputs and not self.consumers.get(o):
+                continue                                  # (training: no cache to return)
+            whole = self.gather_seq(x, s)
+            for t, r in enumerate(group):
+                ins = [self.read(p, s, t, node), whole[t]] if p else [whole[t]]
+                self.emit(Node(self.at(f"{o}.cache", r), "concat", ins, [self.at(o, r)], {"axis": 1},
+                               {**node.tags, "rank": r}))
+            self.values[o] = ("rep", s)
 
     def column_parallel(self, node: Node, s: int) -> None:
         x, w, *rest = node.inputs
@@ -662,6 +719,7 @@ class ParallelPlugin(Plugin):
         "pp": Option(1, positive_int, "pipeline stages (contiguous layers)"),
         "mb": Option(1, positive_int, "micro-batches streamed through the pipeline (batch >= mb)"),
         "sp": Option(1, positive_int, "sequence-parallel ranks (Ulysses: all-to-all between tokens and heads)"),
+        "ring": Option(0, int, "1: sequence-parallel attention by ring attention (K/V blocks around the ranks)"),
     }
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
@@ -671,7 +729,8 @@ class ParallelPlugin(Plugin):
               calib=None) -> RewriteResult:
         from minitx.rewrite import Firing
 
-        layout = Layout(int(opts.get("tp", 1)), int(opts.get("pp", 1)), int(opts.get("mb", 1)), int(opts.get("sp", 1)))
+        layout = Layout(int(opts.get("tp", 1)), int(opts.get("pp", 1)), int(opts.get("mb", 1)), int(opts.get("sp", 1)),
+                        int(opts.get("ring", 0)))
         g, p = shard(graph, params, layout)
         firings = [Firing("parallel", n.name, n.op, [n.name], [n.op], 0) for n in g.nodes
                    if n.tags.get("parallel") or n.tags.get("ranks")]

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..errors import MinitxError
 from ..model import Model
 
-KINDS = ("tp", "pp", "mb", "sp")
+KINDS = ("tp", "pp", "mb", "sp", "ring")
 TRAINING_ONLY = {"dp": "data parallelism is for training: minitx train --parallel dp=N"}
 
 
@@ -64,7 +64,7 @@ def launched_world() -> int:
 
 def plugin_text(text: str) -> str:
     L = layout(text)
-    return f"parallel:tp={L.tp},sp={L.sp},pp={L.pp},mb={L.mb}"
+    return f"parallel:tp={L.tp},sp={L.sp},pp={L.pp},mb={L.mb},ring={L.ring}"
 
 
 def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = None, validate: bool = True) -> Model:
