@@ -12,7 +12,8 @@ from minitx.gradcheck import check_vjp
 from minitx.ops import collectives as C
 
 COLLECTIVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv", "concat",
-                  "chunk", "vocab_embedding", "vocab_cross_entropy", "inner")
+                  "chunk", "vocab_embedding", "vocab_cross_entropy", "inner",
+                  "attention_block", "attention_merge")
 
 
 def _xs(n, shape, seed=0):
@@ -83,6 +84,10 @@ def _grad_cases():
         ("vocab_cross_entropy", [*_xs(3, (2, 3, 4), 5), np.array([[0, 11, 5], [9, -100, 7]])],
          {"ranks": r, "vocab": 10}),
         ("inner", _xs(2, (3, 4), 6), {}),
+        ("attention_block", [*_xs(3, (2, 3, 8), 7), np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 1]])], {"n_heads": 4, "n_kv_heads": 4, "block": 1, "blocks": 2,
+                                                    "query_block": 1, "causal": True}),
+        ("attention_merge", [_xs(1, (2, 3, 8), 8)[0], _xs(1, (2, 2, 3), 9)[0], _xs(1, (2, 3, 8), 10)[0],
+                             _xs(1, (2, 2, 3), 11)[0]], {}),
     ]
 
 
@@ -181,3 +186,30 @@ def test_inner_seeds_a_backward_pass_with_a_given_cotangent():
     assert float(ops.get("inner").forward(x, g)) == pytest.approx(float((x * g).sum()))
     dx, _ = ops.get("inner").vjp((np.float64(1.0),), (x, g), None)
     np.testing.assert_array_equal(dx, g)
+
+
+def test_ring_blocks_merge_into_the_whole_attention():
+    """attention_block over a cache block and three pieces of 7 new tokens (3 + 2 + 2), merged by
+    attention_merge, is the attention op over all keys — causal (blocks up to the queries' own) and
+    bidirectional, grouped-query, with padding in the cache."""
+    rng = np.random.default_rng(4)
+    B, H, KV, D, S, T, N = 2, 4, 2, 3, 3, 7, 3
+    q, k, v = (rng.standard_normal((B, T, w)) for w in (H * D, KV * D, KV * D))
+    pk, pv = rng.standard_normal((B, S, KV * D)), rng.standard_normal((B, S, KV * D))
+    mask = np.ones((B, S + T), np.int64)
+    mask[1, :2] = 0
+    for causal in (True, False):
+        want = ops.get("attention").forward(q, k, v, pk, pv, mask, n_heads=H, n_kv_heads=KV, causal=causal)[0]
+        qs, ks, vs = (np.array_split(x, N, axis=1) for x in (q, k, v))
+        got = []
+        for r in range(N):
+            attrs = {"n_heads": H, "n_kv_heads": KV, "blocks": N, "query_block": r, "causal": causal}
+            parts = list(ops.get("attention_block").forward(qs[r], pk, pv, mask, pk, block=-1, **attrs))
+            for b in range(N):
+                if not (causal and b > r):
+                    parts += ops.get("attention_block").forward(qs[r], ks[b], vs[b], mask, pk, block=b, **attrs)
+            got.append(ops.get("attention_merge").forward(*parts))
+        np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-12, atol=1e-13)
+    with pytest.raises(MinitxError, match="lies after the queries' block"):
+        ops.get("attention_block").forward(qs[0], ks[1], vs[1], mask, pk, n_heads=H, n_kv_heads=KV, block=1,
+                                           blocks=N, query_block=0, causal=True)

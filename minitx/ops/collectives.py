@@ -651,7 +651,7 @@ def attention_block(q, k, v, mask=None, past=None, *, n_heads, n_kv_heads, block
 def _attention_block_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, block, blocks, query_block, causal,
                          scale=None):
     g_o, g_lse = grads
-    q, k, v, mask, past = inputs
+    q, k, v, mask, past = (*inputs, None, None)[:5]
     B, Tq, HD = q.shape
     D, KV, G = HD // n_heads, n_kv_heads, n_heads // n_kv_heads
     p, keep, qh, kh, _, sc = _block_probs(q, k, mask, past, n_heads, n_kv_heads, scale, block, blocks, query_block,
@@ -665,7 +665,7 @@ def _attention_block_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, block, 
     gq = (gs @ kh).transpose(0, 3, 1, 2, 4).reshape(B, Tq, HD)
     gk = (np.swapaxes(gs, -1, -2) @ qh).sum(axis=2)
     merge = lambda x: x.transpose(0, 2, 1, 3).reshape(B, x.shape[2], KV * D)   # noqa: E731
-    return gq.astype(q.dtype), merge(gk).astype(k.dtype), merge(gv).astype(v.dtype), None, None
+    return (gq.astype(q.dtype), merge(gk).astype(k.dtype), merge(gv).astype(v.dtype), None, None)[:max(len(inputs), 3)]
 
 
 def _attention_block_infer(shapes, dtypes, *, n_heads, n_kv_heads, block, blocks, query_block, causal, scale=None):
