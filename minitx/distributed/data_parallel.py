@@ -49,8 +49,7 @@ def parse(text: str | None) -> tuple[int, bool]:
     for part in text.split(","):
         key, sep, val = part.strip().partition("=")
         if not sep or key.strip() not in ("dp", "zero") or key.strip() in vals:
-            raise MinitxError(f"--parallel for training takes dp=N[,zero=1] (data parallel), got {text!r}"
-                              + ("; sp does not train yet" if key.strip() == "sp" else ""))
+            raise MinitxError(f"--parallel for training takes dp=N[,zero=1] (data parallel), got {text!r}")
         vals[key.strip()] = val.strip()
     try:
         n = int(vals.get("dp", ""))

@@ -33,7 +33,7 @@ from ..ir import Graph
 from . import launched_world
 from .pipeline import SCHEDULES, Pipeline, stages
 
-KEYS = ("tp", "pp", "mb", "schedule")
+KEYS = ("tp", "pp", "mb", "schedule", "sp", "ring")
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -45,8 +45,8 @@ def parse(text: str) -> dict[str, Any]:
             raise MinitxError(f"--parallel {text}: data parallelism with tp or pp is not implemented yet "
                               "(use dp alone, or tp or pp alone)")
         if not sep or key not in KEYS or key in vals:
-            raise MinitxError(f"--parallel for training takes dp=N[,zero=1], tp=N or pp=N[,mb=K,schedule=1f1b|gpipe], "
-                              f"got {text!r}")
+            raise MinitxError(f"--parallel for training takes dp=N[,zero=1], tp=N, sp=N[,ring=1] or "
+                              f"pp=N[,mb=K,schedule=1f1b|gpipe], got {text!r}")
         if key == "schedule":
             if val not in SCHEDULES:
                 raise MinitxError(f"--parallel schedule must be one of {', '.join(SCHEDULES)}, got {val!r}")
@@ -59,16 +59,19 @@ def parse(text: str) -> dict[str, Any]:
         if n <= 0:
             raise MinitxError(f"--parallel {key} must be a positive integer, got {val!r}")
         vals[key] = n
-    tp, pp = vals.get("tp", 1), vals.get("pp", 1)
-    if tp > 1 and pp > 1:
-        raise MinitxError(f"--parallel {text}: training with tp and pp together is not implemented yet")
+    tp, pp, sp = vals.get("tp", 1), vals.get("pp", 1), vals.get("sp", 1)
+    if sum(n > 1 for n in (tp, pp, sp)) > 1:
+        raise MinitxError(f"--parallel {text}: training with two of tp, sp, pp together is not implemented yet")
     if ("mb" in vals or "schedule" in vals) and pp == 1:
         raise MinitxError(f"--parallel {text}: mb and schedule are pipeline options (give pp=N)")
-    return {"tp": tp, "pp": pp, "mb": vals.get("mb", 1), "schedule": vals.get("schedule", "1f1b")}
+    if vals.get("ring", 0) > 1 or ("ring" in vals and sp == 1):
+        raise MinitxError(f"--parallel {text}: ring=1 is how sequence parallelism attends (give sp=N with it)")
+    return {"tp": tp, "pp": pp, "sp": sp, "ring": vals.get("ring", 0), "mb": vals.get("mb", 1),
+            "schedule": vals.get("schedule", "1f1b")}
 
 
 def wanted(text: str | None) -> bool:
-    """Whether ``--parallel`` asks for tensor or pipeline parallelism (else data parallelism)."""
+    """Whether ``--parallel`` asks for tensor, sequence or pipeline parallelism (else data parallelism)."""
     return bool(text) and any(p.strip().split("=")[0].strip() in KEYS for p in text.split(","))
 
 
@@ -102,7 +105,7 @@ class ModelParallel:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.is_writer = self.rank == 0
         self.transport = None
-        self.ranks = self.opts["tp"] * self.opts["pp"]
+        self.ranks = self.opts["tp"] * self.opts["pp"] * self.opts.get("sp", 1)
         # The rank whose loss is the model's: the first (tp) or the last stage (pp).
         self.owner = self.ranks - 1 if self.opts["pp"] > 1 else 0
         if comm is not None:
@@ -122,7 +125,7 @@ class ModelParallel:
 
     def _build(self, graph: Graph, params: Mapping[str, np.ndarray]) -> tuple:
         from ..plugins.parallel import Layout, shard
-        from .program import rank_program
+        from .program import rank_program, trainable
 
         extra = [o for o in graph.outputs if o.startswith("loss.")]
         if extra:
@@ -133,10 +136,10 @@ class ModelParallel:
         only = self.rank if self.comm is not None else None
         if self.opts["pp"] > 1:
             return ("pp", stages(g, params, self.opts["pp"], only=only))
-        L = Layout(self.opts["tp"], 1)
+        L = Layout(tp=self.opts["tp"], sp=self.opts.get("sp", 1), ring=self.opts.get("ring", 0))
         sg, sp = shard(g, params, L, only_rank=only)
         if only is not None:
-            sg = rank_program(sg, sp, only).graph
+            sg = trainable(rank_program(sg, sp, only).graph)
         return ("tp", sg, index_maps(g, params, L, only))
 
     def forward_backward(self, params, backends, feeds, step: int, loss_grad: float) -> TrainResult:
@@ -235,15 +238,15 @@ def reducer(text: str, connect: bool = True) -> ModelParallel:
     """The reducer of ``--parallel tp=N`` / ``pp=N``: simulated without ``mpiexec``, one rank per
     process under it (the world must be tp · pp). Errors come before any communication."""
     opts = parse(text)
-    need = opts["tp"] * opts["pp"]
+    need = opts["tp"] * opts["pp"] * opts["sp"]
     world = launched_world()
     if world > 1 and world != need:
-        raise MinitxError(f"--parallel {text} needs {need} ranks (tp·pp), but mpiexec started {world}")
+        raise MinitxError(f"--parallel {text} needs {need} ranks (tp·sp·pp), but mpiexec started {world}")
     if world == 1 or not connect:
         return ModelParallel(opts)
     from .mpi import load_mpi
 
     comm = load_mpi().COMM_WORLD
     if comm.Get_size() != need:
-        raise MinitxError(f"--parallel {text} needs {need} ranks (tp·pp), but MPI has {comm.Get_size()}")
+        raise MinitxError(f"--parallel {text} needs {need} ranks (tp·sp·pp), but MPI has {comm.Get_size()}")
     return ModelParallel(opts, comm)

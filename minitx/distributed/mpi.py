@@ -70,6 +70,7 @@ class MPITransport(Backend):
             "all_to_all": lambda g, i, o, *, ranks, split_axis, concat_axis: (
                 self.all_to_all(g[0], ranks=ranks, split_axis=concat_axis, concat_axis=split_axis),),
             "vocab_cross_entropy": self.vocab_cross_entropy_vjp,
+            "send_recv": self.send_recv_vjp,
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -161,17 +162,28 @@ class MPITransport(Backend):
         self._wait(self._comm(ranks).Ibcast(buf, root=list(ranks).index(root)), f"broadcast from rank {root}")
         return buf
 
-    def send_recv(self, x=None, *, src, dst):
+    def send_recv(self, x=None, *, src, dst, tag: int = TAG):
+        """The sender sends ``x`` (and passes it through, for a training program's later nodes);
+        the receiver returns what arrives (its own input, if any, only carries gradients)."""
         if self.rank == src:
-            self._wait(self.comm.isend(np.ascontiguousarray(x), dest=dst, tag=TAG), f"send to rank {dst}")
-            return ()
+            self._wait(self.comm.isend(np.ascontiguousarray(x), dest=dst, tag=tag), f"send to rank {dst}")
+            return x
         deadline = time.monotonic() + self.timeout
-        while not self.comm.Iprobe(source=src, tag=TAG):
+        while not self.comm.Iprobe(source=src, tag=tag):
             if time.monotonic() > deadline:
                 raise MinitxError(f"mpi: rank {self.rank}: receive from rank {src} got nothing within "
                                   f"{self.timeout:g} s (another rank failed or died)")
             time.sleep(1e-4)
-        return self.comm.recv(source=src, tag=TAG)
+        return self.comm.recv(source=src, tag=tag)
+
+    def send_recv_vjp(self, grads, inputs, outputs, *, src, dst):
+        """The transfer backwards (see :func:`minitx.distributed.program.trainable`): the receiver
+        sends its cotangent back, the sender adds it to its own value's."""
+        if self.rank == dst:
+            self.send_recv(np.ascontiguousarray(grads[0]), src=dst, dst=src, tag=TAG + 1)
+            return (np.zeros_like(inputs[0]),)
+        back = self.send_recv(None, src=dst, dst=src, tag=TAG + 1)
+        return (grads[0] + back,)
 
     def share(self, value: Any, owner: int) -> np.ndarray:
         """Every rank gets ``owner``'s array (a last pipeline stage's logits): its length, then its

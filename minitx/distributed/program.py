@@ -120,6 +120,35 @@ def rank_program(graph: Graph, params: Mapping[str, np.ndarray], rank: int) -> R
     return RankProgram(g, {k: params[k] for k in g.params}, shared)
 
 
+def trainable(graph: Graph) -> Graph:
+    """A rank's program whose point-to-point transfers carry gradients back (training across
+    processes; ring attention's K/V blocks). The executor runs a node's VJP only when the node has
+    an input and an output on a path to the loss, so: a send passes its value through
+    (``x`` → ``x.sent``, which this rank's later nodes read instead: the VJP adds the cotangent the
+    receiver sends back), and a receive reads this rank's own value of the same name (the VJP
+    sends the cotangent of what it received back to the sender, and gives that input zero)."""
+    nodes = [Node(n.name, n.op, list(n.inputs), list(n.outputs), dict(n.attrs), dict(n.tags)) for n in graph.nodes]
+    rank = int(graph.meta["rank"])
+    produced: set[str] = {v.name for v in graph.inputs} | set(graph.params)
+    for k, n in enumerate(nodes):
+        if n.op == "send_recv" and int(n.attrs["src"]) == rank and not n.outputs:
+            x = n.inputs[0]
+            n.outputs = [f"{x}.sent"]
+            for later in nodes[k + 1:]:
+                later.inputs = [f"{x}.sent" if i == x else i for i in later.inputs]
+        elif n.op == "send_recv" and int(n.attrs["dst"]) == rank and not n.inputs:
+            sends = str(n.tags.get("sends", ""))
+            own = next((c for c in (f"{sends}@{rank}", sends) if c in produced), None)
+            if own is None:
+                raise MinitxError(f"rank_program: rank {rank} receives {n.outputs[0]} with no value of its own to "
+                                  "carry the gradient back (training through this transfer is not supported)")
+            n.inputs = [own]
+        produced.update(n.outputs)
+    g = Graph(list(graph.inputs), list(graph.outputs), dict(graph.params), nodes, dict(graph.meta))
+    g.validate()
+    return g
+
+
 class RankExecutor:
     """An executor for one rank's program that hands every rank the model's outputs: an output a
     later pipeline stage computes (the logits) is broadcast from its rank, so that every rank
