@@ -66,15 +66,21 @@ class Layout:
     ring: int = 0        # 1: sequence-parallel attention by ring (K/V blocks passed on) instead of all-to-all
 
     def __post_init__(self) -> None:
-        if self.tp > 1 and self.sp > 1:
-            raise MinitxError("parallel: tp and sp together are not implemented yet (use one of them)")
+        if self.tp > 1 and self.sp > 1 and (self.sp != self.tp or self.ring):
+            raise MinitxError(f"parallel: with tp, sequence parallelism runs on the tp ranks themselves (Megatron's): "
+                              f"give sp={self.tp} without ring, not sp={self.sp}" + (",ring=1" if self.ring else ""))
         if self.ring not in (0, 1) or (self.ring and self.sp == 1):
             raise MinitxError("parallel: ring=1 is how sequence parallelism attends (give sp=N with it)")
 
     @property
+    def megatron(self) -> bool:
+        """tp and sp together: Megatron's sequence parallelism, on the same ranks."""
+        return self.tp > 1 and self.sp > 1
+
+    @property
     def width(self) -> int:
-        """Ranks per pipeline stage (the tp or the sp group)."""
-        return self.tp * self.sp
+        """Ranks per pipeline stage (the tp or the sp group; one group for both)."""
+        return self.tp if self.megatron else self.tp * self.sp
 
     @property
     def world(self) -> int:
@@ -241,7 +247,9 @@ class _Sharder:
         for node in self.g.nodes:
             s = self.stage[node.name]
             kinds = {self.kind(i) for i in node.inputs if i}
-            if self.L.sp > 1:
+            if self.L.megatron:
+                self.megatron(node, s, kinds)
+            elif self.L.sp > 1:
                 self.sequence_parallel(node, s, kinds)
             elif self.L.tp == 1:
                 self.replicate(node, s)
@@ -261,6 +269,45 @@ class _Sharder:
                 self.on_shards(node, s)
             else:
                 self.replicate(node, s)
+
+    def megatron(self, node: Node, s: int, kinds: set) -> None:
+        """tp with Megatron's sequence parallelism (Korthikanti et al., 2022): between the tensor-
+        parallel regions — norms, residual adds, dropout, position embeddings — each rank keeps its
+        piece of the sequence (kind "seq"); a column-parallel linear first all-gathers the pieces
+        along time, and a row-parallel linear's partial sums meet in a reduce-scatter along time
+        instead of an all-reduce (the same bytes: an all-reduce is a reduce-scatter plus an
+        all-gather; the activations between the regions divided by tp)."""
+        if node.op == "embedding" and node.inputs[0] in ("input_ids", "encoder_ids") and node.inputs[1] in self.g.params:
+            self.vocab_embedding(node, s)
+        elif node.op in ("matmul", "linear") and any(o == "logits" or o.startswith("logits.mb") for o in node.outputs):
+            self.lm_head(node, s)
+        elif node.op == "cross_entropy" and "vocab" in kinds:
+            self.vocab_cross_entropy(node, s)
+        elif node.op == "linear" and "col" in kinds:
+            self.row_parallel(node, s)
+        elif node.op == "linear" and self.is_column(node):
+            self.column_parallel(node, s)
+        elif node.op == "relative_position_bias" and node.inputs[0] in self.g.params:
+            self.head_bias(node, s)
+        elif "col" in kinds:
+            self.on_shards(node, s)
+        else:
+            self.sequence_parallel(node, s, kinds)
+
+    def read_whole(self, v: str, stage: int, t: int, node: Node) -> str:
+        """Like :meth:`read`, but a sequence piece comes whole (all-gathered along time)."""
+        return self.gather_seq(v, stage)[t] if self.kind(v) == "seq" else self.read(v, stage, t, node)
+
+    def scatter_or_reduce(self, name: str, parts: list[str], s: int, out: str) -> list[str]:
+        """The partial sums' meeting: an all-reduce (tp), or a reduce-scatter along time into the
+        ranks' sequence pieces (tp with sp, Megatron)."""
+        if not self.L.megatron:
+            return self.all_reduce(name, parts, s, out)
+        group = self.L.group(s)
+        outs = [self.at(out, r) for r in group]
+        self.emit(Node(name.replace("all_reduce", "reduce_scatter"), "reduce_scatter", parts, outs,
+                       {"ranks": group, "axis": 1}, {"ranks": group, "stage": s}))
+        return outs
 
     def is_column(self, node: Node) -> bool:
         cons = self.consumers.get(node.outputs[0], [])
@@ -298,10 +345,11 @@ class _Sharder:
     def gather_seq(self, v: str, stage: int) -> list[str]:
         """Every rank gets the whole sequence of ``v`` (an all-gather of the pieces along time)."""
         outs = [self.at(f"{v}.whole", r) for r in self.L.group(stage)]
-        if ("whole", v) not in self.done:
-            self.done.add(("whole", v))
+        if ("whole", v, stage) not in self.done:
+            self.done.add(("whole", v, stage))
             group = self.L.group(stage)
-            self.emit(Node(f"{v}.gather@{stage}", "all_gather", [self.at(v, r) for r in group], outs,
+            # (pieces computed on an earlier stage are handed on first)
+            self.emit(Node(f"{v}.gather@{stage}", "all_gather", [self.read(v, stage, t, None) for t in range(len(group))], outs,
                            {"ranks": group, "axis": 1}, {"ranks": group, "stage": stage}))
         return outs
 
@@ -429,7 +477,7 @@ class _Sharder:
             cols = lambda t: pieces(n_out, tp)[t]
         for t in range(tp):
             r = self.L.rank(s, t)
-            ins = [self.read(x, s, t, node), self.param(w, r, "col", lambda: W[:, cols(t)])]
+            ins = [self.read_whole(x, s, t, node), self.param(w, r, "col", lambda: W[:, cols(t)])]
             if b:
                 ins.append(self.param(b, r, "col", lambda: self.src[b][cols(t)]))
             self.emit(Node(self.at(node.name, r), "linear", ins, [self.at(node.outputs[0], r)], dict(node.attrs),
@@ -497,15 +545,14 @@ class _Sharder:
             parts.append(self.at(partial, r))
             self.emit(Node(self.at(f"{node.name}.partial", r), "linear", ins, [parts[-1]], {},
                            {**node.tags, "rank": r, "parallel": "row"}))
-        summed = self.all_reduce(f"{node.name}.all_reduce@{s}", parts,
-                                 s, f"{out}.sum" if b else out)
+        summed = self.scatter_or_reduce(f"{node.name}.all_reduce@{s}", parts, s, f"{out}.sum" if b else out)
         if b:
             for t in range(tp):
                 r = self.L.rank(s, t)
                 self.emit(Node(self.at(f"{node.name}.bias", r), "add",
                                [summed[t], self.param(b, r, "rep", lambda: self.src[b])], [self.at(out, r)], {},
                                {**node.tags, "rank": r}))
-        self.values[out] = ("rep", s)
+        self.values[out] = ("seq" if self.L.megatron else "rep", s)
 
     def _vocab_shard(self, p: str, transposed: bool):
         """Rank t's rows (columns when ``transposed``) of a vocabulary table padded to a multiple of tp."""
@@ -532,8 +579,8 @@ class _Sharder:
             self.emit(Node(self.at(node.name, r), "vocab_embedding",
                            [ids, self.param(table, r, "vocab", lambda: shard(t))], [parts[-1]], {"start": t * n},
                            {**node.tags, "rank": r, "parallel": "vocab"}))
-        self.all_reduce(f"{node.name}.all_reduce@{s}", parts, s, node.outputs[0])
-        self.values[node.outputs[0]] = ("rep", s)
+        self.scatter_or_reduce(f"{node.name}.all_reduce@{s}", parts, s, node.outputs[0])
+        self.values[node.outputs[0]] = ("seq" if self.L.megatron else "rep", s)
 
     def lm_head(self, node: Node, s: int) -> None:
         x, w, *rest = node.inputs
@@ -549,7 +596,7 @@ class _Sharder:
             r = self.L.rank(s, t)
             local.append(self.at(f"{out}.shard", r))
             self.emit(Node(self.at(node.name, r), node.op,
-                           [self.read(x, s, t, node), self.param(w, r, "vocab", lambda: shard(t))],
+                           [self.read_whole(x, s, t, node), self.param(w, r, "vocab", lambda: shard(t))],
                            [local[-1]], dict(node.attrs), {**node.tags, "rank": r, "parallel": "vocab"}))
         group = self.L.group(s)
         if out not in self.g.outputs and all(c.op == "cross_entropy" for c in self.consumers.get(out, [])):
@@ -597,8 +644,8 @@ class _Sharder:
             kind, s = self.values[o]
             if kind == "seq":
                 group = self.L.group(s)
-                if ("whole", o) not in self.done:
-                    self.done.add(("whole", o))
+                if ("whole", o, s) not in self.done:
+                    self.done.add(("whole", o, s))
                     self.emit(Node(f"{o}.gather@{s}", "all_gather", [self.at(f"{o}.part", r) for r in group],
                                    [self.at(o, r) for r in group], {"ranks": group, "axis": 1},
                                    {"ranks": group, "stage": s}))

@@ -121,8 +121,11 @@ def test_shapes_for_every_rank_or_one_rank():
         ((2, 6), "float32")] * 2
     one = spec.infer([(2, 3), None, *pad], ["float32"] * C.MAX_RANKS, ranks=[0, 1], axis=-1)
     assert one == [((2, 6), "float32")]
+    # 3 columns on 2 ranks: 2 + 1, as chunk cuts them
+    assert ops.get("reduce_scatter").infer([(2, 3), (2, 3), *pad], ["float32"] * C.MAX_RANKS, ranks=[0, 1], axis=1) == [
+        ((2, 2), "float32"), ((2, 1), "float32")]
     with pytest.raises(ShapeError, match="reduce_scatter"):
-        ops.get("reduce_scatter").infer([(2, 3), (2, 3), *pad], ["float32"] * C.MAX_RANKS, ranks=[0, 1], axis=1)
+        ops.get("reduce_scatter").infer([(2, 3), (2, 4), *pad], ["float32"] * C.MAX_RANKS, ranks=[0, 1], axis=1)
 
 
 def test_the_spec_cannot_run_one_ranks_part_alone():
@@ -213,3 +216,12 @@ def test_ring_blocks_merge_into_the_whole_attention():
     with pytest.raises(MinitxError, match="lies after the queries' block"):
         ops.get("attention_block").forward(qs[0], ks[1], vs[1], mask, pk, n_heads=H, n_kv_heads=KV, block=1,
                                            blocks=N, query_block=0, causal=True)
+
+
+def test_reduce_scatter_of_uneven_pieces():
+    """5 tokens on 2 ranks: the sum's 3 + 2 pieces; the VJP (all-gather of the pieces) checks out."""
+    xs = _xs(2, (1, 5, 4), seed=12)
+    got = _call("reduce_scatter", xs, ranks=[0, 1], axis=1)
+    assert [g.shape[1] for g in got] == [3, 2]
+    np.testing.assert_allclose(np.concatenate(got, axis=1), xs[0] + xs[1], rtol=1e-14)
+    check_vjp("reduce_scatter", xs, {"ranks": [0, 1], "axis": 1})

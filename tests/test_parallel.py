@@ -144,9 +144,36 @@ def test_sequence_parallel_decodes_one_token_on_two_ranks():
         np.testing.assert_allclose(out2[k], ref2[k], rtol=1e-5, atol=2e-6, err_msg=k)
 
 
-def test_tp_with_sp_is_not_implemented_yet():
-    with pytest.raises(MinitxError, match="tp and sp together"):
-        Layout(tp=2, sp=2)
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("layout_", [Layout(tp=2, sp=2), Layout(tp=4, sp=4), Layout(tp=2, sp=2, pp=2)], ids=str)
+def test_tp_with_sp_is_megatron_sequence_parallelism(arch, layout_):
+    """tp and sp on the same ranks: between the tensor-parallel regions each rank holds its piece of
+    the sequence; the partial sums meet in reduce-scatters along time (no all-reduce left), the
+    column-parallel linears all-gather first. Exact, prefill and a one-token decode step."""
+    m = _model(arch, **CONFIGS[arch])
+    ref = _outputs(m)
+    g, p = shard(m.graph, m.params, layout_)
+    assert g.meta["parallel"]["world"] == layout_.tp * layout_.pp
+    out = _outputs(m, g, p)
+    for k, r in ref.items():
+        np.testing.assert_allclose(out[k], r, rtol=1e-5, atol=2e-6, err_msg=k)
+    ops = [n.op for n in g.nodes if "ranks" in n.tags]
+    L = m.config["n_layers"]
+    assert "all_reduce" not in ops and ops.count("reduce_scatter") == 2 * L + 1      # per layer 2, + the embedding
+    if m.is_decoder:
+        past = {k.replace("present.", "past."): v for k, v in ref.items() if k.startswith("present.")}
+        step = np.array([[7], [11]])
+        want = Executor(m.graph, m.params).run(feeds.build(m.graph, step, past=past))
+        got = Executor(g, p).run(feeds.build(g, step, past=past))
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=2e-6, err_msg=k)
+
+
+def test_tp_with_another_sp_is_refused():
+    with pytest.raises(MinitxError, match="sequence parallelism runs on the tp ranks themselves"):
+        Layout(tp=2, sp=4)
+    with pytest.raises(MinitxError, match="without ring"):
+        Layout(tp=2, sp=2, ring=1)
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_tp():

@@ -66,7 +66,7 @@ def _single(*args: str) -> str:
 
 
 @pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2"), (2, "pp=2,mb=2"), (2, "sp=2"), (4, "tp=2,pp=2"),
-                                    (2, "sp=2,ring=1"), (4, "sp=2,ring=1,pp=2")])
+                                    (2, "sp=2,ring=1"), (4, "sp=2,ring=1,pp=2"), (2, "tp=2,sp=2")])
 def test_mpiexec_infer_prints_once_what_one_process_prints(mpi, llama, n, spec):
     args = ["infer", llama, "--ids", "5,1,4,1", "--ids", "9,2", "-n", "12", "--json"]
     want = _single(*args)

@@ -45,7 +45,8 @@ def _close(got, ref) -> None:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("spec", ["tp=2", "tp=4", "pp=2", "pp=3,mb=4", "pp=3,mb=4,schedule=gpipe", "sp=2", "sp=3,ring=1"])
+@pytest.mark.parametrize("spec", ["tp=2", "tp=4", "pp=2", "pp=3,mb=4", "pp=3,mb=4,schedule=gpipe", "sp=2", "sp=3,ring=1",
+                                  "tp=2,sp=2"])
 def test_simulated_split_training_gives_the_unsharded_gradients(arch, spec):
     m, g, f, ref = _reference(arch)
     red = mp.ModelParallel(mp.parse(spec))
@@ -87,8 +88,8 @@ def test_pipeline_runs_hold_what_the_schedule_says_and_agree():
 
 
 @pytest.mark.parametrize("text,msg", [
-    ("tp=2,pp=2", "two of tp, sp, pp together is not implemented yet"),
-    ("sp=2,tp=2", "two of tp, sp, pp together"),
+    ("tp=2,pp=2", "pp and tp or sp together is not implemented yet"),
+    ("sp=2,tp=4", "sequence parallelism runs on the tp ranks themselves"),
     ("ring=1", "ring=1 is how sequence parallelism attends"),
     ("tp=2,dp=2", "data parallelism with tp or pp is not implemented yet"),
     ("mb=2", "mb and schedule are pipeline options"),
@@ -100,7 +101,7 @@ def test_layout_refusals(text, msg):
         mp.parse(text)
 
 
-@pytest.mark.parametrize("spec", ["tp=2", "pp=2,mb=2", "pp=2,mb=2,schedule=gpipe", "sp=2", "sp=2,ring=1"])
+@pytest.mark.parametrize("spec", ["tp=2", "pp=2,mb=2", "pp=2,mb=2,schedule=gpipe", "sp=2", "sp=2,ring=1", "tp=2,sp=2"])
 def test_mpiexec_split_training_reaches_the_single_process_weights(mpi, corpus, tmp_path, spec):
     d = corpus
     args = _common(d, accum=1)

@@ -60,12 +60,15 @@ def parse(text: str) -> dict[str, Any]:
             raise MinitxError(f"--parallel {key} must be a positive integer, got {val!r}")
         vals[key] = n
     tp, pp, sp = vals.get("tp", 1), vals.get("pp", 1), vals.get("sp", 1)
-    if sum(n > 1 for n in (tp, pp, sp)) > 1:
-        raise MinitxError(f"--parallel {text}: training with two of tp, sp, pp together is not implemented yet")
+    if pp > 1 and (tp > 1 or sp > 1):
+        raise MinitxError(f"--parallel {text}: training with pp and tp or sp together is not implemented yet")
     if ("mb" in vals or "schedule" in vals) and pp == 1:
         raise MinitxError(f"--parallel {text}: mb and schedule are pipeline options (give pp=N)")
     if vals.get("ring", 0) > 1 or ("ring" in vals and sp == 1):
         raise MinitxError(f"--parallel {text}: ring=1 is how sequence parallelism attends (give sp=N with it)")
+    from ..plugins.parallel import Layout
+
+    Layout(tp=tp, sp=sp, ring=vals.get("ring", 0))        # tp with sp: Megatron's, on the same ranks
     return {"tp": tp, "pp": pp, "sp": sp, "ring": vals.get("ring", 0), "mb": vals.get("mb", 1),
             "schedule": vals.get("schedule", "1f1b")}
 
@@ -73,6 +76,11 @@ def parse(text: str) -> dict[str, Any]:
 def wanted(text: str | None) -> bool:
     """Whether ``--parallel`` asks for tensor, sequence or pipeline parallelism (else data parallelism)."""
     return bool(text) and any(p.strip().split("=")[0].strip() in KEYS for p in text.split(","))
+
+
+def ranks(opts: Mapping[str, Any]) -> int:
+    """Processes a layout needs: tp · sp · pp, tp and sp sharing their ranks when together."""
+    return (opts["tp"] if opts["tp"] > 1 and opts["sp"] > 1 else opts["tp"] * opts["sp"]) * opts["pp"]
 
 
 def index_maps(graph: Graph, params: Mapping[str, np.ndarray], layout, only: int | None) -> dict[str, tuple[str, np.ndarray]]:
@@ -105,7 +113,7 @@ class ModelParallel:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.is_writer = self.rank == 0
         self.transport = None
-        self.ranks = self.opts["tp"] * self.opts["pp"] * self.opts.get("sp", 1)
+        self.ranks = ranks(self.opts)
         # The rank whose loss is the model's: the first (tp) or the last stage (pp).
         self.owner = self.ranks - 1 if self.opts["pp"] > 1 else 0
         if comm is not None:
@@ -238,7 +246,7 @@ def reducer(text: str, connect: bool = True) -> ModelParallel:
     """The reducer of ``--parallel tp=N`` / ``pp=N``: simulated without ``mpiexec``, one rank per
     process under it (the world must be tp · pp). Errors come before any communication."""
     opts = parse(text)
-    need = opts["tp"] * opts["pp"] * opts["sp"]
+    need = ranks(opts)
     world = launched_world()
     if world > 1 and world != need:
         raise MinitxError(f"--parallel {text} needs {need} ranks (tp·sp·pp), but mpiexec started {world}")

@@ -142,7 +142,7 @@ class MPITransport(Backend):
 
     def reduce_scatter(self, x, *rest, ranks, axis):
         total = self.all_reduce(x, ranks=ranks)
-        return np.ascontiguousarray(np.split(total, len(ranks), axis=axis)[list(ranks).index(self.rank)])
+        return np.ascontiguousarray(np.array_split(total, len(ranks), axis=axis)[list(ranks).index(self.rank)])
 
     def all_to_all(self, x, *rest, ranks, split_axis, concat_axis):
         comm, what = self._comm(ranks), f"all_to_all over ranks {list(ranks)}"

@@ -218,26 +218,33 @@ add_cases("all_gather", _collective_cases(lambda n, rows: (rows, 6), lambda n: {
 
 
 # reduce_scatter ------------------------------------------------------------------------------
+# When the axis does not divide into the ranks, the pieces are cut as ``chunk`` cuts them (earlier
+# ranks one more: a sequence of 5 tokens on 2 ranks is 3 + 2), the rank-axis definition being
+# the equal case.
 def _reduce_scatter(xs, *, ranks, axis):
-    return tuple(reduce_scatter_ranks(_group("reduce_scatter", xs, ranks), axis))
+    total = _group("reduce_scatter", xs, ranks).sum(axis=0)
+    return tuple(np.ascontiguousarray(p) for p in np.array_split(total, len(ranks), axis=axis))
 
 
 def _reduce_scatter_vjp(grads, inputs, outputs, *, ranks, axis):
-    return tuple(all_gather_ranks(np.stack(grads), axis))
+    whole = np.concatenate(grads, axis=axis)
+    return tuple(whole.copy() for _ in grads)
 
 
-def _scattered(axis: int, op: str) -> Callable[[tuple, int], tuple]:
-    def shape(x: tuple, n: int) -> tuple:
-        a = _axis(x, axis, op)
-        require(x[a] % n == 0, op, f"axis {axis} of {x} does not split into {n} equal pieces")
-        return (*x[:a], x[a] // n, *x[a + 1:])
-    return shape
+def _reduce_scatter_infer(shapes, dtypes, *, ranks, axis):
+    present = _present(shapes)
+    n = len(ranks)
+    require(len(present) in (n, 1), "reduce_scatter", f"{len(present)} inputs for a group of {n} ranks {list(ranks)}")
+    require(len(set(map(tuple, present))) == 1, "reduce_scatter", f"ranks' inputs differ in shape: {present}")
+    x = tuple(present[0])
+    a = _axis(x, axis, "reduce_scatter")
+    sizes = [len(p) for p in np.array_split(np.arange(x[a]), n)]
+    # One rank's part alone: the first (largest) piece's shape stands for every rank's.
+    return [((*x[:a], k, *x[a + 1:]), dtypes[0]) for k in (sizes if len(present) == n else sizes[:1])]
 
 
 register("reduce_scatter", _variadic(_reduce_scatter, "Rank r gets piece r (along ``axis``) of the sum over ranks."),
-         _reduce_scatter_vjp,
-         lambda s, d, *, ranks, axis: _infer_group("reduce_scatter", s, d, ranks, _scattered(axis, "reduce_scatter")),
-         n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+         _reduce_scatter_vjp, _reduce_scatter_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
 add_cases("reduce_scatter", _collective_cases(lambda n, rows: (rows, 3 * n), lambda n: {"axis": 1}) + [
     Case("2 ranks, first axis", _ranked(2, (8, 3), lambda n: {"axis": 0})),
 ])
