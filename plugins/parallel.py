@@ -30,10 +30,13 @@ first layer runs on the first stage, what follows the last on the last. A value 
 stage is handed on with ``send_recv``. With ``mb`` micro-batches (:func:`microbatch`) the batch is
 cut and the graph repeated per micro-batch, so that the stages overlap (GPipe's forward order).
 
-**Sequence parallel** (``sp``, DeepSpeed Ulysses; not together with tp yet): each rank computes its
-piece of the sequence through every per-token op with replicated weights; around attention an
-all-to-all trades "my tokens, all heads" for "all tokens, my heads" and back; whatever needs the
-whole sequence (pooling, the graph's outputs) is all-gathered along time.
+**Sequence parallel** (``sp``, DeepSpeed Ulysses): each rank computes its piece of the sequence
+through every per-token op with replicated weights; around attention an all-to-all trades "my
+tokens, all heads" for "all tokens, my heads" and back; whatever needs the whole sequence
+(pooling, the graph's outputs) is all-gathered along time. With ``ring=1`` attention is ring
+attention instead (K/V pieces passed around the ranks, blocks merged by their log-sum-exps). With
+tp (``tp=N,sp=N``, the same ranks) it is Megatron's sequence parallelism: sequence pieces between
+the tensor-parallel regions, reduce-scatters instead of all-reduces.
 """
 from __future__ import annotations
 
@@ -57,7 +60,8 @@ PER_TOKEN = ("embedding", "add", "layer_norm", "rms_norm", "linear", "matmul", "
 
 @dataclass(frozen=True)
 class Layout:
-    """How many ways each kind of parallelism splits the model; ranks = tp · pp."""
+    """How many ways each kind of parallelism splits the model; ranks = tp · sp · pp (tp · pp when
+    tp and sp share their ranks)."""
 
     tp: int = 1
     pp: int = 1
@@ -758,7 +762,7 @@ def check_spmd(graph: Graph) -> None:
 
 class ParallelPlugin(Plugin):
     name = "parallel"
-    description = "tensor (Megatron) and pipeline parallelism: one SPMD graph, every rank's part"
+    description = "tensor (Megatron), sequence (Ulysses, ring) and pipeline parallelism: one SPMD graph, every rank's part"
     order = 95            # last: shard what the other rewrites produced
     exact = True
     options = {

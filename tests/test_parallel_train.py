@@ -136,3 +136,38 @@ def test_mpiexec_wrong_world_for_tp_is_one_line_on_every_rank(mpi, corpus, tmp_p
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 2 and all(ln.startswith("error: --parallel tp=4 needs 4 ranks") for ln in lines), r.stderr
+
+
+FAULT = """
+import os, signal, sys, time
+from minitx.distributed import model_parallel as mp
+from minitx.cli import main
+calls = []
+real = mp.ModelParallel.forward_backward
+def forward_backward(self, *a):
+    calls.append(1)
+    if self.rank == 1 and len(calls) == 3:
+        if sys.argv[1] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)
+    return real(self, *a)
+mp.ModelParallel.forward_backward = forward_backward
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("spec", ["tp=2", "pp=2,mb=2"])
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_rank_that_dies_or_hangs_mid_training_ends_the_others(mpi, corpus, tmp_path, spec, how):
+    import time
+
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT)
+    t0 = time.monotonic()
+    r = mpirun(2, str(script), how, *_common(corpus, steps=6, accum=1), "-o", str(tmp_path / "x.npz"),
+               "--parallel", spec, timeout=120, MINITX_MPI_TIMEOUT="3")
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert not os.path.exists(tmp_path / "x.npz")              # no half-written model
+    if how == "hang":                                          # rank 0's deadline ended it
+        assert "got no answer within 3 s" in r.stderr or "got nothing within 3 s" in r.stderr, r.stderr

@@ -183,8 +183,23 @@ class ModelParallel:
         grads = {k: g.reshape(params[k].shape) for k, g in grads.items()}
         return TrainResult(res.outputs, grads, res.peak_activation_bytes, res.recomputed_nodes)
 
+    def guarded(self, fn, *args):
+        """``fn(*args)``; across processes a failure here (a peer that died or never answers) aborts
+        the whole MPI job, so that no rank waits for the failed one."""
+        try:
+            return fn(*args)
+        except MinitxError as e:
+            if self.comm is not None:
+                from . import abort_on_error
+
+                abort_on_error(self.comm, str(e))
+            raise
+
     # ------------------------------------------------------------------ the reducer
     def reduce(self, parts: list[dict[str, np.ndarray]], stats: np.ndarray):
+        return self.guarded(self._reduce, parts, stats)
+
+    def _reduce(self, parts: list[dict[str, np.ndarray]], stats: np.ndarray):
         """Across processes: the loss statistics from the rank that owns the loss (the overflow flag
         from any), each weight's gradient summed over the ranks (bucketed all-reduces)."""
         (grads,) = parts
@@ -239,7 +254,7 @@ class _Run:
         self.owner, self.params, self.backends = owner, params, backends
 
     def forward_backward(self, feeds, step: int = 0, loss_grad: float = 1.0) -> TrainResult:
-        return self.owner.forward_backward(self.params, self.backends, feeds, step, loss_grad)
+        return self.owner.guarded(self.owner.forward_backward, self.params, self.backends, feeds, step, loss_grad)
 
 
 def reducer(text: str, connect: bool = True) -> ModelParallel:
