@@ -386,6 +386,9 @@ def test_encoder_decoders_split_their_cross_attention_exactly(tmp_path, arch, tp
     got = seq2seq.logits(sm, rows, ref["targets"])
     assert np.abs(got - ref["logits"]).max() / np.abs(ref["logits"]).max() <= 1e-5
     assert seq2seq.generate(sm, rows, 12, beams=1) == [[int(t) for t in r if t >= 0] for r in ref["greedy"]]
+    r = run("show", path, "--parallel", f"tp={tp}", "--seq", "8", "--json")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output)["param_bytes_per_rank"]) == tp
 
 
 def test_heads_tp_cannot_split_in_an_encoder_decoder_name_the_attention(tmp_path):

@@ -112,5 +112,12 @@ def cost_summary(model: Model, text: str, batch: int, seq: int, past: int) -> di
     from ..plugins.parallel import shard
     from .cost import summary
 
+    from ..ir import Value
+
     g, _ = shard(model.graph, model.params, layout(text), only_rank=-1)
-    return summary(g, model.nbytes(), batch, seq, past, unsharded=model.graph)
+    unsharded = model.graph
+    if any("E" in v.shape for v in g.inputs):      # an encoder–decoder: its input as long as --seq
+        g, unsharded = (x.copy() for x in (g, unsharded))
+        for x in (g, unsharded):
+            x.inputs = [Value(v.name, tuple("T" if d == "E" else d for d in v.shape), v.dtype) for v in x.inputs]
+    return summary(g, model.nbytes(), batch, seq, past, unsharded=unsharded)
