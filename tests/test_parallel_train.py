@@ -56,7 +56,7 @@ def test_simulated_split_training_gives_the_unsharded_gradients(arch, spec):
 
 def test_tp_training_never_gathers_the_logits():
     """The loss is Megatron's vocabulary-parallel cross-entropy: no all-gather in the graph."""
-    m, g, f, ref = _reference("gpt2")
+    m, g, _, _ = _reference("gpt2")
     sg, _ = shard(g, m.params, Layout(2, 1))
     ops = [n.op for n in sg.nodes if "ranks" in n.tags]
     assert "all_gather" not in ops and ops[-1] == "vocab_cross_entropy"

@@ -124,10 +124,9 @@ def stages(graph: Graph, params: Mapping[str, np.ndarray], pp: int, only: int | 
                 inputs.append(Value(n.outputs[0], shape, dt))
             else:
                 send.append((n.name, n.inputs[0], int(n.attrs["dst"])))
-        own = {k: k.rsplit("@", 1)[0] for k in prog.graph.params}
-        rename = lambda v: own.get(v, v)   # noqa: E731 — the stage's weights under the model's names
+        own = {k: k.rsplit("@", 1)[0] for k in prog.graph.params}      # the stage's weights under the model's names
         for n in nodes:
-            n.inputs = [rename(i) for i in n.inputs]
+            n.inputs = [own.get(i, i) for i in n.inputs]
         ps = {own[k]: Value(own[k], v.shape, v.dtype) for k, v in prog.graph.params.items()}
         arrays = {own[k]: a for k, a in prog.params.items()}
         sent = list(dict.fromkeys(x for _, x, _ in send))

@@ -671,12 +671,12 @@ def _attention_block_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, block, 
     gs = np.where(keep, p * (gp - (gp * p).sum(axis=-1, keepdims=True)) + gl * p, 0.0) * sc   # d lse / d s = p
     gq = (gs @ kh).transpose(0, 3, 1, 2, 4).reshape(B, Tq, HD)
     gk = (np.swapaxes(gs, -1, -2) @ qh).sum(axis=2)
-    merge = lambda x: x.transpose(0, 2, 1, 3).reshape(B, x.shape[2], KV * D)   # noqa: E731
-    return (gq.astype(q.dtype), merge(gk).astype(k.dtype), merge(gv).astype(v.dtype), None, None)[:max(len(inputs), 3)]
+    gk, gv = (x.transpose(0, 2, 1, 3).reshape(B, x.shape[2], KV * D) for x in (gk, gv))
+    return (gq.astype(q.dtype), gk.astype(k.dtype), gv.astype(v.dtype), None, None)[:max(len(inputs), 3)]
 
 
 def _attention_block_infer(shapes, dtypes, *, n_heads, n_kv_heads, block, blocks, query_block, causal, scale=None):
-    q, k, v, mask, past = shapes
+    q, k, v = shapes[:3]
     op = "attention_block"
     require(len(q) == 3 and len(k) == 3 and tuple(v) == tuple(k), op, f"q {q}, k {k}, v {v} must be (B, T, width)")
     require(n_heads % n_kv_heads == 0 and q[-1] % n_heads == 0, op, f"{n_heads} heads, {n_kv_heads} KV heads, width {q[-1]}")
