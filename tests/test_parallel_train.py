@@ -13,7 +13,7 @@ import pytest
 
 from minitx import feeds, models
 from minitx.distributed import model_parallel as mp
-from minitx.distributed.pipeline import Pipeline, gpipe, in_flight, one_f_one_b, schedule, stages
+from minitx.distributed.pipeline import Pipeline, gpipe, in_flight, one_f_one_b, schedule, stages, timeline
 from minitx.errors import MinitxError
 from minitx.executor import Executor
 from minitx.model import Model
@@ -74,6 +74,20 @@ def test_schedules_as_data(P, K):
     assert [in_flight(s) for s in gpipe(P, K)] == [K] * P              # GPipe: grows with the micro-batches
     assert [in_flight(s) for s in one_f_one_b(P, K)] == [min(P - s, K) for s in range(P)]   # 1F1B: ≤ P
     assert one_f_one_b(2, 3)[0] == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("B", 2)]
+
+
+@pytest.mark.parametrize("P,K", [(2, 4), (4, 8), (3, 2)])
+def test_both_schedules_take_the_same_time_with_the_same_bubble(P, K):
+    """With a backward twice a forward (the usual cost), GPipe and 1F1B finish at the same tick:
+    3(K + P − 1) ticks for 3K of work per stage, the bubble (P − 1)/(K + P − 1) — 1F1B saves
+    memory, not time. Stage 0 of 1F1B runs its first backward as soon as the last stage sends it."""
+    for kind in ("gpipe", "1f1b"):
+        t = timeline(schedule(kind, P, K), forward=1, backward=2)
+        end = max(tick + (1 if step[0] == "F" else 2) for stage in t for tick, step in stage.items())
+        assert end == 3 * (K + P - 1), kind
+    first_b = min(tick for tick, step in timeline(one_f_one_b(P, K), 1, 2)[0].items() if step[0] == "B")
+    # F0 done on the last stage at tick P, then P backwards of 2 ticks back down to stage 0
+    assert first_b == P + 2 * (P - 1)
 
 
 def test_pipeline_runs_hold_what_the_schedule_says_and_agree():

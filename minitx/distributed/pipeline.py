@@ -72,6 +72,36 @@ def in_flight(steps: Sequence[Step]) -> int:
     return peak
 
 
+def timeline(plan: Sequence[Sequence[Step]], forward: int = 1, backward: int = 1) -> list[dict[int, Step]]:
+    """When each stage runs each step, if a forward takes ``forward`` ticks and a backward
+    ``backward``: stage s starts a step once its previous step is done and what it needs has
+    arrived (F of micro-batch k from stage s − 1, B of k from stage s + 1, or its own F of k on the
+    last stage). Returns, per stage, tick → step; the makespan is the last tick + its duration."""
+    P = len(plan)
+    done: dict[tuple[int, str, int], int] = {}
+    free = [0] * P
+    pos = [0] * P
+    out: list[dict[int, Step]] = [{} for _ in range(P)]
+    while any(pos[s] < len(plan[s]) for s in range(P)):
+        progressed = False
+        for s in range(P):
+            if pos[s] == len(plan[s]):
+                continue
+            what, k = plan[s][pos[s]]
+            need = ((s - 1, "F", k) if s > 0 else None) if what == "F" else \
+                ((s + 1, "B", k) if s < P - 1 else (s, "F", k))
+            if need is not None and need not in done:
+                continue
+            start = max(free[s], done.get(need, 0) if need else 0)
+            out[s][start] = (what, k)
+            free[s] = done[(s, what, k)] = start + (forward if what == "F" else backward)
+            pos[s] += 1
+            progressed = True
+        if not progressed:
+            raise MinitxError("pipeline: the schedule deadlocks (no stage can run its next step)")
+    return out
+
+
 def symbolic_shapes(graph: Graph) -> dict[str, tuple]:
     """Every value's shape with the input dims kept symbolic (``B``, ``T``, ``S+T``): inferred at two
     bindings, a dim that moves with them named after the symbol it follows."""
