@@ -463,9 +463,11 @@ def training_options(lr: float, min_lr: float, warmup: int, weight_decay: float)
         click.option("--backend", "backends", multiple=True, metavar="NAME",
                      help="Backend to run on, in order of preference (repeatable; default: numpy, the spec)."),
         threads_option,
-        click.option("--parallel", default=None, metavar="dp=N[,zero=1]",
+        click.option("--parallel", default=None, metavar="dp=N[,zero=1]|tp=N|pp=N[,mb=K,schedule=1f1b|gpipe]",
                      help="Data parallel (train): each of N ranks a slice of every batch, gradients averaged; "
-                          "under mpiexec -n N one rank per process, else simulated; zero=1 shards the optimizer state (docs/parallelism.md)."),
+                          "zero=1 shards the optimizer state. Or tensor (tp) / pipeline (pp, mb micro-batches, "
+                          "1F1B or GPipe) parallel: the model split over the ranks. Under mpiexec one rank per "
+                          "process, else simulated (docs/parallelism.md)."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object."),
         click.option("--quiet", "-q", is_flag=True, help="No progress line."),
     ]

@@ -30,10 +30,13 @@ first layer runs on the first stage, what follows the last on the last. A value 
 stage is handed on with ``send_recv``. With ``mb`` micro-batches (:func:`microbatch`) the batch is
 cut and the graph repeated per micro-batch, so that the stages overlap (GPipe's forward order).
 
-**Sequence parallel** (``sp``, DeepSpeed Ulysses; not together with tp yet): each rank computes its
-piece of the sequence through every per-token op with replicated weights; around attention an
-all-to-all trades "my tokens, all heads" for "all tokens, my heads" and back; whatever needs the
-whole sequence (pooling, the graph's outputs) is all-gathered along time.
+**Sequence parallel** (``sp``, DeepSpeed Ulysses): each rank computes its piece of the sequence
+through every per-token op with replicated weights; around attention an all-to-all trades "my
+tokens, all heads" for "all tokens, my heads" and back; whatever needs the whole sequence
+(pooling, the graph's outputs) is all-gathered along time. With ``ring=1`` attention is ring
+attention instead (K/V pieces passed around the ranks, blocks merged by their log-sum-exps). With
+tp (``tp=N,sp=N``, the same ranks) it is Megatron's sequence parallelism: sequence pieces between
+the tensor-parallel regions, reduce-scatters instead of all-reduces.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from minitx.ir import Graph, Node, Value
 from minitx.plugin import Option, Plugin, Tolerance, positive_int
 from minitx.rewrite import RewriteResult, check
 
-COLUMN_CONSUMERS = ("split", "gelu", "relu", "silu", "swiglu")   # a linear feeding these is column-parallel
+COLUMN_CONSUMERS = ("split", "gelu", "relu", "silu", "swiglu", "cross_attention")   # these read a column-parallel linear
 ON_SHARDS = ("gelu", "relu", "silu", "swiglu", "rope")          # elementwise per head/feature: run on shards
 # Ops that compute each token from that token alone (given weights): sequence parallelism runs them on
 # the rank's piece of the sequence.
@@ -57,21 +60,31 @@ PER_TOKEN = ("embedding", "add", "layer_norm", "rms_norm", "linear", "matmul", "
 
 @dataclass(frozen=True)
 class Layout:
-    """How many ways each kind of parallelism splits the model; ranks = tp · pp."""
+    """How many ways each kind of parallelism splits the model; ranks = tp · sp · pp (tp · pp when
+    tp and sp share their ranks)."""
 
     tp: int = 1
     pp: int = 1
     mb: int = 1          # micro-batches a pipeline streams through its stages
     sp: int = 1          # sequence parallel (Ulysses): each rank a piece of the sequence
+    ring: int = 0        # 1: sequence-parallel attention by ring (K/V blocks passed on) instead of all-to-all
 
     def __post_init__(self) -> None:
-        if self.tp > 1 and self.sp > 1:
-            raise MinitxError("parallel: tp and sp together are not implemented yet (use one of them)")
+        if self.tp > 1 and self.sp > 1 and (self.sp != self.tp or self.ring):
+            raise MinitxError(f"parallel: with tp, sequence parallelism runs on the tp ranks themselves (Megatron's): "
+                              f"give sp={self.tp} without ring, not sp={self.sp}" + (",ring=1" if self.ring else ""))
+        if self.ring not in (0, 1) or (self.ring and self.sp == 1):
+            raise MinitxError("parallel: ring=1 is how sequence parallelism attends (give sp=N with it)")
+
+    @property
+    def megatron(self) -> bool:
+        """tp and sp together: Megatron's sequence parallelism, on the same ranks."""
+        return self.tp > 1 and self.sp > 1
 
     @property
     def width(self) -> int:
-        """Ranks per pipeline stage (the tp or the sp group)."""
-        return self.tp * self.sp
+        """Ranks per pipeline stage (the tp or the sp group; one group for both)."""
+        return self.tp if self.megatron else self.tp * self.sp
 
     @property
     def world(self) -> int:
@@ -84,8 +97,8 @@ class Layout:
         return [self.rank(stage, t) for t in range(self.width)]
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in (("tp", self.tp), ("sp", self.sp), ("pp", self.pp), ("mb", self.mb))
-                        if v > 1) or "tp=1"
+        return ",".join(f"{k}={v}" for k, v in (("tp", self.tp), ("sp", self.sp), ("ring", self.ring), ("pp", self.pp),
+                                                ("mb", self.mb)) if v > 1 or (k == "ring" and v)) or "tp=1"
 
 
 def stage_sizes(n_layers: int, pp: int) -> list[int]:
@@ -123,7 +136,13 @@ class _Sharder:
         self.done: set[tuple] = set()             # nodes emitted once: ("send", v, rank), ("cache", v, stage), …
         self.consumers = graph.consumers()
         self.stage = self._stages()
-        self.attn = {n.tags.get("layer"): n for n in graph.nodes if n.op == "attention"}
+        # Each layer's attention (an encoder–decoder's two stacks number their layers alike; a
+        # decoder layer's self- and cross-attention have the same heads).
+        self.attn: dict[tuple, Node] = {}
+        for n in graph.nodes:
+            if n.op in ("attention", "cross_attention"):
+                self.attn.setdefault((n.tags.get("stack"), n.tags.get("layer")), n)
+        self.vocab_size: dict[str, int] = {}     # logits left sharded by vocabulary → the true vocabulary
 
     # ------------------------------------------------------------------ placement
     def _stages(self) -> dict[str, int]:
@@ -189,7 +208,7 @@ class _Sharder:
 
     def is_cache(self, v: str) -> bool:
         """A KV cache at the graph's edge, which tensor parallelism splits by KV heads."""
-        return self.L.width > 1 and v in self.inputs and v.startswith("past.")
+        return self.L.width > 1 and not self.L.ring and v in self.inputs and v.startswith("past.")
 
     def kind(self, v: str) -> str | None:
         return "col" if self.is_cache(v) else self.values[v][0] if v in self.values else None
@@ -232,32 +251,78 @@ class _Sharder:
         for node in self.g.nodes:
             s = self.stage[node.name]
             kinds = {self.kind(i) for i in node.inputs if i}
-            if self.L.sp > 1:
+            if self.L.megatron:
+                self.megatron(node, s, kinds)
+            elif self.L.sp > 1:
                 self.sequence_parallel(node, s, kinds)
             elif self.L.tp == 1:
                 self.replicate(node, s)
-            elif node.op == "embedding" and node.inputs[0] == "input_ids" and node.inputs[1] in self.g.params:
+            elif node.op == "embedding" and node.inputs[0] in ("input_ids", "encoder_ids") and node.inputs[1] in self.g.params:
                 self.vocab_embedding(node, s)
             elif node.op in ("matmul", "linear") and any(o == "logits" or o.startswith("logits.mb") for o in node.outputs):
                 self.lm_head(node, s)
+            elif node.op == "cross_entropy" and "vocab" in kinds:
+                self.vocab_cross_entropy(node, s)
             elif node.op == "linear" and "col" in kinds:
                 self.row_parallel(node, s)
             elif node.op == "linear" and self.is_column(node):
                 self.column_parallel(node, s)
+            elif node.op == "relative_position_bias" and node.inputs[0] in self.g.params:
+                self.head_bias(node, s)
             elif "col" in kinds:
                 self.on_shards(node, s)
             else:
                 self.replicate(node, s)
+
+    def megatron(self, node: Node, s: int, kinds: set) -> None:
+        """tp with Megatron's sequence parallelism (Korthikanti et al., 2022): between the tensor-
+        parallel regions — norms, residual adds, dropout, position embeddings — each rank keeps its
+        piece of the sequence (kind "seq"); a column-parallel linear first all-gathers the pieces
+        along time, and a row-parallel linear's partial sums meet in a reduce-scatter along time
+        instead of an all-reduce (the same bytes: an all-reduce is a reduce-scatter plus an
+        all-gather; the activations between the regions divided by tp)."""
+        if node.op == "embedding" and node.inputs[0] in ("input_ids", "encoder_ids") and node.inputs[1] in self.g.params:
+            self.vocab_embedding(node, s)
+        elif node.op in ("matmul", "linear") and any(o == "logits" or o.startswith("logits.mb") for o in node.outputs):
+            self.lm_head(node, s)
+        elif node.op == "cross_entropy" and "vocab" in kinds:
+            self.vocab_cross_entropy(node, s)
+        elif node.op == "linear" and "col" in kinds:
+            self.row_parallel(node, s)
+        elif node.op == "linear" and self.is_column(node):
+            self.column_parallel(node, s)
+        elif node.op == "relative_position_bias" and node.inputs[0] in self.g.params:
+            self.head_bias(node, s)
+        elif "col" in kinds:
+            self.on_shards(node, s)
+        else:
+            self.sequence_parallel(node, s, kinds)
+
+    def read_whole(self, v: str, stage: int, t: int, node: Node) -> str:
+        """Like :meth:`read`, but a sequence piece comes whole (all-gathered along time)."""
+        return self.gather_seq(v, stage)[t] if self.kind(v) == "seq" else self.read(v, stage, t, node)
+
+    def scatter_or_reduce(self, name: str, parts: list[str], s: int, out: str) -> list[str]:
+        """The partial sums' meeting: an all-reduce (tp), or a reduce-scatter along time into the
+        ranks' sequence pieces (tp with sp, Megatron)."""
+        if not self.L.megatron:
+            return self.all_reduce(name, parts, s, out)
+        group = self.L.group(s)
+        outs = [self.at(out, r) for r in group]
+        self.emit(Node(name.replace("all_reduce", "reduce_scatter"), "reduce_scatter", parts, outs,
+                       {"ranks": group, "axis": 1}, {"ranks": group, "stage": s}))
+        return outs
 
     def is_column(self, node: Node) -> bool:
         cons = self.consumers.get(node.outputs[0], [])
         return (node.inputs[1] in self.g.params and bool(cons) and all(c.op in COLUMN_CONSUMERS for c in cons))
 
     def _heads(self, node: Node) -> tuple[int, int]:
-        a = self.attn.get(node.tags.get("layer"))
+        a = self.attn.get((node.tags.get("stack"), node.tags.get("layer")))
         if a is None:
             raise MinitxError(f"parallel: cannot find the attention of {node.name} to split its heads")
-        H, KV = int(a.attrs["n_heads"]), int(a.attrs["n_kv_heads"])
+        H = int(a.attrs["n_heads"])
+        KV = int(a.attrs.get("n_kv_heads", H))           # cross_attention: as many K/V heads as queries
         kind, n = ("tp", self.L.tp) if self.L.tp > 1 else ("sp", self.L.sp)
         if H % n or KV % n:
             raise MinitxError(f"parallel: {kind}={n} cannot split {H} attention heads and {KV} KV heads "
@@ -284,10 +349,11 @@ class _Sharder:
     def gather_seq(self, v: str, stage: int) -> list[str]:
         """Every rank gets the whole sequence of ``v`` (an all-gather of the pieces along time)."""
         outs = [self.at(f"{v}.whole", r) for r in self.L.group(stage)]
-        if ("whole", v) not in self.done:
-            self.done.add(("whole", v))
+        if ("whole", v, stage) not in self.done:
+            self.done.add(("whole", v, stage))
             group = self.L.group(stage)
-            self.emit(Node(f"{v}.gather@{stage}", "all_gather", [self.at(v, r) for r in group], outs,
+            # (pieces computed on an earlier stage are handed on first)
+            self.emit(Node(f"{v}.gather@{stage}", "all_gather", [self.read(v, stage, t, None) for t in range(len(group))], outs,
                            {"ranks": group, "axis": 1}, {"ranks": group, "stage": stage}))
         return outs
 
@@ -315,6 +381,8 @@ class _Sharder:
     def seq_attention(self, node: Node, s: int) -> None:
         """Each rank's tokens of q, k, v → all tokens of its heads (all-to-all), attention on those
         heads with its slice of the KV cache, and back to its tokens of all heads."""
+        if self.L.ring:
+            return self.ring_attention(node, s)
         n = self.L.sp
         H, KV = self._heads(node)
         group = self.L.group(s)
@@ -338,6 +406,58 @@ class _Sharder:
         for o in present:
             self.values[o] = ("col", s)
 
+    def ring_attention(self, node: Node, s: int) -> None:
+        """Ring attention: each rank keeps its piece of q and passes its K/V piece on to the next
+        rank (send_recv), attending to one block at a time (attention_block: its output and
+        log-sum-exp) and combining the blocks exactly (attention_merge, the online softmax). With a
+        causal mask a block only travels forward (rank b's keys are no use to earlier ranks) and
+        rank t attends to blocks 0 … t. The KV cache before this step is whole on every rank (one
+        more block, attended locally); a cache the graph returns is the past plus this step's
+        K/V all-gathered along time."""
+        n, group = self.L.sp, self.L.group(s)
+        q, k, v, pk, pv, mask = [*node.inputs, "", "", ""][:6]
+        H, KV = int(node.attrs["n_heads"]), int(node.attrs["n_kv_heads"])
+        causal = bool(node.attrs["causal"])
+        base = {"n_heads": H, "n_kv_heads": KV, "blocks": n, "causal": causal,
+                **({"scale": node.attrs["scale"]} if node.attrs.get("scale") is not None else {})}
+        have = {(x, t, t): self.read(x, s, t, node) for x in (k, v) for t in range(n)}
+        for j in range(1, n):                           # ring step j: block b moves from rank b+j−1 to b+j
+            for b in range(n):
+                src_t, dst_t = (b + j - 1) % n, (b + j) % n
+                if causal and b + j >= n:               # would wrap to an earlier rank, which does not need it
+                    continue
+                src, dst = self.L.rank(s, src_t), self.L.rank(s, dst_t)
+                for x in (k, v):
+                    out = self.at(f"{x}.blk{b}", dst)
+                    self.emit(Node(f"{x}.blk{b}.send@{src}>{dst}", "send_recv", [have[(x, b, src_t)]], [out],
+                                   {"src": src, "dst": dst}, {"ranks": [src, dst], "sends": x, "ring": j}))
+                    have[(x, b, dst_t)] = out
+        out, *present = node.outputs
+        for t, r in enumerate(group):
+            qn = self.read(q, s, t, node)
+            m = self.read(mask, s, t, node) if mask else ""
+            past = self.read(pk, s, t, node) if pk else ""
+            blocks = ([(-1, past, self.read(pv, s, t, node))] if pk else []) + [
+                (b, have[(k, b, t)], have[(v, b, t)]) for b in range(n) if not (causal and b > t)]
+            parts = []
+            for b, kb, vb in blocks:
+                o, lse = self.at(f"{out}.blk{b}", r), self.at(f"{out}.lse{b}", r)
+                self.emit(Node(self.at(f"{node.name}.blk{b}", r), "attention_block", [qn, kb, vb, m, past], [o, lse],
+                               {**base, "block": b, "query_block": t}, {**node.tags, "rank": r}))
+                parts += [o, lse]
+            self.emit(Node(self.at(f"{node.name}.merge", r), "attention_merge", parts, [self.at(out, r)], {},
+                           {**node.tags, "rank": r}))
+        self.values[out] = ("seq", s)
+        for o, x, p in zip(present, (k, v), (pk, pv)):
+            if o not in self.g.outputs and not self.consumers.get(o):
+                continue                                  # (training: no cache to return)
+            whole = self.gather_seq(x, s)
+            for t, r in enumerate(group):
+                ins = [self.read(p, s, t, node), whole[t]] if p else [whole[t]]
+                self.emit(Node(self.at(f"{o}.cache", r), "concat", ins, [self.at(o, r)], {"axis": 1},
+                               {**node.tags, "rank": r}))
+            self.values[o] = ("rep", s)
+
     def column_parallel(self, node: Node, s: int) -> None:
         x, w, *rest = node.inputs
         b = rest[0] if rest else ""
@@ -348,11 +468,12 @@ class _Sharder:
         if cons[0].op == "split":                       # fused q | k | v: split by heads
             H, KV = self._heads(node)
             sizes = list(cons[0].attrs["sizes"])
-            if len(sizes) != 3:
-                raise MinitxError(f"parallel: {node.name} feeds a split into {len(sizes)} parts, not q, k, v")
+            if len(sizes) not in (2, 3):
+                raise MinitxError(f"parallel: {node.name} feeds a split into {len(sizes)} parts, not q, k, v "
+                                  "(or a cross-attention's k, v)")
             starts = np.cumsum([0, *sizes])
             cols = lambda t: np.concatenate([np.arange(starts[k] + t * sizes[k] // tp, starts[k] + (t + 1) * sizes[k] // tp)
-                                             for k in range(3)])
+                                             for k in range(len(sizes))])
         elif cons[0].op == "swiglu":                    # [gate | up]: the same features of both halves
             F = n_out // 2
             cols = lambda t: np.concatenate([pieces(F, tp)[t] + h * F for h in (0, 1)])
@@ -360,7 +481,7 @@ class _Sharder:
             cols = lambda t: pieces(n_out, tp)[t]
         for t in range(tp):
             r = self.L.rank(s, t)
-            ins = [self.read(x, s, t, node), self.param(w, r, "col", lambda: W[:, cols(t)])]
+            ins = [self.read_whole(x, s, t, node), self.param(w, r, "col", lambda: W[:, cols(t)])]
             if b:
                 ins.append(self.param(b, r, "col", lambda: self.src[b][cols(t)]))
             self.emit(Node(self.at(node.name, r), "linear", ins, [self.at(node.outputs[0], r)], dict(node.attrs),
@@ -379,14 +500,38 @@ class _Sharder:
         elif node.op == "attention":
             H, KV = self._heads(node)
             attrs["n_heads"], attrs["n_kv_heads"] = H // tp, KV // tp
+        elif node.op == "cross_attention":
+            q, k, v, *rest = node.inputs
+            bias = rest[1] if len(rest) > 1 else ""
+            if any(self.kind(x) != "col" for x in (q, k, v)) or (bias and self.kind(bias) != "col"):
+                raise MinitxError(f"parallel: {node.name} (cross_attention) reads q, k, v or a bias that tp does "
+                                  "not split by heads")
+            self._heads(node)
+            attrs["n_heads"] = int(attrs["n_heads"]) // tp
         elif node.op in ("chunk", "concat"):
-            if int(attrs["axis"]) != 0:
+            if int(attrs["axis"]) not in (0, 1):      # a KV cache grows along time (1): its heads stay split
                 raise MinitxError(f"parallel: {node.name} ({node.op}) cuts a tensor-parallel shard along axis "
-                                  f"{attrs['axis']}; only the batch axis (0) can be")
+                                  f"{attrs['axis']}; only the batch (0) and time (1) axes can be")
         elif node.op not in ON_SHARDS:
             raise MinitxError(f"parallel: node {node.name} ({node.op}) reads a tensor-parallel shard; only "
                               f"{', '.join(ON_SHARDS + ('split', 'attention', 'linear', 'chunk', 'concat'))} can")
         self.replicate(node, s, "col", attrs)
+
+    def head_bias(self, node: Node, s: int) -> None:
+        """T5's relative position bias, (buckets, H) → (1, H, T, S): each rank computes its heads'
+        (the table's columns), as attention runs on the rank's heads."""
+        table = node.inputs[0]
+        W = self.src[table]
+        if W.shape[1] % self.L.tp:
+            raise MinitxError(f"parallel: tp={self.L.tp} cannot split the {W.shape[1]} heads of {node.name} "
+                              "(relative_position_bias)")
+        for t in range(self.L.tp):
+            r = self.L.rank(s, t)
+            cols = pieces(W.shape[1], self.L.tp)[t]
+            ins = [self.param(table, r, "col", lambda: W[:, cols]), *(self.read(i, s, t, node) for i in node.inputs[1:])]
+            self.emit(Node(self.at(node.name, r), node.op, ins, [self.at(o, r) for o in node.outputs], dict(node.attrs),
+                           {**node.tags, "rank": r, "parallel": "column"}))
+        self.values[node.outputs[0]] = ("col", s)
 
     def row_parallel(self, node: Node, s: int) -> None:
         x, w, *rest = node.inputs
@@ -404,15 +549,14 @@ class _Sharder:
             parts.append(self.at(partial, r))
             self.emit(Node(self.at(f"{node.name}.partial", r), "linear", ins, [parts[-1]], {},
                            {**node.tags, "rank": r, "parallel": "row"}))
-        summed = self.all_reduce(f"{node.name}.all_reduce@{s}", parts,
-                                 s, f"{out}.sum" if b else out)
+        summed = self.scatter_or_reduce(f"{node.name}.all_reduce@{s}", parts, s, f"{out}.sum" if b else out)
         if b:
             for t in range(tp):
                 r = self.L.rank(s, t)
                 self.emit(Node(self.at(f"{node.name}.bias", r), "add",
                                [summed[t], self.param(b, r, "rep", lambda: self.src[b])], [self.at(out, r)], {},
                                {**node.tags, "rank": r}))
-        self.values[out] = ("rep", s)
+        self.values[out] = ("seq" if self.L.megatron else "rep", s)
 
     def _vocab_shard(self, p: str, transposed: bool):
         """Rank t's rows (columns when ``transposed``) of a vocabulary table padded to a multiple of tp."""
@@ -439,8 +583,8 @@ class _Sharder:
             self.emit(Node(self.at(node.name, r), "vocab_embedding",
                            [ids, self.param(table, r, "vocab", lambda: shard(t))], [parts[-1]], {"start": t * n},
                            {**node.tags, "rank": r, "parallel": "vocab"}))
-        self.all_reduce(f"{node.name}.all_reduce@{s}", parts, s, node.outputs[0])
-        self.values[node.outputs[0]] = ("rep", s)
+        self.scatter_or_reduce(f"{node.name}.all_reduce@{s}", parts, s, node.outputs[0])
+        self.values[node.outputs[0]] = ("seq" if self.L.megatron else "rep", s)
 
     def lm_head(self, node: Node, s: int) -> None:
         x, w, *rest = node.inputs
@@ -456,9 +600,14 @@ class _Sharder:
             r = self.L.rank(s, t)
             local.append(self.at(f"{out}.shard", r))
             self.emit(Node(self.at(node.name, r), node.op,
-                           [self.read(x, s, t, node), self.param(w, r, "vocab", lambda: shard(t))],
+                           [self.read_whole(x, s, t, node), self.param(w, r, "vocab", lambda: shard(t))],
                            [local[-1]], dict(node.attrs), {**node.tags, "rank": r, "parallel": "vocab"}))
         group = self.L.group(s)
+        if out not in self.g.outputs and all(c.op == "cross_entropy" for c in self.consumers.get(out, [])):
+            # Only a loss reads the logits: it takes them sharded (vocab_cross_entropy), never gathered.
+            self.values[out] = ("vocab", s)
+            self.vocab_size[out] = V
+            return
         full = [self.at(f"{out}.padded" if Vp > V else out, r) for r in group]
         self.emit(Node(f"{node.name}.all_gather@{s}", "all_gather", local, full, {"ranks": group, "axis": -1},
                        {"ranks": group, "stage": s}))
@@ -468,6 +617,19 @@ class _Sharder:
                                [self.at(out, r), self.at(f"{out}.pad", r)], {"sizes": [V, Vp - V]},
                                {**node.tags, "rank": r}))
         self.values[out] = ("rep", s)
+
+    def vocab_cross_entropy(self, node: Node, s: int) -> None:
+        """Megatron's vocabulary-parallel cross-entropy on the ranks' logits shards: a max and two
+        sums all-reduced inside the op (minitx/ops/collectives.py), the logits never gathered."""
+        logits, targets = node.inputs
+        group = self.L.group(s)
+        outs = [self.at(node.outputs[0], r) for r in group]
+        ins = [self.at(f"{logits}.shard", r) for r in group] + [self.read(targets, s, 0, node)]
+        self.emit(Node(f"{node.name}.vocab_parallel@{s}", "vocab_cross_entropy", ins, outs,
+                       {"ranks": group, "vocab": self.vocab_size[logits],
+                        "ignore_index": int(node.attrs.get("ignore_index", -100))},
+                       {"ranks": group, "stage": s, "shared_inputs": 1}))
+        self.values[node.outputs[0]] = ("rep", s)
 
     # ------------------------------------------------------------------ the graph's edge
     def finish(self) -> Graph:
@@ -486,8 +648,8 @@ class _Sharder:
             kind, s = self.values[o]
             if kind == "seq":
                 group = self.L.group(s)
-                if ("whole", o) not in self.done:
-                    self.done.add(("whole", o))
+                if ("whole", o, s) not in self.done:
+                    self.done.add(("whole", o, s))
                     self.emit(Node(f"{o}.gather@{s}", "all_gather", [self.at(f"{o}.part", r) for r in group],
                                    [self.at(o, r) for r in group], {"ranks": group, "axis": 1},
                                    {"ranks": group, "stage": s}))
@@ -600,7 +762,7 @@ def check_spmd(graph: Graph) -> None:
 
 class ParallelPlugin(Plugin):
     name = "parallel"
-    description = "tensor (Megatron) and pipeline parallelism: one SPMD graph, every rank's part"
+    description = "tensor (Megatron), sequence (Ulysses, ring) and pipeline parallelism: one SPMD graph, every rank's part"
     order = 95            # last: shard what the other rewrites produced
     exact = True
     options = {
@@ -608,6 +770,7 @@ class ParallelPlugin(Plugin):
         "pp": Option(1, positive_int, "pipeline stages (contiguous layers)"),
         "mb": Option(1, positive_int, "micro-batches streamed through the pipeline (batch >= mb)"),
         "sp": Option(1, positive_int, "sequence-parallel ranks (Ulysses: all-to-all between tokens and heads)"),
+        "ring": Option(0, int, "1: sequence-parallel attention by ring attention (K/V blocks around the ranks)"),
     }
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
@@ -617,7 +780,8 @@ class ParallelPlugin(Plugin):
               calib=None) -> RewriteResult:
         from minitx.rewrite import Firing
 
-        layout = Layout(int(opts.get("tp", 1)), int(opts.get("pp", 1)), int(opts.get("mb", 1)), int(opts.get("sp", 1)))
+        layout = Layout(int(opts.get("tp", 1)), int(opts.get("pp", 1)), int(opts.get("mb", 1)), int(opts.get("sp", 1)),
+                        int(opts.get("ring", 0)))
         g, p = shard(graph, params, layout)
         firings = [Firing("parallel", n.name, n.op, [n.name], [n.op], 0) for n in g.nodes
                    if n.tags.get("parallel") or n.tags.get("ranks")]

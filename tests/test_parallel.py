@@ -144,9 +144,36 @@ def test_sequence_parallel_decodes_one_token_on_two_ranks():
         np.testing.assert_allclose(out2[k], ref2[k], rtol=1e-5, atol=2e-6, err_msg=k)
 
 
-def test_tp_with_sp_is_not_implemented_yet():
-    with pytest.raises(MinitxError, match="tp and sp together"):
-        Layout(tp=2, sp=2)
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("layout_", [Layout(tp=2, sp=2), Layout(tp=4, sp=4), Layout(tp=2, sp=2, pp=2)], ids=str)
+def test_tp_with_sp_is_megatron_sequence_parallelism(arch, layout_):
+    """tp and sp on the same ranks: between the tensor-parallel regions each rank holds its piece of
+    the sequence; the partial sums meet in reduce-scatters along time (no all-reduce left), the
+    column-parallel linears all-gather first. Exact, prefill and a one-token decode step."""
+    m = _model(arch, **CONFIGS[arch])
+    ref = _outputs(m)
+    g, p = shard(m.graph, m.params, layout_)
+    assert g.meta["parallel"]["world"] == layout_.tp * layout_.pp
+    out = _outputs(m, g, p)
+    for k, r in ref.items():
+        np.testing.assert_allclose(out[k], r, rtol=1e-5, atol=2e-6, err_msg=k)
+    ops = [n.op for n in g.nodes if "ranks" in n.tags]
+    L = m.config["n_layers"]
+    assert "all_reduce" not in ops and ops.count("reduce_scatter") == 2 * L + 1      # per layer 2, + the embedding
+    if m.is_decoder:
+        past = {k.replace("present.", "past."): v for k, v in ref.items() if k.startswith("present.")}
+        step = np.array([[7], [11]])
+        want = Executor(m.graph, m.params).run(feeds.build(m.graph, step, past=past))
+        got = Executor(g, p).run(feeds.build(g, step, past=past))
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=2e-6, err_msg=k)
+
+
+def test_tp_with_another_sp_is_refused():
+    with pytest.raises(MinitxError, match="sequence parallelism runs on the tp ranks themselves"):
+        Layout(tp=2, sp=4)
+    with pytest.raises(MinitxError, match="without ring"):
+        Layout(tp=2, sp=2, ring=1)
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_tp():
@@ -338,3 +365,85 @@ def test_the_analytic_cost_model_counts_what_the_rewrite_sends(layout_, batch, s
     got = predict(cfg, layout_.tp, layout_.pp, layout_.sp, batch=batch, seq=seq)
     assert got["bytes_sent_per_token"] == pytest.approx(max(step["bytes_sent_per_token"].values()), rel=1e-12)
     assert got["comm_seconds"] == pytest.approx(max(step["comm_seconds_model"].values()), rel=1e-12)
+
+
+@pytest.mark.parametrize("arch,tp", [("t5", 2), ("t5", 4), ("bart", 2), ("bart", 4), ("marian", 2)])
+def test_encoder_decoders_split_their_cross_attention_exactly(tmp_path, arch, tp):
+    """T5, BART, Marian: tp splits self- and cross-attention by heads (T5's relative position bias
+    too); the split model's teacher-forced logits and greedy tokens are transformers' (fixtures)."""
+    from minitx import seq2seq
+
+    path = str(tmp_path / f"{arch}.npz")
+    convert(os.path.join(FIX, f"hf-{arch}-tiny"), path)
+    m = modelfile.load(path)
+    ref = np.load(os.path.join(FIX, f"reference-seq2seq-{arch}.npz"), allow_pickle=False)
+    rows = [[int(t) for t in r if t >= 0] for r in ref["sources"]]
+    sm = prepare(m, f"tp={tp}")
+    ops = {n.op for n in sm.graph.nodes}
+    assert "all_reduce" in ops and sm.graph.meta["parallel"]["tp"] == tp
+    cross = [n for n in sm.graph.nodes if n.name.startswith("layers.0.cross.sdpa")]
+    assert len(cross) == tp and all(int(n.attrs["n_heads"]) * tp == int(m.config["n_heads"]) for n in cross)
+    got = seq2seq.logits(sm, rows, ref["targets"])
+    assert np.abs(got - ref["logits"]).max() / np.abs(ref["logits"]).max() <= 1e-5
+    assert seq2seq.generate(sm, rows, 12, beams=1) == [[int(t) for t in r if t >= 0] for r in ref["greedy"]]
+    r = run("show", path, "--parallel", f"tp={tp}", "--seq", "8", "--json")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output)["param_bytes_per_rank"]) == tp
+
+
+def test_heads_tp_cannot_split_in_an_encoder_decoder_name_the_attention(tmp_path):
+    path = str(tmp_path / "marian.npz")
+    convert(os.path.join(FIX, "hf-marian-tiny"), path)
+    with pytest.raises(MinitxError, match=r"tp=4 cannot split 2 attention heads .*enc\.layers\.0\.attn\.sdpa"):
+        prepare(modelfile.load(path), "tp=4")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("layout_", [Layout(sp=2, ring=1), Layout(sp=3, ring=1), Layout(sp=4, ring=1),
+                                     Layout(sp=2, ring=1, pp=2)], ids=str)
+def test_ring_attention_equals_the_whole_sequence(arch, layout_):
+    """Ring attention: K/V pieces passed around the ranks with send_recv, blocks combined by their
+    log-sum-exps. No all-to-all; a causal model sends each block forward only (n(n−1)/2 hops of
+    k and v per layer), a bidirectional one all the way round (n(n−1))."""
+    m = _model(arch, **CONFIGS[arch])
+    ref = _outputs(m)
+    g, p = shard(m.graph, m.params, layout_)
+    out = _outputs(m, g, p)
+    for k, r in ref.items():
+        np.testing.assert_allclose(out[k], r, rtol=1e-5, atol=2e-6, err_msg=k)
+    ops = [n.op for n in g.nodes]
+    assert "all_to_all" not in ops and "all_reduce" not in ops
+    n, L = layout_.sp, m.config["n_layers"]
+    hops = n * (n - 1) // 2 if m.is_decoder else n * (n - 1)
+    assert sum(1 for nd in g.nodes if nd.tags.get("ring")) == 2 * hops * L
+    assert ops.count("attention_merge") == n * L
+
+
+def test_ring_attention_decodes_with_the_cache_and_trains():
+    """A decode step (one token: the other ranks' pieces empty) attends to the whole cache on every
+    rank; and the weight gradients through the ring are the unsharded ones."""
+    m = _model("llama", **CONFIGS["llama"])
+    g, p = shard(m.graph, m.params, Layout(sp=3, ring=1))
+    ref1 = _outputs(m)
+    past = {k.replace("present.", "past."): v for k, v in ref1.items() if k.startswith("present.")}
+    step = np.array([[7], [11]])
+    ref2 = Executor(m.graph, m.params).run(feeds.build(m.graph, step, past=past))
+    out2 = Executor(g, p).run(feeds.build(g, step, past=past))
+    for k in ref2:
+        np.testing.assert_allclose(out2[k], ref2[k], rtol=1e-5, atol=2e-6, err_msg=k)
+    gl = models.with_loss(m.graph)
+    gl.outputs = ["loss"]
+    f = feeds.build(gl, IDS, targets=np.roll(IDS, -1, axis=1))
+    want = Executor(gl, m.params).forward_backward(f)
+    sg, sp_ = shard(gl, m.params, Layout(sp=2, ring=1))
+    got = Executor(sg, sp_).forward_backward(f)
+    np.testing.assert_allclose(got.outputs["loss"], want.outputs["loss"], rtol=1e-6)
+    for k, gw in want.grads.items():
+        total = sum(got.grads[n] for n in got.grads if n.rsplit("@", 1)[0] == k)
+        np.testing.assert_allclose(total, gw, rtol=1e-4, atol=2e-6, err_msg=k)
+
+
+def test_ring_needs_sp():
+    with pytest.raises(MinitxError, match="ring=1 is how sequence parallelism attends"):
+        Layout(ring=1)
+    assert layout("sp=2,ring=1") == Layout(sp=2, ring=1)

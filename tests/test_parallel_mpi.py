@@ -65,7 +65,8 @@ def _single(*args: str) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2"), (2, "pp=2,mb=2"), (2, "sp=2"), (4, "tp=2,pp=2")])
+@pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2"), (2, "pp=2,mb=2"), (2, "sp=2"), (4, "tp=2,pp=2"),
+                                    (2, "sp=2,ring=1"), (4, "sp=2,ring=1,pp=2"), (2, "tp=2,sp=2")])
 def test_mpiexec_infer_prints_once_what_one_process_prints(mpi, llama, n, spec):
     args = ["infer", llama, "--ids", "5,1,4,1", "--ids", "9,2", "-n", "12", "--json"]
     want = _single(*args)
@@ -103,6 +104,20 @@ def test_heads_tp_cannot_split_fail_on_every_rank(mpi, tmp_path):
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 4 and all("tp=4 cannot split 4 attention heads and 2 KV heads" in l for l in lines)
+
+
+def test_encoder_decoder_across_processes_is_refused_on_every_rank(mpi, tmp_path):
+    """T5/BART/Marian split by tp run in one process (tests/test_parallel.py); across processes
+    they are a one-line refusal on every rank for now, not a hang."""
+    from minitx.convert import convert
+
+    path = str(tmp_path / "t5.npz")
+    convert(os.path.join(ROOT, "tests", "fixtures", "hf-t5-tiny"), path)
+    r = mpirun(2, CLI, "infer", path, "--ids", "5,1,4", "-n", "3", "--parallel", "tp=2", timeout=120)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 2 and all("encoder–decoders (T5, BART, Marian) run split in one process only" in l
+                                   for l in lines), r.stderr
 
 
 def test_missing_mpi4py_is_an_error_not_a_hang(mpi, llama, tmp_path):

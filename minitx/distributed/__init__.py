@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..errors import MinitxError
 from ..model import Model
 
-KINDS = ("tp", "pp", "mb", "sp")
+KINDS = ("tp", "pp", "mb", "sp", "ring")
 TRAINING_ONLY = {"dp": "data parallelism is for training: minitx train --parallel dp=N"}
 
 
@@ -64,7 +64,7 @@ def launched_world() -> int:
 
 def plugin_text(text: str) -> str:
     L = layout(text)
-    return f"parallel:tp={L.tp},sp={L.sp},pp={L.pp},mb={L.mb}"
+    return f"parallel:tp={L.tp},sp={L.sp},pp={L.pp},mb={L.mb},ring={L.ring}"
 
 
 def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = None, validate: bool = True) -> Model:
@@ -77,6 +77,9 @@ def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = Non
         return optimize(model, [plugin_text(text)], warn=warn, validate=validate)
     if world != L.world:
         raise MinitxError(f"--parallel {text} needs {L.world} ranks (tp·sp·pp), but mpiexec started {world}")
+    if any(v.name == "encoder_ids" for v in model.graph.inputs):
+        raise MinitxError(f"--parallel {text} across processes: encoder–decoders (T5, BART, Marian) run split in "
+                          "one process only so far (run without mpiexec)")
     from .mpi import MPITransport, load_mpi
     from .program import RankModel, rank_program
     from ..plugins.parallel import shard
@@ -109,5 +112,12 @@ def cost_summary(model: Model, text: str, batch: int, seq: int, past: int) -> di
     from ..plugins.parallel import shard
     from .cost import summary
 
+    from ..ir import Value
+
     g, _ = shard(model.graph, model.params, layout(text), only_rank=-1)
-    return summary(g, model.nbytes(), batch, seq, past, unsharded=model.graph)
+    unsharded = model.graph
+    if any("E" in v.shape for v in g.inputs):      # an encoder–decoder: its input as long as --seq
+        g, unsharded = (x.copy() for x in (g, unsharded))
+        for x in (g, unsharded):
+            x.inputs = [Value(v.name, tuple("T" if d == "E" else d for d in v.shape), v.dtype) for v in x.inputs]
+    return summary(g, model.nbytes(), batch, seq, past, unsharded=unsharded)

@@ -49,8 +49,7 @@ def parse(text: str | None) -> tuple[int, bool]:
     for part in text.split(","):
         key, sep, val = part.strip().partition("=")
         if not sep or key.strip() not in ("dp", "zero") or key.strip() in vals:
-            raise MinitxError(f"--parallel for training takes dp=N[,zero=1] (data parallel), got {text!r}"
-                              + ("; tp, pp and sp train later" if key.strip() in ("tp", "pp", "sp", "mb") else ""))
+            raise MinitxError(f"--parallel for training takes dp=N[,zero=1] (data parallel), got {text!r}")
         vals[key.strip()] = val.strip()
     try:
         n = int(vals.get("dp", ""))
@@ -236,6 +235,10 @@ def reducer(text: str | None, batch_size: int, connect: bool = True):
     """The reducer ``--parallel`` asks for, after checking ``batch_size`` splits into the ranks.
     Under ``mpiexec`` the world must be dp; without it dp ranks are simulated in this process.
     Errors come before any communication, on every rank alike; ``connect=False`` only checks."""
+    from . import model_parallel
+
+    if model_parallel.wanted(text):                  # tp=N or pp=N: the model split, not the batch
+        return model_parallel.reducer(text, connect)
     dp, zero = parse(text)
     world = launched_world()
     if world > 1 and world != dp:

@@ -60,7 +60,8 @@ class MPITransport(Backend):
                 self.comms[g] = sub
         self.kernels = {"all_reduce": self.all_reduce, "all_gather": self.all_gather,
                         "reduce_scatter": self.reduce_scatter, "all_to_all": self.all_to_all,
-                        "broadcast": self.broadcast, "send_recv": self.send_recv}
+                        "broadcast": self.broadcast, "send_recv": self.send_recv,
+                        "vocab_cross_entropy": self.vocab_cross_entropy}
         # VJPs are the adjoint collectives, one rank's part each.
         self.vjps = {
             "all_reduce": lambda g, i, o, *, ranks: (self.all_reduce(g[0], ranks=ranks),),
@@ -68,6 +69,8 @@ class MPITransport(Backend):
             "reduce_scatter": lambda g, i, o, *, ranks, axis: (self.all_gather(g[0], ranks=ranks, axis=axis),),
             "all_to_all": lambda g, i, o, *, ranks, split_axis, concat_axis: (
                 self.all_to_all(g[0], ranks=ranks, split_axis=concat_axis, concat_axis=split_axis),),
+            "vocab_cross_entropy": self.vocab_cross_entropy_vjp,
+            "send_recv": self.send_recv_vjp,
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -89,11 +92,37 @@ class MPITransport(Backend):
             pause = min(pause * 2, 2e-3)
 
     # ------------------------------------------------------------------ collectives (one rank's part)
-    def all_reduce(self, x, *rest, ranks):
+    def all_reduce(self, x, *rest, ranks, op: str = "SUM"):
         x = np.ascontiguousarray(x)
         y = np.empty_like(x)
-        self._wait(self._comm(ranks).Iallreduce(x, y, op=self.MPI.SUM), f"all_reduce over ranks {list(ranks)}")
+        self._wait(self._comm(ranks).Iallreduce(x, y, op=getattr(self.MPI, op)), f"all_reduce over ranks {list(ranks)}")
         return y
+
+    def _vce_stats(self, z, targets, ranks, vocab, ignore_index):
+        """The vocabulary-parallel cross-entropy's per-token statistics: this shard's, then the max
+        and the sums all-reduced (float64, B·T values each; the logits stay where they are)."""
+        from ..ops.collectives import vce_local
+
+        t = list(ranks).index(self.rank)
+        zm, mx, picked = vce_local(z, targets, t * z.shape[-1], vocab, ignore_index)
+        m = self.all_reduce(mx, ranks=ranks, op="MAX")
+        sums = self.all_reduce(np.stack([np.exp(zm - m[:, None]).sum(axis=1), picked]), ranks=ranks)
+        return zm, m, sums[0], sums[1]
+
+    def vocab_cross_entropy(self, z, targets, *rest, ranks, vocab, ignore_index=-100):
+        from ..ops.collectives import vce_loss
+
+        _, m, sumexp, picked = self._vce_stats(z, targets, ranks, vocab, ignore_index)
+        return np.asarray(vce_loss(m, sumexp, picked, targets, ignore_index), z.dtype)
+
+    def vocab_cross_entropy_vjp(self, grads, inputs, outputs, *, ranks, vocab, ignore_index=-100):
+        from ..ops.collectives import vce_grad
+
+        z, targets = inputs[0], inputs[1]
+        zm, m, sumexp, _ = self._vce_stats(z, targets, ranks, vocab, ignore_index)
+        g = float(self.all_reduce(np.array([float(grads[0])], np.float64), ranks=ranks)[0])   # the ranks' cotangents add
+        t = list(ranks).index(self.rank)
+        return vce_grad(zm, m, sumexp, targets, t * z.shape[-1], g, ignore_index, z.shape, z.dtype), None
 
     def _shapes(self, comm, mine: np.ndarray, what: str, alltoall: bool = False) -> np.ndarray:
         """Every rank's shape(s) — pieces may differ in length (a sequence sp does not divide)."""
@@ -113,7 +142,7 @@ class MPITransport(Backend):
 
     def reduce_scatter(self, x, *rest, ranks, axis):
         total = self.all_reduce(x, ranks=ranks)
-        return np.ascontiguousarray(np.split(total, len(ranks), axis=axis)[list(ranks).index(self.rank)])
+        return np.ascontiguousarray(np.array_split(total, len(ranks), axis=axis)[list(ranks).index(self.rank)])
 
     def all_to_all(self, x, *rest, ranks, split_axis, concat_axis):
         comm, what = self._comm(ranks), f"all_to_all over ranks {list(ranks)}"
@@ -133,17 +162,28 @@ class MPITransport(Backend):
         self._wait(self._comm(ranks).Ibcast(buf, root=list(ranks).index(root)), f"broadcast from rank {root}")
         return buf
 
-    def send_recv(self, x=None, *, src, dst):
+    def send_recv(self, x=None, *, src, dst, tag: int = TAG):
+        """The sender sends ``x`` (and passes it through, for a training program's later nodes);
+        the receiver returns what arrives (its own input, if any, only carries gradients)."""
         if self.rank == src:
-            self._wait(self.comm.isend(np.ascontiguousarray(x), dest=dst, tag=TAG), f"send to rank {dst}")
-            return ()
+            self._wait(self.comm.isend(np.ascontiguousarray(x), dest=dst, tag=tag), f"send to rank {dst}")
+            return x
         deadline = time.monotonic() + self.timeout
-        while not self.comm.Iprobe(source=src, tag=TAG):
+        while not self.comm.Iprobe(source=src, tag=tag):
             if time.monotonic() > deadline:
                 raise MinitxError(f"mpi: rank {self.rank}: receive from rank {src} got nothing within "
                                   f"{self.timeout:g} s (another rank failed or died)")
             time.sleep(1e-4)
-        return self.comm.recv(source=src, tag=TAG)
+        return self.comm.recv(source=src, tag=tag)
+
+    def send_recv_vjp(self, grads, inputs, outputs, *, src, dst):
+        """The transfer backwards (see :func:`minitx.distributed.program.trainable`): the receiver
+        sends its cotangent back, the sender adds it to its own value's."""
+        if self.rank == dst:
+            self.send_recv(np.ascontiguousarray(grads[0]), src=dst, dst=src, tag=TAG + 1)
+            return (np.zeros_like(inputs[0]),)
+        back = self.send_recv(None, src=dst, dst=src, tag=TAG + 1)
+        return (grads[0] + back,)
 
     def share(self, value: Any, owner: int) -> np.ndarray:
         """Every rank gets ``owner``'s array (a last pipeline stage's logits): its length, then its

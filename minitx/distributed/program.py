@@ -46,7 +46,7 @@ def rank_program(graph: Graph, params: Mapping[str, np.ndarray], rank: int) -> R
     outputs: list[str] = []
     producer_rank: dict[str, int | None] = {}
     nodes: list[Node] = []
-    shapes = graph.infer({"B": 1, "T": 1, "S": 1})
+    shapes = graph.infer({"B": 1, "T": 1, "S": 1, "E": 1})
     for n in graph.nodes:
         tags = n.tags
         if "rank" in tags:
@@ -67,7 +67,9 @@ def rank_program(graph: Graph, params: Mapping[str, np.ndarray], rank: int) -> R
                 producer_rank[o] = r
             if rank in group:
                 k = group.index(rank)
-                nodes.append(Node(n.name, n.op, [n.inputs[k]], [n.outputs[k]], dict(n.attrs), dict(tags)))
+                # one input per rank, then any the ranks share (vocab_cross_entropy's targets)
+                nodes.append(Node(n.name, n.op, [n.inputs[k], *n.inputs[len(group):]], [n.outputs[k]], dict(n.attrs),
+                                  dict(tags)))
         elif tags.get("interface") and n.op == "split":        # a KV cache cut per rank: ours is an input
             src = inputs[n.inputs[0]]
             for o in n.outputs:
@@ -116,6 +118,35 @@ def rank_program(graph: Graph, params: Mapping[str, np.ndarray], rank: int) -> R
               {**graph.meta, "rank": rank})
     g.validate()
     return RankProgram(g, {k: params[k] for k in g.params}, shared)
+
+
+def trainable(graph: Graph) -> Graph:
+    """A rank's program whose point-to-point transfers carry gradients back (training across
+    processes; ring attention's K/V blocks). The executor runs a node's VJP only when the node has
+    an input and an output on a path to the loss, so: a send passes its value through
+    (``x`` → ``x.sent``, which this rank's later nodes read instead: the VJP adds the cotangent the
+    receiver sends back), and a receive reads this rank's own value of the same name (the VJP
+    sends the cotangent of what it received back to the sender, and gives that input zero)."""
+    nodes = [Node(n.name, n.op, list(n.inputs), list(n.outputs), dict(n.attrs), dict(n.tags)) for n in graph.nodes]
+    rank = int(graph.meta["rank"])
+    produced: set[str] = {v.name for v in graph.inputs} | set(graph.params)
+    for k, n in enumerate(nodes):
+        if n.op == "send_recv" and int(n.attrs["src"]) == rank and not n.outputs:
+            x = n.inputs[0]
+            n.outputs = [f"{x}.sent"]
+            for later in nodes[k + 1:]:
+                later.inputs = [f"{x}.sent" if i == x else i for i in later.inputs]
+        elif n.op == "send_recv" and int(n.attrs["dst"]) == rank and not n.inputs:
+            sends = str(n.tags.get("sends", ""))
+            own = next((c for c in (f"{sends}@{rank}", sends) if c in produced), None)
+            if own is None:
+                raise MinitxError(f"rank_program: rank {rank} receives {n.outputs[0]} with no value of its own to "
+                                  "carry the gradient back (training through this transfer is not supported)")
+            n.inputs = [own]
+        produced.update(n.outputs)
+    g = Graph(list(graph.inputs), list(graph.outputs), dict(graph.params), nodes, dict(graph.meta))
+    g.validate()
+    return g
 
 
 class RankExecutor:

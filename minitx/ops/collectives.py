@@ -218,26 +218,33 @@ add_cases("all_gather", _collective_cases(lambda n, rows: (rows, 6), lambda n: {
 
 
 # reduce_scatter ------------------------------------------------------------------------------
+# When the axis does not divide into the ranks, the pieces are cut as ``chunk`` cuts them (earlier
+# ranks one more: a sequence of 5 tokens on 2 ranks is 3 + 2), the rank-axis definition being
+# the equal case.
 def _reduce_scatter(xs, *, ranks, axis):
-    return tuple(reduce_scatter_ranks(_group("reduce_scatter", xs, ranks), axis))
+    total = _group("reduce_scatter", xs, ranks).sum(axis=0)
+    return tuple(np.ascontiguousarray(p) for p in np.array_split(total, len(ranks), axis=axis))
 
 
 def _reduce_scatter_vjp(grads, inputs, outputs, *, ranks, axis):
-    return tuple(all_gather_ranks(np.stack(grads), axis))
+    whole = np.concatenate(grads, axis=axis)
+    return tuple(whole.copy() for _ in grads)
 
 
-def _scattered(axis: int, op: str) -> Callable[[tuple, int], tuple]:
-    def shape(x: tuple, n: int) -> tuple:
-        a = _axis(x, axis, op)
-        require(x[a] % n == 0, op, f"axis {axis} of {x} does not split into {n} equal pieces")
-        return (*x[:a], x[a] // n, *x[a + 1:])
-    return shape
+def _reduce_scatter_infer(shapes, dtypes, *, ranks, axis):
+    present = _present(shapes)
+    n = len(ranks)
+    require(len(present) in (n, 1), "reduce_scatter", f"{len(present)} inputs for a group of {n} ranks {list(ranks)}")
+    require(len(set(map(tuple, present))) == 1, "reduce_scatter", f"ranks' inputs differ in shape: {present}")
+    x = tuple(present[0])
+    a = _axis(x, axis, "reduce_scatter")
+    sizes = [len(p) for p in np.array_split(np.arange(x[a]), n)]
+    # One rank's part alone: the first (largest) piece's shape stands for every rank's.
+    return [((*x[:a], k, *x[a + 1:]), dtypes[0]) for k in (sizes if len(present) == n else sizes[:1])]
 
 
 register("reduce_scatter", _variadic(_reduce_scatter, "Rank r gets piece r (along ``axis``) of the sum over ranks."),
-         _reduce_scatter_vjp,
-         lambda s, d, *, ranks, axis: _infer_group("reduce_scatter", s, d, ranks, _scattered(axis, "reduce_scatter")),
-         n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+         _reduce_scatter_vjp, _reduce_scatter_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
 add_cases("reduce_scatter", _collective_cases(lambda n, rows: (rows, 3 * n), lambda n: {"axis": 1}) + [
     Case("2 ranks, first axis", _ranked(2, (8, 3), lambda n: {"axis": 0})),
 ])
@@ -448,6 +455,339 @@ add_cases("vocab_embedding", [
     Case("no id in the shard", _shard_lookup(lambda r: r.integers(0, 50, (2, 5)), 50), "zeros"),
     Case("one id repeated", _shard_lookup(lambda r: np.full((2, 9), 30), 25), "ties"),
     *[Case(f"{k} ids", _shard_lookup(lambda r, k=k: r.integers(0, 100, (1, k)), 50), "sizes") for k in EDGE_ROWS],
+])
+
+
+# vocab_cross_entropy: Megatron's vocabulary-parallel cross-entropy --------------------------------
+# Each rank holds a vocabulary shard of the logits (its columns of the LM head). The loss needs
+# three numbers per token from the whole vocabulary — the max (for a stable log-sum-exp), the sum
+# of exponentials and the target's logit — and each is a reduction over the ranks of a local one:
+# a max all-reduce, then two sum all-reduces of B·T values. The (B, T, V) logits are never
+# gathered. Columns at or beyond ``vocab`` are padding (the vocabulary padded to a multiple of
+# the ranks) and count for nothing.
+def _vce_parts(xs, ranks, op):
+    """(logits shards, targets) of a vocab_cross_entropy node: one shard per rank, then the targets."""
+    *shards, targets = xs
+    if len(shards) != len(ranks):
+        if len(shards) == 1 and len(ranks) > 1:
+            raise MinitxError(f"op {op}: one rank's part of a collective over ranks {list(ranks)} needs a "
+                              "transport (run under mpiexec with --parallel), not the spec")
+        raise MinitxError(f"op {op}: {len(shards)} logits shards for a group of {len(ranks)} ranks")
+    return shards, targets
+
+
+def vce_local(z: np.ndarray, targets: np.ndarray, start: int, vocab: int, ignore_index: int):
+    """One shard's local statistics in float64: the column mask of real (unpadded) columns, its
+    max per token, and the target's logit where this shard holds the target (else 0)."""
+    z = z.astype(np.float64).reshape(-1, z.shape[-1])
+    real = (start + np.arange(z.shape[1])) < vocab
+    zm = np.where(real, z, -np.inf)
+    t = targets.reshape(-1)
+    local = t - start
+    mine = (t != ignore_index) & (local >= 0) & (local < z.shape[1])
+    picked = np.where(mine, z[np.arange(len(t)), np.where(mine, local, 0)], 0.0)
+    return zm, zm.max(axis=1) if zm.shape[1] else np.full(len(t), -np.inf), picked
+
+
+def vce_loss(m: np.ndarray, sumexp: np.ndarray, picked: np.ndarray, targets: np.ndarray, ignore_index: int) -> float:
+    keep = targets.reshape(-1) != ignore_index
+    per = np.log(sumexp) + m - picked
+    return float(per[keep].sum()) / max(int(keep.sum()), 1)
+
+
+def vce_grad(zm: np.ndarray, m: np.ndarray, sumexp: np.ndarray, targets: np.ndarray, start: int, g: float,
+             ignore_index: int, shape: tuple, dtype) -> np.ndarray:
+    """One shard's gradient: g/N · (softmax − one-hot) on its columns, zero on padding and ignored tokens."""
+    t = targets.reshape(-1)
+    keep = t != ignore_index
+    p = np.exp(zm - m[:, None]) / sumexp[:, None]
+    local = t - start
+    mine = keep & (local >= 0) & (local < zm.shape[1])
+    p[np.nonzero(mine)[0], local[mine]] -= 1.0
+    p[~keep] = 0.0
+    return (p * (g / max(int(keep.sum()), 1))).reshape(shape).astype(dtype)
+
+
+def _vocab_cross_entropy(xs, *, ranks, vocab, ignore_index=-100):
+    shards, targets = _vce_parts(xs, ranks, "vocab_cross_entropy")
+    n = shards[0].shape[-1]
+    stats = [vce_local(z, targets, t * n, vocab, ignore_index) for t, z in enumerate(shards)]
+    m = np.max([s[1] for s in stats], axis=0)                                  # the max all-reduce
+    sumexp = np.sum([np.exp(zm - m[:, None]).sum(axis=1) for zm, _, _ in stats], axis=0)   # a sum all-reduce
+    picked = np.sum([s[2] for s in stats], axis=0)                             # a sum all-reduce
+    loss = np.asarray(vce_loss(m, sumexp, picked, targets, ignore_index), shards[0].dtype)
+    return tuple(loss.copy() for _ in shards)
+
+
+def _vocab_cross_entropy_vjp(grads, inputs, outputs, *, ranks, vocab, ignore_index=-100):
+    shards, targets = _vce_parts([x for x in inputs if x is not None], ranks, "vocab_cross_entropy")
+    n = shards[0].shape[-1]
+    g = float(np.sum([float(x) for x in grads]))       # every rank's loss is the same value: cotangents add
+    stats = [vce_local(z, targets, t * n, vocab, ignore_index) for t, z in enumerate(shards)]
+    m = np.max([s[1] for s in stats], axis=0)
+    sumexp = np.sum([np.exp(zm - m[:, None]).sum(axis=1) for zm, _, _ in stats], axis=0)
+    return (*(vce_grad(zm, m, sumexp, targets, t * n, g, ignore_index, z.shape, z.dtype)
+              for t, ((zm, _, _), z) in enumerate(zip(stats, shards))), None)
+
+
+def _vocab_cross_entropy_infer(shapes, dtypes, *, ranks, vocab, ignore_index=-100):
+    present = _present(shapes)
+    require(len(present) >= 2, "vocab_cross_entropy", "needs the logits shards and the targets")
+    *shards, targets = present
+    require(len(shards) in (len(ranks), 1), "vocab_cross_entropy",
+            f"{len(shards)} logits shards for a group of {len(ranks)} ranks {list(ranks)}")
+    require(len(set(map(tuple, shards))) == 1, "vocab_cross_entropy", f"ranks' shards differ in shape: {shards}")
+    require(tuple(targets) == tuple(shards[0][:-1]), "vocab_cross_entropy",
+            f"targets {targets} must match the logits shards {shards[0]} without the class axis")
+    require(shards[0][-1] * len(ranks) >= vocab, "vocab_cross_entropy",
+            f"{len(ranks)} shards of {shards[0][-1]} columns hold fewer than the vocabulary of {vocab}")
+    return [((), dtypes[0])] * len(shards)
+
+
+register("vocab_cross_entropy",
+         _variadic(_vocab_cross_entropy, "Cross-entropy from vocabulary shards of the logits (the targets last): "
+                   "max and sum of exponentials all-reduced, the logits never gathered."),
+         _vocab_cross_entropy_vjp, _vocab_cross_entropy_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+def _vce_case(n: int, cols: int, vocab: int, lead: tuple = (2, 5)) -> Make:
+    def make(r, d):
+        targets = r.integers(0, vocab, lead)
+        targets[0, 0] = -100
+        return (*(randn(r, (*lead, cols), d, 2.0) for _ in range(n)), targets), {"ranks": list(range(n)), "vocab": vocab}
+    return make
+
+
+add_cases("vocab_cross_entropy", [
+    Case("2 shards of 6", _vce_case(2, 6, 12)),
+    Case("3 shards, vocabulary padded by 2", _vce_case(3, 4, 10)),
+    Case("1 shard", _vce_case(1, 9, 9), "batch"),
+])
+
+
+# inner: the scalar a pipeline stage's backward pass starts from ----------------------------------
+def inner(x, g):
+    """Σ x·g, a scalar whose gradient with respect to ``x`` is ``g``: a pipeline stage that is not
+    the last ends its training graph with it, ``g`` being the cotangent the next stage sent back,
+    so that one backward pass from this scalar is the stage's VJP."""
+    return np.asarray(float(np.sum(x.astype(np.float64) * g.astype(np.float64))), x.dtype)
+
+
+def _inner_vjp(grads, inputs, outputs):
+    (go,) = grads
+    x, g = inputs
+    return (g * go).astype(x.dtype), (x * go).astype(g.dtype)
+
+
+def _inner_infer(shapes, dtypes):
+    require(tuple(shapes[0]) == tuple(shapes[1]), "inner", f"shapes {shapes[0]} and {shapes[1]} differ")
+    return [((), dtypes[0])]
+
+
+register("inner", inner, _inner_vjp, _inner_infer, vjp_uses_outputs=False)
+add_cases("inner", [
+    Case("activations 2x5x8", lambda r, d: ((randn(r, (2, 5, 8), d), randn(r, (2, 5, 8), d)), {})),
+    *[Case(f"{k} rows", lambda r, d, k=k: ((randn(r, (k, 6), d), randn(r, (k, 6), d)), {}), "sizes") for k in EDGE_ROWS],
+])
+
+
+# attention_block / attention_merge: ring attention (sequence parallel) --------------------------
+# Ring attention (Liu et al., 2023) gives each rank a piece of the sequence and passes the K/V
+# pieces around the ranks with send_recv; a rank attends its queries to one block of keys at a
+# time (attention_block: the block's softmax-normalised output and its log-sum-exp per query and
+# head) and combines the blocks' results exactly (attention_merge: the "online softmax"), so no
+# rank ever holds the scores against the whole sequence. Which keys a block holds follows from
+# its attributes: ``block`` -1 is the KV cache before this step (S positions, all visible);
+# ``block`` b ≥ 0 is piece b of this step's T tokens cut into ``blocks`` pieces as ``chunk``
+# cuts them; with ``causal`` a query sees its own piece up to itself (``block == query_block``)
+# and no piece after its own. The padding mask covers the S + T positions, as for ``attention``;
+# ``past`` is the cache (only its length is read) so that the op knows S.
+def _block_geometry(k, mask, past, block, blocks):
+    """The padding-mask columns of this block (None without a mask)."""
+    S = 0 if past is None else past.shape[1]
+    if mask is None:
+        return None
+    if block < 0:
+        return mask[:, :S]
+    T = mask.shape[1] - S
+    piece = np.array_split(np.arange(T), blocks)[block]
+    return mask[:, S + piece]
+
+
+def _block_probs(q, k, mask, past, n_heads, n_kv_heads, scale, block, blocks, query_block, causal):
+    B, Tq, HD = q.shape
+    Tk = k.shape[1]
+    G, D = n_heads // n_kv_heads, HD // n_heads
+    sc = (1.0 / np.sqrt(D)) if scale is None else scale
+    qh = q.astype(np.float64).reshape(B, Tq, n_kv_heads, G, D).transpose(0, 2, 3, 1, 4)       # (B, KV, G, Tq, D)
+    kh = k.astype(np.float64).reshape(B, Tk, n_kv_heads, D).transpose(0, 2, 1, 3)[:, :, None]  # (B, KV, 1, Tk, D)
+    scores = (qh @ np.swapaxes(kh, -1, -2)) * sc
+    keep = np.ones((B, 1, 1, Tq, Tk), bool)
+    cols = _block_geometry(k, mask, past, block, blocks)
+    if cols is not None:
+        keep &= cols.astype(bool)[:, None, None, None, :]
+    if causal and block == query_block:
+        keep &= np.tril(np.ones((Tq, Tk), bool))[None, None, None]
+    m = np.where(keep, scores, -np.inf).max(axis=-1, keepdims=True) if Tk else np.full((*scores.shape[:-1], 1), -np.inf)
+    e = np.where(keep, np.exp(scores - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    l = e.sum(axis=-1, keepdims=True)
+    p = np.divide(e, l, out=np.zeros_like(e), where=l > 0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(l > 0, np.log(np.where(l > 0, l, 1.0)) + np.where(np.isfinite(m), m, 0.0), -np.inf)
+    return p, keep, qh, kh, lse[..., 0], sc
+
+
+def _block_check(block, query_block, causal, op="attention_block"):
+    if causal and block > query_block:
+        raise MinitxError(f"op {op}: with causal attention, block {block} lies after the queries' block {query_block}")
+
+
+def attention_block(q, k, v, mask=None, past=None, *, n_heads, n_kv_heads, block, blocks, query_block, causal,
+                    scale=None):
+    """Attention of the queries ``q`` to one block of keys/values only: (the block's softmax-
+    normalised output (B, T, H·D), its log-sum-exp per head and query (B, H, T); −inf where the
+    block holds no key the query may see, the output then 0)."""
+    _block_check(block, query_block, causal)
+    B, Tq, HD = q.shape
+    p, _, _, _, lse, _ = _block_probs(q, k, mask, past, n_heads, n_kv_heads, scale, block, blocks, query_block, causal)
+    vh = v.astype(np.float64).reshape(B, v.shape[1], n_kv_heads, HD // n_heads).transpose(0, 2, 1, 3)[:, :, None]
+    o = (p @ vh).reshape(B, n_heads, Tq, HD // n_heads).transpose(0, 2, 1, 3).reshape(B, Tq, HD)
+    return o.astype(q.dtype), lse.reshape(B, n_heads, Tq).astype(q.dtype)
+
+
+def _attention_block_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, block, blocks, query_block, causal,
+                         scale=None):
+    g_o, g_lse = grads
+    q, k, v, mask, past = (*inputs, None, None)[:5]
+    B, Tq, HD = q.shape
+    D, KV, G = HD // n_heads, n_kv_heads, n_heads // n_kv_heads
+    p, keep, qh, kh, _, sc = _block_probs(q, k, mask, past, n_heads, n_kv_heads, scale, block, blocks, query_block,
+                                          causal)
+    vh = v.astype(np.float64).reshape(B, v.shape[1], KV, D).transpose(0, 2, 1, 3)[:, :, None]
+    go = g_o.astype(np.float64).reshape(B, Tq, KV, G, D).transpose(0, 2, 3, 1, 4)
+    gl = g_lse.astype(np.float64).reshape(B, KV, G, Tq, 1)
+    gv = (np.swapaxes(p, -1, -2) @ go).sum(axis=2)                                   # (B, KV, Tk, D)
+    gp = go @ np.swapaxes(vh, -1, -2)
+    gs = np.where(keep, p * (gp - (gp * p).sum(axis=-1, keepdims=True)) + gl * p, 0.0) * sc   # d lse / d s = p
+    gq = (gs @ kh).transpose(0, 3, 1, 2, 4).reshape(B, Tq, HD)
+    gk = (np.swapaxes(gs, -1, -2) @ qh).sum(axis=2)
+    gk, gv = (x.transpose(0, 2, 1, 3).reshape(B, x.shape[2], KV * D) for x in (gk, gv))
+    return (gq.astype(q.dtype), gk.astype(k.dtype), gv.astype(v.dtype), None, None)[:max(len(inputs), 3)]
+
+
+def _attention_block_infer(shapes, dtypes, *, n_heads, n_kv_heads, block, blocks, query_block, causal, scale=None):
+    q, k, v = shapes[:3]
+    op = "attention_block"
+    require(len(q) == 3 and len(k) == 3 and tuple(v) == tuple(k), op, f"q {q}, k {k}, v {v} must be (B, T, width)")
+    require(n_heads % n_kv_heads == 0 and q[-1] % n_heads == 0, op, f"{n_heads} heads, {n_kv_heads} KV heads, width {q[-1]}")
+    require(k[-1] == n_kv_heads * (q[-1] // n_heads) and k[0] == q[0], op, f"k {k} does not match q {q}")
+    require(-1 <= block < blocks and 0 <= query_block < blocks, op, f"block {block} / query_block {query_block} of {blocks}")
+    require(not (causal and block > query_block), op, f"causal: block {block} lies after the queries' block {query_block}")
+    return [(tuple(q), dtypes[0]), ((q[0], n_heads, q[1]), dtypes[0])]
+
+
+register("attention_block", attention_block, _attention_block_vjp, _attention_block_infer, n_optional=2,
+         nondiff=(3, 4), vjp_uses_outputs=False)
+
+
+def _merge_parts(xs, op="attention_merge"):
+    if len(xs) % 2 or not xs:
+        raise MinitxError(f"op {op}: takes pairs (output, log-sum-exp), got {len(xs)} inputs")
+    return xs[0::2], xs[1::2]
+
+
+def _merge_weights(lses):
+    """Each block's share exp(lse_b − lse), lse = log Σ_b exp(lse_b); 0 where no block has a key."""
+    L = np.stack([x.astype(np.float64) for x in lses])
+    top = L.max(axis=0)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    e = np.where(np.isfinite(L), np.exp(L - safe), 0.0)
+    tot = e.sum(axis=0)
+    return np.divide(e, tot, out=np.zeros_like(e), where=tot > 0)          # (blocks, B, H, T)
+
+
+def _attention_merge(xs):
+    outs, lses = _merge_parts(xs)
+    w = _merge_weights(lses)
+    B, T, HD = outs[0].shape
+    H = lses[0].shape[1]
+    total = sum(w[b].transpose(0, 2, 1)[..., None] * o.astype(np.float64).reshape(B, T, H, HD // H)
+                for b, o in enumerate(outs))
+    return np.asarray(total).reshape(B, T, HD).astype(outs[0].dtype)
+
+
+def _attention_merge_vjp(grads, inputs, outputs):
+    (g,) = grads
+    outs, lses = _merge_parts([x for x in inputs if x is not None])
+    w = _merge_weights(lses)
+    B, T, HD = outs[0].shape
+    H = lses[0].shape[1]
+    gh = g.astype(np.float64).reshape(B, T, H, HD // H)
+    oh = [o.astype(np.float64).reshape(B, T, H, HD // H) for o in outs]
+    whole = sum(w[b].transpose(0, 2, 1)[..., None] * oh[b] for b in range(len(outs)))
+    res = []
+    for b in range(len(outs)):
+        wb = w[b].transpose(0, 2, 1)[..., None]                                # (B, T, H, 1)
+        res.append((wb * gh).reshape(B, T, HD).astype(outs[b].dtype))
+        res.append((wb[..., 0] * (gh * (oh[b] - whole)).sum(axis=-1)).transpose(0, 2, 1).astype(lses[b].dtype))
+    return tuple(res)
+
+
+def _attention_merge_infer(shapes, dtypes):
+    present = _present(shapes)
+    require(len(present) >= 2 and len(present) % 2 == 0, "attention_merge", f"needs (output, lse) pairs, got {len(present)}")
+    o = tuple(present[0])
+    for k in range(0, len(present), 2):
+        require(tuple(present[k]) == o and len(present[k + 1]) == 3 and present[k + 1][0] == o[0]
+                and present[k + 1][2] == o[1], "attention_merge", f"pair {k // 2}: {present[k]}, {present[k + 1]} vs {o}")
+    return [(o, dtypes[0])]
+
+
+register("attention_merge", _variadic(_attention_merge, "The blocks' attention outputs combined by their log-sum-exps "
+                                       "(the online softmax): the attention over all their keys."),
+         _attention_merge_vjp, _attention_merge_infer, n_optional=MAX_RANKS - 1, vjp_uses_outputs=False)
+
+
+def _block_case(Tq: int, Tk: int, block: int, query_block: int, causal: bool, pad: bool = False) -> Make:
+    """q over one block of a 2-piece sequence (Tq = Tk tokens each, a cache of 3), 4 heads on 2 KV heads."""
+    def make(r, d):
+        B, H, KV, D, S = 2, 4, 2, 3, 3
+        T = Tq + Tk if block != query_block else 2 * Tq
+        mask = np.ones((B, S + T), np.int64)
+        if pad:
+            mask[1, :2] = 0
+        n = S if block < 0 else Tk
+        ins = (randn(r, (B, Tq, H * D), d), randn(r, (B, n, KV * D), d), randn(r, (B, n, KV * D), d), mask,
+               randn(r, (B, S, KV * D), d))
+        return ins, {"n_heads": H, "n_kv_heads": KV, "block": block, "blocks": 2, "query_block": query_block,
+                     "causal": causal}
+    return make
+
+
+add_cases("attention_block", [
+    Case("the queries' own block, causal", _block_case(3, 3, 1, 1, True)),
+    Case("an earlier block, causal", _block_case(3, 3, 0, 1, True)),
+    Case("the cache block, padded", _block_case(3, 3, -1, 0, True, pad=True), "masked"),
+    Case("a later block, bidirectional", _block_case(3, 3, 1, 0, False)),
+])
+
+
+def _merge_case(blocks: int, dead: bool = False) -> Make:
+    def make(r, d):
+        xs = []
+        for b in range(blocks):
+            lse = randn(r, (2, 4, 5), d)
+            if dead and b == 0:
+                lse[:, :, 0] = -np.inf
+            xs += [randn(r, (2, 5, 12), d), lse]
+        return tuple(xs), {}
+    return make
+
+
+add_cases("attention_merge", [
+    Case("3 blocks", _merge_case(3)),
+    Case("one block", _merge_case(1), "batch"),
+    Case("a block without keys for a query", _merge_case(2, dead=True), "masked"),
 ])
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv")

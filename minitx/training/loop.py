@@ -191,7 +191,8 @@ def _step(st: TrainState, graph: Graph, objective: Objective, train_ids: np.ndar
     """One optimizer step (its micro-batches, the update); returns its record without the step number."""
     s, model = st.settings, st.model
     # Fresh compute-precision copies of the float32 master weights each step.
-    ex = Executor(graph, prec.params({**model.params, **st.aux}), run_on)
+    # (tensor/pipeline parallel: the reducer runs the split model, minitx/distributed/model_parallel.py)
+    ex = getattr(red, "executor", Executor)(graph, prec.params({**model.params, **st.aux}), run_on)
     parts: list[dict[str, np.ndarray]] = [{} for _ in red.local]   # a gradient sum per data-parallel slice
     sums = dict.fromkeys(["loss", *terms], 0.0)
     peak, overflow = 0, False
