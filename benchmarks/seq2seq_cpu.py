@@ -231,6 +231,9 @@ def main() -> None:
                 rd = f"{med([a[1] / b[1] for a, b in zip(xs, tr)]):.2f}x"
             lines.append(f"| {name} | {params / 1e6:.1f} M | {e} | {once:.1f} | {dec:.1f} | {ro} | {rd} |")
     lines += ["", "## Same function (checked before timing)", "",
+              "Teacher-forced logits of a 16-token random target over the source (every position, every "
+              "token). Random weights make greedy decoding repeat one token, so equal greedy outputs are a weak "
+              "check here; the logits are the real one.", "",
               "| model | teacher-forced logits, max \\|diff\\| / max \\|logit\\| vs transformers (numpy; numba) | "
               "greedy outputs (all engines equal; first 8) |", "|---|---|---|"]
     for name in names:
