@@ -242,8 +242,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="greedy decode steps timed after the prompt")
     ap.add_argument("--prefill", type=int, default=128, help="prefill length in tokens")
     args = ap.parse_args()
-
-    import llama_cpp
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+    except ImportError as e:
+        print(f"llamacpp_cpu.py: {e}; install with: CMAKE_ARGS=\"-DGGML_NATIVE=ON\" "
+              "pip install -r benchmarks/requirements-llamacpp.txt", file=sys.stderr)
+        sys.exit(2)
 
     from minitx import machine, threads
     from minitx.outputs import atomic_write
@@ -336,7 +341,7 @@ def main() -> None:
     lines += ["", "## Same function (checked before timing)", "",
               f"- fp32: prompt's last-position logits, max |llama.cpp − minitx| / max |logit| = {logit_err:.1e} "
               f"(tolerance {LOGIT_RTOL:g}); greedy tokens identical over all {args.steps + 1} steps.",
-              f"- greedy tokens equal to llama.cpp f32's: " + ", ".join(f"{k} {v}/{args.steps + 1}"
+              "- greedy tokens equal to llama.cpp f32's: " + ", ".join(f"{k} {v}/{args.steps + 1}"
                                                                         for k, v in q_vs_f.items())
               + f"; Q8_0 vs minitx int8 {q_agree}/{args.steps + 1} (different quantizers and "
                 "scales: not expected equal).", "",
