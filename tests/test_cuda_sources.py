@@ -71,13 +71,14 @@ def assembled(name: str, T: str, S: str = "float32", O: str = "float32") -> str:
 
 
 def test_every_source_file_is_covered() -> None:
-    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "*.cu"))) == ["quant.cu", "rows.cu"]
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "*.cu"))) == ["cross_attention.cu", "quant.cu", "rows.cu"]
 
 
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("T", sorted(CTYPE))
-def test_row_kernels_compile(arch: str, T: str) -> None:
-    ok, log = compile_cuda(assembled("rows.cu", T), arch)
+@pytest.mark.parametrize("name", ["rows.cu", "cross_attention.cu"])
+def test_activation_typed_kernels_compile(name: str, arch: str, T: str) -> None:
+    ok, log = compile_cuda(assembled(name, T), arch)
     assert ok, log
 
 
@@ -88,10 +89,11 @@ def test_quant_kernels_compile_for_every_dtype_combination(arch: str) -> None:
         assert ok, f"T={T} S={S} O={O}:\n{log}"
 
 
-def test_a_broken_kernel_is_caught_with_its_line() -> None:
+@pytest.mark.parametrize("name", ["rows.cu", "cross_attention.cu"])
+def test_a_broken_kernel_is_caught_with_its_line(name: str) -> None:
     """The check can fail: an undefined name in a kernel body is a compile error that names it."""
-    good = assembled("rows.cu", "float32")
-    cut = len(good) - len(_read("rows.cu"))  # the kernels, after the prelude and typedefs
+    good = assembled(name, "float32")
+    cut = len(good) - len(_read(name))  # the kernels, after the prelude and typedefs
     code = good[:cut] + good[cut:].replace("NEG_INF", "NEG_INFINITY", 1)
     assert code != good
     ok, log = compile_cuda(code, ARCHES[-1])
@@ -160,7 +162,8 @@ def stand_in(kernels: list[tuple[str, str, str, str]]) -> str:
 
 def test_elementwise_kernels_are_all_found() -> None:
     names = {k[3] for k in elementwise_kernels()}
-    assert {"minitx_gelu_tanh", "minitx_rope", "minitx_deq4_t", "minitx_emb4"} <= names and len(names) >= 12
+    assert {"minitx_gelu_tanh", "minitx_rope", "minitx_deq4_t", "minitx_emb4", "minitx_relpos",
+            "minitx_geglu_erf"} <= names and len(names) >= 14
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -7,9 +7,11 @@ runs first. Importing this module never touches the GPU; :func:`backend` does, a
 everything else works.
 
 Submodules mirror the spec's modules (``norms``, ``activations``, ``linalg``, ``attention``,
-``positions``, ``quant`` for minitx/ops/X.py) and export ``KERNELS`` (and ``VJPS``) like the
-numba backend's; ``kvcache`` is a helper (the in-place device KV cache); the CUDA sources
-(``rows.cu``, ``quant.cu``) are shared. Each is imported on its own, so one that
+``positions``, ``quant``, and for encoder–decoders ``cross_attention``, ``relpos``, ``gated``,
+``losses`` (scale), ``collectives`` (concat), for minitx/ops/X.py) and export ``KERNELS`` (and
+``VJPS``) like the numba backend's; ``kvcache`` and ``_buckets`` are helpers (the in-place device
+KV cache, T5's bucket table); the CUDA sources (``rows.cu``, ``quant.cu``, ``cross_attention.cu``)
+are shared. Each is imported on its own, so one that
 fails (a CUDA compile error shows up at first call, an import error here) is reported in
 ``backend().problems`` and the others still load. Every kernel runs behind a guard that turns
 CuPy's out-of-memory error into a one-line MinitxError naming the op.
@@ -26,7 +28,8 @@ from minitx.backend import Backend
 from minitx.errors import MinitxError
 
 # One module per spec module (minitx/ops/X.py -> X.py); kvcache.py is a helper.
-MODULES = ("norms", "activations", "linalg", "attention", "positions", "quant")
+MODULES = ("norms", "activations", "linalg", "attention", "positions", "quant", "cross_attention", "relpos", "gated",
+           "losses", "collectives")
 
 
 class NoCupy(ImportError):

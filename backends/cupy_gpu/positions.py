@@ -1,10 +1,18 @@
-"""Rotary position embeddings on the GPU (spec: minitx/ops/positions.py): one ElementwiseKernel,
-angles in float64 like the spec, cos/sin rounded to the input's dtype like the spec, the rotation
-in float32. UNTESTED ON HARDWARE so far."""
+"""Position embeddings on the GPU (spec: minitx/ops/positions.py). UNTESTED ON HARDWARE so far.
+
+* ``rope``: one ElementwiseKernel, angles in float64 like the spec, cos/sin rounded to the input's
+  dtype like the spec, the rotation in float32.
+* ``sinusoidal_positions``: rows gathered from the spec's own table, copied to the device once per
+  (length, width, layout, dtype).
+"""
 from __future__ import annotations
+
+import functools
 
 import cupy as cp
 import numpy as np
+
+from minitx.ops.positions import sinusoidal_table
 
 from ._cuda import contiguous
 
@@ -33,4 +41,13 @@ def rope(x, positions, *, n_heads, theta=10000.0):
     return y
 
 
-KERNELS = {"rope": rope}
+@functools.lru_cache(maxsize=None)
+def _table(max_len: int, dim: int, halves: bool, dtype: str):
+    return cp.asarray(sinusoidal_table(max_len, dim, halves).astype(dtype))
+
+
+def sinusoidal_positions(positions, *, dim, max_len, dtype="float32", halves=False):
+    return cp.take(_table(int(max_len), int(dim), bool(halves), str(np.dtype(dtype))), cp.asarray(positions), axis=0)
+
+
+KERNELS = {"rope": rope, "sinusoidal_positions": sinusoidal_positions}
