@@ -9,6 +9,12 @@ Every ``attention`` node (causal or not, with its KV cache inputs) becomes ``lin
 ``seed`` (a new seed redraws them; each layer gets its own draw, stored as a parameter
 ``<node>.favor.proj``, which training leaves fixed).
 
+A decoder's causal attention over a KV cache becomes ``linear_attention_state``: the cache inputs
+``past.<i>.k`` / ``past.<i>.v`` are redeclared as the recurrent state S = Σ φ(k) vᵀ (B, Hkv, F, D)
+and z = Σ φ(k) (B, Hkv, F), carried by generation like any cache; a decode step costs O(F·D)
+per head whatever the length, and the state never grows (tests/test_attention_plugin.py checks
+the tokens and logits against causal linear attention recomputed over the whole prefix).
+
 This changes the function — elu+1 is not softmax, FAVOR+ only estimates it — so a trained model
 usually falls outside the declared tolerance (perplexity +25%, KL <= 0.25, cosine >= 0.9) and
 ``minitx optimize`` refuses it unless ``--force``; the rewritten model is then fine-tuned to
@@ -20,8 +26,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from minitx.ir import Node
-from minitx.ops.linear_attention import favor_projection
+from minitx.ir import Node, Value
+from minitx.ops.linear_attention import favor_projection, state_shapes
 from minitx.plugin import Option, Plugin, Tolerance, positive_int
 from minitx.rewrite import Context, Replacement, Rule
 
@@ -60,10 +66,26 @@ def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
     attrs = {k: node.attrs[k] for k in ("n_heads", "n_kv_heads", "causal")}
     attrs["feature"] = o["map"]
     ins = list(node.inputs) + [""] * (6 - len(node.inputs))
+    proj = ""
+    H, Hkv = int(node.attrs["n_heads"]), int(node.attrs["n_kv_heads"])
+    if "attention.shapes" not in ctx.memo:   # before any cache is redeclared: later nodes still read it
+        ctx.memo["attention.shapes"] = ctx.shapes()
+    D = ctx.memo["attention.shapes"][node.inputs[0]][0][-1] // H
     if o["map"] == "favor":
-        D = ctx.shapes()[node.inputs[0]][0][-1] // int(node.attrs["n_heads"])
         layer = int(node.tags.get("layer", 0))
-        proj = favor_projection(o["features"], D, 1000 * o["seed"] + layer).astype("float32")  # own draw per layer
-        ins.append(ctx.add_param(node.name + ".favor.proj", proj))
-    return Replacement([Node(ctx.fresh(node.name + ".linear"), "linear_attention", ins, list(node.outputs), attrs,
+        w = favor_projection(o["features"], D, 1000 * o["seed"] + layer).astype("float32")  # own draw per layer
+        proj = ctx.add_param(node.name + ".favor.proj", w)
+    name = ctx.fresh(node.name + ".linear")
+    graph_in = {v.name: v for v in ctx.graph.inputs}
+    pk, pv = ins[3], ins[4]
+    if node.attrs["causal"] and pk in graph_in and pv in graph_in:
+        # A decoder's KV cache becomes the recurrent state (S, z): same graph inputs/outputs, new
+        # shapes, O(1) per decode step and a cache that no longer grows with the length.
+        s_shape, z_shape = state_shapes(Hkv, D, o["map"], o["features"])
+        dt = graph_in[pk].dtype
+        del attrs["causal"]
+        return Replacement([Node(name, "linear_attention_state", ins[:6] + [proj], list(node.outputs), attrs,
+                                 dict(node.tags))],
+                           inputs=[Value(pk, ("B", *s_shape), dt), Value(pv, ("B", *z_shape), dt)])
+    return Replacement([Node(name, "linear_attention", ins + ([proj] if proj else []), list(node.outputs), attrs,
                              dict(node.tags))])

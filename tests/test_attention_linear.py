@@ -64,3 +64,41 @@ def test_favor_approaches_softmax_attention_with_many_features_and_a_seed_redraw
     assert err[4096] < 0.05 < err[8] or err[4096] < err[8] / 3
     assert not np.allclose(LA.favor_projection(8, D, 0), LA.favor_projection(8, D, 1))
     np.testing.assert_array_equal(LA.favor_projection(8, D, 5), LA.favor_projection(8, D, 5))
+
+
+def _state_grad_cases():
+    return [(c.name, c.make) for c in CASES["linear_attention_state"]]
+
+
+@pytest.mark.parametrize("case", _state_grad_cases(), ids=lambda c: c[0])
+def test_linear_attention_state_vjp_matches_finite_differences(case):
+    _, make = case
+    inputs, attrs = make(np.random.default_rng(0), "float64")
+    results = check_vjp("linear_attention_state", inputs, attrs, eps=1e-6, rtol=1e-5)
+    assert len(results) >= 3
+
+
+@pytest.mark.parametrize("feature", ["elu", "favor"])
+def test_state_steps_equal_causal_linear_attention_over_the_whole_prefix(feature):
+    """Chunks of 5, 1, 1, 3 tokens through the recurrent state, left padding in row 1, give what
+    causal linear attention over all 10 tokens gives; the state's size never changes."""
+    rng = np.random.default_rng(4)
+    B, T, H, KV, D = 2, 10, 4, 2, 8
+    q = rng.standard_normal((B, T, H * D)) * 0.5
+    k, v = (rng.standard_normal((B, T, KV * D)) * 0.5 for _ in range(2))
+    mask = np.ones((B, T), np.int64)
+    mask[1, :3] = 0
+    proj = LA.favor_projection(16, D, 2) if feature == "favor" else None
+    a = dict(n_heads=H, n_kv_heads=KV, feature=feature)
+    want = LA.linear_attention(q, k, v, None, None, mask, proj, causal=True, **a)[0]
+    s = z = None
+    got, shapes = [], set()
+    start = 0
+    for n in (5, 1, 1, 3):
+        sl = slice(start, start + n)
+        o, s, z = LA.linear_attention_state(q[:, sl], k[:, sl], v[:, sl], s, z, mask[:, :start + n], proj, **a)
+        got.append(o)
+        shapes.add((s.shape, z.shape))
+        start += n
+    np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-10, atol=1e-12)
+    assert len(shapes) == 1
