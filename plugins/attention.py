@@ -26,8 +26,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
+
+from minitx.errors import MinitxError
 from minitx.ir import Node, Value
 from minitx.ops.linear_attention import favor_projection, state_shapes
+from minitx.ops.linformer import pooling_projection
 from minitx.plugin import Option, Plugin, Tolerance, positive_int
 from minitx.rewrite import Context, Replacement, Rule
 
@@ -36,21 +40,40 @@ TOLERANCE = Tolerance(min_cosine=0.9, max_kl=0.25, max_ppl_increase=0.25)
 
 class AttentionPlugin(Plugin):
     name = "attention"
-    description = "linear (kernel) attention: elu+1 or FAVOR+ random features; needs a recovery fine-tune"
+    description = ("linear (kernel) attention: elu+1 or FAVOR+ random features, or Linformer; needs a recovery "
+                   "fine-tune")
     order = 32
     positional = None
     exact = False
     options = {
-        "map": Option("elu", help="feature map", choices=("elu", "favor")),
+        "map": Option("elu", help="feature map, or linformer", choices=("elu", "favor", "linformer")),
         "features": Option(64, positive_int, "favor: random features per head"),
         "seed": Option(0, int, "favor: seed of the random features (another seed redraws them)"),
+        "k": Option(64, positive_int, "linformer: rows the sequence is projected to"),
         **Tolerance.options(),
     }
 
     def tolerance(self, opts: Mapping[str, Any]) -> Tolerance:
         return TOLERANCE.override(opts)
 
+    def analyze(self, graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any], calib: Any = None) -> Any:
+        """Linformer's E, F span the longest input: the rows of the position-embedding table."""
+        if opts["map"] != "linformer":
+            return None
+        causal = [n.name for n in graph.nodes if n.op == "attention" and n.attrs.get("causal")]
+        if causal:
+            raise MinitxError(f"attention:map=linformer is bidirectional only (it mixes the whole sequence); "
+                              f"{causal[0]} is causal attention: use map=elu or map=favor for a decoder")
+        tables = [params[n.inputs[1]] for n in graph.nodes
+                  if n.op == "embedding" and n.inputs[0] == "position_ids" and n.inputs[1] in params]
+        if not tables:
+            raise MinitxError("attention:map=linformer needs a learned position table (its rows bound the "
+                              "sequence length E and F span); this model has none")
+        return int(tables[0].shape[0])
+
     def rules(self, opts: Mapping[str, Any]) -> list[Rule]:
+        if opts["map"] == "linformer":
+            return [Rule("attention.linformer", "attention", _linformer_rule)]
         return [Rule("attention.linear", "attention", _linear_rule)]
 
 
@@ -89,3 +112,17 @@ def _linear_rule(node: Node, ctx: Context) -> Replacement | None:
                            inputs=[Value(pk, ("B", *s_shape), dt), Value(pv, ("B", *z_shape), dt)])
     return Replacement([Node(name, "linear_attention", ins + ([proj] if proj else []), list(node.outputs), attrs,
                              dict(node.tags))])
+
+
+def _linformer_rule(node: Node, ctx: Context) -> Replacement | None:
+    if node.attrs.get("causal"):
+        return None  # refused in analyze()
+    ins = list(node.inputs) + [""] * (6 - len(node.inputs))
+    if ins[3] or ins[4]:
+        return None  # attention over a cache: not an encoder's
+    init = pooling_projection(ctx.options["k"], ctx.plan).astype("float32")
+    e = ctx.add_param(node.name + ".linformer.e", init)
+    f = ctx.add_param(node.name + ".linformer.f", init.copy())
+    attrs = {k: node.attrs[k] for k in ("n_heads", "n_kv_heads", "scale") if k in node.attrs}
+    return Replacement([Node(ctx.fresh(node.name + ".linformer"), "linformer_attention",
+                             ins[:3] + [e, f, ins[5]], list(node.outputs), attrs, dict(node.tags))])

@@ -871,3 +871,5 @@ from test_attention_linear import test_linear_attention_vjp_matches_finite_diffe
 covers("linear_attention")(test_linear_attention_vjp_matches_finite_differences)
 from test_attention_linear import test_linear_attention_state_vjp_matches_finite_differences  # noqa: E402
 covers("linear_attention_state")(test_linear_attention_state_vjp_matches_finite_differences)
+from test_linformer import test_linformer_vjp_matches_finite_differences  # noqa: E402
+covers("linformer_attention")(test_linformer_vjp_matches_finite_differences)
