@@ -102,3 +102,29 @@ def test_state_steps_equal_causal_linear_attention_over_the_whole_prefix(feature
         start += n
     np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-10, atol=1e-12)
     assert len(shapes) == 1
+
+
+# ------------------------------------------- Nyström (minitx/ops/lowrank.py): landmarks and padding
+def test_nystrom_row_is_the_same_alone_or_in_a_padded_batch_and_exact_with_a_landmark_per_token():
+    import torch
+    from minitx.ops import lowrank as LR
+
+    rng = np.random.default_rng(5)
+    H, D, L = 2, 8, 6
+    lens = (20, 9, 5)
+    T = max(lens)
+    q, k, v = (rng.standard_normal((len(lens), T, H * D)) * 0.5 for _ in range(3))
+    mask = np.zeros((len(lens), T), np.int64)
+    for b, n in enumerate(lens):
+        mask[b, :n] = 1
+    a = dict(n_heads=H, n_kv_heads=H, n_landmarks=L)
+    batch = LR.nystrom_attention(q, k, v, None, None, mask, **a)[0]
+    for b, n in enumerate(lens):
+        alone = LR.nystrom_attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **a)[0]
+        np.testing.assert_allclose(batch[b, :n], alone[0], rtol=1e-10, atol=1e-12)
+    # 5 real tokens, 6 landmarks: every landmark one token, and the iteration converged -> softmax attention
+    n = lens[2]
+    got = LR.nystrom_attention(q[2:, :n], k[2:, :n], v[2:, :n], pinv_iters=30, **a)[0]
+    sh = lambda x: torch.tensor(x[2:, :n]).reshape(1, n, H, D).transpose(1, 2)  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(sh(q), sh(k), sh(v)).transpose(1, 2).reshape(1, n, H * D)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-8, atol=1e-9)
