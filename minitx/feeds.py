@@ -60,10 +60,12 @@ def empty_caches(graph: Graph, batch: int, dtype: Any = None) -> dict[str, np.nd
     return out
 
 
-def cache_length(past: Mapping[str, np.ndarray]) -> int:
-    """Tokens held in a set of KV caches (0 when there are none)."""
+def cache_length(past: Mapping[str, np.ndarray], graph: Graph | None = None) -> int:
+    """Tokens held in a set of KV caches (0 when there are none). With ``graph``, only caches it
+    declares as (B, S, …) count: a recurrent state (linear attention's S, z) holds no length."""
+    growing = None if graph is None else {v.name for v in graph.inputs if len(v.shape) > 1 and v.shape[1] == "S"}
     for k, a in past.items():
-        if k.startswith("past."):
+        if k.startswith("past.") and (growing is None or k in growing):
             return int(a.shape[1])
     return 0
 
@@ -89,7 +91,9 @@ def build(graph: Graph, ids: np.ndarray, *, mask: np.ndarray | None = None,
         raise MinitxError(f"input_ids must be (batch, tokens), got shape {ids.shape}")
     B, T = ids.shape
     past = dict(past) if past is not None else {}
-    S = cache_length(past)
+    S = cache_length(past, graph)
+    if not S and mask is not None and np.ndim(mask) == 2 and np.shape(mask)[1] > T:
+        S = np.shape(mask)[1] - T   # the earlier tokens live in recurrent states, not KV caches
     declared = {v.name for v in graph.inputs}
     if any(n.startswith("past.") for n in declared) and not past:
         past = empty_caches(graph, B, cache_dtype)

@@ -64,3 +64,67 @@ def test_favor_approaches_softmax_attention_with_many_features_and_a_seed_redraw
     assert err[4096] < 0.05 < err[8] or err[4096] < err[8] / 3
     assert not np.allclose(LA.favor_projection(8, D, 0), LA.favor_projection(8, D, 1))
     np.testing.assert_array_equal(LA.favor_projection(8, D, 5), LA.favor_projection(8, D, 5))
+
+
+def _state_grad_cases():
+    return [(c.name, c.make) for c in CASES["linear_attention_state"]]
+
+
+@pytest.mark.parametrize("case", _state_grad_cases(), ids=lambda c: c[0])
+def test_linear_attention_state_vjp_matches_finite_differences(case):
+    _, make = case
+    inputs, attrs = make(np.random.default_rng(0), "float64")
+    results = check_vjp("linear_attention_state", inputs, attrs, eps=1e-6, rtol=1e-5)
+    assert len(results) >= 3
+
+
+@pytest.mark.parametrize("feature", ["elu", "favor"])
+def test_state_steps_equal_causal_linear_attention_over_the_whole_prefix(feature):
+    """Chunks of 5, 1, 1, 3 tokens through the recurrent state, left padding in row 1, give what
+    causal linear attention over all 10 tokens gives; the state's size never changes."""
+    rng = np.random.default_rng(4)
+    B, T, H, KV, D = 2, 10, 4, 2, 8
+    q = rng.standard_normal((B, T, H * D)) * 0.5
+    k, v = (rng.standard_normal((B, T, KV * D)) * 0.5 for _ in range(2))
+    mask = np.ones((B, T), np.int64)
+    mask[1, :3] = 0
+    proj = LA.favor_projection(16, D, 2) if feature == "favor" else None
+    a = dict(n_heads=H, n_kv_heads=KV, feature=feature)
+    want = LA.linear_attention(q, k, v, None, None, mask, proj, causal=True, **a)[0]
+    s = z = None
+    got, shapes = [], set()
+    start = 0
+    for n in (5, 1, 1, 3):
+        sl = slice(start, start + n)
+        o, s, z = LA.linear_attention_state(q[:, sl], k[:, sl], v[:, sl], s, z, mask[:, :start + n], proj, **a)
+        got.append(o)
+        shapes.add((s.shape, z.shape))
+        start += n
+    np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=1e-10, atol=1e-12)
+    assert len(shapes) == 1
+
+
+# ------------------------------------------- Nyström (minitx/ops/lowrank.py): landmarks and padding
+def test_nystrom_row_is_the_same_alone_or_in_a_padded_batch_and_exact_with_a_landmark_per_token():
+    import torch
+    from minitx.ops import lowrank as LR
+
+    rng = np.random.default_rng(5)
+    H, D, L = 2, 8, 6
+    lens = (20, 9, 5)
+    T = max(lens)
+    q, k, v = (rng.standard_normal((len(lens), T, H * D)) * 0.5 for _ in range(3))
+    mask = np.zeros((len(lens), T), np.int64)
+    for b, n in enumerate(lens):
+        mask[b, :n] = 1
+    a = dict(n_heads=H, n_kv_heads=H, n_landmarks=L)
+    batch = LR.nystrom_attention(q, k, v, None, None, mask, **a)[0]
+    for b, n in enumerate(lens):
+        alone = LR.nystrom_attention(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], **a)[0]
+        np.testing.assert_allclose(batch[b, :n], alone[0], rtol=1e-10, atol=1e-12)
+    # 5 real tokens, 6 landmarks: every landmark one token, and the iteration converged -> softmax attention
+    n = lens[2]
+    got = LR.nystrom_attention(q[2:, :n], k[2:, :n], v[2:, :n], pinv_iters=30, **a)[0]
+    sh = lambda x: torch.tensor(x[2:, :n]).reshape(1, n, H, D).transpose(1, 2)  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(sh(q), sh(k), sh(v)).transpose(1, 2).reshape(1, n, H * D)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-8, atol=1e-9)

@@ -25,7 +25,8 @@ IDS = list(range(3, 30))
 def test_every_attention_becomes_linear_attention_and_still_runs(gpt2, spec):
     new = plugin.optimize(gpt2, [spec], validate=False)
     ops = [n.op for n in new.graph.nodes]
-    assert "attention" not in ops and ops.count("linear_attention") == gpt2.config["n_layers"]
+    # a decoder's attention with its KV cache becomes the recurrent-state form
+    assert "attention" not in ops and ops.count("linear_attention_state") == gpt2.config["n_layers"]
     out = _logits(new, IDS)
     assert np.isfinite(out).all() and not np.allclose(out, _logits(gpt2, IDS), atol=1e-3)
 
@@ -52,3 +53,43 @@ def test_a_decoder_with_linear_attention_trains(gpt2):
     st = fit(new_state(new, TrainSettings(steps=12, batch_size=4, seq_len=16, lr=3e-3, warmup=2, eval_every=0,
                                           checkpoint_every=0)), ids)
     assert st.step == 12 and evaluate(st.model, ids, seq_len=16, count=4)["loss"] < before - 0.5
+
+
+def _kv_linear(model):
+    """The same model with causal linear attention over a KV cache (the prefix recomputed every
+    step), built by hand: the reference the recurrent state must reproduce."""
+    import copy
+    ref = copy.deepcopy(model)
+    for n in ref.graph.nodes:
+        if n.op == "attention":
+            n.op, n.attrs = "linear_attention", {**n.attrs, "feature": "elu"}
+    return ref
+
+
+def test_decoding_carries_a_constant_size_state_and_equals_linear_attention_over_the_prefix(gpt2):
+    from minitx import generate as G
+
+    new = plugin.optimize(gpt2, ["attention:map=elu"], validate=False)
+    assert {n.op for n in new.graph.nodes} >= {"linear_attention_state"} and "linear_attention" not in {
+        n.op for n in new.graph.nodes}
+    ref = _kv_linear(gpt2)
+    prompts = [[5, 9, 11, 3, 7, 2], [8, 4]]                  # left padding in row 2
+    toks = G.generate(new, prompts, max_new_tokens=12)
+    assert toks == G.generate(ref, prompts, max_new_tokens=12)
+    # Step by step: logits equal the KV-cache reference's and a full recompute over the prefix.
+    ids, mask = G.left_pad(prompts)
+    lg, st = G.step(new, ids, G.empty_state(new, 2), mask)
+    rl, rst = G.step(ref, ids, G.empty_state(ref, 2), mask)
+    seq, sizes = [list(p) for p in prompts], set()
+    for _ in range(8):
+        np.testing.assert_allclose(lg[:, -1], rl[:, -1], rtol=1e-4, atol=1e-5)
+        full_ids, full_mask = G.left_pad(seq)
+        full = ref.executor().run(build(ref.graph, full_ids, mask=full_mask))["logits"]
+        np.testing.assert_allclose(lg[:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
+        sizes.add(tuple(sorted((n, a.shape) for n, a in st.past.items())))
+        nxt = lg[:, -1].argmax(-1)
+        for r in range(2):
+            seq[r].append(int(nxt[r]))
+        lg, st = G.step(new, nxt[:, None], st)
+        rl, rst = G.step(ref, nxt[:, None], rst)
+    assert len(sizes) == 1 and rst.past["past.0.k"].shape[1] == ids.shape[1] + 8   # the KV cache grew

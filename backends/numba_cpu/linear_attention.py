@@ -77,7 +77,51 @@ def _running(pq, pk, V, mask, has_mask, causal, G, out):
                 out[b, t, h * D + d] = acc / den
 
 
-_FEATURES, _RUNNING = kernel(_features), kernel(_running)
+def _continue(pq, pk, V, mask, s0, z0, G, out, s1, z1):
+    """``linear_attention_state``: the running sums start from the carried state (s0, z0) and end
+    in (s1, z1), written by the first query head of each kv group."""
+    B, H, T, F = pq.shape
+    D = out.shape[2] // H
+    for task in prange(B * H):
+        b = task // H
+        h = task % H
+        g = h // G
+        st = s0[b, g].copy()
+        z = z0[b, g].copy()
+        for t in range(T):
+            if mask[b, t] != 0:
+                for f in range(F):
+                    kf = pk[b, g, t, f]
+                    z[f] += kf
+                    for d in range(D):
+                        st[f, d] += kf * V[b, t, g * D + d]
+            den = EPS
+            for f in range(F):
+                den += pq[b, h, t, f] * z[f]
+            for d in range(D):
+                acc = 0.0
+                for f in range(F):
+                    acc += pq[b, h, t, f] * st[f, d]
+                out[b, t, h * D + d] = acc / den
+        if h % G == 0:
+            s1[b, g] = st
+            z1[b, g] = z
+
+
+_FEATURES, _RUNNING, _CONTINUE = kernel(_features), kernel(_running), kernel(_continue)
+
+
+def _phis(q, K, proj, n_heads, n_kv_heads, feature):
+    B, T, HD = q.shape
+    D = HD // n_heads
+    favor = feature == "favor"
+    F = proj.shape[0] if favor else D
+    P = np.ascontiguousarray(proj, dtype=q.dtype) if favor else np.zeros((1, 1), q.dtype)
+    pq = np.empty((B, n_heads, T, F), q.dtype)
+    pk = np.empty((B, n_kv_heads, K.shape[1], F), q.dtype)
+    pick(_FEATURES, pq.size * (D if favor else 1))(np.ascontiguousarray(q), n_heads, favor, P, pq)
+    pick(_FEATURES, pk.size * (D if favor else 1))(np.ascontiguousarray(K, dtype=q.dtype), n_kv_heads, favor, P, pk)
+    return pq, pk
 
 
 def linear_attention(q, k, v, past_k=None, past_v=None, mask=None, proj=None, *, n_heads, n_kv_heads, causal,
@@ -85,15 +129,9 @@ def linear_attention(q, k, v, past_k=None, past_v=None, mask=None, proj=None, *,
     K = k if past_k is None else np.concatenate([past_k, k], axis=1)
     V = v if past_v is None else np.concatenate([past_v, v], axis=1)
     B, T, HD = q.shape
-    D = HD // n_heads
-    favor = feature == "favor"
-    F = proj.shape[0] if favor else D
-    P = np.ascontiguousarray(proj, dtype=q.dtype) if favor else np.zeros((1, 1), q.dtype)
-    qc, Kc, Vc = (np.ascontiguousarray(a, dtype=q.dtype) for a in (q, K, V))
-    pq = np.empty((B, n_heads, T, F), q.dtype)
-    pk = np.empty((B, n_kv_heads, K.shape[1], F), q.dtype)
-    pick(_FEATURES, pq.size * (D if favor else 1))(qc, n_heads, favor, P, pq)
-    pick(_FEATURES, pk.size * (D if favor else 1))(Kc, n_kv_heads, favor, P, pk)
+    qc, Vc = (np.ascontiguousarray(a, dtype=q.dtype) for a in (q, V))
+    pq, pk = _phis(qc, K, proj, n_heads, n_kv_heads, feature)
+    F, D = pq.shape[3], HD // n_heads
     out = np.empty_like(qc)
     m = np.zeros((1, 1), np.int64) if mask is None else np.ascontiguousarray(mask, dtype=np.int64)
     pick(_RUNNING, B * n_heads * (T + K.shape[1]) * F * D)(pq, pk, Vc, m, mask is not None, bool(causal),
@@ -101,4 +139,18 @@ def linear_attention(q, k, v, past_k=None, past_v=None, mask=None, proj=None, *,
     return out, K, V
 
 
-KERNELS = {"linear_attention": linear_attention}
+def linear_attention_state(q, k, v, state_s=None, state_z=None, mask=None, proj=None, *, n_heads, n_kv_heads,
+                           feature="elu"):
+    B, T, HD = q.shape
+    qc, Vc = (np.ascontiguousarray(a, dtype=q.dtype) for a in (q, v))
+    pq, pk = _phis(qc, k, proj, n_heads, n_kv_heads, feature)
+    F, D = pq.shape[3], HD // n_heads
+    s0 = np.zeros((B, n_kv_heads, F, D), q.dtype) if state_s is None else np.ascontiguousarray(state_s, q.dtype)
+    z0 = np.zeros((B, n_kv_heads, F), q.dtype) if state_z is None else np.ascontiguousarray(state_z, q.dtype)
+    m = np.ones((B, T), np.int64) if mask is None else np.ascontiguousarray(mask[:, -T:], dtype=np.int64)
+    out, s1, z1 = np.empty_like(qc), np.empty_like(s0), np.empty_like(z0)
+    pick(_CONTINUE, B * n_heads * T * F * D)(pq, pk, Vc, m, s0, z0, n_heads // n_kv_heads, out, s1, z1)
+    return out, s1, z1
+
+
+KERNELS = {"linear_attention": linear_attention, "linear_attention_state": linear_attention_state}

@@ -155,4 +155,4 @@ from . import activations, attention, linalg, losses, norms, positions, pooling,
 from . import fakequant  # noqa: E402,F401
 from . import collectives  # noqa: E402,F401
 from . import cross_attention, relpos, gated  # noqa: E402,F401  (encoder–decoder ops)
-from . import linear_attention  # noqa: E402,F401
+from . import linear_attention, linformer  # noqa: E402,F401

@@ -8,7 +8,8 @@ KV cache) plus ``proj``, the random features of FAVOR+. Per head, with φ applie
 which regroups as φ(q_t)ᵀ (Σ_s φ(k_s) v_sᵀ) / φ(q_t)ᵀ (Σ_s φ(k_s)): a (F, D) state and an F-vector
 instead of the T×S score matrix — prefix sums of them when causal, so a decoder needs O(1) state
 per step (Katharopoulos et al., 2020). The spec computes the masked a_ts matrix, the readable
-truth; a kernel keeps the running sums. Feature maps (``feature``):
+truth; a kernel keeps the running sums. ``linear_attention_state`` is the causal form that
+carries those sums (S, z) from step to step instead of a KV cache: what decoding runs. Feature maps (``feature``):
 
 * ``elu``   — φ(x) = elu(x) + 1 (the linear Transformer's);
 * ``favor`` — FAVOR+ positive random features (Choromanski et al., 2021): with x' = x / D^¼ and
@@ -129,6 +130,123 @@ register("linear_attention", linear_attention, linear_attention_vjp, linear_atte
          flops=linear_attention_flops, nondiff=(5, 6), n_optional=4, may_alias=True)
 
 
+# ------------------------------------------------------------------ recurrent (decode-state) form
+def _state_parts(q, k, state_s, state_z, mask, n_heads, n_kv_heads, feature, proj):
+    B, T, _ = q.shape
+    G = n_heads // n_kv_heads
+    qh = _heads(q, n_heads).reshape(B, n_kv_heads, G, T, -1)   # (B, Hkv, G, T, D)
+    kh = _heads(k, n_kv_heads)[:, :, None]                     # (B, Hkv, 1, T, D)
+    D = qh.shape[-1]
+    Fn = D if feature == "elu" else proj.shape[0]
+    pq, xq = _phi(qh, feature, proj)
+    pk, xk = _phi(kh, feature, proj)
+    m = np.ones((B, T), q.dtype) if mask is None else mask[:, -T:].astype(q.dtype)
+    m = m[:, None, None, :, None]                              # the new keys that are real
+    pkm = pk * m
+    s0 = (np.zeros((B, n_kv_heads, Fn, D), q.dtype) if state_s is None else state_s)[:, :, None]  # (B, Hkv, 1, F, D)
+    z0 = (np.zeros((B, n_kv_heads, Fn), q.dtype) if state_z is None else state_z)[:, :, None, None]  # (…, 1, 1, F)
+    tril = np.tril(np.ones((T, T), bool))
+    a = (pq @ np.swapaxes(pkm, -1, -2)) * tril                 # (B, Hkv, G, T, T)
+    return qh, kh, pq, xq, pk, xk, m, pkm, s0, z0, tril, a
+
+
+@wide_forward
+def linear_attention_state(q, k, v, state_s=None, state_z=None, mask=None, proj=None, *, n_heads, n_kv_heads,
+                           feature="elu"):
+    """Causal linear attention continued from a recurrent state instead of a KV cache: with
+    S₀ = Σ φ(k) vᵀ and z₀ = Σ φ(k) over the tokens before (per kv head, (F, D) and (F,)),
+
+        out_t = φ(q_t)ᵀ (S₀ + Σ_{s≤t} φ(k_s) v_sᵀ) / (φ(q_t)ᵀ (z₀ + Σ_{s≤t} φ(k_s)) + eps)
+
+    over the new tokens (those ``mask``, (B, T) or (B, past + T) of which the last T are read,
+    marks real), and the state grows by their keys. This is :func:`linear_attention` with
+    ``causal=True`` over the whole prefix — same sums, same eps — but a decode step costs O(F·D)
+    per head whatever the length, and the state is the whole cache. Returns (out, S, z)."""
+    qh, kh, pq, xq, pk, xk, m, pkm, s0, z0, tril, a = _state_parts(q, k, state_s, state_z, mask, n_heads,
+                                                                   n_kv_heads, feature, proj)
+    vh = _heads(v, n_kv_heads)[:, :, None]
+    num = pq @ s0 + a @ vh
+    den = (pq * z0).sum(axis=-1, keepdims=True) + a.sum(axis=-1, keepdims=True) + EPS
+    B, T, HD = q.shape
+    out = _merge((num / den).reshape(B, n_heads, T, HD // n_heads))
+    s1 = s0[:, :, 0] + (np.swapaxes(pkm, -1, -2) @ vh)[:, :, 0]
+    z1 = z0[:, :, 0, 0] + pkm.sum(axis=-2)[:, :, 0]
+    return out, s1, z1
+
+
+@wide_vjp
+def linear_attention_state_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, feature="elu"):
+    g_out, g_s, g_z = grads
+    q, k, v, state_s, state_z, mask, proj = inputs
+    B, T, HD = q.shape
+    D = HD // n_heads
+    G = n_heads // n_kv_heads
+    qh, kh, pq, xq, pk, xk, m, pkm, s0, z0, tril, a = _state_parts(q, k, state_s, state_z, mask, n_heads,
+                                                                   n_kv_heads, feature, proj)
+    t = lambda x: np.swapaxes(x, -1, -2)  # noqa: E731
+    vh = _heads(v, n_kv_heads)[:, :, None]
+    den = (pq * z0).sum(axis=-1, keepdims=True) + a.sum(axis=-1, keepdims=True) + EPS
+    out = (pq @ s0 + a @ vh) / den
+    go = _heads(g_out, n_heads).reshape(B, n_kv_heads, G, T, D)
+    g_num = go / den
+    g_den = -(go * out).sum(axis=-1, keepdims=True) / den        # (…, T, 1)
+    g_s = np.zeros_like(s0[:, :, 0]) if g_s is None else g_s
+    g_z = np.zeros_like(z0[:, :, 0, 0]) if g_z is None else g_z
+    ga = (g_num @ t(vh) + g_den) * tril
+    gpq = g_num @ t(s0) + g_den * z0 + ga @ pkm
+    gpkm = (t(ga) @ pq).sum(axis=2, keepdims=True) + vh @ t(g_s[:, :, None]) + g_z[:, :, None, None]
+    gvh = (t(a) @ g_num).sum(axis=2) + (pkm @ g_s[:, :, None])[:, :, 0]
+    gqh = _phi_vjp(gpq, qh, pq, xq, feature, proj)
+    gkh = _phi_vjp(gpkm * m, kh, pk, xk, feature, proj)
+    gs0 = (t(pq) @ g_num).sum(axis=2) + g_s
+    gz0 = (pq * g_den).sum(axis=(2, 3)) + g_z
+    return (_merge(gqh.reshape(B, n_heads, T, D)), _merge(gkh[:, :, 0]), _merge(gvh),
+            None if state_s is None else gs0, None if state_z is None else gz0, None, None)
+
+
+def state_shapes(n_kv_heads: int, head_dim: int, feature: str, n_features: int = 0) -> tuple[tuple, tuple]:
+    """Per-row shapes of the recurrent state (S, z): (Hkv, F, D) and (Hkv, F); F = D for elu."""
+    F = head_dim if feature == "elu" else n_features
+    return (n_kv_heads, F, head_dim), (n_kv_heads, F)
+
+
+def linear_attention_state_infer(shapes, dtypes, *, n_heads, n_kv_heads, feature="elu"):
+    op = "linear_attention_state"
+    q, k, v, ss, sz, mask, proj = shapes
+    require(feature in FEATURES, op, f"unknown feature map {feature!r} (choose from {', '.join(FEATURES)})")
+    base = attention_infer([q, k, v, None, None, None], dtypes[:6], n_heads=n_heads, n_kv_heads=n_kv_heads,
+                           causal=True)
+    D = q[-1] // n_heads
+    if feature == "favor":
+        require(proj is not None and len(proj) == 2 and proj[1] == D, op,
+                f"feature favor needs proj (features, {D}), got {proj}")
+    else:
+        require(proj is None, op, f"feature elu takes no proj, got {proj}")
+    s_shape, z_shape = state_shapes(n_kv_heads, D, feature, proj[0] if proj is not None else 0)
+    s_shape, z_shape = (q[0], *s_shape), (q[0], *z_shape)
+    require((ss is None) == (sz is None), op, "state_s and state_z come together")
+    if ss is not None:
+        require(tuple(ss) == s_shape and tuple(sz) == z_shape, op,
+                f"state must be S {s_shape} and z {z_shape}, got {tuple(ss)} and {tuple(sz)}")
+    if mask is not None:
+        require(len(mask) == 2 and mask[0] == q[0] and mask[1] >= q[1], op,
+                f"mask {mask} must be (batch, past + new) with at least the {q[1]} new tokens")
+    return [base[0], (s_shape, dtypes[0]), (z_shape, dtypes[0])]
+
+
+def linear_attention_state_flops(shapes, outs, *, n_heads, n_kv_heads, feature="elu"):
+    """The running-sum form: O(T·F·D) per head, independent of how many tokens the state holds."""
+    B, T, HD = shapes[0]
+    D = HD // n_heads
+    F = outs[1][2]
+    feats = 2 * B * (n_heads + n_kv_heads) * T * F * D if feature == "favor" else 0
+    return feats + 6 * B * n_heads * T * F * D + 2 * B * n_heads * T * T * (F + D)
+
+
+register("linear_attention_state", linear_attention_state, linear_attention_state_vjp,
+         linear_attention_state_infer, flops=linear_attention_state_flops, nondiff=(5, 6), n_optional=4)
+
+
 def favor_projection(n_features: int, head_dim: int, seed: int) -> np.ndarray:
     """FAVOR+'s random features (F, D): blocks of D orthogonal Gaussian directions (QR of a Gaussian
     matrix), each row rescaled to a χ_D-distributed norm as a Gaussian row would have; ``seed``
@@ -166,4 +284,35 @@ add_cases("linear_attention", [
     Case("elu, large scores", _linear("elu")(2, 9, 0, 4, 2, 8, True, False, False, scale=20.0), "large"),
     Case("favor, large scores", _linear("favor", 16)(2, 9, 0, 4, 2, 8, True, False, False, scale=3.0), "large"),
     Case("elu, subnormal inputs", _linear("elu")(2, 9, 0, 4, 2, 8, True, False, False, scale=1e-30), "tiny"),
+])
+
+
+def _stateful(feature, n_features=0):
+    def build(B, T, S, H, KV, D, pad, state, scale=1.0):
+        base = attention_inputs(B, T, S, H, KV, D, True, pad, False, False, 0.5 * scale)
+
+        def make(r, d):
+            (q, k, v, _, _, mask), attrs = base(r, d)
+            k = 0.5 * k
+            proj = favor_projection(n_features, D, 0).astype(q.dtype) if feature == "favor" else None
+            ss = sz = None
+            if state:   # the state S tokens would leave: sums of φ(k) vᵀ and φ(k) over random ones
+                pk = _phi(0.5 * r.standard_normal((B, KV, S, D)).astype(d), feature, proj)[0]
+                ss = np.swapaxes(pk, -1, -2) @ r.standard_normal((B, KV, S, D)).astype(d)
+                sz = pk.sum(axis=-2)
+            return (q, k, v, ss, sz, mask, proj), {"n_heads": H, "n_kv_heads": KV, "feature": feature}
+        return make
+    return build
+
+
+add_cases("linear_attention_state", [
+    Case("elu, prefill from empty", _stateful("elu")(2, 9, 0, 4, 2, 8, False, False)),
+    Case("elu, decode from state, padding", _stateful("elu")(3, 1, 11, 4, 2, 8, True, True), "masked"),
+    Case("elu, prefill after state, padding", _stateful("elu")(2, 6, 5, 2, 2, 8, True, True), "masked"),
+    Case("favor, decode from state", _stateful("favor", 16)(2, 1, 7, 4, 2, 8, False, True)),
+    Case("favor, prefill after state", _stateful("favor", 12)(2, 5, 4, 2, 1, 8, True, True)),
+    *[Case(f"elu, {t} queries after state", _stateful("elu")(1, t, 3, 2, 1, 8, False, True), "sizes")
+      for t in (1, 8, 17)],
+    Case("elu, large scores", _stateful("elu")(2, 9, 4, 4, 2, 8, False, True, scale=20.0), "large"),
+    Case("elu, subnormal inputs", _stateful("elu")(2, 9, 0, 4, 2, 8, False, False, scale=1e-30), "tiny"),
 ])
