@@ -155,12 +155,8 @@ def to_csr(w: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def to_nm(w: np.ndarray, keep: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """(values (out, in/m·n), packed positions) of an N:M keep-mask (exactly n per group)."""
-    wt, kt = w.T, keep.T                                   # (out, in)
-    out_f, in_f = wt.shape
-    cols = np.nonzero(kt)[1].reshape(out_f, in_f // m * n)  # row-major: ascending within each output
-    values = np.take_along_axis(wt, cols, axis=1)
-    return np.ascontiguousarray(values), S.pack_positions(cols % m, m)
+    """(values (in/m·n, out), packed positions) of an N:M keep-mask (exactly n per group)."""
+    return S.nm_pack(w, keep, n, m)
 
 
 def head_importance(out_heads: np.ndarray, w_out: np.ndarray, n_units: int) -> np.ndarray:

@@ -139,6 +139,28 @@ def test_numba_compact_linears_match_the_spec(nb):
     np.testing.assert_allclose(nb.nm_linear(x, values, packed, b, n=2, m=4, in_features=16), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_numba_2_4_kernel_equals_the_dense_product_of_the_kept_weights(nb, rows, quantized):
+    """The packed 2:4 kernel (≤ 8 rows) and the expand-to-dense path (more rows), float and int8
+    values, against x @ W computed from the mask by plain NumPy (not from the packed form)."""
+    rng = np.random.default_rng(rows)
+    n_in, n_out = 96, 1100          # more outputs than a kernel tile, and a partial last tile
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    keep = SP.nm_masks({"w": np.abs(w)}, 2, 4)["w"]
+    values, packed = SP.to_nm(w, keep, 2, 4)
+    scale = None
+    dense = np.where(keep, w, 0).astype(np.float64)
+    if quantized:
+        scale = (np.abs(values).max(axis=0) / 127).astype(np.float32)
+        values = np.round(values / scale).astype(np.int8)
+        dense = np.zeros_like(dense)
+        np.put_along_axis(dense, np.nonzero(keep.T)[1].reshape(n_out, -1).T, values * scale.astype(np.float64), axis=0)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    got = nb.nm_linear(x, values, packed, None, scale, n=2, m=4, in_features=n_in)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ dense, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------ pure weight transforms
 def test_magnitude_masks_drop_the_smallest_per_layer_and_globally():
     w1 = np.arange(1, 11, dtype=float).reshape(2, 5)
@@ -170,8 +192,13 @@ def test_nm_masks_keep_the_n_largest_of_every_group_and_pack_two_bits():
     dropped_max = np.where(~g, np.abs(w).reshape(4, 4, 5), -np.inf).max(axis=1)
     assert (kept_min > dropped_max).all()
     values, packed = SP.to_nm(w, keep, 2, 4)
-    assert values.shape == (5, 8) and packed.shape == (5, 2) and packed.dtype == np.uint8  # 8 × 2 bits = 2 bytes
-    np.testing.assert_array_equal(S.nm_dense(values, packed, n=2, m=4, in_features=16), np.where(keep, w, 0).T)
+    # input-major like the dense weight: 8 values per output, their 8 × 2 bits in 2 bytes
+    assert values.shape == (8, 5) and packed.shape == (2, 5) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(S.nm_dense(values, packed, n=2, m=4, in_features=16), np.where(keep, w, 0))
+    # the first group of output 0, by hand: byte 0 holds (group 0: 2 positions, group 1: 2 positions)
+    first = np.nonzero(keep[:4, 0])[0]
+    assert packed[0, 0] & 3 == first[0] and (packed[0, 0] >> 2) & 3 == first[1]
+    np.testing.assert_array_equal(values[:2, 0], w[first, 0])
 
 
 def test_csr_storage_holds_only_the_kept_weights():
