@@ -24,6 +24,12 @@ Modes (the shorthand ``quant:MODE``):
 ``none``        no weight quantization (with ``kv=int8``)
 ==============  ==============================================================================
 
+After pruning or low rank, quantization packs what remains: a low-rank layer's factors U and V
+become two packed linears of the mode, and the kept values of a pruned layer (``sparse_linear``'s
+CSR data, ``nm_linear``'s 2:4 values) become int8 with one scale per output channel in every
+integer mode (their indices stay as they are): 2:4 then reads 1.25 bytes per kept weight, and
+its decode kernel is faster still (benchmarks/results/sparse_crossover.md).
+
 In the integer modes embedding tables are quantized too, and a table tied to the LM head is
 quantized once and feeds both (the head reads it as a transposed linear). Tables of at most
 ``SMALL_TABLE_ROWS`` rows (BERT's token types) stay float: every token reads one of their few
@@ -180,6 +186,31 @@ def _lowrank_rule(node: Node, ctx: Context) -> Replacement | None:
     second = _pack(ctx, mode, ctx.fresh(node.name + ".v"), mid, v, ctx.param(v), rest[0] if rest else "",
                    list(node.outputs), node.tags)
     return Replacement([first, second])
+
+
+def _compact_rule(node: Node, ctx: Context) -> Replacement | None:
+    """Pruned linears (``sparse_linear``: CSR; ``nm_linear``: packed N:M) in an integer mode: the
+    stored values become int8 with a scale per output channel (the ops' ``scale`` input), their
+    indices and positions unchanged — quantization after pruning packs what pruning kept."""
+    mode = _mode_of(node, ctx)
+    ins = list(node.inputs) + [""] * (6 - len(node.inputs))
+    vals_at, s_at = (1, 5) if node.op == "sparse_linear" else (1, 4)
+    if mode not in INTEGER_MODES or ins[s_at] or not ctx.is_param(ins[vals_at]):
+        return None
+    v = ctx.param(ins[vals_at]).astype(np.float32)
+    if node.op == "sparse_linear":
+        indptr = ctx.param(ins[3])
+        out_of = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))   # output channel of every value
+        amax = np.zeros(len(indptr) - 1, np.float32)
+        np.maximum.at(amax, out_of, np.abs(v))
+    else:
+        out_of, amax = slice(None), np.abs(v).max(axis=0)
+    scale = np.where(amax > 0, amax / 127, 1).astype(np.float32)
+    q = np.clip(np.rint(v / scale[out_of]), -127, 127).astype(np.int8)
+    name = ins[vals_at]
+    ins[vals_at], ins[s_at] = ctx.add_param(f"{name}.q", q), ctx.add_param(f"{name}.scale", scale)
+    return Replacement([Node(node.name, node.op, ins[:s_at + 1], list(node.outputs), dict(node.attrs),
+                             {**node.tags, "quant": "int8"})])
 
 
 # ------------------------------------------------------------------ mixed precision per layer
@@ -446,6 +477,7 @@ class QuantPlugin(Plugin):
                     Rule("quant.qat_embedding", "embedding", _qat_embedding_rule),
                     Rule("quant.qat_lm_head", "matmul", _qat_lm_head_rule)]
         return [Rule("quant.linear", "linear", _linear_rule), Rule("quant.lowrank", "lowrank_linear", _lowrank_rule),
+                Rule("quant.sparse_linear", "sparse_linear", _compact_rule), Rule("quant.nm_linear", "nm_linear", _compact_rule),
                 Rule("quant.embedding", "embedding", _embedding_rule),
                 Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule)]
 
