@@ -476,7 +476,25 @@ def _nm_expand(values, packed, n, m, bits, scale, o0, W):
             W[base + ((pk[o0 + o] >> shift) & low), o] = np.float32(vk[o0 + o]) * scale[o0 + o]
 
 
-_NM24, _NM_EXPAND = kernel(_nm24_rows), kernel(_nm_expand)
+def _nm24_expand(values, packed, scale, o0, W):
+    """2:4 only: W (in, width) = the dense columns o0 … o0 + width, written row by row — each
+    dense weight is v0·[p0 = r] + v1·[p1 = r] of its group, so the loop over outputs vectorises
+    and the stores are contiguous (the generic ``_nm_expand`` scatters one value at a time)."""
+    J = packed.shape[0]
+    width = W.shape[1]
+    for j in prange(J):
+        pj = packed[j, o0:o0 + width]
+        for half in range(2):
+            va, vb = values[4 * j + 2 * half, o0:o0 + width], values[4 * j + 2 * half + 1, o0:o0 + width]
+            for r in range(4):
+                row = W[8 * j + 4 * half + r]
+                for o in range(width):
+                    c = (np.int32(pj[o]) >> (4 * half)) & 15
+                    row[o] = (np.float32(va[o]) * np.float32((c & 3) == r)
+                              + np.float32(vb[o]) * np.float32((c >> 2) == r)) * scale[o0 + o]
+
+
+_NM24, _NM_EXPAND, _NM24_EXPAND = kernel(_nm24_rows), kernel(_nm_expand), kernel(_nm24_expand)
 NM_EXPAND_TILE = 1024   # output channels expanded to dense at a time on the many-rows path
 
 
@@ -492,13 +510,17 @@ def nm_linear(x, values, idx, b=None, scale=None, *, n, m, in_features):
     s = _scales(scale, out_f)
     vals = _stored(values)
     y2 = np.empty((x2.shape[0], out_f), np.float32)
-    if (n, m) == (2, 4) and in_features % 8 == 0 and x2.shape[0] <= SKINNY_MAX_ROWS:
+    two_four = (n, m) == (2, 4) and in_features % 8 == 0
+    if two_four and x2.shape[0] <= SKINNY_MAX_ROWS:
         pick(_NM24, values.size * x2.shape[0])(x2, vals, idx, s, y2)
     else:
         wt = np.empty((in_features, min(NM_EXPAND_TILE, out_f)), np.float32)
         for o in range(0, out_f, NM_EXPAND_TILE):
             t = wt[:, :min(NM_EXPAND_TILE, out_f - o)]
-            pick(_NM_EXPAND, t.size)(vals, idx, int(n), int(m), S.index_bits(m), s, o, t)
+            if two_four:
+                pick(_NM24_EXPAND, t.size)(vals, idx, s, o, t)
+            else:
+                pick(_NM_EXPAND, t.size)(vals, idx, int(n), int(m), S.index_bits(m), s, o, t)
             y2[:, o:o + t.shape[1]] = x2 @ t
     y = y2.reshape(*x.shape[:-1], out_f)
     return y if b is None else y + b
