@@ -231,3 +231,24 @@ def test_int4_and_kv8_model_decodes_on_numba_like_the_spec(gpt2):
         ln, st_n = gen.step(new, np.array(ids), st_n, backends=("numba",))
         ls, st_s = gen.step(new, np.array(ids), st_s)
         np.testing.assert_allclose(ln, ls, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["bart", "marian", "t5"])
+def test_cross_attention_projections_are_quantized(arch):
+    """The cross-attention K/V projection (run once per input on the encoder output), its query
+    and output linears are packed like every other linear; teacher-forced logits stay within int8's
+    budget of the float model's, and BART/Marian's decoder self-attention cache takes kv=int8."""
+    from minitx import seq2seq
+
+    m = Model.from_config(models.preset(arch, "tiny"), seed=0)
+    q = plugin.optimize(m, ["quant:int8,kv=int8"], calib=CAL)
+    ops = {n.name: n.op for n in q.graph.nodes}
+    for i in range(m.config["n_layers"]):
+        for part in ("kv", "q", "out"):
+            assert ops[f"layers.{i}.cross.{part}"].startswith("linear_q8"), (i, part)
+    assert q.meta["rewrites"][-1]["validation"]["passed"]
+    assert ("attention_kv8" in ops.values()) == (arch != "t5")   # T5's cache feeds cross_attention
+    src, tgt = [[5, 6, 7, 8, 9, 10]], [[0, 11, 12, 13]]
+    a, b = seq2seq.logits(q, src, tgt).ravel(), seq2seq.logits(m, src, tgt).ravel()
+    assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
+    assert seq2seq.generate(q, src, 4) and len(seq2seq.generate(q, src, 4)[0]) <= 4
