@@ -20,7 +20,8 @@ Modes (the shorthand ``quant:MODE``):
                 are ``linear_lut`` (a codebook, codes packed 8/bits per byte) and lose too much
                 without quantization-aware training: use them with ``minitx qat``
 ``float16``     weights cast to float16; ``bfloat16`` likewise (stored as uint16 bit patterns)
-``kv8``         only the KV cache in int8 (per token and head); ``kv=int8`` adds it to any mode
+``kv8``         only the KV cache in int8 (per token and head); ``kv=int8`` adds it to any mode,
+                on top of a sparse attention pattern too (``sparse_attention_kv8``)
 ``none``        no weight quantization (with ``kv=int8``)
 ==============  ==============================================================================
 
@@ -336,7 +337,8 @@ def _lm_head_rule(node: Node, ctx: Context) -> Replacement | None:
 
 
 def _kv_rule(node: Node, ctx: Context) -> Replacement | None:
-    """attention over a float cache → attention_kv8 over an int8 cache with per-token/head scales."""
+    """attention over a float cache → attention_kv8 over an int8 cache with per-token/head scales
+    (sparse_attention → sparse_attention_kv8: kv=int8 on top of a sparsity pattern)."""
     if not (ctx.options["kv"] == "int8" or ctx.options["mode"] == "kv8") or _skipped(node, ctx.options):
         return None
     q, k, v, pk, pv, mask = (node.inputs + [""] * 6)[:6]
@@ -351,8 +353,8 @@ def _kv_rule(node: Node, ctx: Context) -> Replacement | None:
         names[t] = f"{past}_scale"
         new_inputs += [Value(past, (B, S, W), "int8"), Value(names[t], (B, S, hkv), inputs[past].dtype)]
     outs = [out, present_k, f"{present_k}_scale", present_v, f"{present_v}_scale"]
-    new = Node(node.name, "attention_kv8", [q, k, v, pk, names["k"], pv, names["v"], mask], outs,
-               dict(node.attrs), dict(node.tags))
+    op = "sparse_attention_kv8" if node.op == "sparse_attention" else "attention_kv8"   # a pattern stays
+    new = Node(node.name, op, [q, k, v, pk, names["k"], pv, names["v"], mask], outs, dict(node.attrs), dict(node.tags))
     graph_outs = [o for o in (f"{present_k}_scale", f"{present_v}_scale")] if present_k in ctx.graph.outputs else []
     return Replacement([new], inputs=new_inputs, outputs=graph_outs)
 
@@ -479,7 +481,8 @@ class QuantPlugin(Plugin):
         return [Rule("quant.linear", "linear", _linear_rule), Rule("quant.lowrank", "lowrank_linear", _lowrank_rule),
                 Rule("quant.sparse_linear", "sparse_linear", _compact_rule), Rule("quant.nm_linear", "nm_linear", _compact_rule),
                 Rule("quant.embedding", "embedding", _embedding_rule),
-                Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule)]
+                Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule),
+                Rule("quant.kv_cache", "sparse_attention", _kv_rule)]
 
     def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
         return bool(opts.get("sensitive"))

@@ -683,6 +683,23 @@ def test_attention_kv8_grad(seed, c):
     assert grads[3] is None and grads[5] is None and grads[7] is None
 
 
+@covers("sparse_attention_kv8")
+@FAST
+@given(seed=seeds, c=attention_cases, pattern=sparse_patterns)
+def test_sparse_attention_kv8_grad(seed, c, pattern):
+    """attention_kv8's gradient check with a pattern (its quantization VJP, sparse_attention's)."""
+    from minitx.ops.quant import quantize_heads
+
+    rng = _rng(seed)
+    (q, k, v, pk, pv, mask), attrs = _attention_inputs(rng, c)
+    B, T, S, Hkv, D = c["B"], c["T"], c["S"], c["n_kv_heads"], c["D"]
+    k = _far_from_rounding(rng, (B, T, Hkv, D)).reshape(B, T, Hkv * D)
+    v = _far_from_rounding(rng, (B, T, Hkv, D)).reshape(B, T, Hkv * D)
+    pkq, pks = quantize_heads(pk, Hkv) if S else (None, None)
+    pvq, pvs = quantize_heads(pv, Hkv) if S else (None, None)
+    _check("sparse_attention_kv8", [q, k, v, pkq, pks, pvq, pvs, mask], {**attrs, **pattern}, seed=seed, atol=1e-6)
+
+
 # -------------------------------------------------------------------------------- distillation
 
 @covers("kl_div")

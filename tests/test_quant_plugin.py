@@ -252,3 +252,35 @@ def test_cross_attention_projections_are_quantized(arch):
     a, b = seq2seq.logits(q, src, tgt).ravel(), seq2seq.logits(m, src, tgt).ravel()
     assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
     assert seq2seq.generate(q, src, 4) and len(seq2seq.generate(q, src, 4)[0]) <= 4
+
+
+def test_kv8_on_top_of_a_sparse_attention_pattern(gpt2):
+    """sparsity:attention=local then quant kv=int8: the pattern stays (sparse_attention_kv8) over
+    an int8 cache. Decoding token by token equals one prefill; a window covering the sequence
+    equals plain attention over the int8 cache (quant:kv8 alone); a short window does not; the
+    numba kernel follows the spec."""
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    local = plugin.optimize(gpt2, ["sparsity:attention=local,window=3", "quant:kv8"], calib=CAL, force=True)
+    wide = plugin.optimize(gpt2, ["sparsity:attention=local,window=64", "quant:kv8"], calib=CAL)
+    plain = plugin.optimize(gpt2, ["quant:kv8"], calib=CAL)
+    assert {n.op for n in local.graph.nodes} >= {"sparse_attention_kv8"}
+    assert all(n.attrs["pattern"] == "local" for n in local.graph.nodes if n.op == "sparse_attention_kv8")
+    assert wide.meta["rewrites"][-1]["validation"]["passed"]
+    full, _ = gen.step(local, ids, gen.empty_state(local, 1))
+    st, rows = gen.empty_state(local, 1), []
+    for t in range(ids.shape[1]):
+        lg, st = gen.step(local, ids[:, t:t + 1], st)
+        rows.append(lg[:, 0])
+        assert st.past["past.0.k"].dtype == np.int8
+    np.testing.assert_allclose(np.stack(rows, 1), full, rtol=1e-4, atol=1e-5)
+    ref, _ = gen.step(plain, ids, gen.empty_state(plain, 1))
+    np.testing.assert_allclose(gen.step(wide, ids, gen.empty_state(wide, 1))[0], ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(full - ref).max() > 1e-3
+    pytest.importorskip("numba")
+    placed = {op: b for _, op, b in local.executor(("numba",)).explain()}
+    assert placed["sparse_attention_kv8"] == "numba"
+    st_n, st_s = gen.empty_state(local, 1), gen.empty_state(local, 1)
+    for step in ([[5, 6, 7, 8, 9]], [[8]], [[9]]):
+        ln, st_n = gen.step(local, np.array(step), st_n, backends=("numba",))
+        ls, st_s = gen.step(local, np.array(step), st_s)
+        np.testing.assert_allclose(ln, ls, rtol=1e-3, atol=1e-4)

@@ -332,6 +332,15 @@ def sparse_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n
     return out, K, V
 
 
+def sparse_attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None,
+                         **attrs):
+    """The spec's int8 cache handling (quantize the new tokens, dequantize the cache) around the
+    pattern kernel above: the pattern's speed, the int8 cache's memory."""
+    from minitx.ops.quant import kv8_forward
+
+    return kv8_forward(sparse_attention, (q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask), attrs)
+
+
 # ------------------------------------------------------------------------------ CSR linear
 def _csr_rows(xT, data, indices, indptr, scale, yT):
     """Many rows (prefill): yT[o, :] += w · xT[col, :] for every stored weight — each weight read
@@ -526,4 +535,5 @@ def nm_linear(x, values, idx, b=None, scale=None, *, n, m, in_features):
     return y if b is None else y + b
 
 
-KERNELS = {"sparse_attention": sparse_attention, "sparse_linear": sparse_linear, "nm_linear": nm_linear}
+KERNELS = {"sparse_attention": sparse_attention, "sparse_attention_kv8": sparse_attention_kv8,
+           "sparse_linear": sparse_linear, "nm_linear": nm_linear}

@@ -138,6 +138,66 @@ register("sparse_attention", sparse_attention, sparse_attention_vjp, sparse_atte
          flops=sparse_attention_flops, nondiff=(5,), n_optional=3, may_alias=True)
 
 
+# ------------------------------------------------------------------------------ over an int8 KV cache
+def sparse_attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None, *,
+                         n_heads, n_kv_heads, causal, pattern="dense", window=0, block=0, stride=0, n_global=0,
+                         topk=0, threshold=0.0, dense_below=0, scale=None):
+    """``sparse_attention`` over an int8 KV cache, as ``attention_kv8`` is attention over one:
+    new k, v quantized per token and head and appended; the pattern applies to the dequantized
+    keys. Returns (out, present_k, present_k_scale, present_v, present_v_scale)."""
+    from .quant import kv8_forward
+
+    return kv8_forward(sparse_attention, (q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask),
+                       _kv8_attrs(locals()))
+
+
+def _kv8_attrs(scope) -> dict:
+    keys = ("n_heads", "n_kv_heads", "causal", "pattern", "window", "block", "stride", "n_global", "topk",
+            "threshold", "dense_below", "scale")
+    return {k: scope[k] for k in keys}
+
+
+@wide_vjp
+def sparse_attention_kv8_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, pattern="dense", window=0,
+                             block=0, stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
+    from .quant import kv8_vjp
+
+    return kv8_vjp(sparse_attention, sparse_attention_vjp, grads, inputs, _kv8_attrs(locals()))
+
+
+def sparse_attention_kv8_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal, pattern="dense", window=0, block=0,
+                               stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
+    from .quant import attention_kv8_infer
+
+    check_pattern("sparse_attention_kv8", pattern, window, block, stride, n_global, topk, threshold, dense_below)
+    return attention_kv8_infer(shapes, dtypes, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+
+
+register("sparse_attention_kv8", sparse_attention_kv8, sparse_attention_kv8_vjp, sparse_attention_kv8_infer,
+         flops=sparse_attention_flops, nondiff=(3, 5, 7), n_optional=5)
+
+
+def _sparse_kv8(pattern, **pat):
+    def build(*args, **kw):
+        from .quant import _attn_kv8
+
+        base = _attn_kv8(*args, **kw)
+
+        def make(r, d):
+            inputs, attrs = base(r, d)
+            return inputs, {**attrs, "pattern": pattern, **pat}
+        return make
+    return build
+
+
+add_cases("sparse_attention_kv8", [
+    Case("local 4, decode over an int8 cache", _sparse_kv8("local", window=4)(3, 1, 11, 6, 2, 16, True, True, True)),
+    Case("block 3, prefill after cache", _sparse_kv8("block", block=3, n_global=1)(2, 5, 7, 4, 2, 8, True, True, True)),
+    Case("strided 3, prefill", _sparse_kv8("strided", stride=3)(2, 9, 0, 4, 4, 8, True, False, False)),
+    Case("top-3, decode", _sparse_kv8("topk", topk=3)(2, 1, 9, 2, 2, 8, True, True, True)),
+])
+
+
 # ------------------------------------------------------------------------------ CSR linear
 def _csr(data, indices, indptr, shape):
     return scipy.sparse.csr_array((data, indices, indptr), shape=tuple(shape))
