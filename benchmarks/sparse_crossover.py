@@ -108,13 +108,37 @@ def main() -> None:
     for k in results[1]:
         lines.append(f"| {k} | {nbytes[k] / 2**20:.2f} MiB | {results[1][k] * 1e3:.3f} ms | {d1 / results[1][k]:.2f} | "
                      f"{results[128][k] * 1e3:.2f} ms | {d128 / results[128][k]:.2f} |")
-    lines += ["", "Load average during the run:", "", *[f"- {s}" for s in log], ""]
+    lines += ["", f"**Crossover** (CSR, by linear interpolation of the ratios): decode {crossover(results[1])}; "
+              f"prefill {crossover(results[128])}.", "", NOTES, "", "Load average during the run:", "",
+              *[f"- {s}" for s in log], ""]
     text = "\n".join(lines) + "\n"
     if args.out:
         with atomic_write(args.out) as f:
             f.write(text.encode())
     else:
         sys.stdout.write(text)
+
+
+NOTES = """How the kernels get there: **2:4** is stored input-major (values (in/2, out) and the 2-bit
+positions packed four to a byte), and its decode kernel selects each value's input among the four
+of its group arithmetically (the position's two bits as 0/1 factors of three fused multiply-adds),
+so the loop over outputs vectorises with no gather; it reads 56% of dense's bytes (int8 values:
+16%), but its arithmetic per weight is several times a dense GEMV's, so on this CPU it is only as
+far ahead of dense as the memory system lets a compute-heavier loop be. Prefill expands tiles
+of 2:4 to dense (vectorised) and calls BLAS: a CPU has no sparse matrix units, so 2:4's gain at
+prefill is storage. **CSR** pays a gather per stored weight at decode and beats dense only where
+few weights remain; at prefill each stored weight multiplies a contiguous row of xᵀ. Below the
+crossovers unstructured pruning saves bytes, not time: for speed prune structure
+(`sparsity:weights=heads|ffn`, benchmarks/results/structured_pruning.md)."""
+
+
+def crossover(ratios: dict[str, float]) -> str:
+    """The sparsity at which CSR's ratio to dense crosses 1, interpolated between measured points."""
+    pts = [(sp, ratios[f"CSR {sp:.0%}"]) for sp in SPARSITIES]
+    for (s0, r0), (s1, r1) in zip(pts, pts[1:]):
+        if r0 < 1 <= r1:
+            return f"about {s0 + (1 - r0) * (s1 - s0) / (r1 - r0):.0%} sparsity"
+    return f"below {pts[0][0]:.0%}" if pts[0][1] >= 1 else f"above {pts[-1][0]:.0%} (not reached)"
 
 
 def _bytes() -> dict[str, int]:

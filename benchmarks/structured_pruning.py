@@ -41,8 +41,11 @@ PROMPT = 128
 def pruned(base: Model, f: float) -> Model:
     if f == 0:
         return base
-    return plugin.optimize(base, [f"sparsity:weights=heads,sparsity={f}", f"sparsity:weights=ffn,sparsity={f}"],
-                           calib=Calibration.random(2, 16), validate=False)
+    m = base
+    for what in ("heads", "ffn"):   # one sparsity plugin per optimize: applied one after the other
+        m = plugin.optimize(m, [f"sparsity:weights={what},sparsity={f}"], calib=Calibration.random(2, 16),
+                            validate=False)
+    return m
 
 
 def runners(model: Model, backend) -> tuple:
