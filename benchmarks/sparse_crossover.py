@@ -29,7 +29,7 @@ import minitx  # noqa: E402,F401 — before NumPy, as in the CLI: it sets OpenBL
 
 import numpy as np  # noqa: E402
 
-from minitx import machine  # noqa: E402
+from minitx import machine, threads  # noqa: E402
 from minitx.outputs import atomic_write  # noqa: E402
 from minitx.ops import quant as Q  # noqa: E402
 from plugins.sparsity import magnitude_masks, nm_masks, to_csr, to_nm  # noqa: E402
@@ -87,17 +87,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the Markdown report here (default: stdout)")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1, help="the engine's thread budget (minitx.threads)")
     args = ap.parse_args()
+    threads.configure(args.threads)
     info = machine.info()
     log = [f"start: load average {os.getloadavg()}"]
     t0 = time.perf_counter()
     results = {rows: measure(rows, args.rounds, reps, log) for rows, reps in ((1, 20), (128, 2))}
     lines = ["# Pruned linears against dense, numba backend", "",
              f"Run {datetime.datetime.now().isoformat(timespec='seconds')} with "
-             f"`python benchmarks/sparse_crossover.py --rounds {args.rounds}` ({time.perf_counter() - t0:.0f} s).", "",
-             f"Machine: {machine.summary(info)}; threads: OPENBLAS_NUM_THREADS="
-             f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, NUMBA_NUM_THREADS="
-             f"{os.environ.get('NUMBA_NUM_THREADS', 'unset')}", "",
+             f"`python benchmarks/sparse_crossover.py --rounds {args.rounds} --threads {args.threads}` "
+             f"({time.perf_counter() - t0:.0f} s).", "",
+             f"Machine: {machine.summary(info)}; thread budget {threads.budget()} (BLAS: 1 thread at these "
+             "sizes)", "",
              f"GPT-2-small MLP up projection ({N_IN} → {N_OUT}), float32 activations, {LAYERS} distinct weight "
              f"copies per call round (decode streams weights from memory, as a model's step does); median over "
              f"{args.rounds} interleaved rounds, per matrix. Ratio = dense fp32 time / configuration time.", "",

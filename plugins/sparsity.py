@@ -22,8 +22,12 @@ pattern beyond. Weights (``weights=``), on the linears inside the Transformer bl
 ==============  ==============================================================================
 
 Unstructured pruning stores Wᵀ as CSR (``sparse_linear``; ``format=dense`` keeps zeros in a plain
-linear); N:M stores packed values and 2-bit positions (``nm_linear``); heads/ffn shrink the
-matrices. Every mode but an attention pattern that covers the sequence is approximate, and
+linear); N:M stores packed values and 2-bit positions, input-major (``nm_linear``); heads/ffn
+shrink the matrices. Speed on the numba backend (benchmarks/results/sparse_crossover.md,
+structured_pruning.md): heads/ffn make a smaller dense model whose blocks run in proportion to
+what is kept; 2:4 decodes through a packed kernel at or above dense speed (faster still with
+int8 values, ``quant`` after pruning) and prefills at about 0.8× dense; CSR beats dense only at
+high sparsity (decode about 90%, prefill about 75%). Every mode but an attention pattern that covers the sequence is approximate, and
 ``minitx optimize`` checks it against the declared tolerance (``TOLERANCE``; minitx.plugin.Tolerance):
 
 ==========================  =========  =======  ==========
