@@ -2,7 +2,7 @@
 and of its MLP neurons removed (``sparsity:weights=heads`` then ``sparsity:weights=ffn``), timed
 on the numba backend against f.
 
-    python benchmarks/structured_pruning.py --out benchmarks/results/structured_pruning.md [--rounds 5]
+    python benchmarks/structured_pruning.py --out benchmarks/results/structured_pruning.md [--rounds 7]
 
 Pruning heads and neurons rewrites the model into a smaller dense one (narrower qkv/out and
 up/down matrices, fewer heads in attention and in the KV cache), so the blocks' work falls with
@@ -72,7 +72,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the Markdown report here (default: stdout)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="the engine's thread budget (minitx.threads); 1: BLAS "
                     "never switches to its threaded GEMM, whose cut-off (2^28 multiply-adds) the unpruned MLP "
                     "crosses at 128 tokens and the pruned ones do not — a step that is not pruning's doing")
@@ -87,7 +87,7 @@ def main() -> None:
     times = {(f, k): [] for f in FRACTIONS for k in (0, 1)}
     for r in range(args.rounds):
         for f in (FRACTIONS if r % 2 == 0 else FRACTIONS[::-1]):
-            for k, reps in ((0, 1), (1, 5)):
+            for k, reps in ((0, 1), (1, 10)):
                 t = time.perf_counter()
                 for _ in range(reps):
                     run[f][k]()
