@@ -134,9 +134,9 @@ crossovers unstructured pruning saves bytes, not time: for speed prune structure
 (`sparsity:weights=heads|ffn`, benchmarks/results/structured_pruning.md)."""
 
 
-def crossover(ratios: dict[str, float]) -> str:
-    """The sparsity at which CSR's ratio to dense crosses 1, interpolated between measured points."""
-    pts = [(sp, ratios[f"CSR {sp:.0%}"]) for sp in SPARSITIES]
+def crossover(times: dict[str, float]) -> str:
+    """The sparsity at which CSR's speed ratio to dense crosses 1, interpolated between measured points."""
+    pts = [(sp, times["dense fp32"] / times[f"CSR {sp:.0%}"]) for sp in SPARSITIES]
     for (s0, r0), (s1, r1) in zip(pts, pts[1:]):
         if r0 < 1 <= r1:
             return f"about {s0 + (1 - r0) * (s1 - s0) / (r1 - r0):.0%} sparsity"

@@ -27,8 +27,9 @@ shrink the matrices. Speed on the numba backend (benchmarks/results/sparse_cross
 structured_pruning.md): heads/ffn make a smaller dense model whose blocks run in proportion to
 what is kept; 2:4 decodes through a packed kernel at or above dense speed (faster still with
 int8 values, ``quant`` after pruning) and prefills at about 0.8× dense; CSR beats dense only at
-high sparsity (decode about 90%, prefill about 75%). Every mode but an attention pattern that covers the sequence is approximate, and
-``minitx optimize`` checks it against the declared tolerance (``TOLERANCE``; minitx.plugin.Tolerance):
+high sparsity (decode about 85-90%, prefill about 75%). Every mode but an attention pattern that
+covers the sequence is approximate, and ``minitx optimize`` checks it against the declared
+tolerance (``TOLERANCE``; minitx.plugin.Tolerance):
 
 ==========================  =========  =======  ==========
 mode                        mean cos   KL       perplexity

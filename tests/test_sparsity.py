@@ -445,7 +445,7 @@ def test_heads_pruning_removes_cross_attention_heads(arch):
             w[h * D:(h + 1) * D] = 0
     assert crosses == m.config["n_layers"]       # every decoder layer's cross-attention was pruned
     ref = Model(dict(m.config), zeroed, m.graph)
-    kv = [n for n in new.graph.nodes if n.name.startswith("layers.0.cross.kv")][0]
+    kv = next(n for n in new.graph.nodes if n.name.startswith("layers.0.cross.kv"))
     assert new.params[kv.inputs[1]].shape[1] == m.params["layers.0.cross.kv.weight"].shape[1] // 2  # K/V narrower
     src = [[5, 6, 7, 8, 9], [3, 4]]                 # a batch with padding for generation
     a = seq2seq.logits(new, src[:1], [[0, 11, 12]])
