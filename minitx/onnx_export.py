@@ -457,18 +457,19 @@ def _dense(cx, w: np.ndarray, x: str, b: str, out: str) -> None:
 def _sparse_linear(cx, n, i, o, a):
     from .ops.sparse import _csr
 
-    x, data, idx, ptr, b = i[:5]
+    x, data, idx, ptr, b, scale = (list(i) + [""] * 6)[:6]
     Wt = _csr(cx.need_const(data, "data"), cx.need_const(idx, "indices"), cx.need_const(ptr, "indptr"), a["shape"])
-    _dense(cx, Wt.toarray().T, x, b, o[0])      # the dense equivalent: (in, out)
+    s = cx.need_const(scale, "scale")[:, None] if scale else 1
+    _dense(cx, (Wt.toarray() * s).T, x, b, o[0])      # the dense equivalent: (in, out)
 
 
 def _nm_linear(cx, n, i, o, a):
     from .ops.sparse import nm_dense
 
-    x, values, idx, b = i[:4]
-    Wt = nm_dense(cx.need_const(values, "values"), cx.need_const(idx, "positions"),
-                  n=int(a["n"]), m=int(a["m"]), in_features=int(a["in_features"]))
-    _dense(cx, Wt.T, x, b, o[0])
+    x, values, idx, b, scale = (list(i) + [""] * 5)[:5]
+    W = nm_dense(cx.need_const(values, "values"), cx.need_const(idx, "positions"), n=int(a["n"]), m=int(a["m"]),
+                 in_features=int(a["in_features"]), scale=cx.need_const(scale, "scale") if scale else None)
+    _dense(cx, W, x, b, o[0])
 
 
 def _lowrank_linear(cx, n, i, o, a):

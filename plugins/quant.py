@@ -20,9 +20,16 @@ Modes (the shorthand ``quant:MODE``):
                 are ``linear_lut`` (a codebook, codes packed 8/bits per byte) and lose too much
                 without quantization-aware training: use them with ``minitx qat``
 ``float16``     weights cast to float16; ``bfloat16`` likewise (stored as uint16 bit patterns)
-``kv8``         only the KV cache in int8 (per token and head); ``kv=int8`` adds it to any mode
+``kv8``         only the KV cache in int8 (per token and head); ``kv=int8`` adds it to any mode,
+                on top of a sparse attention pattern too (``sparse_attention_kv8``)
 ``none``        no weight quantization (with ``kv=int8``)
 ==============  ==============================================================================
+
+After pruning or low rank, quantization packs what remains: a low-rank layer's factors U and V
+become two packed linears of the mode, and the kept values of a pruned layer (``sparse_linear``'s
+CSR data, ``nm_linear``'s 2:4 values) become int8 with one scale per output channel in every
+integer mode (their indices stay as they are): 2:4 then reads 1.25 bytes per kept weight, and
+its decode kernel is faster still (benchmarks/results/sparse_crossover.md).
 
 In the integer modes embedding tables are quantized too, and a table tied to the LM head is
 quantized once and feeds both (the head reads it as a transposed linear). Tables of at most
@@ -182,6 +189,31 @@ def _lowrank_rule(node: Node, ctx: Context) -> Replacement | None:
     return Replacement([first, second])
 
 
+def _compact_rule(node: Node, ctx: Context) -> Replacement | None:
+    """Pruned linears (``sparse_linear``: CSR; ``nm_linear``: packed N:M) in an integer mode: the
+    stored values become int8 with a scale per output channel (the ops' ``scale`` input), their
+    indices and positions unchanged — quantization after pruning packs what pruning kept."""
+    mode = _mode_of(node, ctx)
+    ins = list(node.inputs) + [""] * (6 - len(node.inputs))
+    vals_at, s_at = (1, 5) if node.op == "sparse_linear" else (1, 4)
+    if mode not in INTEGER_MODES or ins[s_at] or not ctx.is_param(ins[vals_at]):
+        return None
+    v = ctx.param(ins[vals_at]).astype(np.float32)
+    if node.op == "sparse_linear":
+        indptr = ctx.param(ins[3])
+        out_of = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))   # output channel of every value
+        amax = np.zeros(len(indptr) - 1, np.float32)
+        np.maximum.at(amax, out_of, np.abs(v))
+    else:
+        out_of, amax = slice(None), np.abs(v).max(axis=0)
+    scale = np.where(amax > 0, amax / 127, 1).astype(np.float32)
+    q = np.clip(np.rint(v / scale[out_of]), -127, 127).astype(np.int8)
+    name = ins[vals_at]
+    ins[vals_at], ins[s_at] = ctx.add_param(f"{name}.q", q), ctx.add_param(f"{name}.scale", scale)
+    return Replacement([Node(node.name, node.op, ins[:s_at + 1], list(node.outputs), dict(node.attrs),
+                             {**node.tags, "quant": "int8"})])
+
+
 # ------------------------------------------------------------------ mixed precision per layer
 WEIGHT_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES, "float16", "bfloat16", "none")
 
@@ -305,7 +337,8 @@ def _lm_head_rule(node: Node, ctx: Context) -> Replacement | None:
 
 
 def _kv_rule(node: Node, ctx: Context) -> Replacement | None:
-    """attention over a float cache → attention_kv8 over an int8 cache with per-token/head scales."""
+    """attention over a float cache → attention_kv8 over an int8 cache with per-token/head scales
+    (sparse_attention → sparse_attention_kv8: kv=int8 on top of a sparsity pattern)."""
     if not (ctx.options["kv"] == "int8" or ctx.options["mode"] == "kv8") or _skipped(node, ctx.options):
         return None
     q, k, v, pk, pv, mask = (node.inputs + [""] * 6)[:6]
@@ -320,8 +353,8 @@ def _kv_rule(node: Node, ctx: Context) -> Replacement | None:
         names[t] = f"{past}_scale"
         new_inputs += [Value(past, (B, S, W), "int8"), Value(names[t], (B, S, hkv), inputs[past].dtype)]
     outs = [out, present_k, f"{present_k}_scale", present_v, f"{present_v}_scale"]
-    new = Node(node.name, "attention_kv8", [q, k, v, pk, names["k"], pv, names["v"], mask], outs,
-               dict(node.attrs), dict(node.tags))
+    op = "sparse_attention_kv8" if node.op == "sparse_attention" else "attention_kv8"   # a pattern stays
+    new = Node(node.name, op, [q, k, v, pk, names["k"], pv, names["v"], mask], outs, dict(node.attrs), dict(node.tags))
     graph_outs = [o for o in (f"{present_k}_scale", f"{present_v}_scale")] if present_k in ctx.graph.outputs else []
     return Replacement([new], inputs=new_inputs, outputs=graph_outs)
 
@@ -446,8 +479,10 @@ class QuantPlugin(Plugin):
                     Rule("quant.qat_embedding", "embedding", _qat_embedding_rule),
                     Rule("quant.qat_lm_head", "matmul", _qat_lm_head_rule)]
         return [Rule("quant.linear", "linear", _linear_rule), Rule("quant.lowrank", "lowrank_linear", _lowrank_rule),
+                Rule("quant.sparse_linear", "sparse_linear", _compact_rule), Rule("quant.nm_linear", "nm_linear", _compact_rule),
                 Rule("quant.embedding", "embedding", _embedding_rule),
-                Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule)]
+                Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule),
+                Rule("quant.kv_cache", "sparse_attention", _kv_rule)]
 
     def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
         return bool(opts.get("sensitive"))

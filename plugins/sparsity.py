@@ -14,14 +14,22 @@ pattern beyond. Weights (``weights=``), on the linears inside the Transformer bl
 ``magnitude``   drop the smallest |W|, per layer or over all layers at once (``scope=global``)
 ``wanda``       drop the smallest |W_io|·‖X_i‖ per output (Sun et al., 2023), X = calibration inputs
 ``nm``          N:M structured (``n``:``m``, 2:4 by default): per output, n of every m inputs
-``heads``       remove whole attention heads (KV groups under GQA) of lowest calibrated importance
+``heads``       remove whole attention heads (KV groups under GQA) of lowest calibrated importance,
+                in self- and cross-attention (an encoder–decoder's cross-attention keys/values
+                shrink with its heads; T5's self-attention heads stay: their relative-position
+                bias is shared by all layers)
 ``ffn``         remove MLP neurons of lowest calibrated importance ‖a_j‖·‖W_down[j]‖
 ==============  ==============================================================================
 
 Unstructured pruning stores Wᵀ as CSR (``sparse_linear``; ``format=dense`` keeps zeros in a plain
-linear); N:M stores packed values and 2-bit positions (``nm_linear``); heads/ffn shrink the
-matrices. Every mode but an attention pattern that covers the sequence is approximate, and
-``minitx optimize`` checks it against the declared tolerance (``TOLERANCE``; minitx.plugin.Tolerance):
+linear); N:M stores packed values and 2-bit positions, input-major (``nm_linear``); heads/ffn
+shrink the matrices. Speed on the numba backend (benchmarks/results/sparse_crossover.md,
+structured_pruning.md): heads/ffn make a smaller dense model whose blocks run in proportion to
+what is kept; 2:4 decodes through a packed kernel at or above dense speed (faster still with
+int8 values, ``quant`` after pruning) and prefills at about 0.8× dense; CSR beats dense only at
+high sparsity (decode about 85-90%, prefill about 75%). Every mode but an attention pattern that
+covers the sequence is approximate, and ``minitx optimize`` checks it against the declared
+tolerance (``TOLERANCE``; minitx.plugin.Tolerance):
 
 ==========================  =========  =======  ==========
 mode                        mean cos   KL       perplexity
@@ -155,12 +163,8 @@ def to_csr(w: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def to_nm(w: np.ndarray, keep: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """(values (out, in/m·n), packed positions) of an N:M keep-mask (exactly n per group)."""
-    wt, kt = w.T, keep.T                                   # (out, in)
-    out_f, in_f = wt.shape
-    cols = np.nonzero(kt)[1].reshape(out_f, in_f // m * n)  # row-major: ascending within each output
-    values = np.take_along_axis(wt, cols, axis=1)
-    return np.ascontiguousarray(values), S.pack_positions(cols % m, m)
+    """(values (in/m·n, out), packed positions) of an N:M keep-mask (exactly n per group)."""
+    return S.nm_pack(w, keep, n, m)
 
 
 def head_importance(out_heads: np.ndarray, w_out: np.ndarray, n_units: int) -> np.ndarray:
@@ -272,7 +276,8 @@ class SparsityPlugin(Plugin):
         if method in ("magnitude", "wanda", "nm"):
             out.append(Rule(f"sparsity.{method}", "linear", _pruned_linear_rule))
         elif method == "heads":
-            out += [Rule("sparsity.heads", op, _heads_rule) for op in ("linear", "split", "rope", "attention")]
+            out += [Rule("sparsity.heads", op, _heads_rule)
+                    for op in ("linear", "split", "rope", "attention", "cross_attention")]
         elif method == "ffn":
             out.append(Rule("sparsity.ffn", "linear", _ffn_rule))
         return out
@@ -420,14 +425,48 @@ def _attention_blocks(graph: Graph) -> list[dict[str, Node]]:
     return blocks
 
 
+def _cross_blocks(graph: Graph) -> list[dict[str, Node]]:
+    """Per ``cross_attention`` node without a position bias (an encoder–decoder's cross-attention):
+    its query linear, the linear and split making its keys/values from the encoder output (run
+    once per input at generation), and its output linear. T5's self-attention is a
+    ``cross_attention`` too, but with the relative-position bias all layers share: its heads stay."""
+    prod, cons = graph.producers(), graph.consumers()
+    blocks = []
+    for a in graph.nodes:
+        if a.op != "cross_attention" or (len(a.inputs) > 4 and a.inputs[4]):
+            continue
+        q, split = prod.get(a.inputs[0]), prod.get(a.inputs[1])
+        kv = prod.get(split.inputs[0]) if split is not None and split.op == "split" else None
+        outs = cons.get(a.outputs[0], [])
+        if (q is None or kv is None or q.op != "linear" or kv.op != "linear" or prod.get(a.inputs[2]) is not split
+                or len(split.outputs) != 2 or len(outs) != 1 or outs[0].op != "linear"):
+            continue
+        if not all(n.inputs[1] in graph.params for n in (q, kv, outs[0])):
+            continue
+        blocks.append({"cross": a, "q": q, "qkv": kv, "split": split, "out": outs[0]})
+    return blocks
+
+
 def _plan_heads(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
                 calib: CalibrationData | None) -> dict[str, tuple[str, KeptHeads]]:
     """node name → its role and the kept query/KV heads of its attention block, from calibration."""
-    blocks = _attention_blocks(graph)
-    if not blocks:
+    blocks, cross = _attention_blocks(graph), _cross_blocks(graph)
+    if not blocks and not cross:
         raise MinitxError("sparsity: heads pruning found no qkv → attention → out block")
-    acts = calibration_run(graph, params, [b["attn"].outputs[0] for b in blocks], calib)
+    acts = calibration_run(graph, params, [b["attn"].outputs[0] for b in blocks]
+                           + [b["cross"].outputs[0] for b in cross], calib)
     plan: dict[str, tuple[str, KeptHeads]] = {}
+    for b in cross:   # keys/values from the encoder, one unit = one head
+        a = b["cross"]
+        H = int(a.attrs["n_heads"])
+        Wo = params[b["out"].inputs[1]]
+        D = Wo.shape[0] // H
+        heads = keep_top(head_importance(np.concatenate(acts[a.outputs[0]]), Wo, H), opts["sparsity"])
+        cols = np.concatenate([np.arange(h * D, (h + 1) * D) for h in heads])
+        info = KeptHeads(len(heads), len(heads), cols, np.concatenate([cols, H * D + cols]), [len(cols)] * 2,
+                         heads.tolist())
+        for key in ("cross", "q", "qkv", "split", "out"):
+            plan[b[key].name] = (key, info)
     for b in blocks:
         a = b["attn"]
         H, KV = int(a.attrs["n_heads"]), int(a.attrs["n_kv_heads"])
@@ -459,6 +498,12 @@ def _heads_rule(node: Node, ctx: Context) -> Replacement | None:
         ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[:, info.qkv_cols])
         if len(ins) > 2 and ins[2]:
             ins[2] = ctx.add_param(ins[2] + ".heads", ctx.param(ins[2])[info.qkv_cols])
+    elif role == "q":
+        ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[:, info.q_cols])
+        if len(ins) > 2 and ins[2]:
+            ins[2] = ctx.add_param(ins[2] + ".heads", ctx.param(ins[2])[info.q_cols])
+    elif role == "cross":
+        attrs["n_heads"] = info.n_heads
     elif role == "out":
         ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[info.q_cols])
     elif role == "split":
@@ -477,7 +522,7 @@ def _heads_rule(node: Node, ctx: Context) -> Replacement | None:
             if v is not None:
                 redeclared.append(Value(v.name, (*v.shape[:-1], width), v.dtype))
     new = Node(ctx.fresh(node.name + ".heads"), node.op, ins, list(node.outputs), attrs,
-               {**node.tags, "kept_kv_groups": info.groups} if role == "attn" else dict(node.tags))
+               {**node.tags, "kept_kv_groups": info.groups} if role in ("attn", "cross") else dict(node.tags))
     return Replacement([new], inputs=redeclared)
 
 

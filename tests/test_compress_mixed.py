@@ -1,5 +1,6 @@
 """Mixed precision per layer in one quant plugin (layers=, sensitive=/high=) and quantization
-composed after low rank (lowrank_linear's factors packed)."""
+composed after low rank (lowrank_linear's factors packed) and after pruning (CSR and 2:4 values
+to int8, structured pruning's smaller matrices packed)."""
 import numpy as np
 import pytest
 
@@ -126,3 +127,37 @@ def test_quant_after_lowrank_packs_the_factors(gpt2, quant, ops):
     assert rep["validation"]["passed"] and rep["bytes_after"] < 0.35 * rep["bytes_before"]
     x = np.random.default_rng(2).integers(0, gpt2.vocab_size, (2, 16))
     assert _cos(_logits(lr, x), _logits(both, x)) > (0.999 if "int8" in quant else 0.97)
+
+
+@pytest.mark.parametrize("prune, op", [("sparsity:weights=magnitude,sparsity=0.6", "sparse_linear"),
+                                       ("sparsity:weights=nm", "nm_linear")])
+@pytest.mark.parametrize("quant", ["quant:int8", "quant:int4,group=16"])
+def test_quant_after_pruning_packs_the_kept_values(gpt2, prune, op, quant):
+    """Every pruned linear keeps its op and indices, its values become int8 with a scale per
+    output that reproduces them to half a step; the composed model passes validation."""
+    pruned = plugin.optimize(gpt2, [prune], calib=CAL, force=True)
+    both = plugin.optimize(pruned, [quant], calib=CAL)
+    nodes = [n for n in both.graph.nodes if n.op == op]
+    assert len(nodes) == 8 and all(n.tags.get("quant") == "int8" for n in nodes)
+    for n in nodes:
+        vals, scale = both.params[n.inputs[1]], both.params[n.inputs[-1]]
+        before = pruned.params[n.inputs[1][:-len(".q")]]
+        assert vals.dtype == np.int8 and np.abs(vals).max() == 127
+        per_out = scale[np.repeat(np.arange(len(scale)), np.diff(both.params[n.inputs[3]]))] if op == "sparse_linear" \
+            else scale[None, :]
+        assert np.abs(vals * per_out - before).max() <= 0.5 * per_out.max() + 1e-7
+        assert np.array_equal(both.params[n.inputs[2]], pruned.params[n.inputs[2]])    # indices untouched
+    rep = both.meta["rewrites"][-1]
+    assert rep["validation"]["passed"]
+    x = np.random.default_rng(3).integers(0, gpt2.vocab_size, (2, 16))
+    assert _cos(_logits(pruned, x), _logits(both, x)) > (0.999 if "int8" in quant else 0.97)   # int4: tables too
+
+
+def test_quant_after_structured_pruning_packs_the_smaller_matrices(gpt2):
+    pruned = plugin.optimize(gpt2, ["sparsity:weights=ffn,sparsity=0.5"], calib=CAL, force=True)
+    both = plugin.optimize(pruned, ["quant:int8"], calib=CAL)
+    ups = [n for n in both.graph.nodes if ".mlp.up" in n.name]
+    assert len(ups) == 2 and all(n.op.startswith("linear_q8") for n in ups)
+    C, F = gpt2.config["d_model"], gpt2.config["d_ff"]
+    assert all(both.params[n.inputs[1]].size == C * F // 2 and both.params[n.inputs[1]].dtype == np.int8 for n in ups)
+    assert both.meta["rewrites"][-1]["validation"]["passed"]

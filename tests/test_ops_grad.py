@@ -475,8 +475,10 @@ def test_sparse_linear_grad(seed, lead, n_in, n_out, density, with_bias):
     x = rng.standard_normal((*lead, n_in))
     b = rng.standard_normal(n_out) if with_bias else None
     attrs = {"shape": (n_out, n_in)}
-    _check("sparse_linear", [x, data, indices, indptr, b], attrs, seed=seed)
-    grads = _vjp("sparse_linear", [x, data, indices, indptr, b], attrs)
+    _check("sparse_linear", [x, data, indices, indptr, b, None], attrs, seed=seed)
+    q = rng.integers(-127, 128, data.shape).astype(np.int8)   # quantized: the scale per output learns
+    _check("sparse_linear", [x, q, indices, indptr, b, rng.random(n_out) + 0.5], attrs, seed=seed)
+    grads = _vjp("sparse_linear", [x, data, indices, indptr, b, None], attrs)
     assert grads[2] is None and grads[3] is None
 
 
@@ -493,14 +495,17 @@ def test_nm_linear_grad(seed, lead, nm, groups, n_out, with_bias):
     in_features = m * groups
     # n distinct positions in every group of m inputs, for every output
     pos = np.stack([np.concatenate([np.sort(rng.choice(m, n, replace=False)) for _ in range(groups)])
-                    for _ in range(n_out)])
+                    for _ in range(n_out)], axis=1)                        # (K, out): input-major
     idx = pack_positions(pos, m)
-    values = rng.standard_normal((n_out, groups * n))
+    values = rng.standard_normal((groups * n, n_out))
     x = rng.standard_normal((*lead, in_features))
     b = rng.standard_normal(n_out) if with_bias else None
     attrs = {"n": n, "m": m, "in_features": in_features}
-    _check("nm_linear", [x, values, idx, b], attrs, seed=seed)
-    assert _vjp("nm_linear", [x, values, idx, b], attrs)[2] is None
+    _check("nm_linear", [x, values, idx, b, None], attrs, seed=seed)
+    assert _vjp("nm_linear", [x, values, idx, b, None], attrs)[2] is None
+    # quantized: integer values, the gradient goes to the scale per output
+    _check("nm_linear", [x, rng.integers(-127, 128, values.shape).astype(np.int8), idx, b, rng.random(n_out) + 0.5],
+           attrs, seed=seed)
 
 
 @covers("linear_q8")
@@ -676,6 +681,23 @@ def test_attention_kv8_grad(seed, c):
     _check("attention_kv8", inputs, attrs, seed=seed, atol=1e-6)
     grads = _vjp("attention_kv8", inputs, attrs, seed=seed)
     assert grads[3] is None and grads[5] is None and grads[7] is None
+
+
+@covers("sparse_attention_kv8")
+@FAST
+@given(seed=seeds, c=attention_cases, pattern=sparse_patterns)
+def test_sparse_attention_kv8_grad(seed, c, pattern):
+    """attention_kv8's gradient check with a pattern (its quantization VJP, sparse_attention's)."""
+    from minitx.ops.quant import quantize_heads
+
+    rng = _rng(seed)
+    (q, k, v, pk, pv, mask), attrs = _attention_inputs(rng, c)
+    B, T, S, Hkv, D = c["B"], c["T"], c["S"], c["n_kv_heads"], c["D"]
+    k = _far_from_rounding(rng, (B, T, Hkv, D)).reshape(B, T, Hkv * D)
+    v = _far_from_rounding(rng, (B, T, Hkv, D)).reshape(B, T, Hkv * D)
+    pkq, pks = quantize_heads(pk, Hkv) if S else (None, None)
+    pvq, pvs = quantize_heads(pv, Hkv) if S else (None, None)
+    _check("sparse_attention_kv8", [q, k, v, pkq, pks, pvq, pvs, mask], {**attrs, **pattern}, seed=seed, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------- distillation

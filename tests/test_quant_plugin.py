@@ -231,3 +231,56 @@ def test_int4_and_kv8_model_decodes_on_numba_like_the_spec(gpt2):
         ln, st_n = gen.step(new, np.array(ids), st_n, backends=("numba",))
         ls, st_s = gen.step(new, np.array(ids), st_s)
         np.testing.assert_allclose(ln, ls, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["bart", "marian", "t5"])
+def test_cross_attention_projections_are_quantized(arch):
+    """The cross-attention K/V projection (run once per input on the encoder output), its query
+    and output linears are packed like every other linear; teacher-forced logits stay within int8's
+    budget of the float model's, and BART/Marian's decoder self-attention cache takes kv=int8."""
+    from minitx import seq2seq
+
+    m = Model.from_config(models.preset(arch, "tiny"), seed=0)
+    q = plugin.optimize(m, ["quant:int8,kv=int8"], calib=CAL)
+    ops = {n.name: n.op for n in q.graph.nodes}
+    for i in range(m.config["n_layers"]):
+        for part in ("kv", "q", "out"):
+            assert ops[f"layers.{i}.cross.{part}"].startswith("linear_q8"), (i, part)
+    assert q.meta["rewrites"][-1]["validation"]["passed"]
+    assert ("attention_kv8" in ops.values()) == (arch != "t5")   # T5's cache feeds cross_attention
+    src, tgt = [[5, 6, 7, 8, 9, 10]], [[0, 11, 12, 13]]
+    a, b = seq2seq.logits(q, src, tgt).ravel(), seq2seq.logits(m, src, tgt).ravel()
+    assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
+    assert seq2seq.generate(q, src, 4) and len(seq2seq.generate(q, src, 4)[0]) <= 4
+
+
+def test_kv8_on_top_of_a_sparse_attention_pattern(gpt2):
+    """sparsity:attention=local then quant kv=int8: the pattern stays (sparse_attention_kv8) over
+    an int8 cache. Decoding token by token equals one prefill; a window covering the sequence
+    equals plain attention over the int8 cache (quant:kv8 alone); a short window does not; the
+    numba kernel follows the spec."""
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    local = plugin.optimize(gpt2, ["sparsity:attention=local,window=3", "quant:kv8"], calib=CAL, force=True)
+    wide = plugin.optimize(gpt2, ["sparsity:attention=local,window=64", "quant:kv8"], calib=CAL)
+    plain = plugin.optimize(gpt2, ["quant:kv8"], calib=CAL)
+    assert {n.op for n in local.graph.nodes} >= {"sparse_attention_kv8"}
+    assert all(n.attrs["pattern"] == "local" for n in local.graph.nodes if n.op == "sparse_attention_kv8")
+    assert wide.meta["rewrites"][-1]["validation"]["passed"]
+    full, _ = gen.step(local, ids, gen.empty_state(local, 1))
+    st, rows = gen.empty_state(local, 1), []
+    for t in range(ids.shape[1]):
+        lg, st = gen.step(local, ids[:, t:t + 1], st)
+        rows.append(lg[:, 0])
+        assert st.past["past.0.k"].dtype == np.int8
+    np.testing.assert_allclose(np.stack(rows, 1), full, rtol=1e-4, atol=1e-5)
+    ref, _ = gen.step(plain, ids, gen.empty_state(plain, 1))
+    np.testing.assert_allclose(gen.step(wide, ids, gen.empty_state(wide, 1))[0], ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(full - ref).max() > 1e-3
+    pytest.importorskip("numba")
+    placed = {op: b for _, op, b in local.executor(("numba",)).explain()}
+    assert placed["sparse_attention_kv8"] == "numba"
+    st_n, st_s = gen.empty_state(local, 1), gen.empty_state(local, 1)
+    for step in ([[5, 6, 7, 8, 9]], [[8]], [[9]]):
+        ln, st_n = gen.step(local, np.array(step), st_n, backends=("numba",))
+        ls, st_s = gen.step(local, np.array(step), st_s)
+        np.testing.assert_allclose(ln, ls, rtol=1e-3, atol=1e-4)

@@ -139,6 +139,28 @@ def test_numba_compact_linears_match_the_spec(nb):
     np.testing.assert_allclose(nb.nm_linear(x, values, packed, b, n=2, m=4, in_features=16), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_numba_2_4_kernel_equals_the_dense_product_of_the_kept_weights(nb, rows, quantized):
+    """The packed 2:4 kernel (≤ 8 rows) and the expand-to-dense path (more rows), float and int8
+    values, against x @ W computed from the mask by plain NumPy (not from the packed form)."""
+    rng = np.random.default_rng(rows)
+    n_in, n_out = 96, 1100          # more outputs than a kernel tile, and a partial last tile
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    keep = SP.nm_masks({"w": np.abs(w)}, 2, 4)["w"]
+    values, packed = SP.to_nm(w, keep, 2, 4)
+    scale = None
+    dense = np.where(keep, w, 0).astype(np.float64)
+    if quantized:
+        scale = (np.abs(values).max(axis=0) / 127).astype(np.float32)
+        values = np.round(values / scale).astype(np.int8)
+        dense = np.zeros_like(dense)
+        np.put_along_axis(dense, np.nonzero(keep.T)[1].reshape(n_out, -1).T, values * scale.astype(np.float64), axis=0)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    got = nb.nm_linear(x, values, packed, None, scale, n=2, m=4, in_features=n_in)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ dense, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------ pure weight transforms
 def test_magnitude_masks_drop_the_smallest_per_layer_and_globally():
     w1 = np.arange(1, 11, dtype=float).reshape(2, 5)
@@ -170,8 +192,13 @@ def test_nm_masks_keep_the_n_largest_of_every_group_and_pack_two_bits():
     dropped_max = np.where(~g, np.abs(w).reshape(4, 4, 5), -np.inf).max(axis=1)
     assert (kept_min > dropped_max).all()
     values, packed = SP.to_nm(w, keep, 2, 4)
-    assert values.shape == (5, 8) and packed.shape == (5, 2) and packed.dtype == np.uint8  # 8 × 2 bits = 2 bytes
-    np.testing.assert_array_equal(S.nm_dense(values, packed, n=2, m=4, in_features=16), np.where(keep, w, 0).T)
+    # input-major like the dense weight: 8 values per output, their 8 × 2 bits in 2 bytes
+    assert values.shape == (8, 5) and packed.shape == (2, 5) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(S.nm_dense(values, packed, n=2, m=4, in_features=16), np.where(keep, w, 0))
+    # the first group of output 0, by hand: byte 0 holds (group 0: 2 positions, group 1: 2 positions)
+    first = np.nonzero(keep[:4, 0])[0]
+    assert packed[0, 0] & 3 == first[0] and (packed[0, 0] >> 2) & 3 == first[1]
+    np.testing.assert_array_equal(values[:2, 0], w[first, 0])
 
 
 def test_csr_storage_holds_only_the_kept_weights():
@@ -392,3 +419,36 @@ def test_sane_pruning_passes_and_broken_pruning_is_refused_on_real_text(austen):
     assert not bad.passed and bad.primary().kl > 0.5
     assert "logits mean KL" in bad.failure and "> max_kl 0.05" in bad.failure
     assert "perplexity" in bad.failure and "\n" not in bad.failure
+
+
+# ------------------------------------------------------------------ encoder–decoders: cross-attention heads
+@pytest.mark.parametrize("arch", ["bart", "marian", "t5"])
+def test_heads_pruning_removes_cross_attention_heads(arch):
+    """Removing a head equals zeroing its rows of the output projection: the pruned model's
+    teacher-forced logits and greedy output equal those of the unpruned graph with exactly those
+    rows zeroed (computed here from the kept-head tags, on the original parameters)."""
+    from minitx import seq2seq
+
+    m = Model.from_config(models.preset(arch, "tiny"), seed=0)
+    new = plugin.optimize(m, ["sparsity:weights=heads,sparsity=0.5"], calib=Calibration.random(2, 12), force=True)
+    H = m.config["n_heads"]
+    zeroed = {k: np.array(a, copy=True) for k, a in m.params.items()}
+    crosses = 0
+    for n in new.graph.nodes:
+        if "kept_kv_groups" not in n.tags:
+            continue
+        crosses += n.op == "cross_attention"
+        assert n.attrs["n_heads"] == H // 2
+        w = zeroed[n.name.replace(".sdpa.heads", ".out.weight")]
+        D = w.shape[0] // H
+        for h in set(range(H)) - set(n.tags["kept_kv_groups"]):
+            w[h * D:(h + 1) * D] = 0
+    assert crosses == m.config["n_layers"]       # every decoder layer's cross-attention was pruned
+    ref = Model(dict(m.config), zeroed, m.graph)
+    kv = next(n for n in new.graph.nodes if n.name.startswith("layers.0.cross.kv"))
+    assert new.params[kv.inputs[1]].shape[1] == m.params["layers.0.cross.kv.weight"].shape[1] // 2  # K/V narrower
+    src = [[5, 6, 7, 8, 9], [3, 4]]                 # a batch with padding for generation
+    a = seq2seq.logits(new, src[:1], [[0, 11, 12]])
+    b = seq2seq.logits(ref, src[:1], [[0, 11, 12]])
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    assert seq2seq.generate(new, src, 5) == seq2seq.generate(ref, src, 5)

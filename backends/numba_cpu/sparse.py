@@ -10,15 +10,19 @@ time falls with the FLOPs (benchmarks/results/attention_patterns_cpu.md). Top-k 
 need every score; they compute them as the dense prefill kernel does (Kᵀ once per kv head), find
 the cut-off by partial selection, and exponentiate and mix only the surviving keys.
 
-The linears keep the weights in their compact form: ``sparse_linear`` walks the CSR rows of Wᵀ,
-``nm_linear`` decodes the packed positions on the fly; both accumulate whole rows of xᵀ, so the
-inner loop is a contiguous axpy over the batch of tokens.
+The linears keep the weights in their compact form: ``sparse_linear`` walks the CSR rows of Wᵀ
+(at decode a gather per stored weight, so it beats dense only at high sparsity); ``nm_linear``'s
+2:4 kernel selects each stored value's input arithmetically from four held in registers, so
+decode reads half the bytes of dense at vector speed; int8 values (quantization after pruning)
+with a scale per output go through the same kernels.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
 from numba import prange
+
+from minitx.ops import sparse as S
 
 from ._jit import FASTMATH, kernel, pick
 from ._vmath import dot4, exp
@@ -328,8 +332,17 @@ def sparse_attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n
     return out, K, V
 
 
+def sparse_attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None,
+                         **attrs):
+    """The spec's int8 cache handling (quantize the new tokens, dequantize the cache) around the
+    pattern kernel above: the pattern's speed, the int8 cache's memory."""
+    from minitx.ops.quant import kv8_forward
+
+    return kv8_forward(sparse_attention, (q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask), attrs)
+
+
 # ------------------------------------------------------------------------------ CSR linear
-def _csr_rows(xT, data, indices, indptr, yT):
+def _csr_rows(xT, data, indices, indptr, scale, yT):
     """Many rows (prefill): yT[o, :] += w · xT[col, :] for every stored weight — each weight read
     once, a contiguous row of xT per weight; accumulating in yT itself (no buffer per output)."""
     out_f = yT.shape[0]
@@ -339,24 +352,35 @@ def _csr_rows(xT, data, indices, indptr, yT):
         for n in range(N):
             yo[n] = 0.0
         for p in range(indptr[o], indptr[o + 1]):
-            w = data[p]
+            w = np.float32(data[p])
             xc = xT[indices[p]]
             for n in range(N):
                 yo[n] += w * xc[n]
+        s = scale[o]
+        for n in range(N):
+            yo[n] *= s
 
 
-def _csr_skinny(x, data, indices, indptr, y):
-    """Few rows (decode): one scalar accumulator per (row, output), the row's inputs gathered by
-    index — the loop over rows of ``_csr_rows`` has length 1 here and only costs overhead."""
+def _csr_skinny(x, data, indices, indptr, scale, y):
+    """Few rows (decode): four independent accumulators per (row, output) over the row's inputs
+    gathered by index — one accumulator would wait on the add before it every time."""
     out_f = y.shape[1]
     for o in prange(out_f):
         p0, p1 = indptr[o], indptr[o + 1]
         for n in range(x.shape[0]):
             xn = x[n]
-            acc = np.float32(0.0)
-            for p in range(p0, p1):
-                acc += data[p] * xn[indices[p]]
-            y[n, o] = acc
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            p = p0
+            while p + 4 <= p1:
+                a0 += np.float32(data[p]) * xn[indices[p]]
+                a1 += np.float32(data[p + 1]) * xn[indices[p + 1]]
+                a2 += np.float32(data[p + 2]) * xn[indices[p + 2]]
+                a3 += np.float32(data[p + 3]) * xn[indices[p + 3]]
+                p += 4
+            while p < p1:
+                a0 += np.float32(data[p]) * xn[indices[p]]
+                p += 1
+            y[n, o] = ((a0 + a1) + (a2 + a3)) * scale[o]
 
 
 _CSR = kernel(_csr_rows)
@@ -364,86 +388,152 @@ _CSR_SKINNY = kernel(_csr_skinny)
 SKINNY_MAX_ROWS = 8
 
 
-def sparse_linear(x, data, indices, indptr, b=None, *, shape):
+def _scales(scale, out_f):
+    return np.ones(out_f, np.float32) if scale is None else scale.astype(np.float32, copy=False)
+
+
+def _stored(a):
+    """Compact weights as the kernels read them: float32, or the integers as they are (int8)."""
+    return a if a.dtype.kind in "iu" else a.astype(np.float32, copy=False)
+
+
+def sparse_linear(x, data, indices, indptr, b=None, scale=None, *, shape):
+    if x.dtype != np.float32:
+        return S.sparse_linear(x, data, indices, indptr, b, scale, shape=shape)
     out_f, in_f = shape
     x2 = x.reshape(-1, in_f)
-    if x2.shape[0] <= SKINNY_MAX_ROWS and x.dtype == np.float32:
+    s = _scales(scale, out_f)
+    if x2.shape[0] <= SKINNY_MAX_ROWS:
         y2 = np.empty((x2.shape[0], out_f), x.dtype)
-        pick(_CSR_SKINNY, data.size * x2.shape[0])(np.ascontiguousarray(x2), data.astype(x.dtype, copy=False),
-                                                    indices, indptr, y2)
+        pick(_CSR_SKINNY, data.size * x2.shape[0])(np.ascontiguousarray(x2), _stored(data), indices, indptr, s, y2)
         y = y2.reshape(*x.shape[:-1], out_f)
         return y if b is None else y + b
     xT = np.ascontiguousarray(x2.T)
     yT = np.empty((out_f, xT.shape[1]), x.dtype)
-    pick(_CSR, data.size * xT.shape[1])(xT, data.astype(x.dtype, copy=False), indices, indptr, yT)
+    pick(_CSR, data.size * xT.shape[1])(xT, _stored(data), indices, indptr, s, yT)
     y = yT.T.reshape(*x.shape[:-1], out_f)
     return y if b is None else y + b
 
 
 # ------------------------------------------------------------------------------ N:M linear
-def _nm_rows(xT, values, packed, n, m, bits, yT):
-    out_f, K = values.shape
-    N = xT.shape[1]
+NM_TILE = 1024   # output channels per task: their accumulators stay in L1, their rows stream
+
+
+def _nm24_rows(x, values, packed, scale, y):
+    """2:4 at few rows (decode), input-major storage: for every 8 inputs (one byte of positions
+    per output: two groups, two positions each) and a tile of outputs, the value at position
+    p = 2h + l of a group is x[4g] + l·(x[4g+1] − x[4g]) + h·((x[4g+2] − x[4g]) + l·(…)) — the
+    position's two bits, used unshifted (the constants carry the powers of two), select among
+    four inputs held in registers with three fused multiply-adds. No gather, so the loop over
+    outputs vectorises; it reads 2 floats and 4 bits per group of 4 weights (int8 values: 2 bytes
+    and 4 bits) instead of a dense matrix's 4 floats, which is what decode's speed is bound by."""
+    N = x.shape[0]
+    J, out = packed.shape
+    for t in prange((out + NM_TILE - 1) // NM_TILE):
+        o0 = t * NM_TILE
+        w = min(out, o0 + NM_TILE) - o0
+        acc = np.zeros((N, w), np.float32)
+        for j in range(J):
+            pj = packed[j, o0:o0 + w]
+            v0, v1 = values[4 * j, o0:o0 + w], values[4 * j + 1, o0:o0 + w]
+            v2, v3 = values[4 * j + 2, o0:o0 + w], values[4 * j + 3, o0:o0 + w]
+            for r in range(N):
+                xa, xb = x[r, 8 * j], x[r, 8 * j + 4]
+                dA, eA = x[r, 8 * j + 1] - xa, x[r, 8 * j + 2] - xa
+                fA = x[r, 8 * j + 3] - x[r, 8 * j + 2] - dA
+                dB, eB = x[r, 8 * j + 5] - xb, x[r, 8 * j + 6] - xb
+                fB = x[r, 8 * j + 7] - x[r, 8 * j + 6] - dB
+                # bit k of the byte is 2^k when set: fold 2^-k into the constants
+                a0, b0, c0 = dA, eA * np.float32(0.5), fA * np.float32(0.5)
+                a1, b1, c1 = dA * np.float32(0.25), eA * np.float32(0.125), fA * np.float32(2.0 ** -5)
+                a2, b2, c2 = dB * np.float32(2.0 ** -4), eB * np.float32(2.0 ** -5), fB * np.float32(2.0 ** -9)
+                a3, b3, c3 = dB * np.float32(2.0 ** -6), eB * np.float32(2.0 ** -7), fB * np.float32(2.0 ** -13)
+                ar = acc[r]
+                for o in range(w):
+                    c = np.int32(pj[o])
+                    l0, h0 = np.float32(c & 1), np.float32(c & 2)
+                    l1, h1 = np.float32(c & 4), np.float32(c & 8)
+                    l2, h2 = np.float32(c & 16), np.float32(c & 32)
+                    l3, h3 = np.float32(c & 64), np.float32(c & 128)
+                    s0 = xa + l0 * a0 + h0 * (b0 + l0 * c0)
+                    s1 = xa + l1 * a1 + h1 * (b1 + l1 * c1)
+                    s2 = xb + l2 * a2 + h2 * (b2 + l2 * c2)
+                    s3 = xb + l3 * a3 + h3 * (b3 + l3 * c3)
+                    ar[o] += (np.float32(v0[o]) * s0 + np.float32(v1[o]) * s1
+                              + np.float32(v2[o]) * s2 + np.float32(v3[o]) * s3)
+        for r in range(N):
+            for o in range(w):
+                y[r, o0 + o] = acc[r, o] * scale[o0 + o]
+
+
+def _nm_expand(values, packed, n, m, bits, scale, o0, W):
+    """W (in, width) = the dense columns o0 … o0 + width of what an N:M pair stands for (W
+    zeroed here)."""
+    K = values.shape[0]
     per = 8 // bits
     low = (1 << bits) - 1
-    for o in prange(out_f):
-        acc = np.zeros(N, yT.dtype)
-        for kk in range(K):
-            pos = (packed[o, kk // per] >> (bits * (kk % per))) & low
-            col = (kk // n) * m + pos
-            w = values[o, kk]
-            for t in range(N):
-                acc[t] += w * xT[col, t]
-        yT[o, :] = acc
+    width = W.shape[1]
+    for i in prange(W.shape[0]):
+        for o in range(width):
+            W[i, o] = 0.0
+    for k in range(K):
+        base = (k // n) * m
+        shift = bits * (k % per)
+        pk = packed[k // per]
+        vk = values[k]
+        for o in range(width):
+            W[base + ((pk[o0 + o] >> shift) & low), o] = np.float32(vk[o0 + o]) * scale[o0 + o]
 
 
-_NM = kernel(_nm_rows)
+def _nm24_expand(values, packed, scale, o0, W):
+    """2:4 only: W (in, width) = the dense columns o0 … o0 + width, written row by row — each
+    dense weight is v0·[p0 = r] + v1·[p1 = r] of its group, so the loop over outputs vectorises
+    and the stores are contiguous (the generic ``_nm_expand`` scatters one value at a time)."""
+    J = packed.shape[0]
+    width = W.shape[1]
+    for j in prange(J):
+        pj = packed[j, o0:o0 + width]
+        for half in range(2):
+            va, vb = values[4 * j + 2 * half, o0:o0 + width], values[4 * j + 2 * half + 1, o0:o0 + width]
+            for r in range(4):
+                row = W[8 * j + 4 * half + r]
+                for o in range(width):
+                    c = (np.int32(pj[o]) >> (4 * half)) & 15
+                    row[o] = (np.float32(va[o]) * np.float32((c & 3) == r)
+                              + np.float32(vb[o]) * np.float32((c >> 2) == r)) * scale[o0 + o]
 
 
-def _nm_expand(values, packed, n, m, bits, Wt):
-    """Wt (out, in) = the dense matrix an N:M pair stands for (Wt zeroed here)."""
-    out_f, K = values.shape
-    per = 8 // bits
-    low = (1 << bits) - 1
-    for o in prange(out_f):
-        row = Wt[o]
-        for i in range(row.size):
-            row[i] = 0.0
-        for kk in range(K):
-            pos = (packed[o, kk // per] >> (bits * (kk % per))) & low
-            row[(kk // n) * m + pos] = values[o, kk]
+_NM24, _NM_EXPAND, _NM24_EXPAND = kernel(_nm24_rows), kernel(_nm_expand), kernel(_nm24_expand)
+NM_EXPAND_TILE = 1024   # output channels expanded to dense at a time on the many-rows path
 
 
-_NM_EXPAND = kernel(_nm_expand)
-
-
-NM_TILE = 1024  # output channels expanded to dense at a time on the many-rows path
-
-
-def nm_linear(x, values, idx, b=None, *, n, m, in_features):
-    """Few rows: the gather kernel. Many rows: N:M holds no speed-up for a CPU's vector units (no
-    sparse tensor cores), so tiles of output channels are expanded to dense and multiplied with
-    BLAS — 2:4's gain here is storage, at close to dense speed (measured:
-    benchmarks/results/sparse_crossover.md)."""
-    from minitx.ops.sparse import index_bits
-
-    x2 = x.reshape(-1, in_features)
-    if x2.shape[0] > 8 and x.dtype == np.float32:
-        y2 = np.empty((x2.shape[0], values.shape[0]), x.dtype)
-        wt = np.empty((min(NM_TILE, values.shape[0]), in_features), np.float32)
-        vals = values.astype(np.float32, copy=False)
-        for o in range(0, values.shape[0], NM_TILE):
-            t = wt[:min(NM_TILE, values.shape[0] - o)]
-            pick(_NM_EXPAND, t.size)(vals[o:o + NM_TILE], idx[o:o + NM_TILE], int(n), int(m), index_bits(m), t)
-            y2[:, o:o + NM_TILE] = x2 @ t.T
-        y = y2.reshape(*x.shape[:-1], values.shape[0])
-        return y if b is None else y + b
-    xT = np.ascontiguousarray(x2.T)
-    yT = np.empty((values.shape[0], xT.shape[1]), x.dtype)
-    pick(_NM, values.size * xT.shape[1])(xT, values.astype(x.dtype, copy=False), idx, int(n), int(m),
-                                         index_bits(m), yT)
-    y = yT.T.reshape(*x.shape[:-1], values.shape[0])
+def nm_linear(x, values, idx, b=None, scale=None, *, n, m, in_features):
+    """2:4 at up to ``SKINNY_MAX_ROWS`` rows: the packed kernel (faster than dense: decode reads
+    half the bytes, benchmarks/results/sparse_crossover.md). Many rows, or other N:M: tiles of
+    output channels expanded to dense and multiplied with BLAS — a CPU has no sparse matrix
+    units, so prefill runs at close to dense speed and 2:4's gain there is storage."""
+    if x.dtype != np.float32:
+        return S.nm_linear(x, values, idx, b, scale, n=n, m=m, in_features=in_features)
+    out_f = values.shape[1]
+    x2 = np.ascontiguousarray(x.reshape(-1, in_features))
+    s = _scales(scale, out_f)
+    vals = _stored(values)
+    y2 = np.empty((x2.shape[0], out_f), np.float32)
+    two_four = (n, m) == (2, 4) and in_features % 8 == 0
+    if two_four and x2.shape[0] <= SKINNY_MAX_ROWS:
+        pick(_NM24, values.size * x2.shape[0])(x2, vals, idx, s, y2)
+    else:
+        wt = np.empty((in_features, min(NM_EXPAND_TILE, out_f)), np.float32)
+        for o in range(0, out_f, NM_EXPAND_TILE):
+            t = wt[:, :min(NM_EXPAND_TILE, out_f - o)]
+            if two_four:
+                pick(_NM24_EXPAND, t.size)(vals, idx, s, o, t)
+            else:
+                pick(_NM_EXPAND, t.size)(vals, idx, int(n), int(m), S.index_bits(m), s, o, t)
+            y2[:, o:o + t.shape[1]] = x2 @ t
+    y = y2.reshape(*x.shape[:-1], out_f)
     return y if b is None else y + b
 
 
-KERNELS = {"sparse_attention": sparse_attention, "sparse_linear": sparse_linear, "nm_linear": nm_linear}
+KERNELS = {"sparse_attention": sparse_attention, "sparse_attention_kv8": sparse_attention_kv8,
+           "sparse_linear": sparse_linear, "nm_linear": nm_linear}

@@ -372,30 +372,43 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
     """Attention over an int8 cache: new k, v are quantized per token and head, appended to the
     cache, and attention reads the dequantized cache (the new tokens too, so every step sees the
     values later steps will). Returns (out, present_k, present_k_scale, present_v, present_v_scale)."""
+    return kv8_forward(attention, (q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask),
+                       dict(n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale))
+
+
+def kv8_forward(attend, inputs, attrs):
+    """``attend`` (attention, or sparse_attention with its pattern in ``attrs``) over the int8 cache."""
+    q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask = inputs
+    n_kv_heads = attrs["n_kv_heads"]
     kq, ks = quantize_heads(k, n_kv_heads)
     vq, vs = quantize_heads(v, n_kv_heads)
     pk = None if past_k is None else dequantize_heads(past_k, past_k_scale)
     pv = None if past_v is None else dequantize_heads(past_v, past_v_scale)
-    out, _, _ = attention(q, dequantize_heads(kq, ks), dequantize_heads(vq, vs), pk, pv, mask,
-                          n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+    out, _, _ = attend(q, dequantize_heads(kq, ks), dequantize_heads(vq, vs), pk, pv, mask, **attrs)
     cat = (lambda a, b: b if a is None else np.concatenate([a, b], axis=1))
     return out, cat(past_k, kq), cat(past_k_scale, ks), cat(past_v, vq), cat(past_v_scale, vs)
 
 
 @wide_vjp
 def attention_kv8_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, scale=None):
+    return kv8_vjp(attention, attention_vjp, grads, inputs,
+                   dict(n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale))
+
+
+def kv8_vjp(attend, attend_vjp, grads, inputs, attrs):
+    """The VJP of :func:`kv8_forward` with ``attend`` and its VJP."""
     g_out, _, g_ks, _, g_vs = grads
     q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask = inputs
+    n_kv_heads = attrs["n_kv_heads"]
     S = 0 if past_k is None else past_k.shape[1]
     kq, ks = quantize_heads(k, n_kv_heads)
     vq, vs = quantize_heads(v, n_kv_heads)
     kd, vd = dequantize_heads(kq, ks), dequantize_heads(vq, vs)
     pk = None if past_k is None else dequantize_heads(past_k, past_k_scale)
     pv = None if past_v is None else dequantize_heads(past_v, past_v_scale)
-    attrs = dict(n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
-    fwd = attention(q, kd, vd, pk, pv, mask, **attrs)
+    fwd = attend(q, kd, vd, pk, pv, mask, **attrs)
     zero = np.zeros_like(fwd[1])
-    gq, gkd, gvd, gpk, gpv, _ = attention_vjp((g_out, zero, zero), (q, kd, vd, pk, pv, mask), fwd, **attrs)
+    gq, gkd, gvd, gpk, gpv, _ = attend_vjp((g_out, zero, zero), (q, kd, vd, pk, pv, mask), fwd, **attrs)
     B, T, HD = k.shape
     D = HD // n_kv_heads
     shp = (B, T, n_kv_heads, D)

@@ -20,8 +20,13 @@ Sparse linears compute y = x W + b from a compact form of W (stored (in, out) wh
 
 * ``sparse_linear`` — Wᵀ as a CSR matrix (``data``, ``indices``, ``indptr``), shape (out, in);
 * ``nm_linear``     — N:M structured: in every group of m consecutive inputs each output keeps n
-  weights; ``values`` (out, in/m·n) and their positions in the group, packed ``bits`` to a byte
-  (2 bits for 2:4).
+  weights; ``values`` (in/m·n, out) and their positions in the group, packed ``bits`` to a byte
+  (2 bits for 2:4: half the values and a byte per two groups). Input-major like a dense weight,
+  so a kernel streams contiguous rows of outputs — at decode the positions select among four
+  inputs held in registers, with no gather.
+
+Both take an optional ``scale`` (out,): the stored weights are then integers (int8, what
+quantization after pruning stores) and output o's are multiplied by scale[o].
 """
 from __future__ import annotations
 
@@ -133,34 +138,109 @@ register("sparse_attention", sparse_attention, sparse_attention_vjp, sparse_atte
          flops=sparse_attention_flops, nondiff=(5,), n_optional=3, may_alias=True)
 
 
+# ------------------------------------------------------------------------------ over an int8 KV cache
+def sparse_attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None, *,
+                         n_heads, n_kv_heads, causal, pattern="dense", window=0, block=0, stride=0, n_global=0,
+                         topk=0, threshold=0.0, dense_below=0, scale=None):
+    """``sparse_attention`` over an int8 KV cache, as ``attention_kv8`` is attention over one:
+    new k, v quantized per token and head and appended; the pattern applies to the dequantized
+    keys. Returns (out, present_k, present_k_scale, present_v, present_v_scale)."""
+    from .quant import kv8_forward
+
+    return kv8_forward(sparse_attention, (q, k, v, past_k, past_k_scale, past_v, past_v_scale, mask),
+                       _kv8_attrs(locals()))
+
+
+def _kv8_attrs(scope) -> dict:
+    keys = ("n_heads", "n_kv_heads", "causal", "pattern", "window", "block", "stride", "n_global", "topk",
+            "threshold", "dense_below", "scale")
+    return {k: scope[k] for k in keys}
+
+
+@wide_vjp
+def sparse_attention_kv8_vjp(grads, inputs, outputs, *, n_heads, n_kv_heads, causal, pattern="dense", window=0,
+                             block=0, stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
+    from .quant import kv8_vjp
+
+    return kv8_vjp(sparse_attention, sparse_attention_vjp, grads, inputs, _kv8_attrs(locals()))
+
+
+def sparse_attention_kv8_infer(shapes, dtypes, *, n_heads, n_kv_heads, causal, pattern="dense", window=0, block=0,
+                               stride=0, n_global=0, topk=0, threshold=0.0, dense_below=0, scale=None):
+    from .quant import attention_kv8_infer
+
+    check_pattern("sparse_attention_kv8", pattern, window, block, stride, n_global, topk, threshold, dense_below)
+    return attention_kv8_infer(shapes, dtypes, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale)
+
+
+register("sparse_attention_kv8", sparse_attention_kv8, sparse_attention_kv8_vjp, sparse_attention_kv8_infer,
+         flops=sparse_attention_flops, nondiff=(3, 5, 7), n_optional=5)
+
+
+def _sparse_kv8(pattern, **pat):
+    def build(*args, **kw):
+        from .quant import _attn_kv8
+
+        base = _attn_kv8(*args, **kw)
+
+        def make(r, d):
+            inputs, attrs = base(r, d)
+            return inputs, {**attrs, "pattern": pattern, **pat}
+        return make
+    return build
+
+
+add_cases("sparse_attention_kv8", [
+    Case("local 4, decode over an int8 cache", _sparse_kv8("local", window=4)(3, 1, 11, 6, 2, 16, True, True, True)),
+    Case("block 3, prefill after cache", _sparse_kv8("block", block=3, n_global=1)(2, 5, 7, 4, 2, 8, True, True, True)),
+    Case("strided 3, prefill", _sparse_kv8("strided", stride=3)(2, 9, 0, 4, 4, 8, True, False, False)),
+    Case("top-3, decode", _sparse_kv8("topk", topk=3)(2, 1, 9, 2, 2, 8, True, True, True)),
+])
+
+
 # ------------------------------------------------------------------------------ CSR linear
 def _csr(data, indices, indptr, shape):
     return scipy.sparse.csr_array((data, indices, indptr), shape=tuple(shape))
 
 
-def sparse_linear(x, data, indices, indptr, b=None, *, shape):
-    """y = x W + b, where Wᵀ (out, in) = CSR(data, indices, indptr): only the kept weights are stored."""
-    Wt = _csr(wide(data), indices, indptr, shape)      # scipy.sparse has no float16
+def _real(a):
+    """Stored weights as floats for the spec's arithmetic: integers (quantized) to float32, 16-bit
+    floats widened (scipy.sparse has no float16)."""
+    return a.astype(np.float32) if a.dtype.kind in "iu" else wide(a)
+
+
+def sparse_linear(x, data, indices, indptr, b=None, scale=None, *, shape):
+    """y = x W + b, where Wᵀ (out, in) = CSR(data, indices, indptr): only the kept weights are
+    stored. With ``scale`` (out,) the data are integers (int8 after quantization) and output o's
+    weights are data · scale[o]."""
+    Wt = _csr(_real(data), indices, indptr, shape)
     rows = wide(x).reshape(-1, x.shape[-1])
-    y = np.asarray((Wt @ rows.T).T, dtype=x.dtype).reshape(*x.shape[:-1], shape[0])
+    y = np.asarray((Wt @ rows.T).T)
+    if scale is not None:
+        y = y * wide(scale)
+    y = y.astype(x.dtype).reshape(*x.shape[:-1], shape[0])
     return y if b is None else y + b
 
 
 def sparse_linear_vjp(grads, inputs, outputs, *, shape):
     (g,) = grads
-    x, data, indices, indptr, b = inputs
-    Wt = _csr(wide(data), indices, indptr, shape)
+    x, data, indices, indptr, b, scale = inputs
+    Wt = _csr(_real(data), indices, indptr, shape)
     rows = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, shape[0])
-    gx = np.asarray(wide(g2) @ Wt).astype(x.dtype).reshape(x.shape)   # ∂/∂x = g W
+    gs = g2 if scale is None else g2 * scale                    # the cotangent of the unscaled product
+    gx = np.asarray(wide(gs) @ Wt).astype(x.dtype).reshape(x.shape)   # ∂/∂x = g W
     out_of = np.repeat(np.arange(shape[0]), np.diff(indptr))    # the output row of every stored weight
-    gdata = np.einsum("nk,nk->k", g2[:, out_of], rows[:, indices])  # ∂/∂Wᵀ[o, i] = Σ_n g[n, o] x[n, i]
+    gdata = None
+    if scale is None:   # ∂/∂Wᵀ[o, i] = Σ_n g[n, o] x[n, i]; integer data have no gradient
+        gdata = np.einsum("nk,nk->k", g2[:, out_of], rows[:, indices]).astype(data.dtype)
+    gscale = None if scale is None else np.einsum("no,no->o", g2, np.asarray((Wt @ rows.T).T)).astype(scale.dtype)
     gb = None if b is None else g2.sum(axis=0)
-    return gx, gdata.astype(data.dtype), None, None, gb
+    return gx, gdata, None, None, gb, gscale
 
 
 def sparse_linear_infer(shapes, dtypes, *, shape):
-    x, data, indices, indptr, b = shapes
+    x, data, indices, indptr, b, scale = shapes
     op = "sparse_linear"
     require(len(shape) == 2, op, f"shape must be (out, in), got {shape}")
     out_f, in_f = shape
@@ -170,7 +250,16 @@ def sparse_linear_infer(shapes, dtypes, *, shape):
     require(np.issubdtype(np.dtype(dtypes[2]), np.integer) and np.issubdtype(np.dtype(dtypes[3]), np.integer), op,
             f"indices/indptr must be integers, got {dtypes[2]}/{dtypes[3]}")
     require(b is None or tuple(b) == (out_f,), op, f"bias shape {b} != ({out_f},)")
+    _check_scale(op, dtypes[1], scale, out_f)
     return [((*x[:-1], out_f), dtypes[0])]
+
+
+def _check_scale(op, dtype, scale, out_f):
+    """Float weights alone, or integer weights with one scale per output."""
+    integer = np.issubdtype(np.dtype(dtype), np.integer)
+    require(integer == (scale is not None), op,
+            f"weights of dtype {np.dtype(dtype)} {'need' if integer else 'take no'} scale (out,)")
+    require(scale is None or tuple(scale) == (out_f,), op, f"scale shape {scale} != ({out_f},)")
 
 
 def sparse_linear_flops(shapes, outs, *, shape):
@@ -178,7 +267,7 @@ def sparse_linear_flops(shapes, outs, *, shape):
 
 
 register("sparse_linear", sparse_linear, sparse_linear_vjp, sparse_linear_infer, flops=sparse_linear_flops,
-         nondiff=(2, 3), n_optional=1, vjp_uses_outputs=False)
+         nondiff=(2, 3), n_optional=2, vjp_uses_outputs=False)
 
 
 # ------------------------------------------------------------------------------ N:M linear
@@ -188,67 +277,77 @@ def index_bits(m: int) -> int:
 
 
 def pack_positions(pos: np.ndarray, m: int) -> np.ndarray:
-    """(out, K) positions in [0, m) → (out, ⌈K·bits/8⌉) uint8, little-end first."""
+    """(K, out) positions in [0, m) → (⌈K·bits/8⌉, out) uint8: ``8 / bits`` consecutive rows per
+    byte, the first in the lowest bits (2:4: the four positions of two groups in one byte)."""
     bits = index_bits(m)
     per = 8 // bits
-    out_f, K = pos.shape
-    padded = np.zeros((out_f, -(-K // per) * per), dtype=np.uint8)
-    padded[:, :K] = pos
-    shifts = (bits * np.arange(per)).astype(np.uint8)
-    return (padded.reshape(out_f, -1, per) << shifts).sum(axis=-1).astype(np.uint8)
+    K, out_f = pos.shape
+    padded = np.zeros((-(-K // per) * per, out_f), dtype=np.uint8)
+    padded[:K] = pos
+    shifts = (bits * np.arange(per)).astype(np.uint8)[None, :, None]
+    return (padded.reshape(-1, per, out_f) << shifts).sum(axis=1).astype(np.uint8)
 
 
 def unpack_positions(packed: np.ndarray, m: int, K: int) -> np.ndarray:
     bits = index_bits(m)
     per = 8 // bits
-    shifts = (bits * np.arange(per)).astype(np.uint8)
-    pos = (packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)
-    return pos.reshape(packed.shape[0], -1)[:, :K].astype(np.int64)
+    shifts = (bits * np.arange(per)).astype(np.uint8)[None, :, None]
+    pos = (packed[:, None, :] >> shifts) & np.uint8((1 << bits) - 1)
+    return pos.reshape(-1, packed.shape[1])[:K].astype(np.int64)
 
 
-def nm_columns(packed, n, m, K):
-    """Input feature of every stored value: (group) · m + (position in the group)."""
-    return (np.arange(K) // n) * m + unpack_positions(packed, m, K)
+def nm_rows(packed, n, m, K):
+    """Input feature of every stored value (K, out): (group) · m + (position in the group)."""
+    return (np.arange(K) // n)[:, None] * m + unpack_positions(packed, m, K)
 
 
-def nm_dense(values, packed, *, n, m, in_features):
-    """The dense Wᵀ (out, in) an N:M pair (values, packed positions) stands for."""
-    out_f, K = values.shape
-    Wt = np.zeros((out_f, in_features), dtype=values.dtype)
-    np.put_along_axis(Wt, nm_columns(packed, n, m, K), values, axis=1)
-    return Wt
+def nm_dense(values, packed, *, n, m, in_features, scale=None):
+    """The dense W (in, out) an N:M pair (values, packed positions) stands for (times ``scale``
+    per output for integer values)."""
+    K, out_f = values.shape
+    W = np.zeros((in_features, out_f), dtype=_real(values).dtype)
+    np.put_along_axis(W, nm_rows(packed, n, m, K), _real(values), axis=0)
+    return W if scale is None else W * wide(scale)
 
 
-def nm_linear(x, values, idx, b=None, *, n, m, in_features):
-    """y = x W + b with W N:M sparse: per output, n weights kept in every m consecutive inputs."""
-    y = x @ nm_dense(values, idx, n=n, m=m, in_features=in_features).T
+def nm_linear(x, values, idx, b=None, scale=None, *, n, m, in_features):
+    """y = x W + b with W N:M sparse: per output, n weights kept in every m consecutive inputs.
+    Stored like a linear's weight, input-major: ``values`` (in/m·n, out), row k holding slot
+    k mod n of group k div n, and ``idx`` their positions in the group, packed along the rows
+    (:func:`pack_positions`). With ``scale`` (out,) the values are integers (int8) times it."""
+    y = (wide(x) @ nm_dense(values, idx, n=n, m=m, in_features=in_features, scale=scale)).astype(x.dtype)
     return y if b is None else y + b
 
 
 def nm_linear_vjp(grads, inputs, outputs, *, n, m, in_features):
     (g,) = grads
-    x, values, idx, b = inputs
-    Wt = nm_dense(values, idx, n=n, m=m, in_features=in_features)
+    x, values, idx, b, scale = inputs
+    W = nm_dense(values, idx, n=n, m=m, in_features=in_features)        # unscaled
     g2 = g.reshape(-1, g.shape[-1])
-    gWt = g2.T @ x.reshape(-1, in_features)                      # ∂/∂Wᵀ, dense
-    gvalues = np.take_along_axis(gWt, nm_columns(idx, n, m, values.shape[1]), axis=1)  # at the stored slots
+    gs = g2 if scale is None else g2 * scale
+    x2 = x.reshape(-1, in_features)
+    gvalues = None
+    if scale is None:   # ∂/∂W = xᵀ g, read at the stored slots; integer values have no gradient
+        gvalues = np.take_along_axis(x2.T @ g2, nm_rows(idx, n, m, values.shape[0]), axis=0).astype(values.dtype)
+    gscale = None if scale is None else np.einsum("no,no->o", g2, x2 @ W).astype(scale.dtype)
     gb = None if b is None else g2.sum(axis=0)
-    return g @ Wt, gvalues, None, gb
+    return (gs @ W.T).astype(x.dtype).reshape(x.shape), gvalues, None, gb, gscale
 
 
 def nm_linear_infer(shapes, dtypes, *, n, m, in_features):
-    x, values, idx, b = shapes
+    x, values, idx, b, scale = shapes
     op = "nm_linear"
     require(0 < n <= m <= 256, op, f"need 0 < n <= m <= 256, got {n}:{m}")
     require(in_features % m == 0, op, f"in_features {in_features} is not a multiple of m={m}")
     K = in_features // m * n
     require(x[-1] == in_features, op, f"input features {x[-1]} != in_features {in_features}")
-    require(len(values) == 2 and values[1] == K, op, f"values {values} must be (out, {K}) for {n}:{m}")
+    require(len(values) == 2 and values[0] == K, op, f"values {values} must be ({K}, out) for {n}:{m}")
     per = 8 // index_bits(m)
-    require(tuple(idx) == (values[0], -(-K // per)), op, f"idx {idx} must be ({values[0]}, {-(-K // per)})")
+    require(tuple(idx) == (-(-K // per), values[1]), op, f"idx {idx} must be ({-(-K // per)}, {values[1]})")
     require(np.dtype(dtypes[2]) == np.uint8, op, f"idx must be uint8, got {dtypes[2]}")
-    require(b is None or tuple(b) == (values[0],), op, f"bias shape {b} != ({values[0]},)")
-    return [((*x[:-1], values[0]), dtypes[0])]
+    require(b is None or tuple(b) == (values[1],), op, f"bias shape {b} != ({values[1]},)")
+    _check_scale(op, dtypes[1], scale, values[1])
+    return [((*x[:-1], values[1]), dtypes[0])]
 
 
 def nm_linear_flops(shapes, outs, *, n, m, in_features):
@@ -256,7 +355,7 @@ def nm_linear_flops(shapes, outs, *, n, m, in_features):
 
 
 register("nm_linear", nm_linear, nm_linear_vjp, nm_linear_infer, flops=nm_linear_flops, nondiff=(2,),
-         n_optional=1, vjp_uses_outputs=False)
+         n_optional=2, vjp_uses_outputs=False)
 
 
 # ------------------------------------------------------------------------ conformance cases
@@ -301,11 +400,20 @@ def _csr_of(w, keep):
     return data.astype(w.dtype), np.concatenate(cols).astype(np.int16), ptr
 
 
-def _sparse_linear(rows, n_in, n_out, density, bias=True):
+def _int8(r, n_out, d):
+    """Integer weights in [-127, 127] and one positive scale per output: what quantization stores."""
+    return lambda size: r.integers(-127, 128, size).astype(np.int8), (r.random(n_out) * 0.01 + 1e-3).astype(d)
+
+
+def _sparse_linear(rows, n_in, n_out, density, bias=True, quantized=False):
     def make(r, d):
         w = randn(r, (n_in, n_out), d, 0.1)
         data, idx, ptr = _csr_of(w, r.random(w.shape) < density)
-        return ((randn(r, (rows, 2, n_in), d), data, idx, ptr, randn(r, (n_out,), d) if bias else None),
+        scale = None
+        if quantized:
+            ints, scale = _int8(r, n_out, d)
+            data = ints(data.size)
+        return ((randn(r, (rows, 2, n_in), d), data, idx, ptr, randn(r, (n_out,), d) if bias else None, scale),
                 {"shape": [n_out, n_in]})
     return make
 
@@ -314,23 +422,39 @@ add_cases("sparse_linear", [
     Case("30% dense", _sparse_linear(3, 64, 96, 0.3)),
     Case("80% dense", _sparse_linear(1, 64, 96, 0.8)),
     Case("empty output rows", _sparse_linear(2, 64, 96, 0.01, bias=False), "zeros"),
+    Case("int8 data, scale per output, 1 row", _sparse_linear(1, 64, 96, 0.4, quantized=True)),
+    Case("int8 data, scale per output, 9 rows", _sparse_linear(9, 64, 96, 0.4, bias=False, quantized=True)),
     *[Case(f"{m} rows, 50% dense", _sparse_linear(m, 33, 65, 0.5), "sizes") for m in (7, 9, 65)],
 ])
 
 
-def _nm_linear(rows, n_in, n_out):
+def nm_pack(w: np.ndarray, keep: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values (in/m·n, out), packed positions) of the kept weights of w (in, out), where
+    ``keep`` holds exactly n of every m consecutive inputs per output."""
+    in_f, out_f = w.shape
+    rows = np.nonzero(keep.T)[1].reshape(out_f, in_f // m * n).T   # (K, out), ascending within a group
+    values = np.ascontiguousarray(np.take_along_axis(w, rows, axis=0))
+    return values, pack_positions(rows % m, m)
+
+
+def _nm_linear(rows, n_in, n_out, bias=False, quantized=False):
     def make(r, d):
         w = randn(r, (n_in, n_out), d, 0.1)
         g = np.abs(w).reshape(n_in // 4, 4, n_out)
         keep = np.zeros(g.shape, bool)
         np.put_along_axis(keep, np.argsort(-g, axis=1, kind="stable")[:, :2], True, axis=1)
-        wt, kt = w.T, keep.reshape(w.shape).T                      # (out, in)
-        cols = np.nonzero(kt)[1].reshape(n_out, n_in // 2)
-        values = np.ascontiguousarray(np.take_along_axis(wt, cols, axis=1))
-        return (randn(r, (rows, 1, n_in), d), values, pack_positions(cols % 4, 4), None), \
+        values, packed = nm_pack(w, keep.reshape(w.shape), 2, 4)
+        scale = None
+        if quantized:
+            ints, scale = _int8(r, n_out, d)
+            values = ints(values.shape)
+        return (randn(r, (rows, 1, n_in), d), values, packed, randn(r, (n_out,), d) if bias else None, scale), \
             {"n": 2, "m": 4, "in_features": n_in}
     return make
 
 
-add_cases("nm_linear", [Case("2:4, 1 row", _nm_linear(1, 64, 96)), Case("2:4, 5 rows", _nm_linear(5, 64, 96)),
+add_cases("nm_linear", [Case("2:4, 1 row", _nm_linear(1, 64, 96)), Case("2:4, 5 rows", _nm_linear(5, 64, 96, True)),
+                        Case("2:4, 40 rows (prefill)", _nm_linear(40, 64, 96, True)),
+                        Case("2:4 int8, 1 row", _nm_linear(1, 64, 96, True, quantized=True)),
+                        Case("2:4 int8, 40 rows", _nm_linear(40, 64, 96, quantized=True)),
                         *[Case(f"2:4, {m} rows", _nm_linear(m, 68, 65), "sizes") for m in (7, 9, 65)]])
