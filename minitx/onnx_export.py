@@ -497,7 +497,7 @@ CONVERTERS: dict[str, Callable[..., None]] = {
 }
 # Inputs a conversion reads at export time (repacked or densified): they must be constants.
 CONST_INPUTS: dict[str, tuple[int, ...]] = {
-    "linear_q4": (1, 2), "sparse_linear": (1, 2, 3), "nm_linear": (1, 2), "fake_quant": (0,), "linear_cast": (1,),
+    "linear_q4": (1, 2), "sparse_linear": (1, 2, 3, 5), "nm_linear": (1, 2, 4), "fake_quant": (0,), "linear_cast": (1,),
 }
 _WHY_NOT = {
     "nystrom_attention": "its landmark pseudo-inverse has no ONNX op",
