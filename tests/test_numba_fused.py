@@ -98,3 +98,26 @@ def test_vectorised_exp_is_float32_and_accurate() -> None:
     ref = np.exp(x.astype(np.float64))
     ulp = np.spacing(ref.astype(np.float32)).astype(np.float64)
     assert (np.abs(y - ref) / ulp).max() <= 2.0
+
+
+@pytest.mark.parametrize("shape,bias", [((65, 96), True), ((2, 67, 48), False), ((3, 129, 40), True)])
+def test_linear_row_slabs_match_spec(shape, bias) -> None:
+    """``linear`` from SPLIT_ROWS rows on: one BLAS call per numba task over a slab of rows (odd
+    row counts leave slabs of unequal size), bias added in place, on two threads."""
+    import numba
+
+    from backends.numba_cpu import linalg
+
+    rng = np.random.default_rng(len(shape) * 7 + shape[-1])
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (rng.standard_normal((shape[-1], 131)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(131).astype(np.float32) if bias else None
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        y = linalg.linear(x, w, b)
+    finally:
+        numba.set_num_threads(before)
+    ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if b is None else b.astype(np.float64))
+    assert y.dtype == np.float32 and y.shape == (*shape[:-1], 131)
+    np.testing.assert_allclose(y, ref, atol=2e-5 * max(1.0, float(np.sqrt((ref ** 2).mean()))), rtol=2e-4)
