@@ -1,12 +1,15 @@
 """Linear layers and matmuls: BLAS on one thread per numba task, and x·Eᵀ for a few rows.
 
-Spec: minitx/ops/linalg.py. ``linear`` with at least SPLIT_ROWS rows is cut into one slab of rows
-per numba thread, each an OpenBLAS GEMM on one thread (:func:`_gemm_rows`); fewer rows (decode)
-are one BLAS call, sized by the thread budget (minitx/threads.py). Why: measured in one process,
-interleaved, 7 rounds, on the 2-core machine at load average 8-9 (other jobs), MiniLM's four
-linears at 128 / 512 / 4096 rows ran 1.12x / 1.14x / 1.31x faster this way than on one BLAS
-thread, while OpenBLAS's own two threads ran at 0.18x / 0.49x / 0.91x of one (its workers wait
-for each other, spinning, when one is descheduled; numba's tasks do not). Measured earlier
+Spec: minitx/ops/linalg.py. ``linear`` with at least SPLIT_ROWS rows and fewer than SPLIT_MAX
+multiply-adds is cut into one slab of rows per numba thread, each an OpenBLAS GEMM on one thread
+(:func:`_gemm_rows`); other calls are one BLAS call sized by the thread budget (minitx/threads.py:
+one thread below BLAS_PARALLEL_MIN = SPLIT_MAX, the budget from there on). Why: below that size the
+budget keeps OpenBLAS on one thread, because its own two threads wait for each other, spinning,
+when one is descheduled (0.18x / 0.49x of one thread on MiniLM's linears at 128 / 512 rows, load
+average 9 on the 2 cores); numba's tasks do not, and ran 1.12x / 1.14x faster than one thread
+there (in one process, interleaved, 7 rounds). On the whole MiniLM encoder at load average 3 the
+split, the split for every size and no split were within noise of each other (±5%) at 1×128,
+32×16, 4×128 and 32×128, so above the threshold the budget's rule stays as it was. Measured earlier
 (single-thread CPU time, weights from DRAM): OpenBLAS's GEMV/GEMM on ``x @ W`` with W (in, out)
 is as good as anything we wrote in numba for every row count (a numba GEMV prefetching rows
 ahead, as the int8 kernels do, streamed slower than OpenBLAS at batch 1). But ``x @ Eᵀ`` with the
@@ -66,7 +69,8 @@ def _xwt(x, w, y, zero):
 _XWT = kernel(_xwt)
 
 
-SPLIT_ROWS = 64  # from here on linear splits its rows over numba's threads
+SPLIT_ROWS = 64  # from here on linear splits its rows over numba's threads …
+SPLIT_MAX = threads.BLAS_PARALLEL_MIN  # … up to the multiply-adds from which BLAS gets the budget
 
 
 def _gemm_rows(x, w, y, P):
@@ -85,9 +89,10 @@ def linear(x, w, b=None):
     """The spec's ``x W + b`` (bias added in place)."""
     rows = int(np.prod(x.shape[:-1]))
     P = numba.get_num_threads()
-    if (rows < SPLIT_ROWS or P < 2 or x.dtype != w.dtype or x.dtype.kind != "f" or not w.flags.c_contiguous
+    work = rows * w.shape[0] * w.shape[1]
+    if (rows < SPLIT_ROWS or work >= SPLIT_MAX or P < 2 or x.dtype != w.dtype or x.dtype.kind != "f" or not w.flags.c_contiguous
             or (b is not None and b.dtype != x.dtype)):
-        with threads.blas(rows * w.shape[0] * w.shape[1]):
+        with threads.blas(work):
             return spec.linear(x, w, b)
     x2 = np.ascontiguousarray(x).reshape(rows, x.shape[-1])
     y = np.empty((rows, w.shape[1]), x.dtype)
