@@ -8,8 +8,9 @@ shared, so single runs are noisy.
 
 Measured: decode tokens/s at batch 1 and batch 8 (steps after a 16-token prompt; batch 8 is
 aggregate tokens/s), prefill of 128 tokens at batch 1, and the memory-bandwidth roofline for
-batch-1 decode: measured copy bandwidth / weight bytes read per token (and the same with the
-read-only bandwidth, a stricter bound).
+batch-1 decode: measured read bandwidth (a streaming multithreaded sum over 256 MiB, not a copy:
+a decode step only reads its weights) / weight bytes read per token; issue 20's target is 90% of
+it. The copy-bandwidth bound of issue 6 is printed beside it.
 
     python benchmarks/decode_cpu.py [--rounds 3] [--steps 32] [--out benchmarks/results/decode_cpu.md]
 """
@@ -194,9 +195,10 @@ def run_torch(steps: int, threads: int) -> dict:
 
 # -------------------------------------------------------------------------------- roofline
 def bandwidth() -> tuple[float, float]:
-    """(copy, read) bytes/s of large multithreaded passes, best of 5 each. Copy counts read + write
-    (the roofline issue 6 defines); read is a sum over the array, which is what a decode step does
-    to its weights, so it is the stricter bound of the two."""
+    """(copy, read) bytes/s of large multithreaded passes, best of 5 each. Read is a streaming sum
+    over the array (each thread one contiguous slice, vectorised), which is what a decode step does
+    to its weights: the roofline. Copy counts read + write (issue 6's older bound; writes cost a
+    read-for-ownership too, so it comes out lower)."""
     sys.path.insert(0, ROOT)
     import backends.numba_cpu  # noqa: F401 — same thread settings as the kernels
     import numba
@@ -288,10 +290,11 @@ def main() -> None:
         for part in runs:
             runs[part].append(_child(part, a.steps, a.threads))
             print(f"round {r + 1} {part}: {runs[part][-1]}", file=sys.stderr, flush=True)
+        info.setdefault("load_rounds", []).append(os.getloadavg()[0])
     bws.append(bandwidth())
     bw, read_bw = max(x[0] for x in bws), max(x[1] for x in bws)
     wbytes = weight_bytes_per_token()
-    roof = bw / wbytes
+    roof = read_bw / wbytes
     med = {p: {k: statistics.median(x[k] for x in v) for k in v[0]} for p, v in runs.items()}
     info["load_avg_end"] = os.getloadavg()
     write_report(a, info, runs, med, bw, read_bw, wbytes, roof)
@@ -321,16 +324,19 @@ def write_report(a, info, runs, med, bw, read_bw, wbytes, roof) -> None:
          "|---|---:|---:|---:|---:|---:|"]
     for label, k in rows:
         L.append(f"| {label} | {t[k]:.1f} | {pl[k]:.1f} | {npy[k]:.1f} | {nb[k]:.1f} | {nb[k] / t[k]:.2f}x |")
-    L += ["", f"Roofline (batch-1 decode): multithreaded copy bandwidth {bw / 1e9:.1f} GB/s (read + write) / "
-          f"{wbytes / 1e6:.0f} MB of weights read per token = **{roof:.1f} tok/s**. numba reaches "
-          f"{nb['decode_b1'] / roof:.0%} of it, PyTorch {t['decode_b1'] / roof:.0%}. Bandwidth is the best of 5 "
-          "passes measured before and after the rounds. With the read-only bandwidth instead (a parallel sum: "
-          f"{read_bw / 1e9:.1f} GB/s), the bound is {read_bw / wbytes:.1f} tok/s and numba reaches "
-          f"{nb['decode_b1'] / (read_bw / wbytes):.0%} of it.", "",
-          "## Targets (issue 6)", "",
+    L += ["", f"Roofline (batch-1 decode): streaming read bandwidth {read_bw / 1e9:.1f} GB/s (a multithreaded "
+          f"sum over 256 MiB) / {wbytes / 1e6:.0f} MB of weights read per token = **{roof:.1f} tok/s**. numba "
+          f"reaches {nb['decode_b1'] / roof:.0%} of it, PyTorch {t['decode_b1'] / roof:.0%}, the spec "
+          f"{npy['decode_b1'] / roof:.0%}. Bandwidth is the best of 5 passes measured before and after the "
+          f"rounds. The copy bound (issue 6: {bw / 1e9:.1f} GB/s read + write) is {bw / wbytes:.1f} tok/s; numba "
+          f"reaches {nb['decode_b1'] / (bw / wbytes):.0%} of it.", "",
+          "Load average (1 min) after each round: "
+          + ", ".join(f"{x:.2f}" for x in info.get("load_rounds", [])) + f"; at the end {info['load_avg_end'][0]:.2f}.",
+          "", "## Targets (issues 6 and 20)", "",
           "| target | measured | met? |", "|---|---:|---|"]
     checks = [("numba decode batch 1 >= 2x PyTorch", nb["decode_b1"] / t["decode_b1"], 2.0, "x"),
-              ("numba decode batch 1 >= 80% of roofline", nb["decode_b1"] / roof, 0.8, "%"),
+              ("numba decode batch 1 >= 90% of the read roofline", nb["decode_b1"] / roof, 0.9, "%"),
+              ("numba decode batch 1 >= 80% of the copy roofline", nb["decode_b1"] / (bw / wbytes), 0.8, "%"),
               ("numba decode batch 8 >= 1.5x PyTorch", nb["decode_b8"] / t["decode_b8"], 1.5, "x"),
               ("numba prefill-128 >= 1.0x PyTorch", nb["prefill128"] / t["prefill128"], 1.0, "x")]
     for name, v, goal, unit in checks:

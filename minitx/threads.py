@@ -185,9 +185,11 @@ BLAS_OPS = ("linear", "matmul")  # the ops whose kernels are BLAS calls on large
 
 def size_blas(backend: Any) -> None:
     """Wrap a host backend's BLAS-backed kernels and VJPs (``backend.kernels`` / ``.vjps``, its
-    own dicts) in :func:`blas`, so that each call gets the budget only when it is big enough."""
+    own dicts) in :func:`blas`, so that each call gets the budget only when it is big enough.
+    A kernel marked ``sizes_blas = True`` sizes BLAS itself (numba's ``linear`` splits big calls
+    over its own threads, each calling BLAS on one) and is left as it is."""
     for op in BLAS_OPS:
-        if op in backend.kernels:
+        if op in backend.kernels and not getattr(backend.kernels[op], "sizes_blas", False):
             backend.kernels[op] = _sized(op, backend.kernels[op])
-        if backend.vjps.get(op) is not None:
+        if backend.vjps.get(op) is not None and not getattr(backend.vjps[op], "sizes_blas", False):
             backend.vjps[op] = _sized_vjp(op, backend.vjps[op])

@@ -29,9 +29,9 @@ class NumbaBackend(Backend):
     device = "cpu"
     dtypes = frozenset({"float32", "float64"})
     # One memory pass (add, concat, scale), gathers (embedding, sinusoidal_positions,
-    # relative_position_bias — the last two once per stack), views (split), one BLAS call
-    # (linear): the spec's NumPy code is already what a kernel would do, so these run it here.
-    delegate = frozenset({"add", "concat", "embedding", "linear", "relative_position_bias", "scale",
+    # relative_position_bias — the last two once per stack), views (split): the spec's NumPy code
+    # is already what a kernel would do, so these run it here.
+    delegate = frozenset({"add", "concat", "embedding", "relative_position_bias", "scale",
                           "sinusoidal_positions", "split"})
 
     def __init__(self) -> None:
@@ -39,8 +39,6 @@ class NumbaBackend(Backend):
         import numba  # noqa: F401 — fails here, cleanly, when numba is not installed
 
         self.version = numba.__version__
-        threads.attach_numba()  # the engine's budget (minitx/threads.py): numba's pool takes it
-        self.threads = numba.get_num_threads()
         self.problems: dict[str, str] = {}
         for mod in _submodules():
             try:
@@ -54,6 +52,10 @@ class NumbaBackend(Backend):
             self.vjps.update(vjps)
         for op in self.delegate:
             self.kernels[op], self.vjps[op] = ops.get(op).forward, ops.get(op).vjp
+        # The engine's budget (minitx/threads.py): numba's pool takes it, and every BLAS loaded by
+        # now (numba's np.dot loads scipy's, which the attention kernels call) goes to one thread.
+        threads.attach_numba()
+        self.threads = numba.get_num_threads()
         threads.size_blas(self)  # BLAS gets the budget only around calls big enough to share it
         if not self.kernels:
             raise RuntimeError("no numba kernel module could be loaded: " + "; ".join(

@@ -59,7 +59,7 @@ def _exp_impl(x):
                 x = f(-87.0)
             if x > f(88.0):
                 x = f(88.0)
-            n = math.floor(x * f(_LOG2E) + f(0.5))
+            n = np.floor(x * f(_LOG2E) + f(0.5))  # float32 (math.floor returns int64, widening the rest to float64)
             r = x - n * f(_LN2_HI) - n * f(_LN2_LO)
             p = f(1.0 / 5040.0)
             p = p * r + f(1.0 / 720.0)

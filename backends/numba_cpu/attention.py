@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401 — the BLAS numba's np.dot calls: loaded before threads.attach_numba sizes it
 from numba import prange
 
 from ._jit import FASTMATH, kernel, pick
@@ -36,6 +37,28 @@ def _mix_values(p, n, Vb, first, lo, acc):
         for d in range(D):
             acc[d] += ps * vs[d]
         s += 1
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
+def mean_values(V, VS, quantized, b, g, S, o):
+    """o = the mean of V[b, :S, g's head] (times the per-token scales VS[b, s, g] of an int8
+    cache when ``quantized``): the spec's output for a query with no visible key, which attends
+    uniformly to all S keys. The one copy of this rule for every attention kernel of the backend
+    (sparse.py's too)."""
+    D = o.size
+    for d in range(D):
+        o[d] = 0
+    for s in range(S):
+        vs = V[b, s, g * D:(g + 1) * D]
+        if quantized:
+            ws = VS[b, s, g]
+            for d in range(D):
+                o[d] += ws * vs[d]
+        else:
+            for d in range(D):
+                o[d] += vs[d]
+    for d in range(D):
+        o[d] = o[d] / S
 
 
 def _sdpa(q, K, KS, V, VS, quantized, S_tot, mask, has_mask, causal, scale, H, KV, zero, out):
@@ -83,17 +106,11 @@ def _sdpa(q, K, KS, V, VS, quantized, S_tot, mask, has_mask, causal, scale, H, K
         for s in range(n):
             if (not has_mask or mask[b, s] != 0) and sc[s] > m:
                 m = sc[s]
-        acc = np.zeros(D, q.dtype)
         o = out[b, t, h * D:(h + 1) * D]
         if m == -np.inf:  # nothing visible: uniform over all keys, like the spec
-            for s in range(S_tot):
-                vs = V[b, s, g * D:(g + 1) * D]
-                ws = VS[b, s, g] if quantized else zero + 1
-                for d in range(D):
-                    acc[d] += ws * vs[d]
-            for d in range(D):
-                o[d] = acc[d] / S_tot
+            mean_values(V, VS, quantized, b, g, S_tot, o)
             continue
+        acc = np.zeros(D, q.dtype)
         total = zero
         for s in range(n):
             p = exp(sc[s] - m)
@@ -110,129 +127,108 @@ def _sdpa(q, K, KS, V, VS, quantized, S_tot, mask, has_mask, causal, scale, H, K
             o[d] = acc[d] * inv
 
 
-QB = 16   # queries per block in the prefill kernel: they reuse one block of keys and values from L1
-KB = 64   # keys per block: Kᵀ and V for one block are 2·KB·D values (32 KiB at D = 64)
+TQ = 64    # queries per tile of the GEMM prefill kernel
+TK = 256   # keys per tile: a TQ × TK score tile is 64 KiB in float32, resident in L2
 
 
-def _sdpa_prefill(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
-    """Many queries at once, in one pass over the keys with an online softmax (flash-attention
-    style): one task per (batch, kv head), which first copies its keys (transposed), values and
-    mask into contiguous per-block tiles. Each block of QB queries walks the key blocks; per query
-    it keeps a running maximum m, a running sum of exp(score − m) and an output accumulator,
-    rescaled by exp(m_old − m_new) when m grows.
+def _sdpa_gemm(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
+    """Prefill as two small GEMMs per tile, with an online softmax between them.
 
-    Why: the scores live in one KB-long row, never a (T, S) matrix, and the QB queries of a block
-    read the same KB keys and values while they are in L1 (a query walking all S keys at once
-    streams them from L2 once S·D outgrows L1). A score is D unit-stride multiply-adds over a
-    block's keys, four rows of Kᵀ per pass; the weighted sum of values takes four value rows per
-    pass over the accumulator: no horizontal sums, all of it SIMD. Masked or not-yet-visible keys
-    get weight exactly 0; a query with no visible key averages all values, like the spec.
-    Measured against the previous kernel (one query at a time over all keys, scores and Kᵀ over
-    the whole sequence), in-process, alternating, 15 rounds, 2 threads, load average 6–7 on the
-    2-core machine: MiniLM 32×128 1.02x, GPT-2 1×128 causal 4.6x, 4×128 1.3x, 1×1024 1.45x,
-    GQA 1×512 1.1x (KB = 128: 0.8x on GQA). Tiles indexed ``tile[j]`` rather than
-    ``whole[s0 + j]``: the latter cost numba a negative-index check per access and LLVM its
-    vectors (the first version, so written, ran at 0.3–0.7x).
+    One task per (batch, head): its keys and values are copied once into contiguous (S, D)
+    arrays, then for each tile of TQ queries (pre-scaled) the kernel walks TK-key tiles: scores
+    = Q·Kᵀ (one BLAS call), per row the running maximum, sum and rescale of the accumulator
+    (flash-attention's online softmax; causal rows stop at their last visible key, masked keys
+    weigh exactly 0), then acc += P·V (one BLAS call). The score matrix never exceeds TQ × TK,
+    and key tiles past a causal query tile's last query are skipped.
+    Why BLAS inside: the previous kernel's loops (four rows of Kᵀ or V per pass, LLVM-vectorised)
+    load and store the score row or accumulator every four FMAs; a GEMM micro-kernel keeps a
+    register tile, which numba's loops cannot express. Measured against it in one process,
+    alternating, 5 rounds, 2 threads on the 2-core machine at load average 10-12: MiniLM 32×128
+    1.41x, GPT-2 1×128 causal 1.01x, 4×128 (padded) 2.76x, 1×1024 causal 1.55x, GQA 32/8 heads
+    1×512 1.29x, 3×37 (D = 24, padded) 1.28x. BLAS is on one thread here (minitx/threads.py),
+    each call from its own numba task.
     """
     B, T, HD = q.shape
     D = HD // H
     G = H // KV
     past = S - T
     ninf = zero - np.float32(np.inf)
-    nb = (S + KB - 1) // KB
-    for task in prange(B * KV):
-        b = task // KV
-        g = task % KV
-        # Per key block: Kᵀ (D, KB), V (KB, D) and the mask, contiguous (indexing a whole-sequence
-        # array at s0 + j costs numba a negative-index check per access, and LLVM its vectors).
-        KT = np.zeros((nb, D, KB), q.dtype)
-        VB = np.zeros((nb, KB, D), q.dtype)
-        vis = np.zeros((nb, KB), q.dtype)
+    for task in prange(B * H):
+        b = task // H
+        h = task % H
+        g = h // G
+        Kh = np.empty((S, D), q.dtype)
+        Vh = np.empty((S, D), q.dtype)
+        vis = np.empty(S, q.dtype)
         for s in range(S):
             for d in range(D):
-                KT[s // KB, d, s % KB] = K[b, s, g * D + d]
-                VB[s // KB, s % KB, d] = V[b, s, g * D + d]
-            vis[s // KB, s % KB] = zero if has_mask and mask[b, s] == 0 else zero + 1
-        sc = np.empty(KB, q.dtype)
-        acc = np.empty((QB, D), q.dtype)
-        m = np.empty(QB, q.dtype)
-        tot = np.empty(QB, q.dtype)
-        for hh in range(G):
-            h = g * G + hh
-            for t0 in range(0, T, QB):
-                nq = min(QB, T - t0)
+                Kh[s, d] = K[b, s, g * D + d]
+                Vh[s, d] = V[b, s, g * D + d]
+            vis[s] = zero if has_mask and mask[b, s] == 0 else zero + 1
+        Qt = np.empty((TQ, D), q.dtype)
+        sbuf = np.empty(TQ * TK, q.dtype)
+        pv = np.empty(TQ * D, q.dtype)
+        acc = np.empty((TQ, D), q.dtype)
+        m = np.empty(TQ, q.dtype)
+        tot = np.empty(TQ, q.dtype)
+        for t0 in range(0, T, TQ):
+            nq = min(TQ, T - t0)
+            for i in range(nq):
+                for d in range(D):
+                    Qt[i, d] = q[b, t0 + i, h * D + d] * scale
+                    acc[i, d] = zero
+                m[i] = ninf
+                tot[i] = zero
+            hi = past + t0 + nq if causal else S
+            for s0 in range(0, hi, TK):
+                nk = min(TK, hi - s0)
+                sc = sbuf[:nq * nk].reshape((nq, nk))
+                np.dot(Qt[:nq], Kh[s0:s0 + nk].T, sc)
+                vr = vis[s0:s0 + nk]
                 for i in range(nq):
-                    m[i] = ninf
-                    tot[i] = zero
-                    for d in range(D):
-                        acc[i, d] = zero
-                hi = past + t0 + nq if causal else S
-                for blk in range((hi + KB - 1) // KB):
-                    s0 = blk * KB
-                    kb, vb, vi = KT[blk], VB[blk], vis[blk]
-                    for i in range(nq):
-                        t = t0 + i
-                        # keys of this block query t may see: s0 … s0 + n − 1
-                        n = min(KB, (past + t + 1 if causal else S) - s0)
-                        if n <= 0:
-                            continue
-                        qt = q[b, t, h * D:(h + 1) * D]
-                        for j in range(n):
-                            sc[j] = zero
-                        d = 0
-                        while d + 4 <= D:  # four rows of Kᵀ per pass: one load/store of sc per 4 FMAs
-                            c0, c1, c2, c3 = qt[d] * scale, qt[d + 1] * scale, qt[d + 2] * scale, qt[d + 3] * scale
-                            k0, k1, k2, k3 = kb[d], kb[d + 1], kb[d + 2], kb[d + 3]
-                            for j in range(n):
-                                sc[j] += c0 * k0[j] + c1 * k1[j] + c2 * k2[j] + c3 * k3[j]
-                            d += 4
-                        while d < D:
-                            c0 = qt[d] * scale
-                            k0 = kb[d]
-                            for j in range(n):
-                                sc[j] += c0 * k0[j]
-                            d += 1
-                        bm = ninf
-                        for j in range(n):
-                            if vi[j] != zero and sc[j] > bm:
-                                bm = sc[j]
-                        if bm == ninf:  # nothing visible in this block: running state unchanged
-                            continue
-                        ai = acc[i]
-                        if bm > m[i]:
-                            c = exp(m[i] - bm)  # ~0 on the first visible block (m = −inf)
-                            tot[i] *= c
-                            for d in range(D):
-                                ai[d] *= c
-                            m[i] = bm
-                        mi = m[i]
-                        total = zero
-                        for j in range(n):
-                            p = exp(sc[j] - mi) * vi[j]
-                            sc[j] = p
-                            total += p
-                        tot[i] += total
-                        _mix_values(sc, n, vb, 0, 0, ai)
-                for i in range(nq):
-                    o = out[b, t0 + i, h * D:(h + 1) * D]
-                    if m[i] == ninf:  # nothing visible: uniform over all keys, like the spec
-                        for d in range(D):
-                            o[d] = zero
-                        for s in range(S):
-                            for d in range(D):
-                                o[d] += V[b, s, g * D + d]
-                        for d in range(D):
-                            o[d] = o[d] / S
+                    row = sc[i]
+                    n = min(nk, past + t0 + i + 1 - s0) if causal else nk
+                    bm = ninf
+                    for j in range(n):
+                        if vr[j] != zero and row[j] > bm:
+                            bm = row[j]
+                    if bm == ninf:  # nothing visible in this tile: the row adds nothing
+                        for j in range(nk):
+                            row[j] = zero
                         continue
-                    inv = 1.0 / tot[i]
-                    ai = acc[i]
+                    if bm > m[i]:
+                        c = exp(m[i] - bm)  # 0 on the first visible tile (m = −inf)
+                        tot[i] *= c
+                        for d in range(D):
+                            acc[i, d] *= c
+                        m[i] = bm
+                    mi = m[i]
+                    total = zero
+                    for j in range(n):
+                        p = exp(row[j] - mi) * vr[j]
+                        row[j] = p
+                        total += p
+                    for j in range(n, nk):
+                        row[j] = zero
+                    tot[i] += total
+                pvt = pv[:nq * D].reshape((nq, D))
+                np.dot(sc, Vh[s0:s0 + nk], pvt)
+                for i in range(nq):
                     for d in range(D):
-                        o[d] = ai[d] * inv
+                        acc[i, d] += pvt[i, d]
+            for i in range(nq):
+                o = out[b, t0 + i, h * D:(h + 1) * D]
+                if m[i] == ninf:  # nothing visible: uniform over all keys, like the spec
+                    mean_values(V, V, False, b, g, S, o)
+                    continue
+                inv = 1.0 / tot[i]
+                for d in range(D):
+                    o[d] = acc[i, d] * inv
 
 
-_SDPA, _SDPA_PREFILL = kernel(_sdpa), kernel(_sdpa_prefill)
+_SDPA, _SDPA_GEMM = kernel(_sdpa), kernel(_sdpa_gemm)
 NO_SCALES = np.zeros((1, 1, 1), np.float32)  # _sdpa's unread KS / VS for a float cache
-PREFILL_MIN_QUERIES = 8  # from here on transposing the keys once beats a dot product per key
+PREFILL_MIN_QUERIES = 8  # from here on the GEMM tiles (_sdpa_gemm); fewer queries take a dot product per key
 
 
 def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
@@ -254,7 +250,7 @@ def sdpa(q, K, KS, V, VS, mask, *, n_heads: int, n_kv_heads: int, causal: bool, 
     work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
     quantized = KS is not None
     if q.shape[1] >= PREFILL_MIN_QUERIES and not quantized:
-        pick(_SDPA_PREFILL, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads,
+        pick(_SDPA_GEMM, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads,
                                   n_kv_heads, qc.dtype.type(0), out)
         return out
     pick(_SDPA, work)(qc, storage(K), storage(KS) if quantized else NO_SCALES, storage(V),

@@ -26,7 +26,7 @@ from minitx.ops import sparse as S
 
 from ._jit import FASTMATH, kernel, pick
 from ._vmath import dot4, exp
-from .attention import PREFILL_MIN_QUERIES, sdpa
+from .attention import PREFILL_MIN_QUERIES, mean_values, sdpa
 from .kvcache import append, storage
 
 _CODES = {"dense": 0, "local": 1, "block": 2, "strided": 3, "topk": 4, "threshold": 5}
@@ -100,11 +100,7 @@ def _pattern_sdpa(q, K, V, S, mask, has_mask, causal, code, window, block, strid
         o = out[b, t, h * D:(h + 1) * D]
         acc = np.zeros(D, q.dtype)
         if n == 0:  # nothing visible: uniform over every key, like the spec
-            for j in range(S):
-                for d in range(D):
-                    acc[d] += V[b, j, g * D + d]
-            for d in range(D):
-                o[d] = acc[d] / S
+            mean_values(V, V, False, b, g, S, o)
             continue
         sc = np.empty(n, q.dtype)
         c = 0
@@ -231,13 +227,7 @@ def _select_sdpa(q, K, V, S, mask, has_mask, causal, code, topk, log_thr, transp
                         m = max(m, sc[c])
                 o = out[b, t, h * D:(h + 1) * D]
                 if cnt == 0:  # nothing visible: uniform over every key, like the spec
-                    for d in range(D):
-                        acc[d] = zero
-                    for s in range(S):
-                        for d in range(D):
-                            acc[d] += V[b, s, g * D + d]
-                    for d in range(D):
-                        o[d] = acc[d] / S
+                    mean_values(V, V, False, b, g, S, o)
                     continue
                 if code == 4:
                     cut = _kth_largest(sc, cnt, topk, heap) if cnt > topk else zero - np.float32(np.inf)

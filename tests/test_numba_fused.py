@@ -1,0 +1,123 @@
+"""The numba backend's tiled prefill attention (``_sdpa_gemm``: BLAS tiles + online softmax) and its
+vectorised float32 exp, against the NumPy spec computed in float64.
+
+Sizes are chosen to cross the kernel's tile edges (TQ queries, TK keys) at odd counts, and masks to
+produce padding rows with no visible key at all (the spec averages V uniformly there) as well as
+tiles of a row that see nothing while later tiles do (the online softmax must leave its running
+state untouched, not reset it)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from backends.numba_cpu import _vmath, attention as nba  # noqa: E402
+from minitx.ops import attention as spec  # noqa: E402
+
+TOL = 2e-5  # float32 against a float64 reference, outputs of order 1
+
+
+def _inputs(rng, B, T, S0, H, KV, D):
+    q = rng.standard_normal((B, T, H * D)).astype(np.float32)
+    k = rng.standard_normal((B, S0 + T, KV * D)).astype(np.float32)
+    v = rng.standard_normal((B, S0 + T, KV * D)).astype(np.float32)
+    return q, k, v
+
+
+def _ref(q, k, v, mask, **kw):
+    f = lambda a: a.astype(np.float64)  # noqa: E731
+    return spec.attention(f(q), f(k), f(v), None, None, mask, **kw)[0]
+
+
+CASES = [
+    # B, T, past, H, KV, D, causal: one tile; several query and key tiles at odd counts; GQA; a cache
+    (2, 9, 0, 3, 3, 8, False),
+    (3, 37, 0, 6, 2, 24, True),
+    (2, nba.TQ + 3, nba.TK + 5 - nba.TQ - 3, 4, 4, 16, False),
+    (1, 2 * nba.TQ + 1, 0, 4, 1, 32, True),
+    (2, 11, 300, 2, 2, 20, True),  # queries at positions 300…310 over a cache longer than a key tile
+]
+
+
+@pytest.mark.parametrize("B,T,past,H,KV,D,causal", CASES)
+def test_prefill_matches_spec(B, T, past, H, KV, D, causal) -> None:
+    rng = np.random.default_rng(T * 31 + D)
+    q, k, v = _inputs(rng, B, T, past, H, KV, D)
+    kw = dict(n_heads=H, n_kv_heads=KV, causal=causal)
+    out = nba.sdpa(q, k, None, v, None, None, scale=None, **kw)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, _ref(q, k, v, None, **kw), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefill_padding_and_fully_masked_rows(causal) -> None:
+    """Row 0: right padding. Row 1: every key masked (a padding sequence): every query averages V.
+    Row 2: the first key tile masked entirely, only keys of the second tile visible: the online
+    softmax's first tile contributes nothing. Under ``causal`` row 2's early queries see no key."""
+    B, T, H, D = 3, nba.TK + 9, 2, 12
+    rng = np.random.default_rng(7)
+    q, k, v = _inputs(rng, B, T, 0, H, H, D)
+    mask = np.ones((B, T), np.int64)
+    mask[0, T - 13:] = 0
+    mask[1, :] = 0
+    mask[2, :nba.TK] = 0
+    kw = dict(n_heads=H, n_kv_heads=H, causal=causal)
+    out = nba.sdpa(q, k, None, v, None, mask, scale=None, **kw)
+    ref = _ref(q, k, v, mask, **kw)
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(out[1, :, :D], np.broadcast_to(v[1, :, :D].mean(axis=0), (T, D)), atol=TOL)
+
+
+def test_prefill_large_scores_do_not_overflow() -> None:
+    """Scores near float32's exp overflow (scale 30 on unit vectors·√D): the online maximum keeps
+    every exp finite, as the spec's max-subtraction does."""
+    rng = np.random.default_rng(3)
+    q, k, v = _inputs(rng, 1, 40, 0, 2, 2, 16)
+    kw = dict(n_heads=2, n_kv_heads=2, causal=True)
+    out = nba.sdpa(q * 30, k * 30, None, v, None, None, scale=None, **kw)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, _ref(q * 30, k * 30, v, None, **kw), atol=1e-4, rtol=0)
+
+
+def test_vectorised_exp_is_float32_and_accurate() -> None:
+    """The float32 exp must stay float32 end to end (a float64 intermediate — math.floor returns
+    an int64 — made every kernel using it 3-5x slower) and within 2 ulp of NumPy's."""
+    import numba
+
+    @numba.njit
+    def run(x, y):
+        for i in range(x.size):
+            y[i] = _vmath.exp(x[i])
+        return _vmath.exp(x[0])
+
+    x = np.linspace(-87, 88, 100_003, dtype=np.float32)
+    y = np.empty_like(x)
+    run(x, y)
+    assert run.nopython_signatures[0].return_type == numba.float32
+    ref = np.exp(x.astype(np.float64))
+    ulp = np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert (np.abs(y - ref) / ulp).max() <= 2.0
+
+
+@pytest.mark.parametrize("shape,bias", [((65, 96), True), ((2, 67, 48), False), ((3, 129, 40), True)])
+def test_linear_row_slabs_match_spec(shape, bias) -> None:
+    """``linear`` from SPLIT_ROWS rows on: one BLAS call per numba task over a slab of rows (odd
+    row counts leave slabs of unequal size), bias added in place, on two threads."""
+    import numba
+
+    from backends.numba_cpu import linalg
+
+    rng = np.random.default_rng(len(shape) * 7 + shape[-1])
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (rng.standard_normal((shape[-1], 131)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(131).astype(np.float32) if bias else None
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    try:
+        y = linalg.linear(x, w, b)
+    finally:
+        numba.set_num_threads(before)
+    ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if b is None else b.astype(np.float64))
+    assert y.dtype == np.float32 and y.shape == (*shape[:-1], 131)
+    np.testing.assert_allclose(y, ref, atol=2e-5 * max(1.0, float(np.sqrt((ref ** 2).mean()))), rtol=2e-4)
