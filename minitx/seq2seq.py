@@ -69,13 +69,15 @@ def split(graph: Graph) -> tuple[Graph, Graph]:
 
 
 def executors(model: Model, backends: Sequence[str | Backend], strict: bool) -> tuple[Executor, Executor]:
-    """(encoder, decoder) executors for the two parts of the model's graph, cached on the model."""
+    """(encoder, decoder) executors for the two parts of the model's graph, cached on the model.
+    A model that runs its executors differently — one rank's part across processes
+    (:class:`minitx.distributed.program.RankModel`: its transport first) — builds them itself
+    through its ``part_executor(graph, backends, strict)``."""
     key = ("seq2seq", tuple(b if isinstance(b, str) else b.name for b in backends), strict)
     ex = model._executors.get(key)
     if ex is None:
-        enc, dec = split(model.graph)
-        ex = model._executors[key] = (Executor(enc, model.params, backends, strict),
-                                      Executor(dec, model.params, backends, strict))
+        build = getattr(model, "part_executor", None) or (lambda g, b, s: Executor(g, model.params, b, s))
+        ex = model._executors[key] = tuple(build(g, backends, strict) for g in split(model.graph))
     return ex
 
 

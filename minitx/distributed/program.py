@@ -195,10 +195,18 @@ class RankModel(Model):
         key = (tuple(b if isinstance(b, str) else b.name for b in backends), strict)
         ex = self._executors.get(key)
         if ex is None:
-            from ..executor import Executor
-            from .nccl import placement
-
-            # The MPI transport first, or NCCL fused with the cupy backend when it runs on GPUs.
-            inner = Executor(self.graph, self.params, placement(self.transport, backends), strict)
-            ex = self._executors[key] = RankExecutor(inner, self.shared, self.transport)
+            ex = self._executors[key] = self.part_executor(self.graph, backends, strict)
         return ex
+
+    def part_executor(self, graph: Graph, backends: Sequence[Any] = ("numpy",), strict: bool = False) -> RankExecutor:
+        """An executor for ``graph``: the rank's program or a part of it (an encoder–decoder's
+        encoder and decoder, :func:`minitx.seq2seq.executors`). Only a part that computes some of
+        the model's outputs (the decoder) shares the pipeline's outputs: the encoder part's are
+        the cross-attention K/V each rank keeps."""
+        from ..executor import Executor
+        from .nccl import placement
+
+        # The MPI transport first, or NCCL fused with the cupy backend when it runs on GPUs.
+        inner = Executor(graph, self.params, placement(self.transport, backends), strict)
+        shared = self.shared if graph is self.graph or set(graph.outputs) & set(self.graph.outputs) else {}
+        return RankExecutor(inner, shared, self.transport)
