@@ -119,12 +119,14 @@ def seq2seq_models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 @pytest.mark.parametrize("beams", ["1", "3"])
-def test_mpiexec_encoder_decoders_print_what_one_process_prints(mpi, seq2seq_models, arch, beams):
-    """Greedy and beam search across 2 processes (tp=2: self- and cross-attention split by heads,
-    each rank its own cross-attention K/V and cache), inputs of different lengths (padding)."""
+@pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2")])
+def test_mpiexec_encoder_decoders_print_what_one_process_prints(mpi, seq2seq_models, arch, beams, n, spec):
+    """Greedy and beam search across processes — tp=2: self- and cross-attention split by heads,
+    each rank its own cross-attention K/V and cache; pp=2: the encoder's and the decoder's layers
+    over two stages, the encoder's states handed on once per input — inputs of different lengths."""
     args = ["infer", seq2seq_models[arch], "--ids", "5,6,7,8", "--ids", "9,4", "-n", "8", "--beams", beams, "--json"]
     want = _single(*args)
-    r = mpirun(2, CLI, *args, "--parallel", "tp=2")
+    r = mpirun(n, CLI, *args, "--parallel", spec)
     assert r.returncode == 0, r.stderr
     assert r.stdout == want
     assert len(json.loads(want)["token_ids"]) == 2
@@ -135,7 +137,7 @@ import sys
 import numpy as np
 from minitx import modelfile, seq2seq
 from minitx.distributed import prepare
-m = prepare(modelfile.load(sys.argv[1]), "tp=2")
+m = prepare(modelfile.load(sys.argv[1]), sys.argv[4])
 ref = np.load(sys.argv[2], allow_pickle=False)
 rows = [[int(t) for t in r if t >= 0] for r in ref["sources"]]
 out = {"logits": seq2seq.logits(m, rows, ref["targets"])}
@@ -148,9 +150,10 @@ if m.meta["parallel"]["rank"] == 0:
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
-def test_mpiexec_encoder_decoders_match_transformers(mpi, tmp_path, arch):
-    """Across processes, tp=2: teacher-forced logits, greedy and beam tokens are transformers'
-    (the fixtures of tests/test_seq2seq.py, a padded batch of three inputs)."""
+@pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2"), (4, "tp=2,pp=2")])
+def test_mpiexec_encoder_decoders_match_transformers(mpi, tmp_path, arch, n, spec):
+    """Across processes: teacher-forced logits, greedy and beam tokens are transformers' (the
+    fixtures of tests/test_seq2seq.py, a padded batch of three inputs)."""
     from minitx.convert import convert
 
     path = str(tmp_path / f"{arch}.npz")
@@ -158,7 +161,7 @@ def test_mpiexec_encoder_decoders_match_transformers(mpi, tmp_path, arch):
     script = tmp_path / "s2s.py"
     script.write_text(SEQ2SEQ)
     ref_path = os.path.join(ROOT, "tests", "fixtures", f"reference-seq2seq-{arch}.npz")
-    r = mpirun(2, str(script), path, ref_path, str(tmp_path / "got.npz"), timeout=180)
+    r = mpirun(n, str(script), path, ref_path, str(tmp_path / "got.npz"), spec, timeout=180)
     assert r.returncode == 0, r.stderr
     ref, got = np.load(ref_path, allow_pickle=False), np.load(tmp_path / "got.npz", allow_pickle=False)
     assert np.abs(got["logits"] - ref["logits"]).max() / np.abs(ref["logits"]).max() <= 1e-5
@@ -172,17 +175,17 @@ def _errors(r: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_encoder_decoder_faults_are_one_line_on_every_rank(mpi, seq2seq_models, tmp_path):
-    """A wrong world size, heads tp cannot split, and pp (not across processes for encoder–decoders
-    yet): one line on every rank, exit 2."""
+    """A wrong world size, heads tp cannot split, micro-batches (which do not split an
+    encoder–decoder yet): one line on every rank, exit 2."""
     t5 = seq2seq_models["t5"]
     r = mpirun(3, CLI, "infer", t5, "--ids", "5,1,4", "-n", "3", "--parallel", "tp=2", timeout=120)
     assert r.returncode == 2
     assert _errors(r) == ["error: --parallel tp=2 needs 2 ranks (tp·sp·pp), but mpiexec started 3"] * 3
-    r = mpirun(2, CLI, "infer", t5, "--ids", "5,1,4", "-n", "3", "--parallel", "pp=2", timeout=120)
+    r = mpirun(2, CLI, "infer", t5, "--ids", "5,1,4", "--ids", "2,3", "-n", "3", "--parallel", "pp=2,mb=2",
+               timeout=120)
     assert r.returncode == 2
     lines = _errors(r)
-    assert len(lines) == 2 and all("encoder–decoders (T5, BART, Marian) split by tp only so far" in l
-                                   for l in lines), r.stderr
+    assert len(lines) == 2 and all("micro-batches (mb) do not split encoder–decoders" in l for l in lines), r.stderr
     path = str(tmp_path / "t5-3heads.npz")
     cfg = {"arch": "t5", "vocab_size": 64, "n_ctx": 16, "d_model": 24, "d_kv": 8, "n_layers": 1, "n_heads": 3,
            "d_ff": 32}

@@ -10,7 +10,7 @@ rank keeps its own cache between steps), and the outputs its stage computes unde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -190,23 +190,37 @@ class RankModel(Model):
 
     transport: Any = None
     shared: Any = None
+    sharded: Any = None      # the whole SPMD graph the rank's program was cut from
 
     def executor(self, backends: Sequence[Any] = ("numpy",), strict: bool = False):
         key = (tuple(b if isinstance(b, str) else b.name for b in backends), strict)
         ex = self._executors.get(key)
         if ex is None:
-            ex = self._executors[key] = self.part_executor(self.graph, backends, strict)
+            ex = self._executors[key] = self._rank_executor(self.graph, self.shared, backends, strict)
         return ex
 
-    def part_executor(self, graph: Graph, backends: Sequence[Any] = ("numpy",), strict: bool = False) -> RankExecutor:
-        """An executor for ``graph``: the rank's program or a part of it (an encoder–decoder's
-        encoder and decoder, :func:`minitx.seq2seq.executors`). Only a part that computes some of
-        the model's outputs (the decoder) shares the pipeline's outputs: the encoder part's are
-        the cross-attention K/V each rank keeps."""
+    def part_executors(self, split: Callable[[Graph], tuple[Graph, Graph]], backends: Sequence[Any] = ("numpy",),
+                       strict: bool = False) -> tuple[RankExecutor, RankExecutor]:
+        """Executors for this rank's encoder and decoder parts (:func:`minitx.seq2seq.executors`).
+        The whole sharded graph is cut first, then each part into this rank's program: so the
+        encoder part holds every transfer of encoder states between pipeline stages (a rank's own
+        program has sends without outputs, which no cut would place). Each rank keeps its own
+        cross-attention K/V (nothing shared after the encoder); the decoder reads only its own."""
+        rank = int(self.graph.meta["rank"])
+        parts = split(self.sharded)
+        enc, dec = (rank_program(p, self.params, rank) for p in parts)
+        others = set(parts[0].outputs) - set(enc.graph.outputs)
+        g = dec.graph
+        g = Graph([v for v in g.inputs if v.name not in others], g.outputs, g.params, g.nodes, g.meta)
+        g.validate()
+        return (self._rank_executor(enc.graph, {}, backends, strict),
+                self._rank_executor(g, dec.shared, backends, strict))
+
+    def _rank_executor(self, graph: Graph, shared: Mapping[str, int], backends: Sequence[Any],
+                       strict: bool) -> RankExecutor:
         from ..executor import Executor
         from .nccl import placement
 
         # The MPI transport first, or NCCL fused with the cupy backend when it runs on GPUs.
         inner = Executor(graph, self.params, placement(self.transport, backends), strict)
-        shared = self.shared if graph is self.graph or set(graph.outputs) & set(self.graph.outputs) else {}
         return RankExecutor(inner, shared, self.transport)
