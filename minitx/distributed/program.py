@@ -186,7 +186,8 @@ class RankExecutor:
 
 class RankModel(Model):
     """A :class:`Model` whose graph is one rank's program; its executors run the collectives on
-    ``transport`` (first in the backend list) and share outputs between stages (:class:`RankExecutor`)."""
+    ``transport`` (first in the backend list) and share outputs between stages (:class:`RankExecutor`).
+    An encoder–decoder asks it for its two parts' executors (:meth:`part_executors`)."""
 
     transport: Any = None
     shared: Any = None
