@@ -69,13 +69,16 @@ def split(graph: Graph) -> tuple[Graph, Graph]:
 
 
 def executors(model: Model, backends: Sequence[str | Backend], strict: bool) -> tuple[Executor, Executor]:
-    """(encoder, decoder) executors for the two parts of the model's graph, cached on the model."""
+    """(encoder, decoder) executors for the two parts of the model's graph, cached on the model.
+    A model that runs one rank's part across processes (:class:`minitx.distributed.program.RankModel`)
+    builds them itself, ``model.part_executors(split, backends, strict)``: it cuts the whole
+    sharded graph with :func:`split`, then each part into its rank's program."""
     key = ("seq2seq", tuple(b if isinstance(b, str) else b.name for b in backends), strict)
     ex = model._executors.get(key)
     if ex is None:
-        enc, dec = split(model.graph)
-        ex = model._executors[key] = (Executor(enc, model.params, backends, strict),
-                                      Executor(dec, model.params, backends, strict))
+        own = getattr(model, "part_executors", None)
+        ex = model._executors[key] = (own(split, backends, strict) if own is not None else
+                                      tuple(Executor(g, model.params, backends, strict) for g in split(model.graph)))
     return ex
 
 

@@ -106,18 +106,94 @@ def test_heads_tp_cannot_split_fail_on_every_rank(mpi, tmp_path):
     assert len(lines) == 4 and all("tp=4 cannot split 4 attention heads and 2 KV heads" in l for l in lines)
 
 
-def test_encoder_decoder_across_processes_is_refused_on_every_rank(mpi, tmp_path):
-    """T5/BART/Marian split by tp run in one process (tests/test_parallel.py); across processes
-    they are a one-line refusal on every rank for now, not a hang."""
+@pytest.fixture(scope="module")
+def seq2seq_models(tmp_path_factory) -> dict[str, str]:
+    """T5 and BART tiny as ``minitx init`` writes them."""
+    d = tmp_path_factory.mktemp("s2s")
+    out = {}
+    for arch in ("t5", "bart"):
+        out[arch] = str(d / f"{arch}.npz")
+        _single("init", "--arch", arch, "--seed", "3", "-o", out[arch])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("beams", ["1", "3"])
+@pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2")])
+def test_mpiexec_encoder_decoders_print_what_one_process_prints(mpi, seq2seq_models, arch, beams, n, spec):
+    """Greedy and beam search across processes — tp=2: self- and cross-attention split by heads,
+    each rank its own cross-attention K/V and cache; pp=2: the encoder's and the decoder's layers
+    over two stages, the encoder's states handed on once per input — inputs of different lengths."""
+    args = ["infer", seq2seq_models[arch], "--ids", "5,6,7,8", "--ids", "9,4", "-n", "8", "--beams", beams, "--json"]
+    want = _single(*args)
+    r = mpirun(n, CLI, *args, "--parallel", spec)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want
+    assert len(json.loads(want)["token_ids"]) == 2
+
+
+SEQ2SEQ = """
+import sys
+import numpy as np
+from minitx import modelfile, seq2seq
+from minitx.distributed import prepare
+m = prepare(modelfile.load(sys.argv[1]), sys.argv[4])
+ref = np.load(sys.argv[2], allow_pickle=False)
+rows = [[int(t) for t in r if t >= 0] for r in ref["sources"]]
+out = {"logits": seq2seq.logits(m, rows, ref["targets"])}
+for name, beams in (("greedy", 1), ("beam3", 3)):
+    got = seq2seq.generate(m, rows, 12, beams=beams)
+    out[name] = np.array([r + [-1] * (12 - len(r)) for r in got])
+if m.meta["parallel"]["rank"] == 0:
+    np.savez(sys.argv[3], **out)
+"""
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+@pytest.mark.parametrize("n,spec", [(2, "tp=2"), (2, "pp=2"), (4, "tp=2,pp=2")])
+def test_mpiexec_encoder_decoders_match_transformers(mpi, tmp_path, arch, n, spec):
+    """Across processes: teacher-forced logits, greedy and beam tokens are transformers' (the
+    fixtures of tests/test_seq2seq.py, a padded batch of three inputs)."""
     from minitx.convert import convert
 
-    path = str(tmp_path / "t5.npz")
-    convert(os.path.join(ROOT, "tests", "fixtures", "hf-t5-tiny"), path)
-    r = mpirun(2, CLI, "infer", path, "--ids", "5,1,4", "-n", "3", "--parallel", "tp=2", timeout=120)
+    path = str(tmp_path / f"{arch}.npz")
+    convert(os.path.join(ROOT, "tests", "fixtures", f"hf-{arch}-tiny"), path)
+    script = tmp_path / "s2s.py"
+    script.write_text(SEQ2SEQ)
+    ref_path = os.path.join(ROOT, "tests", "fixtures", f"reference-seq2seq-{arch}.npz")
+    r = mpirun(n, str(script), path, ref_path, str(tmp_path / "got.npz"), spec, timeout=180)
+    assert r.returncode == 0, r.stderr
+    ref, got = np.load(ref_path, allow_pickle=False), np.load(tmp_path / "got.npz", allow_pickle=False)
+    assert np.abs(got["logits"] - ref["logits"]).max() / np.abs(ref["logits"]).max() <= 1e-5
+    for name in ("greedy", "beam3"):
+        want = [[int(t) for t in row if t >= 0] for row in ref[name]]
+        assert [[int(t) for t in row if t >= 0] for row in got[name]] == want, name
+
+
+def _errors(r: subprocess.CompletedProcess) -> list[str]:
+    return [l for l in r.stderr.splitlines() if l.startswith("error:")]
+
+
+def test_encoder_decoder_faults_are_one_line_on_every_rank(mpi, seq2seq_models, tmp_path):
+    """A wrong world size, heads tp cannot split, micro-batches (which do not split an
+    encoder–decoder yet): one line on every rank, exit 2."""
+    t5 = seq2seq_models["t5"]
+    r = mpirun(3, CLI, "infer", t5, "--ids", "5,1,4", "-n", "3", "--parallel", "tp=2", timeout=120)
     assert r.returncode == 2
-    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 2 and all("encoder–decoders (T5, BART, Marian) run split in one process only" in l
-                                   for l in lines), r.stderr
+    assert _errors(r) == ["error: --parallel tp=2 needs 2 ranks (tp·sp·pp), but mpiexec started 3"] * 3
+    r = mpirun(2, CLI, "infer", t5, "--ids", "5,1,4", "--ids", "2,3", "-n", "3", "--parallel", "pp=2,mb=2",
+               timeout=120)
+    assert r.returncode == 2
+    lines = _errors(r)
+    assert len(lines) == 2 and all("micro-batches (mb) do not split encoder–decoders" in l for l in lines), r.stderr
+    path = str(tmp_path / "t5-3heads.npz")
+    cfg = {"arch": "t5", "vocab_size": 64, "n_ctx": 16, "d_model": 24, "d_kv": 8, "n_layers": 1, "n_heads": 3,
+           "d_ff": 32}
+    modelfile.save(Model.from_config(cfg), path)
+    r = mpirun(2, CLI, "infer", path, "--ids", "1,2", "--parallel", "tp=2", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = _errors(r)
+    assert len(lines) == 2 and all("tp=2 cannot split the 3 heads of enc.relpos" in l for l in lines), r.stderr
 
 
 def test_missing_mpi4py_is_an_error_not_a_hang(mpi, llama, tmp_path):

@@ -11,7 +11,8 @@ plugin (plugins/parallel.py) and then either
   the command prints on rank 0 only.
 
 Errors are one line on every rank, before any communication: a world size that is not the
-product of the layout, heads or KV heads tp cannot split, mpi4py missing.
+product of the layout, heads or KV heads tp cannot split, mpi4py missing, micro-batches of an
+encoder–decoder.
 """
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ def plugin_text(text: str) -> str:
 def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = None, validate: bool = True) -> Model:
     """``model`` split as ``text`` says, for this process (see the module docstring)."""
     L = layout(text)
+    if L.mb > 1 and any(v.name == "encoder_ids" for v in model.graph.inputs):
+        raise MinitxError(f"--parallel {text}: micro-batches (mb) do not split encoder–decoders (T5, BART, Marian) "
+                          "yet; use tp and pp without mb")
     world = launched_world()
     if world == 1:
         from ..plugin import optimize
@@ -77,9 +81,6 @@ def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = Non
         return optimize(model, [plugin_text(text)], warn=warn, validate=validate)
     if world != L.world:
         raise MinitxError(f"--parallel {text} needs {L.world} ranks (tp·sp·pp), but mpiexec started {world}")
-    if any(v.name == "encoder_ids" for v in model.graph.inputs):
-        raise MinitxError(f"--parallel {text} across processes: encoder–decoders (T5, BART, Marian) run split in "
-                          "one process only so far (run without mpiexec)")
     from .mpi import MPITransport, load_mpi
     from .program import RankModel, rank_program
     from ..plugins.parallel import shard
@@ -95,7 +96,7 @@ def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = Non
     transport = MPITransport(comm, groups)
     m = RankModel(dict(model.config), prog.params, prog.graph, model.tokenizer_json,
                   {**model.meta, "parallel": {"layout": str(L), "rank": rank, "world": L.world}})
-    m.transport, m.shared = transport, prog.shared
+    m.transport, m.shared, m.sharded = transport, prog.shared, g
     if rank != 0:
         sys.stdout = open(os.devnull, "w")   # the command's output comes from rank 0 only
     return m

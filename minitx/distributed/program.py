@@ -10,7 +10,7 @@ rank keeps its own cache between steps), and the outputs its stage computes unde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -186,19 +186,42 @@ class RankExecutor:
 
 class RankModel(Model):
     """A :class:`Model` whose graph is one rank's program; its executors run the collectives on
-    ``transport`` (first in the backend list) and share outputs between stages (:class:`RankExecutor`)."""
+    ``transport`` (first in the backend list) and share outputs between stages (:class:`RankExecutor`).
+    An encoder–decoder asks it for its two parts' executors (:meth:`part_executors`)."""
 
     transport: Any = None
     shared: Any = None
+    sharded: Any = None      # the whole SPMD graph the rank's program was cut from
 
     def executor(self, backends: Sequence[Any] = ("numpy",), strict: bool = False):
         key = (tuple(b if isinstance(b, str) else b.name for b in backends), strict)
         ex = self._executors.get(key)
         if ex is None:
-            from ..executor import Executor
-            from .nccl import placement
-
-            # The MPI transport first, or NCCL fused with the cupy backend when it runs on GPUs.
-            inner = Executor(self.graph, self.params, placement(self.transport, backends), strict)
-            ex = self._executors[key] = RankExecutor(inner, self.shared, self.transport)
+            ex = self._executors[key] = self._rank_executor(self.graph, self.shared, backends, strict)
         return ex
+
+    def part_executors(self, split: Callable[[Graph], tuple[Graph, Graph]], backends: Sequence[Any] = ("numpy",),
+                       strict: bool = False) -> tuple[RankExecutor, RankExecutor]:
+        """Executors for this rank's encoder and decoder parts (:func:`minitx.seq2seq.executors`).
+        The whole sharded graph is cut first, then each part into this rank's program: so the
+        encoder part holds every transfer of encoder states between pipeline stages (a rank's own
+        program has sends without outputs, which no cut would place). Each rank keeps its own
+        cross-attention K/V (nothing shared after the encoder); the decoder reads only its own."""
+        rank = int(self.graph.meta["rank"])
+        parts = split(self.sharded)
+        enc, dec = (rank_program(p, self.params, rank) for p in parts)
+        others = set(parts[0].outputs) - set(enc.graph.outputs)
+        g = dec.graph
+        g = Graph([v for v in g.inputs if v.name not in others], g.outputs, g.params, g.nodes, g.meta)
+        g.validate()
+        return (self._rank_executor(enc.graph, {}, backends, strict),
+                self._rank_executor(g, dec.shared, backends, strict))
+
+    def _rank_executor(self, graph: Graph, shared: Mapping[str, int], backends: Sequence[Any],
+                       strict: bool) -> RankExecutor:
+        from ..executor import Executor
+        from .nccl import placement
+
+        # The MPI transport first, or NCCL fused with the cupy backend when it runs on GPUs.
+        inner = Executor(graph, self.params, placement(self.transport, backends), strict)
+        return RankExecutor(inner, shared, self.transport)
