@@ -5,8 +5,8 @@
 Modes (the shorthand ``quant:MODE``):
 
 ==============  ==============================================================================
-``int8``        int8 weight-only, one scale per ``block`` (32) inputs, like llama.cpp Q8_0
-                (``linear_q8_block``; ``int8_block`` is its old name)
+``int8``        int8, one scale per ``block`` (32) inputs, activations quantized to int8 blocks
+                at run time, like llama.cpp Q8_0 (``linear_q8_0``; ``int8_block`` is its old name)
 ``int8_channel``  int8 weight-only, one scale per output channel (``linear_q8``): decodes
                 fastest, but one scale over all of a channel's inputs is coarser — on
                 all-MiniLM-L6-v2 the worst sentence of the held-out text falls to cosine 0.996
@@ -128,10 +128,10 @@ def _pack(ctx: Context, mode: str, name: str, x: str, w: str, W: np.ndarray, b: 
     elif mode == "w8a8":
         q, s = Q.quantize_per_channel(W)
         op, ins = "linear_w8a8", [q, s]
-    elif mode in ("int8", "int8_block"):
+    elif mode in ("int8", "int8_block"):  # Q8_0: activations in int8 blocks too, integer dot products
         k = _int8_block(opts, n_in)
         q, s = Q.quantize_blocks(W, k)
-        op, ins, attrs = "linear_q8_block", [q, s], {"block": k}
+        op, ins, attrs = "linear_q8_0", [np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)], {"block": k}
     elif mode == "int4":
         k = opts["group"]
         if n_in % k:

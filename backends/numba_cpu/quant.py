@@ -28,6 +28,7 @@ from numba import prange
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
+from .int8_simd import BLOCK, dot_q8_0, dot_q8_0_portable, quantize_act_blocks
 from ._vmath import widen
 from .attention import sdpa
 from .kvcache import append
@@ -186,7 +187,28 @@ def _cols_stream(x, w, bf16, s, group, y, block):
         _store(y, acc, j0)
 
 
+def _q8_0_rows(xq, xs, w, ws, block, simd, y):
+    """y[m, n] = Σ_g xs[m, g] ws[n, g] Σ_{k in g} xq[m, k] w[n, k] (``linear_q8_0``): int8
+    activations (M, K) and weights (N, K), one exact integer sum per block (int8_simd.py: AVX2's
+    8-bit multiply-adds when ``simd`` and the block is 32 wide, else the portable loop). Threads
+    split the output rows in chunks of 16, each row prefetched AHEAD rows before it is read; for
+    many rows (prefill) each chunk's 16 weight rows stay in cache while every token passes them."""
+    M, K = xq.shape
+    N = w.shape[0]
+    G = K // block
+    for blk in prange((N + 15) // 16):
+        for n in range(blk * 16, min(N, blk * 16 + 16)):
+            for c in range(0, K, 64):
+                prefetch(w, (n + AHEAD) * K + c)
+            for m in range(M):
+                if simd and block == BLOCK:
+                    y[m, n] = dot_q8_0(w, n * K, ws, n * G, xq, m * K, xs, m * G, G)
+                else:
+                    y[m, n] = dot_q8_0_portable(w, n * K, ws, n * G, xq, m * K, xs, m * G, G, block)
+
+
 _ROWS_DOT = kernel(_rows_dot)
+_Q8_0 = kernel(_q8_0_rows)
 _Q4T = kernel(_q4_skinny_t)
 _LUT = kernel(_lut_skinny)
 _EMB8 = kernel(_embed_q8)
@@ -259,6 +281,21 @@ def linear_q8_block(x, w, scale, b=None, *, block=32):
         _pick(_COLS, w.size)(x2, w, False, s, block, y, _block(w.shape[1]))
     else:
         y = _tiled(x2, w.shape[1], lambda a, c: spec.dequantize_blocks(w[a:c], s[a // block:c // block], block))
+    return _finish(y, x, b)
+
+
+def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
+    """``simd=False`` takes the portable integer loop even where AVX2 is there (the tests' way to
+    check it on this machine; int8_simd.py lowers to it by itself on CPUs without AVX2)."""
+    if x.dtype != np.float32 or scale.dtype != np.float32:
+        return spec.linear_q8_0(x, w, scale, b, block=block)
+    x2 = _rows(x)
+    M, K = x2.shape
+    xq = np.empty((M, K), np.int8)
+    xs = np.empty((M, K // block), np.float32)
+    quantize_act_blocks(x2, block, xq, xs)
+    y = np.empty((M, w.shape[0]), np.float32)
+    _pick(_Q8_0, w.size * M)(xq, xs, np.ascontiguousarray(w), np.ascontiguousarray(scale), block, simd, y)
     return _finish(y, x, b)
 
 
@@ -386,6 +423,7 @@ def linear_lut(x, w, scale, b=None, *, codebook="int2", group=32):
     return _finish(y, x, b)
 
 
-KERNELS = {"linear_lut": linear_lut, "linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
+KERNELS = {"linear_lut": linear_lut, "linear_q8": linear_q8, "linear_q8_block": linear_q8_block,
+           "linear_q8_0": linear_q8_0, "linear_q4": linear_q4,
            "linear_w8a8": linear_w8a8, "linear_cast": linear_cast, "embedding_q8": embedding_q8,
            "embedding_q4": embedding_q4, "attention_kv8": attention_kv8}

@@ -1,0 +1,166 @@
+"""Q8_0 × Q8_0 dot products (``linear_q8_0``) with AVX2's 8-bit multiply-adds, called from numba.
+
+Why integers: a CPU without VNNI (this one: AMD EPYC, AVX2 + FMA) has no float × int8 product, so
+a weight-only kernel widens every int8 weight to float32 (load-and-extend, convert, FMA: three
+operations per 8 weights). Quantizing the activation vector to int8 blocks too (the spec:
+minitx/ops/quant.py ``linear_q8_0``) turns each block of 32 into one exact integer sum, which
+AVX2 computes in two instructions — ``vpmaddubsw`` (32 u8 × s8 products, adjacent pairs added to
+16 int16) and ``vpmaddwd`` against ones (pairs again, to 8 int32) — after which one convert and one
+FMA apply the block's two scales. llama.cpp's Q8_0 dot product does the same.
+
+``vpmaddubsw`` multiplies an *unsigned* operand by a signed one and saturates the pair sums to
+int16. The weights take the unsigned side as |w| and the activations carry w's sign
+(``vpsignb(x, w)``): |w| ≤ 128 even for w = −128 (which the format allows, though the quantizer
+never writes it), the activations are in [−127, 127] by the spec, so a pair sum is at most
+2 · 128 · 127 = 32512 < 32767 and nothing saturates — the block sums are exact, and the only
+rounding is the float32 scale product and accumulation (conformance holds them to float32's
+tolerance against the float64 spec). The other way round (|x|, sign(w, x)) would wrap −128.
+
+The intrinsic :func:`dot_q8_0` emits the loop over a row's blocks in LLVM IR calling
+``llvm.x86.avx2.pmadd.ub.sw`` and ``llvm.x86.avx2.pmadd.wd`` directly, with ``llvm.abs`` and
+``llvm.x86.avx2.psign.b`` for the sign trick and ``llvm.fma`` for the accumulation. It is only
+compiled where the CPU numba targets has AVX2 (:data:`HAS_AVX2`, from llvmlite's host features or
+numba's ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``); elsewhere — and for blocks that are not 32
+wide — :func:`dot_q8_0_portable`, plain numba integer arithmetic, computes the same sums.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._jit import FASTMATH
+
+
+def _target_has_avx2() -> bool:
+    """Whether the code numba generates may use AVX2: numba compiles for the host CPU unless
+    ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` say otherwise (a portable cache, say)."""
+    feats = numba.config.CPU_FEATURES
+    if feats is None:
+        name = numba.config.CPU_NAME
+        if name not in (None, "host"):
+            return False  # a named target without a feature list: assume the baseline
+        feats = llvm.get_host_cpu_features().flatten()
+    return "+avx2" in feats.split(",")
+
+
+HAS_AVX2 = _target_has_avx2()
+BLOCK = 32  # bytes in one AVX2 register: the block the SIMD kernel handles
+
+
+def _ptr(context, builder, aryty, ary, offset, elem):
+    """Address of ``ary.flat[offset]`` as a pointer to ``elem``."""
+    a = context.make_array(aryty)(context, builder, ary)
+    return builder.bitcast(builder.gep(a.data, [offset]), elem.as_pointer())
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+@intrinsic
+def dot_q8_0(typingctx, w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks):
+    """Σ_b ws.flat[ws_off + b] · xs.flat[xs_off + b] · Σ_{k<32} w.flat[w_off + 32b + k] ·
+    x.flat[x_off + 32b + k] over ``n_blocks`` blocks of 32: one row of int8 weights against one
+    row of int8 activations, both C-contiguous, scales float32. AVX2 only (see the module
+    docstring); two accumulators, two blocks per iteration, so the FMA latency is hidden."""
+    if not (isinstance(w, types.Array) and isinstance(x, types.Array) and w.dtype == types.int8
+            and x.dtype == types.int8 and isinstance(ws, types.Array) and ws.dtype == types.float32
+            and isinstance(xs, types.Array) and xs.dtype == types.float32):
+        return None
+    sig = types.float32(w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks)
+
+    def codegen(context, builder, signature, args):
+        if not HAS_AVX2:  # the same sums, portably (the intrinsics would not compile)
+            return context.compile_internal(builder, lambda w, wo, ws, so, x, xo, xs, to, nb: dot_q8_0_portable(
+                w, wo, ws, so, x, xo, xs, to, nb, BLOCK), signature, args)
+        wa, wo, sa, so, xa, xo, ta, to, nb = args
+        at = signature.args
+        i64 = ir.IntType(64)
+        i8v, i16v, i32v = (ir.VectorType(ir.IntType(b), n) for b, n in ((8, 32), (16, 16), (32, 8)))
+        f32, f32v = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+        wo, so, xo, to, nb = (context.cast(builder, v, t, types.int64)
+                              for v, t in zip((wo, so, xo, to, nb), (at[1], at[3], at[5], at[7], at[8])))
+        wp = _ptr(context, builder, at[0], wa, wo, ir.IntType(8))
+        xp = _ptr(context, builder, at[4], xa, xo, ir.IntType(8))
+        sp = _ptr(context, builder, at[2], sa, so, f32)
+        tp = _ptr(context, builder, at[6], ta, to, f32)
+        absb = _fn(builder, "llvm.abs.v32i8", i8v, [i8v, ir.IntType(1)])
+        sign = _fn(builder, "llvm.x86.avx2.psign.b", i8v, [i8v, i8v])
+        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", i16v, [i8v, i8v])
+        maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", i32v, [i16v, i16v])
+        fma = _fn(builder, "llvm.fma.v8f32", f32v, [f32v, f32v, f32v])
+        ones = ir.Constant(i16v, [1] * 16)
+        zero = ir.Constant(f32v, [0.0] * 8)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+
+        def block(b, acc):
+            off = builder.mul(b, ir.Constant(i64, BLOCK))
+            wv = builder.load(builder.bitcast(builder.gep(wp, [off]), i8v.as_pointer()), align=1)
+            xv = builder.load(builder.bitcast(builder.gep(xp, [off]), i8v.as_pointer()), align=1)
+            aw = builder.call(absb, [wv, ir.Constant(ir.IntType(1), 0)])  # |−128| = 128 as unsigned
+            sx = builder.call(sign, [xv, wv])
+            p = builder.call(maddwd, [builder.call(maddubs, [aw, sx]), ones])  # 8 exact int32 sums
+            d = builder.fmul(builder.load(builder.gep(sp, [b])), builder.load(builder.gep(tp, [b])))
+            dv = builder.insert_element(ir.Constant(f32v, ir.Undefined), d, ir.Constant(ir.IntType(32), 0))
+            dv = builder.shuffle_vector(dv, ir.Constant(f32v, ir.Undefined), ir.Constant(i32v, [0] * 8))
+            builder.store(builder.call(fma, [builder.sitofp(p, f32v), dv, builder.load(acc)]), acc)
+
+        with cgutils.for_range(builder, builder.udiv(nb, ir.Constant(i64, 2))) as loop:
+            b0 = builder.mul(loop.index, ir.Constant(i64, 2))
+            block(b0, accs[0])
+            block(builder.add(b0, ir.Constant(i64, 1)), accs[1])
+        odd = builder.icmp_unsigned("!=", builder.urem(nb, ir.Constant(i64, 2)), ir.Constant(i64, 0))
+        with builder.if_then(odd):
+            block(builder.sub(nb, ir.Constant(i64, 1)), accs[0])
+        v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        lanes = [builder.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(8)]
+        while len(lanes) > 1:  # pairwise: the same order on every call
+            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
+def dot_q8_0_portable(w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks, block):
+    """:func:`dot_q8_0` for any CPU and any block size: the same exact integer block sums, taken
+    in float64 — every product and partial sum is an integer below 2⁵³, so any order (the
+    vectoriser's) gives the exact sum, and LLVM vectorises the loop with whatever the target has
+    (numba's integer products widen to int64, which it does not) — scaled in float32."""
+    wf = w.reshape(-1)
+    xf = x.reshape(-1)
+    sf = ws.reshape(-1)
+    tf = xs.reshape(-1)
+    acc = np.float32(0.0)
+    for b in range(n_blocks):
+        s = 0.0
+        o = b * block
+        for k in range(block):
+            s += np.float64(wf[w_off + o + k]) * np.float64(xf[x_off + o + k])
+        acc += np.float32(s) * (sf[ws_off + b] * tf[xs_off + b])
+    return acc
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def quantize_act_blocks(x, block, q, s):
+    """The spec's ``quantize_act_blocks`` for float32 rows x (M, K) into q (M, K) int8 and s
+    (M, K / block) float32. No fastmath: x / s must round exactly as NumPy's division does (a
+    reciprocal multiply could move a value across a rounding boundary)."""
+    M, K = x.shape
+    for m in range(M):
+        for g in range(K // block):
+            mx = np.float32(0.0)
+            for k in range(g * block, (g + 1) * block):
+                a = abs(x[m, k])
+                if a > mx or a != a:
+                    mx = a
+            sc = mx / np.float32(127.0) if mx > 0 else np.float32(1.0)
+            s[m, g] = sc
+            for k in range(g * block, (g + 1) * block):
+                v = np.rint(x[m, k] / sc)
+                q[m, k] = np.int8(min(max(v, np.float32(-127.0)), np.float32(127.0)))
