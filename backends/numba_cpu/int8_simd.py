@@ -126,6 +126,98 @@ def dot_q8_0(typingctx, w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks):
     return sig, codegen
 
 
+def _tile(R: int, C: int):
+    """An intrinsic ``tile(w, ws, n0, x, xs, m0, y)``: y[m0 + i, n0 + j] for i < R, j < C, each a
+    ``dot_q8_0`` of token row m0 + i against weight row n0 + j, blocks of 32 — the prefill
+    microkernel. One pass over the blocks serves the R × C outputs: each weight vector is loaded
+    and made unsigned (|w|) once for R tokens, each activation vector loaded once for C rows, and
+    the R·C accumulators stay in registers (R·C + 2C + a few of AVX2's 16)."""
+
+    @intrinsic
+    def tile(typingctx, w, ws, n0, x, xs, m0, y):
+        if not (isinstance(w, types.Array) and w.dtype == types.int8 and isinstance(x, types.Array)
+                and x.dtype == types.int8 and isinstance(y, types.Array) and y.dtype == types.float32):
+            return None
+        sig = types.void(w, ws, n0, x, xs, m0, y)
+
+        def codegen(context, builder, signature, args):
+            if not HAS_AVX2:  # portably, output by output (the intrinsics would not compile)
+                return context.compile_internal(builder, _portable_tile, signature, args)
+            wa, sa, n0v, xa, ta, m0v, ya = args
+            at = signature.args
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            i8v, i16v, i32v = (ir.VectorType(ir.IntType(b), n) for b, n in ((8, 32), (16, 16), (32, 8)))
+            f32, f32v = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+            n0v = context.cast(builder, n0v, at[2], types.int64)
+            m0v = context.cast(builder, m0v, at[5], types.int64)
+            K = cgutils.unpack_tuple(builder, context.make_array(at[0])(context, builder, wa).shape)[1]
+            N = cgutils.unpack_tuple(builder, context.make_array(at[6])(context, builder, ya).shape)[1]
+            G = builder.udiv(K, ir.Constant(i64, BLOCK))
+            c = lambda v: ir.Constant(i64, v)  # noqa: E731
+            wrow = [_ptr(context, builder, at[0], wa, builder.mul(builder.add(n0v, c(j)), K), ir.IntType(8))
+                    for j in range(C)]
+            srow = [_ptr(context, builder, at[1], sa, builder.mul(builder.add(n0v, c(j)), G), f32) for j in range(C)]
+            xrow = [_ptr(context, builder, at[3], xa, builder.mul(builder.add(m0v, c(i)), K), ir.IntType(8))
+                    for i in range(R)]
+            trow = [_ptr(context, builder, at[4], ta, builder.mul(builder.add(m0v, c(i)), G), f32) for i in range(R)]
+            absb = _fn(builder, "llvm.abs.v32i8", i8v, [i8v, ir.IntType(1)])
+            sign = _fn(builder, "llvm.x86.avx2.psign.b", i8v, [i8v, i8v])
+            maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", i16v, [i8v, i8v])
+            maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", i32v, [i16v, i16v])
+            fma = _fn(builder, "llvm.fma.v8f32", f32v, [f32v, f32v, f32v])
+            ones = ir.Constant(i16v, [1] * 16)
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32v, [0.0] * 8)) for _ in range(C)]
+                    for _ in range(R)]
+
+            def splat(v):
+                u = builder.insert_element(ir.Constant(f32v, ir.Undefined), v, ir.Constant(i32, 0))
+                return builder.shuffle_vector(u, ir.Constant(f32v, ir.Undefined), ir.Constant(i32v, [0] * 8))
+
+            def vload(p, off):
+                return builder.load(builder.bitcast(builder.gep(p, [off]), i8v.as_pointer()), align=1)
+
+            with cgutils.for_range(builder, G) as loop:
+                b = loop.index
+                off = builder.mul(b, c(BLOCK))
+                wv = [vload(wrow[j], off) for j in range(C)]
+                aw = [builder.call(absb, [v, ir.Constant(ir.IntType(1), 0)]) for v in wv]
+                sw = [splat(builder.load(builder.gep(srow[j], [b]))) for j in range(C)]
+                for i in range(R):
+                    xv = vload(xrow[i], off)
+                    sx = splat(builder.load(builder.gep(trow[i], [b])))
+                    for j in range(C):
+                        p = builder.call(maddwd, [builder.call(maddubs, [aw[j], builder.call(sign, [xv, wv[j]])]),
+                                                  ones])
+                        f = builder.fmul(builder.sitofp(p, f32v), sw[j])
+                        builder.store(builder.call(fma, [f, sx, builder.load(accs[i][j])]), accs[i][j])
+            for i in range(R):
+                for j in range(C):
+                    v = builder.load(accs[i][j])
+                    lanes = [builder.extract_element(v, ir.Constant(i32, k)) for k in range(8)]
+                    while len(lanes) > 1:
+                        lanes = [builder.fadd(lanes[k], lanes[k + 1]) for k in range(0, len(lanes), 2)]
+                    yo = builder.add(builder.mul(builder.add(m0v, c(i)), N), builder.add(n0v, c(j)))
+                    builder.store(lanes[0], _ptr(context, builder, at[6], ya, yo, f32))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+TILE_R, TILE_C = 4, 2
+tile_q8_0 = _tile(TILE_R, TILE_C)
+
+
+def _portable_tile(w, ws, n0, x, xs, m0, y):
+    K = w.shape[1]
+    G = K // BLOCK
+    for i in range(TILE_R):
+        for j in range(TILE_C):
+            y[m0 + i, n0 + j] = dot_q8_0_portable(w, (n0 + j) * K, ws, (n0 + j) * G, x, (m0 + i) * K, xs,
+                                                  (m0 + i) * G, G, BLOCK)
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)
 def dot_q8_0_portable(w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks, block):
     """:func:`dot_q8_0` for any CPU and any block size: the same exact integer block sums, taken

@@ -28,7 +28,7 @@ from numba import prange
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
-from .int8_simd import BLOCK, dot_q8_0, dot_q8_0_portable, quantize_act_blocks
+from .int8_simd import BLOCK, TILE_C, TILE_R, dot_q8_0, dot_q8_0_portable, quantize_act_blocks, tile_q8_0
 from ._vmath import widen
 from .attention import sdpa
 from .kvcache import append
@@ -191,20 +191,39 @@ def _q8_0_rows(xq, xs, w, ws, block, simd, y):
     """y[m, n] = Σ_g xs[m, g] ws[n, g] Σ_{k in g} xq[m, k] w[n, k] (``linear_q8_0``): int8
     activations (M, K) and weights (N, K), one exact integer sum per block (int8_simd.py: AVX2's
     8-bit multiply-adds when ``simd`` and the block is 32 wide, else the portable loop). Threads
-    split the output rows in chunks of 16, each row prefetched AHEAD rows before it is read; for
-    many rows (prefill) each chunk's 16 weight rows stay in cache while every token passes them."""
+    split chunks of 16 output rows × 64 tokens. Decode (few tokens) streams each weight row once,
+    prefetched AHEAD rows before it is read; prefill runs the TILE_R × TILE_C microkernel over each
+    chunk, whose 16 weight rows stay in cache while its tokens pass them."""
     M, K = xq.shape
     N = w.shape[0]
     G = K // block
-    for blk in prange((N + 15) // 16):
-        for n in range(blk * 16, min(N, blk * 16 + 16)):
-            for c in range(0, K, 64):
-                prefetch(w, (n + AHEAD) * K + c)
-            for m in range(M):
+    tiled = simd and block == BLOCK and M >= TILE_R
+    nm = (M + 63) // 64
+    for t in prange(((N + 15) // 16) * nm):
+        n_lo = (t // nm) * 16
+        n_hi = min(N, n_lo + 16)
+        m_lo = (t % nm) * 64
+        m_hi = min(M, m_lo + 64)
+        n = n_lo
+        if tiled:
+            while n + TILE_C <= n_hi:
+                m = m_lo
+                while m + TILE_R <= m_hi:
+                    tile_q8_0(w, ws, n, xq, xs, m, y)
+                    m += TILE_R
+                for r in range(m, m_hi):
+                    for j in range(n, n + TILE_C):
+                        y[r, j] = dot_q8_0(w, j * K, ws, j * G, xq, r * K, xs, r * G, G)
+                n += TILE_C
+        for j in range(n, n_hi):
+            if m_lo == 0:
+                for c in range(0, K, 64):
+                    prefetch(w, (j + AHEAD) * K + c)
+            for r in range(m_lo, m_hi):
                 if simd and block == BLOCK:
-                    y[m, n] = dot_q8_0(w, n * K, ws, n * G, xq, m * K, xs, m * G, G)
+                    y[r, j] = dot_q8_0(w, j * K, ws, j * G, xq, r * K, xs, r * G, G)
                 else:
-                    y[m, n] = dot_q8_0_portable(w, n * K, ws, n * G, xq, m * K, xs, m * G, G, block)
+                    y[r, j] = dot_q8_0_portable(w, j * K, ws, j * G, xq, r * K, xs, r * G, G, block)
 
 
 _ROWS_DOT = kernel(_rows_dot)
