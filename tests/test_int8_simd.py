@@ -101,7 +101,7 @@ def test_avx2_path_compiles_to_8bit_multiply_adds():
 
     @numba.njit
     def dot(w, ws, x, xs):
-        return S.dot_q8_0(w, 0, ws, 0, x, 0, xs, 0, ws.size)
+        return S.dot_q8_0(w, 0, ws, 0, x, 0, xs, 0, ws.size, 1)
 
     w, s = _weights(1, 256)
     x, sx = Q.quantize_act_blocks(rng.standard_normal((1, 256)).astype(np.float32), 32)
@@ -122,3 +122,14 @@ def test_target_detection_follows_numba_config(monkeypatch):
     assert S._target_has_avx2() is True
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse2,-avx2")
     assert S._target_has_avx2() is False
+
+
+@pytest.mark.parametrize("simd", PATHS)
+@pytest.mark.parametrize("rows", [1, 6])
+@pytest.mark.parametrize("block", [64, 224, 48])
+def test_wide_and_odd_blocks(simd, rows, block):
+    """Blocks of several 32-byte chunks (int32 sums within a block; 224: one block per row, the
+    W8A8 layout) and a block that is no multiple of 32 (48: the portable loop)."""
+    w, s = _weights(19, {64: 320, 224: 224, 48: 240}[block], block)
+    x = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
+    _close(nq.linear_q8_0(x, w, s, block=block, simd=simd), x, w, s, block=block)

@@ -62,66 +62,102 @@ def _fn(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
+class _Ops:
+    """The LLVM declarations one kernel body uses, and the one block step they share."""
+
+    def __init__(self, builder):
+        self.b = builder
+        self.i8v, self.i16v, self.i32v = (ir.VectorType(ir.IntType(b), n) for b, n in ((8, 32), (16, 16), (32, 8)))
+        self.f32v = ir.VectorType(ir.FloatType(), 8)
+        i8v, i16v, i32v, f32v = self.i8v, self.i16v, self.i32v, self.f32v
+        self.absb = _fn(builder, "llvm.abs.v32i8", i8v, [i8v, ir.IntType(1)])
+        self.sign = _fn(builder, "llvm.x86.avx2.psign.b", i8v, [i8v, i8v])
+        self.maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", i16v, [i8v, i8v])
+        self.maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", i32v, [i16v, i16v])
+        self.fma = _fn(builder, "llvm.fma.v8f32", f32v, [f32v, f32v, f32v])
+        self.ones = ir.Constant(i16v, [1] * 16)
+
+    def load(self, p, off):
+        return self.b.load(self.b.bitcast(self.b.gep(p, [off]), self.i8v.as_pointer()), align=1)
+
+    def unsigned(self, w):
+        return self.b.call(self.absb, [w, ir.Constant(ir.IntType(1), 0)])  # |−128| = 128 read unsigned
+
+    def dot32(self, aw, w, x):
+        """8 int32 partial sums of Σ w·x over 32 bytes: |w| (unsigned) × x with w's sign."""
+        return self.b.call(self.maddwd, [self.b.call(self.maddubs, [aw, self.b.call(self.sign, [x, w])]), self.ones])
+
+    def splat(self, v):
+        i32 = ir.IntType(32)
+        u = self.b.insert_element(ir.Constant(self.f32v, ir.Undefined), v, ir.Constant(i32, 0))
+        return self.b.shuffle_vector(u, ir.Constant(self.f32v, ir.Undefined), ir.Constant(self.i32v, [0] * 8))
+
+    def hsum(self, v):
+        lanes = [self.b.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(8)]
+        while len(lanes) > 1:  # pairwise: the same order on every call
+            lanes = [self.b.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+
 @intrinsic
-def dot_q8_0(typingctx, w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks):
-    """Σ_b ws.flat[ws_off + b] · xs.flat[xs_off + b] · Σ_{k<32} w.flat[w_off + 32b + k] ·
-    x.flat[x_off + 32b + k] over ``n_blocks`` blocks of 32: one row of int8 weights against one
-    row of int8 activations, both C-contiguous, scales float32. AVX2 only (see the module
-    docstring); two accumulators, two blocks per iteration, so the FMA latency is hidden."""
+def dot_q8_0(typingctx, w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks, per):
+    """Σ_b ws.flat[ws_off + b] · xs.flat[xs_off + b] · Σ_{k < 32·per} w.flat[w_off + 32·per·b + k] ·
+    x.flat[x_off + 32·per·b + k] over ``n_blocks`` blocks of ``per`` × 32 values: one row of int8
+    weights against one row of int8 activations, both C-contiguous, scales float32. Within a block
+    the sums stay int32 (exact below 2³¹: blocks up to 131k values); each block is converted once
+    and scaled with one FMA. AVX2 only (see the module docstring)."""
     if not (isinstance(w, types.Array) and isinstance(x, types.Array) and w.dtype == types.int8
             and x.dtype == types.int8 and isinstance(ws, types.Array) and ws.dtype == types.float32
             and isinstance(xs, types.Array) and xs.dtype == types.float32):
         return None
-    sig = types.float32(w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks)
+    sig = types.float32(w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks, per)
 
     def codegen(context, builder, signature, args):
         if not HAS_AVX2:  # the same sums, portably (the intrinsics would not compile)
-            return context.compile_internal(builder, lambda w, wo, ws, so, x, xo, xs, to, nb: dot_q8_0_portable(
-                w, wo, ws, so, x, xo, xs, to, nb, BLOCK), signature, args)
-        wa, wo, sa, so, xa, xo, ta, to, nb = args
+            return context.compile_internal(builder, lambda w, wo, ws, so, x, xo, xs, to, nb, per: dot_q8_0_portable(
+                w, wo, ws, so, x, xo, xs, to, nb, BLOCK * per), signature, args)
+        wa, wo, sa, so, xa, xo, ta, to, nb, per = args
         at = signature.args
-        i64 = ir.IntType(64)
-        i8v, i16v, i32v = (ir.VectorType(ir.IntType(b), n) for b, n in ((8, 32), (16, 16), (32, 8)))
-        f32, f32v = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
-        wo, so, xo, to, nb = (context.cast(builder, v, t, types.int64)
-                              for v, t in zip((wo, so, xo, to, nb), (at[1], at[3], at[5], at[7], at[8])))
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        wo, so, xo, to, nb, per = (context.cast(builder, v, t, types.int64) for v, t in
+                                   zip((wo, so, xo, to, nb, per), (at[1], at[3], at[5], at[7], at[8], at[9])))
+        o = _Ops(builder)
         wp = _ptr(context, builder, at[0], wa, wo, ir.IntType(8))
         xp = _ptr(context, builder, at[4], xa, xo, ir.IntType(8))
         sp = _ptr(context, builder, at[2], sa, so, f32)
         tp = _ptr(context, builder, at[6], ta, to, f32)
-        absb = _fn(builder, "llvm.abs.v32i8", i8v, [i8v, ir.IntType(1)])
-        sign = _fn(builder, "llvm.x86.avx2.psign.b", i8v, [i8v, i8v])
-        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", i16v, [i8v, i8v])
-        maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", i32v, [i16v, i16v])
-        fma = _fn(builder, "llvm.fma.v8f32", f32v, [f32v, f32v, f32v])
-        ones = ir.Constant(i16v, [1] * 16)
-        zero = ir.Constant(f32v, [0.0] * 8)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(o.f32v, [0.0] * 8)) for _ in range(2)]
+        isum = cgutils.alloca_once(builder, o.i32v)
 
-        def block(b, acc):
-            off = builder.mul(b, ir.Constant(i64, BLOCK))
-            wv = builder.load(builder.bitcast(builder.gep(wp, [off]), i8v.as_pointer()), align=1)
-            xv = builder.load(builder.bitcast(builder.gep(xp, [off]), i8v.as_pointer()), align=1)
-            aw = builder.call(absb, [wv, ir.Constant(ir.IntType(1), 0)])  # |−128| = 128 as unsigned
-            sx = builder.call(sign, [xv, wv])
-            p = builder.call(maddwd, [builder.call(maddubs, [aw, sx]), ones])  # 8 exact int32 sums
+        def scaled(b, s, acc):  # acc += float(s) · ws[b] · xs[b]
             d = builder.fmul(builder.load(builder.gep(sp, [b])), builder.load(builder.gep(tp, [b])))
-            dv = builder.insert_element(ir.Constant(f32v, ir.Undefined), d, ir.Constant(ir.IntType(32), 0))
-            dv = builder.shuffle_vector(dv, ir.Constant(f32v, ir.Undefined), ir.Constant(i32v, [0] * 8))
-            builder.store(builder.call(fma, [builder.sitofp(p, f32v), dv, builder.load(acc)]), acc)
+            builder.store(builder.call(o.fma, [builder.sitofp(s, o.f32v), o.splat(d), builder.load(acc)]), acc)
 
-        with cgutils.for_range(builder, builder.udiv(nb, ir.Constant(i64, 2))) as loop:
-            b0 = builder.mul(loop.index, ir.Constant(i64, 2))
-            block(b0, accs[0])
-            block(builder.add(b0, ir.Constant(i64, 1)), accs[1])
-        odd = builder.icmp_unsigned("!=", builder.urem(nb, ir.Constant(i64, 2)), ir.Constant(i64, 0))
-        with builder.if_then(odd):
-            block(builder.sub(nb, ir.Constant(i64, 1)), accs[0])
-        v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-        lanes = [builder.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(8)]
-        while len(lanes) > 1:  # pairwise: the same order on every call
-            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
-        return lanes[0]
+        def block32(b, acc):
+            off = builder.mul(b, ir.Constant(i64, BLOCK))
+            wv = o.load(wp, off)
+            scaled(b, o.dot32(o.unsigned(wv), wv, o.load(xp, off)), acc)
+
+        with builder.if_else(builder.icmp_unsigned("==", per, ir.Constant(i64, 1))) as (one, wide):
+            with one:  # Q8_0: blocks of 32, two per iteration into two accumulators (FMA latency)
+                with cgutils.for_range(builder, builder.udiv(nb, ir.Constant(i64, 2))) as loop:
+                    b0 = builder.mul(loop.index, ir.Constant(i64, 2))
+                    block32(b0, accs[0])
+                    block32(builder.add(b0, ir.Constant(i64, 1)), accs[1])
+                with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, ir.Constant(i64, 2)),
+                                                           ir.Constant(i64, 0))):
+                    block32(builder.sub(nb, ir.Constant(i64, 1)), accs[0])
+            with wide:  # per × 32 values per block: int32 sums within it, one conversion per block
+                with cgutils.for_range(builder, nb) as blk:
+                    b = blk.index
+                    builder.store(ir.Constant(o.i32v, [0] * 8), isum)
+                    with cgutils.for_range(builder, per) as ch:
+                        off = builder.mul(builder.add(builder.mul(b, per), ch.index), ir.Constant(i64, BLOCK))
+                        wv = o.load(wp, off)
+                        builder.store(builder.add(builder.load(isum), o.dot32(o.unsigned(wv), wv, o.load(xp, off))),
+                                      isum)
+                    scaled(b, builder.load(isum), accs[0])
+        return o.hsum(builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
 
     return sig, codegen
 
@@ -134,70 +170,71 @@ def _tile(R: int, C: int):
     the R·C accumulators stay in registers (R·C + 2C + a few of AVX2's 16)."""
 
     @intrinsic
-    def tile(typingctx, w, ws, n0, x, xs, m0, y):
+    def tile(typingctx, w, ws, n0, x, xs, m0, per, y):
         if not (isinstance(w, types.Array) and w.dtype == types.int8 and isinstance(x, types.Array)
                 and x.dtype == types.int8 and isinstance(y, types.Array) and y.dtype == types.float32):
             return None
-        sig = types.void(w, ws, n0, x, xs, m0, y)
+        sig = types.void(w, ws, n0, x, xs, m0, per, y)
 
         def codegen(context, builder, signature, args):
             if not HAS_AVX2:  # portably, output by output (the intrinsics would not compile)
                 return context.compile_internal(builder, _portable_tile, signature, args)
-            wa, sa, n0v, xa, ta, m0v, ya = args
+            wa, sa, n0v, xa, ta, m0v, per, ya = args
             at = signature.args
-            i64, i32 = ir.IntType(64), ir.IntType(32)
-            i8v, i16v, i32v = (ir.VectorType(ir.IntType(b), n) for b, n in ((8, 32), (16, 16), (32, 8)))
-            f32, f32v = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
-            n0v = context.cast(builder, n0v, at[2], types.int64)
-            m0v = context.cast(builder, m0v, at[5], types.int64)
+            i64, f32 = ir.IntType(64), ir.FloatType()
+            n0v, m0v, per = (context.cast(builder, v, t, types.int64) for v, t in
+                             zip((n0v, m0v, per), (at[2], at[5], at[6])))
             K = cgutils.unpack_tuple(builder, context.make_array(at[0])(context, builder, wa).shape)[1]
-            N = cgutils.unpack_tuple(builder, context.make_array(at[6])(context, builder, ya).shape)[1]
-            G = builder.udiv(K, ir.Constant(i64, BLOCK))
+            N = cgutils.unpack_tuple(builder, context.make_array(at[7])(context, builder, ya).shape)[1]
+            G = builder.udiv(K, builder.mul(per, ir.Constant(i64, BLOCK)))
             c = lambda v: ir.Constant(i64, v)  # noqa: E731
+            o = _Ops(builder)
             wrow = [_ptr(context, builder, at[0], wa, builder.mul(builder.add(n0v, c(j)), K), ir.IntType(8))
                     for j in range(C)]
             srow = [_ptr(context, builder, at[1], sa, builder.mul(builder.add(n0v, c(j)), G), f32) for j in range(C)]
             xrow = [_ptr(context, builder, at[3], xa, builder.mul(builder.add(m0v, c(i)), K), ir.IntType(8))
                     for i in range(R)]
             trow = [_ptr(context, builder, at[4], ta, builder.mul(builder.add(m0v, c(i)), G), f32) for i in range(R)]
-            absb = _fn(builder, "llvm.abs.v32i8", i8v, [i8v, ir.IntType(1)])
-            sign = _fn(builder, "llvm.x86.avx2.psign.b", i8v, [i8v, i8v])
-            maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", i16v, [i8v, i8v])
-            maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", i32v, [i16v, i16v])
-            fma = _fn(builder, "llvm.fma.v8f32", f32v, [f32v, f32v, f32v])
-            ones = ir.Constant(i16v, [1] * 16)
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(f32v, [0.0] * 8)) for _ in range(C)]
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(o.f32v, [0.0] * 8)) for _ in range(C)]
                     for _ in range(R)]
-
-            def splat(v):
-                u = builder.insert_element(ir.Constant(f32v, ir.Undefined), v, ir.Constant(i32, 0))
-                return builder.shuffle_vector(u, ir.Constant(f32v, ir.Undefined), ir.Constant(i32v, [0] * 8))
-
-            def vload(p, off):
-                return builder.load(builder.bitcast(builder.gep(p, [off]), i8v.as_pointer()), align=1)
-
-            with cgutils.for_range(builder, G) as loop:
-                b = loop.index
-                off = builder.mul(b, c(BLOCK))
-                wv = [vload(wrow[j], off) for j in range(C)]
-                aw = [builder.call(absb, [v, ir.Constant(ir.IntType(1), 0)]) for v in wv]
-                sw = [splat(builder.load(builder.gep(srow[j], [b]))) for j in range(C)]
+            isums = [[cgutils.alloca_once(builder, o.i32v) for _ in range(C)] for _ in range(R)]
+            def scale_all(b, sums):  # accs[i][j] += float(sums[i][j]) · ws[n0 + j, b] · xs[m0 + i, b]
+                sw = [o.splat(builder.load(builder.gep(srow[j], [b]))) for j in range(C)]
                 for i in range(R):
-                    xv = vload(xrow[i], off)
-                    sx = splat(builder.load(builder.gep(trow[i], [b])))
+                    sx = o.splat(builder.load(builder.gep(trow[i], [b])))
                     for j in range(C):
-                        p = builder.call(maddwd, [builder.call(maddubs, [aw[j], builder.call(sign, [xv, wv[j]])]),
-                                                  ones])
-                        f = builder.fmul(builder.sitofp(p, f32v), sw[j])
-                        builder.store(builder.call(fma, [f, sx, builder.load(accs[i][j])]), accs[i][j])
+                        f = builder.fmul(builder.sitofp(sums[i][j], o.f32v), sw[j])
+                        builder.store(builder.call(o.fma, [f, sx, builder.load(accs[i][j])]), accs[i][j])
+
+            def chunk(off):  # the R × C int32 partial sums of one 32-byte chunk
+                wv = [o.load(wrow[j], off) for j in range(C)]
+                aw = [o.unsigned(v) for v in wv]
+                out = []
+                for i in range(R):
+                    xv = o.load(xrow[i], off)
+                    out.append([o.dot32(aw[j], wv[j], xv) for j in range(C)])
+                return out
+
+            with builder.if_else(builder.icmp_unsigned("==", per, c(1))) as (one, wide):
+                with one:
+                    with cgutils.for_range(builder, G) as blk:
+                        scale_all(blk.index, chunk(builder.mul(blk.index, c(BLOCK))))
+                with wide:
+                    with cgutils.for_range(builder, G) as blk:
+                        b = blk.index
+                        for row in isums:
+                            for p in row:
+                                builder.store(ir.Constant(o.i32v, [0] * 8), p)
+                        with cgutils.for_range(builder, per) as ch:
+                            part = chunk(builder.mul(builder.add(builder.mul(b, per), ch.index), c(BLOCK)))
+                            for i in range(R):
+                                for j in range(C):
+                                    builder.store(builder.add(builder.load(isums[i][j]), part[i][j]), isums[i][j])
+                        scale_all(b, [[builder.load(p) for p in row] for row in isums])
             for i in range(R):
                 for j in range(C):
-                    v = builder.load(accs[i][j])
-                    lanes = [builder.extract_element(v, ir.Constant(i32, k)) for k in range(8)]
-                    while len(lanes) > 1:
-                        lanes = [builder.fadd(lanes[k], lanes[k + 1]) for k in range(0, len(lanes), 2)]
                     yo = builder.add(builder.mul(builder.add(m0v, c(i)), N), builder.add(n0v, c(j)))
-                    builder.store(lanes[0], _ptr(context, builder, at[6], ya, yo, f32))
+                    builder.store(o.hsum(builder.load(accs[i][j])), _ptr(context, builder, at[7], ya, yo, f32))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -209,13 +246,13 @@ TILE_R, TILE_C = 4, 2
 tile_q8_0 = _tile(TILE_R, TILE_C)
 
 
-def _portable_tile(w, ws, n0, x, xs, m0, y):
+def _portable_tile(w, ws, n0, x, xs, m0, per, y):
     K = w.shape[1]
-    G = K // BLOCK
+    G = K // (BLOCK * per)
     for i in range(TILE_R):
         for j in range(TILE_C):
             y[m0 + i, n0 + j] = dot_q8_0_portable(w, (n0 + j) * K, ws, (n0 + j) * G, x, (m0 + i) * K, xs,
-                                                  (m0 + i) * G, G, BLOCK)
+                                                  (m0 + i) * G, G, BLOCK * per)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=FASTMATH)

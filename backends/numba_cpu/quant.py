@@ -190,14 +190,16 @@ def _cols_stream(x, w, bf16, s, group, y, block):
 def _q8_0_rows(xq, xs, w, ws, block, simd, y):
     """y[m, n] = Σ_g xs[m, g] ws[n, g] Σ_{k in g} xq[m, k] w[n, k] (``linear_q8_0``): int8
     activations (M, K) and weights (N, K), one exact integer sum per block (int8_simd.py: AVX2's
-    8-bit multiply-adds when ``simd`` and the block is 32 wide, else the portable loop). Threads
+    8-bit multiply-adds when ``simd`` and the block is a multiple of 32, else the portable loop). Threads
     split chunks of 16 output rows × 64 tokens. Decode (few tokens) streams each weight row once,
     prefetched AHEAD rows before it is read; prefill runs the TILE_R × TILE_C microkernel over each
     chunk, whose 16 weight rows stay in cache while its tokens pass them."""
     M, K = xq.shape
     N = w.shape[0]
     G = K // block
-    tiled = simd and block == BLOCK and M >= TILE_R
+    per = block // BLOCK
+    wide = simd and block % BLOCK == 0
+    tiled = wide and M >= TILE_R
     nm = (M + 63) // 64
     for t in prange(((N + 15) // 16) * nm):
         n_lo = (t // nm) * 16
@@ -209,19 +211,19 @@ def _q8_0_rows(xq, xs, w, ws, block, simd, y):
             while n + TILE_C <= n_hi:
                 m = m_lo
                 while m + TILE_R <= m_hi:
-                    tile_q8_0(w, ws, n, xq, xs, m, y)
+                    tile_q8_0(w, ws, n, xq, xs, m, per, y)
                     m += TILE_R
                 for r in range(m, m_hi):
                     for j in range(n, n + TILE_C):
-                        y[r, j] = dot_q8_0(w, j * K, ws, j * G, xq, r * K, xs, r * G, G)
+                        y[r, j] = dot_q8_0(w, j * K, ws, j * G, xq, r * K, xs, r * G, G, per)
                 n += TILE_C
         for j in range(n, n_hi):
             if m_lo == 0:
                 for c in range(0, K, 64):
                     prefetch(w, (j + AHEAD) * K + c)
             for r in range(m_lo, m_hi):
-                if simd and block == BLOCK:
-                    y[r, j] = dot_q8_0(w, j * K, ws, j * G, xq, r * K, xs, r * G, G)
+                if wide:
+                    y[r, j] = dot_q8_0(w, j * K, ws, j * G, xq, r * K, xs, r * G, G, per)
                 else:
                     y[r, j] = dot_q8_0_portable(w, j * K, ws, j * G, xq, r * K, xs, r * G, G, block)
 

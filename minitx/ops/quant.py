@@ -820,7 +820,7 @@ for _m in (1, 3, 8, 20):
     add_cases("linear_q8_0", [Case(f"{_m} rows, block 32", _q8_0(_m, 96, 160, bias=_m % 2 == 1))])
 add_cases("linear_q8_0", [
     *[Case(f"{m} rows, odd outputs and blocks", _q8_0(m, 32 * 7, 37), "sizes") for m in (7, 9, 65)],
-    Case("block 64 (the portable kernel)", _q8_0(3, 192, 40, block=64), "sizes"),
+    Case("block 64", _q8_0(3, 192, 40, block=64), "sizes"),
     Case("block 16 (the portable kernel)", _q8_0(2, 96, 40, block=16), "sizes"),
     Case("an all-zero block", _q8_0(2, 96, 40, zero_block=True), "zeros"),
     Case("extreme integers: w in {-128, 127}, x = ±127", _q8_0(3, 1024, 24, extreme=True), "large"),
