@@ -133,3 +133,16 @@ def test_wide_and_odd_blocks(simd, rows, block):
     w, s = _weights(19, {64: 320, 224: 224, 48: 240}[block], block)
     x = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
     _close(nq.linear_q8_0(x, w, s, block=block, simd=simd), x, w, s, block=block)
+
+
+def test_many_tokens_on_blas_match_spec(monkeypatch):
+    """From BLAS_MIN_ROWS tokens on a GEMM big enough for BLAS's whole budget, the rounded
+    activations and weights are dequantized for BLAS: the same function up to float32 rounding."""
+    from minitx import threads
+    calls = []
+    monkeypatch.setattr(threads, "BLAS_PARALLEL_MIN", 0)
+    monkeypatch.setattr(nq, "_q8_0_blas", lambda *a, _f=nq._q8_0_blas: calls.append(1) or _f(*a))
+    w, s = _weights(1100, 96)                       # more than one 4·TILE slice of output rows
+    x = rng.standard_normal((nq.BLAS_MIN_ROWS + 3, 96)).astype(np.float32)
+    _close(nq.linear_q8_0(x, w, s), x, w, s)
+    assert calls

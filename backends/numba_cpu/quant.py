@@ -25,6 +25,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from minitx import threads
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
@@ -34,6 +35,7 @@ from .attention import sdpa
 from .kvcache import append
 
 SKINNY_MAX_ROWS = 8
+BLAS_MIN_ROWS = 64  # linear_q8_0 from this many tokens may go to BLAS (_q8_0_blas)
 AHEAD = 4  # rows of a streamed (out, in) weight prefetched ahead of the one being read
 TILE = 256  # input rows dequantized at a time on the BLAS path
 UNSCALED = np.empty((0, 0), np.float32)  # _cols_stream's "no group scales"
@@ -315,9 +317,44 @@ def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
     xq = np.empty((M, K), np.int8)
     xs = np.empty((M, K // block), np.float32)
     quantize_act_blocks(x2, block, xq, xs)
+    w, scale = np.ascontiguousarray(w), np.ascontiguousarray(scale)
+    if simd and M >= BLAS_MIN_ROWS and (w.size * M >= threads.BLAS_PARALLEL_MIN or threads.budget() == 1):
+        return _finish(_q8_0_blas(xq, xs, w, scale, block), x, b)
     y = np.empty((M, w.shape[0]), np.float32)
-    _pick(_Q8_0, w.size * M)(xq, xs, np.ascontiguousarray(w), np.ascontiguousarray(scale), block, simd, y)
+    _pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
     return _finish(y, x, b)
+
+
+def _q8_0_blas(xq, xs, w, scale, block):
+    """Many tokens on a GEMM large enough for BLAS's whole thread budget: the rounded activations
+    and TILE-row slices of the weights, dequantized to float32, multiplied by BLAS — the spec's
+    products, summed in float32 rather than as exact integers per block (a float32 matmul's
+    rounding, inside conformance's tolerance). Why: the 8-bit multiply-adds compete for the
+    multiply ports with the per-block conversion and FMA, so on AVX2 without VNNI the integer
+    microkernel reaches about 0.6x of a float32 GEMM per core (benchmarks/results/quant_decode_cpu.md);
+    it wins where BLAS would run on one thread and the kernel on all."""
+    xd = np.empty(xq.shape, np.float32)
+    _DEQ[1](xq, xs, block, xd)
+    y = np.empty((xq.shape[0], w.shape[0]), np.float32)
+    wd = np.empty((min(4 * TILE, w.shape[0]), w.shape[1]), np.float32)
+    for n0 in range(0, w.shape[0], 4 * TILE):
+        n1 = min(w.shape[0], n0 + 4 * TILE)
+        _pick(_DEQ, wd.size)(w[n0:n1], scale[n0:n1], block, wd[:n1 - n0])
+        with threads.blas(xq.size * (n1 - n0)):
+            np.matmul(xd, wd[:n1 - n0].T, out=y[:, n0:n1])
+    return y
+
+
+def _dequant_rows(q, s, block, out):
+    """out[r, k] = q[r, k] · s[r, k // block]."""
+    for r in prange(q.shape[0]):
+        for g in range(q.shape[1] // block):
+            sc = s[r, g]
+            for k in range(g * block, (g + 1) * block):
+                out[r, k] = np.float32(q[r, k]) * sc
+
+
+_DEQ = kernel(_dequant_rows)
 
 
 def linear_q4(x, w, scale, b=None, *, group=32, transposed=False):
