@@ -286,7 +286,7 @@ def quantize_act_blocks(x, block, q, s):
             mx = np.float32(0.0)
             for k in range(g * block, (g + 1) * block):
                 a = abs(x[m, k])
-                if a > mx or a != a:
+                if a > mx or np.isnan(a):
                     mx = a
             sc = mx / np.float32(127.0) if mx > 0 else np.float32(1.0)
             s[m, g] = sc
