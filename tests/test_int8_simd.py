@@ -66,14 +66,18 @@ def test_extreme_integers_do_not_saturate(simd):
     assert np.array_equal(y, ref.astype(np.float32))             # integers all the way
 
 
-def test_activation_quantizer_is_bit_exact_with_spec():
-    x = (rng.standard_normal((5, 96)) * np.exp(rng.uniform(-20, 20, (5, 1)))).astype(np.float32)
+@pytest.mark.parametrize("rows", [5, S.PARALLEL_ROWS_MIN // 96 + 1])   # the serial and the parallel quantizer
+def test_activation_quantizer_is_bit_exact_with_spec(rows):
+    x = (rng.standard_normal((rows, 96)) * np.exp(rng.uniform(-20, 20, (rows, 1)))).astype(np.float32)
     x[1, :32] = np.linspace(-63.5, 63.5, 32).astype(np.float32)   # halves: round to even
     x[2, 32:64] = 0.0
-    q, s = np.empty((5, 96), np.int8), np.empty((5, 3), np.float32)
+    q, s = np.empty((rows, 96), np.int8), np.empty((rows, 3), np.float32)
     S.quantize_act_blocks(x, 32, q, s)
     qr, sr = Q.quantize_act_blocks(x, 32)                          # the spec in float32
     assert np.array_equal(q, qr) and np.array_equal(s, sr)
+    xd, s2 = np.empty_like(x), np.empty_like(s)
+    S.round_act_blocks(x, 32, s2, xd)                              # the BLAS path's operand
+    assert np.array_equal(xd, qr.astype(np.float32) * np.repeat(sr, 32, axis=1)) and np.array_equal(s2, sr)
 
 
 def test_parallel_kernel_equals_serial():

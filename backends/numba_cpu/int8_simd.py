@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
-from numba import types
+from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -275,13 +275,13 @@ def dot_q8_0_portable(w, w_off, ws, ws_off, x, x_off, xs, xs_off, n_blocks, bloc
     return acc
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def quantize_act_blocks(x, block, q, s):
-    """The spec's ``quantize_act_blocks`` for float32 rows x (M, K) into q (M, K) int8 and s
-    (M, K / block) float32. No fastmath: x / s must round exactly as NumPy's division does (a
-    reciprocal multiply could move a value across a rounding boundary)."""
+def _quantize_rows(x, block, q, s, xd):
+    """The spec's ``quantize_act_blocks`` for float32 rows x (M, K): q (M, K) int8 and s
+    (M, K / block) float32 — or, when ``q`` is empty, only the rounded values q · s into ``xd``
+    (the BLAS path's operand, one pass). No fastmath: x / s must round exactly as NumPy's division
+    does (a reciprocal multiply could move a value across a rounding boundary). Parallel over rows."""
     M, K = x.shape
-    for m in range(M):
+    for m in prange(M):
         for g in range(K // block):
             mx = np.float32(0.0)
             for k in range(g * block, (g + 1) * block):
@@ -291,5 +291,25 @@ def quantize_act_blocks(x, block, q, s):
             sc = mx / np.float32(127.0) if mx > 0 else np.float32(1.0)
             s[m, g] = sc
             for k in range(g * block, (g + 1) * block):
-                v = np.rint(x[m, k] / sc)
-                q[m, k] = np.int8(min(max(v, np.float32(-127.0)), np.float32(127.0)))
+                v = min(max(np.rint(x[m, k] / sc), np.float32(-127.0)), np.float32(127.0))
+                if q.size:
+                    q[m, k] = np.int8(v)
+                else:
+                    xd[m, k] = v * sc
+
+
+_QUANT = tuple(numba.njit(cache=True, nogil=True, error_model="numpy", parallel=par)(_quantize_rows)
+               for par in (True, False))
+NO_Q = np.empty((0, 0), np.int8)
+NO_X = np.empty((0, 0), np.float32)
+PARALLEL_ROWS_MIN = 1 << 16  # values of x from which the quantizer runs on every thread
+
+
+def quantize_act_blocks(x, block, q, s):
+    """q, s = the spec's quantize_act_blocks(x, block) for float32 x (M, K), written in place."""
+    _QUANT[0 if x.size >= PARALLEL_ROWS_MIN else 1](x, block, q, s, NO_X)
+
+
+def round_act_blocks(x, block, s, xd):
+    """xd = q · s, the spec's rounded activations in float32 (q, s as quantize_act_blocks)."""
+    _QUANT[0 if x.size >= PARALLEL_ROWS_MIN else 1](x, block, NO_Q, s, xd)

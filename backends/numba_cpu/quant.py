@@ -29,7 +29,8 @@ from minitx import threads
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
-from .int8_simd import BLOCK, TILE_C, TILE_R, dot_q8_0, dot_q8_0_portable, quantize_act_blocks, tile_q8_0
+from .int8_simd import (BLOCK, TILE_C, TILE_R, dot_q8_0, dot_q8_0_portable, quantize_act_blocks, round_act_blocks,
+                        tile_q8_0)
 from ._vmath import widen
 from .attention import sdpa
 from .kvcache import append
@@ -314,18 +315,20 @@ def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
         return spec.linear_q8_0(x, w, scale, b, block=block)
     x2 = _rows(x)
     M, K = x2.shape
-    xq = np.empty((M, K), np.int8)
     xs = np.empty((M, K // block), np.float32)
-    quantize_act_blocks(x2, block, xq, xs)
     w, scale = np.ascontiguousarray(w), np.ascontiguousarray(scale)
     if simd and M >= BLAS_MIN_ROWS and (w.size * M >= threads.BLAS_PARALLEL_MIN or threads.budget() == 1):
-        return _finish(_q8_0_blas(xq, xs, w, scale, block), x, b)
+        xd = np.empty((M, K), np.float32)
+        round_act_blocks(x2, block, xs, xd)
+        return _finish(_q8_0_blas(xd, w, scale, block), x, b)
+    xq = np.empty((M, K), np.int8)
+    quantize_act_blocks(x2, block, xq, xs)
     y = np.empty((M, w.shape[0]), np.float32)
     _pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
     return _finish(y, x, b)
 
 
-def _q8_0_blas(xq, xs, w, scale, block):
+def _q8_0_blas(xd, w, scale, block):
     """Many tokens on a GEMM large enough for BLAS's whole thread budget: the rounded activations
     and TILE-row slices of the weights, dequantized to float32, multiplied by BLAS — the spec's
     products, summed in float32 rather than as exact integers per block (a float32 matmul's
@@ -333,14 +336,12 @@ def _q8_0_blas(xq, xs, w, scale, block):
     multiply ports with the per-block conversion and FMA, so on AVX2 without VNNI the integer
     microkernel reaches about 0.6x of a float32 GEMM per core (benchmarks/results/quant_decode_cpu.md);
     it wins where BLAS would run on one thread and the kernel on all."""
-    xd = np.empty(xq.shape, np.float32)
-    _DEQ[1](xq, xs, block, xd)
-    y = np.empty((xq.shape[0], w.shape[0]), np.float32)
+    y = np.empty((xd.shape[0], w.shape[0]), np.float32)
     wd = np.empty((min(4 * TILE, w.shape[0]), w.shape[1]), np.float32)
     for n0 in range(0, w.shape[0], 4 * TILE):
         n1 = min(w.shape[0], n0 + 4 * TILE)
         _pick(_DEQ, wd.size)(w[n0:n1], scale[n0:n1], block, wd[:n1 - n0])
-        with threads.blas(xq.size * (n1 - n0)):
+        with threads.blas(xd.size * (n1 - n0)):
             np.matmul(xd, wd[:n1 - n0].T, out=y[:, n0:n1])
     return y
 
