@@ -150,3 +150,24 @@ def test_many_tokens_on_blas_match_spec(monkeypatch):
     x = rng.standard_normal((nq.BLAS_MIN_ROWS + 3, 96)).astype(np.float32)
     _close(nq.linear_q8_0(x, w, s), x, w, s)
     assert calls
+
+
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_quant_plugin_packs_q8_0_and_numba_runs_it(mode):
+    """``optimize --plugin quant:int8`` (and w8a8) gives linear_q8_0 — blocks of 32, or one block per
+    row for w8a8 — with weights stored (out, in); the model on the numba backend matches the spec."""
+    from minitx import models, plugin
+    from minitx.feeds import build
+    from minitx.model import Model
+    from minitx.validate import Calibration
+
+    m = Model.from_config(models.preset("gpt2", "tiny"), seed=0)
+    new = plugin.optimize(m, [f"quant:{mode}"], calib=Calibration.random(2, 16))
+    up = next(n for n in new.graph.nodes if n.name == "layers.0.mlp.up")
+    W = m.params["layers.0.mlp.up.weight"]
+    assert up.op == "linear_q8_0" and up.attrs == {"block": 32 if mode == "int8" else W.shape[0]}
+    assert new.params["layers.0.mlp.up.weight.q"].shape == W.shape[::-1]
+    ex = new.executor(("numba",))
+    assert {op: b for _, op, b in ex.explain()}["linear_q8_0"] == "numba"
+    f = build(new.graph, [[1, 2, 3, 4, 5]])
+    np.testing.assert_allclose(ex.run(f)["logits"], new.executor().run(f)["logits"], rtol=1e-4, atol=1e-4)
