@@ -34,6 +34,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._jit import FASTMATH
+from ._vmath import _f32_from_bits
 
 
 def _target_has_avx2() -> bool:
@@ -279,23 +280,26 @@ def _quantize_rows(x, block, q, s, xd):
     """The spec's ``quantize_act_blocks`` for float32 rows x (M, K): q (M, K) int8 and s
     (M, K / block) float32 — or, when ``q`` is empty, only the rounded values q · s into ``xd``
     (the BLAS path's operand, one pass). No fastmath: x / s must round exactly as NumPy's division
-    does (a reciprocal multiply could move a value across a rounding boundary). Parallel over rows."""
+    does (a reciprocal multiply could move a value across a rounding boundary). The block maximum
+    of |x| is taken on the bit patterns (sign bit cleared): for floats ≥ 0 integer order is float
+    order and any NaN is above inf, so it propagates as in NumPy's max, and an integer maximum
+    vectorises where a float one needs fastmath. Parallel over rows."""
     M, K = x.shape
+    bits = x.view(np.int32)
     for m in prange(M):
         for g in range(K // block):
-            mx = np.float32(0.0)
+            mb = np.int32(0)
             for k in range(g * block, (g + 1) * block):
-                a = abs(x[m, k])
-                if a > mx or np.isnan(a):
-                    mx = a
+                mb = max(mb, bits[m, k] & np.int32(0x7FFFFFFF))
+            mx = _f32_from_bits(np.int32(mb))
             sc = mx / np.float32(127.0) if mx > 0 else np.float32(1.0)
             s[m, g] = sc
-            for k in range(g * block, (g + 1) * block):
-                v = min(max(np.rint(x[m, k] / sc), np.float32(-127.0)), np.float32(127.0))
-                if q.size:
-                    q[m, k] = np.int8(v)
-                else:
-                    xd[m, k] = v * sc
+            if q.size:
+                for k in range(g * block, (g + 1) * block):
+                    q[m, k] = np.int8(min(max(np.rint(x[m, k] / sc), np.float32(-127.0)), np.float32(127.0)))
+            else:
+                for k in range(g * block, (g + 1) * block):
+                    xd[m, k] = min(max(np.rint(x[m, k] / sc), np.float32(-127.0)), np.float32(127.0)) * sc
 
 
 _QUANT = tuple(numba.njit(cache=True, nogil=True, error_model="numpy", parallel=par)(_quantize_rows)

@@ -317,7 +317,8 @@ def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
     M, K = x2.shape
     xs = np.empty((M, K // block), np.float32)
     w, scale = np.ascontiguousarray(w), np.ascontiguousarray(scale)
-    if simd and M >= BLAS_MIN_ROWS and (w.size * M >= threads.BLAS_PARALLEL_MIN or threads.budget() == 1):
+    if (simd and block == BLOCK and M >= BLAS_MIN_ROWS
+            and (w.size * M >= threads.BLAS_PARALLEL_MIN or threads.budget() == 1)):
         xd = np.empty((M, K), np.float32)
         round_act_blocks(x2, block, xs, xd)
         return _finish(_q8_0_blas(xd, w, scale, block), x, b)
@@ -334,8 +335,10 @@ def _q8_0_blas(xd, w, scale, block):
     products, summed in float32 rather than as exact integers per block (a float32 matmul's
     rounding, inside conformance's tolerance). Why: the 8-bit multiply-adds compete for the
     multiply ports with the per-block conversion and FMA, so on AVX2 without VNNI the integer
-    microkernel reaches about 0.6x of a float32 GEMM per core (benchmarks/results/quant_decode_cpu.md);
-    it wins where BLAS would run on one thread and the kernel on all."""
+    microkernel reaches about 0.6x of a float32 GEMM per core on blocks of 32 (single-thread CPU time,
+    128 x 768 x 3072); it wins where BLAS would run on one thread and the kernel on all. Wider blocks
+    (w8a8: one per row) keep int32 sums across the block and need no per-32 conversion: there the
+    microkernel beat float32 BLAS per core (1.26x at that shape), so they never come here."""
     y = np.empty((xd.shape[0], w.shape[0]), np.float32)
     wd = np.empty((min(4 * TILE, w.shape[0]), w.shape[1]), np.float32)
     for n0 in range(0, w.shape[0], 4 * TILE):
