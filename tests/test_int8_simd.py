@@ -171,3 +171,20 @@ def test_quant_plugin_packs_q8_0_and_numba_runs_it(mode):
     assert {op: b for _, op, b in ex.explain()}["linear_q8_0"] == "numba"
     f = build(new.graph, [[1, 2, 3, 4, 5]])
     np.testing.assert_allclose(ex.run(f)["logits"], new.executor().run(f)["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_without_avx2_the_intrinsics_lower_to_the_portable_loop(tmp_path):
+    """numba told to target a generic x86-64 (no AVX2): HAS_AVX2 is false, every intrinsic compiles
+    to the portable sums, and the op still passes conformance — the path a CPU without AVX2 runs."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from minitx.backends.numba_cpu import int8_simd as S; assert not S.HAS_AVX2\n"
+            "from minitx.conformance import run_conformance\n"
+            "r = run_conformance('numba', include=['linear_q8_0']); print(r.summary()); assert r.ok, r.table()\n")
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "0 failed" in out.stdout
