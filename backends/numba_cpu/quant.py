@@ -262,19 +262,17 @@ def _finish(y, x, b):
 def _tiled(x2, n_out, dequant_rows, tile=TILE):
     """BLAS path: y = Σ over input tiles of x[:, tile] @ W[tile], W[tile] dequantized on the fly."""
     y = np.zeros((x2.shape[0], n_out), np.float32)
-    with threads.blas(x2.size * n_out):  # the op's whole product decides BLAS's threads, as for float
-        for k0 in range(0, x2.shape[1], tile):
-            k1 = min(x2.shape[1], k0 + tile)
-            y += x2[:, k0:k1] @ dequant_rows(k0, k1)
+    for k0 in range(0, x2.shape[1], tile):
+        k1 = min(x2.shape[1], k0 + tile)
+        y += x2[:, k0:k1] @ dequant_rows(k0, k1)
     return y
 
 
 def _tiled_t(x2, w):
     """BLAS path for x @ wᵀ with int8 w (N, K): dequantize TILE output rows at a time."""
     y = np.empty((x2.shape[0], w.shape[0]), np.float32)
-    with threads.blas(x2.size * w.shape[0]):
-        for n0 in range(0, w.shape[0], 4 * TILE):
-            y[:, n0:n0 + 4 * TILE] = x2 @ w[n0:n0 + 4 * TILE].astype(np.float32).T
+    for n0 in range(0, w.shape[0], 4 * TILE):
+        y[:, n0:n0 + 4 * TILE] = x2 @ w[n0:n0 + 4 * TILE].astype(np.float32).T
     return y
 
 
@@ -346,7 +344,7 @@ def _q8_0_blas(xd, w, scale, block):
     for n0 in range(0, w.shape[0], 4 * TILE):
         n1 = min(w.shape[0], n0 + 4 * TILE)
         _pick(_DEQ, wd.size)(w[n0:n1], scale[n0:n1], block, wd[:n1 - n0])
-        with threads.blas(xd.size * w.shape[0]):
+        with threads.blas(xd.size * (n1 - n0)):
             np.matmul(xd, wd[:n1 - n0].T, out=y[:, n0:n1])
     return y
 
@@ -378,11 +376,10 @@ def linear_q4(x, w, scale, b=None, *, group=32, transposed=False):
             _pick(_Q4T, w.size * 2)(xe, xo, xsum, np.ascontiguousarray(w), s, y, gh.bit_length() - 1)
         else:
             y = np.empty((x2.shape[0], n_out), np.float32)
-            with threads.blas(x2.size * n_out):
-                for n0 in range(0, n_out, 4 * TILE):  # dequantize 4·TILE output channels at a time
-                    wt = spec.unpack_int4_rows(w[n0:n0 + 4 * TILE]).astype(np.float32)
-                    wt *= np.repeat(s[n0:n0 + 4 * TILE], group, axis=1)
-                    y[:, n0:n0 + 4 * TILE] = x2 @ wt.T
+            for n0 in range(0, n_out, 4 * TILE):  # dequantize 4·TILE output channels at a time
+                wt = spec.unpack_int4_rows(w[n0:n0 + 4 * TILE]).astype(np.float32)
+                wt *= np.repeat(s[n0:n0 + 4 * TILE], group, axis=1)
+                y[:, n0:n0 + 4 * TILE] = x2 @ wt.T
         return _finish(y, x, b)
     # (in, out): files from before the plugin stored int4 (out, in); tiles of whole groups
     # (TILE is a multiple of any group dividing it; else the group) are unpacked for BLAS
