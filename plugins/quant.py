@@ -5,13 +5,14 @@
 Modes (the shorthand ``quant:MODE``):
 
 ==============  ==============================================================================
-``int8``        int8 weight-only, one scale per ``block`` (32) inputs, like llama.cpp Q8_0
-                (``linear_q8_block``; ``int8_block`` is its old name)
+``int8``        int8, one scale per ``block`` (32) inputs, activations quantized to int8 blocks
+                at run time, like llama.cpp Q8_0 (``linear_q8_0``; ``int8_block`` is its old name)
 ``int8_channel``  int8 weight-only, one scale per output channel (``linear_q8``): decodes
                 fastest, but one scale over all of a channel's inputs is coarser — on
                 all-MiniLM-L6-v2 the worst sentence of the held-out text falls to cosine 0.996
                 (block-32: >= 0.999 at every length), so it is not the default
 ``w8a8``        int8 weights per channel + int8 activations quantized per token at run time
+                (``linear_q8_0`` with one block per row)
 ``int4``        4-bit weights, one scale per ``group`` inputs, two values per byte
 ``log4``        4-bit power-of-two weights: sign · 2^-e (e 0..6) or 0, times a scale per ``group``
 ``int2``        2-bit uniform levels ±0.5, ±1.5 at the error-minimising scale per ``group``
@@ -132,13 +133,13 @@ def _pack(ctx: Context, mode: str, name: str, x: str, w: str, W: np.ndarray, b: 
     if mode == "int8_channel" or (mode in ("int8", "int8_block") and not _int8_block(opts, n_in)):
         q, s = Q.quantize_per_channel(W)
         op, ins, attrs = "linear_q8", [np.ascontiguousarray(q.T), s], {"transposed": True}
-    elif mode == "w8a8":
+    elif mode == "w8a8":  # = Q8_0 with one block per row: a scale per token and per output channel
         q, s = Q.quantize_per_channel(W)
-        op, ins = "linear_w8a8", [q, s]
-    elif mode in ("int8", "int8_block"):
+        op, ins, attrs = "linear_q8_0", [np.ascontiguousarray(q.T), s[:, None]], {"block": n_in}
+    elif mode in ("int8", "int8_block"):  # Q8_0: activations in int8 blocks too, integer dot products
         k = _int8_block(opts, n_in)
         q, s = Q.quantize_blocks(W, k)
-        op, ins, attrs = "linear_q8_block", [q, s], {"block": k}
+        op, ins, attrs = "linear_q8_0", [np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)], {"block": k}
     elif mode == "int4":
         k = opts["group"]
         if n_in % k:
