@@ -71,11 +71,12 @@ change for decoders; top-1 agreement is reported, and bounded only on request.) 
 (the worst row, off by default) and
 ``max_rel=`` override one bound each (``inf``, or 0 for a minimum, turns one off).
 
-``qat=true`` (the weight-only modes: int8, int8_channel, int4, log4, int2, ternary, binary) is
+``qat=true`` (modes int8, int8_channel, int4, log4, int2, ternary, binary) is
 quantization-aware training: instead of packing,
 each quantized weight is read through a ``fake_quant`` node (minitx/ops/fakequant.py) that rounds
-it exactly as the packed format would, so the graph trains in float with the quantization error
-in its forward and a straight-through gradient. ``minitx qat`` (minitx/qat.py) fine-tunes such a
+it exactly as the packed format would — and in int8, whose ``linear_q8_0`` also rounds its input
+per block, that input through a ``fake_quant_act`` node —, so the graph trains in float with the
+quantization error in its forward and a straight-through gradient. ``minitx qat`` (minitx/qat.py) fine-tunes such a
 graph, then applies the same mode without ``qat`` to the fine-tuned weights.
 """
 from __future__ import annotations
@@ -372,8 +373,15 @@ def _qat_weight_attrs(opts: Mapping[str, Any], mode: str, n_in: int) -> dict[str
     return {"bits": 8}
 
 
+def _qat_act_group(opts: Mapping[str, Any], mode: str, n_in: int) -> int:
+    """Inputs per activation scale of the packed linear of ``mode`` — int8 packs to ``linear_q8_0``,
+    which rounds its input per block at run time (see ``_pack``) —, or 0: weight-only."""
+    return _int8_block(opts, n_in) if mode in ("int8", "int8_block") else 0
+
+
 def _qat_linear_rule(node: Node, ctx: Context) -> Replacement | None:
-    """linear(x, W) → linear(x, fake_quant(W)): the weight stays float and trainable."""
+    """linear(x, W) → linear(x, fake_quant(W)): the weight stays float and trainable; where the
+    mode packs to ``linear_q8_0``, x is read through ``fake_quant_act`` as well."""
     x, w, *rest = node.inputs
     mode = _mode_of(node, ctx)
     if mode == "none" or not ctx.is_param(w):
@@ -384,8 +392,13 @@ def _qat_linear_rule(node: Node, ctx: Context) -> Replacement | None:
         raise MinitxError(f"quant: group size {attrs['group']} does not divide the {n_in} input features of "
                           f"{node.name} (weight {w} {tuple(ctx.graph.params[w].shape)})")
     fq = ctx.node("fake_quant", [w], name=f"{node.name}.fake_quant", tags=node.tags, **attrs)
-    return Replacement([fq, Node(node.name, node.op, [x, fq.outputs[0], *rest], list(node.outputs),
-                                 dict(node.attrs), dict(node.tags))])
+    new = [fq]
+    act = _qat_act_group(ctx.options, mode, n_in)
+    if act:   # the packed op (linear_q8_0) rounds its input too: so does the training graph
+        new.append(ctx.node("fake_quant_act", [x], name=f"{node.name}.fake_quant_act", tags=node.tags, group=act))
+        x = new[-1].outputs[0]
+    return Replacement([*new, Node(node.name, node.op, [x, fq.outputs[0], *rest], list(node.outputs),
+                                   dict(node.attrs), dict(node.tags))])
 
 
 def _qat_table(node: Node, ctx: Context, table: str) -> Node:
