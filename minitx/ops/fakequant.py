@@ -8,9 +8,10 @@ so a graph trained through ``fake_quant`` computes, weight for weight, what the 
 computes after conversion:
 
 * ``bits=8, group=0, axis=0``  int8, one scale per output channel (column): ``quantize_per_channel``
-  (``linear_q8``, ``linear_w8a8``'s weights)
+  (``linear_q8``; W8A8's weights)
 * ``bits=8, group=0, axis=1``  int8, one scale per row: an embedding table (``embedding_q8``)
-* ``bits=8, group=k``          int8, one scale per ``k`` input rows: ``quantize_blocks`` (``linear_q8_block``)
+* ``bits=8, group=k``          int8, one scale per ``k`` input rows: ``quantize_blocks`` (``linear_q8_block``,
+  and int8's ``linear_q8_0``, which stores the same values transposed)
 * ``bits=4, group=k``          int4 in [-8, 7], one scale per ``k`` input rows: ``quantize_int4`` (``linear_q4``)
 * ``bits=4, group=k, axis=1``  int4, one scale per ``k`` columns of a row: ``quantize_int4_rows``
   (``embedding_q4`` and the tied int4 LM head)
