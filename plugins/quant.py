@@ -71,11 +71,11 @@ change for decoders; top-1 agreement is reported, and bounded only on request.) 
 (the worst row, off by default) and
 ``max_rel=`` override one bound each (``inf``, or 0 for a minimum, turns one off).
 
-``qat=true`` (modes int8, int8_channel, int4, log4, int2, ternary, binary) is
+``qat=true`` (modes int8, int8_channel, w8a8, int4, log4, int2, ternary, binary) is
 quantization-aware training: instead of packing,
 each quantized weight is read through a ``fake_quant`` node (minitx/ops/fakequant.py) that rounds
-it exactly as the packed format would — and in int8, whose ``linear_q8_0`` also rounds its input
-per block, that input through a ``fake_quant_act`` node —, so the graph trains in float with the
+it exactly as the packed format would — and in int8 and w8a8, whose ``linear_q8_0`` also rounds
+its input per block, that input through a ``fake_quant_act`` node —, so the graph trains in float with the
 quantization error in its forward and a straight-through gradient. ``minitx qat`` (minitx/qat.py) fine-tunes such a
 graph, then applies the same mode without ``qat`` to the fine-tuned weights.
 """
@@ -96,7 +96,7 @@ from minitx.rewrite import Context, Replacement, Rule
 LUT_MODES = tuple(Q.CODEBOOKS)   # binary, ternary, int2, log4: linear_lut
 MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES, "float16", "bfloat16", "kv8", "none")
 INTEGER_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES)
-QAT_MODES = ("int8", "int8_channel", "int8_block", "int4", *LUT_MODES)   # fake_quant reproduces them exactly
+QAT_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES)   # fake_quant(_act) reproduce them
 SMALL_TABLE_ROWS = 8   # embedding tables this small stay float (see the module docstring)
 # Declared tolerance of each mode against the float model (see the module docstring).
 _INT8 = Tolerance(min_cosine=0.998, max_kl=0.01, max_ppl_increase=0.01)
@@ -374,8 +374,10 @@ def _qat_weight_attrs(opts: Mapping[str, Any], mode: str, n_in: int) -> dict[str
 
 
 def _qat_act_group(opts: Mapping[str, Any], mode: str, n_in: int) -> int:
-    """Inputs per activation scale of the packed linear of ``mode`` — int8 packs to ``linear_q8_0``,
-    which rounds its input per block at run time (see ``_pack``) —, or 0: weight-only."""
+    """Inputs per activation scale of the packed linear of ``mode`` — int8 and W8A8 pack to
+    ``linear_q8_0``, which rounds its input per block at run time (see ``_pack``) —, or 0: weight-only."""
+    if mode == "w8a8":
+        return n_in
     return _int8_block(opts, n_in) if mode in ("int8", "int8_block") else 0
 
 
@@ -449,7 +451,7 @@ class QuantPlugin(Plugin):
                              "(auto: int4 in mode int4, else int8)", ("auto", "int8", "int4", "false", "true")),
         "skip": Option("", str, "node-name glob patterns to leave alone, separated by |"),
         **Tolerance.options(),
-        "qat": Option(False, boolean, "int8/int8_channel/int4: fake_quant nodes over float weights, for training "
+        "qat": Option(False, boolean, "int8/int8_channel/w8a8/int4/LUT modes: fake_quant nodes over float weights, for training "
                                       "(minitx qat)"),
         "layers": Option((), _layer_modes, "per-layer modes: GLOB:MODE|GLOB:MODE (node-name globs; first match wins)"),
         "sensitive": Option(0.0, fraction, "fraction of the block linears, most sensitive first (measured on the "
@@ -475,7 +477,7 @@ class QuantPlugin(Plugin):
             raise MinitxError("qat=true with sensitive=: the packed model would re-measure the fine-tuned weights "
                               "and may promote other layers; pass the measured choice as layers=GLOB:MODE")
         if opts.get("qat") and (not modes - {"none"} <= set(QAT_MODES) or opts["kv"] != "none"):
-            raise MinitxError(f"qat=true supports the weight-only modes {', '.join(QAT_MODES)} without kv=int8, "
+            raise MinitxError(f"qat=true supports the modes {', '.join(QAT_MODES)} without kv=int8, "
                               f"not {', '.join(sorted(modes - set(QAT_MODES) - {'none'}))}"
                               + (f", kv={opts['kv']}" if opts["kv"] != "none" else ""))
 

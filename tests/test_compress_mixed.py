@@ -103,7 +103,7 @@ def test_qat_follows_the_per_layer_modes(gpt2):
     ("quant:int4,sensitive=1.5", "bad value '1.5' for sensitive"),
     ("quant:int4,high=int3", "bad value 'int3' for high"),
     ("quant:int4,sensitive=0.2,qat=true", "pass the measured choice as layers="),
-    ("quant:int4,layers=*:w8a8,qat=true", "not w8a8"),
+    ("quant:int4,layers=*:float16,qat=true", "not float16"),
     ("quant:kv8,sensitive=0.2", "has none"),
 ])
 def test_bad_mixed_options_are_one_line_errors(spec, match):

@@ -77,6 +77,7 @@ def test_fake_quant_shape_rule_rejects_bad_attributes():
     ("quant:int4,group=16,embeddings=int8", {"linear_q4", "embedding_q8"}),
     ("quant:int8", {"linear_q8_0", "embedding_q8"}),
     ("quant:int8_block,block=16,embeddings=false", {"linear_q8_0"}),
+    ("quant:w8a8", {"linear_q8_0", "embedding_q8"}),
 ])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_graph_computes_what_the_fake_quant_graph_computed(arch, spec, packed_ops):
@@ -106,7 +107,7 @@ def test_packed_graph_computes_what_the_fake_quant_graph_computed(arch, spec, pa
 
 
 @pytest.mark.parametrize("text, match", [
-    ("quant:w8a8,qat=true", "qat=true supports the weight-only modes"),
+    ("quant:float16,qat=true", "qat=true supports the modes"),
     ("quant:int4,qat=true,kv=int8", "without kv=int8"),
     ("quant:int4,qat=maybe", "bad value 'maybe' for qat"),
 ])
@@ -120,7 +121,7 @@ def test_split_spec():
     assert qat.split_spec("quant:int4,group=16") == ("quant:int4,group=16,qat=true", "quant:int4,group=16")
     assert qat.split_spec("quant:mode=int8,qat=true") == ("quant:mode=int8,qat=true", "quant:mode=int8")
     assert qat.split_spec("quant") == ("quant:qat=true", "quant")
-    for bad, match in [("sparsity:weights=magnitude", "needs the quant plugin"), ("quant:float16", "weight-only"),
+    for bad, match in [("sparsity:weights=magnitude", "needs the quant plugin"), ("quant:float16", "supports the modes"),
                        ("quant:int4,group=7", "even")]:
         with pytest.raises(MinitxError, match=match):
             qat.split_spec(bad)
@@ -307,7 +308,7 @@ def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, mon
 
 
 @pytest.mark.parametrize("args, match", [
-    (["qat", "--plugin", "quant:w8a8"], "weight-only modes"),
+    (["qat", "--plugin", "quant:bfloat16"], "supports the modes"),
     (["qat", "--plugin", "lowrank:rank=4"], "needs the quant plugin"),
     (["qat", "--plugin", "quant:int4,bogus=1"], "unknown option 'bogus'"),
     (["qat", "--plugin", "quant:int8", "--validate", "file:nope.txt"], "--validate 'file:nope.txt': no such file"),
