@@ -332,6 +332,7 @@ def linear_q8_0_surrogate(x, w, scale, b=None, *, block=32):
     return y if b is None else y + b
 
 
+@wide_vjp
 def linear_q8_0_vjp(grads, inputs, outputs, *, block=32):
     """Straight-through for the activation rounding: q(x)·sₓ(x) is treated as x, so this is the
     VJP of :func:`linear_q8_0_surrogate`, not of the forward — whose derivative in x is zero
@@ -814,7 +815,8 @@ def _q8_0(rows, n_in, n_out, block=32, bias=True, x_scale=1.0, zero_block=False,
     each block (one ±127 per block, a power-of-two scale per block) so that activation rounding is
     exact in every dtype. ``extreme``: weights of ±127 and -128 (the int8 minimum, which the
     quantizer never writes but the format allows) against ±127 activations — the largest pair
-    sums an 8-bit multiply-add can meet."""
+    sums an 8-bit multiply-add can meet. In float16 large activations are scaled down to at most 1
+    by a power of two (the same integers q): its range cannot hold their scale gradients."""
     def make(r, d):
         q, s = quantize_blocks(randn(r, (n_in, n_out), "float32", 0.1), block)
         q, s = np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)
@@ -824,7 +826,11 @@ def _q8_0(rows, n_in, n_out, block=32, bias=True, x_scale=1.0, zero_block=False,
             x = np.where(r.random(x.shape) < 0.5, -127, 127).astype(d)
         if zero_block:
             x[..., block:2 * block] = 0
-        x = (x * x_scale).astype(d)
+        x = x.astype(np.float64) * x_scale
+        if (extreme or x_scale != 1) and str(d) == "float16":
+            # float16: the scale gradient Σ g·x·Wq would pass 65504; a power of two keeps every q
+            x /= 2.0 ** np.ceil(np.log2(np.abs(x).max()))
+        x = x.astype(d)
         return (x, q, s.astype(d), randn(r, (n_out,), d) if bias else None), {"block": block}
     return make
 
@@ -837,7 +843,7 @@ add_cases("linear_q8_0", [
     Case("block 16 (the portable kernel)", _q8_0(2, 96, 40, block=16), "sizes"),
     Case("an all-zero block", _q8_0(2, 96, 40, zero_block=True), "zeros"),
     Case("extreme integers: w in {-128, 127}, x = ±127", _q8_0(3, 1024, 24, extreme=True), "large"),
-    Case("activations near 2^60", _q8_0(2, 96, 40, x_scale=2.0 ** 60), "large"),
+    Case("activations near 2^60 (float16: at most 1)", _q8_0(2, 96, 40, x_scale=2.0 ** 60), "large"),
 ])
 
 
