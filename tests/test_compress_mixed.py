@@ -91,6 +91,9 @@ def test_qat_follows_the_per_layer_modes(gpt2):
     fq = qat.fake_quant_model(gpt2, spec)
     attrs = {n.name: n.attrs for n in fq.graph.nodes if n.op == "fake_quant"}
     assert attrs["layers.0.mlp.up.fake_quant"]["bits"] == 8 and attrs["layers.0.attn.qkv.fake_quant"]["bits"] == 4
+    # int8 packs to linear_q8_0, which rounds its input per block of 32: the int8 layers alone do too
+    acts = {n.name: n.attrs for n in fq.graph.nodes if n.op == "fake_quant_act"}
+    assert acts and all(k.split(".")[2] == "mlp" and a == {"group": 32} for k, a in acts.items()), acts
     packed = plugin.optimize(gpt2, [spec], validate=False)
     x = np.random.default_rng(0).integers(0, gpt2.vocab_size, (2, 24))
     a, b = _logits(packed, x), _logits(fq, x)

@@ -71,6 +71,40 @@ def test_fake_quant_shape_rule_rejects_bad_attributes():
         infer([(8, 6)], ["int8"], bits=8)
 
 
+def test_linear_q8_0_is_a_linear_over_fake_quantized_input_and_weights():
+    """What the QAT graph computes for an int8 linear — linear(fake_quant_act(x), fake_quant(W)) —
+    is linear_q8_0's forward (to float64 rounding), and its gradient through the two
+    straight-through nodes is linear_q8_0's VJP: one function, one estimator. Activation blocks
+    rounded by hand here (max-abs / 127, half to even)."""
+    from minitx.ops import quant as Q
+    rng = np.random.default_rng(4)
+    x, W, b = rng.standard_normal((2, 3, 64)), rng.standard_normal((64, 24)) * 0.1, rng.standard_normal(24)
+    xb = x.reshape(2, 3, 2, 32)
+    sx = np.abs(xb).max(-1, keepdims=True) / 127
+    xq = (np.clip(np.round(xb / sx), -127, 127) * sx).reshape(x.shape)
+    np.testing.assert_array_equal(ops.get("fake_quant_act").forward(x, group=32), xq)
+    Wf = ops.get("fake_quant").forward(W, bits=8, group=32)
+    q, s = Q.quantize_blocks(W, 32)
+    wq, sq = np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)
+    # to float32 rounding: fake_quant's q·s is rounded to the scales' dtype, the packed op's is not
+    np.testing.assert_allclose(Q.linear_q8_0(x, wq, sq, b), xq @ Wf + b, rtol=1e-6, atol=1e-7)
+    g = rng.standard_normal((2, 3, 24))
+    gx, _, _, gb = Q.linear_q8_0_vjp((g,), (x, wq, sq, b), None, block=32)
+    (gx_act,) = ops.get("fake_quant_act").vjp((g @ Wf.T,), (x,), (xq,), group=32)
+    np.testing.assert_allclose(gx, gx_act, rtol=1e-6, atol=1e-7)
+    assert np.abs(gx - g @ W.T).max() > 1e-4                 # the rounded weights, not the float ones
+    np.testing.assert_allclose(gb, g.reshape(-1, 24).sum(0))
+
+
+def test_fake_quant_act_shape_rule():
+    infer = ops.get("fake_quant_act").infer
+    assert infer([(2, 5, 64)], ["float32"], group=32) == [((2, 5, 64), "float32")]
+    with pytest.raises(ShapeError, match="fake_quant_act.*group size 24 does not divide the last axis 64"):
+        infer([(2, 64)], ["float32"], group=24)
+    with pytest.raises(ShapeError, match="fake_quant_act.*must be float"):
+        infer([(2, 64)], ["int8"], group=32)
+
+
 # ------------------------------------------------------------------------------- the rewrite
 @pytest.mark.parametrize("spec, packed_ops", [
     ("quant:int4,group=16", {"linear_q4", "embedding_q4"}),
