@@ -4,7 +4,8 @@ Every minitx op maps to a fixed pattern of standard ONNX ops (opset :data:`OPSET
 graph computes what the NumPy spec computes: inputs and outputs keep the graph's own names, a
 decoder's KV cache stays an explicit input (``past.*``) and output (``present.*``) so a runtime
 decodes step by step, and symbolic dims (``B``, ``T``, ``S``) stay symbolic. Rewritten graphs export
-too: int8 weights as QDQ (``DequantizeLinear`` → ``MatMul``), W8A8 as ``MatMulInteger``, int4 as
+too: int8 weights as QDQ (``DequantizeLinear`` → ``MatMul``), W8A8 and Q8_0 (``linear_q8_0``: int8
+activations per block too) as ``MatMulInteger``, int4 as
 ``com.microsoft.MatMulNBits`` (the layout ONNX Runtime's int4 kernels read), int8 KV caches as int8
 inputs/outputs with their scales, sparse linears as their dense equivalent, low-rank linears
 factored, sparse attention as masks. An op with no ONNX equivalent (Nyström attention's
@@ -403,14 +404,47 @@ def _linear_q4(cx, n, i, o, a):
         cx.op("Identity", [y], o)
 
 
+def _round_blocks(cx, xb: str, x: str) -> tuple[str, str]:
+    """Blocks along the last axis rounded to int8 as ``quantize_act_blocks`` does: (q as floats, the
+    max-abs scales with keepdims; 1 for an all-zero block). Round is half to even, like ``rint``."""
+    m = cx.op("ReduceMax", [cx.op("Abs", [xb]), cx.ints(-1)], keepdims=1)
+    sx = cx.op("Where", [cx.op("Greater", [m, cx.like(x, 0.0)]), cx.op("Div", [m, cx.like(x, 127.0)]), cx.like(x, 1.0)])
+    return cx.op("Clip", [cx.op("Round", [cx.op("Div", [xb, sx])]), cx.like(x, -127.0), cx.like(x, 127.0)]), sx
+
+
 def _linear_w8a8(cx, n, i, o, a):
     """Per-token int8 activations × int8 weights as MatMulInteger (an exact int32 product)."""
     x, w, s, b = i[:4]
-    m = cx.op("ReduceMax", [cx.op("Abs", [x]), cx.ints(-1)], keepdims=1)
-    sx = cx.op("Where", [cx.op("Greater", [m, cx.like(x, 0.0)]), cx.op("Div", [m, cx.like(x, 127.0)]), cx.like(x, 1.0)])
-    r = cx.op("Clip", [cx.op("Round", [cx.op("Div", [x, sx])]), cx.like(x, -127.0), cx.like(x, 127.0)])
+    r, sx = _round_blocks(cx, x, x)
     acc = cx.op("MatMulInteger", [cx.op("Cast", [r], to=_elem("int8")), w])
     y = cx.op("Mul", [cx.op("Mul", [cx.op("Cast", [acc], to=_elem(cx.dtypes[x])), sx]), s])
+    if b:
+        cx.op("Add", [y, b], o)
+    else:
+        cx.op("Identity", [y], o)
+
+
+def _linear_q8_0(cx, n, i, o, a):
+    """Q8_0 × Q8_0 as ``MatMulInteger`` per block of inputs — exact int32 block sums, as the spec:
+    x (…, K) → (…, G, block), each block rounded to int8 by its max-abs scale (Round is half to
+    even, like ``rint``), moved to the front, (G, …, rows, block) × Wq (G, block, out), then each
+    block's sums times its two scales and summed over the G blocks. The weights are repacked (and
+    their scales laid out) at export time: constants."""
+    x, w, s, b = i[:4]
+    block = int(a.get("block", 32))
+    wa, sa = cx.need_const(w, "weight"), cx.need_const(s, "scale")      # (out, K) int8, (out, G)
+    N, K = wa.shape
+    G, r = K // block, cx.rank(x)
+    dt = cx.dtypes[x]
+    xb = cx.op("Transpose", [cx.op("Reshape", [x, cx.ints(*([0] * (r - 1)), G, block)])],
+               perm=[r - 1, *range(r - 1), r])                                          # (G, …, rows, block)
+    q, sx = _round_blocks(cx, xb, x)
+    lead = [1] * (r - 2)
+    wq = np.ascontiguousarray(wa.reshape(N, G, block).transpose(1, 2, 0).reshape(G, *lead, block, N))
+    acc = cx.op("MatMulInteger", [cx.op("Cast", [q], to=_elem("int8")), cx.const(wq, "q8_0")])  # (G, …, rows, N)
+    sw = cx.const(np.ascontiguousarray(sa.T.reshape(G, *lead, 1, N)).astype(dt), "q8_0_scale")
+    part = cx.op("Mul", [cx.op("Mul", [cx.op("Cast", [acc], to=_elem(dt)), sx]), sw])
+    y = cx.op("ReduceSum", [part, cx.ints(0)], keepdims=0)
     if b:
         cx.op("Add", [y, b], o)
     else:
@@ -484,6 +518,14 @@ def _fake_quant(cx, n, i, o, a):
     cx.op("Identity", [cx.const(fake_quant(w, **a), "fq")], o)   # folded: the weights it stands for
 
 
+def _fake_quant_act(cx, n, i, o, a):
+    x = i[0]
+    group, r = int(a.get("group", 32)), cx.rank(x)
+    xb = cx.op("Reshape", [x, cx.ints(*([0] * (r - 1)), cx.width(x) // group, group)])
+    q, sx = _round_blocks(cx, xb, x)
+    cx.op("Reshape", [cx.op("Mul", [q, sx]), cx.ints(*([0] * (r - 1)), cx.width(x))], o)
+
+
 CONVERTERS: dict[str, Callable[..., None]] = {
     "add": _add, "linear": _linear, "matmul": _matmul_op, "embedding": _embedding, "split": _split,
     "gelu": _gelu, "relu": _relu, "silu": _silu, "swiglu": _swiglu, "softmax": _softmax, "dropout": _identity,
@@ -491,13 +533,14 @@ CONVERTERS: dict[str, Callable[..., None]] = {
     "mean_pool": _mean_pool, "rope": _rope, "sinusoidal_positions": _sinusoidal,
     "attention": _attention, "sparse_attention": _attention, "attention_kv8": _attention_kv8,
     "linear_q8": _linear_q8, "linear_q8_block": _linear_q8_block, "linear_q4": _linear_q4,
-    "linear_w8a8": _linear_w8a8, "linear_cast": _linear_cast, "embedding_q8": _embedding_q8,
+    "linear_w8a8": _linear_w8a8, "linear_q8_0": _linear_q8_0, "linear_cast": _linear_cast, "embedding_q8": _embedding_q8,
     "embedding_q4": _embedding_q4, "sparse_linear": _sparse_linear, "nm_linear": _nm_linear,
     "lowrank_linear": _lowrank_linear, "fake_quant": _fake_quant,
+    "fake_quant_act": _fake_quant_act,
 }
 # Inputs a conversion reads at export time (repacked or densified): they must be constants.
 CONST_INPUTS: dict[str, tuple[int, ...]] = {
-    "linear_q4": (1, 2), "sparse_linear": (1, 2, 3, 5), "nm_linear": (1, 2, 4), "fake_quant": (0,), "linear_cast": (1,),
+    "linear_q4": (1, 2), "linear_q8_0": (1, 2), "sparse_linear": (1, 2, 3, 5), "nm_linear": (1, 2, 4), "fake_quant": (0,), "linear_cast": (1,),
 }
 _WHY_NOT = {
     "nystrom_attention": "its landmark pseudo-inverse has no ONNX op",

@@ -5,13 +5,14 @@
 Modes (the shorthand ``quant:MODE``):
 
 ==============  ==============================================================================
-``int8``        int8 weight-only, one scale per ``block`` (32) inputs, like llama.cpp Q8_0
-                (``linear_q8_block``; ``int8_block`` is its old name)
+``int8``        int8, one scale per ``block`` (32) inputs, activations quantized to int8 blocks
+                at run time, like llama.cpp Q8_0 (``linear_q8_0``; ``int8_block`` is its old name)
 ``int8_channel``  int8 weight-only, one scale per output channel (``linear_q8``): decodes
                 fastest, but one scale over all of a channel's inputs is coarser — on
                 all-MiniLM-L6-v2 the worst sentence of the held-out text falls to cosine 0.996
                 (block-32: >= 0.999 at every length), so it is not the default
 ``w8a8``        int8 weights per channel + int8 activations quantized per token at run time
+                (``linear_q8_0`` with one block per row)
 ``int4``        4-bit weights, one scale per ``group`` inputs, two values per byte
 ``log4``        4-bit power-of-two weights: sign · 2^-e (e 0..6) or 0, times a scale per ``group``
 ``int2``        2-bit uniform levels ±0.5, ±1.5 at the error-minimising scale per ``group``
@@ -70,11 +71,12 @@ change for decoders; top-1 agreement is reported, and bounded only on request.) 
 (the worst row, off by default) and
 ``max_rel=`` override one bound each (``inf``, or 0 for a minimum, turns one off).
 
-``qat=true`` (the weight-only modes: int8, int8_channel, int4, log4, int2, ternary, binary) is
+``qat=true`` (modes int8, int8_channel, w8a8, int4, log4, int2, ternary, binary) is
 quantization-aware training: instead of packing,
 each quantized weight is read through a ``fake_quant`` node (minitx/ops/fakequant.py) that rounds
-it exactly as the packed format would, so the graph trains in float with the quantization error
-in its forward and a straight-through gradient. ``minitx qat`` (minitx/qat.py) fine-tunes such a
+it exactly as the packed format would — and in int8 and w8a8, whose ``linear_q8_0`` also rounds
+its input per block, that input through a ``fake_quant_act`` node —, so the graph trains in float with the
+quantization error in its forward and a straight-through gradient. ``minitx qat`` (minitx/qat.py) fine-tunes such a
 graph, then applies the same mode without ``qat`` to the fine-tuned weights.
 """
 from __future__ import annotations
@@ -94,7 +96,7 @@ from minitx.rewrite import Context, Replacement, Rule
 LUT_MODES = tuple(Q.CODEBOOKS)   # binary, ternary, int2, log4: linear_lut
 MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES, "float16", "bfloat16", "kv8", "none")
 INTEGER_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES)
-QAT_MODES = ("int8", "int8_channel", "int8_block", "int4", *LUT_MODES)   # fake_quant reproduces them exactly
+QAT_MODES = ("int8", "int8_channel", "int8_block", "w8a8", "int4", *LUT_MODES)   # fake_quant(_act) reproduce them
 SMALL_TABLE_ROWS = 8   # embedding tables this small stay float (see the module docstring)
 # Declared tolerance of each mode against the float model (see the module docstring).
 _INT8 = Tolerance(min_cosine=0.998, max_kl=0.01, max_ppl_increase=0.01)
@@ -132,13 +134,13 @@ def _pack(ctx: Context, mode: str, name: str, x: str, w: str, W: np.ndarray, b: 
     if mode == "int8_channel" or (mode in ("int8", "int8_block") and not _int8_block(opts, n_in)):
         q, s = Q.quantize_per_channel(W)
         op, ins, attrs = "linear_q8", [np.ascontiguousarray(q.T), s], {"transposed": True}
-    elif mode == "w8a8":
+    elif mode == "w8a8":  # = Q8_0 with one block per row: a scale per token and per output channel
         q, s = Q.quantize_per_channel(W)
-        op, ins = "linear_w8a8", [q, s]
-    elif mode in ("int8", "int8_block"):
+        op, ins, attrs = "linear_q8_0", [np.ascontiguousarray(q.T), s[:, None]], {"block": n_in}
+    elif mode in ("int8", "int8_block"):  # Q8_0: activations in int8 blocks too, integer dot products
         k = _int8_block(opts, n_in)
         q, s = Q.quantize_blocks(W, k)
-        op, ins, attrs = "linear_q8_block", [q, s], {"block": k}
+        op, ins, attrs = "linear_q8_0", [np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)], {"block": k}
     elif mode == "int4":
         k = opts["group"]
         if n_in % k:
@@ -371,8 +373,17 @@ def _qat_weight_attrs(opts: Mapping[str, Any], mode: str, n_in: int) -> dict[str
     return {"bits": 8}
 
 
+def _qat_act_group(opts: Mapping[str, Any], mode: str, n_in: int) -> int:
+    """Inputs per activation scale of the packed linear of ``mode`` — int8 and W8A8 pack to
+    ``linear_q8_0``, which rounds its input per block at run time (see ``_pack``) —, or 0: weight-only."""
+    if mode == "w8a8":
+        return n_in
+    return _int8_block(opts, n_in) if mode in ("int8", "int8_block") else 0
+
+
 def _qat_linear_rule(node: Node, ctx: Context) -> Replacement | None:
-    """linear(x, W) → linear(x, fake_quant(W)): the weight stays float and trainable."""
+    """linear(x, W) → linear(x, fake_quant(W)): the weight stays float and trainable; where the
+    mode packs to ``linear_q8_0``, x is read through ``fake_quant_act`` as well."""
     x, w, *rest = node.inputs
     mode = _mode_of(node, ctx)
     if mode == "none" or not ctx.is_param(w):
@@ -383,8 +394,13 @@ def _qat_linear_rule(node: Node, ctx: Context) -> Replacement | None:
         raise MinitxError(f"quant: group size {attrs['group']} does not divide the {n_in} input features of "
                           f"{node.name} (weight {w} {tuple(ctx.graph.params[w].shape)})")
     fq = ctx.node("fake_quant", [w], name=f"{node.name}.fake_quant", tags=node.tags, **attrs)
-    return Replacement([fq, Node(node.name, node.op, [x, fq.outputs[0], *rest], list(node.outputs),
-                                 dict(node.attrs), dict(node.tags))])
+    new = [fq]
+    act = _qat_act_group(ctx.options, mode, n_in)
+    if act:   # the packed op (linear_q8_0) rounds its input too: so does the training graph
+        new.append(ctx.node("fake_quant_act", [x], name=f"{node.name}.fake_quant_act", tags=node.tags, group=act))
+        x = new[-1].outputs[0]
+    return Replacement([*new, Node(node.name, node.op, [x, fq.outputs[0], *rest], list(node.outputs),
+                                   dict(node.attrs), dict(node.tags))])
 
 
 def _qat_table(node: Node, ctx: Context, table: str) -> Node:
@@ -435,7 +451,7 @@ class QuantPlugin(Plugin):
                              "(auto: int4 in mode int4, else int8)", ("auto", "int8", "int4", "false", "true")),
         "skip": Option("", str, "node-name glob patterns to leave alone, separated by |"),
         **Tolerance.options(),
-        "qat": Option(False, boolean, "int8/int8_channel/int4: fake_quant nodes over float weights, for training "
+        "qat": Option(False, boolean, "int8/int8_channel/w8a8/int4/LUT modes: fake_quant nodes over float weights, for training "
                                       "(minitx qat)"),
         "layers": Option((), _layer_modes, "per-layer modes: GLOB:MODE|GLOB:MODE (node-name globs; first match wins)"),
         "sensitive": Option(0.0, fraction, "fraction of the block linears, most sensitive first (measured on the "
@@ -461,7 +477,7 @@ class QuantPlugin(Plugin):
             raise MinitxError("qat=true with sensitive=: the packed model would re-measure the fine-tuned weights "
                               "and may promote other layers; pass the measured choice as layers=GLOB:MODE")
         if opts.get("qat") and (not modes - {"none"} <= set(QAT_MODES) or opts["kv"] != "none"):
-            raise MinitxError(f"qat=true supports the weight-only modes {', '.join(QAT_MODES)} without kv=int8, "
+            raise MinitxError(f"qat=true supports the modes {', '.join(QAT_MODES)} without kv=int8, "
                               f"not {', '.join(sorted(modes - set(QAT_MODES) - {'none'}))}"
                               + (f", kv={opts['kv']}" if opts["kv"] != "none" else ""))
 

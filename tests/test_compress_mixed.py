@@ -31,13 +31,13 @@ def gpt2():
 
 def _modes(m):
     return {n.name: n.op for n in m.graph.nodes if n.name.startswith("layers.")
-            and n.op in ("linear", "linear_q4", "linear_q8_block", "linear_q8")}
+            and n.op in ("linear", "linear_q4", "linear_q8_0", "linear_q8")}
 
 
 def test_layers_glob_sets_each_layers_mode(gpt2):
     new = plugin.optimize(gpt2, ["quant:int4,layers=*.mlp.down:int8|layers.0.attn.*:none"], calib=CAL)
     ops = _modes(new)
-    assert ops["layers.0.mlp.down"] == ops["layers.1.mlp.down"] == "linear_q8_block"
+    assert ops["layers.0.mlp.down"] == ops["layers.1.mlp.down"] == "linear_q8_0"
     assert ops["layers.0.attn.qkv"] == ops["layers.0.attn.out"] == "linear"        # left float
     assert ops["layers.1.attn.qkv"] == ops["layers.0.mlp.up"] == "linear_q4"
     assert new.meta["rewrites"][-1]["validation"]["passed"]
@@ -52,7 +52,7 @@ def test_sensitive_layers_are_the_measured_worst_and_get_high(gpt2):
     m = Model(dict(gpt2.config), params, gpt2.graph, gpt2.tokenizer_json, dict(gpt2.meta))
     mixed = plugin.optimize(m, ["quant:int4,group=16,sensitive=0.125,high=int8"], calib=CAL, force=True)
     ops = _modes(mixed)
-    assert [k for k, v in ops.items() if v == "linear_q8_block"] == ["layers.1.mlp.up"]
+    assert [k for k, v in ops.items() if v == "linear_q8_0"] == ["layers.1.mlp.up"]
     tagged = {n.name: n.tags for n in mixed.graph.nodes if "sensitivity" in n.tags}
     assert len(tagged) == 8 and max(tagged, key=lambda k: tagged[k]["sensitivity"]) == "layers.1.mlp.up"
     assert tagged["layers.1.mlp.up"]["quant"] == "int8"
@@ -91,6 +91,9 @@ def test_qat_follows_the_per_layer_modes(gpt2):
     fq = qat.fake_quant_model(gpt2, spec)
     attrs = {n.name: n.attrs for n in fq.graph.nodes if n.op == "fake_quant"}
     assert attrs["layers.0.mlp.up.fake_quant"]["bits"] == 8 and attrs["layers.0.attn.qkv.fake_quant"]["bits"] == 4
+    # int8 packs to linear_q8_0, which rounds its input per block of 32: the int8 layers alone do too
+    acts = {n.name: n.attrs for n in fq.graph.nodes if n.op == "fake_quant_act"}
+    assert acts and all(k.split(".")[2] == "mlp" and a == {"group": 32} for k, a in acts.items()), acts
     packed = plugin.optimize(gpt2, [spec], validate=False)
     x = np.random.default_rng(0).integers(0, gpt2.vocab_size, (2, 24))
     a, b = _logits(packed, x), _logits(fq, x)
@@ -103,7 +106,7 @@ def test_qat_follows_the_per_layer_modes(gpt2):
     ("quant:int4,sensitive=1.5", "bad value '1.5' for sensitive"),
     ("quant:int4,high=int3", "bad value 'int3' for high"),
     ("quant:int4,sensitive=0.2,qat=true", "pass the measured choice as layers="),
-    ("quant:int4,layers=*:w8a8,qat=true", "not w8a8"),
+    ("quant:int4,layers=*:float16,qat=true", "not float16"),
     ("quant:kv8,sensitive=0.2", "has none"),
 ])
 def test_bad_mixed_options_are_one_line_errors(spec, match):
@@ -116,7 +119,7 @@ def test_sensitive_needs_calibration(gpt2):
         plugin.get_plugin("quant").apply(gpt2.graph, gpt2.params, plugin.parse_spec("quant:int4,sensitive=0.5").options)
 
 
-@pytest.mark.parametrize("quant, ops", [("quant:int8", {"linear_q8_block", "linear_q8"}), ("quant:int4,group=16", {"linear_q4"})])
+@pytest.mark.parametrize("quant, ops", [("quant:int8", {"linear_q8_0", "linear_q8"}), ("quant:int4,group=16", {"linear_q4"})])
 def test_quant_after_lowrank_packs_the_factors(gpt2, quant, ops):
     lr = plugin.optimize(gpt2, ["lowrank:rank=16,min_cosine=0"], calib=CAL)
     both = plugin.optimize(lr, [quant], calib=CAL)

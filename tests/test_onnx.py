@@ -76,7 +76,7 @@ def assert_same(m: Model, sess, f, atol=2e-5, rtol=2e-4):
                                     "sparsity:weights=magnitude", "sparsity:weights=nm,format=compact",
                                     "sparsity:attention=local,window=3", "sparsity:attention=topk,topk=3",
                                     "sparsity:attention=composite,dense_below=4,long=block,block=2",
-                                    "lowrank:rank=8", "quant:mode=int4,qat=true"])
+                                    "lowrank:rank=8", "quant:mode=int4,qat=true", "quant:int8,qat=true"])
 def test_gpt2_exports_and_matches_the_spec(plugin):
     m = tiny("gpt2", plugin)
     e = exported(m)
@@ -84,8 +84,8 @@ def test_gpt2_exports_and_matches_the_spec(plugin):
     assert [o.name for o in e.model.graph.output] == m.graph.outputs
     assert e.model.opset_import[0].version == ox.OPSET
     assert_same(m, session(e.model), left_padded(m))
-    if plugin == "quant:int8":
-        assert e.ops["DequantizeLinear"] > 0 and "MatMulInteger" not in e.ops
+    if plugin == "quant:int8":   # Q8_0 block sums in MatMulInteger; the tied head (linear_q8) as QDQ
+        assert e.ops["MatMulInteger"] == 8 and e.ops["DequantizeLinear"] == 1
     if plugin == "quant:int4":
         assert e.ops["com.microsoft.MatMulNBits"] > 0
     if plugin == "quant:w8a8":
@@ -145,11 +145,11 @@ def test_export_cli_writes_a_checked_file_and_names_its_ops(tmp_path):
     out = tmp_path / "m.onnx"
     r = run("export", src, "-o", out)
     assert r.exit_code == 0, r.output
-    assert "opset 21" in r.output and "DequantizeLinear" in r.output and "checker: PASS" in r.output
+    assert "opset 21" in r.output and "MatMulInteger" in r.output and "checker: PASS" in r.output
     onnx.checker.check_model(str(out), full_check=True)
     r = run("export", src, "-o", tmp_path / "j.onnx", "--json")
     info = json.loads(r.output)
-    assert info["opset"] == 21 and info["ops"]["DequantizeLinear"] == 9 and info["external_data"] is None
+    assert info["opset"] == 21 and info["ops"]["MatMulInteger"] == 8 and info["external_data"] is None
 
 
 def test_external_data_is_written_beside_the_model(tmp_path):

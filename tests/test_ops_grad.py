@@ -790,6 +790,26 @@ def test_fake_quant_grad(seed, rows, cols, fmt):
         check_vjp("fake_quant", [w], attrs, seed=seed)                           # not the true derivative
 
 
+@covers("fake_quant_act")
+@FAST
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), blocks=st.integers(1, 3),
+       group=st.sampled_from([1, 4, 8]))
+def test_fake_quant_act_grad(seed, lead, blocks, group):
+    """As for fake_quant: the VJP is the identity (straight-through), the derivative of the
+    surrogate x ↦ x, and the forward's own finite differences disagree with it. The same view
+    linear_q8_0's VJP takes of its activation rounding (test_grad_q8_0_is_straight_through)."""
+    rng = _rng(seed)
+    x = _away_from_zero(rng, (*lead, blocks * group))
+    attrs = {"group": group}
+    g = rng.standard_normal(x.shape)
+    (gx,) = ops.get("fake_quant_act").vjp((g,), (x,), (ops.get("fake_quant_act").forward(x, **attrs),), **attrs)
+    assert gx is g or np.array_equal(gx, g)
+    check_vjp("fake_quant_act", [x], attrs, forward=lambda v, **a: v, seed=seed)
+    if group > 1:   # a block of one value is its own max: rounded exactly, the forward is x itself
+        with pytest.raises(AssertionError, match="fake_quant_act"):
+            check_vjp("fake_quant_act", [x], attrs, seed=seed)
+
+
 # ----------------------------------------------------------------------------- the checker itself
 
 @pytest.mark.parametrize("op, inputs, attrs", [
@@ -900,3 +920,8 @@ from test_attention_linear import test_linear_attention_state_vjp_matches_finite
 covers("linear_attention_state")(test_linear_attention_state_vjp_matches_finite_differences)
 from test_linformer import test_linformer_vjp_matches_finite_differences  # noqa: E402
 covers("linformer_attention")(test_linformer_vjp_matches_finite_differences)
+
+# linear_q8_0's VJP is straight-through for its activation rounding; its check (against the
+# surrogate's finite differences, and failing against the forward's) is in tests/test_quant_ops.py.
+from test_quant_ops import test_grad_q8_0_is_straight_through  # noqa: E402
+covers("linear_q8_0")(test_grad_q8_0_is_straight_through)

@@ -71,12 +71,47 @@ def test_fake_quant_shape_rule_rejects_bad_attributes():
         infer([(8, 6)], ["int8"], bits=8)
 
 
+def test_linear_q8_0_is_a_linear_over_fake_quantized_input_and_weights():
+    """What the QAT graph computes for an int8 linear — linear(fake_quant_act(x), fake_quant(W)) —
+    is linear_q8_0's forward (to float64 rounding), and its gradient through the two
+    straight-through nodes is linear_q8_0's VJP: one function, one estimator. Activation blocks
+    rounded by hand here (max-abs / 127, half to even)."""
+    from minitx.ops import quant as Q
+    rng = np.random.default_rng(4)
+    x, W, b = rng.standard_normal((2, 3, 64)), rng.standard_normal((64, 24)) * 0.1, rng.standard_normal(24)
+    xb = x.reshape(2, 3, 2, 32)
+    sx = np.abs(xb).max(-1, keepdims=True) / 127
+    xq = (np.clip(np.round(xb / sx), -127, 127) * sx).reshape(x.shape)
+    np.testing.assert_array_equal(ops.get("fake_quant_act").forward(x, group=32), xq)
+    Wf = ops.get("fake_quant").forward(W, bits=8, group=32)
+    q, s = Q.quantize_blocks(W, 32)
+    wq, sq = np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)
+    # to float32 rounding: fake_quant's q·s is rounded to the scales' dtype, the packed op's is not
+    np.testing.assert_allclose(Q.linear_q8_0(x, wq, sq, b), xq @ Wf + b, rtol=1e-6, atol=1e-7)
+    g = rng.standard_normal((2, 3, 24))
+    gx, _, _, gb = Q.linear_q8_0_vjp((g,), (x, wq, sq, b), None, block=32)
+    (gx_act,) = ops.get("fake_quant_act").vjp((g @ Wf.T,), (x,), (xq,), group=32)
+    np.testing.assert_allclose(gx, gx_act, rtol=1e-6, atol=1e-7)
+    assert np.abs(gx - g @ W.T).max() > 1e-4                 # the rounded weights, not the float ones
+    np.testing.assert_allclose(gb, g.reshape(-1, 24).sum(0))
+
+
+def test_fake_quant_act_shape_rule():
+    infer = ops.get("fake_quant_act").infer
+    assert infer([(2, 5, 64)], ["float32"], group=32) == [((2, 5, 64), "float32")]
+    with pytest.raises(ShapeError, match="fake_quant_act.*group size 24 does not divide the last axis 64"):
+        infer([(2, 64)], ["float32"], group=24)
+    with pytest.raises(ShapeError, match="fake_quant_act.*must be float"):
+        infer([(2, 64)], ["int8"], group=32)
+
+
 # ------------------------------------------------------------------------------- the rewrite
 @pytest.mark.parametrize("spec, packed_ops", [
     ("quant:int4,group=16", {"linear_q4", "embedding_q4"}),
     ("quant:int4,group=16,embeddings=int8", {"linear_q4", "embedding_q8"}),
-    ("quant:int8", {"linear_q8_block", "embedding_q8"}),
-    ("quant:int8_block,block=16,embeddings=false", {"linear_q8_block"}),
+    ("quant:int8", {"linear_q8_0", "embedding_q8"}),
+    ("quant:int8_block,block=16,embeddings=false", {"linear_q8_0"}),
+    ("quant:w8a8", {"linear_q8_0", "embedding_q8"}),
 ])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_graph_computes_what_the_fake_quant_graph_computed(arch, spec, packed_ops):
@@ -92,13 +127,21 @@ def test_packed_graph_computes_what_the_fake_quant_graph_computed(arch, spec, pa
     logits = [Executor(mm.graph, mm.params).run(tr.batch_feeds(mm.graph, x), outputs=["logits"])["logits"]
               for mm in (packed, fq, m)]
     scale = np.abs(logits[0]).max()
-    assert np.abs(logits[0] - logits[1]).max() <= 1e-5 * scale          # packed == fake quant
+    same = np.abs(logits[0] - logits[1]).max(-1) <= 1e-5 * scale     # per position: packed == fake quant
+    if "linear_q8_0" in packed_ops:
+        # Activations are rounded in both graphs (fake_quant_act / linear_q8_0), from inputs equal
+        # to float rounding; one that lies at a rounding boundary may round apart, which changes the
+        # positions after it by about one activation step. Rare, but it happens (llama, block 16).
+        assert fq.graph.nodes and any(n.op == "fake_quant_act" for n in fq.graph.nodes)
+        assert same.mean() >= 0.75, same.mean()
+    else:
+        assert same.all()
+        assert qat.packed_vs_fake_quant(packed, fq) <= 1e-5 * scale
     assert np.abs(logits[0] - logits[2]).max() > 1e-4 * scale           # and both differ from float
-    assert qat.packed_vs_fake_quant(packed, fq) <= 1e-5 * scale
 
 
 @pytest.mark.parametrize("text, match", [
-    ("quant:w8a8,qat=true", "qat=true supports the weight-only modes"),
+    ("quant:float16,qat=true", "qat=true supports the modes"),
     ("quant:int4,qat=true,kv=int8", "without kv=int8"),
     ("quant:int4,qat=maybe", "bad value 'maybe' for qat"),
 ])
@@ -112,7 +155,7 @@ def test_split_spec():
     assert qat.split_spec("quant:int4,group=16") == ("quant:int4,group=16,qat=true", "quant:int4,group=16")
     assert qat.split_spec("quant:mode=int8,qat=true") == ("quant:mode=int8,qat=true", "quant:mode=int8")
     assert qat.split_spec("quant") == ("quant:qat=true", "quant")
-    for bad, match in [("sparsity:weights=magnitude", "needs the quant plugin"), ("quant:float16", "weight-only"),
+    for bad, match in [("sparsity:weights=magnitude", "needs the quant plugin"), ("quant:float16", "supports the modes"),
                        ("quant:int4,group=7", "even")]:
         with pytest.raises(MinitxError, match=match):
             qat.split_spec(bad)
@@ -299,7 +342,7 @@ def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, mon
 
 
 @pytest.mark.parametrize("args, match", [
-    (["qat", "--plugin", "quant:w8a8"], "weight-only modes"),
+    (["qat", "--plugin", "quant:bfloat16"], "supports the modes"),
     (["qat", "--plugin", "lowrank:rank=4"], "needs the quant plugin"),
     (["qat", "--plugin", "quant:int4,bogus=1"], "unknown option 'bogus'"),
     (["qat", "--plugin", "quant:int8", "--validate", "file:nope.txt"], "--validate 'file:nope.txt': no such file"),

@@ -24,9 +24,9 @@ def bert():
 
 
 @pytest.mark.parametrize("spec,ops,max_ratio", [
-    ("quant:int8", {"linear_q8_block", "embedding_q8"}, 0.32),
+    ("quant:int8", {"linear_q8_0", "embedding_q8"}, 0.32),
     ("quant:int8_channel", {"linear_q8", "embedding_q8"}, 0.30),
-    ("quant:w8a8", {"linear_w8a8", "embedding_q8"}, 0.30),
+    ("quant:w8a8", {"linear_q8_0", "embedding_q8"}, 0.30),
     ("quant:int4,group=32", {"linear_q4", "embedding_q4"}, 0.25),
     ("quant:int4,embeddings=int8", {"linear_q4", "embedding_q8"}, 0.25),
     ("quant:float16", {"linear_cast"}, 0.70),
@@ -105,7 +105,7 @@ def test_group_not_dividing_is_a_clear_error(gpt2):
 def test_skip_and_embeddings_options(gpt2):
     new = plugin.optimize(gpt2, ["quant:int8,embeddings=false,skip=layers.1.*"], calib=CAL)
     ops = {n.name: n.op for n in new.graph.nodes}
-    assert ops["layers.1.mlp.up"] == "linear" and ops["layers.0.mlp.up"] == "linear_q8_block"
+    assert ops["layers.1.mlp.up"] == "linear" and ops["layers.0.mlp.up"] == "linear_q8_0"
     assert ops["tok_emb"] == "embedding" and new.params["tok_emb.weight"].dtype == np.float32
 
 
@@ -135,7 +135,7 @@ def test_quantized_model_runs_on_numba_backend(gpt2):
     new = plugin.optimize(gpt2, ["quant:int8"], calib=CAL)
     ex = new.executor(("numba",))
     placed = {op: b for _, op, b in ex.explain()}
-    assert placed["linear_q8_block"] == "numba" and placed["embedding_q8"] == "numba"
+    assert placed["linear_q8_0"] == "numba" and placed["embedding_q8"] == "numba"
     from minitx.feeds import build
     f = build(new.graph, [[1, 2, 3]])
     np.testing.assert_allclose(ex.run(f)["logits"], new.executor().run(f)["logits"], rtol=1e-4, atol=1e-4)
@@ -157,7 +157,7 @@ def test_int4_tables_tied_head_and_formats(gpt2):
     assert ops8["tok_emb"] == "embedding_q8" and ops8["lm_head"] == "linear_q8"
     ops4 = {n.name: n.op for n in plugin.optimize(gpt2, ["quant:int8,embeddings=int4"], calib=CAL).graph.nodes}
     assert ops4["tok_emb"] == "embedding_q4" and ops4["lm_head"] == "linear_q4"
-    assert ops4["layers.0.mlp.up"] == "linear_q8_block"
+    assert ops4["layers.0.mlp.up"] == "linear_q8_0"
     with pytest.raises(MinitxError, match="bad value 'int2' for embeddings"):
         plugin.optimize(gpt2, ["quant:int4,embeddings=int2"], calib=CAL)
     # the int4 table makes the file smaller than with int8 tables
@@ -172,12 +172,12 @@ def test_int8_blocks_of_32_and_per_channel_weights_stored_out_in(gpt2, bert):
 
     new = plugin.optimize(gpt2, ["quant:int8"], calib=CAL)
     up = next(n for n in new.graph.nodes if n.name == "layers.0.mlp.up")
-    assert up.op == "linear_q8_block" and up.attrs == {"block": 32}
+    assert up.op == "linear_q8_0" and up.attrs == {"block": 32}
     W = gpt2.params["layers.0.mlp.up.weight"]
-    np.testing.assert_array_equal(new.params["layers.0.mlp.up.weight.q"], Q.quantize_blocks(W, 32)[0])
+    np.testing.assert_array_equal(new.params["layers.0.mlp.up.weight.q"], Q.quantize_blocks(W, 32)[0].T)
     llama = Model.from_config(models.preset("llama", "tiny"), seed=0)
     ops = {n.name: n.op for n in plugin.optimize(llama, ["quant:int8"], calib=CAL).graph.nodes}
-    assert ops["layers.0.mlp.down"] == "linear_q8" and ops["layers.0.mlp.gate_up"] == "linear_q8_block"
+    assert ops["layers.0.mlp.down"] == "linear_q8" and ops["layers.0.mlp.gate_up"] == "linear_q8_0"
     qb = plugin.optimize(bert, ["quant:int8"], calib=CAL)
     assert qb.params["type_emb.weight"].dtype == np.float32 and "tok_emb.weight" not in qb.params
     new = plugin.optimize(gpt2, ["quant:int8_channel"], calib=CAL)

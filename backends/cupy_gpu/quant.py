@@ -22,7 +22,8 @@ values); no kernel ever builds a float copy of a whole matrix.
   16-bit weights instead of bytes.
 * ``attention_kv8``: the int8 KV cache stays on the device; decoding reads it in the fused kernel.
 * ``linear_w8a8``: activations quantized on the device, the integer product exact in float64
-  GEMM tiles (the spec's float64 accumulation), not fast.
+  GEMM tiles (the spec's float64 accumulation), not fast; ``linear_q8_0`` (int8 / W8A8 modes)
+  likewise, one block of inputs at a time.
 
 Output dtypes follow the spec's promotion (activations x scales x bias). Inputs in a dtype the
 kernels do not handle (float64 scales, odd int4 groups) run the spec on the host.
@@ -304,6 +305,25 @@ def linear_w8a8(x, w, scale, b=None):
     return y if b is None else y + b
 
 
+def linear_q8_0(x, w, scale, b=None, *, block=32):
+    """Q8_0 × Q8_0 (the quant plugin's int8 and W8A8): activations rounded per block on the device
+    (the spec's ``quantize_act_blocks``, its NumPy calls dispatched to CuPy), each block's integer
+    sums exact in a float64 GEMM against that block of Wq (int8 (out, in)), times both scales,
+    accumulated in float64 as the spec does: correct, not fast (like ``linear_w8a8``)."""
+    if not _floats(x, scale, b):
+        return _on_host("linear_q8_0", x, w, scale, b, block=block)
+    q, sx = ops.quant.quantize_act_blocks(x, block)
+    q2, sx2 = q.reshape(-1, q.shape[-1]), sx.reshape(-1, sx.shape[-1]).astype(cp.float64)
+    N, K = w.shape
+    acc = cp.zeros((q2.shape[0], N), cp.float64)
+    for g in range(K // block):
+        k = slice(g * block, (g + 1) * block)
+        acc += cp.matmul(q2[:, k].astype(cp.float64), w[:, k].astype(cp.float64).T) * sx2[:, g:g + 1] \
+            * scale[:, g].astype(cp.float64)
+    y = acc.astype(np.result_type(x.dtype, scale.dtype)).reshape(*x.shape[:-1], N)
+    return y if b is None else y + b
+
+
 def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_scale=None, mask=None, *,
                   n_heads, n_kv_heads, causal, scale=None):
     """The int8 KV cache on the device: the new tokens are quantized there by the spec's own
@@ -322,4 +342,4 @@ def attention_kv8(q, k, v, past_k=None, past_k_scale=None, past_v=None, past_v_s
 
 KERNELS = {"linear_q8": linear_q8, "linear_q8_block": linear_q8_block, "linear_q4": linear_q4,
            "embedding_q8": embedding_q8, "embedding_q4": embedding_q4, "linear_cast": linear_cast,
-           "linear_w8a8": linear_w8a8, "attention_kv8": attention_kv8}
+           "linear_w8a8": linear_w8a8, "linear_q8_0": linear_q8_0, "attention_kv8": attention_kv8}

@@ -8,9 +8,10 @@ so a graph trained through ``fake_quant`` computes, weight for weight, what the 
 computes after conversion:
 
 * ``bits=8, group=0, axis=0``  int8, one scale per output channel (column): ``quantize_per_channel``
-  (``linear_q8``, ``linear_w8a8``'s weights)
+  (``linear_q8``; W8A8's weights)
 * ``bits=8, group=0, axis=1``  int8, one scale per row: an embedding table (``embedding_q8``)
-* ``bits=8, group=k``          int8, one scale per ``k`` input rows: ``quantize_blocks`` (``linear_q8_block``)
+* ``bits=8, group=k``          int8, one scale per ``k`` input rows: ``quantize_blocks`` (``linear_q8_block``,
+  and int8's ``linear_q8_0``, which stores the same values transposed)
 * ``bits=4, group=k``          int4 in [-8, 7], one scale per ``k`` input rows: ``quantize_int4`` (``linear_q4``)
 * ``bits=4, group=k, axis=1``  int4, one scale per ``k`` columns of a row: ``quantize_int4_rows``
   (``embedding_q4`` and the tied int4 LM head)
@@ -27,6 +28,12 @@ is no clipping region to zero out: every scale is max-abs, so no value falls out
 range except int4's positive extreme (s = max|group| / 7.5 maps the group's largest value to 7.5,
 stored as 7), which is off by at most half a step, like any rounding. So the STE is the identity
 everywhere, clipped or not.
+
+``fake_quant_act(x, group=k)`` is the same for activations: x rounded to int8 per ``k`` consecutive
+values of its last axis with a max-abs scale, ``quantize_act_blocks`` — what ``linear_q8_0`` (the
+int8 and W8A8 modes) does to its input at run time. A QAT graph reads such a linear's input
+through it, so the fake-quant graph rounds activations where the packed graph does; its VJP is the
+identity too, the straight-through view ``linear_q8_0``'s own VJP takes of the same rounding.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from .quant import (
     CODEBOOKS,
     dequantize_blocks,
     dequantize_lut,
+    quantize_act_blocks,
     quantize_blocks,
     quantize_int4,
     quantize_lut,
@@ -97,6 +105,35 @@ def _infer(shapes, dtypes, *, bits=8, group=0, axis=0, codebook=""):
 
 register("fake_quant", fake_quant, fake_quant_vjp, _infer,
          flops=lambda shapes, outs, **a: 3 * int(np.prod(outs[0])), vjp_uses_outputs=False)
+
+
+def fake_quant_act(x, *, group=32):
+    """x ↦ q · s with ``quantize_act_blocks(x, group)``: int8 per ``group`` values of the last axis."""
+    q, s = quantize_act_blocks(x, group)
+    r = q.reshape(*x.shape[:-1], -1, group).astype(s.dtype) * s[..., None]
+    return r.reshape(x.shape).astype(x.dtype, copy=False)
+
+
+def fake_quant_act_vjp(grads, inputs, outputs, *, group=32):
+    """Straight-through estimator, as for the weights (and as ``linear_q8_0``'s VJP in x)."""
+    (g,) = grads
+    return (g,)
+
+
+def _infer_act(shapes, dtypes, *, group=32):
+    (x,) = shapes
+    op = "fake_quant_act"
+    require(len(x) >= 1, op, f"input must have a last axis to group, got shape {x}")
+    require(np.issubdtype(np.dtype(dtypes[0]), np.floating), op, f"input must be float, got {dtypes[0]}")
+    require(group > 0 and x[-1] % group == 0, op, f"group size {group} does not divide the last axis {x[-1]} "
+                                                  f"(input {x})")
+    return [(tuple(x), dtypes[0])]
+
+
+register("fake_quant_act", fake_quant_act, fake_quant_act_vjp, _infer_act,
+         flops=lambda shapes, outs, **a: 3 * int(np.prod(outs[0])), vjp_uses_outputs=False)
+
+
 def _int4_grid(r, shape, group, d):
     """n·2⁻³, |n| ≤ 7, with one ±7.5·2⁻³ per group: the scale is exactly 2⁻³ and the extreme sits
     exactly on the rounding tie in every dtype (a random extreme would round apart across dtypes)."""
@@ -131,3 +168,11 @@ def _on_levels(name):
 
 
 add_cases("fake_quant", [Case(f"{name} codes, groups of 8", _on_levels(name)) for name in CODEBOOKS])
+add_cases("fake_quant_act", [
+    Case("blocks of 32", lambda r, d: ((int8_grid(r, (2, 3, 96), d, heads=3),), {"group": 32})),
+    Case("one block per row", lambda r, d: ((int8_grid(r, (5, 40), d),), {"group": 40})),
+    Case("an all-zero block", lambda r, d: ((np.concatenate([np.zeros((1, 16), d), int8_grid(r, (1, 16), d)], 1),),
+                                           {"group": 16}), "zeros"),
+    *[Case(f"{m} rows, blocks of 8", lambda r, d, m=m: ((int8_grid(r, (m, 24), d, heads=3),), {"group": 8}), "sizes")
+      for m in (1, 7, 65)],
+])

@@ -11,6 +11,9 @@ shared by a group of values (an output channel, a block of 32 inputs, a token's 
 * ``embedding_q4``    E = (nibble − 8) · s[row, col // group], packed along rows (also the tied LM head)
 * ``linear_w8a8``     x ≈ round(x / sₓ) · sₓ per token (sₓ = max|x_row| / 127), then an integer
                       product with int8 weights, rescaled by sₓ · s[out]
+* ``linear_q8_0``     int8 weights (out, in), a scale per output and 32 inputs, times activations
+                      quantized to int8 per 32 inputs at run time: llama.cpp's Q8_0 dot product
+                      (integer sums per block; VJP straight-through for the activation rounding)
 * ``linear_cast``     W stored as float16, or as bfloat16 bit patterns in uint16 (NumPy has none)
 * ``attention_kv8``   attention whose cache is int8 with a scale per token and head
 * ``linear_lut``      W = level[code] · s[out, in // group] from a codebook: binary (1 bit), ternary
@@ -285,6 +288,83 @@ def linear_w8a8_vjp(grads, inputs, outputs):
 
 register("linear_w8a8", linear_w8a8, linear_w8a8_vjp, _linear_infer("linear_w8a8"), flops=_linear_flops(),
          n_optional=1, vjp_uses_outputs=False)
+
+
+# ------------------------------------------------------------------------ Q8_0: int8 weights and activations
+def quantize_act_blocks(x, block=32):
+    """Activations → (q int8 (…, K), s (…, K / block)), per ``block`` consecutive values of the last
+    axis: s = max|block| / 127 in x's dtype (1 for an all-zero block), q = clip(rint(x / s), ±127)."""
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    m = np.abs(xb).max(axis=-1)
+    s = np.where(m > 0, m / 127, 1).astype(x.dtype)
+    q = np.clip(np.rint(xb / s[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(x.shape), s
+
+
+def linear_q8_0(x, w, scale, b=None, *, block=32):
+    """y[…, n] = Σ_g sₓ[…, g] · s[n, g] · Σ_{k in block g} qₓ[…, k] · Wq[n, k] + b — llama.cpp's
+    Q8_0 × Q8_0 dot product: Wq int8 stored (out, in) with a scale per output and ``block`` inputs
+    (out, in / block), and the activations quantized the same way at run time
+    (:func:`quantize_act_blocks`), so each block's sum is an exact integer (|sum| ≤ block·127·128)
+    that CPUs without float-int8 products compute with 8-bit multiply-adds. Unlike
+    ``linear_q8_block`` (weights only) the activations are rounded too: a different function.
+    Accumulated in float64; the result in the wider of x's and the scales' dtypes."""
+    q, sx = quantize_act_blocks(x, block)
+    q2, sx2 = q.reshape(-1, q.shape[-1]), sx.reshape(-1, sx.shape[-1]).astype(np.float64)
+    acc = np.zeros((q2.shape[0], w.shape[0]), np.float64)
+    for g in range(w.shape[1] // block):
+        k = slice(g * block, (g + 1) * block)
+        isum = q2[:, k].astype(np.float64) @ w[:, k].astype(np.float64).T      # exact integers
+        acc += isum * sx2[:, g:g + 1] * scale[:, g].astype(np.float64)
+    y = acc.astype(np.result_type(x.dtype, scale.dtype)).reshape(*x.shape[:-1], w.shape[0])
+    return y if b is None else y + b
+
+
+def dequantize_rows(w, scale, block, dtype):
+    """Wq (out, in) · s (out, in / block), each scale repeated over its ``block`` inputs, in ``dtype``."""
+    return w.astype(dtype) * np.repeat(scale, block, axis=1).astype(dtype)
+
+
+def linear_q8_0_surrogate(x, w, scale, b=None, *, block=32):
+    """What :func:`linear_q8_0_vjp` differentiates: the same linear with the activations left
+    unrounded, y = x (Wq · s)ᵀ + b (the straight-through view of the activation quantizer)."""
+    y = x @ dequantize_rows(w, scale, block, x.dtype).T
+    return y if b is None else y + b
+
+
+@wide_vjp
+def linear_q8_0_vjp(grads, inputs, outputs, *, block=32):
+    """Straight-through for the activation rounding: q(x)·sₓ(x) is treated as x, so this is the
+    VJP of :func:`linear_q8_0_surrogate`, not of the forward — whose derivative in x is zero
+    through ``rint`` almost everywhere, useless for training through a quantized model (compare
+    ``linear_w8a8``, whose VJP is the exact derivative). The scale and bias gradients are the
+    surrogate's too."""
+    (g,) = grads
+    x, w, scale, b = inputs
+    gx = g @ dequantize_rows(w, scale, block, g.dtype)
+    gW = _rows(g).T @ _rows(x)                                                    # (out, in)
+    gs = (gW * w).reshape(w.shape[0], -1, block).sum(axis=-1)
+    return gx, None, gs.astype(scale.dtype, copy=False), None if b is None else _sum_rows(g)
+
+
+def _linear_q8_0_infer(shapes, dtypes, *, block=32):
+    op = "linear_q8_0"
+    x, w, s, b = shapes
+    require(len(w) == 2 and len(s) == 2, op, f"weight {w} and scale {s} must be 2-D (out, in) and (out, in / block)")
+    require(dtypes[1] == "int8", op, f"weight must be int8, got {dtypes[1]}")
+    require(x[-1] == w[1], op, f"input features {x[-1]} != weight columns {w[1]} (weight {w}, stored (out, in))")
+    require(block > 0 and w[1] % block == 0, op, f"block size {block} does not divide the input features {w[1]}")
+    require(tuple(s) == (w[0], w[1] // block), op, f"scale shape {s} != ({w[0]}, {w[1] // block})")
+    require(b is None or tuple(b) == (w[0],), op, f"bias shape {b} != ({w[0]},)")
+    return [((*x[:-1], w[0]), dtypes[0])]
+
+
+def _linear_q8_0_flops(shapes, outs, **attrs):
+    return 2 * int(np.prod(shapes[0][:-1])) * shapes[1][0] * shapes[1][1]
+
+
+register("linear_q8_0", linear_q8_0, linear_q8_0_vjp, _linear_q8_0_infer, flops=_linear_q8_0_flops, n_optional=1,
+         vjp_uses_outputs=False)
 
 
 # ------------------------------------------------------------------------ narrow float weights
@@ -727,6 +807,43 @@ add_cases("attention_kv8", [
     Case("decode, large scores", _attn_kv8(2, 1, 9, 2, 2, 8, True, True, True, scale=3.0), "large"),
     *[Case(f"{t} queries over {t + 2} cached", _attn_kv8(1, t, t + 2, 2, 1, 8, True, False, True), "sizes")
       for t in (1, 8, 9)],
+])
+
+
+def _q8_0(rows, n_in, n_out, block=32, bias=True, x_scale=1.0, zero_block=False, extreme=False):
+    """linear_q8_0 inputs: weights quantized per (out, block), activations on the int8 grid of
+    each block (one ±127 per block, a power-of-two scale per block) so that activation rounding is
+    exact in every dtype. ``extreme``: weights of ±127 and -128 (the int8 minimum, which the
+    quantizer never writes but the format allows) against ±127 activations — the largest pair
+    sums an 8-bit multiply-add can meet. In float16 large activations are scaled down to at most 1
+    by a power of two (the same integers q): its range cannot hold their scale gradients."""
+    def make(r, d):
+        q, s = quantize_blocks(randn(r, (n_in, n_out), "float32", 0.1), block)
+        q, s = np.ascontiguousarray(q.T), np.ascontiguousarray(s.T)
+        x = int8_grid(r, (rows, 1, n_in), d, n_in // block)
+        if extreme:
+            q = np.where(r.random(q.shape) < 0.5, -128, 127).astype(np.int8)
+            x = np.where(r.random(x.shape) < 0.5, -127, 127).astype(d)
+        if zero_block:
+            x[..., block:2 * block] = 0
+        x = x.astype(np.float64) * x_scale
+        if (extreme or x_scale != 1) and str(d) == "float16":
+            # float16: the scale gradient Σ g·x·Wq would pass 65504; a power of two keeps every q
+            x /= 2.0 ** np.ceil(np.log2(np.abs(x).max()))
+        x = x.astype(d)
+        return (x, q, s.astype(d), randn(r, (n_out,), d) if bias else None), {"block": block}
+    return make
+
+
+for _m in (1, 3, 8, 20):
+    add_cases("linear_q8_0", [Case(f"{_m} rows, block 32", _q8_0(_m, 96, 160, bias=_m % 2 == 1))])
+add_cases("linear_q8_0", [
+    *[Case(f"{m} rows, odd outputs and blocks", _q8_0(m, 32 * 7, 37), "sizes") for m in (7, 9, 65)],
+    Case("block 64", _q8_0(3, 192, 40, block=64), "sizes"),
+    Case("block 16 (the portable kernel)", _q8_0(2, 96, 40, block=16), "sizes"),
+    Case("an all-zero block", _q8_0(2, 96, 40, zero_block=True), "zeros"),
+    Case("extreme integers: w in {-128, 127}, x = ±127", _q8_0(3, 1024, 24, extreme=True), "large"),
+    Case("activations near 2^60 (float16: at most 1)", _q8_0(2, 96, 40, x_scale=2.0 ** 60), "large"),
 ])
 
 

@@ -35,7 +35,7 @@ from .settings import TrainSettings, TrainState, new_state as _new_state
 def split_spec(text: str) -> tuple[str, str]:
     """``quant:int4[,qat=true],…`` → (the fake-quant spec for training, the packing spec).
 
-    Raises a one-line MinitxError for anything but one quant plugin in a weight-only integer mode."""
+    Raises a one-line MinitxError for anything but one quant plugin in a mode QAT reproduces (``QAT_MODES``)."""
     spec = plugin.parse_spec(text)          # validates names, options and values
     if spec.name != "quant":
         raise MinitxError(f"--plugin {text!r}: quantization-aware training needs the quant plugin "
