@@ -51,6 +51,7 @@ BUILTIN = {
     "lowrank": "minitx.plugins.lowrank:plugin",
     "parallel": "minitx.plugins.parallel:plugin",
     "attention": "minitx.plugins.attention:plugin",
+    "layers": "minitx.plugins.layers:plugin",
 }
 
 
