@@ -139,3 +139,37 @@ def test_cli_distill_encoder_bad_options_are_one_line_exit_2(files, args, messag
     assert r.exit_code == 2, r.output
     assert message in r.output and len(r.output.strip().splitlines()) == 1
     assert not os.path.exists(d / "bad.npz")
+
+
+def test_resume_of_a_layer_dropped_student_is_bit_for_bit(tok, tmp_path):
+    from minitx import plugin
+    from minitx.training import load_checkpoint
+    from minitx.validate import Calibration
+
+    teacher = bert(tok, 0, n_layers=3)
+    sents = emb.sentences(teacher, data.read_text(TEXT), 16)
+
+    def state():
+        student = plugin.optimize(teacher, ["layers:keep=2"], calib=Calibration.parse(["random:2x8"]), validate=False)
+        return new_state(student, TrainSettings(steps=4, batch_size=4, lr=1e-3, warmup=1, eval_every=0,
+                                                checkpoint_every=2, val_fraction=0.2))
+
+    import shutil
+
+    ck, mid = str(tmp_path / "c.npz"), str(tmp_path / "mid.npz")
+
+    def keep_step_2(rec):   # called before step 3's checkpoint: the file still holds step 2's
+        if rec["step"] == 3:
+            shutil.copy(ck, mid)
+
+    before = {k: a.copy() for k, a in teacher.params.items()}
+    whole = fit(state(), emb.stream(sents), emb.EmbeddingDistillation(teacher, sents), checkpoint=ck,
+                progress=keep_step_2)
+    for k, a in teacher.params.items():   # the student trained its own copies of the weights it kept
+        np.testing.assert_array_equal(a, before[k], err_msg=k)
+    back = load_checkpoint(mid, kind="distill")
+    assert back.step == 2
+    assert back.model.graph.to_json() == whole.model.graph.to_json()
+    fit(back, emb.stream(sents), emb.EmbeddingDistillation(teacher, sents))
+    for k, a in whole.model.params.items():
+        np.testing.assert_array_equal(back.model.params[k], a, err_msg=k)

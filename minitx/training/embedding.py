@@ -190,6 +190,12 @@ class EmbeddingDistillation:
         longest = max(len(s) for s in self.sents)
         if longest > min(st.model.n_ctx, self.teacher.n_ctx):
             raise MinitxError(f"a sentence has {longest} tokens, beyond the context {min(st.model.n_ctx, self.teacher.n_ctx)}")
+        # A student rewritten from the teacher (layers dropped, neurons pruned) shares the weights
+        # it kept with it; training updates them in place, so they get their own copies.
+        held = {a.__array_interface__["data"][0] for a in self.teacher.params.values()}
+        for k, a in st.model.params.items():
+            if a.__array_interface__["data"][0] in held:
+                st.model.params[k] = a.copy()
         if self._emb is None:
             self._emb = teacher_embeddings(self.teacher, self.sents, backends)
         self._teacher_ex = self.teacher.executor(backends)
