@@ -274,6 +274,7 @@ def distill(opts: RunOptions, teacher_path: str | None, student_config: str | No
         if baseline:
             raise MinitxError("--baseline trains a fresh student of --student-config; not with --student FILE")
         start = modelfile.load(student_path)
+        start.tokenizer_json = start.tokenizer_json or t.tokenizer_json
         student_config = json.dumps(start.config)
     config = dl.student_config(t, _json_arg(student_config, f"--student-config {student_config.strip()}",
                                             inline=True)) if student_config is not None else None
