@@ -98,3 +98,22 @@ def test_bad_options_are_one_line_exit_2(tmp_path, spec, message):
     assert r.exit_code == 2, r.output
     assert message in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_distill_starts_from_a_layer_dropped_decoder(tmp_path):
+    from minitx.bundled import default_model_path
+
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 20)
+    r = CliRunner().invoke(main, ["optimize", "--plugin", "layers:drop=1", "--calib", f"file:{text}",
+                                  "-o", str(tmp_path / "s.npz")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["distill", "--student", str(tmp_path / "s.npz"), "--data", str(text),
+                                  "-o", str(tmp_path / "d.npz"), "--steps", "2", "--batch", "2", "--seq", "32",
+                                  "--max-new-tokens", "2", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    d = modelfile.load(str(tmp_path / "d.npz"))
+    n = modelfile.load(default_model_path()).config["n_layers"]
+    assert len({k.split(".")[1] for k in d.params if k.startswith("layers.")}) == n - 1
+    assert generate(d, [[1, 2, 3]], 3)
