@@ -173,3 +173,22 @@ def test_resume_of_a_layer_dropped_student_is_bit_for_bit(tok, tmp_path):
     fit(back, emb.stream(sents), emb.EmbeddingDistillation(teacher, sents))
     for k, a in whole.model.params.items():
         np.testing.assert_array_equal(back.model.params[k], a, err_msg=k)
+
+
+def test_held_out_cosine_scores_the_trained_weights_of_a_rewritten_student(tok):
+    """A student rewritten from its teacher shares weights with it until training copies them: the
+    held-out score must read the copies being trained, not an executor cached over the originals."""
+    from minitx import plugin
+    from minitx.validate import Calibration
+
+    teacher = bert(tok, 0, n_layers=3)
+    sents = emb.sentences(teacher, data.read_text(TEXT), 16)
+    student = plugin.optimize(teacher, ["layers:keep=1"], calib=Calibration.parse(["random:2x8"]), validate=False)
+    val = [sents[i] for i in data.split(emb.stream(sents), 0.2, 1)[1]]
+    before = emb.mean_cosine(student, val, emb.teacher_embeddings(teacher, val))   # caches an executor
+    st = new_state(student, TrainSettings(steps=10, batch_size=4, lr=3e-3, warmup=1, eval_every=0,
+                                          checkpoint_every=0, val_fraction=0.2))
+    fit(st, emb.stream(sents), emb.EmbeddingDistillation(teacher, sents))
+    fresh = Model(st.model.config, st.model.params, st.model.graph, tok)
+    again = emb.mean_cosine(fresh, val, emb.teacher_embeddings(teacher, val))
+    assert st.history[-1]["val_cosine"] == pytest.approx(again, abs=1e-6) and again != pytest.approx(before, abs=1e-4)

@@ -196,6 +196,7 @@ class EmbeddingDistillation:
         for k, a in st.model.params.items():
             if a.__array_interface__["data"][0] in held:
                 st.model.params[k] = a.copy()
+                st.model._executors.clear()   # a cached executor would still read the shared arrays
         if self._emb is None:
             self._emb = teacher_embeddings(self.teacher, self.sents, backends)
         self._teacher_ex = self.teacher.executor(backends)
