@@ -893,12 +893,15 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, s
 # ----------------------------------------------------------------------------------- distill
 @main.command()
 @click.argument("teacher", required=False, type=click.Path(dir_okay=False))
-@click.option("--student-config", "student_cfg", required=True, metavar="JSON|FILE",
-              help="The student's config: a JSON file or inline JSON; its fields override the teacher's config.")
+@click.option("--student-config", "student_cfg", default=None, metavar="JSON|FILE",
+              help="A fresh student's config: a JSON file or inline JSON; its fields override the teacher's config.")
+@click.option("--student", "student_path", default=None, type=click.Path(dir_okay=False),
+              help="Start from this model file instead (a pruned or layer-dropped teacher: optimize --plugin layers:…).")
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 training text.")
 @output_option("Student model file to write (.npz).")
 @click.option("--loss", "loss_specs", multiple=True, metavar="NAME=WEIGHT",
-              help="response | ce | feature | attention, weighted (repeatable; default: response=1).")
+              help="response | ce | feature | attention, weighted (repeatable; default: response=1); "
+                   "an encoder teacher: cosine | hidden (default: cosine=1).")
 @click.option("--temperature", default=2.0, show_default=True, help="Softmax temperature of the response loss.")
 @click.option("--layer-map", default=None, metavar="S:T,...",
               help="Student:teacher layer pairs for the feature and attention losses (default: spread evenly).")
@@ -907,20 +910,30 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, s
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Exact graph rewrite of the student for training, e.g. recompute:sqrt (repeatable).")
 @training_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
-def distill(teacher, student_cfg, data_path, output, loss_specs, temperature, layer_map, baseline, max_new_tokens,
-            as_json, **p) -> None:
+def distill(teacher, student_cfg, student_path, data_path, output, loss_specs, temperature, layer_map, baseline,
+            max_new_tokens, as_json, **p) -> None:
     """Distil TEACHER (default: the bundled model) into a smaller student; report both (and --baseline).
 
     Checkpoints (student, feature projections, optimizer state) are written as `train` writes
-    them; --resume continues one, with the same teacher, text, losses and settings."""
+    them; --resume continues one, with the same teacher, text, losses and settings. An encoder
+    teacher (bert) is distilled through its sentence embeddings of the text's sentences; the
+    held-out ones report the mean cosine between student and teacher."""
     from minitx.training import commands
     from minitx.training.distill import table
 
     rep = commands.distill(_run_options(p, output), teacher, student_cfg, data_path, losses=loss_specs,
                            temperature=temperature, layer_map=layer_map, baseline=baseline,
-                           decode_tokens=max_new_tokens)
+                           decode_tokens=max_new_tokens, student_path=student_path)
     if as_json:
         click.echo(json.dumps(rep))
+        return
+    if "heldout_cosine" in rep:
+        before = rep["heldout_cosine_before"]
+        cos = (f"; held-out mean cosine to the teacher ({rep['held_out_sentences']} sentences) "
+               + (f"{before:.4f} -> " if before is not None else "") + f"{rep['heldout_cosine']:.4f}"
+               if rep["heldout_cosine"] is not None else "")
+        click.echo(f"wrote {output}: {rep['student_params']:,} parameters (teacher {rep['teacher_params']:,}) after "
+                   f"{rep['steps']} steps ({rep['distill_seconds']:,.0f}s){cos}")
         return
     click.echo(table(rep["models"]))
     click.echo(f"wrote {output} after {rep['steps']} steps ({rep['distill_seconds']:,.0f}s of distillation); "
@@ -963,7 +976,11 @@ def qat(model, data_path, output, calib, validate_specs, force, no_compare, as_j
         click.echo(f"held-out perplexity ({rep['held_out_tokens']:,} tokens): float {rep['float_perplexity']:.3f}, "
                    f"post-training {packed_text} {rep['ptq_perplexity']:.3f}, "
                    f"QAT {packed_text} {rep['qat_perplexity']:.3f}")
-    click.echo(f"packed vs fake-quant logits: max |diff| {rep['packed_vs_fake_quant_max_abs']:.2e}")
+    if "qat_cosine" in rep:
+        click.echo(f"held-out mean cosine to the float model ({rep['held_out_sentences']} sentences): "
+                   f"post-training {packed_text} {rep['ptq_cosine']:.4f}, QAT {packed_text} {rep['qat_cosine']:.4f}")
+    click.echo(f"packed vs fake-quant {'embeddings' if 'qat_cosine' in rep else 'logits'}: "
+               f"max |diff| {rep['packed_vs_fake_quant_max_abs']:.2e}")
     if v:
         click.echo(f"conversion validated on {v['calibration']}: "
                    + ("PASS" if v["passed"] else f"FAIL: {v['failure']} (kept: --force)"))

@@ -52,6 +52,7 @@ BUILTIN = {
     "parallel": "minitx.plugins.parallel:plugin",
     "attention": "minitx.plugins.attention:plugin",
     "activations": "minitx.plugins.activations:plugin",
+    "layers": "minitx.plugins.layers:plugin",
 }
 
 

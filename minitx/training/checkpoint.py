@@ -2,7 +2,8 @@
 
 Layout (written atomically, read with ``allow_pickle=False``): ``__train__`` (JSON: format, kind,
 step, settings, RNG state, history, AdamW's step count, ``run`` and, for mixed precision, the
-loss scaler), ``__config__``, ``__tokenizer__``, ``param.NAME``, ``opt.m.NAME``/``opt.v.NAME``;
+loss scaler), ``__config__``, ``__tokenizer__``, ``__graph__`` (only for a rewritten model:
+a pruned or layer-dropped student), ``param.NAME``, ``opt.m.NAME``/``opt.v.NAME``;
 trainables outside the model (distillation's feature projections) as ``aux.NAME`` with
 ``aux_opt.m/v.NAME``. ``kind`` names the command that wrote it (train, distill, qat) and ``run``
 what identifies the run beyond its settings (the text's fingerprint, a teacher's, the loss
@@ -45,6 +46,10 @@ def save(path: str | os.PathLike, st: TrainState) -> None:
     }
     if st.model.tokenizer_json is not None:
         arrays["__tokenizer__"] = _text(st.model.tokenizer_json)
+    if st.kind != "qat" and st.model.graph.to_json() != models.build_graph(st.model.config).to_json():
+        # A student that is a rewritten model (pruned, layer-dropped) trains on its own graph
+        # (QAT's fake-quant graph is not saved: resume rebuilds it over the float weights).
+        arrays["__graph__"] = _text(st.model.graph.to_json())
     arrays.update({f"param.{k}": a for k, a in st.model.params.items()})
     arrays.update(st.opt.state())
     if st.aux:
@@ -101,7 +106,15 @@ def load(path: str | os.PathLike, kind: str = "train") -> TrainState:
         except MinitxError as e:
             raise MinitxError(f"{where}: {e}") from None
         tok = r.text("__tokenizer__") if "__tokenizer__" in r else None
-        graph = models.build_graph(config)
+        if "__graph__" in r:
+            from ..modelfile import _stored_graph
+
+            try:
+                graph = _stored_graph(r.text("__graph__"))
+            except MinitxError as e:
+                raise MinitxError(f"{where}: {e}") from None
+        else:
+            graph = models.build_graph(config)
         params = {name: _array(r, f"param.{name}", tuple(v.shape), v.dtype) for name, v in graph.params.items()}
         opt = settings.optimizer(params)
         opt.load_state(_moments(r, "opt.", params), opt_t)

@@ -22,7 +22,7 @@ from . import qat as quant_aware
 from .evaluation import compare_plugins, evaluate
 from .loop import fit
 from .progress import ProgressLine
-from .settings import TrainSettings, TrainState, fresh_model
+from .settings import TrainSettings, TrainState, fresh_model, new_state
 
 Warn = Callable[[str], None]
 
@@ -245,33 +245,47 @@ def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, p
 
 
 # --------------------------------------------------------------------------------- distill
-def distill(opts: RunOptions, teacher_path: str | None, student_config: str, data_path: str, *,
+def distill(opts: RunOptions, teacher_path: str | None, student_config: str | None, data_path: str, *,
             losses: Sequence[str] = (), temperature: float = 2.0, layer_map: str | None = None,
-            baseline: bool = False, decode_tokens: int = 32) -> dict[str, Any]:
-    """``minitx distill``: a student trained against a teacher (default: the bundled model)."""
+            baseline: bool = False, decode_tokens: int = 32, student_path: str | None = None) -> dict[str, Any]:
+    """``minitx distill``: a student trained against a teacher (default: the bundled model). The
+    student is a fresh model (``student_config``) or a model file (``student_path``: a pruned or
+    layer-dropped teacher). An encoder teacher is distilled through its sentence embeddings
+    (training/embedding.py)."""
     from ..bundled import default_model_path
 
-    ds = dl.DistillSettings(dl.parse_losses(losses), temperature,
-                            dl.parse_layer_map(layer_map) if layer_map is not None else None)
-    ds.check()
+    if (student_config is None) == (student_path is None) and not opts.resume:
+        raise MinitxError("give one of --student-config JSON (a fresh student) or --student FILE (a model to start from)")
     if decode_tokens < 0:
         raise MinitxError(f"--max-new-tokens must be >= 0, got {decode_tokens}")
     _check_early(opts)
     teacher_path = teacher_path if teacher_path is not None else default_model_path()
-    checkpoint = opts.checkpoint_path({"--data": data_path, "TEACHER": teacher_path})
+    checkpoint = opts.checkpoint_path({"--data": data_path, "TEACHER": teacher_path, "--student": student_path})
     t = modelfile.load(teacher_path)
-    if not t.is_decoder:
-        raise MinitxError(f"the teacher must be a decoder (gpt2 or llama), not {t.config['arch']}")
     if t.tokenizer_json is None:
         raise MinitxError(f"{teacher_path}: the teacher carries no tokenizer, so it cannot read the text")
+    if not t.is_decoder:
+        return _distill_encoder(opts, t, teacher_path, student_config, student_path, data_path, losses,
+                                layer_map, baseline, checkpoint)
+    ds = dl.DistillSettings(dl.parse_losses(losses), temperature,
+                            dl.parse_layer_map(layer_map) if layer_map is not None else None)
+    ds.check()
+    if student_path is not None:
+        if baseline:
+            raise MinitxError("--baseline trains a fresh student of --student-config; not with --student FILE")
+        start = modelfile.load(student_path)
+        start.tokenizer_json = start.tokenizer_json or t.tokenizer_json
+        student_config = json.dumps(start.config)
     config = dl.student_config(t, _json_arg(student_config, f"--student-config {student_config.strip()}",
-                                            inline=True))
+                                            inline=True)) if student_config is not None else None
     if opts.resume:
         st = opts.resumed(ckpt.load(opts.resume, kind="distill"), changeable=("precision", "plugins"))
-        if st.model.config != config:
+        if config is not None and st.model.config != config:
             diff = sorted(k for k in {*config, *st.model.config} if config.get(k) != st.model.config.get(k))
             raise MinitxError(f"{opts.resume}: the checkpoint's student differs from --student-config in "
                               f"{', '.join(diff)}")
+    elif student_path is not None:
+        st = new_state(start, opts.settings(), "distill")
     else:
         st = dl.new_student(config, t, opts.settings())
     dl.plan(t, st.model, ds)   # bad layer maps and the like fail before any text is read
@@ -281,6 +295,32 @@ def distill(opts: RunOptions, teacher_path: str | None, student_config: str, dat
         f"losses {', '.join(f'{k}={v:g}' for k, v in ds.losses.items())}")
     return dl.run_report(t, teacher_path, st, ids, ds, opts.output, baseline=baseline, decode_tokens=decode_tokens,
                          backends=opts.backends, checkpoint=checkpoint, log=log, progress=bar)
+
+
+def _distill_encoder(opts: RunOptions, t: Model, teacher_path: str, student_config: str | None,
+                     student_path: str | None, data_path: str, losses: Sequence[str], layer_map: str | None,
+                     baseline: bool, checkpoint: str) -> dict[str, Any]:
+    """``minitx distill`` with an encoder teacher: the student learns the teacher's sentence
+    embeddings (losses ``cosine``, ``hidden``) on the text's sentences."""
+    from . import embedding as emb
+
+    weights = emb.parse_losses(losses)
+    if layer_map is not None or baseline:
+        raise MinitxError(f"{'--layer-map' if layer_map is not None else '--baseline'} is for decoder teachers; "
+                          "an encoder is distilled through its embeddings (--loss cosine, hidden)")
+    if opts.resume:
+        st = opts.resumed(ckpt.load(opts.resume, kind="distill"), changeable=("precision", "plugins"))
+    else:
+        start = modelfile.load(student_path) if student_path is not None else None
+        user = None if start is not None else _json_arg(student_config or "", f"--student-config {student_config}",
+                                                         inline=True)
+        st = emb.start_student(t, opts.settings(), student=start, config=user)
+    text = data.read_text(data_path)
+    bar, log = opts.reporter(st.settings.steps)
+    log(f"teacher {t.n_params():,} parameters, student {st.model.n_params():,}; "
+        f"losses {', '.join(f'{k}={v:g}' for k, v in weights.items())}")
+    return emb.run_distill(t, teacher_path, st, text, weights, opts.output, backends=opts.backends,
+                           checkpoint=checkpoint, log=log, progress=bar)
 
 
 # ------------------------------------------------------------------------------------- qat
@@ -315,7 +355,8 @@ def qat(opts: RunOptions, model_path: str | None, data_path: str, plugin_texts: 
         st = opts.resumed(quant_aware.resume(opts.resume, m, text, model_file), changeable=("precision", "plugins"))
     else:
         st = quant_aware.new_state(m, text, opts.settings(), model_file)
-    ids = data.encode(m.tokenizer_json, data.read_text(data_path))
+    raw = data.read_text(data_path)
+    ids = data.encode(m.tokenizer_json, raw) if m.is_decoder else raw   # an encoder trains on sentences
     bar, log = opts.reporter(st.settings.steps)
     res = quant_aware.run(m, ids, text, st.settings, backends=opts.backends, calib=cal, force=force, state=st,
                 checkpoint=checkpoint, warn=warn, log=log, progress=bar)

@@ -131,8 +131,9 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
     if not red.is_writer:
         log, progress = None, None
     model = st.model
-    if not model.is_decoder:
-        raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
+    if not model.is_decoder and not getattr(objective, "trains_encoders", False):
+        raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']} "
+                          "(an encoder trains on its embeddings: `minitx distill`/`qat` with a bert teacher)")
     if st.step and st.kind != objective.kind:
         raise MinitxError(f"{st.source or 'the state'}: a `minitx {st.kind}` run cannot be resumed by "
                           f"`minitx {objective.kind}`")
@@ -140,7 +141,8 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
         raise MinitxError(f"{st.source or 'the state'}: the checkpoint is at step {st.step}, beyond --steps {s.steps}")
     st.kind = objective.kind
     context = objective.context(model)
-    seq_len = s.seq_len or context
+    # An objective that reads whole items (training/embedding.py: a sentence per row) cuts them itself.
+    seq_len = getattr(objective, "window", None) or s.seq_len or context
     if seq_len > context:
         raise MinitxError(f"--seq {seq_len} exceeds the context length {context}")
     ids = np.asarray(ids, np.int64)
@@ -169,16 +171,19 @@ def fit(st: TrainState, ids: np.ndarray, objective: Objective | None = None, *,
         if len(val_ids) >= 2 and ((s.eval_every and st.step % s.eval_every == 0) or st.step == s.steps):
             # Held out: the float32 master weights, i.e. the model that will be saved.
             if hasattr(objective, "held_out"):
-                vl = objective.held_out(model, val_ids, backends, s.batch_size)
+                got = objective.held_out(model, val_ids, backends, s.batch_size)
             else:
-                vl = evaluate(model, val_ids, seq_len=seq_len, count=s.eval_batches * s.batch_size,
-                              batch=s.batch_size, backends=backends)["loss"]
-            rec.update(val_loss=vl, val_perplexity=math.exp(min(vl, 700.0)))
-            keys = ("step", "loss", "val_loss", "val_perplexity") + (("loss_scale", "skipped_total") if scaler else ())
+                got = evaluate(model, val_ids, seq_len=seq_len, count=s.eval_batches * s.batch_size,
+                               batch=s.batch_size, backends=backends)["loss"]
+            # A float is a loss per token (with its perplexity); a dict names its own measures.
+            val = got if isinstance(got, dict) else {"val_loss": got, "val_perplexity": math.exp(min(got, 700.0))}
+            rec.update(val)
+            keys = ("step", "loss", *val) + (("loss_scale", "skipped_total") if scaler else ())
             st.history.append({k: rec[k] for k in keys})
             parts = ", ".join(f"{k[5:]} {rec[k]:.4f}" for k in terms)
-            log(f"step {st.step}: train loss {rec['loss']:.4f}" + (f" ({parts})" if parts else "")
-                + f", held-out loss {vl:.4f}, perplexity {rec['val_perplexity']:.2f}")
+            shown = (f", held-out loss {val['val_loss']:.4f}, perplexity {val['val_perplexity']:.2f}"
+                     if "val_perplexity" in val else "".join(f", held-out {k[4:]} {v:.4f}" for k, v in val.items()))
+            log(f"step {st.step}: train loss {rec['loss']:.4f}" + (f" ({parts})" if parts else "") + shown)
         if progress:
             progress(rec)
         if checkpoint and ckpt.due(s, st.step):

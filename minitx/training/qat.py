@@ -26,6 +26,7 @@ from ..errors import MinitxError
 from ..executor import Executor
 from ..model import Model
 from . import checkpoint as ckpt
+from . import embedding
 from .evaluation import evaluate
 from .loop import CrossEntropy, batch_feeds, fit
 from .settings import TrainSettings, TrainState, new_state as _new_state
@@ -52,9 +53,10 @@ def split_spec(text: str) -> tuple[str, str]:
 
 
 def check_float(model: Model, what: str = "the model") -> None:
-    """QAT starts from a float decoder that no rewrite has touched."""
-    if not model.is_decoder:
-        raise MinitxError(f"quantization-aware training needs a decoder (gpt2 or llama), not {model.config['arch']}")
+    """QAT starts from a float model that no rewrite has touched (a decoder, trained on next
+    tokens, or an encoder, trained to keep the float model's sentence embeddings)."""
+    if not model.is_decoder and "embedding" not in model.graph.outputs:
+        raise MinitxError(f"quantization-aware training needs a decoder or a sentence encoder, not {model.config['arch']}")
     done = [r.get("spec", r.get("plugin")) for r in model.meta.get("rewrites", [])]
     if done:
         raise MinitxError(f"{what} was already rewritten ({', '.join(map(str, done))}); "
@@ -109,17 +111,22 @@ def run_identity(model: Model, fq: Model, text: str, model_file: str | None = No
             "--plugin": {"what": split_spec(text)[1], "sha256": ckpt.fingerprint({"graph": fq.graph.to_json()})}}
 
 
-def finetune(model: Model, ids: np.ndarray, text: str, settings: TrainSettings, *,
+def finetune(model: Model, ids: np.ndarray | str, text: str, settings: TrainSettings, *,
              backends: Sequence[str] = ("numpy",), state: TrainState | None = None,
              checkpoint: str | None = None, log: Callable[[str], None] | None = None,
              progress: Callable[[dict[str, float]], None] | None = None) -> tuple[Model, Model, TrainState]:
     """Train ``model`` through ``text``'s fake quantization (or continue ``state``, from
-    :func:`resume`), checkpointing to ``checkpoint``; returns (fine-tuned float model, fake-quant
+    :func:`resume`) on ``ids`` (a decoder's token stream; an encoder's text), checkpointing to ``checkpoint``; returns (fine-tuned float model, fake-quant
     model, the training state). ``model`` itself is not modified."""
     st = state if state is not None else new_state(model, text, settings)
     fq = st.model
-    st = fit(st, ids, CrossEntropy(kind="qat"), backends=backends, checkpoint=checkpoint, log=log,
-             progress=progress)
+    if model.is_decoder:
+        st = fit(st, ids, CrossEntropy(kind="qat"), backends=backends, checkpoint=checkpoint, log=log,
+                 progress=progress)
+    else:   # an encoder keeps the float model's embeddings of the text's sentences
+        sents = embedding.sentences(model, ids, st.settings.seq_len or None)
+        st = fit(st, embedding.stream(sents), embedding.EmbeddingDistillation(model, sents, kind="qat"),
+                 backends=backends, checkpoint=checkpoint, log=log, progress=progress)
     meta = {k: v for k, v in model.meta.items() if k != "qat_graph"}
     meta["qat"] = {"spec": split_spec(text)[0], "steps": st.step, "settings": asdict(st.settings),
                    "history": st.history}
@@ -128,17 +135,19 @@ def finetune(model: Model, ids: np.ndarray, text: str, settings: TrainSettings, 
 
 
 def packed_vs_fake_quant(packed: Model, fake: Model, seed: int = 0, batch: int = 2, length: int = 32) -> float:
-    """Max |logits| difference of the packed and the fake-quant graph on seeded random tokens."""
+    """Max |logits| (an encoder: |embedding|) difference of the packed and the fake-quant graph on
+    seeded random tokens."""
     rng = np.random.default_rng(seed)
     L = min(length, packed.n_ctx)
     x = rng.integers(0, packed.vocab_size, (batch, L))
+    out = "logits" if packed.is_decoder else "embedding"
     outs = []
     for m in (packed, fake):
-        outs.append(Executor(m.graph, m.params).run(batch_feeds(m.graph, x), outputs=["logits"])["logits"])
+        outs.append(Executor(m.graph, m.params).run(batch_feeds(m.graph, x), outputs=[out])[out])
     return float(np.abs(outs[0].astype(np.float64) - outs[1]).max())
 
 
-def run(model: Model, ids: np.ndarray, text: str, settings: TrainSettings, *,
+def run(model: Model, ids: np.ndarray | str, text: str, settings: TrainSettings, *,
         backends: Sequence[str] = ("numpy",), calib=None, force: bool = False,
         state: TrainState | None = None, checkpoint: str | None = None,
         warn: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
@@ -159,18 +168,39 @@ def held_out(ids: np.ndarray, settings: TrainSettings, n_ctx: int) -> np.ndarray
     return data.split(ids, settings.val_fraction, settings.seq_len or n_ctx)[1]
 
 
-def compare(model: Model, ids: np.ndarray, res: QATResult, text: str,
+def compare(model: Model, ids: np.ndarray | str, res: QATResult, text: str,
             backends: Sequence[str] = ("numpy",)) -> dict[str, Any]:
     """Held-out perplexity of the float model, its post-training quantization and the QAT model
     (empty when the run held nothing out); recorded in the packed model's metadata too."""
+    packed_text = split_spec(text)[1]
+    if not model.is_decoder:
+        return _compare_encoder(model, ids, res, packed_text, backends)
     val = held_out(ids, res.state.settings, model.n_ctx)
     if len(val) < 2:
         return {}
-    packed_text = split_spec(text)[1]
     ptq = plugin.optimize(model, [packed_text], force=True)
     score = {name: evaluate(m, val, backends=backends) for name, m in
              (("float", model), ("ptq", ptq), ("qat", res.packed))}
     out: dict[str, Any] = {"held_out_tokens": score["float"]["tokens"]}
     out.update({f"{k}_perplexity": v["perplexity"] for k, v in score.items()})
     res.packed.meta["qat"]["comparison"] = {k: v for k, v in out.items() if k.endswith("perplexity")}
+    return out
+
+
+def _compare_encoder(model: Model, text: str, res: QATResult, packed_text: str,
+                     backends: Sequence[str]) -> dict[str, Any]:
+    """Held-out mean cosine to the float model's embeddings of its post-training quantization
+    and of the QAT model (the held-out sentences fit() scored)."""
+    s = res.state.settings
+    sents = embedding.sentences(model, text, s.seq_len or None)
+    val = data.split(embedding.stream(sents), s.val_fraction, 1)[1]
+    if len(val) < 2:
+        return {}
+    chosen = [sents[i] for i in val]
+    ref = embedding.teacher_embeddings(model, chosen, backends)
+    ptq = plugin.optimize(model, [packed_text], force=True)
+    out: dict[str, Any] = {"held_out_sentences": len(chosen),
+                           "ptq_cosine": embedding.mean_cosine(ptq, chosen, ref, backends),
+                           "qat_cosine": embedding.mean_cosine(res.packed, chosen, ref, backends)}
+    res.packed.meta["qat"]["comparison"] = {k: v for k, v in out.items() if k.endswith("cosine")}
     return out

@@ -116,9 +116,7 @@ class TrainState:
 def new_state(model: Model, settings: TrainSettings, kind: str = "train") -> TrainState:
     """A fresh run over ``model``'s weights (trained in place); the data stream gets its own
     generator, seeded apart from the weights' initialisation."""
-    settings.check()
-    if not model.is_decoder:
-        raise MinitxError(f"training needs a decoder (gpt2 or llama), not {model.config['arch']}")
+    settings.check()   # whether the model can be trained is the objective's question (fit)
     rng = np.random.Generator(np.random.PCG64([settings.seed, 1]))
     return TrainState(model, settings.optimizer(model.params), rng, settings, kind=kind)
 
