@@ -897,7 +897,10 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, s
               help="A fresh student's config: a JSON file or inline JSON; its fields override the teacher's config.")
 @click.option("--student", "student_path", default=None, type=click.Path(dir_okay=False),
               help="Start from this model file instead (a pruned or layer-dropped teacher: optimize --plugin layers:…).")
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False), help="UTF-8 training text.")
+@click.option("--data", "data_path", default=None, type=click.Path(dir_okay=False),
+              help="UTF-8 training text (decoder and encoder teachers).")
+@click.option("--pairs", "pairs_path", default=None, type=click.Path(dir_okay=False),
+              help="source<TAB>target lines (an encoder–decoder teacher): text for its tokenizer, else token ids.")
 @output_option("Student model file to write (.npz).")
 @click.option("--loss", "loss_specs", multiple=True, metavar="NAME=WEIGHT",
               help="response | ce | feature | attention, weighted (repeatable; default: response=1); "
@@ -910,22 +913,31 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, s
 @click.option("--plugin", "plugins", multiple=True, metavar="NAME[:OPTS]",
               help="Exact graph rewrite of the student for training, e.g. recompute:sqrt (repeatable).")
 @training_options(lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1)
-def distill(teacher, student_cfg, student_path, data_path, output, loss_specs, temperature, layer_map, baseline,
-            max_new_tokens, as_json, **p) -> None:
+def distill(teacher, student_cfg, student_path, data_path, pairs_path, output, loss_specs, temperature, layer_map,
+            baseline, max_new_tokens, as_json, **p) -> None:
     """Distil TEACHER (default: the bundled model) into a smaller student; report both (and --baseline).
 
     Checkpoints (student, feature projections, optimizer state) are written as `train` writes
     them; --resume continues one, with the same teacher, text, losses and settings. An encoder
     teacher (bert) is distilled through its sentence embeddings of the text's sentences; the
-    held-out ones report the mean cosine between student and teacher."""
+    held-out ones report the mean cosine between student and teacher. An encoder–decoder teacher
+    (t5, bart, marian, transformer) is distilled on --pairs through its next-token distributions;
+    the report gives both models' held-out loss and their greedy agreement."""
     from minitx.training import commands
     from minitx.training.distill import table
 
     rep = commands.distill(_run_options(p, output), teacher, student_cfg, data_path, losses=loss_specs,
                            temperature=temperature, layer_map=layer_map, baseline=baseline,
-                           decode_tokens=max_new_tokens, student_path=student_path)
+                           decode_tokens=max_new_tokens, student_path=student_path, pairs_path=pairs_path)
     if as_json:
         click.echo(json.dumps(rep))
+        return
+    if "greedy_agreement" in rep:
+        agree = rep["greedy_agreement"]
+        click.echo(f"wrote {output}: {rep['student_params']:,} parameters (teacher {rep['teacher_params']:,}) after "
+                   f"{rep['steps']} steps ({rep['seconds']:,.0f}s); held-out ({rep['held_out_pairs']} pairs) loss "
+                   f"student {rep['val_loss']:.4f}, teacher {rep['teacher_val_loss']:.4f}"
+                   + (f"; greedy outputs agree on {agree:.0%}" if agree is not None else ""))
         return
     if "heldout_cosine" in rep:
         before = rep["heldout_cosine_before"]

@@ -1,5 +1,7 @@
 """`minitx distill --pairs`: an encoder–decoder student learns a teacher's distributions on
 source<TAB>target pairs (training/pairs.py PairDistillation), padded target slots left out."""
+import json
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,34 @@ def test_mismatched_teachers_are_refused(task, change, match):
     student = Model.from_config(CFG, seed=1)
     with pytest.raises(MinitxError, match=match):
         pt.PairDistillation(pairs, teacher=other).prepare(new_state(student, TrainSettings(steps=1)), ("numpy",))
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+    from minitx.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_distill_pairs_writes_the_student_and_reports_both(task, tmp_path):
+    from minitx import modelfile
+
+    teacher, pairs, _ = task
+    tfile, pfile, out = tmp_path / "t.npz", tmp_path / "pairs.tsv", tmp_path / "s.npz"
+    modelfile.save(teacher, str(tfile))
+    pfile.write_text("".join(f"{' '.join(map(str, s))}\t{' '.join(map(str, t))}\n" for s, t in pairs[:400]))
+    r = _cli("distill", tfile, "--pairs", pfile, "--student-config", '{"d_model": 16, "d_ff": 32}', "--steps", 20,
+             "--batch", 16, "--loss", "response", "--loss", "ce=0.5", "-o", out, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    student = modelfile.load(str(out))
+    assert student.config["d_model"] == 16 and rep["student_params"] == student.n_params() < rep["teacher_params"]
+    assert rep["held_out_pairs"] == 20 and 0.0 <= rep["greedy_agreement"] <= 1.0
+    assert rep["teacher_val_loss"] < rep["val_loss"]   # 20 steps: the student is still behind its teacher
+    for args, msg in ((["--data", pfile], "distilled on --pairs"),
+                      (["--pairs", pfile, "--data", pfile], "give one of --data"),
+                      (["--pairs", pfile, "--loss", "feature"], "takes the losses response and ce"),
+                      (["--pairs", pfile, "--baseline"], "--baseline is for decoder teachers")):
+        r = _cli("distill", tfile, *args, "--student-config", "{}", "-o", tmp_path / "x.npz", "--quiet")
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not (tmp_path / "x.npz").exists()

@@ -245,23 +245,33 @@ def train_pairs(opts: RunOptions, pairs_path: str, *, arch: str | None = None, p
 
 
 # --------------------------------------------------------------------------------- distill
-def distill(opts: RunOptions, teacher_path: str | None, student_config: str | None, data_path: str, *,
+def distill(opts: RunOptions, teacher_path: str | None, student_config: str | None, data_path: str | None, *,
             losses: Sequence[str] = (), temperature: float = 2.0, layer_map: str | None = None,
-            baseline: bool = False, decode_tokens: int = 32, student_path: str | None = None) -> dict[str, Any]:
+            baseline: bool = False, decode_tokens: int = 32, student_path: str | None = None,
+            pairs_path: str | None = None) -> dict[str, Any]:
     """``minitx distill``: a student trained against a teacher (default: the bundled model). The
     student is a fresh model (``student_config``) or a model file (``student_path``: a pruned or
     layer-dropped teacher). An encoder teacher is distilled through its sentence embeddings
-    (training/embedding.py)."""
+    (training/embedding.py), an encoder–decoder through its next-token distributions on the
+    source<TAB>target lines of ``pairs_path`` (training/pairs.py)."""
     from ..bundled import default_model_path
 
     if (student_config is None) == (student_path is None) and not opts.resume:
         raise MinitxError("give one of --student-config JSON (a fresh student) or --student FILE (a model to start from)")
+    if (data_path is None) == (pairs_path is None):
+        raise MinitxError("give one of --data TEXT (decoder and encoder teachers) or --pairs FILE (an encoder–decoder teacher)")
     if decode_tokens < 0:
         raise MinitxError(f"--max-new-tokens must be >= 0, got {decode_tokens}")
     _check_early(opts)
     teacher_path = teacher_path if teacher_path is not None else default_model_path()
-    checkpoint = opts.checkpoint_path({"--data": data_path, "TEACHER": teacher_path, "--student": student_path})
+    checkpoint = opts.checkpoint_path({"--data": data_path, "--pairs": pairs_path, "TEACHER": teacher_path,
+                                       "--student": student_path})
     t = modelfile.load(teacher_path)
+    from .. import seq2seq
+
+    if seq2seq.is_encoder_decoder(t) or pairs_path is not None:
+        return _distill_pairs(opts, t, teacher_path, student_config, student_path, pairs_path, losses, temperature,
+                              layer_map, baseline, checkpoint)
     if t.tokenizer_json is None:
         raise MinitxError(f"{teacher_path}: the teacher carries no tokenizer, so it cannot read the text")
     if not t.is_decoder:
@@ -321,6 +331,69 @@ def _distill_encoder(opts: RunOptions, t: Model, teacher_path: str, student_conf
         f"losses {', '.join(f'{k}={v:g}' for k, v in weights.items())}")
     return emb.run_distill(t, teacher_path, st, text, weights, opts.output, backends=opts.backends,
                            checkpoint=checkpoint, log=log, progress=bar)
+
+
+def _distill_pairs(opts: RunOptions, t: Model, teacher_path: str, student_config: str | None,
+                   student_path: str | None, pairs_path: str | None, losses: Sequence[str], temperature: float,
+                   layer_map: str | None, baseline: bool, checkpoint: str) -> dict[str, Any]:
+    """``minitx distill --pairs``: an encoder–decoder student learns an encoder–decoder teacher's
+    teacher-forced distributions (``response``) and/or the targets (``ce``) on source<TAB>target
+    lines (text for the teacher's tokenizer, else token ids); reports both models' held-out loss
+    and how often their greedy outputs agree on the held-out sources."""
+    from .. import seq2seq
+    from . import pairs as pair_objective
+
+    if not seq2seq.is_encoder_decoder(t):
+        raise MinitxError(f"--pairs distils an encoder–decoder teacher (t5, bart, marian, transformer), "
+                          f"not {t.config['arch']}: give --data TEXT")
+    if pairs_path is None:
+        raise MinitxError(f"{teacher_path}: an encoder–decoder teacher is distilled on --pairs source<TAB>target lines")
+    if layer_map is not None or baseline:
+        raise MinitxError(f"{'--layer-map' if layer_map is not None else '--baseline'} is for decoder teachers; an "
+                          "encoder–decoder is distilled through its next-token distributions (--loss response, ce)")
+    weights = dl.parse_losses(losses)
+    if not set(weights) <= {"response", "ce"}:
+        raise MinitxError(f"--pairs distillation takes the losses response and ce, got {', '.join(weights)}")
+    t0 = time.perf_counter()
+    if opts.resume:
+        st = opts.resumed(ckpt.load(opts.resume, kind="distill"), changeable=("precision", "plugins"))
+    elif student_path is not None:
+        start = modelfile.load(student_path)
+        start.tokenizer_json = start.tokenizer_json or t.tokenizer_json
+        st = new_state(start, opts.settings(), "distill")
+    else:
+        user = _json_arg(student_config or "", f"--student-config {student_config}", inline=True)
+        if not isinstance(user, dict):
+            raise MinitxError("--student-config must be a JSON object")
+        try:
+            config = models.complete_config({**t.config, **user})
+        except MinitxError as e:
+            raise MinitxError(f"student {e}") from None
+        st = fresh_model(config, t.tokenizer_json, opts.settings(), kind="distill")
+    pairs = seq2seq.read_pairs(pairs_path, t)
+    obj = pair_objective.PairDistillation(pairs, teacher=t, losses=weights, temperature=temperature,
+                                          teacher_file=teacher_path)
+    bar, log = opts.reporter(st.settings.steps)
+    log(f"teacher {t.n_params():,} parameters, student {st.model.n_params():,}; {len(pairs):,} pairs; "
+        f"losses {', '.join(f'{k}={v:g}' for k, v in weights.items())}")
+    fit(st, pair_objective.stream(pairs), obj, backends=opts.backends, checkpoint=checkpoint, log=log, progress=bar)
+    m = st.model
+    m.meta = {"source": "minitx distill", "teacher": os.path.basename(teacher_path),
+              "pairs": os.path.basename(pairs_path), "steps": st.step, "settings": asdict(st.settings),
+              "history": st.history}
+    modelfile.save(m, opts.output)
+    _, held = data.split(pair_objective.stream(pairs), st.settings.val_fraction, 1)
+    sources = [pairs[int(i)][0] for i in held]
+    agree = None
+    if sources:
+        longest = max(len(p[1]) for p in pairs) + 1
+        ts = seq2seq.generate(t, sources, longest, backends=opts.backends)
+        ss = seq2seq.generate(m, sources, longest, backends=opts.backends)
+        agree = sum(a == b for a, b in zip(ts, ss)) / len(sources)
+    rep = _trained(opts, checkpoint, st, t0)
+    return {**rep, "teacher_params": t.n_params(), "student_params": m.n_params(),
+            "teacher_val_loss": obj.held_out(t, held, opts.backends, st.settings.batch_size) if len(held) else None,
+            "held_out_pairs": int(len(held)), "greedy_agreement": agree}
 
 
 # ------------------------------------------------------------------------------------- qat
