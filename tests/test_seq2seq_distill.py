@@ -120,7 +120,7 @@ def test_cli_distill_pairs_writes_the_student_and_reports_both(task, tmp_path):
     assert rep["teacher_val_loss"] < rep["val_loss"]   # 20 steps: the student is still behind its teacher
     for args, msg in ((["--data", pfile], "distilled on --pairs"),
                       (["--pairs", pfile, "--data", pfile], "give one of --data"),
-                      (["--pairs", pfile, "--loss", "feature"], "takes the losses response and ce"),
+                      (["--pairs", pfile, "--loss", "feature"], "unknown loss 'feature' for an encoder–decoder"),
                       (["--pairs", pfile, "--baseline"], "--baseline is for decoder teachers")):
         r = _cli("distill", tfile, *args, "--student-config", "{}", "-o", tmp_path / "x.npz", "--quiet")
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)

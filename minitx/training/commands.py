@@ -351,9 +351,7 @@ def _distill_pairs(opts: RunOptions, t: Model, teacher_path: str, student_config
     if layer_map is not None or baseline:
         raise MinitxError(f"{'--layer-map' if layer_map is not None else '--baseline'} is for decoder teachers; an "
                           "encoder–decoder is distilled through its next-token distributions (--loss response, ce)")
-    weights = dl.parse_losses(losses)
-    if not set(weights) <= {"response", "ce"}:
-        raise MinitxError(f"--pairs distillation takes the losses response and ce, got {', '.join(weights)}")
+    weights = dl.parse_losses(losses, ("response", "ce"), "response", " for an encoder–decoder")
     t0 = time.perf_counter()
     if opts.resume:
         st = opts.resumed(ckpt.load(opts.resume, kind="distill"), changeable=("precision", "plugins"))

@@ -78,14 +78,17 @@ class DistillSettings:
         return "feature" in self.losses or "attention" in self.losses
 
 
-def parse_losses(specs: Sequence[str]) -> dict[str, float]:
-    """``["response=1", "feature=0.5"]`` → {"response": 1.0, "feature": 0.5}; a bare name weighs 1."""
+def parse_losses(specs: Sequence[str], known: Sequence[str] = LOSSES, default: str = "response",
+                 teacher: str = "") -> dict[str, float]:
+    """``["response=1", "feature=0.5"]`` → {"response": 1.0, "feature": 0.5}; a bare name weighs 1.
+    ``known`` and ``default`` are the losses of a kind of teacher (``teacher`` names it in errors):
+    encoders and encoder–decoders have their own."""
     out: dict[str, float] = {}
     for s in specs:
         name, _, w = s.partition("=")
         name = name.strip()
-        if name not in LOSSES:
-            raise MinitxError(f"--loss {s}: unknown loss {name!r} (choose from {', '.join(LOSSES)})")
+        if name not in known:
+            raise MinitxError(f"--loss {s}: unknown loss {name!r}{teacher} (choose from {', '.join(known)})")
         if name in out:
             raise MinitxError(f"--loss {name} is given twice")
         try:
@@ -95,7 +98,7 @@ def parse_losses(specs: Sequence[str]) -> dict[str, float]:
         if not (math.isfinite(weight) and weight > 0):
             raise MinitxError(f"--loss {s}: the weight must be a positive number")
         out[name] = weight
-    return out or {"response": 1.0}
+    return out or {default: 1.0}
 
 
 def parse_layer_map(spec: str) -> list[tuple[int, int]]:

@@ -23,7 +23,6 @@ between the student's and the teacher's embeddings (``val_cosine``), reported du
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -32,7 +31,6 @@ import numpy as np
 
 from .. import feeds
 from ..errors import MinitxError
-from ..executor import Executor
 from ..ir import Graph, Node, Value
 from ..model import Model
 from .settings import TrainState
@@ -43,22 +41,9 @@ _SPLIT = re.compile(r"(?<=[.!?;])\s+")
 
 def parse_losses(specs: Sequence[str]) -> dict[str, float]:
     """``["cosine=1", "hidden=0.5"]`` → weights; a bare name weighs 1; default ``cosine=1``."""
-    out: dict[str, float] = {}
-    for s in specs:
-        name, _, w = s.partition("=")
-        name = name.strip()
-        if name not in LOSSES:
-            raise MinitxError(f"--loss {s}: unknown loss {name!r} for an encoder (choose from {', '.join(LOSSES)})")
-        if name in out:
-            raise MinitxError(f"--loss {name} is given twice")
-        try:
-            weight = float(w) if w.strip() else 1.0
-        except ValueError:
-            raise MinitxError(f"--loss {s}: the weight {w!r} is not a number") from None
-        if not (math.isfinite(weight) and weight > 0):
-            raise MinitxError(f"--loss {s}: the weight must be a positive number")
-        out[name] = weight
-    return out or {"cosine": 1.0}
+    from .distill import parse_losses as parse
+
+    return parse(specs, LOSSES, "cosine", " for an encoder")
 
 
 def sentences(model: Model, text: str, max_tokens: int | None = None, min_tokens: int = 3) -> list[list[int]]:
