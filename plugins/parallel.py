@@ -41,7 +41,7 @@ the tensor-parallel regions, reduce-scatters instead of all-reduces.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -257,30 +257,11 @@ class _Sharder:
                 self.sequence_parallel(node, s, kinds)
             elif self.L.tp == 1:
                 self.replicate(node, s)
-            elif node.op == "embedding" and node.inputs[0] in ("input_ids", "encoder_ids") and node.inputs[1] in self.g.params:
-                self.vocab_embedding(node, s)
-            elif node.op in ("matmul", "linear") and any(o == "logits" or o.startswith("logits.mb") for o in node.outputs):
-                self.lm_head(node, s)
-            elif node.op == "cross_entropy" and "vocab" in kinds:
-                self.vocab_cross_entropy(node, s)
-            elif node.op == "linear" and "col" in kinds:
-                self.row_parallel(node, s)
-            elif node.op == "linear" and self.is_column(node):
-                self.column_parallel(node, s)
-            elif node.op == "relative_position_bias" and node.inputs[0] in self.g.params:
-                self.head_bias(node, s)
-            elif "col" in kinds:
-                self.on_shards(node, s)
             else:
-                self.replicate(node, s)
+                self.tensor_parallel(node, s, kinds, self.replicate)
 
-    def megatron(self, node: Node, s: int, kinds: set) -> None:
-        """tp with Megatron's sequence parallelism (Korthikanti et al., 2022): between the tensor-
-        parallel regions — norms, residual adds, dropout, position embeddings — each rank keeps its
-        piece of the sequence (kind "seq"); a column-parallel linear first all-gathers the pieces
-        along time, and a row-parallel linear's partial sums meet in a reduce-scatter along time
-        instead of an all-reduce (the same bytes: an all-reduce is a reduce-scatter plus an
-        all-gather; the activations between the regions divided by tp)."""
+    def tensor_parallel(self, node: Node, s: int, kinds: set, otherwise: Callable[[Node, int], None]) -> None:
+        """tp's rule for one node (Megatron's splits); ``otherwise`` places a node tp does not split."""
         if node.op == "embedding" and node.inputs[0] in ("input_ids", "encoder_ids") and node.inputs[1] in self.g.params:
             self.vocab_embedding(node, s)
         elif node.op in ("matmul", "linear") and any(o == "logits" or o.startswith("logits.mb") for o in node.outputs):
@@ -296,7 +277,16 @@ class _Sharder:
         elif "col" in kinds:
             self.on_shards(node, s)
         else:
-            self.sequence_parallel(node, s, kinds)
+            otherwise(node, s)
+
+    def megatron(self, node: Node, s: int, kinds: set) -> None:
+        """tp with Megatron's sequence parallelism (Korthikanti et al., 2022): between the tensor-
+        parallel regions — norms, residual adds, dropout, position embeddings — each rank keeps its
+        piece of the sequence (kind "seq"); a column-parallel linear first all-gathers the pieces
+        along time, and a row-parallel linear's partial sums meet in a reduce-scatter along time
+        instead of an all-reduce (the same bytes: an all-reduce is a reduce-scatter plus an
+        all-gather; the activations between the regions divided by tp)."""
+        self.tensor_parallel(node, s, kinds, lambda n, st: self.sequence_parallel(n, st, kinds))
 
     def read_whole(self, v: str, stage: int, t: int, node: Node) -> str:
         """Like :meth:`read`, but a sequence piece comes whole (all-gathered along time)."""
