@@ -127,7 +127,7 @@ def _close(y, ref):
     np.testing.assert_allclose(y, ref, atol=2e-5 * max(1.0, float(np.sqrt((ref ** 2).mean()))), rtol=2e-4)
 
 
-SPLIT = 2 ** 20 + 1  # multiply-adds: at least two slabs of linalg.SLAB_MIN
+SPLIT = 2 ** 19 + 1  # multiply-adds: at least two slabs of linalg.SLAB_MIN
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -135,8 +135,9 @@ SPLIT = 2 ** 20 + 1  # multiply-adds: at least two slabs of linalg.SLAB_MIN
                                         ((1, 768), True), ((1, 1, 300), False), ((5, 200), True), ((2, 31, 64), False)])
 def test_linear_slabs_match_spec(monkeypatch, shape, bias, dtype) -> None:
     """``linear`` cut over two numba tasks, each one BLAS call on its slab: of rows from SPLIT_ROWS
-    rows on, else of output columns (a GEMV for one row; an odd column count leaves a last slab
-    that is not whole 64-byte lines), bias added in place. The split must actually run."""
+    rows on, of output columns for one row (a GEMV each; an odd column count leaves a last slab
+    that is not whole 64-byte lines), bias added in place; 2 to SPLIT_ROWS - 1 rows stay one call.
+    The split must actually run where it is meant to."""
     from backends.numba_cpu import _cblas, linalg
 
     if not _cblas.AVAILABLE:
@@ -147,10 +148,10 @@ def test_linear_slabs_match_spec(monkeypatch, shape, bias, dtype) -> None:
     x = rng.standard_normal(shape).astype(dtype)
     w = (rng.standard_normal((shape[-1], N)) * 0.1).astype(dtype)
     b = rng.standard_normal(N).astype(dtype) if bias else None
-    calls = _spy(monkeypatch, linalg, "_GEMM_ROWS" if rows >= linalg.SPLIT_ROWS else "_GEMM_COLS")
+    calls = _spy(monkeypatch, linalg, "_GEMM_ROWS" if rows >= linalg.SPLIT_ROWS else "_GEMV_COLS")
     y = _on_two_threads(linalg.linear, x, w, b)
     if numba_threads() >= 2:
-        assert calls == [2]
+        assert calls == ([] if 1 < rows < linalg.SPLIT_ROWS else [2])
     ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if b is None else b.astype(np.float64))
     assert y.dtype == dtype and y.shape == (*shape[:-1], N)
     _close(y, ref)

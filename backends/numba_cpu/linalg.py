@@ -3,21 +3,22 @@
 Spec: minitx/ops/linalg.py. ``linear`` below SPLIT_MAX multiply-adds (where the budget keeps
 OpenBLAS on one thread, minitx/threads.py) is cut into :func:`slabs` tasks, one per SLAB_MIN
 multiply-adds up to numba's thread count, each a one-thread call into NumPy's own OpenBLAS on its
-slab in place (``_cblas``): slabs of rows from SPLIT_ROWS rows on (:func:`_gemm_rows`), slabs of
-output columns below (:func:`_gemm_cols`; a GEMV per slab for one row, so at batch-1 decode each
-core streams its half of the weight). The tied LM head ``x @ Eᵀ`` for one row is cut the same way
-over E's rows (:func:`_xet_cols`). Calls too small for two slabs, and calls from SPLIT_MAX on, are
-one NumPy call sized by the budget.
+slab in place (``_cblas``): for one row (batch-1 decode) slabs of output columns, a GEMV each
+(:func:`_gemv_cols`), so that each core streams its share of the weight; from SPLIT_ROWS rows on
+slabs of rows (:func:`_gemm_rows`). The tied LM head ``x @ Eᵀ`` for one row is cut the same way
+over E's rows (:func:`_xet_cols`). Other calls are one NumPy call sized by the budget.
 
+Measured in pairs, one call each way alternately (load average 2.2 on the 2 cores, weights from
+DRAM): the one-row column split ran 1.33x / 1.46x / 1.13x faster than one GEMV at 768 x 2304 /
+768 x 768 / 768 x 3072; the same split of 2–16 rows ran at 0.78–0.94x of one GEMM (waking the
+second task costs 15–80 µs, and the halves of a GEMM did not overlap), so few rows stay one call.
 Why numba's tasks and not OpenBLAS's threads: below SPLIT_MAX OpenBLAS's two threads wait for each
 other, spinning, when one is descheduled (0.18x / 0.49x of one thread on MiniLM's linears at 128 /
-512 rows, load average 9 on the 2 cores); numba's tasks do not (1.12x / 1.14x there). Figures for
-the column split: benchmarks/results/decode_cpu.md and bench_onnxruntime.md. Measured earlier
-(single-thread CPU time, weights from DRAM): OpenBLAS's GEMV/GEMM on ``x @ W`` with W (in, out) is
-as good as anything we wrote in numba for every row count. But ``x @ Eᵀ`` with the (vocab, d)
-embedding table is about 2x slower than it should be for 2–16 rows (its transposed small-M path)
-against :func:`_xwt`, where each output is a dot product along a contiguous row of E, four rows of
-x at a time."""
+512 rows, load average 9); numba's tasks do not. Measured earlier (single-thread CPU time, weights
+from DRAM): OpenBLAS's GEMV/GEMM on ``x @ W`` with W (in, out) is as good as anything we wrote in
+numba for every row count. But ``x @ Eᵀ`` with the (vocab, d) embedding table is about 2x slower
+than it should be for 2–16 rows (its transposed small-M path) against :func:`_xwt`, where each
+output is a dot product along a contiguous row of E, four rows of x at a time."""
 from __future__ import annotations
 
 import numba
@@ -73,9 +74,9 @@ def _xwt(x, w, y, zero):
 _XWT = kernel(_xwt)
 
 
-SPLIT_ROWS = 64  # from here on linear cuts its rows into slabs, below it its output columns …
+SPLIT_ROWS = 64  # from here on linear cuts its rows into slabs (for one row: its output columns) …
 SPLIT_MAX = threads.BLAS_PARALLEL_MIN  # … up to the multiply-adds from which BLAS gets the budget
-SLAB_MIN = 1 << 19  # multiply-adds per slab: one task per SLAB_MIN, up to numba's thread count
+SLAB_MIN = 1 << 18  # multiply-adds per slab: one task per SLAB_MIN, up to numba's thread count
 
 
 def _gemm_rows(x, w, y, P):
@@ -88,36 +89,31 @@ def _gemm_rows(x, w, y, P):
         gemm(NO_TRANS, NO_TRANS, m1 - m0, N, K, x, m0 * K, K, w, 0, N, y, m0 * N, N)
 
 
-def _gemm_cols(x, w, y, P):
-    """y = x @ w, output columns cut into P slabs (of whole 64-byte lines), one BLAS call per task
-    on w's (K, slab) block in place (leading dimension N); a GEMV for one row."""
-    M, K = x.shape
+def _gemv_cols(x, w, y, P):
+    """y = x @ w for one row, output columns cut into P slabs (of whole 64-byte lines), one GEMV per
+    task on w's (K, slab) block in place (leading dimension N): each core streams its share of w."""
+    K = x.shape[1]
     N = w.shape[1]
     for p in prange(P):
         c0 = p * N // P // 16 * 16
         c1 = N if p == P - 1 else (p + 1) * N // P // 16 * 16
         if c1 > c0:
-            if M == 1:
-                gemv(TRANS, K, c1 - c0, w, c0, N, x, y, c0)
-            else:
-                gemm(NO_TRANS, NO_TRANS, M, c1 - c0, K, x, 0, K, w, c0, N, y, c0, N)
+            gemv(TRANS, K, c1 - c0, w, c0, N, x, y, c0)
 
 
 def _xet_cols(x, e, y, P):
-    """y = x @ eᵀ with e (V, K) row-major, e's rows (y's columns) cut into P contiguous slabs."""
-    M, K = x.shape
+    """y = x @ eᵀ for one row, e (V, K) row-major: e's rows (y's columns) cut into P contiguous
+    slabs, one GEMV per task."""
+    K = x.shape[1]
     V = e.shape[0]
     for p in prange(P):
         n0 = p * V // P // 16 * 16
         n1 = V if p == P - 1 else (p + 1) * V // P // 16 * 16
         if n1 > n0:
-            if M == 1:
-                gemv(NO_TRANS, n1 - n0, K, e, n0 * K, K, x, y, n0)
-            else:
-                gemm(NO_TRANS, TRANS, M, n1 - n0, K, x, 0, K, e, n0 * K, K, y, n0, V)
+            gemv(NO_TRANS, n1 - n0, K, e, n0 * K, K, x, y, n0)
 
 
-_GEMM_ROWS, _GEMM_COLS, _XET_COLS = kernel(_gemm_rows), kernel(_gemm_cols), kernel(_xet_cols)
+_GEMM_ROWS, _GEMV_COLS, _XET_COLS = kernel(_gemm_rows), kernel(_gemv_cols), kernel(_xet_cols)
 
 
 def slabs(work: int) -> int:
@@ -138,13 +134,13 @@ def linear(x, w, b=None):
     """The spec's ``x W + b`` (bias added in place)."""
     rows = int(np.prod(x.shape[:-1]))
     work = rows * w.shape[0] * w.shape[1]
-    P = slabs(work)
+    P = slabs(work) if rows == 1 or rows >= SPLIT_ROWS else 1
     if P < 2 or not _splittable(x, w, b):
         with threads.blas(work):
             return spec.linear(x, w, b)
     x2 = np.ascontiguousarray(x).reshape(rows, x.shape[-1])
     y = np.empty((rows, w.shape[1]), x.dtype)
-    (_GEMM_ROWS if rows >= SPLIT_ROWS else _GEMM_COLS)[0](x2, w, y, P)
+    (_GEMV_COLS if rows == 1 else _GEMM_ROWS)[0](x2, w, y, P)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[1])
