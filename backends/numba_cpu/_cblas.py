@@ -1,18 +1,15 @@
-"""NumPy's own OpenBLAS, callable from numba kernels on a slab of an array (no copies).
+"""NumPy's own OpenBLAS GEMV, callable from numba kernels on a block of an array (no copies).
 
-Why: ``linear`` and the LM head split one product over numba's tasks, each a one-thread BLAS call
-on a slab of rows or of output columns. numba's ``np.dot`` cannot serve: it copies any slab that
-is not contiguous (a slab of columns never is) and calls SciPy's OpenBLAS, a different build from
-NumPy's — on this machine (scipy-openblas 0.3.30 against NumPy's 0.3.31) its sgemm took 1.7x
-NumPy's time on 16 x 384 x 1536, and two numba tasks calling it at once ran at 0.04–0.3x of one
-NumPy call (MiniLM's shapes at 128 rows, load average 4). So :func:`gemm` and :func:`gemv` call
-NumPy's ``cblas_?gemm`` / ``cblas_?gemv`` directly, with the leading dimension and an element
-offset into each operand, which is all a slab needs.
+Why: at batch-1 decode ``linear`` and the LM head cut their weight into slabs of output columns,
+one GEMV per numba task, so that each core streams its share. numba's ``np.dot`` cannot serve: it
+copies any operand that is not contiguous (a slab of columns never is), and it calls SciPy's
+OpenBLAS, another build than NumPy's. So :func:`gemv` calls NumPy's ``cblas_?gemv`` directly with
+the leading dimension and an element offset, which is all a slab needs.
 
-The symbols are found at import (NumPy's wheels ship ILP64 OpenBLAS as ``scipy_cblas_sgemm64_``
-and so on; other builds as ``cblas_sgemm64_``) and registered with LLVM under fixed names, so the
-compiled kernels call them by name and stay cacheable. ``AVAILABLE`` is False where NumPy's BLAS
-is not such an OpenBLAS (MKL, a 32-bit-integer build): callers then use one plain NumPy call.
+The symbols are found at import (NumPy's wheels ship ILP64 OpenBLAS as ``scipy_cblas_sgemv64_``;
+other builds as ``cblas_sgemv64_``) and registered with LLVM under fixed names, so the compiled
+kernels call them by name and stay cacheable. ``AVAILABLE`` is False where NumPy's BLAS is not
+such an OpenBLAS (MKL, a 32-bit-integer build): callers then make one plain NumPy call.
 """
 from __future__ import annotations
 
@@ -26,11 +23,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-_NAMES = ("sgemm", "dgemm", "sgemv", "dgemv")
+_NAMES = ("sgemv", "dgemv")
 
 
 def _numpy_blas() -> dict[str, int] | None:
-    """Addresses of NumPy's ILP64 cblas_?gemm/?gemv, or None."""
+    """Addresses of NumPy's ILP64 cblas_?gemv, or None."""
     try:
         from threadpoolctl import ThreadpoolController
         libs = ThreadpoolController().select(user_api="blas", internal_api="openblas").lib_controllers
@@ -73,27 +70,6 @@ def _blas_fn(builder: Any, name: str, dtype: Any, ints: list[str]) -> tuple[Any,
     fnty = ir.FunctionType(ir.VoidType(), [kinds["e"]] + [kinds[k] for k in ints])
     prefix = "s" if dtype == types.float32 else "d"
     return cgutils.get_or_insert_function(builder.module, fnty, f"minitx_cblas_{prefix}{name}"), fl
-
-
-@intrinsic
-def gemm(typingctx, ta, tb, m, n, k, a, ia, lda, b, ib, ldb, c, ic, ldc):
-    """``c.flat[ic:]`` (m, n; leading dim ldc) = op(a.flat[ia:]) @ op(b.flat[ib:]), row-major,
-    ``ta``/``tb`` NO_TRANS or TRANS; a, b, c of one float dtype (float32 or float64)."""
-    if not (a.dtype == b.dtype == c.dtype and a.dtype in (types.float32, types.float64)):
-        return None
-    sig = types.void(ta, tb, m, n, k, a, ia, lda, b, ib, ldb, c, ic, ldc)
-
-    def codegen(context, builder, signature, args):
-        st = signature.args
-        fn, fl = _blas_fn(builder, "gemm", st[5].dtype, ["e", "e", "i", "i", "i", "f", "p", "i", "p", "i", "f", "p", "i"])
-        i32 = lambda j: builder.trunc(context.cast(builder, args[j], st[j], types.int64), ir.IntType(32))
-        i64 = lambda j: context.cast(builder, args[j], st[j], types.int64)
-        ptr = lambda j: _at(context, builder, st[j], args[j], args[j + 1], st[j + 1])
-        builder.call(fn, [ir.Constant(ir.IntType(32), ROW_MAJOR), i32(0), i32(1), i64(2), i64(3), i64(4),
-                          ir.Constant(fl, 1.0), ptr(5), i64(7), ptr(8), i64(10), ir.Constant(fl, 0.0), ptr(11), i64(13)])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @intrinsic

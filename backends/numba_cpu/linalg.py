@@ -2,11 +2,13 @@
 
 Spec: minitx/ops/linalg.py. ``linear`` below SPLIT_MAX multiply-adds (where the budget keeps
 OpenBLAS on one thread, minitx/threads.py) is cut into :func:`slabs` tasks, one per SLAB_MIN
-multiply-adds up to numba's thread count, each a one-thread call into NumPy's own OpenBLAS on its
-slab in place (``_cblas``): for one row (batch-1 decode) slabs of output columns, a GEMV each
-(:func:`_gemv_cols`), so that each core streams its share of the weight; from SPLIT_ROWS rows on
-slabs of rows (:func:`_gemm_rows`). The tied LM head ``x @ Eᵀ`` for one row is cut the same way
-over E's rows (:func:`_xet_cols`). Other calls are one NumPy call sized by the budget.
+multiply-adds up to numba's thread count, each a one-thread BLAS call on its slab: for one row
+(batch-1 decode) slabs of output columns, a GEMV each into NumPy's own OpenBLAS on w's block in
+place (:func:`_gemv_cols`, ``_cblas``), so that each core streams its share of the weight; from
+SPLIT_ROWS rows on slabs of rows (:func:`_gemm_rows`, numba's ``np.dot``: the same split through
+``_cblas`` measured 0.80x of it on MiniLM at 32 x 16, equal at 1 x 128, load average 3). The tied
+LM head ``x @ Eᵀ`` for one row is cut the same way over E's rows (:func:`_xet_cols`). Other calls
+are one NumPy call sized by the budget.
 
 Measured in pairs, one call each way alternately (load average 2.2 on the 2 cores, weights from
 DRAM): the one-row column split ran 1.33x / 1.46x / 1.13x faster than one GEMV at 768 x 2304 /
@@ -30,7 +32,7 @@ from minitx import threads
 from minitx.ops import linalg as spec
 
 from . import _cblas
-from ._cblas import NO_TRANS, TRANS, gemm, gemv
+from ._cblas import NO_TRANS, TRANS, gemv
 from ._jit import kernel, pick
 
 XWT_ROWS = (2, 16)  # row counts for which _xwt beats BLAS on x @ Eᵀ
@@ -81,12 +83,11 @@ SLAB_MIN = 1 << 18  # multiply-adds per slab: one task per SLAB_MIN, up to numba
 
 def _gemm_rows(x, w, y, P):
     """y = x @ w, rows cut into P slabs, one BLAS call (on one thread) per numba task."""
-    M, K = x.shape
-    N = w.shape[1]
+    M = x.shape[0]
     for p in prange(P):
         m0 = p * M // P
         m1 = (p + 1) * M // P
-        gemm(NO_TRANS, NO_TRANS, m1 - m0, N, K, x, m0 * K, K, w, 0, N, y, m0 * N, N)
+        np.dot(x[m0:m1], w, y[m0:m1])
 
 
 def _gemv_cols(x, w, y, P):
@@ -119,8 +120,8 @@ _GEMM_ROWS, _GEMV_COLS, _XET_COLS = kernel(_gemm_rows), kernel(_gemv_cols), kern
 def slabs(work: int) -> int:
     """Tasks to cut a product of ``work`` multiply-adds into: 1 (not split) for small calls, where
     waking a thread costs more than half the call, and for calls from SPLIT_MAX on (BLAS's own
-    threads, the budget's rule), and where NumPy's BLAS cannot be called from numba."""
-    if work >= SPLIT_MAX or not _cblas.AVAILABLE:
+    threads, the budget's rule)."""
+    if work >= SPLIT_MAX:
         return 1
     return max(1, min(numba.get_num_threads(), work // SLAB_MIN))
 
@@ -134,7 +135,7 @@ def linear(x, w, b=None):
     """The spec's ``x W + b`` (bias added in place)."""
     rows = int(np.prod(x.shape[:-1]))
     work = rows * w.shape[0] * w.shape[1]
-    P = slabs(work) if rows == 1 or rows >= SPLIT_ROWS else 1
+    P = slabs(work) if (rows == 1 and _cblas.AVAILABLE) or rows >= SPLIT_ROWS else 1
     if P < 2 or not _splittable(x, w, b):
         with threads.blas(work):
             return spec.linear(x, w, b)
@@ -164,7 +165,7 @@ def matmul(a, b, *, transpose_b=False):
     if transpose_b and _splittable(a, b) and (rows == 1 or XWT_ROWS[0] <= rows <= XWT_ROWS[1]):
         a2 = np.ascontiguousarray(a).reshape(rows, a.shape[-1])
         y = np.empty((rows, b.shape[0]), a.dtype)
-        P = slabs(b.size)
+        P = slabs(b.size) if _cblas.AVAILABLE else 1
         if rows > 1:
             pick(_XWT, b.size)(a2, b, y, a.dtype.type(0))
         elif P > 1:
