@@ -10,10 +10,11 @@ SPLIT_ROWS rows on slabs of rows (:func:`_gemm_rows`, numba's ``np.dot``: the sa
 LM head ``x @ Eᵀ`` for one row is cut the same way over E's rows (:func:`_xet_cols`). Other calls
 are one NumPy call sized by the budget.
 
-Measured in pairs, one call each way alternately (load average 2.2 on the 2 cores, weights from
-DRAM): the one-row column split ran 1.33x / 1.46x / 1.13x faster than one GEMV at 768 x 2304 /
-768 x 768 / 768 x 3072; the same split of 2–16 rows ran at 0.78–0.94x of one GEMM (waking the
-second task costs 15–80 µs, and the halves of a GEMM did not overlap), so few rows stay one call.
+Measured on the shared 2-core VM (benchmarks/results/decode_cpu.md): the one-row column split
+against one GEMV was 0.75-1.87x at batch-1 decode across runs minutes apart, 1.03x interleaved in
+one process, and 0.73-1.5x on single GEMVs paired one each way (one core's GEMV already reads
+20-25 GB/s there); the same split of 2–63 rows ran at 0.67–0.94x of one GEMM (waking the second
+task costs 15–80 µs, and the halves of a GEMM did not overlap), so few rows stay one call.
 Why numba's tasks and not OpenBLAS's threads: below SPLIT_MAX OpenBLAS's two threads wait for each
 other, spinning, when one is descheduled (0.18x / 0.49x of one thread on MiniLM's linears at 128 /
 512 rows, load average 9); numba's tasks do not. Measured earlier (single-thread CPU time, weights
