@@ -6,6 +6,10 @@ PyTorch runs transformers' GPT2LMHeadModel with our weights copied in (its Conv1
 sides alternate for several rounds, and we report the median per measurement — the machine may be
 shared, so single runs are noisy.
 
+minitx numba runs twice per round: as shipped, and "unsplit" (``linear`` and the LM head as one
+one-thread BLAS call, the path before issue 20's column split), so the split's gain is a ratio
+taken within each round.
+
 Measured: decode tokens/s at batch 1 and batch 8 (steps after a 16-token prompt; batch 8 is
 aggregate tokens/s), prefill of 128 tokens at batch 1, and the memory-bandwidth roofline for
 batch-1 decode: measured read bandwidth (a streaming multithreaded sum over 256 MiB, not a copy:
@@ -57,8 +61,15 @@ def _median_time(fn, repeat: int) -> float:
 
 
 # ------------------------------------------------------------------------------ minitx side
-def run_minitx(backend: str, steps: int) -> dict:
+def run_minitx(backend: str, steps: int, split: bool = True) -> dict:
+    """``split=False``: numba's ``linear`` and LM head as one BLAS call on one thread (no slabs over
+    numba's tasks), the configuration before issue 20's column split, measured beside it."""
     from minitx import generate as gen
+
+    if not split:
+        from backends.numba_cpu import linalg
+
+        linalg.SLAB_MIN = 1 << 62
 
     m = _model()
     res: dict = {}
@@ -274,16 +285,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--part", choices=["torch", "numba", "numpy", "plain"])
+    ap.add_argument("--part", choices=["torch", "numba", "numba1", "numpy", "plain"])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "decode_cpu.md"))
     a = ap.parse_args()
     if a.part:
         res = (run_torch(a.steps, a.threads) if a.part == "torch" else run_plain(a.steps) if a.part == "plain"
-               else run_minitx(a.part, a.steps))
+               else run_minitx("numba", a.steps, split=False) if a.part == "numba1" else run_minitx(a.part, a.steps))
         print(json.dumps(res))
         return
     info = machine()
-    runs: dict[str, list[dict]] = {"torch": [], "numba": [], "numpy": [], "plain": []}
+    runs: dict[str, list[dict]] = {"torch": [], "numba": [], "numba1": [], "numpy": [], "plain": []}
     sys.path.insert(0, ROOT)
     bws = [bandwidth()]  # before and after the rounds: the roofline is a bound, so the best counts
     for r in range(a.rounds):
@@ -301,7 +312,7 @@ def main() -> None:
 
 
 def write_report(a, info, runs, med, bw, read_bw, wbytes, roof) -> None:
-    t, nb, npy, pl = med["torch"], med["numba"], med["numpy"], med["plain"]
+    t, nb, nb1, npy, pl = med["torch"], med["numba"], med["numba1"], med["numpy"], med["plain"]
     start = info["load_avg"][0]
     rows = [("decode batch 1 (tok/s)", "decode_b1"), ("decode batch 8 (aggregate tok/s)", "decode_b8"),
             ("prefill 128 tokens, batch 1 (tok/s)", "prefill128")]
@@ -320,13 +331,18 @@ def write_report(a, info, runs, med, bw, read_bw, wbytes, roof) -> None:
          "idle: compare ratios within a round (per-round values below).", "",
          f"Plain NumPy: GPT-2 written in a page of NumPy (`plain_gpt2` in the script, picoGPT style; max |logit "
          f"diff| vs the spec {pl['max_abs_logit_diff_vs_spec']:.2e}) — the yardstick for the spec backend.", "",
-         "| measurement | PyTorch | plain NumPy | minitx numpy (spec) | minitx numba | numba / PyTorch |",
-         "|---|---:|---:|---:|---:|---:|"]
+         "numba unsplit: the numba backend with `linear` and the LM head as one BLAS call on one thread "
+         "(the path before issue 20's column split); split / unsplit is the median of the per-round ratios.", "",
+         "| measurement | PyTorch | plain NumPy | minitx numpy (spec) | numba unsplit | minitx numba | numba / PyTorch "
+         "| split / unsplit |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, k in rows:
-        L.append(f"| {label} | {t[k]:.1f} | {pl[k]:.1f} | {npy[k]:.1f} | {nb[k]:.1f} | {nb[k] / t[k]:.2f}x |")
+        gain = statistics.median(x[k] / y[k] for x, y in zip(runs["numba"], runs["numba1"]))
+        L.append(f"| {label} | {t[k]:.1f} | {pl[k]:.1f} | {npy[k]:.1f} | {nb1[k]:.1f} | {nb[k]:.1f} | "
+                 f"{nb[k] / t[k]:.2f}x | {gain:.2f}x |")
     L += ["", f"Roofline (batch-1 decode): streaming read bandwidth {read_bw / 1e9:.1f} GB/s (a multithreaded "
           f"sum over 256 MiB) / {wbytes / 1e6:.0f} MB of weights read per token = **{roof:.1f} tok/s**. numba "
-          f"reaches {nb['decode_b1'] / roof:.0%} of it, PyTorch {t['decode_b1'] / roof:.0%}, the spec "
+          f"reaches {nb['decode_b1'] / roof:.0%} of it (unsplit {nb1['decode_b1'] / roof:.0%}), PyTorch {t['decode_b1'] / roof:.0%}, the spec "
           f"{npy['decode_b1'] / roof:.0%}. Bandwidth is the best of 5 passes measured before and after the "
           f"rounds. The copy bound (issue 6: {bw / 1e9:.1f} GB/s read + write) is {bw / wbytes:.1f} tok/s; numba "
           f"reaches {nb['decode_b1'] / (bw / wbytes):.0%} of it.", "",

@@ -100,24 +100,90 @@ def test_vectorised_exp_is_float32_and_accurate() -> None:
     assert (np.abs(y - ref) / ulp).max() <= 2.0
 
 
-@pytest.mark.parametrize("shape,bias", [((65, 96), True), ((2, 67, 48), False), ((3, 129, 40), True)])
-def test_linear_row_slabs_match_spec(shape, bias) -> None:
-    """``linear`` from SPLIT_ROWS rows on: one BLAS call per numba task over a slab of rows (odd
-    row counts leave slabs of unequal size), bias added in place, on two threads."""
+def _on_two_threads(fn, *args, **kw):
     import numba
 
-    from backends.numba_cpu import linalg
-
-    rng = np.random.default_rng(len(shape) * 7 + shape[-1])
-    x = rng.standard_normal(shape).astype(np.float32)
-    w = (rng.standard_normal((shape[-1], 131)) * 0.1).astype(np.float32)
-    b = rng.standard_normal(131).astype(np.float32) if bias else None
     before = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     try:
-        y = linalg.linear(x, w, b)
+        return fn(*args, **kw)
     finally:
         numba.set_num_threads(before)
-    ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if b is None else b.astype(np.float64))
-    assert y.dtype == np.float32 and y.shape == (*shape[:-1], 131)
+
+
+def _spy(monkeypatch, linalg, name):
+    """Record the slab counts the kernel pair ``linalg.<name>`` is called with."""
+    pair, calls = getattr(linalg, name), []
+
+    def par(*args):
+        calls.append(args[-1])
+        return pair[0](*args)
+
+    monkeypatch.setattr(linalg, name, (par, pair[1]))
+    return calls
+
+
+def _close(y, ref):
     np.testing.assert_allclose(y, ref, atol=2e-5 * max(1.0, float(np.sqrt((ref ** 2).mean()))), rtol=2e-4)
+
+
+SPLIT = 2 ** 19 + 1  # multiply-adds: at least two slabs of linalg.SLAB_MIN
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,bias", [((65, 96), True), ((2, 67, 48), False), ((3, 129, 40), True),
+                                        ((1, 768), True), ((1, 1, 300), False), ((5, 200), True), ((2, 31, 64), False)])
+def test_linear_slabs_match_spec(monkeypatch, shape, bias, dtype) -> None:
+    """``linear`` cut over two numba tasks, each one BLAS call on its slab: of rows from SPLIT_ROWS
+    rows on, of output columns for one row (a GEMV each; an odd column count leaves a last slab
+    that is not whole 64-byte lines), bias added in place; 2 to SPLIT_ROWS - 1 rows stay one call.
+    The split must actually run where it is meant to."""
+    from backends.numba_cpu import _cblas, linalg
+
+    rows = int(np.prod(shape[:-1]))
+    if rows == 1 and not _cblas.AVAILABLE:
+        pytest.skip("NumPy's BLAS is not an ILP64 OpenBLAS: one row is one NumPy call")
+    N = -(-SPLIT // (rows * shape[-1])) | 1  # odd, and enough work for two slabs
+    rng = np.random.default_rng(len(shape) * 7 + shape[-1])
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((shape[-1], N)) * 0.1).astype(dtype)
+    b = rng.standard_normal(N).astype(dtype) if bias else None
+    calls = _spy(monkeypatch, linalg, "_GEMM_ROWS" if rows >= linalg.SPLIT_ROWS else "_GEMV_COLS")
+    y = _on_two_threads(linalg.linear, x, w, b)
+    if numba_threads() >= 2:
+        assert calls == ([] if 1 < rows < linalg.SPLIT_ROWS else [2])
+    ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if b is None else b.astype(np.float64))
+    assert y.dtype == dtype and y.shape == (*shape[:-1], N)
+    _close(y, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lm_head_one_row_split_matches_spec(monkeypatch, dtype) -> None:
+    """The tied LM head ``x @ Eᵀ`` for one row: E's rows cut into contiguous slabs, one GEMV each."""
+    from backends.numba_cpu import _cblas, linalg
+
+    if not _cblas.AVAILABLE:
+        pytest.skip("NumPy's BLAS is not an ILP64 OpenBLAS")
+    rng = np.random.default_rng(5)
+    e = rng.standard_normal((SPLIT // 96 + 7, 96)).astype(dtype)
+    x = rng.standard_normal((1, 1, 96)).astype(dtype)
+    calls = _spy(monkeypatch, linalg, "_XET_COLS")
+    y = _on_two_threads(linalg.matmul, x, e, transpose_b=True)
+    if numba_threads() >= 2:
+        assert calls == [2]
+    assert y.dtype == dtype and y.shape == (1, 1, e.shape[0])
+    _close(y, x.astype(np.float64) @ e.astype(np.float64).T)
+
+
+def test_small_linear_is_not_split() -> None:
+    """Below two slabs of work ``linear`` is one NumPy call (waking a thread costs more)."""
+    from backends.numba_cpu import linalg
+
+    assert linalg.slabs(2 * linalg.SLAB_MIN - 1) == 1
+    assert linalg.slabs(linalg.SPLIT_MAX) == 1
+
+
+def numba_threads() -> int:
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS

@@ -1,31 +1,39 @@
 """Linear layers and matmuls: BLAS on one thread per numba task, and x·Eᵀ for a few rows.
 
-Spec: minitx/ops/linalg.py. ``linear`` with at least SPLIT_ROWS rows and fewer than SPLIT_MAX
-multiply-adds is cut into one slab of rows per numba thread, each an OpenBLAS GEMM on one thread
-(:func:`_gemm_rows`); other calls are one BLAS call sized by the thread budget (minitx/threads.py:
-one thread below BLAS_PARALLEL_MIN = SPLIT_MAX, the budget from there on). Why: below that size the
-budget keeps OpenBLAS on one thread, because its own two threads wait for each other, spinning,
-when one is descheduled (0.18x / 0.49x of one thread on MiniLM's linears at 128 / 512 rows, load
-average 9 on the 2 cores); numba's tasks do not, and ran 1.12x / 1.14x faster than one thread
-there (in one process, interleaved, 7 rounds). On the whole MiniLM encoder at load average 3 the
-split, the split for every size and no split were within noise of each other (±5%) at 1×128,
-32×16, 4×128 and 32×128, so above the threshold the budget's rule stays as it was. Measured earlier
-(single-thread CPU time, weights from DRAM): OpenBLAS's GEMV/GEMM on ``x @ W`` with W (in, out)
-is as good as anything we wrote in numba for every row count (a numba GEMV prefetching rows
-ahead, as the int8 kernels do, streamed slower than OpenBLAS at batch 1). But ``x @ Eᵀ`` with the
-(vocab, d) embedding table is about 2x slower than it should be for 2–16 rows (its transposed
-small-M path) against :func:`_xwt`, where each output is a dot product along a contiguous row of
-E, four rows of x at a time."""
+Spec: minitx/ops/linalg.py. ``linear`` below SPLIT_MAX multiply-adds (where the budget keeps
+OpenBLAS on one thread, minitx/threads.py) is cut into :func:`slabs` tasks, one per SLAB_MIN
+multiply-adds up to numba's thread count, each a one-thread BLAS call on its slab: for one row
+(batch-1 decode) slabs of output columns, a GEMV each into NumPy's own OpenBLAS on w's block in
+place (:func:`_gemv_cols`, ``_cblas``), so that each core streams its share of the weight; from
+SPLIT_ROWS rows on slabs of rows (:func:`_gemm_rows`, numba's ``np.dot``: the same split through
+``_cblas`` measured 0.80x of it on MiniLM at 32 x 16, equal at 1 x 128, load average 3). The tied
+LM head ``x @ Eᵀ`` for one row is cut the same way over E's rows (:func:`_xet_cols`). Other calls
+are one NumPy call sized by the budget.
+
+Measured on the shared 2-core VM (benchmarks/results/decode_cpu.md): the one-row column split
+against one GEMV was 0.75-1.87x at batch-1 decode across runs minutes apart, 1.03x interleaved in
+one process, and 0.73-1.5x on single GEMVs paired one each way (one core's GEMV already reads
+20-25 GB/s there); the same split of 2–63 rows ran at 0.67–0.94x of one GEMM (waking the second
+task costs 15–80 µs, and the halves of a GEMM did not overlap), so few rows stay one call.
+Why numba's tasks and not OpenBLAS's threads: below SPLIT_MAX OpenBLAS's two threads wait for each
+other, spinning, when one is descheduled (0.18x / 0.49x of one thread on MiniLM's linears at 128 /
+512 rows, load average 9); numba's tasks do not. Measured earlier (single-thread CPU time, weights
+from DRAM): OpenBLAS's GEMV/GEMM on ``x @ W`` with W (in, out) is as good as anything we wrote in
+numba for every row count. But ``x @ Eᵀ`` with the (vocab, d) embedding table is about 2x slower
+than it should be for 2–16 rows (its transposed small-M path) against :func:`_xwt`, where each
+output is a dot product along a contiguous row of E, four rows of x at a time."""
 from __future__ import annotations
 
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401 — the BLAS numba's np.dot calls: loaded before threads.attach_numba sizes it
+import scipy.linalg.cython_blas  # noqa: F401 — the BLAS numba's np.dot calls (attention's tiles): loaded before threads.attach_numba sizes it
 from numba import prange
 
 from minitx import threads
 from minitx.ops import linalg as spec
 
+from . import _cblas
+from ._cblas import NO_TRANS, TRANS, gemv
 from ._jit import kernel, pick
 
 XWT_ROWS = (2, 16)  # row counts for which _xwt beats BLAS on x @ Eᵀ
@@ -69,8 +77,9 @@ def _xwt(x, w, y, zero):
 _XWT = kernel(_xwt)
 
 
-SPLIT_ROWS = 64  # from here on linear splits its rows over numba's threads …
+SPLIT_ROWS = 64  # from here on linear cuts its rows into slabs (for one row: its output columns) …
 SPLIT_MAX = threads.BLAS_PARALLEL_MIN  # … up to the multiply-adds from which BLAS gets the budget
+SLAB_MIN = 1 << 18  # multiply-adds per slab: one task per SLAB_MIN, up to numba's thread count
 
 
 def _gemm_rows(x, w, y, P):
@@ -82,21 +91,58 @@ def _gemm_rows(x, w, y, P):
         np.dot(x[m0:m1], w, y[m0:m1])
 
 
-_GEMM_ROWS = kernel(_gemm_rows)
+def _gemv_cols(x, w, y, P):
+    """y = x @ w for one row, output columns cut into P slabs (of whole 64-byte lines), one GEMV per
+    task on w's (K, slab) block in place (leading dimension N): each core streams its share of w."""
+    K = x.shape[1]
+    N = w.shape[1]
+    for p in prange(P):
+        c0 = p * N // P // 16 * 16
+        c1 = N if p == P - 1 else (p + 1) * N // P // 16 * 16
+        if c1 > c0:
+            gemv(TRANS, K, c1 - c0, w, c0, N, x, y, c0)
+
+
+def _xet_cols(x, e, y, P):
+    """y = x @ eᵀ for one row, e (V, K) row-major: e's rows (y's columns) cut into P contiguous
+    slabs, one GEMV per task."""
+    K = x.shape[1]
+    V = e.shape[0]
+    for p in prange(P):
+        n0 = p * V // P // 16 * 16
+        n1 = V if p == P - 1 else (p + 1) * V // P // 16 * 16
+        if n1 > n0:
+            gemv(NO_TRANS, n1 - n0, K, e, n0 * K, K, x, y, n0)
+
+
+_GEMM_ROWS, _GEMV_COLS, _XET_COLS = kernel(_gemm_rows), kernel(_gemv_cols), kernel(_xet_cols)
+
+
+def slabs(work: int) -> int:
+    """Tasks to cut a product of ``work`` multiply-adds into: 1 (not split) for small calls, where
+    waking a thread costs more than half the call, and for calls from SPLIT_MAX on (BLAS's own
+    threads, the budget's rule)."""
+    if work >= SPLIT_MAX:
+        return 1
+    return max(1, min(numba.get_num_threads(), work // SLAB_MIN))
+
+
+def _splittable(a, w, b=None) -> bool:
+    return (a.dtype == w.dtype and a.dtype in (np.float32, np.float64) and w.ndim == 2 and w.flags.c_contiguous
+            and (b is None or b.dtype == a.dtype))
 
 
 def linear(x, w, b=None):
     """The spec's ``x W + b`` (bias added in place)."""
     rows = int(np.prod(x.shape[:-1]))
-    P = numba.get_num_threads()
     work = rows * w.shape[0] * w.shape[1]
-    if (rows < SPLIT_ROWS or work >= SPLIT_MAX or P < 2 or x.dtype != w.dtype or x.dtype.kind != "f" or not w.flags.c_contiguous
-            or (b is not None and b.dtype != x.dtype)):
+    P = slabs(work) if (rows == 1 and _cblas.AVAILABLE) or rows >= SPLIT_ROWS else 1
+    if P < 2 or not _splittable(x, w, b):
         with threads.blas(work):
             return spec.linear(x, w, b)
     x2 = np.ascontiguousarray(x).reshape(rows, x.shape[-1])
     y = np.empty((rows, w.shape[1]), x.dtype)
-    _GEMM_ROWS[0](x2, w, y, P)
+    (_GEMV_COLS if rows == 1 else _GEMM_ROWS)[0](x2, w, y, P)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[1])
@@ -114,12 +160,19 @@ linear.sizes_blas = linear_vjp.sizes_blas = True  # type: ignore[attr-defined]
 
 
 def matmul(a, b, *, transpose_b=False):
+    """The spec's matmul; ``a @ bᵀ`` with a 2-D ``b`` (the tied LM head) split over numba's tasks
+    for one row, and by :func:`_xwt` for XWT_ROWS rows."""
     rows = int(np.prod(a.shape[:-1]))
-    if (transpose_b and b.ndim == 2 and XWT_ROWS[0] <= rows <= XWT_ROWS[1] and a.dtype == b.dtype
-            and a.dtype.kind == "f" and b.flags.c_contiguous):
+    if transpose_b and _splittable(a, b) and (rows == 1 or XWT_ROWS[0] <= rows <= XWT_ROWS[1]):
         a2 = np.ascontiguousarray(a).reshape(rows, a.shape[-1])
         y = np.empty((rows, b.shape[0]), a.dtype)
-        pick(_XWT, b.size)(a2, b, y, a.dtype.type(0))
+        P = slabs(b.size) if _cblas.AVAILABLE else 1
+        if rows > 1:
+            pick(_XWT, b.size)(a2, b, y, a.dtype.type(0))
+        elif P > 1:
+            _XET_COLS[0](a2, b, y, P)
+        else:
+            return spec.matmul(a, b, transpose_b=True)
         return y.reshape(*a.shape[:-1], b.shape[0])
     return spec.matmul(a, b, transpose_b=transpose_b)
 
