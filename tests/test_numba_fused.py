@@ -180,7 +180,15 @@ def test_small_linear_is_not_split() -> None:
     from backends.numba_cpu import linalg
 
     assert linalg.slabs(2 * linalg.SLAB_MIN - 1) == 1
-    assert linalg.slabs(linalg.SPLIT_MAX) == 1
+
+
+def test_large_linear_is_split_not_left_to_openblas_threads() -> None:
+    """However big, a many-row ``linear`` goes to numba's tasks (one-thread GEMMs each): OpenBLAS's
+    own threads spin against each other on a busy machine."""
+    from backends.numba_cpu import linalg
+    import numba
+
+    assert linalg.slabs(1 << 34) == numba.get_num_threads()
 
 
 def numba_threads() -> int:

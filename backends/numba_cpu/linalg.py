@@ -1,7 +1,7 @@
 """Linear layers and matmuls: BLAS on one thread per numba task, and x·Eᵀ for a few rows.
 
-Spec: minitx/ops/linalg.py. ``linear`` below SPLIT_MAX multiply-adds (where the budget keeps
-OpenBLAS on one thread, minitx/threads.py) is cut into :func:`slabs` tasks, one per SLAB_MIN
+Spec: minitx/ops/linalg.py. ``linear`` (whatever its size: OpenBLAS stays on one thread,
+minitx/threads.py) is cut into :func:`slabs` tasks, one per SLAB_MIN
 multiply-adds up to numba's thread count, each a one-thread BLAS call on its slab: for one row
 (batch-1 decode) slabs of output columns, a GEMV each into NumPy's own OpenBLAS on w's block in
 place (:func:`_gemv_cols`, ``_cblas``), so that each core streams its share of the weight; from
@@ -15,7 +15,7 @@ against one GEMV was 0.75-1.87x at batch-1 decode across runs minutes apart, 1.0
 one process, and 0.73-1.5x on single GEMVs paired one each way (one core's GEMV already reads
 20-25 GB/s there); the same split of 2–63 rows ran at 0.67–0.94x of one GEMM (waking the second
 task costs 15–80 µs, and the halves of a GEMM did not overlap), so few rows stay one call.
-Why numba's tasks and not OpenBLAS's threads: below SPLIT_MAX OpenBLAS's two threads wait for each
+Why numba's tasks and not OpenBLAS's threads: OpenBLAS's two threads wait for each
 other, spinning, when one is descheduled (0.18x / 0.49x of one thread on MiniLM's linears at 128 /
 512 rows, load average 9); numba's tasks do not. Measured earlier (single-thread CPU time, weights
 from DRAM): OpenBLAS's GEMV/GEMM on ``x @ W`` with W (in, out) is as good as anything we wrote in
@@ -77,8 +77,7 @@ def _xwt(x, w, y, zero):
 _XWT = kernel(_xwt)
 
 
-SPLIT_ROWS = 64  # from here on linear cuts its rows into slabs (for one row: its output columns) …
-SPLIT_MAX = threads.BLAS_PARALLEL_MIN  # … up to the multiply-adds from which BLAS gets the budget
+SPLIT_ROWS = 64  # from here on linear cuts its rows into slabs (for one row: its output columns)
 SLAB_MIN = 1 << 18  # multiply-adds per slab: one task per SLAB_MIN, up to numba's thread count
 
 
@@ -120,10 +119,10 @@ _GEMM_ROWS, _GEMV_COLS, _XET_COLS = kernel(_gemm_rows), kernel(_gemv_cols), kern
 
 def slabs(work: int) -> int:
     """Tasks to cut a product of ``work`` multiply-adds into: 1 (not split) for small calls, where
-    waking a thread costs more than half the call, and for calls from SPLIT_MAX on (BLAS's own
-    threads, the budget's rule)."""
-    if work >= SPLIT_MAX:
-        return 1
+    waking a thread costs more than half the call; else one per SLAB_MIN, up to numba's threads.
+    Large calls too: 128 x 768 @ 768 x 3072 (and back) took 31.6 ms as two numba tasks of one-
+    thread GEMMs, 34.0 ms on one OpenBLAS thread and 62.7 ms on OpenBLAS's two, interleaved at
+    load average 3.9 (llama.cpp's prefill comparison, benchmarks/results/llamacpp_cpu.md)."""
     return max(1, min(numba.get_num_threads(), work // SLAB_MIN))
 
 
