@@ -95,9 +95,11 @@ def test_cli_similarity_matrix(minilm):
 @pytest.mark.slow
 def test_int8_keeps_every_length_of_real_text_and_the_report_names_the_worst(minilm, tmp_path):
     """quant:int8 validated by default on the held-out text shipped with minitx, from one text
-    token to the full 256-token context: every length bucket keeps each sentence's cosine >= 0.999,
-    and optimize's own report shows the worst bucket. Per-channel int8 (the old default) does not
-    (its worst short sentence is ~0.996), which is what the per-length report exists to show."""
+    token to the full 256-token context: every length bucket keeps each sentence's cosine >= 0.997,
+    and optimize's own report shows the worst bucket. int8 is Q8_0 x Q8_0 (activations rounded per
+    block of 32 too; its worst is a 2-4-token sentence at ~0.9978, where weight-only blocks gave
+    0.9993); per-channel weight-only int8 does worse still on short sentences (~0.996), which is
+    what the per-length report exists to show."""
     from minitx import plugin
     from minitx.validate import Calibration, validate
 
@@ -110,7 +112,7 @@ def test_int8_keeps_every_length_of_real_text_and_the_report_names_the_worst(min
     buckets = {b["tokens"]: b for b in v["lengths"]}
     assert {"2-4", "5-16", "17-64", "65-256"} <= set(buckets)
     assert sum(b["sequences"] for b in buckets.values()) == v["n_sequences"] == 64
-    assert all(b["min_cosine"] >= 0.999 for b in buckets.values()), buckets
+    assert all(b["min_cosine"] >= 0.997 for b in buckets.values()), buckets
     worst = min(buckets.values(), key=lambda b: b["min_cosine"])
     assert f"worst length {worst['tokens']} tokens" in r.output
 
@@ -121,4 +123,4 @@ def test_int8_keeps_every_length_of_real_text_and_the_report_names_the_worst(min
 
     per_channel = Model(dict(m.config), res.params, res.graph, m.tokenizer_json, dict(m.meta))
     rep = validate(m, per_channel, Calibration.default(), s.plugin.tolerance(s.options), shadow=False)
-    assert rep.worst_length()["min_cosine"] < 0.999
+    assert rep.worst_length()["min_cosine"] < worst["min_cosine"]
