@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import os
 import sys
 import tempfile
@@ -151,7 +150,8 @@ def main() -> None:
             lheld = [long[i] for i in lval]
             ref_long = emb.teacher_embeddings(teacher, lheld)
             student = plugin.optimize(teacher, ["attention:map=linformer,k=64"], force=True)
-            long_cos = lambda m: (emb.mean_cosine(m, lheld, ref_long), emb.mean_cosine(m, other, ref_other))  # noqa: E731
+            def long_cos(m, lheld=lheld, ref_long=ref_long):
+                return emb.mean_cosine(m, lheld, ref_long), emb.mean_cosine(m, other, ref_other)
             before = long_cos(student)
             log(f"linformer: {len(long)} inputs of {lo}-{hi} tokens, {len(lheld)} held out; before {before}")
             ls = copy.deepcopy(settings)
