@@ -125,7 +125,8 @@ def main() -> None:
              "embeddings.", "",
              "| student | params | cosine before (held-out / heldout.txt) | cosine after (held-out / heldout.txt) "
              "| steps | seconds | load before → after |", "|---|---:|---|---|---:|---:|---|"]
-    curves = []
+    curves: list[str] = []
+    notes: list[str] = []
     log = lambda s: print(s, flush=True)  # noqa: E731
 
     def cos(model):
@@ -153,7 +154,10 @@ def main() -> None:
             def long_cos(m, lheld=lheld, ref_long=ref_long):
                 return emb.mean_cosine(m, lheld, ref_long), emb.mean_cosine(m, other, ref_other)
             before = long_cos(student)
-            log(f"linformer: {len(long)} inputs of {lo}-{hi} tokens, {len(lheld)} held out; before {before}")
+            notes.append(f"linformer: its own data, {len(long)} chunks of {lo}-{hi} tokens (consecutive sentences of "
+                         f"{args.text}), last {len(lheld)} held out (its 'held-out' column); batch {args.long_batch}; "
+                         f"its heldout.txt lines are cut to {args.seq} tokens (k=64's pooling start is exact up to 32).")
+            log(notes[-1])
             ls = copy.deepcopy(settings)
             ls.batch_size = args.long_batch
             st = new_state(student, ls, kind="distill")
@@ -172,15 +176,15 @@ def main() -> None:
                      f"**{after[0]:.4f}** / {after[1]:.4f} | {args.steps} | {secs:,.0f} | {load0} → {_load()} |")
         curves.append(f"- {name}: " + ", ".join(f"step {h['step']}: {h['val_cosine']:.4f}" for h in hist))
         log(lines[-1])
-        write(args.out, lines, curves)   # after each student: a partial run still leaves its rows
+        write(args.out, lines, curves, notes)   # after each student: a partial run still leaves its rows
     print(f"wrote {args.out}")
 
 
-def write(out: str, lines: list[str], curves: list[str]) -> None:
+def write(out: str, lines: list[str], curves: list[str], notes: list[str]) -> None:
     tail = ["", "Held-out mean cosine during training (the loop's own report; int4: through fake quantization):",
             "", *curves, "",
             "The fp32 model itself scores 1.0000 by definition. `int4` is packed (quant:int4, group 32) after "
-            "training; its 'before' is post-training quantization of the fp32 model.", ""]
+            "training; its 'before' is post-training quantization of the fp32 model.", *[f"{n}  " for n in notes], ""]
     with atomic_write(out) as f:
         f.write("\n".join(lines + tail).encode())
 
