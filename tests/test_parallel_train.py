@@ -131,6 +131,24 @@ def test_mpiexec_split_training_reaches_the_single_process_weights(mpi, corpus, 
     _compare(tmp_path / "sim.npz", tmp_path / "mpi.npz", exact=True)                   # bit for bit
 
 
+@pytest.mark.parametrize("spec", ["pp=2,mb=2", "pp=2,mb=4"])
+def test_mpiexec_1f1b_with_messages_above_the_eager_limit(mpi, corpus, tmp_path, spec):
+    """Activations of 2 x 128 x 128 float32 (128 KiB) per micro-batch: above MPI's eager limit a send
+    completes only when its receiver posts the receive, and 1F1B has both stages send at once (the
+    next micro-batch forward, a cotangent back). It deadlocked while a send waited for completion."""
+    cfg = tmp_path / "wide.json"
+    cfg.write_text(json.dumps({"arch": "gpt2", "n_ctx": 128, "d_model": 128, "n_layers": 2, "n_heads": 2, "d_ff": 256}))
+    args = ["train", "--config", str(cfg), "--data", str(corpus / "t.txt"), "--vocab-size", "280", "--batch", "4",
+            "--seq", "128", "--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--warmup", "1",
+            "--seed", "3", "--checkpoint-every", "2", "-q"]
+    sim = _one(*args, "-o", str(tmp_path / "sim.npz"), "--parallel", spec)
+    assert sim.returncode == 0, sim.stderr
+    r = mpirun(2, CLI, *args, "-o", str(tmp_path / "mpi.npz"), "--parallel", spec, timeout=120,
+               MINITX_MPI_TIMEOUT="30")
+    assert r.returncode == 0, r.stderr
+    _compare(tmp_path / "sim.npz", tmp_path / "mpi.npz", exact=True)
+
+
 def test_mpiexec_tp_checkpoint_resumes_under_pp_and_in_one_process(mpi, corpus, tmp_path):
     d = corpus
     full = _one(*_common(d, steps=4, accum=1), "-o", str(tmp_path / "full.npz"))

@@ -9,6 +9,7 @@ collective instead of hanging, and the CLI then aborts the whole job.
 """
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import time
@@ -52,6 +53,9 @@ class MPITransport(Backend):
         self.rank = comm.Get_rank()
         self.version = self.MPI.Get_library_version().splitlines()[0].strip()
         self.timeout = timeout_s()
+        # Sends in flight: a send returns without waiting for its receiver (see send_recv).
+        self._sends: list[Any] = []
+        atexit.register(self._drain)
         # Every rank creates every group's communicator, in the same order (Split is collective).
         self.comms: dict[tuple[int, ...], Any] = {}
         for g in sorted({tuple(int(r) for r in g) for g in groups}):
@@ -80,11 +84,24 @@ class MPITransport(Backend):
         except KeyError:
             raise MinitxError(f"mpi: rank {self.rank} has no communicator for group {list(ranks)}") from None
 
+    def _progress(self) -> None:
+        """Let the sends in flight advance; forget those that are done."""
+        self._sends = [r for r in self._sends if not r.Test()]
+
+    def _drain(self) -> None:
+        """At exit: give the sends in flight until the deadline to finish (their receivers have
+        normally taken them already)."""
+        deadline = time.monotonic() + self.timeout
+        while self._sends and time.monotonic() < deadline:
+            self._progress()
+            time.sleep(1e-3)
+
     def _wait(self, req: Any, what: str) -> None:
-        """Wait for a request with a deadline; polling keeps MPI progressing."""
+        """Wait for a request with a deadline; polling keeps MPI (and the sends in flight) progressing."""
         deadline = time.monotonic() + self.timeout
         pause = 1e-5
         while not req.Test():
+            self._progress()
             if time.monotonic() > deadline:
                 raise MinitxError(f"mpi: rank {self.rank}: {what} got no answer within {self.timeout:g} s "
                                   "(another rank failed or died; MINITX_MPI_TIMEOUT sets the limit)")
@@ -166,10 +183,15 @@ class MPITransport(Backend):
         """The sender sends ``x`` (and passes it through, for a training program's later nodes);
         the receiver returns what arrives (its own input, if any, only carries gradients)."""
         if self.rank == src:
-            self._wait(self.comm.isend(np.ascontiguousarray(x), dest=dst, tag=tag), f"send to rank {dst}")
+            # Not waited for: a message above MPI's eager limit completes only once its receiver
+            # posts the receive, and in a 1F1B step two stages send to each other at once (the
+            # next micro-batch's activations one way, a cotangent the other), each then receiving.
+            self._sends.append(self.comm.isend(np.ascontiguousarray(x), dest=dst, tag=tag))
+            self._progress()
             return x
         deadline = time.monotonic() + self.timeout
         while not self.comm.Iprobe(source=src, tag=tag):
+            self._progress()
             if time.monotonic() > deadline:
                 raise MinitxError(f"mpi: rank {self.rank}: receive from rank {src} got nothing within "
                                   f"{self.timeout:g} s (another rank failed or died)")
