@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from ..errors import MinitxError
@@ -103,8 +104,12 @@ def prepare(model: Model, text: str, *, warn: Callable[[str], None] | None = Non
 
 
 def abort_on_error(comm: Any, message: str, code: int = 2) -> None:
-    """A failure on one rank ends every rank: print the line, then abort the MPI job."""
+    """A failure on one rank ends every rank: print the line, then abort the MPI job.
+
+    The pause lets the launcher forward the line first: MPI_Abort has the launcher kill every
+    process, and it drops what is still in their stderr pipes (seen under load: exit 2, no line)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    time.sleep(0.5)
     comm.Abort(code)
 
 
