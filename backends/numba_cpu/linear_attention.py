@@ -8,10 +8,11 @@ per head group (``_features``), in the input's dtype.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
-from ._jit import kernel, pick
+from ._jit import FASTMATH, kernel, pick
 
 EPS = 1e-6
 
@@ -42,6 +43,31 @@ def _features(x, n_heads, favor, proj, out):
             out[b, h, n, f] = np.exp(u - 0.5 * sq) / np.sqrt(F)
 
 
+@numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def _add_key(st, z, pk, V, b, g, s):
+    """Key s of kv group g joins the state: z += φ(k), st += φ(k) vᵀ."""
+    F, D = st.shape
+    for f in range(F):
+        kf = pk[b, g, s, f]
+        z[f] += kf
+        for d in range(D):
+            st[f, d] += kf * V[b, s, g * D + d]
+
+
+@numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy", inline="always")
+def _read(pq, st, z, b, h, t, out):
+    """Query t of head h reads the state: φ(q)ᵀ st / (φ(q)ᵀ z + ε)."""
+    F, D = st.shape
+    den = EPS
+    for f in range(F):
+        den += pq[b, h, t, f] * z[f]
+    for d in range(D):
+        acc = 0.0
+        for f in range(F):
+            acc += pq[b, h, t, f] * st[f, d]
+        out[b, t, h * D + d] = acc / den
+
+
 def _running(pq, pk, V, mask, has_mask, causal, G, out):
     """One task per (batch, query head): the state over the keys each query may see."""
     B, H, T, F = pq.shape
@@ -62,26 +88,14 @@ def _running(pq, pk, V, mask, has_mask, causal, G, out):
                 added += 1
                 if has_mask and mask[b, s] == 0:
                     continue
-                for f in range(F):
-                    kf = pk[b, g, s, f]
-                    z[f] += kf
-                    for d in range(D):
-                        st[f, d] += kf * V[b, s, g * D + d]
-            den = EPS
-            for f in range(F):
-                den += pq[b, h, t, f] * z[f]
-            for d in range(D):
-                acc = 0.0
-                for f in range(F):
-                    acc += pq[b, h, t, f] * st[f, d]
-                out[b, t, h * D + d] = acc / den
+                _add_key(st, z, pk, V, b, g, s)
+            _read(pq, st, z, b, h, t, out)
 
 
 def _continue(pq, pk, V, mask, s0, z0, G, out, s1, z1):
     """``linear_attention_state``: the running sums start from the carried state (s0, z0) and end
     in (s1, z1), written by the first query head of each kv group."""
-    B, H, T, F = pq.shape
-    D = out.shape[2] // H
+    B, H, T, _ = pq.shape
     for task in prange(B * H):
         b = task // H
         h = task % H
@@ -90,19 +104,8 @@ def _continue(pq, pk, V, mask, s0, z0, G, out, s1, z1):
         z = z0[b, g].copy()
         for t in range(T):
             if mask[b, t] != 0:
-                for f in range(F):
-                    kf = pk[b, g, t, f]
-                    z[f] += kf
-                    for d in range(D):
-                        st[f, d] += kf * V[b, t, g * D + d]
-            den = EPS
-            for f in range(F):
-                den += pq[b, h, t, f] * z[f]
-            for d in range(D):
-                acc = 0.0
-                for f in range(F):
-                    acc += pq[b, h, t, f] * st[f, d]
-                out[b, t, h * D + d] = acc / den
+                _add_key(st, z, pk, V, b, g, t)
+            _read(pq, st, z, b, h, t, out)
         if h % G == 0:
             s1[b, g] = st
             z1[b, g] = z

@@ -40,18 +40,24 @@ def layout(text: str):
             raise MinitxError(f"--parallel {key}: {TRAINING_ONLY[key]} (here: tp, sp, pp, mb)")
         if not sep or key not in KINDS:
             raise MinitxError(f"--parallel expects tp=N,pp=M[,mb=K], got {text!r}")
-        try:
-            n = int(val)
-        except ValueError:
-            n = 0
-        if n <= 0:
-            raise MinitxError(f"--parallel {key} must be a positive integer, got {val!r}")
+        n = positive(key, val)
         if key in vals:
             raise MinitxError(f"--parallel gives {key} twice in {text!r}")
         vals[key] = n
     if not vals:
         raise MinitxError(f"--parallel expects tp=N,pp=M, got {text!r}")
     return Layout(**vals)
+
+
+def positive(key: str, val: str) -> int:
+    """One ``--parallel`` count (``tp=2``): a positive integer, or the one-line error naming the key."""
+    try:
+        n = int(val)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise MinitxError(f"--parallel {key} must be a positive integer, got {val!r}")
+    return n
 
 
 def launched_world() -> int:

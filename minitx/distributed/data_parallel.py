@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import MinitxError
-from . import launched_world
+from . import launched_world, positive
 
 BUCKET = 1 << 22          # elements per flat buffer: few collectives, bounded extra memory
 Grads = dict[str, np.ndarray]
@@ -51,12 +51,7 @@ def parse(text: str | None) -> tuple[int, bool]:
         if not sep or key.strip() not in ("dp", "zero") or key.strip() in vals:
             raise MinitxError(f"--parallel for training takes dp=N[,zero=1] (data parallel), got {text!r}")
         vals[key.strip()] = val.strip()
-    try:
-        n = int(vals.get("dp", ""))
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise MinitxError(f"--parallel dp must be a positive integer, got {vals.get('dp', '')!r}")
+    n = positive("dp", vals.get("dp", ""))
     if vals.get("zero", "0") not in ("0", "1"):
         raise MinitxError(f"--parallel zero takes 0 or 1 (ZeRO stage 1: optimizer state sharded), got {vals['zero']!r}")
     return n, vals.get("zero") == "1"

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import MinitxError
 from ..executor import Executor, TrainResult
 from ..ir import Graph
-from . import launched_world
+from . import launched_world, positive
 from .pipeline import SCHEDULES, Pipeline, stages
 
 KEYS = ("tp", "pp", "mb", "schedule", "sp", "ring")
@@ -52,13 +52,7 @@ def parse(text: str) -> dict[str, Any]:
                 raise MinitxError(f"--parallel schedule must be one of {', '.join(SCHEDULES)}, got {val!r}")
             vals[key] = val
             continue
-        try:
-            n = int(val)
-        except ValueError:
-            n = 0
-        if n <= 0:
-            raise MinitxError(f"--parallel {key} must be a positive integer, got {val!r}")
-        vals[key] = n
+        vals[key] = positive(key, val)
     tp, pp, sp = vals.get("tp", 1), vals.get("pp", 1), vals.get("sp", 1)
     if pp > 1 and (tp > 1 or sp > 1):
         raise MinitxError(f"--parallel {text}: training with pp and tp or sp together is not implemented yet")
