@@ -11,15 +11,11 @@ from minitx.ops import linear_attention as LA
 from minitx.ops.cases import CASES
 
 
-def _grad_cases():
-    return [(c.name, c.make) for c in CASES["linear_attention"]]
-
-
-@pytest.mark.parametrize("case", _grad_cases(), ids=lambda c: c[0])
-def test_linear_attention_vjp_matches_finite_differences(case):
-    _, make = case
-    inputs, attrs = make(np.random.default_rng(0), "float64")
-    results = check_vjp("linear_attention", inputs, attrs, eps=1e-6, rtol=1e-5)
+@pytest.mark.parametrize("op,case", [(op, c) for op in ("linear_attention", "linear_attention_state")
+                                     for c in CASES[op]], ids=lambda x: x if isinstance(x, str) else x.name)
+def test_vjp_matches_finite_differences(op, case):
+    inputs, attrs = case.make(np.random.default_rng(0), "float64")
+    results = check_vjp(op, inputs, attrs, eps=1e-6, rtol=1e-5)
     assert len(results) >= 3
 
 
@@ -64,18 +60,6 @@ def test_favor_approaches_softmax_attention_with_many_features_and_a_seed_redraw
     assert err[4096] < 0.05 < err[8] or err[4096] < err[8] / 3
     assert not np.allclose(LA.favor_projection(8, D, 0), LA.favor_projection(8, D, 1))
     np.testing.assert_array_equal(LA.favor_projection(8, D, 5), LA.favor_projection(8, D, 5))
-
-
-def _state_grad_cases():
-    return [(c.name, c.make) for c in CASES["linear_attention_state"]]
-
-
-@pytest.mark.parametrize("case", _state_grad_cases(), ids=lambda c: c[0])
-def test_linear_attention_state_vjp_matches_finite_differences(case):
-    _, make = case
-    inputs, attrs = make(np.random.default_rng(0), "float64")
-    results = check_vjp("linear_attention_state", inputs, attrs, eps=1e-6, rtol=1e-5)
-    assert len(results) >= 3
 
 
 @pytest.mark.parametrize("feature", ["elu", "favor"])
