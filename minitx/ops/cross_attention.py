@@ -60,6 +60,8 @@ def cross_attention_infer(shapes, dtypes, *, n_heads, causal=False, scale=None):
     op = "cross_attention"
     require(len(q) == 3 and len(k) == 3 and len(v) == 3, op, f"q, k, v must be (B, T, H·D), got {q}, {k}, {v}")
     require(q[-1] % n_heads == 0, op, f"q width {q[-1]} is not divisible by n_heads {n_heads}")
+    require(not any("int" in str(d) for d in dtypes[:3]), op,
+            f"q, k, v must be floating point, got {dtypes[:3]} (int8 K/V: cross_attention_kv8)")
     B, T, S = q[0], q[1], k[1]
     require(tuple(k) == (B, S, q[2]) and tuple(v) == (B, S, q[2]), op,
             f"k {k} and v {v} must be (batch {B}, S, width {q[2]})")
