@@ -379,7 +379,7 @@ def _kv_wanted(node: Node, ctx: Context) -> bool:
 def _seq2seq_cache(value: str, ctx: Context) -> bool:
     """``value`` is a float cross-attention K/V or T5 self-attention cache, read by cross_attention only."""
     prod = ctx.producer(value)
-    if prod is None:
+    if prod is None or not _kv_wanted(prod, ctx):
         return False
     if prod.op == "split":
         made = value.startswith("cross.") and all(o.startswith("cross.") for o in prod.outputs)
