@@ -22,7 +22,9 @@ Modes (the shorthand ``quant:MODE``):
                 without quantization-aware training: use them with ``minitx qat``
 ``float16``     weights cast to float16; ``bfloat16`` likewise (stored as uint16 bit patterns)
 ``kv8``         only the KV cache in int8 (per token and head); ``kv=int8`` adds it to any mode,
-                on top of a sparse attention pattern too (``sparse_attention_kv8``)
+                on top of a sparse attention pattern too (``sparse_attention_kv8``); on an
+                encoder–decoder every cache: the decoder's and the cross-attention K/V (see
+                "encoder–decoder caches" below)
 ``none``        no weight quantization (with ``kv=int8``)
 ==============  ==============================================================================
 
