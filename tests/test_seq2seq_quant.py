@@ -193,3 +193,26 @@ def test_show_and_bench_report_the_cache_bytes(models_):
     assert flt["cache_bytes"] == {"self": 2 * 2 * 3 * 24 * 4, "cross": 2 * 2 * 5 * 24 * 4}
     assert kv8["cache_bytes"] == {"self": 2 * 2 * 3 * 40, "cross": 2 * 2 * 5 * 40}
     assert "cache KiB b=1" in bench.table(out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_quantize_heads_rounds_exactly_as_the_spec(dtype):
+    """Bit for bit, on values whose quotient x / s lands on .5 (NumPy rounds those to even; numba's
+    scalar rint away from zero) and on random ones, in both the parallel and the serial build."""
+    pytest.importorskip("numba")
+    from backends.numba_cpu.cross_attention import _QUANTIZE
+    from minitx.ops.quant import quantize_heads
+
+    ties = np.arange(-127, 128, 0.5)[None, None, :508] / 7              # 4 heads of 127: x / s = k / 2
+    rng = np.random.default_rng(0)
+    for x in (ties.repeat(3, 1), rng.standard_normal((3, 5, 32)), rng.standard_normal((2, 3, 16)) * 1e-40,
+              np.zeros((1, 2, 8))):
+        x = x.astype(dtype)
+        H = 4
+        want_q, want_s = quantize_heads(x, H)
+        for f in _QUANTIZE:
+            q = np.empty((x.shape[0] * x.shape[1], H, x.shape[2] // H), np.int8)
+            s = np.empty((x.shape[0] * x.shape[1], H), dtype)
+            f(np.ascontiguousarray(x).reshape(q.shape), q, s)
+            np.testing.assert_array_equal(q.reshape(x.shape), want_q)
+            np.testing.assert_array_equal(s.reshape(want_s.shape), want_s)

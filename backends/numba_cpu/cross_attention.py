@@ -137,9 +137,6 @@ def cross_attention_kv8(q, k, k_scale, v, v_scale, mask=None, bias=None, *, n_he
     return out
 
 
-# No fastmath: x / s must round exactly as the spec's division does (``arcp`` would multiply by
-# 1/s, which can round a value on a .5 edge the other way), so the int8 values equal the spec's.
-@numba.njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def _quantize(x, q, s):
     R, H, D = x.shape
     for task in prange(R * H):
@@ -166,6 +163,13 @@ def _quantize(x, q, s):
             q[r, h, d] = np.int8(min(max(v, -127), 127))
 
 
+# No fastmath: x / s must round exactly as the spec's division does (``arcp`` would multiply by
+# 1/s, which can round a value on a .5 edge the other way), so the int8 values equal the spec's.
+# Parallel for an encoder output, serial for a decode step's few rows (as ``_jit.kernel``).
+_QUANTIZE = tuple(numba.njit(cache=True, parallel=par, nogil=True, error_model="numpy")(_quantize)
+                  for par in (True, False))
+
+
 def quantize_heads(x, *, n_heads):
     """int8 per token and head in one pass over x (the spec's max, divide, round and clip are four)."""
     B, T, HD = x.shape
@@ -173,7 +177,7 @@ def quantize_heads(x, *, n_heads):
     q = np.empty((B * T, n_heads, HD // n_heads), np.int8)
     s = np.empty((B * T, n_heads), x.dtype)
     if x.size:
-        _quantize(xc, q, s)
+        pick(_QUANTIZE, x.size)(xc, q, s)
     return q.reshape(B, T, HD), s.reshape(B, T, n_heads)
 
 
