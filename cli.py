@@ -411,8 +411,13 @@ def show(model: str | None, batch: int, seq: int | None, past: int, as_json: boo
         click.echo(json.dumps(summ) if as_json else format_summary(summ))
         return
     rows, totals = c["nodes"], c["totals"]
+    from minitx import seq2seq
+    from minitx.cachebytes import cache_bytes, describe
+
+    s2s = seq2seq.is_encoder_decoder(m)
+    cache = cache_bytes(m.graph, batch, c["seq"] + past, c["seq"] if s2s else 0)
     if as_json:
-        click.echo(json.dumps({"config": m.config, "nodes": rows, "totals": totals}))
+        click.echo(json.dumps({"config": m.config, "nodes": rows, "totals": totals, "cache_bytes": cache}))
         return
     click.echo(f"{m.config['arch']} — {m.n_params():,} parameters, {m.nbytes() / 2**20:.1f} MiB; "
                f"shapes for batch={batch}, seq={c['seq']}, past={past}")
@@ -423,6 +428,9 @@ def show(model: str | None, batch: int, seq: int | None, past: int, as_json: boo
                    f"{r['flops'] / 1e6:>12.2f} {r['bytes'] / 1e6:>10.2f}")
     click.echo(f"{'total':<{w}}  {'':<20} {'':<22} {totals['params']:>11,} {totals['flops'] / 1e6:>12.2f} "
                f"{totals['bytes'] / 1e6:>10.2f}")
+    if cache["self"] or cache["cross"]:
+        click.echo(f"caches after {c['seq'] + past} decoder tokens" + (f" of {c['seq']}-token sources" if s2s else "")
+                   + f", batch {batch}: {describe(cache)}")
 
 
 def training_options(lr: float, min_lr: float, warmup: int, weight_decay: float):

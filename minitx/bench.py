@@ -313,6 +313,7 @@ class Row:
     peak_rss_reset: bool = False
     device_mib: float | None = None
     model_bytes: int | None = None
+    cache_bytes: dict[str, int] | None = None   # batch 1 after the run's tokens (minitx.cachebytes)
     accuracy: dict[str, Any] | None = None
     vs_torch: dict[str, float] | None = None
     placement: dict[str, int] | None = None
@@ -435,6 +436,11 @@ def run(model_path: str, backends: Sequence[str] = ("numpy",), plugin_sets: Sequ
                 progress(per + 1, f"{name}: {row.status}")
                 continue
             row.model_bytes = int(model.nbytes())
+            if model.is_decoder:
+                from .cachebytes import cache_bytes
+
+                row.cache_bytes = cache_bytes(model.graph, 1, s.new_tokens if s2s else s.prompt_len + s.new_tokens,
+                                              s.prompt_len if s2s else 0)
             try:
                 runner = _MinitxRunner(model, bl)
             except Exception as e:  # noqa: BLE001 — unknown backend, no GPU
@@ -527,7 +533,7 @@ def _columns(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     vs = any(r["engine"] == "torch" for r in res["rows"])
     head = ["configuration", "status", f"{first} b=1 ms", f"{first} b={B} ms"]
     head += ["decode b=1 tok/s", "b=1 of roofline", f"decode b={B} tok/s"] if dec else ["b=1 sent/s", f"b={B} sent/s"]
-    head += ["peak RSS MiB (+Δ)", "model MiB", "max abs err", "max rel err", "cosine"] + (["top-1"] if dec else [])
+    head += ["peak RSS MiB (+Δ)", "model MiB"] + (["cache KiB b=1"] if dec else []) + ["max abs err", "max rel err", "cosine"] + (["top-1"] if dec else [])
     if vs:
         head += [f"vs torch {first}", "vs torch " + ("decode" if dec else "sent/s")]
     body = []
@@ -545,8 +551,11 @@ def _columns(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         if rss != "-" and r.get("peak_rss_delta_mib") is not None:
             rss += f" (+{r['peak_rss_delta_mib']:.0f})"
         row += [rss + dev,
-                _fmt_num(None if r["model_bytes"] is None else r["model_bytes"] / 2**20, ".1f"),
-                _fmt_num(a.get("max_abs"), ".2e"), _fmt_num(a.get("max_rel"), ".2e"), _fmt_num(a.get("cosine"), ".6f")]
+                _fmt_num(None if r["model_bytes"] is None else r["model_bytes"] / 2**20, ".1f")]
+        if dec:
+            cb = r.get("cache_bytes")
+            row.append("-" if not cb else f"{(cb['self'] + cb['cross']) / 1024:.1f}")
+        row += [_fmt_num(a.get("max_abs"), ".2e"), _fmt_num(a.get("max_rel"), ".2e"), _fmt_num(a.get("cosine"), ".6f")]
         if dec:
             row.append(_fmt_num(a.get("top1"), ".3f"))
         if vs:
@@ -605,6 +614,8 @@ def markdown(res: dict[str, Any], title: str | None = None, notes: Sequence[str]
            "- peak RSS: the process's resident-set high-water mark while that configuration ran (reset before each "
            "of its turns); it includes what the process already held (the loaded model, imported libraries); "
            "+Δ is the growth above the RSS at the configuration's start",
+           *(["- cache KiB b=1: what the KV caches hold at batch 1 after the run's tokens (self-attention, plus "
+              "the cross-attention K/V of an encoder–decoder; an int8 cache with its scales)"] if m["decoder"] else []),
            *[f"- {n}" for n in notes], "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in body]

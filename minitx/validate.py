@@ -423,7 +423,12 @@ def _shadow_graph(graph: Graph, layer: int, out_value: str, env: dict[str, np.nd
         return None
     inputs = [Value(i, tuple(env[i].shape), str(env[i].dtype)) for i in ext]
     params = {k: v for k, v in graph.params.items() if any(k in n.inputs for n in nodes)}
-    return Graph(inputs, [out_value], params, [n for n in nodes])
+    g = Graph(inputs, [out_value], params, [n for n in nodes])
+    try:   # an outside value the rewrite reshaped (T5's shared position bias, narrowed with the
+        g.infer()   # heads pruned from every layer) cannot feed the layer alone: no shadow for it
+    except MinitxError:
+        return None
+    return g
 
 
 def _float(a: np.ndarray) -> bool:

@@ -22,7 +22,9 @@ Modes (the shorthand ``quant:MODE``):
                 without quantization-aware training: use them with ``minitx qat``
 ``float16``     weights cast to float16; ``bfloat16`` likewise (stored as uint16 bit patterns)
 ``kv8``         only the KV cache in int8 (per token and head); ``kv=int8`` adds it to any mode,
-                on top of a sparse attention pattern too (``sparse_attention_kv8``)
+                on top of a sparse attention pattern too (``sparse_attention_kv8``); on an
+                encoder–decoder every cache: the decoder's and the cross-attention K/V (see
+                "encoder–decoder caches" below)
 ``none``        no weight quantization (with ``kv=int8``)
 ==============  ==============================================================================
 
@@ -361,6 +363,97 @@ def _kv_rule(node: Node, ctx: Context) -> Replacement | None:
     return Replacement([new], inputs=new_inputs, outputs=graph_outs)
 
 
+# ------------------------------------------------------------------ encoder–decoder caches
+# An encoder–decoder (minitx/models/transformer.py) has caches the rule above does not see: the
+# cross-attention K/V (``cross.{i}.k/v``, split from a projection of the encoder output, computed
+# once per input and read by every decode step) and T5's decoder self-attention cache
+# (``present.{i}.k = concat(past.{i}.k, k)``, read by ``cross_attention`` with the position
+# bias). kv=int8 rounds each where it is made (``quantize_heads``: int8 plus a scale per token
+# and head, kept under the same value name with the scales beside it as ``{name}_scale``) and
+# the ``cross_attention`` reading it becomes ``cross_attention_kv8``. The cross K/V are thus
+# quantized in the encoder part of the graph (minitx/seq2seq.py cuts at ``cross.*``): once per
+# input, handed to the decoder as int8. The three rules decide with the same predicate, so in a
+# sweep either a cache and all its readers change together or nothing does.
+def _kv_wanted(node: Node, ctx: Context) -> bool:
+    return (ctx.options["kv"] == "int8" or ctx.options["mode"] == "kv8") and not _skipped(node, ctx.options)
+
+
+def _seq2seq_cache(value: str, ctx: Context) -> bool:
+    """``value`` is a float cross-attention K/V or T5 self-attention cache, read by cross_attention only."""
+    prod = ctx.producer(value)
+    if prod is None or not _kv_wanted(prod, ctx):
+        return False
+    if prod.op == "split":
+        made = value.startswith("cross.") and all(o.startswith("cross.") for o in prod.outputs)
+    elif prod.op == "concat":
+        # (not yet quantized: the new K/V is not a quantize_heads output; the graph's declared
+        # inputs change mid-sweep, the producers seen by the rules do not)
+        past, new = (prod.inputs + [""])[:2]
+        made = (len(prod.inputs) == 2 and past.startswith("past.") and past in {v.name for v in ctx.graph.inputs}
+                and getattr(ctx.producer(new), "op", "") != "quantize_heads" and value in ctx.graph.outputs)
+    else:
+        return False
+    readers = ctx.consumers(value)
+    return made and bool(readers) and all(r.op == "cross_attention" and value in r.inputs[1:3] for r in readers)
+
+
+def _kv8_reader(node: Node, ctx: Context) -> bool:
+    """``node`` (a cross_attention) will read int8 K/V: both its caches are quantized, and none of
+    their readers is skipped."""
+    if node.op != "cross_attention" or not _kv_wanted(node, ctx):
+        return False
+    kv = node.inputs[1:3]
+    return all(_seq2seq_cache(x, ctx) and all(_kv_wanted(r, ctx) for r in ctx.consumers(x)) for x in kv)
+
+
+def _heads_of(value: str, ctx: Context) -> int:
+    return int(ctx.consumers(value)[0].attrs["n_heads"])
+
+
+def _cross_kv_rule(node: Node, ctx: Context) -> Replacement | None:
+    """split → cross.{i}.k/v  ⇒  split → float K/V → quantize_heads → cross.{i}.k/v (int8) + scales."""
+    if not node.outputs or not all(_seq2seq_cache(o, ctx) and all(_kv8_reader(r, ctx) for r in ctx.consumers(o))
+                                   for o in node.outputs):
+        return None
+    floats = [ctx.fresh(f"{node.name}.{o.rsplit('.', 1)[-1]}") for o in node.outputs]  # not cross.*: not cut
+    new = [Node(node.name, node.op, list(node.inputs), floats, dict(node.attrs), dict(node.tags))]
+    for o, f in zip(node.outputs, floats):
+        new.append(ctx.node("quantize_heads", [f], [o, f"{o}_scale"], name=f"{node.name}.q8.{o.rsplit('.', 1)[-1]}",
+                            tags=node.tags, n_heads=_heads_of(o, ctx)))
+    return Replacement(new)
+
+
+def _self_kv_rule(node: Node, ctx: Context) -> Replacement | None:
+    """present = concat(past, k) (T5)  ⇒  present = concat(past int8, quantize_heads(k)), and the
+    scales likewise: ``past.{i}.k_scale`` in, ``present.{i}.k_scale`` out."""
+    present = node.outputs[0]
+    if not (_seq2seq_cache(present, ctx) and all(_kv8_reader(r, ctx) for r in ctx.consumers(present))):
+        return None
+    past, new_kv = node.inputs
+    H = _heads_of(present, ctx)
+    decl = {v.name: v for v in ctx.graph.inputs}[past]
+    B, S, W = decl.shape
+    kq, ks = f"{node.name}.q8", f"{node.name}.q8_scale"
+    quant = ctx.node("quantize_heads", [new_kv], [ctx.fresh(kq), ctx.fresh(ks)], name=f"{node.name}.q8",
+                     tags=node.tags, n_heads=H)
+    cat = Node(node.name, "concat", [past, quant.outputs[0]], [present], dict(node.attrs), dict(node.tags))
+    cat_s = ctx.node("concat", [f"{past}_scale", quant.outputs[1]], [f"{present}_scale"], name=f"{node.name}.scale",
+                     tags=node.tags, **node.attrs)
+    return Replacement([quant, cat, cat_s], inputs=[Value(past, (B, S, W), "int8"), Value(f"{past}_scale", (B, S, H),
+                                                                                       decl.dtype)],
+                       outputs=[f"{present}_scale"])
+
+
+def _kv8_read_rule(node: Node, ctx: Context) -> Replacement | None:
+    """cross_attention over caches the two rules above quantize ⇒ cross_attention_kv8 over them."""
+    if not _kv8_reader(node, ctx):
+        return None
+    q, k, v, *rest = node.inputs
+    rest = (rest + ["", ""])[:2]
+    return Replacement([Node(node.name, "cross_attention_kv8", [q, k, f"{k}_scale", v, f"{v}_scale", *rest],
+                             list(node.outputs), dict(node.attrs), {**node.tags, "quant": "kv8"})])
+
+
 # ------------------------------------------------------------------ quantization-aware training
 def _qat_weight_attrs(opts: Mapping[str, Any], mode: str, n_in: int) -> dict[str, Any]:
     """fake_quant attributes that reproduce the packed linear weights of ``mode``."""
@@ -498,7 +591,8 @@ class QuantPlugin(Plugin):
                 Rule("quant.sparse_linear", "sparse_linear", _compact_rule), Rule("quant.nm_linear", "nm_linear", _compact_rule),
                 Rule("quant.embedding", "embedding", _embedding_rule),
                 Rule("quant.lm_head", "matmul", _lm_head_rule), Rule("quant.kv_cache", "attention", _kv_rule),
-                Rule("quant.kv_cache", "sparse_attention", _kv_rule)]
+                Rule("quant.kv_cache", "sparse_attention", _kv_rule), Rule("quant.cross_kv", "split", _cross_kv_rule),
+                Rule("quant.kv_cache", "concat", _self_kv_rule), Rule("quant.kv8_read", "cross_attention", _kv8_read_rule)]
 
     def uses_calibration(self, opts: Mapping[str, Any]) -> bool:
         return bool(opts.get("sensitive"))

@@ -16,8 +16,9 @@ pattern beyond. Weights (``weights=``), on the linears inside the Transformer bl
 ``nm``          N:M structured (``n``:``m``, 2:4 by default): per output, n of every m inputs
 ``heads``       remove whole attention heads (KV groups under GQA) of lowest calibrated importance,
                 in self- and cross-attention (an encoder–decoder's cross-attention keys/values
-                shrink with its heads; T5's self-attention heads stay: their relative-position
-                bias is shared by all layers)
+                shrink with its heads; T5's self-attention keeps one set of heads per stack,
+                those most important summed over its layers, as its relative-position table
+                gives head h the same bias column in every layer: the table keeps those columns)
 ``ffn``         remove MLP neurons of lowest calibrated importance ‖a_j‖·‖W_down[j]‖
 ==============  ==============================================================================
 
@@ -277,7 +278,8 @@ class SparsityPlugin(Plugin):
             out.append(Rule(f"sparsity.{method}", "linear", _pruned_linear_rule))
         elif method == "heads":
             out += [Rule("sparsity.heads", op, _heads_rule)
-                    for op in ("linear", "split", "rope", "attention", "cross_attention")]
+                    for op in ("linear", "split", "rope", "attention", "cross_attention", "concat",
+                               "relative_position_bias")]
         elif method == "ffn":
             out.append(Rule("sparsity.ffn", "linear", _ffn_rule))
         return out
@@ -429,7 +431,7 @@ def _cross_blocks(graph: Graph) -> list[dict[str, Node]]:
     """Per ``cross_attention`` node without a position bias (an encoder–decoder's cross-attention):
     its query linear, the linear and split making its keys/values from the encoder output (run
     once per input at generation), and its output linear. T5's self-attention is a
-    ``cross_attention`` too, but with the relative-position bias all layers share: its heads stay."""
+    ``cross_attention`` too, but with the relative-position bias its stack shares (:func:`_t5_blocks`)."""
     prod, cons = graph.producers(), graph.consumers()
     blocks = []
     for a in graph.nodes:
@@ -447,15 +449,67 @@ def _cross_blocks(graph: Graph) -> list[dict[str, Node]]:
     return blocks
 
 
+def _t5_blocks(graph: Graph) -> list[dict[str, Node]]:
+    """Per ``cross_attention`` biased by a ``relative_position_bias`` (T5's self-attention): its
+    qkv linear and split, the concats onto the decoder's cache (``cache_k``/``cache_v``, if any),
+    the output linear, and the bias node its stack shares (``relpos``)."""
+    prod, cons = graph.producers(), graph.consumers()
+    blocks = []
+    for a in graph.nodes:
+        if a.op != "cross_attention" or len(a.inputs) < 5 or not a.inputs[4]:
+            continue
+        rp, split = prod.get(a.inputs[4]), prod.get(a.inputs[0])
+        if rp is None or rp.op != "relative_position_bias" or split is None or split.op != "split" \
+                or len(split.outputs) != 3:
+            continue
+        parts: dict[str, Node] = {"t5attn": a, "split": split, "relpos": rp}
+        for key, x, j in (("cache_k", a.inputs[1], 1), ("cache_v", a.inputs[2], 2)):
+            src = prod.get(x)
+            if src is not None and src.op == "concat" and len(src.inputs) == 2:
+                parts[key], x = src, src.inputs[1]
+            if x != split.outputs[j]:
+                break
+        else:
+            qkv, outs = prod.get(split.inputs[0]), cons.get(a.outputs[0], [])
+            if (qkv is not None and qkv.op == "linear" and len(outs) == 1 and outs[0].op == "linear"
+                    and qkv.inputs[1] in graph.params and outs[0].inputs[1] in graph.params
+                    and rp.inputs[0] in graph.params):
+                parts["qkv"], parts["out"] = qkv, outs[0]
+                blocks.append(parts)
+    return blocks
+
+
 def _plan_heads(graph: Graph, params: Mapping[str, np.ndarray], opts: Mapping[str, Any],
                 calib: CalibrationData | None) -> dict[str, tuple[str, KeptHeads]]:
     """node name → its role and the kept query/KV heads of its attention block, from calibration."""
-    blocks, cross = _attention_blocks(graph), _cross_blocks(graph)
-    if not blocks and not cross:
+    blocks, cross, t5 = _attention_blocks(graph), _cross_blocks(graph), _t5_blocks(graph)
+    if not blocks and not cross and not t5:
         raise MinitxError("sparsity: heads pruning found no qkv → attention → out block")
     acts = calibration_run(graph, params, [b["attn"].outputs[0] for b in blocks]
-                           + [b["cross"].outputs[0] for b in cross], calib)
+                           + [b["cross"].outputs[0] for b in cross]
+                           + [b["t5attn"].outputs[0] for b in t5], calib)
     plan: dict[str, tuple[str, KeptHeads]] = {}
+    stacks: dict[str, list[dict[str, Node]]] = {}
+    for b in t5:
+        stacks.setdefault(b["relpos"].name, []).append(b)
+    readers = graph.consumers()
+    for bs in stacks.values():   # T5: one set of heads per stack, the bias table's columns with them
+        rp = bs[0]["relpos"]
+        if {n.name for n in readers.get(rp.outputs[0], [])} != {b["t5attn"].name for b in bs}:
+            continue   # the bias feeds something else too: its heads stay
+        H = int(bs[0]["t5attn"].attrs["n_heads"])
+        D = params[bs[0]["out"].inputs[1]].shape[0] // H
+        score = sum(head_importance(np.concatenate(acts[b["t5attn"].outputs[0]]), params[b["out"].inputs[1]], H)
+                    for b in bs)
+        heads = keep_top(score, opts["sparsity"])
+        cols = np.concatenate([np.arange(h * D, (h + 1) * D) for h in heads])
+        info = KeptHeads(len(heads), len(heads), cols, np.concatenate([cols, H * D + cols, 2 * H * D + cols]),
+                         [len(cols)] * 3, heads.tolist())
+        plan[rp.name] = ("relpos", info)
+        for b in bs:
+            for key in ("t5attn", "qkv", "split", "out", "cache_k", "cache_v"):
+                if key in b:
+                    plan[b[key].name] = (key, info)
     for b in cross:   # keys/values from the encoder, one unit = one head
         a = b["cross"]
         H = int(a.attrs["n_heads"])
@@ -502,8 +556,10 @@ def _heads_rule(node: Node, ctx: Context) -> Replacement | None:
         ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[:, info.q_cols])
         if len(ins) > 2 and ins[2]:
             ins[2] = ctx.add_param(ins[2] + ".heads", ctx.param(ins[2])[info.q_cols])
-    elif role == "cross":
+    elif role in ("cross", "t5attn"):
         attrs["n_heads"] = info.n_heads
+    elif role == "relpos":   # (num_buckets, H) → the kept heads' columns
+        ins[0] = ctx.add_param(ins[0] + ".heads", ctx.param(ins[0])[:, np.asarray(info.groups)])
     elif role == "out":
         ins[1] = ctx.add_param(ins[1] + ".heads", ctx.param(ins[1])[info.q_cols])
     elif role == "split":
@@ -515,14 +571,14 @@ def _heads_rule(node: Node, ctx: Context) -> Replacement | None:
     elif role == "attn":
         attrs["n_heads"], attrs["n_kv_heads"] = info.n_heads, info.n_kv_heads
     redeclared = []
-    if role == "attn":  # the KV cache inputs narrow with the kept KV heads
+    if role in ("attn", "cache_k", "cache_v"):  # the KV cache inputs narrow with the kept KV heads
         width = info.sizes[1]
-        for name in ins[3:5]:
+        for name in (ins[3:5] if role == "attn" else ins[:1]):
             v = next((v for v in ctx.graph.inputs if v.name == name), None) if name else None
             if v is not None:
                 redeclared.append(Value(v.name, (*v.shape[:-1], width), v.dtype))
     new = Node(ctx.fresh(node.name + ".heads"), node.op, ins, list(node.outputs), attrs,
-               {**node.tags, "kept_kv_groups": info.groups} if role in ("attn", "cross") else dict(node.tags))
+               {**node.tags, "kept_kv_groups": info.groups} if role in ("attn", "cross", "t5attn") else dict(node.tags))
     return Replacement([new], inputs=redeclared)
 
 

@@ -856,6 +856,37 @@ def test_cross_attention_grad(seed, B, T, extra, H, D, causal, pad, bias, scale)
     assert _vjp("cross_attention", [q, k, v, mask, b], attrs)[3] is None
 
 
+@covers("quantize_heads")
+@FAST
+@given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 3), H=st.integers(1, 3), D=st.integers(1, 4))
+def test_quantize_heads_grad(seed, B, T, H, D):
+    """kv=int8's rounding of a K/V: no gradient through round(), the scale's through max|x|."""
+    x = _far_from_rounding(_rng(seed), (B, T, H, D)).reshape(B, T, H * D)
+    _check("quantize_heads", [x], {"n_heads": H}, seed=seed, atol=1e-6)
+
+
+@covers("cross_attention_kv8")
+@FAST
+@given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 3), extra=st.integers(0, 3), H=st.integers(1, 2),
+       D=st.sampled_from([1, 2, 3]), causal=st.booleans(), pad=st.booleans(),
+       bias=st.sampled_from([None, "shared", "per_row"]))
+def test_cross_attention_kv8_grad(seed, B, T, extra, H, D, causal, pad, bias):
+    """cross_attention over int8 K/V: gradients for q, the K/V scales and the bias."""
+    from minitx.ops.quant import quantize_heads
+
+    rng = _rng(seed)
+    S = T + extra
+    q = rng.standard_normal((B, T, H * D))
+    kq, ks = quantize_heads(rng.standard_normal((B, S, H * D)), H)
+    vq, vs = quantize_heads(rng.standard_normal((B, S, H * D)), H)
+    mask = (np.arange(S)[None] < rng.integers(1, S + 1, size=(B, 1))).astype(np.int64) if pad else None
+    b = None if bias is None else rng.standard_normal((1 if bias == "shared" else B, H, T, S))
+    ins = [q, kq, ks, vq, vs, mask, b]
+    attrs = {"n_heads": H, "causal": causal, "scale": 0.5}
+    _check("cross_attention_kv8", ins, attrs, seed=seed, atol=1e-6)   # scale grads are ~127x the values'
+    assert [g is None for g in _vjp("cross_attention_kv8", ins, attrs)[1:6:2]] == [True] * 3
+
+
 @covers("relative_position_bias")
 @FAST
 @given(seed=seeds, B=st.integers(1, 2), T=st.integers(1, 4), S=st.integers(1, 9), H=st.integers(1, 3),

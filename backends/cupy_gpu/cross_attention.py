@@ -1,4 +1,5 @@
-"""Cross-attention (and T5's biased self-attention) on the GPU (spec: minitx/ops/cross_attention.py).
+"""Cross-attention (and T5's biased self-attention) on the GPU (spec: minitx/ops/cross_attention.py;
+also its int8 forms for kv=int8, ``cross_attention_kv8`` and ``quantize_heads``).
 UNTESTED ON HARDWARE so far.
 
 Without a bias this is attention.py's ``sdpa`` over whole given K/V (same causal offset, mask and
@@ -14,6 +15,8 @@ import math
 
 import cupy as cp
 import numpy as np
+
+from minitx.ops import quant as Q
 
 from ._cuda import contiguous, function, source, threads
 from .attention import DECODE_MAX_KEYS, DECODE_MAX_QUERIES, _mask_arg, sdpa
@@ -56,4 +59,26 @@ def cross_attention(q, k, v, mask=None, bias=None, *, n_heads, causal=False, sca
     return cp.matmul(p, vh).transpose(0, 2, 1, 3).reshape(B, T, HD)
 
 
-KERNELS = {"cross_attention": cross_attention}
+def cross_attention_kv8(q, k, k_scale, v, v_scale, mask=None, bias=None, *, n_heads, causal=False, scale=None):
+    """Over int8 K/V with a scale per token and head (the quant plugin's kv=int8). Without a bias
+    — the decoder's cross-attention — attention.py's ``sdpa`` reads the int8 rows with their
+    scales (its fused ``attn_decode_q8`` for a decode step, the cache dequantized around cuBLAS
+    for more queries); with T5's bias the K/V are dequantized on the device for the float path
+    above (correct, not fast: T5's self-attention cache is short)."""
+    dt = q.dtype
+    KS, VS = contiguous(k_scale, dt), contiguous(v_scale, dt)
+    if bias is None:
+        return sdpa(q, contiguous(k), KS, contiguous(v), VS, mask, n_heads=n_heads, n_kv_heads=n_heads,
+                    causal=causal, scale=scale)
+    return cross_attention(q, Q.dequantize_heads(contiguous(k), KS), Q.dequantize_heads(contiguous(v), VS), mask,
+                           bias, n_heads=n_heads, causal=causal, scale=scale)
+
+
+def quantize_heads(x, *, n_heads):
+    """int8 per token and head: the spec's own ``quantize_heads``, its NumPy calls dispatched to
+    CuPy for a device array (as quant.py's ``attention_kv8`` quantizes the new tokens)."""
+    return Q.quantize_heads(contiguous(x), n_heads)
+
+
+KERNELS = {"cross_attention": cross_attention, "cross_attention_kv8": cross_attention_kv8,
+           "quantize_heads": quantize_heads}

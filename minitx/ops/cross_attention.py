@@ -60,6 +60,8 @@ def cross_attention_infer(shapes, dtypes, *, n_heads, causal=False, scale=None):
     op = "cross_attention"
     require(len(q) == 3 and len(k) == 3 and len(v) == 3, op, f"q, k, v must be (B, T, H·D), got {q}, {k}, {v}")
     require(q[-1] % n_heads == 0, op, f"q width {q[-1]} is not divisible by n_heads {n_heads}")
+    require(not any("int" in str(d) for d in dtypes[:3]), op,
+            f"q, k, v must be floating point, got {dtypes[:3]} (int8 K/V: cross_attention_kv8)")
     B, T, S = q[0], q[1], k[1]
     require(tuple(k) == (B, S, q[2]) and tuple(v) == (B, S, q[2]), op,
             f"k {k} and v {v} must be (batch {B}, S, width {q[2]})")
@@ -121,4 +123,131 @@ add_cases("cross_attention", [
     Case("batch 1", _cross_inputs(1, 3, 5, 2, 8), "batch"),
     Case("batch 16, padded", _cross_inputs(16, 2, 6, 2, 4, pad=True), "batch"),
     viewed(Case("decoder over padded encoder", _cross_inputs(3, 4, 9, 4, 8, pad=True))),
+])
+
+
+# ------------------------------------------------------------------ int8 K/V (the quant plugin's kv=int8)
+# An encoder–decoder keeps two kinds of cache: the decoder's self-attention K/V, growing by one
+# token per step, and the cross-attention K/V, computed once per input from the encoder output
+# and read by every step. With ``kv=int8`` both are int8 with a float scale per token and head
+# (the decoder-only ``attention_kv8``'s format, minitx/ops/quant.py): ``quantize_heads`` rounds
+# them once where they are made, and ``cross_attention_kv8`` reads them.
+from .quant import _scale_vjp, dequantize_heads, quantize_heads  # noqa: E402
+from .cases import int8_grid  # noqa: E402
+
+
+def quantize_heads_op(x, *, n_heads):
+    """(B, T, H·D) → (int8 (B, T, H·D), scale (B, T, H)): symmetric int8, one scale per token and
+    head (max |x| / 127 over the head's D values; an all-zero head has scale 0)."""
+    return quantize_heads(x, n_heads)
+
+
+def quantize_heads_vjp(grads, inputs, outputs, *, n_heads):
+    # The int8 values are round(x / s): flat almost everywhere, no gradient. The scale moves with
+    # the one element of largest magnitude in its head.
+    _, g_scale = grads
+    (x,) = inputs
+    B, T, HD = x.shape
+    return (_scale_vjp(x.reshape(B, T, n_heads, HD // n_heads), g_scale[..., None]).reshape(B, T, HD),)
+
+
+def quantize_heads_infer(shapes, dtypes, *, n_heads):
+    (x,) = shapes
+    op = "quantize_heads"
+    require(len(x) == 3 and x[-1] % n_heads == 0, op, f"x must be (B, T, H·D) with H = {n_heads}, got {x}")
+    require(str(dtypes[0]).startswith("float"), op, f"x must be floating point, got {dtypes[0]}")
+    return [(tuple(x), "int8"), ((x[0], x[1], n_heads), dtypes[0])]
+
+
+register("quantize_heads", quantize_heads_op, quantize_heads_vjp, quantize_heads_infer,
+         flops=lambda s, o, **a: 3 * int(np.prod(s[0])), vjp_uses_outputs=False)
+
+
+@wide_forward
+def cross_attention_kv8(q, k, k_scale, v, v_scale, mask=None, bias=None, *, n_heads, causal=False, scale=None):
+    """``cross_attention`` over int8 keys/values with a scale per token and head:
+    softmax(Q (K·s_k)ᵀ · scale + bias) (V·s_v) per head (see the module doc)."""
+    return cross_attention(q, dequantize_heads(k, k_scale), dequantize_heads(v, v_scale), mask, bias,
+                           n_heads=n_heads, causal=causal, scale=scale)
+
+
+@wide_vjp
+def cross_attention_kv8_vjp(grads, inputs, outputs, *, n_heads, causal=False, scale=None):
+    q, k, ks, v, vs, mask, bias = inputs
+    kd, vd = dequantize_heads(k, ks), dequantize_heads(v, vs)
+    gq, gkd, gvd, _, gbias = cross_attention_vjp(grads, (q, kd, vd, mask, bias), None, n_heads=n_heads,
+                                                 causal=causal, scale=scale)
+
+    def scale_grad(x, g):   # d(x·s)/ds summed over the head's D values
+        B, S, HD = x.shape
+        return (g.reshape(B, S, n_heads, HD // n_heads) * x.reshape(B, S, n_heads, HD // n_heads)).sum(-1)
+    return gq, None, scale_grad(k, gkd), None, scale_grad(v, gvd), None, gbias
+
+
+def cross_attention_kv8_infer(shapes, dtypes, *, n_heads, causal=False, scale=None):
+    q, k, ks, v, vs, mask, bias = shapes
+    op = "cross_attention_kv8"
+    require(str(dtypes[1]) == "int8" and str(dtypes[3]) == "int8", op,
+            f"k and v must be int8, got {dtypes[1]}/{dtypes[3]}")
+    require(len(k) == 3, op, f"k must be (B, S, H·D), got {k}")
+    want = (k[0], k[1], n_heads)
+    require(tuple(ks) == want and tuple(vs) == want, op, f"scales {ks}/{vs} must be (batch, keys, heads) = {want}")
+    return cross_attention_infer([q, k, v, mask, bias], [dtypes[0], dtypes[0], dtypes[0], None, None],
+                                 n_heads=n_heads, causal=causal, scale=scale)
+
+
+def cross_attention_kv8_flops(shapes, outs, **attrs):
+    return cross_attention_flops([shapes[0], shapes[1]], outs, **attrs) + 2 * 2 * int(np.prod(shapes[1]))
+
+
+register("cross_attention_kv8", cross_attention_kv8, cross_attention_kv8_vjp, cross_attention_kv8_infer,
+         flops=cross_attention_kv8_flops, nondiff=(1, 3, 5), n_optional=2, vjp_uses_outputs=False)
+
+
+def _kv8_case(B: int, T: int, S: int, H: int, D: int, **kw) -> Make:
+    """``_cross_inputs``' configuration with K/V on the int8 grid of each head, quantized (exactly,
+    in every dtype) to int8 plus scales: the spec in float64 and a kernel in float16 read the same."""
+    base = _cross_inputs(B, T, S, H, D, **kw)
+
+    def make(r, d):
+        (q, k, v, mask, bias), attrs = base(r, d)
+        # the grid's values reach ±16; 1/8 of them (exact) keeps the scores randn-sized
+        kq, ks = quantize_heads(int8_grid(r, k.shape, d, H) / 8, H)
+        vq, vs = quantize_heads(int8_grid(r, v.shape, d, H) / 8, H)
+        return (q, kq, ks, vq, vs, mask, bias), attrs
+    return make
+
+
+def _quantize_case(B: int, T: int, H: int, D: int, zero_head: bool = False) -> Make:
+    """x on each head's int8 grid: its quantization is exact in every dtype."""
+    def make(r, d):
+        x = int8_grid(r, (B, T, H * D), d, H)
+        if zero_head:
+            x[:, :, :D] = 0   # an all-zero head: scale 0, values 0
+        return (x,), {"n_heads": H}
+    return make
+
+
+add_cases("quantize_heads", [
+    Case("encoder output, 4 heads", _quantize_case(2, 9, 4, 16)),
+    Case("one decode token", _quantize_case(3, 1, 2, 8)),
+    Case("an all-zero head", _quantize_case(2, 3, 2, 4, zero_head=True), "zeros"),
+    *[Case(f"{t} tokens, D {d}", _quantize_case(1, t, 2, d), "sizes") for t, d in ((1, 1), (7, 3), (65, 9))],
+    Case("batch 16", _quantize_case(16, 2, 2, 4), "batch"),
+    viewed(Case("encoder output, 4 heads", _quantize_case(2, 9, 4, 16))),
+])
+add_cases("cross_attention_kv8", [
+    Case("decoder over int8 encoder K/V", _kv8_case(2, 5, 7, 2, 8)),
+    Case("decode step over padded int8 encoder K/V", _kv8_case(3, 1, 11, 4, 16, pad=True)),
+    Case("T5 decoder, causal over int8 past + new, per-row bias", _kv8_case(2, 3, 8, 2, 4, causal=True,
+                                                                            bias="per-row")),
+    Case("T5 decode step, shared bias", _kv8_case(2, 1, 6, 2, 8, causal=True, bias="shared")),
+    Case("fully padded source row", _kv8_case(2, 3, 5, 2, 4, dead_row=True), "masked"),
+    Case("fully padded source row, with bias", _kv8_case(3, 1, 6, 2, 4, dead_row=True, bias="shared"), "masked"),
+    Case("large scores", _kv8_case(2, 4, 9, 2, 8, pad=True, scale=12.0), "large"),
+    Case("zero queries (uniform)", _kv8_case(2, 5, 7, 2, 8, scale=0.0), "zeros"),
+    *[Case(f"{t} queries over {s} keys", _kv8_case(1, t, s, 2, 8), "sizes")
+      for t, s in ((1, 1), (7, 9), (9, 17), (17, 65))],
+    Case("batch 16, padded", _kv8_case(16, 1, 6, 2, 4, pad=True), "batch"),
+    viewed(Case("decode step over padded int8 encoder K/V", _kv8_case(3, 1, 11, 4, 16, pad=True))),
 ])
