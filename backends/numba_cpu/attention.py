@@ -226,9 +226,100 @@ def _sdpa_gemm(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
                     o[d] = acc[i, d] * inv
 
 
-_SDPA, _SDPA_GEMM = kernel(_sdpa), kernel(_sdpa_gemm)
+def _sdpa_short(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
+    """Prefill over few keys (at most SHORT_KEYS): one task per (batch, head), register blocks.
+
+    Scores come two queries at a time against four keys at a time, each a dot product along the
+    keys' contiguous head slices read in place (eight independent reductions per pass over d,
+    each q and k element loaded once for two or four of them); then per query the softmax over its
+    row and the weighted sum of values, four value rows per pass (``_mix_values``). Why not
+    _sdpa_gemm's BLAS tiles here: at MiniLM's 16-token sentences (S = 16, D = 32) a tile is one
+    tiny GEMM per (batch, head) each way, whose call and packing cost is as large as its 8K
+    multiply-adds (measured beside it: SHORT_KEYS). Masked keys weigh exactly 0 (``vis``); a query with
+    no visible key averages V like the spec; an odd last query is computed as its own pair.
+    """
+    B, T, HD = q.shape
+    D = HD // H
+    G = H // KV
+    past = S - T
+    ninf = zero - np.float32(np.inf)
+    for task in prange(B * H):
+        b = task // H
+        h = task % H
+        lo = (h // G) * D
+        vis = np.empty(S, q.dtype)
+        for s in range(S):
+            vis[s] = zero if has_mask and mask[b, s] == 0 else zero + 1
+        sc = np.empty((2, S), q.dtype)
+        acc = np.empty(D, q.dtype)
+        for t0 in range(0, T, 2):
+            t1 = min(t0 + 1, T - 1)
+            qa = q[b, t0, h * D:(h + 1) * D]
+            qb = q[b, t1, h * D:(h + 1) * D]
+            n = min(S, past + t1 + 1) if causal else S
+            s = 0
+            while s + 4 <= n:
+                k0, k1 = K[b, s, lo:lo + D], K[b, s + 1, lo:lo + D]
+                k2, k3 = K[b, s + 2, lo:lo + D], K[b, s + 3, lo:lo + D]
+                a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = zero
+                for d in range(D):
+                    x, y = qa[d], qb[d]
+                    e0, e1, e2, e3 = k0[d], k1[d], k2[d], k3[d]
+                    a0 += x * e0
+                    a1 += x * e1
+                    a2 += x * e2
+                    a3 += x * e3
+                    c0 += y * e0
+                    c1 += y * e1
+                    c2 += y * e2
+                    c3 += y * e3
+                sc[0, s], sc[0, s + 1], sc[0, s + 2], sc[0, s + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+                sc[1, s], sc[1, s + 1], sc[1, s + 2], sc[1, s + 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
+                s += 4
+            while s < n:
+                ks = K[b, s, lo:lo + D]
+                a0 = c0 = zero
+                for d in range(D):
+                    a0 += qa[d] * ks[d]
+                    c0 += qb[d] * ks[d]
+                sc[0, s], sc[1, s] = a0 * scale, c0 * scale
+                s += 1
+            for i in range(t1 - t0 + 1):
+                t = t0 + i
+                row = sc[i]
+                ni = min(S, past + t + 1) if causal else S
+                m = ninf
+                for j in range(ni):
+                    if vis[j] != zero and row[j] > m:
+                        m = row[j]
+                o = out[b, t, h * D:(h + 1) * D]
+                if m == ninf:  # nothing visible: uniform over all keys, like the spec
+                    mean_values(V, V, False, b, h // G, S, o)
+                    continue
+                total = zero
+                for j in range(ni):
+                    p = exp(row[j] - m) * vis[j]
+                    row[j] = p
+                    total += p
+                for d in range(D):
+                    acc[d] = zero
+                _mix_values(row, ni, V[b], 0, lo, acc)
+                inv = 1.0 / total
+                for d in range(D):
+                    o[d] = acc[d] * inv
+
+
+_SDPA, _SDPA_GEMM, _SDPA_SHORT = kernel(_sdpa), kernel(_sdpa_gemm), kernel(_sdpa_short)
 NO_SCALES = np.zeros((1, 1, 1), np.float32)  # _sdpa's unread KS / VS for a float cache
 PREFILL_MIN_QUERIES = 8  # from here on the GEMM tiles (_sdpa_gemm); fewer queries take a dot product per key
+# Prefill over at most SHORT_KEYS keys takes _sdpa_short. CPU time of one MiniLM layer (12 heads of
+# 32) at batch 32, short / gemm, one thread, 15 rounds alternating (load average 4-6): 16 keys
+# 0.86x, 32 0.69x, 48 (batch 4) 0.96x, 64 1.16x, 128 1.37x.
+SHORT_KEYS = 48
+# _sdpa_short's tasks are a few microseconds each: from this many multiply-adds on (MiniLM at
+# 32 x 16: 3.1M, about 1 ms on one core) they are worth waking numba's other threads for; the
+# shared default (PARALLEL_MIN, 16M) would keep a 32-sentence batch on one core.
+SHORT_PARALLEL_MIN = 1 << 20
 
 
 def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
@@ -250,8 +341,10 @@ def sdpa(q, K, KS, V, VS, mask, *, n_heads: int, n_kv_heads: int, causal: bool, 
     work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
     quantized = KS is not None
     if q.shape[1] >= PREFILL_MIN_QUERIES and not quantized:
-        pick(_SDPA_GEMM, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads,
-                                  n_kv_heads, qc.dtype.type(0), out)
+        short = K.shape[1] <= SHORT_KEYS
+        fn = pick(_SDPA_SHORT, work, SHORT_PARALLEL_MIN) if short else pick(_SDPA_GEMM, work)
+        fn(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads, n_kv_heads,
+           qc.dtype.type(0), out)
         return out
     pick(_SDPA, work)(qc, storage(K), storage(KS) if quantized else NO_SCALES, storage(V),
                       storage(VS) if quantized else NO_SCALES, quantized, K.shape[1], m, has_mask, bool(causal), scale,
