@@ -99,7 +99,7 @@ def _short(q, k, v, mask, H, KV, causal):
     D = q.shape[-1] // H
     outs = [np.empty_like(q), np.empty_like(q)]
     for fn, out in zip(nba._SDPA_SHORT, outs):   # the parallel and the serial build
-        fn(q, k, v, k.shape[1], m, has, causal, np.float32(1 / np.sqrt(D)), H, KV, np.float32(0), out)
+        fn(q, 0, k, 0, v, 0, k.shape[1], m, has, causal, np.float32(1 / np.sqrt(D)), H, KV, np.float32(0), out)
     np.testing.assert_array_equal(outs[0], outs[1])
     return outs[0]
 
@@ -127,6 +127,26 @@ def test_short_prefill_padding_and_fully_masked_rows(causal) -> None:
     out = _short(q, k, v, mask, H, H, causal)
     np.testing.assert_allclose(out, _ref(q, k, v, mask, **kw), atol=TOL, rtol=0)
     np.testing.assert_allclose(out[1, :, D:2 * D], np.broadcast_to(v[1, :, D:2 * D].mean(axis=0), (T, D)), atol=TOL)
+
+
+@pytest.mark.parametrize("lead", [0, 3])
+def test_short_prefill_reads_a_fused_projection_in_place(lead) -> None:
+    """The encoder's case: q, k, v are column slices of one (B, T, lead + 3·H·D) projection and no
+    cache; ``attention`` reads them where they lie (at column offsets, ``lead`` columns in not a
+    multiple of the head width) with padding and a fully masked row, and returns k and v as the
+    present K/V, like the spec."""
+    B, T, H, D = 3, 13, 4, 8
+    rng = np.random.default_rng(lead)
+    qkv = rng.standard_normal((B, T, lead + 3 * H * D)).astype(np.float32)
+    q, k, v = (qkv[:, :, lead + i * H * D:lead + (i + 1) * H * D] for i in range(3))
+    mask = np.ones((B, T), np.int64)
+    mask[0, 9:] = 0
+    mask[2, :] = 0
+    kw = dict(n_heads=H, n_kv_heads=H, causal=False)
+    out, K, V = nba.attention(q, k, v, None, None, mask, **kw)
+    assert K is k and V is v
+    np.testing.assert_allclose(out, _ref(q, k, v, mask, **kw), atol=TOL, rtol=0)
+    np.testing.assert_allclose(out[2, :, D:2 * D], np.broadcast_to(v[2, :, D:2 * D].mean(axis=0), (T, D)), atol=TOL)
 
 
 def test_short_prefill_is_taken_for_short_sequences(monkeypatch) -> None:

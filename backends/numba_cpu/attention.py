@@ -226,7 +226,7 @@ def _sdpa_gemm(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
                     o[d] = acc[i, d] * inv
 
 
-def _sdpa_short(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
+def _sdpa_short(q, qo, K, ko, V, vo, S, mask, has_mask, causal, scale, H, KV, zero, out):
     """Prefill over few keys (at most SHORT_KEYS): one task per (batch, head), register blocks.
 
     Scores come two queries at a time against four keys at a time, each a dot product along the
@@ -237,8 +237,11 @@ def _sdpa_short(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
     tiny GEMM per (batch, head) each way, whose call and packing cost is as large as its 8K
     multiply-adds (measured beside it: SHORT_KEYS). Masked keys weigh exactly 0 (``vis``); a query with
     no visible key averages V like the spec; an odd last query is computed as its own pair.
+    q, K and V are read at column offsets qo, ko, vo of their buffers: the three may be one fused
+    projection's output (``_columns``), read in place instead of copied apart.
     """
-    B, T, HD = q.shape
+    B, T = q.shape[0], q.shape[1]
+    HD = out.shape[2]
     D = HD // H
     G = H // KV
     past = S - T
@@ -247,6 +250,9 @@ def _sdpa_short(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
         b = task // H
         h = task % H
         lo = (h // G) * D
+        kl = ko + lo
+        vl = vo + lo
+        qh = qo + h * D
         vis = np.empty(S, q.dtype)
         for s in range(S):
             vis[s] = zero if has_mask and mask[b, s] == 0 else zero + 1
@@ -254,13 +260,13 @@ def _sdpa_short(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
         acc = np.empty(D, q.dtype)
         for t0 in range(0, T, 2):
             t1 = min(t0 + 1, T - 1)
-            qa = q[b, t0, h * D:(h + 1) * D]
-            qb = q[b, t1, h * D:(h + 1) * D]
+            qa = q[b, t0, qh:qh + D]
+            qb = q[b, t1, qh:qh + D]
             n = min(S, past + t1 + 1) if causal else S
             s = 0
             while s + 4 <= n:
-                k0, k1 = K[b, s, lo:lo + D], K[b, s + 1, lo:lo + D]
-                k2, k3 = K[b, s + 2, lo:lo + D], K[b, s + 3, lo:lo + D]
+                k0, k1 = K[b, s, kl:kl + D], K[b, s + 1, kl:kl + D]
+                k2, k3 = K[b, s + 2, kl:kl + D], K[b, s + 3, kl:kl + D]
                 a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = zero
                 for d in range(D):
                     x, y = qa[d], qb[d]
@@ -277,7 +283,7 @@ def _sdpa_short(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
                 sc[1, s], sc[1, s + 1], sc[1, s + 2], sc[1, s + 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
                 s += 4
             while s < n:
-                ks = K[b, s, lo:lo + D]
+                ks = K[b, s, kl:kl + D]
                 a0 = c0 = zero
                 for d in range(D):
                     a0 += qa[d] * ks[d]
@@ -294,7 +300,13 @@ def _sdpa_short(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
                         m = row[j]
                 o = out[b, t, h * D:(h + 1) * D]
                 if m == ninf:  # nothing visible: uniform over all keys, like the spec
-                    mean_values(V, V, False, b, h // G, S, o)
+                    for d in range(D):
+                        o[d] = zero
+                    for j in range(S):
+                        for d in range(D):
+                            o[d] += V[b, j, vl + d]
+                    for d in range(D):
+                        o[d] = o[d] / S
                     continue
                 total = zero
                 for j in range(ni):
@@ -303,14 +315,15 @@ def _sdpa_short(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
                     total += p
                 for d in range(D):
                     acc[d] = zero
-                _mix_values(row, ni, V[b], 0, lo, acc)
+                _mix_values(row, ni, V[b], 0, vl, acc)
                 inv = 1.0 / total
                 for d in range(D):
                     o[d] = acc[d] * inv
 
 
 _SDPA, _SDPA_GEMM, _SDPA_SHORT = kernel(_sdpa), kernel(_sdpa_gemm), kernel(_sdpa_short)
-NO_SCALES = np.zeros((1, 1, 1), np.float32)  # _sdpa's unread KS / VS for a float cache
+NO_SCALES = np.zeros((1, 1, 1), np.float32)
+_NO_MASK = np.zeros((1, 1), np.int64)  # _sdpa's unread KS / VS for a float cache
 PREFILL_MIN_QUERIES = 8  # from here on the GEMM tiles (_sdpa_gemm); fewer queries take a dot product per key
 # Prefill over at most SHORT_KEYS keys takes _sdpa_short. CPU time of one MiniLM layer (12 heads of
 # 32) at batch 32, short / gemm, one thread, 15 rounds alternating (load average 4-6): 16 keys
@@ -322,7 +335,47 @@ SHORT_KEYS = 48
 SHORT_PARALLEL_MIN = 1 << 20
 
 
+@numba.njit(cache=True, nogil=True)
+def _offset(a, base):
+    """Elements from the start of ``base`` to the start of its view ``a`` (NumPy's own way,
+    ``__array_interface__``, costs several microseconds a call)."""
+    return (a.ctypes.data - base.ctypes.data) // a.itemsize
+
+
+def _columns(a):
+    """(buffer, offset): a C-contiguous (B, T, W) array whose columns offset … offset + a.shape[2]
+    are ``a``. A column slice of a contiguous array (q, k and v split from one fused projection)
+    gives its base; anything else a contiguous copy at offset 0."""
+    if a.flags.c_contiguous:
+        return a, 0
+    base, isz = a.base, a.itemsize
+    B, T, C = a.shape
+    if (isinstance(base, np.ndarray) and base.flags.c_contiguous and base.dtype == a.dtype and a.strides[2] == isz
+            and a.strides[1] % isz == 0 and a.strides[0] == T * a.strides[1]):
+        W = a.strides[1] // isz
+        off = _offset(a, base)
+        if base.size == B * T * W and 0 <= off and off + C <= W:
+            return base.reshape(B, T, W), off
+    return np.ascontiguousarray(a), 0
+
+
+def _short(q, k, v, mask, n_heads, n_kv_heads, causal, scale):
+    """_sdpa_short on q, k, v read where they lie (no KV cache: present K/V are k/v themselves)."""
+    (qb, qo), (kb, ko), (vb, vo) = _columns(q), _columns(k), _columns(v)
+    out = np.empty(q.shape, q.dtype)
+    D = q.shape[-1] // n_heads
+    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
+    has_mask = mask is not None
+    m = np.ascontiguousarray(mask, dtype=np.int64) if has_mask else _NO_MASK
+    work = q.shape[0] * n_heads * q.shape[1] * k.shape[1] * D
+    pick(_SDPA_SHORT, work, SHORT_PARALLEL_MIN)(qb, qo, kb, ko, vb, vo, k.shape[1], m, has_mask, bool(causal), scale,
+                                                n_heads, n_kv_heads, q.dtype.type(0), out)
+    return out
+
+
 def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
+    if past_k is None and q.shape[1] >= PREFILL_MIN_QUERIES and k.shape[1] <= SHORT_KEYS:
+        return _short(q, k, v, mask, n_heads, n_kv_heads, causal, scale), k, v
     K = append(past_k, k)
     V = append(past_v, v)
     return sdpa(q, K, None, V, None, mask, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale), K, V
@@ -341,10 +394,13 @@ def sdpa(q, K, KS, V, VS, mask, *, n_heads: int, n_kv_heads: int, causal: bool, 
     work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
     quantized = KS is not None
     if q.shape[1] >= PREFILL_MIN_QUERIES and not quantized:
-        short = K.shape[1] <= SHORT_KEYS
-        fn = pick(_SDPA_SHORT, work, SHORT_PARALLEL_MIN) if short else pick(_SDPA_GEMM, work)
-        fn(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads, n_kv_heads,
-           qc.dtype.type(0), out)
+        if K.shape[1] <= SHORT_KEYS:
+            Kb, Vb = storage(K), storage(V)
+            pick(_SDPA_SHORT, work, SHORT_PARALLEL_MIN)(qc, 0, Kb, 0, Vb, 0, K.shape[1], m, has_mask, bool(causal),
+                                                        scale, n_heads, n_kv_heads, qc.dtype.type(0), out)
+            return out
+        pick(_SDPA_GEMM, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads,
+                               n_kv_heads, qc.dtype.type(0), out)
         return out
     pick(_SDPA, work)(qc, storage(K), storage(KS) if quantized else NO_SCALES, storage(V),
                       storage(VS) if quantized else NO_SCALES, quantized, K.shape[1], m, has_mask, bool(causal), scale,
