@@ -165,6 +165,19 @@ def test_short_prefill_is_taken_for_short_sequences(monkeypatch) -> None:
     assert calls == ["_SDPA_SHORT", "_SDPA_GEMM"]
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_above_the_parallel_threshold_matches_spec(approximate) -> None:
+    """GELU over more than EXP_PARALLEL_MIN values (numba's parallel build, on two threads where
+    there are two) against the spec in float64, every element."""
+    from backends.numba_cpu import activations as act
+    from minitx.ops import activations as spec_act
+
+    x = np.random.default_rng(4).standard_normal(act.EXP_PARALLEL_MIN + 1001).astype(np.float32) * 3
+    y = _on_two_threads(act.gelu, x.reshape(-1, 5), approximate=approximate).reshape(-1)
+    ref = spec_act.gelu(x.astype(np.float64), approximate=approximate)
+    np.testing.assert_allclose(y, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_vectorised_exp_is_float32_and_accurate() -> None:
     """The float32 exp must stay float32 end to end (a float64 intermediate — math.floor returns
     an int64 — made every kernel using it 3-5x slower) and within 2 ulp of NumPy's."""
