@@ -44,7 +44,7 @@ def mean_values(V, VS, quantized, b, g, S, o):
     """o = the mean of V[b, :S, g's head] (times the per-token scales VS[b, s, g] of an int8
     cache when ``quantized``): the spec's output for a query with no visible key, which attends
     uniformly to all S keys. The one copy of this rule for every attention kernel of the backend
-    (sparse.py's too)."""
+    (sparse.py's too) but _sdpa_short, which reads V at a column offset."""
     D = o.size
     for d in range(D):
         o[d] = 0
@@ -299,8 +299,8 @@ def _sdpa_short(q, qo, K, ko, V, vo, S, mask, has_mask, causal, scale, H, KV, ze
                     if vis[j] != zero and row[j] > m:
                         m = row[j]
                 o = out[b, t, h * D:(h + 1) * D]
-                if m == ninf:  # nothing visible: uniform over all keys, like the spec
-                    for d in range(D):
+                if m == ninf:  # nothing visible: uniform over all keys, like the spec (mean_values's
+                    for d in range(D):  # rule, inline: V's columns start at vl, not at a head boundary)
                         o[d] = zero
                     for j in range(S):
                         for d in range(D):
