@@ -143,15 +143,7 @@ def linear(x, w, b=None):
     rows = int(np.prod(x.shape[:-1]))
     work = rows * w.shape[0] * w.shape[1]
     P = slabs(work) if (rows == 1 and _cblas.AVAILABLE) or rows >= SPLIT_ROWS else 1
-    ok = _splittable(x, w, b)
-    if P < 2 and ok and work < threads.BLAS_PARALLEL_MIN:
-        # One one-thread BLAS call (BLAS is on one thread outside threads.blas): the spec's
-        # product without its wrappers, which cost ~10% of MiniLM's 16-row linears in Python
-        y = np.ascontiguousarray(x).reshape(rows, x.shape[-1]) @ w
-        if b is not None:
-            y += b
-        return y.reshape(*x.shape[:-1], w.shape[1])
-    if P < 2 or not ok:
+    if P < 2 or not _splittable(x, w, b):
         with threads.blas(work):
             return spec.linear(x, w, b)
     x2 = np.ascontiguousarray(x).reshape(rows, x.shape[-1])
