@@ -80,6 +80,104 @@ def test_prefill_large_scores_do_not_overflow() -> None:
     np.testing.assert_allclose(out, _ref(q * 30, k * 30, v, None, **kw), atol=1e-4, rtol=0)
 
 
+SHORT_CASES = [
+    # B, T, past, H, KV, D, causal: odd query and key counts (an unpaired last query, keys not a
+    # multiple of four), one query, GQA, odd head width, a cache, the longest key count taken
+    (2, 9, 0, 3, 3, 8, False),
+    (3, 7, 0, 5, 5, 7, True),
+    (1, 1, 0, 2, 2, 16, False),
+    (2, 13, 0, 6, 2, 24, True),
+    (2, 5, 6, 4, 1, 12, True),
+    (1, nba.SHORT_KEYS, 0, 12, 12, 32, False),
+]
+
+
+def _short(q, k, v, mask, H, KV, causal):
+    """_sdpa_short called directly (``sdpa`` takes it for 8+ queries over at most SHORT_KEYS keys)."""
+    has = mask is not None
+    m = np.ascontiguousarray(mask, np.int64) if has else np.zeros((1, 1), np.int64)
+    D = q.shape[-1] // H
+    outs = [np.empty_like(q), np.empty_like(q)]
+    for fn, out in zip(nba._SDPA_SHORT, outs):   # the parallel and the serial build
+        fn(q, 0, k, 0, v, 0, k.shape[1], m, has, causal, np.float32(1 / np.sqrt(D)), H, KV, np.float32(0), out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    return outs[0]
+
+
+@pytest.mark.parametrize("B,T,past,H,KV,D,causal", SHORT_CASES)
+def test_short_prefill_matches_spec(B, T, past, H, KV, D, causal) -> None:
+    rng = np.random.default_rng(T * 17 + D)
+    q, k, v = _inputs(rng, B, T, past, H, KV, D)
+    kw = dict(n_heads=H, n_kv_heads=KV, causal=causal)
+    np.testing.assert_allclose(_short(q, k, v, None, H, KV, causal), _ref(q, k, v, None, **kw), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_short_prefill_padding_and_fully_masked_rows(causal) -> None:
+    """Row 0: right padding of an odd length. Row 1: every key masked: every query averages V.
+    Row 2: left padding, so that under ``causal`` its first queries see no key at all."""
+    B, T, H, D = 3, 11, 3, 8
+    rng = np.random.default_rng(11)
+    q, k, v = _inputs(rng, B, T, 0, H, H, D)
+    mask = np.ones((B, T), np.int64)
+    mask[0, T - 5:] = 0
+    mask[1, :] = 0
+    mask[2, :4] = 0
+    kw = dict(n_heads=H, n_kv_heads=H, causal=causal)
+    out = _short(q, k, v, mask, H, H, causal)
+    np.testing.assert_allclose(out, _ref(q, k, v, mask, **kw), atol=TOL, rtol=0)
+    np.testing.assert_allclose(out[1, :, D:2 * D], np.broadcast_to(v[1, :, D:2 * D].mean(axis=0), (T, D)), atol=TOL)
+
+
+@pytest.mark.parametrize("lead", [0, 3])
+def test_short_prefill_reads_a_fused_projection_in_place(lead) -> None:
+    """The encoder's case: q, k, v are column slices of one (B, T, lead + 3·H·D) projection and no
+    cache; ``attention`` reads them where they lie (at column offsets, ``lead`` columns in not a
+    multiple of the head width) with padding and a fully masked row, and returns k and v as the
+    present K/V, like the spec."""
+    B, T, H, D = 3, 13, 4, 8
+    rng = np.random.default_rng(lead)
+    qkv = rng.standard_normal((B, T, lead + 3 * H * D)).astype(np.float32)
+    q, k, v = (qkv[:, :, lead + i * H * D:lead + (i + 1) * H * D] for i in range(3))
+    mask = np.ones((B, T), np.int64)
+    mask[0, 9:] = 0
+    mask[2, :] = 0
+    kw = dict(n_heads=H, n_kv_heads=H, causal=False)
+    out, K, V = nba.attention(q, k, v, None, None, mask, **kw)
+    assert K is k and V is v
+    np.testing.assert_allclose(out, _ref(q, k, v, mask, **kw), atol=TOL, rtol=0)
+    np.testing.assert_allclose(out[2, :, D:2 * D], np.broadcast_to(v[2, :, D:2 * D].mean(axis=0), (T, D)), atol=TOL)
+
+
+def test_short_prefill_is_taken_for_short_sequences(monkeypatch) -> None:
+    """``sdpa`` routes 8+ queries over at most SHORT_KEYS keys to _sdpa_short, longer ones to the
+    tiles, and both agree with the spec."""
+    calls = []
+    for name in ("_SDPA_SHORT", "_SDPA_GEMM"):
+        pair = getattr(nba, name)
+        monkeypatch.setattr(nba, name, tuple((lambda f, n: lambda *a: (calls.append(n), f(*a)))(f, name) for f in pair))
+    rng = np.random.default_rng(2)
+    for T in (16, nba.SHORT_KEYS + 1):
+        q, k, v = _inputs(rng, 2, T, 0, 4, 4, 8)
+        kw = dict(n_heads=4, n_kv_heads=4, causal=False)
+        out = nba.sdpa(q, k, None, v, None, None, scale=None, **kw)
+        np.testing.assert_allclose(out, _ref(q, k, v, None, **kw), atol=TOL, rtol=0)
+    assert calls == ["_SDPA_SHORT", "_SDPA_GEMM"]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_above_the_parallel_threshold_matches_spec(approximate) -> None:
+    """GELU over more than EXP_PARALLEL_MIN values (numba's parallel build, on two threads where
+    there are two) against the spec in float64, every element."""
+    from backends.numba_cpu import activations as act
+    from minitx.ops import activations as spec_act
+
+    x = np.random.default_rng(4).standard_normal(act.EXP_PARALLEL_MIN + 1001).astype(np.float32) * 3
+    y = _on_two_threads(act.gelu, x.reshape(-1, 5), approximate=approximate).reshape(-1)
+    ref = spec_act.gelu(x.astype(np.float64), approximate=approximate)
+    np.testing.assert_allclose(y, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_vectorised_exp_is_float32_and_accurate() -> None:
     """The float32 exp must stay float32 end to end (a float64 intermediate — math.floor returns
     an int64 — made every kernel using it 3-5x slower) and within 2 ulp of NumPy's."""

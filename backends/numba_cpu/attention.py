@@ -44,7 +44,7 @@ def mean_values(V, VS, quantized, b, g, S, o):
     """o = the mean of V[b, :S, g's head] (times the per-token scales VS[b, s, g] of an int8
     cache when ``quantized``): the spec's output for a query with no visible key, which attends
     uniformly to all S keys. The one copy of this rule for every attention kernel of the backend
-    (sparse.py's too)."""
+    (sparse.py's too) but _sdpa_short, which reads V at a column offset."""
     D = o.size
     for d in range(D):
         o[d] = 0
@@ -226,12 +226,156 @@ def _sdpa_gemm(q, K, V, S, mask, has_mask, causal, scale, H, KV, zero, out):
                     o[d] = acc[i, d] * inv
 
 
-_SDPA, _SDPA_GEMM = kernel(_sdpa), kernel(_sdpa_gemm)
-NO_SCALES = np.zeros((1, 1, 1), np.float32)  # _sdpa's unread KS / VS for a float cache
+def _sdpa_short(q, qo, K, ko, V, vo, S, mask, has_mask, causal, scale, H, KV, zero, out):
+    """Prefill over few keys (at most SHORT_KEYS): one task per (batch, head), register blocks.
+
+    Scores come two queries at a time against four keys at a time, each a dot product along the
+    keys' contiguous head slices read in place (eight independent reductions per pass over d,
+    each q and k element loaded once for two or four of them); then per query the softmax over its
+    row and the weighted sum of values, four value rows per pass (``_mix_values``). Why not
+    _sdpa_gemm's BLAS tiles here: at MiniLM's 16-token sentences (S = 16, D = 32) a tile is one
+    tiny GEMM per (batch, head) each way, whose call and packing cost is as large as its 8K
+    multiply-adds (measured beside it: SHORT_KEYS). Masked keys weigh exactly 0 (``vis``); a query with
+    no visible key averages V like the spec; an odd last query is computed as its own pair.
+    q, K and V are read at column offsets qo, ko, vo of their buffers: the three may be one fused
+    projection's output (``_columns``), read in place instead of copied apart.
+    """
+    B, T = q.shape[0], q.shape[1]
+    HD = out.shape[2]
+    D = HD // H
+    G = H // KV
+    past = S - T
+    ninf = zero - np.float32(np.inf)
+    for task in prange(B * H):
+        b = task // H
+        h = task % H
+        lo = (h // G) * D
+        kl = ko + lo
+        vl = vo + lo
+        qh = qo + h * D
+        vis = np.empty(S, q.dtype)
+        for s in range(S):
+            vis[s] = zero if has_mask and mask[b, s] == 0 else zero + 1
+        sc = np.empty((2, S), q.dtype)
+        acc = np.empty(D, q.dtype)
+        for t0 in range(0, T, 2):
+            t1 = min(t0 + 1, T - 1)
+            qa = q[b, t0, qh:qh + D]
+            qb = q[b, t1, qh:qh + D]
+            n = min(S, past + t1 + 1) if causal else S
+            s = 0
+            while s + 4 <= n:
+                k0, k1 = K[b, s, kl:kl + D], K[b, s + 1, kl:kl + D]
+                k2, k3 = K[b, s + 2, kl:kl + D], K[b, s + 3, kl:kl + D]
+                a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = zero
+                for d in range(D):
+                    x, y = qa[d], qb[d]
+                    e0, e1, e2, e3 = k0[d], k1[d], k2[d], k3[d]
+                    a0 += x * e0
+                    a1 += x * e1
+                    a2 += x * e2
+                    a3 += x * e3
+                    c0 += y * e0
+                    c1 += y * e1
+                    c2 += y * e2
+                    c3 += y * e3
+                sc[0, s], sc[0, s + 1], sc[0, s + 2], sc[0, s + 3] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+                sc[1, s], sc[1, s + 1], sc[1, s + 2], sc[1, s + 3] = c0 * scale, c1 * scale, c2 * scale, c3 * scale
+                s += 4
+            while s < n:
+                ks = K[b, s, kl:kl + D]
+                a0 = c0 = zero
+                for d in range(D):
+                    a0 += qa[d] * ks[d]
+                    c0 += qb[d] * ks[d]
+                sc[0, s], sc[1, s] = a0 * scale, c0 * scale
+                s += 1
+            for i in range(t1 - t0 + 1):
+                t = t0 + i
+                row = sc[i]
+                ni = min(S, past + t + 1) if causal else S
+                m = ninf
+                for j in range(ni):
+                    if vis[j] != zero and row[j] > m:
+                        m = row[j]
+                o = out[b, t, h * D:(h + 1) * D]
+                if m == ninf:  # nothing visible: uniform over all keys, like the spec (mean_values's
+                    for d in range(D):  # rule, inline: V's columns start at vl, not at a head boundary)
+                        o[d] = zero
+                    for j in range(S):
+                        for d in range(D):
+                            o[d] += V[b, j, vl + d]
+                    for d in range(D):
+                        o[d] = o[d] / S
+                    continue
+                total = zero
+                for j in range(ni):
+                    p = exp(row[j] - m) * vis[j]
+                    row[j] = p
+                    total += p
+                for d in range(D):
+                    acc[d] = zero
+                _mix_values(row, ni, V[b], 0, vl, acc)
+                inv = 1.0 / total
+                for d in range(D):
+                    o[d] = acc[d] * inv
+
+
+_SDPA, _SDPA_GEMM, _SDPA_SHORT = kernel(_sdpa), kernel(_sdpa_gemm), kernel(_sdpa_short)
+NO_SCALES = np.zeros((1, 1, 1), np.float32)
+_NO_MASK = np.zeros((1, 1), np.int64)  # _sdpa's unread KS / VS for a float cache
 PREFILL_MIN_QUERIES = 8  # from here on the GEMM tiles (_sdpa_gemm); fewer queries take a dot product per key
+# Prefill over at most SHORT_KEYS keys takes _sdpa_short. CPU time of one MiniLM layer (12 heads of
+# 32) at batch 32, short / gemm, one thread, 15 rounds alternating (load average 4-6): 16 keys
+# 0.86x, 32 0.69x, 48 (batch 4) 0.96x, 64 1.16x, 128 1.37x.
+SHORT_KEYS = 48
+# _sdpa_short's tasks are a few microseconds each: from this many multiply-adds on (MiniLM at
+# 32 x 16: 3.1M, about 1 ms on one core) they are worth waking numba's other threads for; the
+# shared default (PARALLEL_MIN, 16M) would keep a 32-sentence batch on one core.
+SHORT_PARALLEL_MIN = 1 << 20
+
+
+@numba.njit(cache=True, nogil=True)
+def _offset(a, base):
+    """Elements from the start of ``base`` to the start of its view ``a`` (NumPy's own way,
+    ``__array_interface__``, costs several microseconds a call)."""
+    return (a.ctypes.data - base.ctypes.data) // a.itemsize
+
+
+def _columns(a):
+    """(buffer, offset): a C-contiguous (B, T, W) array whose columns offset … offset + a.shape[2]
+    are ``a``. A column slice of a contiguous array (q, k and v split from one fused projection)
+    gives its base; anything else a contiguous copy at offset 0."""
+    if a.flags.c_contiguous:
+        return a, 0
+    base, isz = a.base, a.itemsize
+    B, T, C = a.shape
+    if (isinstance(base, np.ndarray) and base.flags.c_contiguous and base.dtype == a.dtype and a.strides[2] == isz
+            and a.strides[1] % isz == 0 and a.strides[0] == T * a.strides[1]):
+        W = a.strides[1] // isz
+        off = _offset(a, base)
+        if base.size == B * T * W and 0 <= off and off + C <= W:
+            return base.reshape(B, T, W), off
+    return np.ascontiguousarray(a), 0
+
+
+def _short(q, k, v, mask, n_heads, n_kv_heads, causal, scale):
+    """_sdpa_short on q, k, v read where they lie (no KV cache: present K/V are k/v themselves)."""
+    (qb, qo), (kb, ko), (vb, vo) = _columns(q), _columns(k), _columns(v)
+    out = np.empty(q.shape, q.dtype)
+    D = q.shape[-1] // n_heads
+    scale = q.dtype.type(1.0 / np.sqrt(D) if scale is None else scale)
+    has_mask = mask is not None
+    m = np.ascontiguousarray(mask, dtype=np.int64) if has_mask else _NO_MASK
+    work = q.shape[0] * n_heads * q.shape[1] * k.shape[1] * D
+    pick(_SDPA_SHORT, work, SHORT_PARALLEL_MIN)(qb, qo, kb, ko, vb, vo, k.shape[1], m, has_mask, bool(causal), scale,
+                                                n_heads, n_kv_heads, q.dtype.type(0), out)
+    return out
 
 
 def attention(q, k, v, past_k=None, past_v=None, mask=None, *, n_heads, n_kv_heads, causal, scale=None):
+    if past_k is None and q.shape[1] >= PREFILL_MIN_QUERIES and k.shape[1] <= SHORT_KEYS:
+        return _short(q, k, v, mask, n_heads, n_kv_heads, causal, scale), k, v
     K = append(past_k, k)
     V = append(past_v, v)
     return sdpa(q, K, None, V, None, mask, n_heads=n_heads, n_kv_heads=n_kv_heads, causal=causal, scale=scale), K, V
@@ -250,8 +394,13 @@ def sdpa(q, K, KS, V, VS, mask, *, n_heads: int, n_kv_heads: int, causal: bool, 
     work = q.shape[0] * n_heads * q.shape[1] * max(K.shape[1], 1) * D
     quantized = KS is not None
     if q.shape[1] >= PREFILL_MIN_QUERIES and not quantized:
+        if K.shape[1] <= SHORT_KEYS:
+            Kb, Vb = storage(K), storage(V)
+            pick(_SDPA_SHORT, work, SHORT_PARALLEL_MIN)(qc, 0, Kb, 0, Vb, 0, K.shape[1], m, has_mask, bool(causal),
+                                                        scale, n_heads, n_kv_heads, qc.dtype.type(0), out)
+            return out
         pick(_SDPA_GEMM, work)(qc, storage(K), storage(V), K.shape[1], m, has_mask, bool(causal), scale, n_heads,
-                                  n_kv_heads, qc.dtype.type(0), out)
+                               n_kv_heads, qc.dtype.type(0), out)
         return out
     pick(_SDPA, work)(qc, storage(K), storage(KS) if quantized else NO_SCALES, storage(V),
                       storage(VS) if quantized else NO_SCALES, quantized, K.shape[1], m, has_mask, bool(causal), scale,

@@ -81,13 +81,20 @@ SPLIT_ROWS = 64  # from here on linear cuts its rows into slabs (for one row: it
 SLAB_MIN = 1 << 18  # multiply-adds per slab: one task per SLAB_MIN, up to numba's thread count
 
 
-def _gemm_rows(x, w, y, P):
-    """y = x @ w, rows cut into P slabs, one BLAS call (on one thread) per numba task."""
+def _gemm_rows(x, w, b, has_bias, y, P):
+    """y = x @ w (+ b), rows cut into P slabs, one BLAS call (on one thread) per numba task, which
+    then adds the bias to its slab while it is in cache (one NumPy pass over all of y afterwards
+    was a serial read and write of the whole output: 0.3 ns an element, 3 ms a MiniLM run at 32 x 16)."""
     M = x.shape[0]
+    N = w.shape[1]
     for p in prange(P):
         m0 = p * M // P
         m1 = (p + 1) * M // P
         np.dot(x[m0:m1], w, y[m0:m1])
+        if has_bias:
+            for m in range(m0, m1):
+                for n in range(N):
+                    y[m, n] += b[n]
 
 
 def _gemv_cols(x, w, y, P):
@@ -141,9 +148,12 @@ def linear(x, w, b=None):
             return spec.linear(x, w, b)
     x2 = np.ascontiguousarray(x).reshape(rows, x.shape[-1])
     y = np.empty((rows, w.shape[1]), x.dtype)
-    (_GEMV_COLS if rows == 1 else _GEMM_ROWS)[0](x2, w, y, P)
-    if b is not None:
-        y += b
+    if rows == 1:
+        _GEMV_COLS[0](x2, w, y, P)
+        if b is not None:
+            y += b
+    else:
+        _GEMM_ROWS[0](x2, w, w[0] if b is None else b, b is not None, y, P)
     return y.reshape(*x.shape[:-1], w.shape[1])
 
 
