@@ -1,6 +1,8 @@
 """Linear algebra and table lookups: y = xW + b, A·B, a + b, E[ids], splitting a last axis."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from . import register, require, unbroadcast, wide_forward, wide_vjp
@@ -181,7 +183,7 @@ add_cases("embedding", [
 # ------------------------------------------------------------------------------------ split
 def split(x, *, sizes):
     """Cut the last axis into consecutive pieces of the given sizes (e.g. fused q, k, v)."""
-    starts = [0, *np.cumsum(sizes).tolist()]
+    starts = [0, *itertools.accumulate(sizes)]
     return tuple(x[..., a:b] for a, b in zip(starts, starts[1:]))
 
 
