@@ -13,7 +13,7 @@ from minitx.ops.cases import CASES
 
 @pytest.mark.parametrize("op,case", [(op, c) for op in ("linear_attention", "linear_attention_state")
                                      for c in CASES[op]], ids=lambda x: x if isinstance(x, str) else x.name)
-def test_vjp_matches_finite_differences(op, case):
+def test_linear_attention_vjps_match_finite_differences(op, case):
     inputs, attrs = case.make(np.random.default_rng(0), "float64")
     results = check_vjp(op, inputs, attrs, eps=1e-6, rtol=1e-5)
     assert len(results) >= 3

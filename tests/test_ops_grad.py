@@ -945,10 +945,8 @@ from test_collectives import COLLECTIVE_OPS, test_collective_vjps_match_finite_d
 covers(*COLLECTIVE_OPS)(test_collective_vjps_match_finite_differences)
 
 # Linear attention's checks run over its declared cases in tests/test_attention_linear.py.
-from test_attention_linear import test_linear_attention_vjp_matches_finite_differences  # noqa: E402
-covers("linear_attention")(test_linear_attention_vjp_matches_finite_differences)
-from test_attention_linear import test_linear_attention_state_vjp_matches_finite_differences  # noqa: E402
-covers("linear_attention_state")(test_linear_attention_state_vjp_matches_finite_differences)
+from test_attention_linear import test_linear_attention_vjps_match_finite_differences  # noqa: E402
+covers("linear_attention", "linear_attention_state")(test_linear_attention_vjps_match_finite_differences)
 from test_linformer import test_linformer_vjp_matches_finite_differences  # noqa: E402
 covers("linformer_attention")(test_linformer_vjp_matches_finite_differences)
 
