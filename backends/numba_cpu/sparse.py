@@ -14,7 +14,11 @@ The linears keep the weights in their compact form: ``sparse_linear`` walks the 
 (at decode a gather per stored weight, so it beats dense only at high sparsity); ``nm_linear``'s
 2:4 kernel selects each stored value's input arithmetically from four held in registers, so
 decode reads half the bytes of dense at vector speed; int8 values (quantization after pruning)
-with a scale per output go through the same kernels.
+with a scale per output go through the same kernels. At many rows (prefill) the work is
+compute-bound and a CPU has no sparse matrix units: there both expand panels of output columns
+into a reused float32 buffer and hand them to the float linear's BLAS (:func:`_through_blas`) —
+2:4 above ``NM_PACKED_MAX_ROWS`` rows, CSR from ``CSR_BLAS_MIN_DENSITY`` of the weights kept —
+so prefill runs at dense speed less the expansion (benchmarks/results/sparse_crossover.md).
 """
 from __future__ import annotations
 
@@ -375,16 +379,21 @@ def _csr_skinny(x, data, indices, indptr, scale, y):
 
 
 def _csr_expand(data, indices, indptr, scale, o0, W):
-    """W (in, width) = the dense columns o0 … o0 + width of what the CSR Wᵀ stands for (W zeroed
-    here): one column per output, each stored weight written once."""
+    """W (in, width) = the dense columns o0 … o0 + width of what the CSR Wᵀ stands for: one
+    column per output, each stored weight written once. A task per 16 columns (one 64-byte line
+    of each row) zeroes them and scatters their weights, so the lines it writes stay in its cache;
+    a column at a time touched a new line for every weight."""
     width = W.shape[1]
-    for i in prange(W.shape[0]):
-        for o in range(width):
-            W[i, o] = 0.0
-    for o in prange(width):
-        s = scale[o0 + o]
-        for p in range(indptr[o0 + o], indptr[o0 + o + 1]):
-            W[indices[p], o] = np.float32(data[p]) * s
+    for blk in prange((width + 15) // 16):
+        c0 = blk * 16
+        c1 = min(width, c0 + 16)
+        for i in range(W.shape[0]):
+            for o in range(c0, c1):
+                W[i, o] = 0.0
+        for o in range(c0, c1):
+            s = scale[o0 + o]
+            for p in range(indptr[o0 + o], indptr[o0 + o + 1]):
+                W[indices[p], o] = np.float32(data[p]) * s
 
 
 _CSR, _CSR_SKINNY, _CSR_EXPAND = kernel(_csr_rows), kernel(_csr_skinny), kernel(_csr_expand)
