@@ -180,14 +180,15 @@ so the loop over outputs vectorises with no gather; it reads 56% of dense's byte
 16%), but its arithmetic per weight is several times a dense GEMV's, so on this CPU it is only as
 far ahead of dense as the memory system lets a compute-heavier loop be. **Prefill** (above
 `NM_PACKED_MAX_ROWS` rows, and CSR from `CSR_BLAS_MIN_DENSITY` kept) expands panels of output
-columns (4 MiB) into one reused float32 buffer and multiplies each with the float linear (BLAS,
-one numba task per thread): a CPU has no sparse matrix units, so there the pruned ops run at
-dense speed less the expansion, one pass over the panel (about a tenth of the GEMM at 128 rows),
-and 2:4's gain at prefill is storage. **CSR**'s own kernel pays a gather per stored weight at
-decode and beats dense only where few weights remain; at prefill each stored weight multiplies a
-contiguous row of xᵀ, which wins above the prefill crossover. Below the crossovers unstructured
-pruning saves bytes, not time: for speed prune structure (`sparsity:weights=heads|ffn`,
-benchmarks/results/structured_pruning.md)."""
+columns (1 MiB) into one reused float32 buffer and multiplies each with the float linear (BLAS,
+one numba task per thread): a CPU has no sparse matrix units, and the expansion is a pass over a
+dense-sized panel that costs 0.3-0.6 of the GEMM's time on this VM, so prefill of 2:4 and of
+lightly pruned CSR stays below dense speed (2:4 0.76-0.82x in direct A/B runs at load 6, lower in
+this table's 16-way interleaving); 2:4's gain at prefill is storage. **CSR**'s own kernel pays a
+gather per stored weight at decode and beats dense only where few weights remain; at prefill each
+stored weight multiplies a contiguous row of xᵀ, which wins above the prefill crossover. Below the
+crossovers unstructured pruning saves bytes, not time: for speed prune structure
+(`sparsity:weights=heads|ffn`, benchmarks/results/structured_pruning.md)."""
 
 
 def crossover(times: dict[str, float], suffix: str) -> str:

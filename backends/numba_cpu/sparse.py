@@ -399,18 +399,22 @@ def _csr_expand(data, indices, indptr, scale, o0, W):
 _CSR, _CSR_SKINNY, _CSR_EXPAND = kernel(_csr_rows), kernel(_csr_skinny), kernel(_csr_expand)
 SKINNY_MAX_ROWS = 8
 # From this fraction of weights kept on, many rows go through dense panels and BLAS instead of the
-# CSR kernel (whose time falls with the weights kept): measured at 768 → 3072, 128 rows,
+# CSR kernel (whose time falls with the weights kept): at 768 → 3072 and 128 rows the kernel ran
+# at 0.67x dense with 30% kept (panels 0.55x) and 0.41x with 50% kept (panels 0.52x),
 # benchmarks/results/sparse_crossover.md.
-CSR_BLAS_MIN_DENSITY = 0.25
-PANEL_FLOATS = 1 << 20   # one panel of expanded weights: 4 MiB, so it is still in cache when BLAS reads it
+CSR_BLAS_MIN_DENSITY = 0.4
+PANEL_FLOATS = 1 << 18   # one panel of expanded weights, 1 MiB. 2:4 at 768 → 3072, 128 rows, interleaved at load
+# average 6-8: 0.76-0.89x dense with it, 0.79-0.80x with 4 MiB, 0.82x with the whole matrix as one
+# panel, 0.63x with 256 KiB; the code before panels (1024-column tiles, NumPy's matmul) 0.78x
 
 
 def _through_blas(x2, out_f, fill):
     """y = x2 @ W for compact W: a panel of output columns at a time is expanded into one reused
     float32 buffer by ``fill(o0, panel)`` and multiplied by the float linear (linalg.py: numba's
     tasks for threads, never OpenBLAS's spinning ones) — the trick quant.py's ``_q8_0_blas`` plays
-    for int8. A CPU has no sparse matrix units, so at many rows this is the fastest way through:
-    the expansion costs a pass over the panel, the product is BLAS's."""
+    for int8. A CPU has no sparse matrix units, so at many rows this is the fastest way through we
+    have, but not free: the expansion is a pass over a dense-sized panel (measured at 0.3-0.6 of
+    the GEMM's time at 128 rows on the shared 2-core VM), so prefill stays below dense speed."""
     rows, in_f = x2.shape
     width = min(out_f, max(64, PANEL_FLOATS // in_f // 64 * 64))
     buf = np.empty(in_f * width, np.float32)
@@ -443,8 +447,7 @@ def _finish(y2, x, b):
 
 def sparse_linear(x, data, indices, indptr, b=None, scale=None, *, shape):
     """Few rows (decode): the skinny CSR kernel. Many rows: the CSR kernel where few weights are
-    kept, dense panels and BLAS from ``CSR_BLAS_MIN_DENSITY`` on — so prefill is never slower than
-    dense by more than the expansion."""
+    kept, dense panels and BLAS from ``CSR_BLAS_MIN_DENSITY`` on, whichever measured faster."""
     if x.dtype != np.float32:
         return S.sparse_linear(x, data, indices, indptr, b, scale, shape=shape)
     out_f, in_f = shape

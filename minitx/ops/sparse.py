@@ -429,7 +429,7 @@ add_cases("sparse_linear", [
     Case("empty output rows", _sparse_linear(2, 64, 96, 0.01, bias=False), "zeros"),
     Case("int8 data, scale per output, 1 row", _sparse_linear(1, 64, 96, 0.4, quantized=True)),
     Case("int8 data, scale per output, 9 rows", _sparse_linear(9, 64, 96, 0.4, bias=False, quantized=True)),
-    # many rows: below the backends' density switch (numba: 0.25) the CSR kernel, above it dense panels
+    # many rows: below the backends' density switch (numba: 0.4) the CSR kernel, above it dense panels
     Case("10% dense, 40 rows", _sparse_linear(20, 64, 96, 0.1)),
     Case("int8 data, 10% dense, 40 rows", _sparse_linear(20, 64, 96, 0.1, quantized=True)),
     Case("int8 data, 60% dense, 40 rows", _sparse_linear(20, 64, 96, 0.6, bias=False, quantized=True)),
