@@ -1,6 +1,6 @@
 """Sparsity and low-rank plugins: attention time (local vs dense) and size/speed/accuracy trade-offs.
 
-    python benchmarks/plugins_sparse_lowrank.py [--quick] [-o benchmarks/results/plugins_sparse_lowrank.md]
+    python benchmarks/plugins_sparse_lowrank.py --out benchmarks/results/plugins_sparse_lowrank.md [--rounds 3] [--quick]
 
 1. Causal attention at T tokens (default 4096), 12 heads of 64, float32, batch 1: the numba
    ``sparse_attention`` kernel with a local window (default 256) against dense attention — the
@@ -10,13 +10,16 @@
    the sparse kernels) and accuracy against the unmodified model on the spec — cosine, top-1 and
    KL of next-token distributions (decoders) or cosine of the sentence embeddings (MiniLM).
 
-Every figure is measured in this run; the machine and library versions head the report.
+Every figure is measured in this run; the machine and library versions head the report. Times are
+medians over rounds; each round times every configuration of a section once, in an order that
+alternates between rounds, and the load average is logged after each (the machine is shared).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -26,21 +29,27 @@ import minitx  # noqa: E402,F401 — before NumPy, as in the CLI: it sets OpenBL
 
 import numpy as np  # noqa: E402
 
-from minitx import machine, metrics, models, plugin  # noqa: E402
-from minitx.bench import write_text_atomic  # noqa: E402
+from benchmarks import report  # noqa: E402
+from minitx import machine, metrics, models, plugin, threads  # noqa: E402
 from minitx.executor import Executor  # noqa: E402
 from minitx.model import Model  # noqa: E402
 from minitx.feeds import build  # noqa: E402
 
 
-def best_of(fn, repeat: int) -> float:
-    fn()  # warm-up (and JIT compile)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def interleaved(fns: dict, rounds: int, log: list[str], what: str) -> dict[str, float]:
+    """Median time of each function over ``rounds`` rounds, each round calling every function once
+    (after one warm-up call each, which also compiles), in an order alternating between rounds."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+        log.append(f"{what}, round {r + 1}: load average {os.getloadavg()}")
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def numba_backend():
@@ -54,7 +63,7 @@ def numba_backend():
 
 
 # ------------------------------------------------------------------ 1. attention
-def attention_section(T: int, window: int, heads: int, repeat: int) -> list[str]:
+def attention_section(T: int, window: int, heads: int, rounds: int, log: list[str]) -> list[str]:
     from minitx.backends.numba_cpu import attention as nba
     from minitx.backends.numba_cpu import sparse as nbs
 
@@ -62,13 +71,10 @@ def attention_section(T: int, window: int, heads: int, repeat: int) -> list[str]
     D = 64
     q, k, v = (rng.standard_normal((1, T, heads * D)).astype(np.float32) for _ in range(3))
     a = dict(n_heads=heads, n_kv_heads=heads, causal=True)
-    rows = []
-    local = best_of(lambda: nbs.sparse_attention(q, k, v, pattern="local", window=window, **a), repeat)
-    rows.append(("numba `sparse_attention` local", local))
-    dense_nb = best_of(lambda: nba.KERNELS["attention"](q, k, v, **a), repeat)
-    rows.append(("numba `attention` (dense, backend kernel)", dense_nb))
-    dense_tiled = best_of(lambda: nbs.sparse_attention(q, k, v, pattern="dense", **a), repeat)
-    rows.append(("numba `sparse_attention` dense pattern (same tiling)", dense_tiled))
+    local = "numba `sparse_attention` local"
+    fns = {local: lambda: nbs.sparse_attention(q, k, v, pattern="local", window=window, **a),
+           "numba `attention` (dense, backend kernel)": lambda: nba.KERNELS["attention"](q, k, v, **a),
+           "numba `sparse_attention` dense pattern": lambda: nbs.sparse_attention(q, k, v, pattern="dense", **a)}
     # exactness of the figure: local covering everything == dense (small check on the same data)
     try:
         import torch
@@ -76,20 +82,20 @@ def attention_section(T: int, window: int, heads: int, repeat: int) -> list[str]
         th = lambda x: torch.from_numpy(x).reshape(1, T, heads, D).transpose(1, 2)  # noqa: E731
         tq, tk, tv = th(q), th(k), th(v)
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        rows.append((f"torch {torch.__version__} SDPA dense causal",
-                     best_of(lambda: sdpa(tq, tk, tv, is_causal=True), repeat)))
         i = torch.arange(T)
         band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-        rows.append(("torch SDPA with the band as a boolean mask", best_of(lambda: sdpa(tq, tk, tv, attn_mask=band), repeat)))
+        fns[f"torch {torch.__version__} SDPA dense causal"] = lambda: sdpa(tq, tk, tv, is_causal=True)
+        fns["torch SDPA with the band as a boolean mask"] = lambda: sdpa(tq, tk, tv, attn_mask=band)
         ref = sdpa(tq, tk, tv, attn_mask=band).transpose(1, 2).reshape(1, T, heads * D).numpy()
         got = nbs.sparse_attention(q, k, v, pattern="local", window=window, **a)[0]
         check = f"max |numba local − torch masked SDPA| = {np.abs(got - ref).max():.2e}"
     except ImportError:
         check = "torch not installed: no cross-check"
+    med = interleaved(fns, rounds, log, "attention")
     out = [f"## 1. Causal attention, T = {T}, {heads} heads × 64, float32, batch 1, window {window}", "",
-           "| implementation | time (best of %d) | local speed-up |" % repeat, "| --- | ---: | ---: |"]
-    for name, t in rows:
-        out.append(f"| {name} | {t * 1e3:.1f} ms | {t / local:.2f}× |")
+           f"| implementation | time (median of {rounds}) | local speed-up |", "| --- | ---: | ---: |"]
+    for name, t in med.items():
+        out.append(f"| {name} | {t * 1e3:.1f} ms | {t / med[local]:.2f}× |")
     out += ["", check, ""]
     return out
 
@@ -104,40 +110,49 @@ def accuracy(ref: Model, new: Model, seqs, decoder: bool) -> dict:
     return {"cosine": c.cosine, "top1": c.top1, "kl": c.kl}
 
 
-def speed(model: Model, seq, backends, repeat: int) -> float:
+def runner(model: Model, seq, backends):
     ex = Executor(model.graph, model.params, backends)
     f = build(model.graph, [seq])
-    return best_of(lambda: ex.run(f), repeat)
+    return lambda: ex.run(f)
 
 
-def model_section(title: str, model: Model, settings: list[str], seqs, time_seq, repeat: int) -> list[str]:
+def model_section(title: str, model: Model, settings: list[str], seqs, time_seq, rounds: int,
+                  log: list[str]) -> list[str]:
     nb = numba_backend()
-    base_np = speed(model, time_seq, ["numpy"], repeat)
-    base_nb = speed(model, time_seq, [nb], repeat)
     decoder = model.is_decoder
-    head = ("| setting | weight bytes | spec fwd | numba fwd | cosine | top-1 | KL |" if decoder
-            else "| setting | weight bytes | spec fwd | numba fwd | embedding cosine |")
-    out = [f"## {title}", "", f"Accuracy over {len(seqs)} sequences of {len(seqs[0])} tokens against the unmodified "
-           f"model (spec); forward time for one sequence of {len(time_seq)} tokens, best of {repeat}.", "",
-           head, "| --- " * (head.count("|") - 1) + "|"]
-    out.append(f"| (unmodified) | {model.nbytes() / 1e6:.2f} MB | {base_np * 1e3:.1f} ms | {base_nb * 1e3:.1f} ms | 1 |"
-               + (" 1 | 0 |" if decoder else ""))
+    base = "(unmodified)"
+    models_: dict[str, Model] = {base: model}
+    failed: dict[str, str] = {}
     for s in settings:
         t0 = time.perf_counter()
         try:
-            new = plugin.optimize(model, [s], validate=False)
+            models_[s] = plugin.optimize(model, [s], validate=False)
         except Exception as e:  # noqa: BLE001 — a row that could not be produced says why
-            out.append(f"| `{s}` | failed: {type(e).__name__}: {e} |")
+            failed[s] = f"failed: {type(e).__name__}: {e}"
             continue
-        t_rewrite = time.perf_counter() - t0
-        acc = accuracy(model, new, seqs, decoder)
-        tn, tb = speed(new, time_seq, ["numpy"], repeat), speed(new, time_seq, [nb], repeat)
-        row = (f"| `{s.split(':', 1)[1]}` | {new.nbytes() / 1e6:.2f} MB | {tn * 1e3:.1f} ms | {tb * 1e3:.1f} ms | "
-               f"{acc['cosine']:.4f} |")
+        print(f"  {s}: rewrite {time.perf_counter() - t0:.1f}s", flush=True)
+    fns = {}
+    for name, m in models_.items():
+        fns[(name, "numpy")] = runner(m, time_seq, ["numpy"])
+        fns[(name, "numba")] = runner(m, time_seq, [nb])
+    med = interleaved(fns, rounds, log, title.split(" ", 1)[1].split(" (")[0])
+    head = ("| setting | weight bytes | spec fwd | numba fwd | cosine | top-1 | KL |" if decoder
+            else "| setting | weight bytes | spec fwd | numba fwd | embedding cosine |")
+    out = [f"## {title}", "", f"Accuracy over {len(seqs)} sequences of {len(seqs[0])} tokens against the unmodified "
+           f"model (spec); forward time for one sequence of {len(time_seq)} tokens, median of {rounds} "
+           "interleaved rounds.", "", head, "| --- " * (head.count("|") - 1) + "|"]
+    for s in [base, *settings]:
+        if s in failed:
+            out.append(f"| `{s}` | {failed[s]} |")
+            continue
+        m = models_[s]
+        acc = {"cosine": 1, "top1": 1, "kl": 0} if s == base else accuracy(model, m, seqs, decoder)
+        label = s if s == base else f"`{s.split(':', 1)[1]}`"
+        row = (f"| {label} | {m.nbytes() / 1e6:.2f} MB | {med[(s, 'numpy')] * 1e3:.1f} ms | "
+               f"{med[(s, 'numba')] * 1e3:.1f} ms | {acc['cosine']:.4g} |")
         if decoder:
-            row += f" {acc['top1']:.3f} | {acc['kl']:.4f} |"
+            row += f" {acc['top1']:.3g} | {acc['kl']:.4g} |"
         out.append(row)
-        print(f"  {s}: rewrite {t_rewrite:.1f}s", flush=True)
     return out + [""]
 
 
@@ -174,19 +189,23 @@ def minilm_model() -> Model | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not a result)")
-    ap.add_argument("-o", "--output", default=os.path.join(os.path.dirname(__file__), "results",
-                                                           "plugins_sparse_lowrank.md"))
+    ap.add_argument("--out", "-o", "--output", dest="out",
+                    default=os.path.join(os.path.dirname(__file__), "results", "plugins_sparse_lowrank.md"),
+                    help="write the Markdown report here (default: results/, where regenerate.py expects it)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="the engine's thread budget (minitx.threads); 1 by "
+                    "default, as in the other kernel benchmarks: with the machine's whole budget at load average 8, "
+                    "numba's dense attention at 4096 tokens took 15 s (2.6 s in a quiet run)")
     args = ap.parse_args()
-    T, heads, repeat = (1024, 4, 1) if args.quick else (4096, 12, 3)
+    threads.configure(args.threads)
+    T, heads, rounds = (1024, 4, 1) if args.quick else (4096, 12, args.rounds)
     info = machine.info()
-    lines = ["# Sparsity and low-rank plugins", "",
-             f"Run {datetime.datetime.now().isoformat(timespec='seconds')} with "
-             f"`python benchmarks/plugins_sparse_lowrank.py{' --quick' if args.quick else ''}`.", "",
-             "Machine: " + machine.summary(info), ""]
+    t_start = time.perf_counter()
+    log = [f"start: load average {os.getloadavg()}"]
     print("attention ...", flush=True)
-    lines += attention_section(T, 256, heads, repeat)
+    lines = attention_section(T, 256, heads, rounds, log)
     rng = np.random.default_rng(0)
     gpt = Model.from_config({**models.preset("gpt2", "tiny"), "n_ctx": 256, "d_model": 128, "n_heads": 4,
                              "d_ff": 512, "n_layers": 4}, seed=0)
@@ -194,7 +213,7 @@ def main() -> None:
     print("gpt2 ...", flush=True)
     lines += model_section("2. GPT-2 shape (4 layers, d 128, random init)", gpt,
                            SETTINGS + ["sparsity:attention=local,window=16", "sparsity:attention=composite,long=topk,topk=16,dense_below=32"],
-                           seqs, rng.integers(0, gpt.vocab_size, 256).tolist(), repeat)
+                           seqs, rng.integers(0, gpt.vocab_size, 256).tolist(), rounds, log)
     mini = minilm_model()
     if mini is not None:
         tok = mini.tokenizer
@@ -206,12 +225,15 @@ def main() -> None:
         print("minilm ...", flush=True)
         lines += model_section("3. all-MiniLM-L6-v2 (converted, real weights)", mini,
                                SETTINGS + ["lowrank:attention=nystrom,landmarks=8,qkv=none,out=none,mlp=none"],
-                               mseqs, (mseqs[0] * 16)[:128], repeat)
+                               mseqs, (mseqs[0] * 16)[:128], rounds, log)
     else:
         lines += ["## 3. all-MiniLM-L6-v2", "", "not available in this environment (converter or weights missing)", ""]
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    write_text_atomic(args.output, "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    head = ["# Sparsity and low-rank plugins", "",
+            f"Run {datetime.datetime.now().isoformat(timespec='seconds')} with "
+            f"`python benchmarks/plugins_sparse_lowrank.py{' --quick' if args.quick else f' --rounds {rounds}'} "
+            f"--threads {args.threads}` ({time.perf_counter() - t_start:.0f} s).", "",
+            f"Machine: {machine.summary(info)}; thread budget {threads.budget()}", ""]
+    report.write(head + lines + ["Load average during the run:", "", *[f"- {s}" for s in log], ""], args.out)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ linear); N:M stores packed values and 2-bit positions, input-major (``nm_linear`
 shrink the matrices. Speed on the numba backend (benchmarks/results/sparse_crossover.md,
 structured_pruning.md): heads/ffn make a smaller dense model whose blocks run in proportion to
 what is kept; 2:4 decodes through a packed kernel at or above dense speed (faster still with
-int8 values, ``quant`` after pruning) and prefills at about 0.8× dense; CSR beats dense only at
-high sparsity (decode about 85-90%, prefill about 75%). Every mode but an attention pattern that
-covers the sequence is approximate, and ``minitx optimize`` checks it against the declared
+int8 values, ``quant`` after pruning) and prefills (dense panels + BLAS above 16 rows) at about
+0.6-0.8× dense; CSR beats dense only at high sparsity (decode about 86-90%, prefill about 80%).
+Every mode but an attention pattern that covers the sequence is approximate, and ``minitx optimize`` checks it against the declared
 tolerance (``TOLERANCE``; minitx.plugin.Tolerance):
 
 ==========================  =========  =======  ==========

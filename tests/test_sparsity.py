@@ -139,16 +139,19 @@ def test_numba_compact_linears_match_the_spec(nb):
     np.testing.assert_allclose(nb.nm_linear(x, values, packed, b, n=2, m=4, in_features=16), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 40])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_numba_2_4_kernel_equals_the_dense_product_of_the_kept_weights(nb, rows, quantized):
-    """The packed 2:4 kernel (≤ 8 rows) and the expand-to-dense path (more rows), float and int8
-    values, against x @ W computed from the mask by plain NumPy (not from the packed form)."""
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
+def test_numba_nm_kernels_equal_the_dense_product_of_the_kept_weights(nb, monkeypatch, rows, quantized, n, m):
+    """The packed 2:4 kernel (≤ 16 rows) and the dense-panel path (more rows, and other N:M), float
+    and int8 values, against x @ W computed from the mask by plain NumPy (not from the packed
+    form). Panels of 128 outputs: 1100 outputs end in a partial one."""
+    monkeypatch.setattr(nb, "PANEL_FLOATS", 96 * 128)
     rng = np.random.default_rng(rows)
     n_in, n_out = 96, 1100          # more outputs than a kernel tile, and a partial last tile
     w = rng.standard_normal((n_in, n_out)).astype(np.float32)
-    keep = SP.nm_masks({"w": np.abs(w)}, 2, 4)["w"]
-    values, packed = SP.to_nm(w, keep, 2, 4)
+    keep = SP.nm_masks({"w": np.abs(w)}, n, m)["w"]
+    values, packed = SP.to_nm(w, keep, n, m)
     scale = None
     dense = np.where(keep, w, 0).astype(np.float64)
     if quantized:
@@ -157,8 +160,35 @@ def test_numba_2_4_kernel_equals_the_dense_product_of_the_kept_weights(nb, rows,
         dense = np.zeros_like(dense)
         np.put_along_axis(dense, np.nonzero(keep.T)[1].reshape(n_out, -1).T, values * scale.astype(np.float64), axis=0)
     x = rng.standard_normal((rows, n_in)).astype(np.float32)
-    got = nb.nm_linear(x, values, packed, None, scale, n=2, m=4, in_features=n_in)
+    got = nb.nm_linear(x, values, packed, None, scale, n=n, m=m, in_features=n_in)
     np.testing.assert_allclose(got, x.astype(np.float64) @ dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 40])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])    # at many rows: dense panels, the CSR kernel
+@pytest.mark.parametrize("quantized", [False, True])
+def test_numba_csr_kernels_equal_the_dense_product_of_the_kept_weights(nb, monkeypatch, rows, sparsity, quantized):
+    """Every sparse_linear path — skinny CSR (≤ 8 rows), the CSR kernel and dense panels (more
+    rows, below and above the density switch) — against x @ W from the mask by plain NumPy, with
+    an output that keeps no weight, panels of 128 outputs and a partial last one."""
+    monkeypatch.setattr(nb, "PANEL_FLOATS", 96 * 128)
+    rng = np.random.default_rng(rows)
+    n_in, n_out = 96, 1100
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    keep = SP.magnitude_masks({"w": w}, sparsity)["w"]
+    keep[:, 130] = False
+    data, indices, indptr = SP.to_csr(w, keep)
+    scale = None
+    dense = np.where(keep, w, 0).astype(np.float64)
+    if quantized:
+        scale = (rng.random(n_out) * 0.01 + 1e-3).astype(np.float32)
+        data = rng.integers(-127, 128, data.size).astype(np.int8)
+        dense = scipy.sparse.csr_array((data.astype(np.float64), indices, indptr), shape=(n_out, n_in)).toarray().T
+        dense = dense * scale.astype(np.float64)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32)
+    got = nb.sparse_linear(x, data, indices, indptr, b, scale, shape=(n_out, n_in))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ dense + b, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ pure weight transforms

@@ -14,7 +14,11 @@ The linears keep the weights in their compact form: ``sparse_linear`` walks the 
 (at decode a gather per stored weight, so it beats dense only at high sparsity); ``nm_linear``'s
 2:4 kernel selects each stored value's input arithmetically from four held in registers, so
 decode reads half the bytes of dense at vector speed; int8 values (quantization after pruning)
-with a scale per output go through the same kernels.
+with a scale per output go through the same kernels. At many rows (prefill) the work is
+compute-bound and a CPU has no sparse matrix units: there both expand panels of output columns
+into a reused float32 buffer and hand them to the float linear's BLAS (:func:`_through_blas`) —
+2:4 above ``NM_PACKED_MAX_ROWS`` rows, CSR from ``CSR_BLAS_MIN_DENSITY`` of the weights kept —
+so prefill runs at dense speed less the expansion (benchmarks/results/sparse_crossover.md).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from ._jit import FASTMATH, kernel, pick
 from ._vmath import dot4, exp
 from .attention import PREFILL_MIN_QUERIES, mean_values, sdpa
 from .kvcache import append, storage
+from .linalg import linear as float_linear
 
 _CODES = {"dense": 0, "local": 1, "block": 2, "strided": 3, "topk": 4, "threshold": 5}
 
@@ -373,9 +378,57 @@ def _csr_skinny(x, data, indices, indptr, scale, y):
             y[n, o] = ((a0 + a1) + (a2 + a3)) * scale[o]
 
 
-_CSR = kernel(_csr_rows)
-_CSR_SKINNY = kernel(_csr_skinny)
+def _csr_expand(data, indices, indptr, scale, o0, W):
+    """W (in, width) = the dense columns o0 … o0 + width of what the CSR Wᵀ stands for: one
+    column per output, each stored weight written once. A task per 16 columns (one 64-byte line
+    of each row) zeroes them and scatters their weights, so the lines it writes stay in its cache;
+    a column at a time touched a new line for every weight."""
+    width = W.shape[1]
+    for blk in prange((width + 15) // 16):
+        c0 = blk * 16
+        c1 = min(width, c0 + 16)
+        for i in range(W.shape[0]):
+            for o in range(c0, c1):
+                W[i, o] = 0.0
+        for o in range(c0, c1):
+            s = scale[o0 + o]
+            for p in range(indptr[o0 + o], indptr[o0 + o + 1]):
+                W[indices[p], o] = np.float32(data[p]) * s
+
+
+_CSR, _CSR_SKINNY, _CSR_EXPAND = kernel(_csr_rows), kernel(_csr_skinny), kernel(_csr_expand)
 SKINNY_MAX_ROWS = 8
+# From this fraction of weights kept on, many rows go through dense panels and BLAS instead of the
+# CSR kernel (whose time falls with the weights kept): at 768 → 3072 and 128 rows the kernel ran
+# at 0.67x dense with 30% kept (panels 0.55x) and 0.41x with 50% kept (panels 0.52x),
+# benchmarks/results/sparse_crossover.md.
+CSR_BLAS_MIN_DENSITY = 0.4
+PANEL_FLOATS = 1 << 18   # one panel of expanded weights, 1 MiB. 2:4 at 768 → 3072, 128 rows, interleaved at load
+# average 6-8: 0.76-0.89x dense with it, 0.79-0.80x with 4 MiB, 0.82x with the whole matrix as one
+# panel, 0.63x with 256 KiB; the code before panels (1024-column tiles, NumPy's matmul) 0.78x
+
+
+def _through_blas(x2, out_f, fill):
+    """y = x2 @ W for compact W: a panel of output columns at a time is expanded into one reused
+    float32 buffer by ``fill(o0, panel)`` and multiplied by the float linear (linalg.py: numba's
+    tasks for threads, never OpenBLAS's spinning ones) — the trick quant.py's ``_q8_0_blas`` plays
+    for int8. A CPU has no sparse matrix units, so at many rows this is the fastest way through we
+    have, but not free: the expansion is a pass over a dense-sized panel (measured at 0.3-0.6 of
+    the GEMM's time at 128 rows on the shared 2-core VM), so prefill stays below dense speed."""
+    rows, in_f = x2.shape
+    width = min(out_f, max(64, PANEL_FLOATS // in_f // 64 * 64))
+    buf = np.empty(in_f * width, np.float32)
+    if width == out_f:
+        panel = buf.reshape(in_f, out_f)
+        fill(0, panel)
+        return float_linear(x2, panel)
+    y = np.empty((rows, out_f), np.float32)
+    for o in range(0, out_f, width):
+        w = min(width, out_f - o)
+        panel = buf[:in_f * w].reshape(in_f, w)
+        fill(o, panel)
+        y[:, o:o + w] = float_linear(x2, panel)
+    return y
 
 
 def _scales(scale, out_f):
@@ -387,22 +440,31 @@ def _stored(a):
     return a if a.dtype.kind in "iu" else a.astype(np.float32, copy=False)
 
 
+def _finish(y2, x, b):
+    y = y2.reshape(*x.shape[:-1], y2.shape[-1])
+    return y if b is None else y + b
+
+
 def sparse_linear(x, data, indices, indptr, b=None, scale=None, *, shape):
+    """Few rows (decode): the skinny CSR kernel. Many rows: the CSR kernel where few weights are
+    kept, dense panels and BLAS from ``CSR_BLAS_MIN_DENSITY`` on, whichever measured faster."""
     if x.dtype != np.float32:
         return S.sparse_linear(x, data, indices, indptr, b, scale, shape=shape)
     out_f, in_f = shape
-    x2 = x.reshape(-1, in_f)
+    x2 = np.ascontiguousarray(x.reshape(-1, in_f))
     s = _scales(scale, out_f)
+    vals = _stored(data)
     if x2.shape[0] <= SKINNY_MAX_ROWS:
         y2 = np.empty((x2.shape[0], out_f), x.dtype)
-        pick(_CSR_SKINNY, data.size * x2.shape[0])(np.ascontiguousarray(x2), _stored(data), indices, indptr, s, y2)
-        y = y2.reshape(*x.shape[:-1], out_f)
-        return y if b is None else y + b
+        pick(_CSR_SKINNY, data.size * x2.shape[0])(x2, vals, indices, indptr, s, y2)
+        return _finish(y2, x, b)
+    if data.size >= CSR_BLAS_MIN_DENSITY * out_f * in_f:
+        return _finish(_through_blas(x2, out_f, lambda o, t: pick(_CSR_EXPAND, t.size)(vals, indices, indptr, s, o, t)),
+                       x, b)
     xT = np.ascontiguousarray(x2.T)
     yT = np.empty((out_f, xT.shape[1]), x.dtype)
-    pick(_CSR, data.size * xT.shape[1])(xT, _stored(data), indices, indptr, s, yT)
-    y = yT.T.reshape(*x.shape[:-1], out_f)
-    return y if b is None else y + b
+    pick(_CSR, data.size * xT.shape[1])(xT, vals, indices, indptr, s, yT)
+    return _finish(yT.T, x, b)
 
 
 # ------------------------------------------------------------------------------ N:M linear
@@ -476,53 +538,67 @@ def _nm_expand(values, packed, n, m, bits, scale, o0, W):
 
 
 def _nm24_expand(values, packed, scale, o0, W):
-    """2:4 only: W (in, width) = the dense columns o0 … o0 + width, written row by row — each
-    dense weight is v0·[p0 = r] + v1·[p1 = r] of its group, so the loop over outputs vectorises
-    and the stores are contiguous (the generic ``_nm_expand`` scatters one value at a time)."""
+    """2:4 only: W (in, width) = the dense columns o0 … o0 + width, written row by row, so the loop
+    over outputs vectorises and the stores are contiguous (the generic ``_nm_expand`` scatters one
+    value at a time). Dense row r of a group is Σ_slot v·[p = r] over the group's two slots; with
+    p's bits l, h as 0/1 floats (taken unshifted, ``c & 2^k``, whose powers of two the constants
+    undo, as in ``_nm24_rows``) [p = r] = (1 − |l − r₀|)(1 − |h − r₁|) for r's bits r₀, r₁. Float
+    lanes throughout: a shift by a variable or a compare on the integer position made numba's
+    int64 lanes, and the loop ran 1.3-1.6x slower (768 × 3072, interleaved)."""
     J = packed.shape[0]
     width = W.shape[1]
+    one = np.float32(1.0)
     for j in prange(J):
         pj = packed[j, o0:o0 + width]
-        for half in range(2):
-            va, vb = values[4 * j + 2 * half, o0:o0 + width], values[4 * j + 2 * half + 1, o0:o0 + width]
-            for r in range(4):
-                row = W[8 * j + 4 * half + r]
-                for o in range(width):
-                    c = (np.int32(pj[o]) >> (4 * half)) & 15
-                    row[o] = (np.float32(va[o]) * np.float32((c & 3) == r)
-                              + np.float32(vb[o]) * np.float32((c >> 2) == r)) * scale[o0 + o]
+        v0, v1 = values[4 * j, o0:o0 + width], values[4 * j + 1, o0:o0 + width]
+        v2, v3 = values[4 * j + 2, o0:o0 + width], values[4 * j + 3, o0:o0 + width]
+        sc = scale[o0:o0 + width]
+        for r in range(4):
+            r0 = np.float32(r & 1)
+            r1 = np.float32(r >> 1)
+            lo, hi = W[8 * j + r], W[8 * j + 4 + r]   # rows r of the byte's two groups
+            for o in range(width):
+                c = np.int32(pj[o])
+                i0 = (one - abs(np.float32(c & 1) - r0)) * (one - abs(np.float32(c & 2) * np.float32(0.5) - r1))
+                i1 = ((one - abs(np.float32(c & 4) * np.float32(0.25) - r0))
+                      * (one - abs(np.float32(c & 8) * np.float32(0.125) - r1)))
+                i2 = ((one - abs(np.float32(c & 16) * np.float32(2.0 ** -4) - r0))
+                      * (one - abs(np.float32(c & 32) * np.float32(2.0 ** -5) - r1)))
+                i3 = ((one - abs(np.float32(c & 64) * np.float32(2.0 ** -6) - r0))
+                      * (one - abs(np.float32(c & 128) * np.float32(2.0 ** -7) - r1)))
+                s = sc[o]
+                lo[o] = (np.float32(v0[o]) * i0 + np.float32(v1[o]) * i1) * s
+                hi[o] = (np.float32(v2[o]) * i2 + np.float32(v3[o]) * i3) * s
 
 
 _NM24, _NM_EXPAND, _NM24_EXPAND = kernel(_nm24_rows), kernel(_nm_expand), kernel(_nm24_expand)
-NM_EXPAND_TILE = 1024   # output channels expanded to dense at a time on the many-rows path
+NM_PACKED_MAX_ROWS = 16   # 2:4 up to this many rows: the packed kernel; more: dense panels and BLAS
+# (measured: benchmarks/results/sparse_crossover.md, the 2:4 switch table)
 
 
 def nm_linear(x, values, idx, b=None, scale=None, *, n, m, in_features):
-    """2:4 at up to ``SKINNY_MAX_ROWS`` rows: the packed kernel (faster than dense: decode reads
-    half the bytes, benchmarks/results/sparse_crossover.md). Many rows, or other N:M: tiles of
-    output channels expanded to dense and multiplied with BLAS — a CPU has no sparse matrix
-    units, so prefill runs at close to dense speed and 2:4's gain there is storage."""
+    """2:4 at up to ``NM_PACKED_MAX_ROWS`` rows: the packed kernel (faster than dense: decode reads
+    half the bytes, benchmarks/results/sparse_crossover.md). Many rows, or other N:M: panels of
+    output channels expanded to dense and multiplied by BLAS (:func:`_through_blas`) — a CPU has
+    no sparse matrix units, so 2:4's gain at prefill is storage, and its cost the expansion."""
     if x.dtype != np.float32:
         return S.nm_linear(x, values, idx, b, scale, n=n, m=m, in_features=in_features)
     out_f = values.shape[1]
     x2 = np.ascontiguousarray(x.reshape(-1, in_features))
     s = _scales(scale, out_f)
     vals = _stored(values)
-    y2 = np.empty((x2.shape[0], out_f), np.float32)
     two_four = (n, m) == (2, 4) and in_features % 8 == 0
-    if two_four and x2.shape[0] <= SKINNY_MAX_ROWS:
+    if two_four and x2.shape[0] <= NM_PACKED_MAX_ROWS:
+        y2 = np.empty((x2.shape[0], out_f), np.float32)
         pick(_NM24, values.size * x2.shape[0])(x2, vals, idx, s, y2)
+        return _finish(y2, x, b)
+    if two_four:
+        def fill(o, t):
+            pick(_NM24_EXPAND, t.size)(vals, idx, s, o, t)
     else:
-        wt = np.empty((in_features, min(NM_EXPAND_TILE, out_f)), np.float32)
-        for o in range(0, out_f, NM_EXPAND_TILE):
-            t = wt[:, :min(NM_EXPAND_TILE, out_f - o)]
-            if two_four:
-                pick(_NM24_EXPAND, t.size)(vals, idx, s, o, t)
-            else:
-                pick(_NM_EXPAND, t.size)(vals, idx, int(n), int(m), S.index_bits(m), s, o, t)
-            y2[:, o:o + t.shape[1]] = x2 @ t
-    y = y2.reshape(*x.shape[:-1], out_f)
-    return y if b is None else y + b
+        def fill(o, t):
+            pick(_NM_EXPAND, t.size)(vals, idx, int(n), int(m), S.index_bits(m), s, o, t)
+    return _finish(_through_blas(x2, out_f, fill), x, b)
 
 
 KERNELS = {"sparse_attention": sparse_attention, "sparse_attention_kv8": sparse_attention_kv8,

@@ -30,6 +30,8 @@ quantization after pruning stores) and output o's are multiplied by scale[o].
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import scipy.sparse
 
@@ -177,17 +179,27 @@ register("sparse_attention_kv8", sparse_attention_kv8, sparse_attention_kv8_vjp,
          flops=sparse_attention_flops, nondiff=(3, 5, 7), n_optional=5)
 
 
-def _sparse_kv8(pattern, **pat):
-    def build(*args, **kw):
-        from .quant import _attn_kv8
-
-        base = _attn_kv8(*args, **kw)
+def _patterned(inputs: Callable[..., Any], pattern: str, **pat: Any) -> Callable[..., Any]:
+    """A case builder: the cases ``inputs`` builds (attention's, or its int8-cache variant's), with
+    the pattern's attributes added — the same situations for every pattern op."""
+    def build(*args: Any, **kw: Any) -> Any:
+        base = inputs(*args, **kw)
 
         def make(r, d):
-            inputs, attrs = base(r, d)
-            return inputs, {**attrs, "pattern": pattern, **pat}
+            case_inputs, attrs = base(r, d)
+            return case_inputs, {**attrs, "pattern": pattern, **pat}
         return make
     return build
+
+
+def _kv8_inputs(*args: Any, **kw: Any) -> Any:
+    from .quant import _attn_kv8   # on use, like this module's other uses of quant (op registration order)
+
+    return _attn_kv8(*args, **kw)
+
+
+def _sparse_kv8(pattern: str, **pat: Any) -> Callable[..., Any]:
+    return _patterned(_kv8_inputs, pattern, **pat)
 
 
 add_cases("sparse_attention_kv8", [
@@ -359,15 +371,8 @@ register("nm_linear", nm_linear, nm_linear_vjp, nm_linear_infer, flops=nm_linear
 
 
 # ------------------------------------------------------------------------ conformance cases
-def _sparse_attn(pattern, causal=True, **pat):
-    def build(B, T, S, H, KV, D, causal_, pad, cache, dead_row=False, scale=1.0, offset=0.0):
-        base = attention_inputs(B, T, S, H, KV, D, causal_, pad, cache, dead_row, scale, offset)
-
-        def make(r, d):
-            inputs, attrs = base(r, d)
-            return inputs, {**attrs, "pattern": pattern, **pat}
-        return make
-    return build
+def _sparse_attn(pattern: str, **pat: Any) -> Callable[..., Any]:
+    return _patterned(attention_inputs, pattern, **pat)
 
 
 add_cases("sparse_attention", [
@@ -424,6 +429,10 @@ add_cases("sparse_linear", [
     Case("empty output rows", _sparse_linear(2, 64, 96, 0.01, bias=False), "zeros"),
     Case("int8 data, scale per output, 1 row", _sparse_linear(1, 64, 96, 0.4, quantized=True)),
     Case("int8 data, scale per output, 9 rows", _sparse_linear(9, 64, 96, 0.4, bias=False, quantized=True)),
+    # many rows: below the backends' density switch (numba: 0.4) the CSR kernel, above it dense panels
+    Case("10% dense, 40 rows", _sparse_linear(20, 64, 96, 0.1)),
+    Case("int8 data, 10% dense, 40 rows", _sparse_linear(20, 64, 96, 0.1, quantized=True)),
+    Case("int8 data, 60% dense, 40 rows", _sparse_linear(20, 64, 96, 0.6, bias=False, quantized=True)),
     *[Case(f"{m} rows, 50% dense", _sparse_linear(m, 33, 65, 0.5), "sizes") for m in (7, 9, 65)],
 ])
 
