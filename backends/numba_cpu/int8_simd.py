@@ -331,14 +331,17 @@ def _quantize_rows(x, block, q, s):
     bits = x.view(np.int32)
     for m in prange(M):
         for g in range(K // block):
+            xb = x[m, g * block:(g + 1) * block]  # slices indexed from 0: no wraparound test, so the
+            bb = bits[m, g * block:(g + 1) * block]  # loops vectorise (6 cycles a value without)
+            qb = q[m, g * block:(g + 1) * block]
             mb = np.int32(0)
-            for k in range(g * block, (g + 1) * block):
-                mb = max(mb, bits[m, k] & np.int32(0x7FFFFFFF))
+            for k in range(block):
+                mb = max(mb, bb[k] & np.int32(0x7FFFFFFF))
             mx = _f32_from_bits(np.int32(mb))
             sc = mx / np.float32(127.0) if mx > 0 else np.float32(1.0)
             s[m, g] = sc
-            for k in range(g * block, (g + 1) * block):
-                q[m, k] = np.int8(min(max(np.rint(x[m, k] / sc), np.float32(-127.0)), np.float32(127.0)))
+            for k in range(block):
+                qb[k] = np.int8(min(max(np.rint(xb[k] / sc), np.float32(-127.0)), np.float32(127.0)))
 
 
 _QUANT = tuple(numba.njit(cache=True, nogil=True, error_model="numpy", parallel=par)(_quantize_rows)
