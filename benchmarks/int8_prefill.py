@@ -148,6 +148,15 @@ def main(argv=None) -> None:
     lines += ["## Kernels, one core", "",
               "CPU time (best of 7) of one linear of 128 tokens, single thread, in GFLOP/s (2·M·K·N / s).", ""]
     lines += kernel_table()
+    lines += ["", "Where the time goes (per block of 32 values and output, AVX2 without VNNI): the integer "
+              "sum is `vpsignb` + `vpmaddubsw` + `vpmaddwd` (|w| once per weight row and block, shared by "
+              "4 tokens), then Q8_0 adds one `vcvtdq2ps` and one FMA with a broadcast load of the block's "
+              "scale product (precomputed per column of tiles, about one vector multiply per 8 blocks and "
+              "outputs). float32 needs 4 FMAs for the same 32 multiply-adds, at 2 FMAs a cycle. The 8-bit "
+              "multiply-adds, the conversion and the FMA compete for the same vector ports, so Q8_0 lands "
+              "below float32 per core while w8a8 (one block per row: int32 sums across the whole row, no "
+              "conversion or float work per 32 values) lands above it. End to end the model also spends "
+              "time outside the linears (attention, norms, the activation quantizer), the same for all three."]
     lines += ["", f"Load average at the end {_load()}; run time {time.time() - t_start:.0f} s.", ""]
     with atomic_write(a.out) as f:
         f.write("\n".join(lines).encode())
