@@ -225,3 +225,18 @@ def test_without_avx2_the_intrinsics_lower_to_the_portable_loop(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "0 failed" in out.stdout
+
+
+@pytest.mark.parametrize("blas_min", [0, 1 << 40])   # slices on BLAS's whole budget, and on one thread
+def test_int8_head_at_prefill_in_slices(monkeypatch, blas_min):
+    """``linear_q8`` transposed (the tied int8 LM head) at prefill: output rows widened and
+    multiplied slice by slice — several slices here, the last one short — against the spec."""
+    from minitx import threads
+    monkeypatch.setattr(threads, "BLAS_PARALLEL_MIN", blas_min)
+    monkeypatch.setattr(nq, "SLICE_MAX", 1)                       # slices of the minimum, 4·TILE rows
+    n_out = 2 * 4 * nq.TILE + 37
+    w = rng.integers(-127, 128, (n_out, 96)).astype(np.int8)
+    s = rng.uniform(0.5, 1.5, n_out).astype(np.float32)
+    x = rng.standard_normal((nq.SKINNY_MAX_ROWS + 5, 96)).astype(np.float32)
+    ref = Q.linear_q8(x.astype(np.float64), w, s.astype(np.float64), transposed=True)
+    np.testing.assert_allclose(nq.linear_q8(x, w, s, transposed=True), ref, rtol=1e-4, atol=1e-3)

@@ -26,6 +26,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from minitx import threads
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
@@ -279,11 +280,32 @@ def _tiled(x2, n_out, dequant_rows, tile=TILE):
 
 
 def _tiled_t(x2, w):
-    """BLAS path for x @ wᵀ with int8 w (N, K): dequantize TILE output rows at a time."""
-    y = np.empty((x2.shape[0], w.shape[0]), np.float32)
-    for n0 in range(0, w.shape[0], 4 * TILE):
-        y[:, n0:n0 + 4 * TILE] = x2 @ w[n0:n0 + 4 * TILE].astype(np.float32).T
+    """BLAS path for x @ wᵀ with int8 w (N, K) (the tied int8 LM head at prefill): slices of output
+    rows widened to float32 on every thread, each slice big enough for BLAS's whole budget when the
+    whole product is (threads.blas; slices of 1024 rows each ran on one thread, and GPT-2's head
+    is a third of its prefill), at most SLICE_MAX values of float32 at a time."""
+    M, K = x2.shape
+    N = w.shape[0]
+    step = min(max(4 * TILE, -(-threads.BLAS_PARALLEL_MIN // max(1, M * K))), max(4 * TILE, SLICE_MAX // K))
+    y = np.empty((M, N), np.float32)
+    wt = np.empty((min(step, N), K), np.float32)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        _pick(_WIDEN, (n1 - n0) * K)(w[n0:n1], wt[:n1 - n0])
+        with threads.blas(M * (n1 - n0) * K):
+            y[:, n0:n1] = x2 @ wt[:n1 - n0].T
     return y
+
+
+def _widen_rows(q, out):
+    """out = float32(q), rows split over the threads."""
+    for r in prange(q.shape[0]):
+        for k in range(q.shape[1]):
+            out[r, k] = np.float32(q[r, k])
+
+
+_WIDEN = kernel(_widen_rows)
+SLICE_MAX = 1 << 22  # float32 values of a widened weight slice (16 MiB)
 
 
 def linear_q8(x, w, scale, b=None, *, transposed=False):
