@@ -39,6 +39,7 @@ SKINNY_MAX_ROWS = 8
 AHEAD = 4  # rows of a streamed (out, in) weight prefetched ahead of the one being read
 TILE = 256  # input rows dequantized at a time on the BLAS path
 CHUNK_M = 64  # tokens per chunk of _q8_0_rows (its 16 weight rows stay in cache while they pass)
+PREFILL_CHUNKS = 8  # _q8_0_rows's chunks per hand-out to a thread at prefill
 UNSCALED = np.empty((0, 0), np.float32)  # _cols_stream's "no group scales"
 
 
@@ -281,12 +282,14 @@ def _tiled(x2, n_out, dequant_rows, tile=TILE):
 
 def _tiled_t(x2, w):
     """BLAS path for x @ wᵀ with int8 w (N, K) (the tied int8 LM head at prefill): slices of output
-    rows widened to float32 on every thread, each slice big enough for BLAS's whole budget when the
-    whole product is (threads.blas; slices of 1024 rows each ran on one thread, and GPT-2's head
-    is a third of its prefill), at most SLICE_MAX values of float32 at a time."""
+    rows widened to float32 on every thread, each slice HEAD_SLICE_WORK multiply-adds or more, so
+    that BLAS gets the whole budget (threads.blas) on calls as large as it needs under load —
+    slices of 1024 rows ran on one thread (GPT-2's head is a third of its prefill), slices of
+    2^28 on two threads lost to fp32's one large call at load 8 — at most SLICE_MAX values of
+    float32 at a time."""
     M, K = x2.shape
     N = w.shape[0]
-    step = min(max(4 * TILE, -(-threads.BLAS_PARALLEL_MIN // max(1, M * K))), max(4 * TILE, SLICE_MAX // K))
+    step = min(max(4 * TILE, -(-HEAD_SLICE_WORK // max(1, M * K))), max(4 * TILE, SLICE_MAX // K))
     y = np.empty((M, N), np.float32)
     wt = np.empty((min(step, N), K), np.float32)
     for n0 in range(0, N, step):
@@ -305,7 +308,8 @@ def _widen_rows(q, out):
 
 
 _WIDEN = kernel(_widen_rows)
-SLICE_MAX = 1 << 22  # float32 values of a widened weight slice (16 MiB)
+SLICE_MAX = 1 << 23  # float32 values of a widened weight slice (32 MiB)
+HEAD_SLICE_WORK = 4 * threads.BLAS_PARALLEL_MIN
 
 
 def linear_q8(x, w, scale, b=None, *, transposed=False):
@@ -357,7 +361,11 @@ def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
     y = np.empty((M, w.shape[0]), np.float32)
     # decode streams the weights (every core from small sizes on); prefill is compute-bound, and
     # waking the pool for a small product costs more than it gains, as for the float kernels
-    (_pick(_Q8_0, w.size * M) if M <= SKINNY_MAX_ROWS else pick(_Q8_0, w.size * M))(xq, xs, w, scale, block, simd, y)
+    if M <= SKINNY_MAX_ROWS:
+        _pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
+    else:  # chunks handed out as threads free up: a thread another process delays holds up less
+        with numba.parallel_chunksize(PREFILL_CHUNKS):  # (static halves: ~10% slower at load 8)
+            pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
     return _finish(y, x, b)
 
 
