@@ -26,7 +26,6 @@ import numba
 import numpy as np
 from numba import prange
 
-from minitx import threads
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
@@ -281,35 +280,14 @@ def _tiled(x2, n_out, dequant_rows, tile=TILE):
 
 
 def _tiled_t(x2, w):
-    """BLAS path for x @ wᵀ with int8 w (N, K) (the tied int8 LM head at prefill): slices of output
-    rows widened to float32 on every thread, each slice HEAD_SLICE_WORK multiply-adds or more, so
-    that BLAS gets the whole budget (threads.blas) on calls as large as it needs under load —
-    slices of 1024 rows ran on one thread (GPT-2's head is a third of its prefill), slices of
-    2^28 on two threads lost to fp32's one large call at load 8 — at most SLICE_MAX values of
-    float32 at a time."""
-    M, K = x2.shape
-    N = w.shape[0]
-    step = min(max(4 * TILE, -(-HEAD_SLICE_WORK // max(1, M * K))), max(4 * TILE, SLICE_MAX // K))
-    y = np.empty((M, N), np.float32)
-    wt = np.empty((min(step, N), K), np.float32)
-    for n0 in range(0, N, step):
-        n1 = min(N, n0 + step)
-        _pick(_WIDEN, (n1 - n0) * K)(w[n0:n1], wt[:n1 - n0])
-        with threads.blas(M * (n1 - n0) * K):
-            y[:, n0:n1] = x2 @ wt[:n1 - n0].T
+    """BLAS path for x @ wᵀ with int8 w (N, K): dequantize 4·TILE output rows at a time, each
+    product on BLAS's one thread. (Slices of 2^28 and of 2^30 multiply-adds on BLAS's whole budget
+    made GPT-2's int8 prefill, whose tied head is a third of its work, slower at load 7–8:
+    benchmarks/results/int8_prefill.md.)"""
+    y = np.empty((x2.shape[0], w.shape[0]), np.float32)
+    for n0 in range(0, w.shape[0], 4 * TILE):
+        y[:, n0:n0 + 4 * TILE] = x2 @ w[n0:n0 + 4 * TILE].astype(np.float32).T
     return y
-
-
-def _widen_rows(q, out):
-    """out = float32(q), rows split over the threads."""
-    for r in prange(q.shape[0]):
-        for k in range(q.shape[1]):
-            out[r, k] = np.float32(q[r, k])
-
-
-_WIDEN = kernel(_widen_rows)
-SLICE_MAX = 1 << 23  # float32 values of a widened weight slice (32 MiB)
-HEAD_SLICE_WORK = 4 * threads.BLAS_PARALLEL_MIN
 
 
 def linear_q8(x, w, scale, b=None, *, transposed=False):
