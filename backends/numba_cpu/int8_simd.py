@@ -30,8 +30,8 @@ scale product ``xs · ws``, computed beforehand for a column of tiles (:func:`sc
 along the tokens). Measured on this AMD EPYC (AVX2, FMA, no VNNI), one core, 128 tokens: a second
 float multiply in the loop instead (``fmul`` by the weight scale, FMA by the activation scale, the
 old kernel) ran at 0.6–0.75x of OpenBLAS's float32 GEMM; one FMA of a broadcast load, without the
-``scales`` pass, at 0.92–1.0x; with it 0.8–0.9x; the same loop with int32 accumulation only (what
-one block per row, ``quant:w8a8``, needs: no conversion or float work per 32 values) at 1.3–1.6x.
+``scales`` pass, at 0.92–1.0x; with it 0.75–0.9x; the same loop with int32 accumulation only (what
+one block per row, ``quant:w8a8``, needs: no conversion or float work per 32 values) at 1.2–1.6x.
 The 8-bit multiply-adds, the conversion and the FMAs compete for the same few vector ports, so
 per-32 blocks cost about two cycles per block and output where float32 spends two FMAs (16 × 2
 flops) per cycle. Larger tiles (4 × 3, 3 × 4, 6 × 2, 2 × 6) spill accumulators and ran slower.
