@@ -75,9 +75,59 @@ def test_activation_quantizer_is_bit_exact_with_spec(rows):
     S.quantize_act_blocks(x, 32, q, s)
     qr, sr = Q.quantize_act_blocks(x, 32)                          # the spec in float32
     assert np.array_equal(q, qr) and np.array_equal(s, sr)
-    xd, s2 = np.empty_like(x), np.empty_like(s)
-    S.round_act_blocks(x, 32, s2, xd)                              # the BLAS path's operand
-    assert np.array_equal(xd, qr.astype(np.float32) * np.repeat(sr, 32, axis=1)) and np.array_equal(s2, sr)
+
+
+def _exact_case(M, N, K, block):
+    """Integer weights and activations with scales of 1 (every block sum, every partial sum and the
+    total below 2^24): the product is the exact integer matrix, so any element the kernel gets
+    wrong — a tile edge, a token or row slipped by one, a scale from the wrong block — shows."""
+    w = rng.integers(-128, 128, (N, K)).astype(np.int8)
+    x = rng.integers(-127, 128, (M, K)).astype(np.int8)
+    x[:, :32] = 127                                   # block maxima 127: the quantizer keeps x exactly
+    ref = x.astype(np.int64) @ w.astype(np.int64).T
+    assert np.abs(ref).max() < 2 ** 24
+    return w, np.ones((N, K // block), np.float32), x, ref
+
+
+@pytest.mark.parametrize("par", [0, 1], ids=["parallel", "serial"])
+@pytest.mark.parametrize("M,N", [(4, 2), (7, 5), (13, 17), (66, 33), (131, 19)])
+@pytest.mark.parametrize("block", [32, 224])       # Q8_0 and one block per row (w8a8)
+def test_tile_kernel_every_element_exact(par, M, N, block):
+    """The prefill microkernel over M tokens × N rows that are not multiples of its tile (TILE_R ×
+    TILE_C), chunks (64 tokens × 16 rows) or both: every element of y, the tiles' and the edges'
+    (the single dot products), equals the exact integer product. y starts as NaN: an element the
+    kernel never writes fails too."""
+    w, s, xq, ref = _exact_case(M, N, 224, block)
+    xs = np.ones((M, 224 // block), np.float32)
+    y = np.full((M, N), np.nan, np.float32)
+    nq._Q8_0[par](xq, xs, w, s, block, True, y)
+    assert np.array_equal(y, ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("M,N", [(4, 2), (9, 7), (70, 35)])
+def test_tile_kernel_scales_per_block_and_element(M, N):
+    """Distinct scales per (token, block) and (row, block), powers of two, activations within ±15:
+    every product and partial sum is exact in float32 (|block sum| < 2^16, scale products 2^-2..2^2,
+    5 blocks), so y must be Σ_b xs[m, b] ws[n, b] S[m, n, b] exactly for each element — a scale
+    product taken from another token, row or block changes the value."""
+    K = 160
+    w, _, _, _ = _exact_case(M, N, K, 32)
+    xq = rng.integers(-15, 16, (M, K)).astype(np.int8)
+    xs = (2.0 ** rng.integers(-1, 2, (M, K // 32))).astype(np.float32)
+    ws = (2.0 ** rng.integers(-1, 2, (N, K // 32))).astype(np.float32)
+    S_ = np.einsum("mbk,nbk->mnb", xq.reshape(M, -1, 32).astype(np.int64), w.reshape(N, -1, 32).astype(np.int64))
+    ref = (S_ * xs[:, None, :].astype(np.float64) * ws[None, :, :]).sum(-1)
+    y = np.full((M, N), np.nan, np.float32)
+    nq._Q8_0[1](xq, xs, w, ws, 32, True, y)
+    assert np.array_equal(y.astype(np.float64), ref)
+
+
+@pytest.mark.parametrize("M,N", [(4, 2), (13, 17), (66, 33)])
+def test_tile_kernel_matches_spec(M, N):
+    """Real scales: the microkernel against the float64 spec, element by element."""
+    w, s = _weights(N, 224)
+    x = rng.standard_normal((M, 224)).astype(np.float32)
+    _close(nq.linear_q8_0(x, w, s), x, w, s)
 
 
 def test_parallel_kernel_equals_serial():
@@ -139,19 +189,6 @@ def test_wide_and_odd_blocks(simd, rows, block):
     _close(nq.linear_q8_0(x, w, s, block=block, simd=simd), x, w, s, block=block)
 
 
-def test_many_tokens_on_blas_match_spec(monkeypatch):
-    """From BLAS_MIN_ROWS tokens on a GEMM big enough for BLAS's whole budget, the rounded
-    activations and weights are dequantized for BLAS: the same function up to float32 rounding."""
-    from minitx import threads
-    calls = []
-    monkeypatch.setattr(threads, "BLAS_PARALLEL_MIN", 0)
-    monkeypatch.setattr(nq, "_q8_0_blas", lambda *a, _f=nq._q8_0_blas: calls.append(1) or _f(*a))
-    w, s = _weights(1100, 96)                       # more than one 4·TILE slice of output rows
-    x = rng.standard_normal((nq.BLAS_MIN_ROWS + 3, 96)).astype(np.float32)
-    _close(nq.linear_q8_0(x, w, s), x, w, s)
-    assert calls
-
-
 @pytest.mark.parametrize("mode", ["int8", "w8a8"])
 def test_quant_plugin_packs_q8_0_and_numba_runs_it(mode):
     """``optimize --plugin quant:int8`` (and w8a8) gives linear_q8_0 — blocks of 32, or one block per
@@ -188,3 +225,14 @@ def test_without_avx2_the_intrinsics_lower_to_the_portable_loop(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "0 failed" in out.stdout
+
+
+def test_int8_head_at_prefill_in_slices():
+    """``linear_q8`` transposed (the tied int8 LM head) at prefill: output rows dequantized and
+    multiplied slice by slice — several slices here, the last one short — against the spec."""
+    n_out = 2 * 4 * nq.TILE + 37
+    w = rng.integers(-127, 128, (n_out, 96)).astype(np.int8)
+    s = rng.uniform(0.5, 1.5, n_out).astype(np.float32)
+    x = rng.standard_normal((nq.SKINNY_MAX_ROWS + 5, 96)).astype(np.float32)
+    ref = Q.linear_q8(x.astype(np.float64), w, s.astype(np.float64), transposed=True)
+    np.testing.assert_allclose(nq.linear_q8(x, w, s, transposed=True), ref, rtol=1e-4, atol=1e-3)

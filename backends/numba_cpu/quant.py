@@ -12,7 +12,8 @@ level with OpenBLAS's float32 GEMV (benchmarks/results/quant_decode_cpu.md).
 them — is streamed row by row into per-thread column accumulators: correct, but it moves every
 accumulator through cache once per input row; int4 in that layout takes the BLAS path.) With
 many rows (prefill) the work is compute-bound: tiles of the packed matrix are dequantized into a
-small float buffer and multiplied with BLAS, so no full float copy of W ever exists.
+small float buffer and multiplied with BLAS, so no full float copy of W ever exists — except
+``linear_q8_0`` (int8 weights × int8 activations), whose integer kernel runs at every size.
 
 Also here: the int8 / int4 embedding lookups (only the looked-up rows are widened), float16 and
 bfloat16 weights (``linear_cast``, widened per row slice in registers), and attention over an int8
@@ -25,21 +26,19 @@ import numba
 import numpy as np
 from numba import prange
 
-from minitx import threads
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
-from .linalg import linear as float_linear
-from .int8_simd import (BLOCK, TILE_C, TILE_R, dot_q8_0, dot_q8_0_portable, quantize_act_blocks, round_act_blocks,
-                        tile_q8_0)
+from .int8_simd import BLOCK, TILE_C, TILE_R, dot_q8_0, dot_q8_0_portable, quantize_act_blocks, scales, tile_q8_0
 from ._vmath import widen
 from .attention import sdpa
 from .kvcache import append
 
 SKINNY_MAX_ROWS = 8
-BLAS_MIN_ROWS = 64  # linear_q8_0 from this many tokens may go to BLAS (_q8_0_blas)
 AHEAD = 4  # rows of a streamed (out, in) weight prefetched ahead of the one being read
 TILE = 256  # input rows dequantized at a time on the BLAS path
+CHUNK_M = 64  # tokens per chunk of _q8_0_rows (its 16 weight rows stay in cache while they pass)
+PREFILL_CHUNKS = 8  # _q8_0_rows's chunks per hand-out to a thread at prefill
 UNSCALED = np.empty((0, 0), np.float32)  # _cols_stream's "no group scales"
 
 
@@ -195,27 +194,38 @@ def _q8_0_rows(xq, xs, w, ws, block, simd, y):
     """y[m, n] = Σ_g xs[m, g] ws[n, g] Σ_{k in g} xq[m, k] w[n, k] (``linear_q8_0``): int8
     activations (M, K) and weights (N, K), one exact integer sum per block (int8_simd.py: AVX2's
     8-bit multiply-adds when ``simd`` and the block is a multiple of 32, else the portable loop). Threads
-    split chunks of 16 output rows × 64 tokens. Decode (few tokens) streams each weight row once,
+    split chunks of 16 output rows × CHUNK_M tokens, the rows varying fastest: a chunk of tokens
+    stays in cache while every weight row passes it (with the tokens varying fastest, all the
+    tokens passed every 16 rows: 0.56x of float32's speed at 4096 × 384 × 1536, from L3). Decode (few tokens) streams each weight row once,
     prefetched AHEAD rows before it is read; prefill runs the TILE_R × TILE_C microkernel over each
-    chunk, whose 16 weight rows stay in cache while its tokens pass them."""
+    chunk, whose 16 weight rows stay in cache while its tokens pass them, with the scale products
+    of each column of tiles computed first (``scales``, on transposed scales)."""
     M, K = xq.shape
     N = w.shape[0]
     G = K // block
     per = block // BLOCK
     wide = simd and block % BLOCK == 0
     tiled = wide and M >= TILE_R
-    nm = (M + 63) // 64
-    for t in prange(((N + 15) // 16) * nm):
-        n_lo = (t // nm) * 16
+    nm = (M + CHUNK_M - 1) // CHUNK_M
+    if tiled:
+        xs_t = np.ascontiguousarray(xs.T)
+        ws_t = np.ascontiguousarray(ws.T)
+    else:
+        xs_t = ws_t = xs[:0]
+    nn = (N + 15) // 16
+    for t in prange(nn * nm):
+        n_lo = (t % nn) * 16
         n_hi = min(N, n_lo + 16)
-        m_lo = (t % nm) * 64
-        m_hi = min(M, m_lo + 64)
+        m_lo = (t // nn) * CHUNK_M
+        m_hi = min(M, m_lo + CHUNK_M)
         n = n_lo
         if tiled:
+            d = np.empty((G, TILE_C, m_hi - m_lo), np.float32)
             while n + TILE_C <= n_hi:
+                scales(ws_t, n, xs_t, m_lo, m_hi, d)
                 m = m_lo
                 while m + TILE_R <= m_hi:
-                    tile_q8_0(w, ws, n, xq, xs, m, per, y)
+                    tile_q8_0(w, n, xq, m, per, d, m - m_lo, y)
                     m += TILE_R
                 for r in range(m, m_hi):
                     for j in range(n, n + TILE_C):
@@ -270,7 +280,10 @@ def _tiled(x2, n_out, dequant_rows, tile=TILE):
 
 
 def _tiled_t(x2, w):
-    """BLAS path for x @ wᵀ with int8 w (N, K): dequantize TILE output rows at a time."""
+    """BLAS path for x @ wᵀ with int8 w (N, K): dequantize 4·TILE output rows at a time, each
+    product on BLAS's one thread. (Slices of 2^28 and of 2^30 multiply-adds on BLAS's whole budget
+    made GPT-2's int8 prefill, whose tied head is a third of its work, slower at load 7–8:
+    benchmarks/results/int8_prefill.md.)"""
     y = np.empty((x2.shape[0], w.shape[0]), np.float32)
     for n0 in range(0, w.shape[0], 4 * TILE):
         y[:, n0:n0 + 4 * TILE] = x2 @ w[n0:n0 + 4 * TILE].astype(np.float32).T
@@ -310,60 +323,28 @@ def linear_q8_block(x, w, scale, b=None, *, block=32):
 
 
 def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
-    """``simd=False`` takes the portable integer loop even where AVX2 is there (the tests' way to
-    check it on this machine; int8_simd.py lowers to it by itself on CPUs without AVX2)."""
+    """Every token count runs the integer kernel (``_q8_0_rows``), prefill included: dequantizing
+    the weights for a float32 GEMM instead cost that GEMM plus the dequantization, so it could
+    never beat fp32 (benchmarks/results/int8_prefill.md). ``simd=False`` takes the portable integer
+    loop even where AVX2 is there (the tests' way to check it on this machine; int8_simd.py lowers
+    to it by itself on CPUs without AVX2)."""
     if x.dtype != np.float32 or scale.dtype != np.float32:
         return spec.linear_q8_0(x, w, scale, b, block=block)
     x2 = _rows(x)
     M, K = x2.shape
     xs = np.empty((M, K // block), np.float32)
     w, scale = np.ascontiguousarray(w), np.ascontiguousarray(scale)
-    if (simd and block == BLOCK and M >= BLAS_MIN_ROWS
-            and (w.size * M >= threads.BLAS_PARALLEL_MIN or threads.budget() == 1)):
-        xd = np.empty((M, K), np.float32)
-        round_act_blocks(x2, block, xs, xd)
-        return _finish(_q8_0_blas(xd, w, scale, block), x, b)
     xq = np.empty((M, K), np.int8)
     quantize_act_blocks(x2, block, xq, xs)
     y = np.empty((M, w.shape[0]), np.float32)
-    _pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
+    # decode streams the weights (every core from small sizes on); prefill is compute-bound, and
+    # waking the pool for a small product costs more than it gains, as for the float kernels
+    if M <= SKINNY_MAX_ROWS:
+        _pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
+    else:  # chunks handed out as threads free up: a thread another process delays holds up less
+        with numba.parallel_chunksize(PREFILL_CHUNKS):  # (static halves: ~10% slower at load 8)
+            pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
     return _finish(y, x, b)
-
-
-def _q8_0_blas(xd, w, scale, block):
-    """Many tokens on a GEMM large enough for BLAS's whole thread budget: the rounded activations
-    and TILE-row slices of the weights, dequantized to float32, multiplied by BLAS — the spec's
-    products, summed in float32 rather than as exact integers per block (a float32 matmul's
-    rounding, inside conformance's tolerance). Why: the 8-bit multiply-adds compete for the
-    multiply ports with the per-block conversion and FMA, so on AVX2 without VNNI the integer
-    microkernel reaches about 0.6x of a float32 GEMM per core on blocks of 32 (single-thread CPU time,
-    128 x 768 x 3072); it wins where BLAS would run on one thread and the kernel on all. Wider blocks
-    (w8a8: one per row) keep int32 sums across the block and need no per-32 conversion: there the
-    microkernel beat float32 BLAS per core (1.26x at that shape), so they never come here."""
-    y = np.empty((xd.shape[0], w.shape[0]), np.float32)
-    wd = np.empty((min(4 * TILE, w.shape[0]), w.shape[1]), np.float32)
-    for n0 in range(0, w.shape[0], 4 * TILE):
-        n1 = min(w.shape[0], n0 + 4 * TILE)
-        _pick(_DEQ, wd.size)(w[n0:n1], scale[n0:n1], block, wd[:n1 - n0])
-        if xd.size * (n1 - n0) < threads.BLAS_PARALLEL_MIN:
-            with threads.blas(0):     # one thread
-                np.matmul(xd, wd[:n1 - n0].T, out=y[:, n0:n1])
-        else:  # the float linear's row split over numba's tasks, not OpenBLAS's spinning threads:
-            # 128 x 3072 x 768 took 93 ms through them at load 3.4 (23 ms so; float32 15 ms)
-            y[:, n0:n1] = float_linear(xd, np.ascontiguousarray(wd[:n1 - n0].T))
-    return y
-
-
-def _dequant_rows(q, s, block, out):
-    """out[r, k] = q[r, k] · s[r, k // block]."""
-    for r in prange(q.shape[0]):
-        for g in range(q.shape[1] // block):
-            sc = s[r, g]
-            for k in range(g * block, (g + 1) * block):
-                out[r, k] = np.float32(q[r, k]) * sc
-
-
-_DEQ = kernel(_dequant_rows)
 
 
 def linear_q4(x, w, scale, b=None, *, group=32, transposed=False):
