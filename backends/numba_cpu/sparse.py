@@ -411,8 +411,8 @@ PANEL_FLOATS = 1 << 18   # one panel of expanded weights, 1 MiB. 2:4 at 768 → 
 def _through_blas(x2, out_f, fill):
     """y = x2 @ W for compact W: a panel of output columns at a time is expanded into one reused
     float32 buffer by ``fill(o0, panel)`` and multiplied by the float linear (linalg.py: numba's
-    tasks for threads, never OpenBLAS's spinning ones) — the trick quant.py's ``_q8_0_blas`` plays
-    for int8. A CPU has no sparse matrix units, so at many rows this is the fastest way through we
+    tasks for threads, never OpenBLAS's spinning ones) — the trick quant.py's transposed int8
+    linear (``_tiled_t``) plays. A CPU has no sparse matrix units, so at many rows this is the fastest way through we
     have, but not free: the expansion is a pass over a dense-sized panel (measured at 0.3-0.6 of
     the GEMM's time at 128 rows on the shared 2-core VM), so prefill stays below dense speed."""
     rows, in_f = x2.shape
