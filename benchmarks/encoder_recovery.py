@@ -38,7 +38,7 @@ from minitx.convert import convert  # noqa: E402
 from minitx.modelfile import load  # noqa: E402
 from minitx.outputs import atomic_write  # noqa: E402
 from minitx.training import embedding as emb  # noqa: E402
-from minitx.training import qat  # noqa: E402
+from minitx.training import qat, rounding  # noqa: E402
 from minitx.training.loop import fit  # noqa: E402
 from minitx.training.settings import TrainSettings, new_state  # noqa: E402
 from minitx.validate import Calibration  # noqa: E402
@@ -90,6 +90,10 @@ def main() -> None:
                     help="distillation loss terms (repeatable), as minitx distill's --loss: cosine | hidden | tokens "
                          "| layers (default cosine=1)")
     ap.add_argument("--floor", type=float, default=0.1, help="the schedule's final lr as a fraction of the peak")
+    ap.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"),
+                    help="int4: QAT starts from round-to-nearest (the float weights) or from GPTQ-rounded weights "
+                         "(minitx/training/rounding.py, on --calib-sentences training sentences)")
+    ap.add_argument("--calib-sentences", type=int, default=256, help="int4 --rounding gptq: sentences it measures")
     ap.add_argument("--group", type=int, default=32, help="int4: inputs per scale")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out report every N steps (default: steps/4)")
     ap.add_argument("--out", default="benchmarks/results/encoder_recovery.md")
@@ -123,6 +127,7 @@ def main() -> None:
              f"Command: `python benchmarks/encoder_recovery.py --out {args.out} --steps {args.steps} --sentences "
              f"{args.sentences} --lr {args.lr:g} --qat-lr {args.qat_lr:g} --batch {args.batch} --seq {args.seq}"
              f" --only {args.only}" + "".join(f" --loss {n}={w:g}" for n, w in losses.items() if args.loss) +
+             (f" --rounding gptq --calib-sentences {args.calib_sentences}" if args.rounding == "gptq" else "") +
              (f" --floor {args.floor:g}" if args.floor != 0.1 else "") + (f" --group {args.group}" if args.group != 32 else "") + (f" --chunk {args.chunk} --long-batch {args.long_batch}" if "linformer" in args.only
                                        else "") + (f" --eval-every {args.eval_every}" if args.eval_every else "") + "`  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine.summary(m)}  ",
@@ -151,7 +156,18 @@ def main() -> None:
             before = cos(ptq)
             qs = copy.deepcopy(settings)
             qs.lr, qs.min_lr = args.qat_lr, args.qat_lr * args.floor
-            res = qat.run(teacher, text, int4, qs, log=log, losses=losses)
+            state = None
+            if args.rounding == "gptq":   # measured on training sentences only, never the held-out ones
+                train = [sents[i] for i in range(int(val[0]))]
+                calib_sents = train[::max(len(train) // args.calib_sentences, 1)][:args.calib_sentences]
+                start = rounding.round_linears(teacher, calib_sents, args.group)
+                gptq = cos(plugin.optimize(start, [int4], force=True))
+                notes.append(f"int4 --rounding gptq: QAT starts from GPTQ-rounded weights ({len(calib_sents)} training "
+                             f"sentences); packed before QAT they score {gptq[0]:.4f} / {gptq[1]:.4f} (held-out / "
+                             f"heldout.txt), against round-to-nearest's {before[0]:.4f} / {before[1]:.4f} in 'before'.")
+                log(notes[-1])
+                state = qat.new_state(start, int4, qs)
+            res = qat.run(teacher, text, int4, qs, log=log, losses=losses, state=state)
             final, hist = res.packed, res.state.history
         elif name == "linformer":
             lo, hi = (int(x) for x in args.chunk.split(","))
