@@ -112,3 +112,28 @@ def test_training_on_the_layers_loss_alone_raises_the_held_out_cosine(tok):
     before = emb.mean_cosine(bert(tok, 1), [sents[i] for i in val], ref)
     after = st.history[-1]["val_cosine"]
     assert after > before + 0.05, (before, after)
+
+
+def test_cli_distill_of_a_layer_dropped_student_on_the_layers_loss(tok, tmp_path):
+    """The kept block (its name keeps its old index) faces the teacher's last block."""
+    import json
+
+    from click.testing import CliRunner
+
+    from minitx import modelfile
+    from minitx.cli import main
+
+    modelfile.save(bert(tok, 0), str(tmp_path / "teacher.npz"))
+    r = CliRunner().invoke(main, ["optimize", str(tmp_path / "teacher.npz"), "--plugin", "layers:keep=1,by=alternate",
+                                  "-o", str(tmp_path / "student.npz")])
+    assert r.exit_code == 0, r.output
+    student = modelfile.load(str(tmp_path / "student.npz"))
+    assert emb.layer_pairs(student.graph, modelfile.load(str(tmp_path / "teacher.npz")).graph)[0][1] == "hidden"
+    r = CliRunner().invoke(main, ["distill", str(tmp_path / "teacher.npz"), "--student", str(tmp_path / "student.npz"),
+                                  "--data", TEXT, "-o", str(tmp_path / "out.npz"), "--steps", "10", "--batch", "8",
+                                  "--seq", "24", "--eval-every", "10", "--val-fraction", "0.2", "--lr", "3e-3",
+                                  "--loss", "cosine", "--loss", "layers=0.5", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["losses"] == {"cosine": 1.0, "layers": 0.5}
+    assert rep["steps"] == 10 and np.isfinite(rep["heldout_cosine"])
