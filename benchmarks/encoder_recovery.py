@@ -162,7 +162,7 @@ def main() -> None:
                 calib_sents = train[::max(len(train) // args.calib_sentences, 1)][:args.calib_sentences]
                 start = rounding.round_linears(teacher, calib_sents, args.group)
                 gptq = cos(plugin.optimize(start, [int4], force=True))
-                notes.append(f"int4 --rounding gptq: QAT starts from GPTQ-rounded weights ({len(calib_sents)} training "
+                notes.append(f"int4 --rounding gptq: QAT starts from GPTQ-rounded weights (act order; {len(calib_sents)} training "
                              f"sentences); packed before QAT they score {gptq[0]:.4f} / {gptq[1]:.4f} (held-out / "
                              f"heldout.txt), against round-to-nearest's {before[0]:.4f} / {before[1]:.4f} in 'before'.")
                 log(notes[-1])

@@ -20,12 +20,12 @@ def correlated(rng, n, d):
     return np.repeat(base, 4, axis=1) + 0.3 * rng.standard_normal((n, d))
 
 
-@pytest.mark.parametrize("group", [16, 32])
-def test_gptq_beats_round_to_nearest_and_repacks_to_its_own_codes(group):
+@pytest.mark.parametrize("group,act_order", [(16, False), (32, False), (32, True)])
+def test_gptq_beats_round_to_nearest_and_repacks_to_its_own_codes(group, act_order):
     rng = np.random.default_rng(0)
-    x = correlated(rng, 512, 64)
+    x = correlated(rng, 512, 64) * rng.uniform(0.2, 3.0, 64)     # features of unequal size: act order matters
     w = (0.05 * rng.standard_normal((64, 24))).astype(np.float32)
-    g = rounding.gptq_int4(w, x.T @ x, group)
+    g = rounding.gptq_int4(w, x.T @ x, group, act_order=act_order)
     q, s = quantize_int4(g, group)
     packed = dequantize_blocks(unpack_int4(q), s, group)
     _, s0 = quantize_int4(w, group)

@@ -30,10 +30,20 @@ from ..ops.fakequant import fake_quant
 from ..ops.quant import _group_scales
 
 
-def gptq_int4(w: np.ndarray, h: np.ndarray, group: int, damp: float = 0.01) -> np.ndarray:
+def gptq_int4(w: np.ndarray, h: np.ndarray, group: int, damp: float = 0.01, act_order: bool = True) -> np.ndarray:
     """``w`` (in, out) rounded for inputs whose second moment is ``h`` = XᵀX (in, in); returns
     float weights that ``quantize_int4(·, group)`` packs to the chosen codes (see the module
-    docstring)."""
+    docstring). ``act_order`` rounds the rows of the largest inputs first (the scales are fixed
+    beforehand, so the order is free), leaving their errors the most rows to be spread over."""
+    if act_order:
+        perm = np.argsort(-np.diag(h), kind="stable")
+        inv = np.argsort(perm)
+        return _gptq(np.asarray(w, np.float32), np.asarray(h), group, damp, perm)[inv]
+    return _gptq(np.asarray(w, np.float32), np.asarray(h), group, damp, np.arange(w.shape[0]))
+
+
+def _gptq(w: np.ndarray, h: np.ndarray, group: int, damp: float, perm: np.ndarray) -> np.ndarray:
+    """:func:`gptq_int4` with the rows rounded in the order ``perm`` (returned in that order)."""
     n_in, n_out = w.shape
     if h.shape != (n_in, n_in):
         raise MinitxError(f"rounding: Hessian {h.shape} does not match weight {w.shape}")
@@ -44,7 +54,8 @@ def gptq_int4(w: np.ndarray, h: np.ndarray, group: int, damp: float = 0.01) -> n
     top = np.zeros((n_in // group, group, n_out), bool)
     np.put_along_axis(top, g.argmax(axis=1)[:, None, :], True, axis=1)
     top = top.reshape(n_in, n_out)
-    H = np.array(h, np.float64, copy=True)
+    s, rtn, top, w32 = s[perm], rtn[perm], top[perm], w32[perm]
+    H = np.array(h, np.float64, copy=True)[np.ix_(perm, perm)]
     dead = np.diag(H) <= 0
     H[dead, dead] = 1.0
     H[np.diag_indices(n_in)] += damp * float(np.mean(np.diag(H)))
@@ -76,7 +87,7 @@ def check_repacks(w: np.ndarray, group: int) -> float:
 
 
 def round_linears(model: Model, sents: Sequence[Sequence[int]], group: int = 32, batch: int = 32,
-                  damp: float = 0.01) -> Model:
+                  damp: float = 0.01, act_order: bool = True) -> Model:
     """``model`` with every linear's weight rounded by :func:`gptq_int4` against the inputs it
     sees on ``sents`` (the float model's own activations, real tokens only); other parameters
     (embedding tables: a lookup has no inputs to compensate over) are shared unchanged."""
@@ -94,7 +105,7 @@ def round_linears(model: Model, sents: Sequence[Sequence[int]], group: int = 32,
             hs[n.inputs[1]] += x.T @ x
     params = dict(model.params)
     for name, h in hs.items():
-        params[name] = gptq_int4(model.params[name], h, group, damp)
+        params[name] = gptq_int4(model.params[name], h, group, damp, act_order)
     out = Model(dict(model.config), params, model.graph, model.tokenizer_json,
-                {**model.meta, "rounding": {"method": "gptq", "group": group, "sentences": len(sents)}})
+                {**model.meta, "rounding": {"method": "gptq", "group": group, "act_order": act_order, "sentences": len(sents)}})
     return out
