@@ -10,6 +10,8 @@ licence texts in /usr/share/common-licenses, cut to 32 tokens) whose last 10% ar
 * ``ffn50``  — ``sparsity:weights=ffn,sparsity=0.5`` (half of every MLP's neurons removed by
   calibrated importance), then ``minitx distill TEACHER --student FILE``'s training;
 * ``int4``   — ``minitx qat``: fine-tuned through ``quant:int4`` fake quantization, then packed;
+  with ``--rounding gptq`` QAT starts from GPTQ-rounded weights (minitx/training/rounding.py,
+  measured on ``--calib-sentences`` training sentences) instead of the float weights;
 * ``3of6``   — ``layers:keep=3`` (the three blocks whose removal alone hurts most are kept), then
   distilled;
 * ``linformer`` — ``attention:map=linformer,k=64`` (E, F start as a pooling that is exact up to 32
@@ -20,7 +22,8 @@ licence texts in /usr/share/common-licenses, cut to 32 tokens) whose last 10% ar
 Reported per student: mean cosine to the fp32 embeddings of the held-out sentences before and
 after recovery, and of minitx/data/heldout.txt's lines (other languages and styles, never
 trained on); the held-out curve; steps, seconds; machine and load average before and after
-each run. Training is one process, configurations in turn (not a speed comparison).
+each run. Training is one process, configurations in turn (not a speed comparison). ``--loss``
+selects the distillation terms as ``minitx distill --loss`` does (cosine, hidden, tokens, layers).
 """
 from __future__ import annotations
 
@@ -167,7 +170,11 @@ def main() -> None:
                              f"heldout.txt), against round-to-nearest's {before[0]:.4f} / {before[1]:.4f} in 'before'.")
                 log(notes[-1])
                 state = qat.new_state(start, int4, qs)
-            res = qat.run(teacher, text, int4, qs, log=log, losses=losses, state=state)
+            # From GPTQ, the float weights only carry the chosen codes (not a float model to keep
+            # close to), so conversion's check against them is moot: kept with force; what counts is
+            # the packed model against the fp32 teacher, measured below.
+            res = qat.run(teacher, text, int4, qs, log=log, losses=losses, state=state, force=state is not None,
+                          warn=log)
             final, hist = res.packed, res.state.history
         elif name == "linformer":
             lo, hi = (int(x) for x in args.chunk.split(","))
