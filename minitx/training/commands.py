@@ -311,13 +311,13 @@ def _distill_encoder(opts: RunOptions, t: Model, teacher_path: str, student_conf
                      student_path: str | None, data_path: str, losses: Sequence[str], layer_map: str | None,
                      baseline: bool, checkpoint: str) -> dict[str, Any]:
     """``minitx distill`` with an encoder teacher: the student learns the teacher's sentence
-    embeddings (losses ``cosine``, ``hidden``) on the text's sentences."""
+    embeddings (losses ``cosine``, ``hidden``, ``tokens``, ``layers``) on the text's sentences."""
     from . import embedding as emb
 
     weights = emb.parse_losses(losses)
     if layer_map is not None or baseline:
         raise MinitxError(f"{'--layer-map' if layer_map is not None else '--baseline'} is for decoder teachers; "
-                          "an encoder is distilled through its embeddings (--loss cosine, hidden)")
+                          "an encoder is distilled through its embeddings (--loss cosine, hidden, tokens, layers)")
     if opts.resume:
         st = opts.resumed(ckpt.load(opts.resume, kind="distill"), changeable=("precision", "plugins"))
     else:

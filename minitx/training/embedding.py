@@ -9,7 +9,18 @@ VJPs:
 * ``cosine`` — mean over sentences of 1 − cos(e_s, e_t). With both embeddings L2-normalised,
   ‖e_s − e_t‖² = 2 − 2·cos, so it is ``scale(mse(l2_normalize(e_s), ê_t), C/2)`` (``mse``
   averages over the C features of each of the B rows): no new op is needed;
-* ``hidden`` — MSE between the student's and the teacher's last hidden states (every token).
+* ``hidden`` — MSE between the student's and the teacher's last hidden states (every token);
+* ``tokens`` — the per-token (pre-pooling) cosine: mean over sentences of the mean over their real
+  tokens of 1 − cos(h_s, h_t) at the last layer. Pooling keeps one 384-number summary per
+  sentence; this term gives the student each token's direction too, a signal T times richer
+  (layer-wise distillation as in TinyBERT and MiniLM, here on hidden states);
+* ``layers`` — the same per-token cosine at every block's output, averaged over the blocks
+  (student block k ↔ teacher block spread evenly, last to last: one to one at equal depth).
+
+A per-token term is built as 1 − Σ ŝ·W with ŝ = l2_normalize(h_s) and W the teacher's normalised
+states weighted by mask_bt / (B·n_b) (computed with the batch, as a constant): ``inner`` gives
+Σ ŝ·W, so padded positions weigh nothing and each sentence counts once whatever its length.
+The constant 1 is fed (``loss.one``) so that the term reads as 1 − cosine.
 
 The data is the training text cut into sentences (:func:`sentences`). As in
 ``train --pairs`` (training/pairs.py), :func:`minitx.training.fit` gets the sentences' indices as
@@ -35,7 +46,8 @@ from ..ir import Graph, Node, Value
 from ..model import Model
 from .settings import TrainState
 
-LOSSES = ("cosine", "hidden")
+LOSSES = ("cosine", "hidden", "tokens", "layers")
+PER_TOKEN = ("tokens", "layers")
 _SPLIT = re.compile(r"(?<=[.!?;])\s+")
 
 
@@ -85,10 +97,43 @@ def _embedding_dim(model: Model) -> int:
     return int(model.config["d_model"])
 
 
-def loss_graph(graph: Graph, losses: dict[str, float], width: int) -> Graph:
+def block_outputs(graph: Graph) -> list[str]:
+    """The values each block of a BERT graph ends with (``layers.i.norm2``'s output), in order;
+    a layer-dropped model keeps its blocks' names, so its indices may have gaps."""
+    found = sorted((int(m.group(1)), n.outputs[0]) for n in graph.nodes
+                   if (m := re.fullmatch(r"layers\.(\d+)\.norm2", n.name)))
+    if not found:
+        raise MinitxError("the model's graph has no block outputs (layers.N.norm2): an encoder (bert) is needed")
+    return [v for _, v in found]
+
+
+def layer_pairs(student: Graph, teacher: Graph) -> list[tuple[str, str]]:
+    """(student value, teacher value) per student block for the ``layers`` loss: the k-th of the
+    student's blocks faces the teacher's block spread evenly over its depth, last to last."""
+    from .distill import default_layer_map
+
+    s, t = block_outputs(student), block_outputs(teacher)
+    if len(s) > len(t):
+        raise MinitxError(f"--loss layers: the student has {len(s)} blocks, more than the teacher's {len(t)}")
+    return [(s[i], t[j]) for i, j in default_layer_map(len(s), len(t))]
+
+
+def token_weights(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """W = normalised hidden states · mask_bt / (B·n_b): Σ ŝ·W is the mean over the B sentences
+    of the mean over each one's n_b real tokens of cos(s, t)."""
+    m = mask.astype(np.float64)
+    w = m / (m.shape[0] * np.maximum(m.sum(axis=1, keepdims=True), 1.0))
+    return (normalized(hidden.astype(np.float64)) * w[..., None]).astype(hidden.dtype)
+
+
+def loss_graph(graph: Graph, losses: dict[str, float], width: int,
+               pairs: Sequence[tuple[str, str]] = ()) -> Graph:
     """``graph`` (an encoder's: outputs ``hidden`` and ``embedding``) with the scalar ``loss``
     (first output) and each term ``loss.NAME``; the teacher's values come in as inputs
-    ``teacher.embedding`` (B, C), L2-normalised, and ``teacher.hidden`` (B, T, C)."""
+    ``teacher.embedding`` (B, C), L2-normalised, ``teacher.hidden`` (B, T, C), and for the
+    per-token terms ``teacher.tokens`` and ``teacher.layers.k`` (B, T, C: :func:`token_weights`
+    of the last / the k-th pair's hidden states, ``pairs`` from :func:`layer_pairs`) with the
+    scalar ``loss.one``."""
     g = graph.copy()
     for need in ("embedding",) + (("hidden",) if "hidden" in losses else ()):
         if need not in g.producers():
@@ -108,6 +153,27 @@ def loss_graph(graph: Graph, losses: dict[str, float], width: int) -> Graph:
     if "hidden" in losses:
         g.inputs.append(Value("teacher.hidden", ("B", "T", width), dtype))
         terms.append((node("loss.hidden", "mse", ["hidden", "teacher.hidden"]), losses["hidden"]))
+    if any(k in losses for k in PER_TOKEN):
+        g.inputs.append(Value("loss.one", (), dtype))
+
+    def one_minus(name: str, sims: list[tuple[str, str]], share: float) -> str:
+        """1 − share·Σ_k Σ l2_normalize(student value_k)·(teacher input_k)."""
+        dots = []
+        for v, t in sims:
+            g.inputs.append(Value(t, ("B", "T", width), dtype))
+            dots.append(node(f"{t}.dot", "inner", [node(f"{t}.normalized", "l2_normalize", [v]), t]))
+        total = dots[0]
+        for k, d in enumerate(dots[1:]):
+            total = node(f"{name}.sum{k}", "add", [total, d])
+        return node(name, "add", [node(f"{name}.neg", "scale", [total], factor=-share), "loss.one"])
+
+    if "tokens" in losses:
+        terms.append((one_minus("loss.tokens", [("hidden", "teacher.tokens")], 1.0), losses["tokens"]))
+    if "layers" in losses:
+        if not pairs:
+            raise MinitxError("--loss layers needs the student's and the teacher's blocks paired")
+        sims = [(v, f"teacher.layers.{k}") for k, (v, _) in enumerate(pairs)]
+        terms.append((one_minus("loss.layers", sims, 1.0 / len(sims)), losses["layers"]))
     scaled = [node(f"{n}.weighted", "scale", [n], factor=float(w)) for n, w in terms]
     total = scaled[0]
     for k, p in enumerate(scaled[1:]):
@@ -160,6 +226,7 @@ class EmbeddingDistillation:
     _emb: np.ndarray | None = field(default=None, repr=False)
     _teacher_ex: Any = field(default=None, repr=False)
     _graph: Graph | None = field(default=None, repr=False)
+    _teacher_layers: list[str] = field(default_factory=list, repr=False)   # ``layers``: the teacher's values
 
     def prepare(self, st: TrainState, backends: Sequence[Any]) -> dict[str, Any]:
         for who, m in (("the student", st.model), ("the teacher", self.teacher)):
@@ -185,6 +252,8 @@ class EmbeddingDistillation:
         if self._emb is None:
             self._emb = teacher_embeddings(self.teacher, self.sents, backends)
         self._teacher_ex = self.teacher.executor(backends)
+        if "layers" in self.losses:
+            self._teacher_layers = [t for _, t in layer_pairs(st.model.graph, self.teacher.graph)]
         return {**self.run, "--sentences": identity(self.sents),
                 "--loss": ",".join(f"{k}={float(self.losses[k])!r}" for k in LOSSES if k in self.losses)}
 
@@ -196,7 +265,8 @@ class EmbeddingDistillation:
             raise MinitxError("the sentence stream must hold indices of the sentences")
 
     def loss_graph(self, graph: Graph) -> Graph:
-        return loss_graph(graph, self.losses, _embedding_dim(self.teacher))
+        pairs = layer_pairs(graph, self.teacher.graph) if "layers" in self.losses else ()
+        return loss_graph(graph, self.losses, _embedding_dim(self.teacher), pairs)
 
     def extra_feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every input of the loss graph for the sentences whose indices are ``x[:, 0]``."""
@@ -206,12 +276,21 @@ class EmbeddingDistillation:
         fed = feeds.for_sequences(self.teacher.graph, chosen, decoder=False)
         if "cosine" in self.losses:
             fed["teacher.embedding"] = self._emb[idx]
-        if "hidden" in self.losses:
+        if {"hidden", "tokens", "layers"} & set(self.losses):
             # Live, on this padded batch: then the padded positions' targets are what the teacher
             # computes there too, and no gradient pulls the student's weights towards zeros.
             ex = self._teacher_ex or self.teacher.executor(("numpy",))
             self._teacher_ex = ex
-            fed["teacher.hidden"] = ex.run(dict(fed), outputs=["hidden"])["hidden"]
+            got = ex.run(dict(fed), outputs=["hidden"], keep=self._teacher_layers)
+            mask = fed["attention_mask"]
+            if "hidden" in self.losses:
+                fed["teacher.hidden"] = got["hidden"]
+            if "tokens" in self.losses:
+                fed["teacher.tokens"] = token_weights(got["hidden"], mask)
+            for k, t in enumerate(self._teacher_layers):
+                fed[f"teacher.layers.{k}"] = token_weights(got[t], mask)
+            if set(PER_TOKEN) & set(self.losses):
+                fed["loss.one"] = np.asarray(1.0, got["hidden"].dtype)
         return fed
 
     def held_out(self, model: Model, ids: np.ndarray, backends: Sequence[Any], batch: int) -> dict[str, float]:

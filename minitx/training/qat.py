@@ -114,10 +114,12 @@ def run_identity(model: Model, fq: Model, text: str, model_file: str | None = No
 def finetune(model: Model, ids: np.ndarray | str, text: str, settings: TrainSettings, *,
              backends: Sequence[str] = ("numpy",), state: TrainState | None = None,
              checkpoint: str | None = None, log: Callable[[str], None] | None = None,
-             progress: Callable[[dict[str, float]], None] | None = None) -> tuple[Model, Model, TrainState]:
+             progress: Callable[[dict[str, float]], None] | None = None,
+             losses: dict[str, float] | None = None) -> tuple[Model, Model, TrainState]:
     """Train ``model`` through ``text``'s fake quantization (or continue ``state``, from
     :func:`resume`) on ``ids`` (a decoder's token stream; an encoder's text), checkpointing to ``checkpoint``; returns (fine-tuned float model, fake-quant
-    model, the training state). ``model`` itself is not modified."""
+    model, the training state). ``model`` itself is not modified. An encoder's ``losses`` are
+    :func:`embedding.parse_losses`' (default cosine=1)."""
     st = state if state is not None else new_state(model, text, settings)
     fq = st.model
     if model.is_decoder:
@@ -125,7 +127,7 @@ def finetune(model: Model, ids: np.ndarray | str, text: str, settings: TrainSett
                  progress=progress)
     else:   # an encoder keeps the float model's embeddings of the text's sentences
         sents = embedding.sentences(model, ids, st.settings.seq_len or None)
-        st = fit(st, embedding.stream(sents), embedding.EmbeddingDistillation(model, sents, kind="qat"),
+        st = fit(st, embedding.stream(sents), embedding.EmbeddingDistillation(model, sents, losses or {"cosine": 1.0}, kind="qat"),
                  backends=backends, checkpoint=checkpoint, log=log, progress=progress)
     meta = {k: v for k, v in model.meta.items() if k != "qat_graph"}
     meta["qat"] = {"spec": split_spec(text)[0], "steps": st.step, "settings": asdict(st.settings),
@@ -151,12 +153,13 @@ def run(model: Model, ids: np.ndarray | str, text: str, settings: TrainSettings,
         backends: Sequence[str] = ("numpy",), calib=None, force: bool = False,
         state: TrainState | None = None, checkpoint: str | None = None,
         warn: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
-        progress: Callable[[dict[str, float]], None] | None = None) -> QATResult:
+        progress: Callable[[dict[str, float]], None] | None = None,
+        losses: dict[str, float] | None = None) -> QATResult:
     """Fine-tune with fake quantization, then convert to the packed form (validated against the
     fine-tuned float model with the plugin's declared tolerance, as ``minitx optimize`` does)."""
     _, packed_text = split_spec(text)
     fine, fq, st = finetune(model, ids, text, settings, backends=backends, state=state, checkpoint=checkpoint,
-                            log=log, progress=progress)
+                            log=log, progress=progress, losses=losses)
     packed = plugin.optimize(fine, [packed_text], calib=calib, force=force, warn=warn)
     diff = packed_vs_fake_quant(packed, fq, seed=st.settings.seed)
     packed.meta["qat"] = {**packed.meta.get("qat", {}), "packed_vs_fake_quant_max_abs": diff}
