@@ -174,7 +174,7 @@ def _select_sdpa(q, K, V, S, mask, has_mask, causal, code, topk, log_thr, gemm, 
     visible keys come from one BLAS GEMM against a contiguous copy of the head's keys (like
     attention.py's _sdpa_gemm; ``gemm`` False at decode: a dot product per key read in place, as
     copying the cache would cost as much as the scores). Per row the cut-off is found without a
-    sort — the k-th largest by a k-element heap that skips 16-score chunks below its minimum
+    sort — the k-th largest by a bound from run maxima and a search over the few scores above it
     (:func:`_kth_largest`), or the row's maximum + log(threshold) — and only the survivors are
     exponentiated. The values' pass is a gather of the survivors' rows (O(k·D) a query) unless
     more than 1/DENSE_MIX of the tile's visible keys survive (threshold on flat rows): then the
@@ -360,8 +360,9 @@ def _kth_largest(x, n, k, cand, cidx, ninf):
     Split x[:k·(n // k)] into k runs: the smallest of their maxima is at most the k-th largest
     (each run holds a score at least that large), so only scores at or above it matter — about
     120 of a random row at k = 32, whatever n. The run maxima are vectorised reductions, the
-    candidates are gathered without branches, and the cut-off is found by bisecting its value
-    over them, each step one vectorised count: with ``lo`` ≤ k-th largest < ``hi`` kept, it ends
+    candidates are gathered without branches, and the cut-off is found by searching its value
+    over them (interpolating on the counts, alternating with bisection so it always converges),
+    each step one vectorised count: with ``lo`` ≤ k-th largest < ``hi`` kept, it ends
     when exactly k candidates are ≥ lo (the k-th largest is then their minimum) or when no float
     lies strictly between lo and hi (then it is lo: ties at the cut stay, like the spec).
     ``ninf``: −inf in x's dtype (padding's score)."""
@@ -387,22 +388,31 @@ def _kth_largest(x, n, k, cand, cidx, ninf):
         for c in range(w):
             if cand[c] > ninf:
                 lo = min(lo, cand[c])
-    if _count_at_least(cand, w, hi) >= k:
+    chi = _count_at_least(cand, w, hi)
+    if chi >= k:
         return hi, w
-    while True:  # count(≥ lo) ≥ k > count(≥ hi)
-        if _count_at_least(cand, w, lo) == k:
-            m = hi
-            for c in range(w):
-                if cand[c] >= lo:
-                    m = min(m, cand[c])
-            return m, w
-        mid = lo + (hi - lo) * np.float32(0.5)
-        if mid <= lo or mid >= hi:
-            return lo, w
-        if _count_at_least(cand, w, mid) >= k:
-            lo = mid
+    clo = _count_at_least(cand, w, lo)
+    step = 0
+    while clo != k:  # count(≥ lo) = clo > k > chi = count(≥ hi)
+        step += 1
+        if step % 2 == 1:  # interpolate on the counts (near linear in a row's upper tail), then bisect
+            mid = lo + (hi - lo) * np.float32(clo - k) / np.float32(clo - chi)
         else:
-            hi = mid
+            mid = lo + (hi - lo) * np.float32(0.5)
+        if mid <= lo or mid >= hi:
+            mid = lo + (hi - lo) * np.float32(0.5)
+            if mid <= lo or mid >= hi:  # no float between: the k-th largest is lo
+                return lo, w
+        cm = _count_at_least(cand, w, mid)
+        if cm >= k:
+            lo, clo = mid, cm
+        else:
+            hi, chi = mid, cm
+    m = hi
+    for c in range(w):
+        if cand[c] >= lo:
+            m = min(m, cand[c])
+    return m, w
 
 
 _PATTERN, _SELECT = kernel(_pattern_sdpa), kernel(_select_sdpa)
