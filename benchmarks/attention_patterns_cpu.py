@@ -2,7 +2,8 @@
 
     python benchmarks/attention_patterns_cpu.py [--lengths 500,1024,4096] [--rounds 5] [-o FILE.md]
 
-One causal prefill of GPT-2-small's attention shape (12 heads of 64, batch 1) per call. Dense and
+One causal prefill of GPT-2-small's attention shape (12 heads of 64, batch 1) per call, and one
+decode step (one query against a cache of length − 1 keys, as generation runs it). Dense and
 the pattern alternate within every round (dense, pattern, dense, pattern, ...), so a change in the
 machine's load hits both alike; the figure is the ratio of medians, dense / pattern (> 1: the
 pattern is faster). The load average is written beside the results: on a shared machine quote
@@ -39,27 +40,31 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def run(lengths: list[int], rounds: int, only: list[str] | None) -> list[tuple[int, str, float, float, float]]:
+def run(lengths: list[int], rounds: int, only: list[str] | None) -> list[tuple[int, str, str, float, float, float]]:
     r = np.random.default_rng(0)
     rows = []
     for T in lengths:
         q, k, v = (r.standard_normal((1, T, H * D), dtype=np.float32) for _ in range(3))
         a = dict(n_heads=H, n_kv_heads=H, causal=True)
-        dense = lambda: A.attention(q, k, v, **a)  # noqa: E731
-        dense()
-        for name, pat in PATTERNS.items():
-            if only and not any(o in name for o in only):
-                continue
-            sp = lambda pat=pat: SP.sparse_attention(q, k, v, **a, **pat)  # noqa: E731
-            sp()
-            td, ts = [], []
-            for _ in range(rounds):
-                td.append(_time(dense))
-                ts.append(_time(sp))
-            md, ms = statistics.median(td), statistics.median(ts)
-            rows.append((T, name, md * 1e3, ms * 1e3, md / ms))
-            print(f"T={T:5d} {name:22s} dense {md * 1e3:8.1f} ms  pattern {ms * 1e3:8.1f} ms  ratio {md / ms:5.2f}",
-                  flush=True)
+        # prefill: all T queries at once; decode: the last query against the other T − 1 keys as a cache
+        calls = {"prefill": ((q, k, v), rounds),
+                 "decode": ((q[:, -1:], k[:, -1:], v[:, -1:], k[:, :-1], v[:, :-1]), rounds * 8)}
+        for mode, (args, n) in calls.items():
+            dense = lambda args=args: A.attention(*args, **a)  # noqa: E731
+            dense()
+            for name, pat in PATTERNS.items():
+                if only and not any(o in name for o in only):
+                    continue
+                sp = lambda pat=pat, args=args: SP.sparse_attention(*args, **a, **pat)  # noqa: E731
+                sp()
+                td, ts = [], []
+                for _ in range(n):
+                    td.append(_time(dense))
+                    ts.append(_time(sp))
+                md, ms = statistics.median(td), statistics.median(ts)
+                rows.append((T, mode, name, md * 1e3, ms * 1e3, md / ms))
+                print(f"T={T:5d} {mode:7s} {name:22s} dense {md * 1e3:8.2f} ms  pattern {ms * 1e3:8.2f} ms  "
+                      f"ratio {md / ms:5.2f}", flush=True)
     return rows
 
 
@@ -79,11 +84,11 @@ def main() -> None:
              f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'default')}. "
              f"Load average (1, 5, 15 min) before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
              f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}: the machine is shared, quote the ratios.", "",
-             f"Causal prefill, batch 1, {H} heads of {D} (GPT-2-small's attention), float32; median of "
-             f"{args.rounds} alternating rounds. Command: `python benchmarks/attention_patterns_cpu.py "
+             f"Causal prefill and decode step, batch 1, {H} heads of {D} (GPT-2-small's attention), float32; "
+             f"median of {args.rounds} alternating rounds (decode: {8 * args.rounds}). Command: `python benchmarks/attention_patterns_cpu.py "
              f"--lengths {args.lengths} --rounds {args.rounds}`.", "",
-             "| tokens | pattern | dense ms | pattern ms | dense / pattern |", "|---:|---|---:|---:|---:|"]
-    lines += [f"| {T} | {n} | {d:.1f} | {s:.1f} | {x:.2f} |" for T, n, d, s, x in rows]
+             "| keys | step | pattern | dense ms | pattern ms | dense / pattern |", "|---:|---|---|---:|---:|---:|"]
+    lines += [f"| {T} | {m} | {n} | {d:.2f} | {s:.2f} | {x:.2f} |" for T, m, n, d, s, x in rows]
     if args.output:
         with atomic_write(args.output) as f:
             f.write(("\n".join(lines) + "\n").encode())

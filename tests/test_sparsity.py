@@ -100,6 +100,42 @@ def test_numba_sparse_attention_matches_the_spec(nb, pattern, extra, causal):
         np.testing.assert_allclose(g, w, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numba_kth_largest_matches_a_sort_with_ties_and_padding(nb, dtype):
+    rng = np.random.default_rng(7)
+    cand, cidx = np.empty(700, dtype), np.empty(700, np.int32)
+    for n in range(3, 700, 13):
+        for spread in (2.0, 1e3):  # spread 2: many ties at the cut
+            x = np.round(rng.standard_normal(n) * spread)
+            x[(n // 3) % 5:(n // 3) % 5 + n % 7] = -np.inf  # padding, at times a whole run of n // k scores
+            x = x.astype(dtype)
+            for k in (1, 2, 9, 32):
+                if np.isfinite(x).sum() <= k:
+                    continue
+                cut, w = nb._kth_largest(x, n, k, cand, cidx, dtype(-np.inf))
+                assert cut == np.sort(x)[-k]
+                # the candidates hold every score at or above the cut, with its position
+                np.testing.assert_array_equal(np.sort(cidx[:w][cand[:w] >= cut]), np.flatnonzero(x >= cut))
+
+
+@pytest.mark.parametrize("pattern,extra", [("topk", {"topk": 2}), ("topk", {"topk": 9}), ("topk", {"topk": 30}),
+                                           ("threshold", {"threshold": 0.05}), ("threshold", {"threshold": 1.0})])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T", [23, 3])  # 23: BLAS tiles of 5 queries, the last partial; 3: the decode path
+def test_numba_selection_keeps_the_spec_keys_at_tile_edges_ties_and_padding(nb, monkeypatch, pattern, extra, causal,
+                                                                             T):
+    monkeypatch.setattr(nb, "SELECT_TILE_BYTES", 5 * 40 * 8)  # 5 queries a tile at 40 float64 keys
+    rng = np.random.default_rng(8)
+    (q, k, v, pk, pv, mask), a = _qkv(rng, B=3, T=T, past=40 - T)
+    q, k, pk = (np.round(x * 1.5) for x in (q, k, pk))  # integer scores × 0.5 (D = 4): exact, with many ties
+    mask[0, :20] = 0  # left padding: causal rows with fewer visible keys than k, runs of padding only
+    mask[1] = 0       # every key padded: the row averages all values
+    attrs = dict(a, causal=causal, pattern=pattern, **extra)
+    xs = [q, k, v, pk, pv, mask]
+    want, got = S.sparse_attention(*xs, **attrs), nb.sparse_attention(*xs, **attrs)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-12)
+
+
 def test_topk_is_dense_up_to_dense_below_keys_and_selects_beyond(gpt2):
     new = _optimize(gpt2, "sparsity:attention=topk,topk=4,dense_below=40")
     assert all(n.attrs["dense_below"] == 40 for n in new.graph.nodes if n.op == "sparse_attention")
