@@ -432,8 +432,9 @@ def test_nystrom_attention_grad(seed, c, n_landmarks):
     A = _nystrom_parts(q, K, V, mask, attrs["n_heads"], attrs["n_kv_heads"], n_landmarks,
                        attrs.get("scale", 1.0 / np.sqrt(D)))["A"]
     sv = np.linalg.svd(A, compute_uv=False)
+    sv = sv[sv.max(axis=-1) > 0]  # a zero matrix (a row of padding only) has pinv 0 whatever its size
     sv = np.where(sv > 1e-12 * sv.max(axis=-1, keepdims=True), sv, np.nan)
-    assume(np.nanmax(sv / np.nanmin(sv, axis=-1, keepdims=True)) < 1e4)
+    assume(sv.size == 0 or np.nanmax(sv / np.nanmin(sv, axis=-1, keepdims=True)) < 1e4)
     _check("nystrom_attention", inputs, attrs, seed=seed, eps=1e-5, rtol=1e-4)
     grads = _vjp("nystrom_attention", inputs, attrs, seed=seed)
     assert grads[5] is None and (grads[3] is None) == (inputs[3] is None)

@@ -141,9 +141,13 @@ def _nystrom_parts(q, K, V, mask, n_heads, n_kv_heads, n_landmarks, scale, pinv_
 
 
 def _pinv_scale(a):
-    """1 / (‖A‖₁ ‖A‖∞) per matrix (max column sum × max row sum of |A|), and the argmax column/row."""
+    """1 / (‖A‖₁ ‖A‖∞) per matrix (max column sum × max row sum of |A|), and the argmax column/row.
+    0 for a zero matrix (a batch row with no real token): Z₀ = 0 then, and every step stays at
+    pinv(0) = 0 instead of 0 · ∞ = NaN."""
     col, row = np.abs(a).sum(axis=-2), np.abs(a).sum(axis=-1)
-    return 1.0 / (col.max(axis=-1) * row.max(axis=-1))[..., None, None], col.argmax(axis=-1), row.argmax(axis=-1)
+    norm = (col.max(axis=-1) * row.max(axis=-1))[..., None, None]
+    inv = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+    return inv, col.argmax(axis=-1), row.argmax(axis=-1)
 
 
 def iterative_pinv(a: np.ndarray, iters: int) -> list[np.ndarray]:
@@ -180,6 +184,7 @@ def iterative_pinv_vjp(g: np.ndarray, a: np.ndarray, steps: list[np.ndarray]) ->
     gc = (gz * t(a)).sum(axis=(-1, -2))[..., None, None]
     col_max = np.take_along_axis(np.abs(a).sum(axis=-2), jc[..., None], -1)[..., None]
     row_max = np.take_along_axis(np.abs(a).sum(axis=-1), ir[..., None], -1)[..., None]
+    col_max, row_max = np.where(col_max > 0, col_max, 1), np.where(row_max > 0, row_max, 1)  # A = 0: c = 0 there
     sgn = np.sign(a)
     on_col = (np.arange(a.shape[-1]) == jc[..., None])[..., None, :]
     on_row = (np.arange(a.shape[-2]) == ir[..., None])[..., :, None]
