@@ -974,8 +974,11 @@ def distill(teacher, student_cfg, student_path, data_path, pairs_path, output, l
               help="Validate the conversion on this input (as in optimize; default: every 4th --calib sequence).")
 @click.option("--force", is_flag=True, help="Keep a conversion that exceeds its declared tolerance (warn only).")
 @click.option("--no-compare", is_flag=True, help="Skip scoring the float and post-training-quantized models.")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+              help="Where training starts: the float weights, or (quant:int4) GPTQ-rounded ones measured on up to "
+                   "256 training sequences of --data; the float model stays the reference.")
 @training_options(lr=3e-4, min_lr=3e-5, warmup=10, weight_decay=0.0)
-def qat(model, data_path, output, calib, validate_specs, force, no_compare, as_json, **p) -> None:
+def qat(model, data_path, output, calib, validate_specs, force, no_compare, rounding, as_json, **p) -> None:
     """Quantization-aware fine-tuning: train MODEL through fake quantization, convert, save.
 
     The held-out tail of the text (--val-fraction) then scores the float model, its post-training
@@ -986,7 +989,7 @@ def qat(model, data_path, output, calib, validate_specs, force, no_compare, as_j
     from minitx.training import commands
 
     rep = commands.qat(_run_options(p, output), model, data_path, p["plugins"], calib=calib,
-                       validate=validate_specs, force=force, compare=not no_compare,
+                       validate=validate_specs, force=force, compare=not no_compare, rounding=rounding,
                        warn=lambda s: click.echo(s, err=True))
     if as_json:
         click.echo(json.dumps(rep))
@@ -995,10 +998,13 @@ def qat(model, data_path, output, calib, validate_specs, force, no_compare, as_j
     if "float_perplexity" in rep:
         click.echo(f"held-out perplexity ({rep['held_out_tokens']:,} tokens): float {rep['float_perplexity']:.3f}, "
                    f"post-training {packed_text} {rep['ptq_perplexity']:.3f}, "
-                   f"QAT {packed_text} {rep['qat_perplexity']:.3f}")
+                   + (f"GPTQ-rounded {rep['gptq_perplexity']:.3f}, " if "gptq_perplexity" in rep else "")
+                   + f"QAT {packed_text} {rep['qat_perplexity']:.3f}")
     if "qat_cosine" in rep:
         click.echo(f"held-out mean cosine to the float model ({rep['held_out_sentences']} sentences): "
-                   f"post-training {packed_text} {rep['ptq_cosine']:.4f}, QAT {packed_text} {rep['qat_cosine']:.4f}")
+                   f"post-training {packed_text} {rep['ptq_cosine']:.4f}, "
+                   + (f"GPTQ-rounded {rep['gptq_cosine']:.4f}, " if "gptq_cosine" in rep else "")
+                   + f"QAT {packed_text} {rep['qat_cosine']:.4f}")
     click.echo(f"packed vs fake-quant {'embeddings' if 'qat_cosine' in rep else 'logits'}: "
                f"max |diff| {rep['packed_vs_fake_quant_max_abs']:.2e}")
     if v:

@@ -346,6 +346,8 @@ def test_cli_qat_interrupt_resume_matches_straight_run(model_file, tmp_path, mon
     (["qat", "--plugin", "lowrank:rank=4"], "needs the quant plugin"),
     (["qat", "--plugin", "quant:int4,bogus=1"], "unknown option 'bogus'"),
     (["qat", "--plugin", "quant:int8", "--validate", "file:nope.txt"], "--validate 'file:nope.txt': no such file"),
+    (["qat", "--plugin", "quant:int8", "--rounding", "gptq"], "--rounding gptq rounds every linear for int4"),
+    (["qat", "--plugin", "quant:int4,skip=lm_head", "--rounding", "gptq"], "needs --plugin quant:int4"),
     (["eval", "--plugin", "quant:int3"], "bad value 'int3'"),
     (["eval", "--plugin", "quant:kv8"], "changes the model's inputs"),
 ])
@@ -366,3 +368,44 @@ def test_qat_refuses_an_already_quantized_model(model_file, tmp_path):
     r = CliRunner().invoke(main, ["qat", str(tmp_path / "q8.npz"), "--data", str(d / "text.txt"), "--plugin",
                                   "quant:int4", "-o", str(tmp_path / "y.npz")])
     assert r.exit_code == 2 and "already rewritten" in r.output
+
+
+# ------------------------------------------------------------------------- GPTQ-rounded start
+def test_gptq_start_rounds_every_linear_on_training_windows_only(model_file):
+    from minitx.training import rounding
+
+    m = modelfile.load(str(model_file / "m.npz"))
+    ids = data.encode(m.tokenizer_json, (model_file / "text.txt").read_text())
+    s = _settings(seq_len=16, val_fraction=0.2)
+    start = rounding.gptq_start(m, ids, "quant:int4,group=16", s)
+    lin = [n.inputs[1] for n in start.graph.nodes if n.op == "linear"]
+    assert lin and all(rounding.check_repacks(start.params[k], 16) == 0.0 for k in lin)   # on int4's grid
+    assert any(not np.array_equal(start.params[k], m.params[k]) for k in lin)
+    assert start.meta["rounding"]["method"] == "gptq" and start.meta["rounding"]["sequences"] > 1
+    # the held-out tail (scored after QAT) is never measured: another tail, the same start
+    other = ids.copy()
+    n_val = len(ids) - len(data.split(ids, 0.2, 16)[0])
+    other[-n_val:] = np.random.default_rng(0).integers(0, m.vocab_size, n_val)
+    again = rounding.gptq_start(m, other, "quant:int4,group=16", s)
+    assert all(np.array_equal(again.params[k], start.params[k]) for k in lin)
+    other[:16] = (other[:16] + 1) % m.vocab_size          # while the training windows count
+    moved = rounding.gptq_start(m, other, "quant:int4,group=16", s)
+    assert any(not np.array_equal(moved.params[k], start.params[k]) for k in lin)
+
+
+def test_qat_command_from_a_gptq_start_reports_it_and_resumes_only_with_it(model_file, tmp_path):
+    d = model_file
+    common = ["qat", str(d / "m.npz"), "--data", str(d / "text.txt"), "--plugin", "quant:int4,group=16",
+              "--steps", "2", "--batch", "4", "--seq", "16", "--val-fraction", "0.2", "--checkpoint-every", "1"]
+    r = CliRunner().invoke(main, [*common, "--rounding", "gptq", "-o", str(tmp_path / "g.npz"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["rounding"] == "gptq" and rep["validation"]["passed"]
+    assert {"float_perplexity", "ptq_perplexity", "gptq_perplexity", "qat_perplexity"} <= set(rep)
+    assert rep["gptq_perplexity"] != rep["ptq_perplexity"]
+    q = modelfile.load(str(tmp_path / "g.npz"))
+    assert q.meta["qat"]["rounding"]["method"] == "gptq" and "linear_q4" in {n.op for n in q.graph.nodes}
+    r = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "n.npz"), "--resume", str(tmp_path / "g.ckpt.npz")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "made with --rounding gptq, not nearest" in lines[0], r.output
+    assert not (tmp_path / "n.npz").exists()

@@ -397,9 +397,11 @@ def _distill_pairs(opts: RunOptions, t: Model, teacher_path: str, student_config
 # ------------------------------------------------------------------------------------- qat
 def qat(opts: RunOptions, model_path: str | None, data_path: str, plugin_texts: Sequence[str], *,
         calib: Sequence[str] = (), validate: Sequence[str] = (), force: bool = False, compare: bool = True,
-        warn: Warn | None = None) -> dict[str, Any]:
+        rounding: str = "nearest", warn: Warn | None = None) -> dict[str, Any]:
     """``minitx qat``: fine-tune through fake quantization, convert, score, save. Of ``plugin_texts``
-    the one ``quant:`` spec is what to train for; the others are exact training rewrites (recompute)."""
+    the one ``quant:`` spec is what to train for; the others are exact training rewrites (recompute).
+    ``rounding="gptq"`` starts from GPTQ-rounded int4 weights (:func:`rounding.gptq_start`) instead
+    of the float ones; the float model stays the teacher and the reference of every comparison."""
     from ..bundled import default_model_path
     from ..validate import Calibration
 
@@ -422,22 +424,30 @@ def qat(opts: RunOptions, model_path: str | None, data_path: str, plugin_texts: 
     quant_aware.check_float(m, model_path or "the bundled model")
     if m.tokenizer_json is None:
         raise MinitxError("this model carries no tokenizer, so it cannot read text")
-    if opts.resume:
-        st = opts.resumed(quant_aware.resume(opts.resume, m, text, model_file), changeable=("precision", "plugins"))
-    else:
-        st = quant_aware.new_state(m, text, opts.settings(), model_file)
+    if rounding not in ("nearest", "gptq"):
+        raise MinitxError(f"--rounding must be nearest or gptq, not {rounding!r}")
     raw = data.read_text(data_path)
     ids = data.encode(m.tokenizer_json, raw) if m.is_decoder else raw   # an encoder trains on sentences
+    start = m
+    if rounding == "gptq":
+        from .rounding import gptq_start
+
+        start = gptq_start(m, ids, quant_aware.split_spec(text)[1], opts.settings())
+    if opts.resume:
+        st = opts.resumed(quant_aware.resume(opts.resume, start, text, model_file), changeable=("precision", "plugins"))
+    else:
+        st = quant_aware.new_state(start, text, opts.settings(), model_file)
     bar, log = opts.reporter(st.settings.steps)
     res = quant_aware.run(m, ids, text, st.settings, backends=opts.backends, calib=cal, force=force, state=st,
                 checkpoint=checkpoint, warn=warn, log=log, progress=bar)
-    report: dict[str, Any] = {"plugin": quant_aware.split_spec(text)[1], "steps": res.state.step,
+    res.packed.meta["qat"]["rounding"] = start.meta.get("rounding", {"method": "nearest"})
+    report: dict[str, Any] = {"plugin": quant_aware.split_spec(text)[1], "rounding": rounding, "steps": res.state.step,
                               "packed_vs_fake_quant_max_abs": res.packed_vs_fake_quant}
     v = res.packed.meta["rewrites"][-1].get("validation")
     if v:
         report["validation"] = {k: v[k] for k in ("calibration", "n_sequences", "passed", "failure")}
     if compare:
-        report.update(quant_aware.compare(m, ids, res, text, opts.backends))
+        report.update(quant_aware.compare(m, ids, res, text, opts.backends, start=start))
     modelfile.save(res.packed, opts.output)
     return report
 

@@ -86,7 +86,8 @@ class QATResult:
 
 
 def new_state(model: Model, text: str, settings: TrainSettings, model_file: str | None = None) -> TrainState:
-    """A fresh QAT run: the fake-quant model over a copy of ``model``'s weights, a new AdamW."""
+    """A fresh QAT run: the fake-quant model over a copy of ``model``'s weights, a new AdamW.
+    ``model`` may be a rounded start (:func:`rounding.gptq_start`): its meta says so."""
     settings.check()
     fq = fake_quant_model(model, text)
     st = _new_state(fq, settings, kind="qat")
@@ -105,9 +106,10 @@ def resume(path: str, model: Model, text: str, model_file: str | None = None) ->
 
 def run_identity(model: Model, fq: Model, text: str, model_file: str | None = None) -> dict[str, Any]:
     """What a resumed QAT run must repeat besides the training settings (its text is checked too):
-    the starting model, and the fake-quant graph it trains through — the plugin options that
-    shape it, not the conversion's tolerances (which may change)."""
-    return {"model": ckpt.model_identity(model, model_file),
+    how the start was rounded, the starting model, and the fake-quant graph it trains through —
+    the plugin options that shape it, not the conversion's tolerances (which may change)."""
+    return {"--rounding": model.meta.get("rounding", {}).get("method", "nearest"),
+            "model": ckpt.model_identity(model, model_file),
             "--plugin": {"what": split_spec(text)[1], "sha256": ckpt.fingerprint({"graph": fq.graph.to_json()})}}
 
 
@@ -171,19 +173,29 @@ def held_out(ids: np.ndarray, settings: TrainSettings, n_ctx: int) -> np.ndarray
     return data.split(ids, settings.val_fraction, settings.seq_len or n_ctx)[1]
 
 
+def _baselines(model: Model, packed_text: str, start: Model | None) -> list[tuple[str, Model]]:
+    """What QAT is scored against: post-training quantization of the float model, and of the
+    rounded start when QAT began from one (what the rounding alone bought)."""
+    out = [("ptq", plugin.optimize(model, [packed_text], force=True))]
+    if start is not None and start is not model:
+        out.append((start.meta.get("rounding", {}).get("method", "start"),
+                    plugin.optimize(start, [packed_text], force=True)))
+    return out
+
+
 def compare(model: Model, ids: np.ndarray | str, res: QATResult, text: str,
-            backends: Sequence[str] = ("numpy",)) -> dict[str, Any]:
-    """Held-out perplexity of the float model, its post-training quantization and the QAT model
-    (empty when the run held nothing out); recorded in the packed model's metadata too."""
+            backends: Sequence[str] = ("numpy",), start: Model | None = None) -> dict[str, Any]:
+    """Held-out perplexity of the float model, its post-training quantization (and that of a
+    rounded ``start``) and the QAT model (empty when the run held nothing out); recorded in the
+    packed model's metadata too."""
     packed_text = split_spec(text)[1]
     if not model.is_decoder:
-        return _compare_encoder(model, ids, res, packed_text, backends)
+        return _compare_encoder(model, ids, res, packed_text, backends, start)
     val = held_out(ids, res.state.settings, model.n_ctx)
     if len(val) < 2:
         return {}
-    ptq = plugin.optimize(model, [packed_text], force=True)
     score = {name: evaluate(m, val, backends=backends) for name, m in
-             (("float", model), ("ptq", ptq), ("qat", res.packed))}
+             (("float", model), *_baselines(model, packed_text, start), ("qat", res.packed))}
     out: dict[str, Any] = {"held_out_tokens": score["float"]["tokens"]}
     out.update({f"{k}_perplexity": v["perplexity"] for k, v in score.items()})
     res.packed.meta["qat"]["comparison"] = {k: v for k, v in out.items() if k.endswith("perplexity")}
@@ -191,7 +203,7 @@ def compare(model: Model, ids: np.ndarray | str, res: QATResult, text: str,
 
 
 def _compare_encoder(model: Model, text: str, res: QATResult, packed_text: str,
-                     backends: Sequence[str]) -> dict[str, Any]:
+                     backends: Sequence[str], start: Model | None) -> dict[str, Any]:
     """Held-out mean cosine to the float model's embeddings of its post-training quantization
     and of the QAT model (the held-out sentences fit() scored)."""
     s = res.state.settings
@@ -201,9 +213,8 @@ def _compare_encoder(model: Model, text: str, res: QATResult, packed_text: str,
         return {}
     chosen = [sents[i] for i in val]
     ref = embedding.teacher_embeddings(model, chosen, backends)
-    ptq = plugin.optimize(model, [packed_text], force=True)
-    out: dict[str, Any] = {"held_out_sentences": len(chosen),
-                           "ptq_cosine": embedding.mean_cosine(ptq, chosen, ref, backends),
-                           "qat_cosine": embedding.mean_cosine(res.packed, chosen, ref, backends)}
+    out: dict[str, Any] = {"held_out_sentences": len(chosen)}
+    for name, m in (*_baselines(model, packed_text, start), ("qat", res.packed)):
+        out[f"{name}_cosine"] = embedding.mean_cosine(m, chosen, ref, backends)
     res.packed.meta["qat"]["comparison"] = {k: v for k, v in out.items() if k.endswith("cosine")}
     return out

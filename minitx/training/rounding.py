@@ -23,11 +23,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import feeds
+from .. import data, feeds, plugin
 from ..errors import MinitxError
 from ..model import Model
 from ..ops.fakequant import fake_quant
 from ..ops.quant import _group_scales
+from . import embedding
+from .settings import TrainSettings
+
+MAX_SEQUENCES = 256   # training sequences ``qat --rounding gptq`` measures the layers' inputs on
 
 
 def gptq_int4(w: np.ndarray, h: np.ndarray, group: int, damp: float = 0.01, act_order: bool = True) -> np.ndarray:
@@ -89,16 +93,24 @@ def check_repacks(w: np.ndarray, group: int) -> float:
 def round_linears(model: Model, sents: Sequence[Sequence[int]], group: int = 32, batch: int = 32,
                   damp: float = 0.01, act_order: bool = True) -> Model:
     """``model`` with every linear's weight rounded by :func:`gptq_int4` against the inputs it
-    sees on ``sents`` (the float model's own activations, real tokens only); other parameters
-    (embedding tables: a lookup has no inputs to compensate over) are shared unchanged."""
+    sees on ``sents`` (the float model's own activations, real tokens only: an encoder's
+    sentences, a decoder's windows of text); other parameters (embedding tables: a lookup has no
+    inputs to compensate over) are shared unchanged."""
+    if any(v.name == "encoder_ids" for v in model.graph.inputs):
+        raise MinitxError("rounding gptq: encoder-decoder models are not supported (a decoder or an encoder is)")
     lin = [n for n in model.graph.nodes if n.op == "linear" and n.inputs[1] in model.params]
     if not lin:
         raise MinitxError("rounding: the model has no linear layers")
+    bad = [n.inputs[1] for n in lin if model.params[n.inputs[1]].shape[0] % group]
+    if bad:
+        raise MinitxError(f"rounding gptq: {bad[0]} has {model.params[bad[0]].shape[0]} inputs, "
+                          f"not a multiple of group={group}")
     hs = {n.inputs[1]: np.zeros((model.params[n.inputs[1]].shape[0],) * 2) for n in lin}
     ex = model.executor(("numpy",))
+    out = "logits" if model.is_decoder else "embedding"
     for k in range(0, len(sents), batch):
-        fed = feeds.for_sequences(model.graph, list(sents[k:k + batch]), decoder=False)
-        got = ex.run(dict(fed), outputs=["embedding"], keep=[n.inputs[0] for n in lin])
+        fed = feeds.for_sequences(model.graph, list(sents[k:k + batch]), decoder=model.is_decoder)
+        got = ex.run(dict(fed), outputs=[out], keep=[n.inputs[0] for n in lin])
         real = fed["attention_mask"].astype(bool)
         for n in lin:
             x = got[n.inputs[0]][real].astype(np.float64)
@@ -106,6 +118,27 @@ def round_linears(model: Model, sents: Sequence[Sequence[int]], group: int = 32,
     params = dict(model.params)
     for name, h in hs.items():
         params[name] = gptq_int4(model.params[name], h, group, damp, act_order)
-    out = Model(dict(model.config), params, model.graph, model.tokenizer_json,
-                {**model.meta, "rounding": {"method": "gptq", "group": group, "act_order": act_order, "sentences": len(sents)}})
-    return out
+    return Model(dict(model.config), params, model.graph, model.tokenizer_json,
+                 {**model.meta, "rounding": {"method": "gptq", "group": group, "act_order": act_order,
+                                             "sequences": len(sents)}})
+
+
+def gptq_start(model: Model, text_or_ids: str | np.ndarray, packed_text: str, settings: TrainSettings) -> Model:
+    """Where ``minitx qat --rounding gptq`` starts: ``model`` rounded by :func:`round_linears` for
+    ``packed_text`` (plain ``quant:int4``: every linear quantized, so every linear is rounded) on
+    up to MAX_SEQUENCES sequences of the training part of the data — never the held-out tail the
+    run is scored on: an encoder's sentences, a decoder's windows of ``seq_len`` tokens."""
+    o = plugin.parse_spec(packed_text).options
+    if o["mode"] != "int4" or o["skip"] or o["layers"] or o["sensitive"]:
+        raise MinitxError(f"--rounding gptq rounds every linear for int4: it needs --plugin quant:int4[,group=N]"
+                          f"[,embeddings=…], not {packed_text!r}")
+    if model.is_decoder:
+        L = min(settings.seq_len or model.n_ctx, model.n_ctx)
+        train = data.split(np.asarray(text_or_ids), settings.val_fraction, L)[0]
+        seqs = [train[i:i + L].tolist() for i in range(0, len(train) - L + 1, L)]
+    else:
+        sents = embedding.sentences(model, str(text_or_ids), settings.seq_len or None)
+        seqs = [sents[i] for i in data.split(embedding.stream(sents), settings.val_fraction, 1)[0]]
+    if not seqs:
+        raise MinitxError("--rounding gptq: the data has no training sequence to measure the layers' inputs on")
+    return round_linears(model, seqs[::max(len(seqs) // MAX_SEQUENCES, 1)][:MAX_SEQUENCES], int(o["group"]))
