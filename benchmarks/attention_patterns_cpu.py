@@ -18,9 +18,9 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import minitx  # noqa: E402,F401 — before NumPy, as in the CLI: it sets OpenBLAS's thread timeout
+import numpy as np  # noqa: E402
 
 from minitx.backends.numba_cpu import attention as A  # noqa: E402
 from minitx.backends.numba_cpu import sparse as SP  # noqa: E402

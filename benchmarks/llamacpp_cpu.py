@@ -192,16 +192,22 @@ class LlamaCpp:
         return (time.perf_counter() - t) * 1e3
 
 
+ALL_LOGITS = "minitx numba fp32, every position's logits"
+
+
 class Minitx:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, last: bool = True) -> None:
         from minitx import modelfile
 
         self.m = modelfile.load(path)
+        self.last = last
 
     def _step(self, ids, st):
         from minitx import generate as gen
 
-        return gen.step(self.m, np.asarray(ids, np.int64), st, backends=("numba",))
+        # last: the LM head on the last position only, as generation runs it (and as llama.cpp
+        # does without logits_all); else every position's logits, as before (a row of its own)
+        return gen.step(self.m, np.asarray(ids, np.int64), st, backends=("numba",), last=self.last)
 
     def last_logits(self, ids: list[int]) -> np.ndarray:
         from minitx import generate as gen
@@ -274,7 +280,8 @@ def main() -> None:
         shutil.rmtree(folder)
         engines = {"llama.cpp f32": LlamaCpp(paths["f32"], args.threads),
                    "llama.cpp Q8_0": LlamaCpp(paths["q8"], args.threads),
-                   "minitx numba fp32": Minitx(paths["fp32"]), "minitx numba int8": Minitx(paths["int8"])}
+                   "minitx numba fp32": Minitx(paths["fp32"]), "minitx numba int8": Minitx(paths["int8"]),
+                   ALL_LOGITS: Minitx(paths["fp32"], last=False)}
         setup_s = time.time() - t_start
 
         # Same function first: fp32 logits and the greedy decode of both engines.
@@ -312,8 +319,10 @@ def main() -> None:
         return med([(x / y if higher_better else y / x) for x, y in zip(xs[a], xs[b])])
 
     pairs = [("minitx numba fp32", "llama.cpp f32"), ("minitx numba int8", "llama.cpp Q8_0"),
-             ("minitx numba int8", "minitx numba fp32"), ("llama.cpp Q8_0", "llama.cpp f32")]
-    size_of = {"llama.cpp f32": "f32", "llama.cpp Q8_0": "q8", "minitx numba fp32": "fp32", "minitx numba int8": "int8"}
+             ("minitx numba int8", "minitx numba fp32"), ("llama.cpp Q8_0", "llama.cpp f32"),
+             ("minitx numba fp32", ALL_LOGITS)]
+    size_of = {"llama.cpp f32": "f32", "llama.cpp Q8_0": "q8", "minitx numba fp32": "fp32", "minitx numba int8": "int8",
+               ALL_LOGITS: "fp32"}
     lines = ["# llama.cpp beside minitx on the CPU (GPT-2-small shape, same weights)", "",
              f"Date: {info['date']}  ", f"Machine: {machine.summary(info)}  ",
              f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, built from source here; "
@@ -328,7 +337,9 @@ def main() -> None:
              f"weights (torch seed 0, GPT-2's init). llama.cpp reads a GGUF this script writes with the `gguf` package "
              f"(llama.cpp's converter refuses the synthetic tokenizer and needs mistral_common); Q8_0 by "
              f"llama.cpp's quantizer. minitx: `cli.py convert`, `cli.py optimize --plugin quant:int8`. Decode: "
-             f"{args.steps} greedy tokens at batch 1 after an 8-token prompt; prefill: {args.prefill} tokens at batch 1.",
+             f"{args.steps} greedy tokens at batch 1 after an 8-token prompt; prefill: {args.prefill} tokens at batch 1. "
+             f"minitx computes the LM head on the last position only, as its generation does and as llama.cpp does "
+             f"without logits_all; '{ALL_LOGITS}' is the same model computing every position's logits.",
              "", "| engine | file MiB | decode tok/s (median) | min–max | prefill ms (median) | min–max |",
              "|---|---:|---:|---:|---:|---:|"]
     for k in names:

@@ -15,7 +15,9 @@ import numpy as np
 from . import feeds
 from .backend import Backend, to_host
 from .errors import MinitxError
+from .ir import Graph, Node
 from .model import Model
+from .rewrite import Context, Replacement, Rule, apply
 
 
 # ------------------------------------------------------------------------------- decoding state
@@ -48,9 +50,38 @@ def empty_state(model: Model, batch: int) -> DecodeState:
                        np.zeros(batch, np.int64))
 
 
+def _last_logits_rule(node: Node, ctx: Context) -> Replacement | None:
+    """The node computing ``logits`` reads last_positions(x) instead of x, when it is a linear
+    map of one activation row by row (``matmul`` or a linear op — quantized, low-rank, sparse —
+    whose other inputs are all weights). Anything else (a sharded head ending in a collective)
+    keeps every position: slower, never wrong."""
+    if "logits" not in node.outputs or not (node.op == "matmul" or "linear" in node.op.split("_")):
+        return None
+    x, rest = node.inputs[0], node.inputs[1:]
+    if not x or ctx.is_param(x) or any(i and not ctx.is_param(i) for i in rest):
+        return None
+    made = ctx.producer(x)
+    if made is not None and made.op == "last_positions":
+        return None
+    keep = ctx.node("last_positions", [x], name=f"{x}.last", n=1)
+    return Replacement([keep, Node(node.name, node.op, [keep.outputs[0], *rest], list(node.outputs),
+                                   dict(node.attrs), dict(node.tags))])
+
+
+def last_logits_graph(graph: Graph, params: dict[str, np.ndarray]) -> Graph:
+    """``graph`` with the LM head on the last position only: a prefill of T tokens then spends
+    1/T of the head's multiply-adds (GPT-2's 50257-word head is ~30% of a 128-token prefill) and
+    returns logits (B, 1, V) — exactly the last row of the full graph's, because the head maps
+    rows independently. Decoders pad on the left, so the last position is real in every row."""
+    return apply(graph, params, [Rule("last_logits", "*", _last_logits_rule, exact=True)],
+                 where="last_logits").graph
+
+
 def step(model: Model, ids: np.ndarray, state: DecodeState, mask: np.ndarray | None = None,
-         backends: Sequence[str | Backend] = ("numpy",), strict: bool = False) -> tuple[np.ndarray, DecodeState]:
-    """Feed ``ids`` (B, T) after the cached tokens; returns logits (B, T, V) and the new state.
+         backends: Sequence[str | Backend] = ("numpy",), strict: bool = False,
+         last: bool = False) -> tuple[np.ndarray, DecodeState]:
+    """Feed ``ids`` (B, T) after the cached tokens; returns logits (B, T, V) — (B, 1, V) with
+    ``last``, which is all sampling needs (:func:`last_logits_graph`) — and the new state.
 
     ``mask`` (B, T) marks real tokens among ``ids`` (default: all real).
     """
@@ -65,7 +96,7 @@ def step(model: Model, ids: np.ndarray, state: DecodeState, mask: np.ndarray | N
     full_mask = np.concatenate([state.mask, mask], axis=1)
     # Positions count real tokens only, continuing from each row's cached ones (feeds.positions).
     fed = feeds.build(model.graph, ids, mask=full_mask, past=state.past)
-    ex = model.executor(backends, strict)
+    ex = model.executor(backends, strict, last_logits=last)
     # The caches stay where attention computed them; only the logits come to the host.
     out = ex.run(fed, device_outputs=[o for o in ex.graph.outputs if o.startswith("present.")])
     past = {k.replace("present.", "past.", 1): v for k, v in out.items() if k.startswith("present.")}
@@ -178,7 +209,7 @@ def iter_generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
     state = empty_state(model, len(prompts))
-    logits, state = step(model, ids, state, mask, backends, strict)
+    logits, state = step(model, ids, state, mask, backends, strict, last=True)
     for k in range(max_new_tokens):
         nxt = sample(logits[:, -1], sampling, rng)
         for r, t in enumerate(nxt):
@@ -194,7 +225,7 @@ def iter_generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens
         if done.all() or k == max_new_tokens - 1:
             break
         feed = np.where(done, 0, nxt)[:, None]
-        logits, state = step(model, feed, state, (~done).astype(np.int64)[:, None], backends, strict)
+        logits, state = step(model, feed, state, (~done).astype(np.int64)[:, None], backends, strict, last=True)
 
 
 # ---------------------------------------------------------------------------------- encoders

@@ -48,12 +48,20 @@ class Model:
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])
 
-    def executor(self, backends: Sequence[str | Backend] = ("numpy",), strict: bool = False) -> Executor:
-        """An executor for this model's graph, cached per backend list."""
-        key = (tuple(b if isinstance(b, str) else b.name for b in backends), strict)
+    def executor(self, backends: Sequence[str | Backend] = ("numpy",), strict: bool = False,
+                 last_logits: bool = False) -> Executor:
+        """An executor for this model's graph, cached per backend list. ``last_logits``: the graph
+        rewritten so that the LM head reads only the last position (what generation samples from;
+        :func:`minitx.generate.last_logits_graph`)."""
+        key = (tuple(b if isinstance(b, str) else b.name for b in backends), strict, last_logits)
         ex = self._executors.get(key)
         if ex is None:
-            ex = self._executors[key] = Executor(self.graph, self.params, backends, strict)
+            graph = self.graph
+            if last_logits:
+                from .generate import last_logits_graph
+
+                graph = last_logits_graph(self.graph, self.params)
+            ex = self._executors[key] = Executor(graph, self.params, backends, strict)
         return ex
 
     @property

@@ -139,6 +139,10 @@ def _split(cx, n, i, o, a):
     cx.op("Split", [i[0], cx.ints(*a["sizes"])], o, axis=-1)
 
 
+def _last_positions(cx, n, i, o, a):
+    cx.op("Slice", [i[0], cx.ints(-int(a["n"])), cx.ints(2 ** 62), cx.ints(1)], o)
+
+
 def _gelu(cx, n, i, o, a):
     cx.op("Gelu", [i[0]], o, approximate=a.get("approximate", "none"))
 
@@ -528,7 +532,7 @@ def _fake_quant_act(cx, n, i, o, a):
 
 CONVERTERS: dict[str, Callable[..., None]] = {
     "add": _add, "linear": _linear, "matmul": _matmul_op, "embedding": _embedding, "split": _split,
-    "gelu": _gelu, "relu": _relu, "silu": _silu, "swiglu": _swiglu, "softmax": _softmax, "dropout": _identity,
+    "last_positions": _last_positions, "gelu": _gelu, "relu": _relu, "silu": _silu, "swiglu": _swiglu, "softmax": _softmax, "dropout": _identity,
     "scale": _scale, "layer_norm": _layer_norm, "rms_norm": _rms_norm, "l2_normalize": _l2_normalize,
     "mean_pool": _mean_pool, "rope": _rope, "sinusoidal_positions": _sinusoidal,
     "attention": _attention, "sparse_attention": _attention, "attention_kv8": _attention_kv8,

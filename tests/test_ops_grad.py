@@ -143,6 +143,14 @@ def test_split_grad(seed, lead, sizes):
     _check("split", [x], {"sizes": sizes}, seed=seed)
 
 
+@covers("last_positions")
+@FAST
+@given(seed=seeds, B=small, T=st.integers(1, 5), n=st.integers(1, 6), C=small)
+def test_last_positions_grad(seed, B, T, n, C):
+    x = _rng(seed).standard_normal((B, T, C))
+    _check("last_positions", [x], {"n": n}, seed=seed)
+
+
 # ------------------------------------------------------------------------------------- norms
 
 @covers("layer_norm")

@@ -29,9 +29,9 @@ class NumbaBackend(Backend):
     device = "cpu"
     dtypes = frozenset({"float32", "float64"})
     # One memory pass (add, concat, scale), gathers (embedding, sinusoidal_positions,
-    # relative_position_bias — the last two once per stack), views (split): the spec's NumPy code
-    # is already what a kernel would do, so these run it here.
-    delegate = frozenset({"add", "concat", "embedding", "relative_position_bias", "scale",
+    # relative_position_bias — the last two once per stack), views (split) and small copies
+    # (last_positions): the spec's NumPy code is already what a kernel would do, so these run it here.
+    delegate = frozenset({"add", "concat", "embedding", "last_positions", "relative_position_bias", "scale",
                           "sinusoidal_positions", "split"})
 
     def __init__(self) -> None:

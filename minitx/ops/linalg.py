@@ -1,4 +1,5 @@
-"""Linear algebra and table lookups: y = xW + b, A·B, a + b, E[ids], splitting a last axis."""
+"""Linear algebra and table lookups: y = xW + b, A·B, a + b, E[ids], splitting a last axis,
+keeping the last positions."""
 from __future__ import annotations
 
 import itertools
@@ -201,4 +202,34 @@ register("split", split, split_vjp, split_infer, vjp_uses_outputs=False, may_ali
 add_cases("split", [
     Case("q|k|v", lambda r, d: ((randn(r, (2, 3, 24), d),), {"sizes": [8, 8, 8]})),
     Case("uneven", lambda r, d: ((randn(r, (2, 3, 20), d),), {"sizes": [12, 4, 4]})),
+])
+
+
+# --------------------------------------------------------------------------- last_positions
+def last_positions(x, *, n):
+    """x[:, -n:]: the last n positions of (batch, time, …) — generation needs only the last
+    position's logits, so the LM head reads this instead of every position (the role of
+    transformers' ``logits_to_keep``). A contiguous copy, not a view of x."""
+    return x[:, -n:].copy()
+
+
+def last_positions_vjp(grads, inputs, outputs, *, n):
+    (g,), (x,) = grads, inputs
+    gx = np.zeros_like(x)
+    gx[:, -n:] = g
+    return (gx,)
+
+
+def last_positions_infer(shapes, dtypes, *, n):
+    (x,) = shapes
+    require(n >= 1, "last_positions", f"n must be >= 1, got {n}")
+    require(len(x) >= 2, "last_positions", f"input must be (batch, time, ...), got {x}")
+    return [((x[0], min(n, x[1]), *x[2:]), dtypes[0])]
+
+
+register("last_positions", last_positions, last_positions_vjp, last_positions_infer, vjp_uses_outputs=False)
+add_cases("last_positions", [
+    Case("last of 5", lambda r, d: ((randn(r, (3, 5, 8), d),), {"n": 1})),
+    Case("last 3 of 5", lambda r, d: ((randn(r, (2, 5, 8), d),), {"n": 3})),
+    Case("n beyond the length", lambda r, d: ((randn(r, (2, 2, 8), d),), {"n": 4}), "sizes"),
 ])
