@@ -105,7 +105,8 @@ def blas_info() -> dict[str, Any]:
     try:
         from threadpoolctl import threadpool_info
 
-        out["threadpools"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "threading_layer")}
+        out["threadpools"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "threading_layer",
+                                                     "architecture")}
                               for p in threadpool_info()]
     except Exception:  # noqa: BLE001 — optional
         pass
@@ -177,6 +178,9 @@ def summary(m: dict[str, Any]) -> str:
     v = m.get("versions", {})
     libs = ", ".join(f"{k} {v[k]}" for k in ("numpy", "numba", "torch", "transformers") if k in v)
     gpu = f"; GPU {m['gpu']}" if m.get("gpu") else "; no GPU"
-    blas = f"; BLAS {m['numpy_blas']}" if m.get("numpy_blas") else ""
+    # The kernels OpenBLAS chose (or OPENBLAS_CORETYPE forced): Haswell's AVX2 on an AVX-512 CPU
+    # is half the float32 GEMM throughput, so a result must say which.
+    arch = next((p["architecture"] for p in m.get("threadpools", []) if p.get("architecture")), None)
+    blas = (f"; BLAS {m['numpy_blas']}" + (f" ({arch} kernels)" if arch else "")) if m.get("numpy_blas") else ""
     mem = f", {m['memory_gib']} GiB" if m.get("memory_gib") else ""
     return f"{m['cpu']}, {m['cores']} cores{mem}{gpu}{blas}; python {v.get('python', '?')}, {libs}"

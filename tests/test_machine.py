@@ -24,3 +24,11 @@ def test_cpu_model_names_the_family_and_the_simd_sets_of_the_first_cpu(tmp_path)
     p.write_text("processor\t: 0\nmodel name\t: Old CPU\ncpu family\t: 6\nmodel\t\t: 1\nflags\t\t: sse2\n")
     assert machine.cpu_model(str(p)) == "Old CPU (family 6 model 1; no AVX2)"
     assert machine.cpu_model(str(tmp_path / "missing")) != ""        # no /proc: the platform's name
+
+
+def test_summary_says_which_kernels_openblas_runs():
+    m = {"cpu": "X", "cores": 2, "numpy_blas": "scipy-openblas 0.3.31",
+         "threadpools": [{"internal_api": "openblas", "architecture": "Haswell"}], "versions": {"python": "3.11"}}
+    assert "BLAS scipy-openblas 0.3.31 (Haswell kernels)" in machine.summary(m)
+    m["threadpools"] = []
+    assert "BLAS scipy-openblas 0.3.31;" in machine.summary(m)
