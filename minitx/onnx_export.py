@@ -829,8 +829,8 @@ def load(path: str) -> Any:
     runner = _FileRunner(path)
 
     class ExportedModel(Model):
-        def executor(self, backends: Any = (), strict: bool = False) -> Any:  # noqa: ARG002
-            return runner
+        def executor(self, backends: Any = (), strict: bool = False, last_logits: bool = False) -> Any:  # noqa: ARG002
+            return runner   # the file's graph as exported: every position's logits (the last is among them)
 
     return ExportedModel(json.loads(props["minitx.config"]), {}, graph, meta={"source": path})
 

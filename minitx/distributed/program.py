@@ -193,7 +193,9 @@ class RankModel(Model):
     shared: Any = None
     sharded: Any = None      # the whole SPMD graph the rank's program was cut from
 
-    def executor(self, backends: Sequence[Any] = ("numpy",), strict: bool = False):
+    def executor(self, backends: Sequence[Any] = ("numpy",), strict: bool = False, last_logits: bool = False):
+        # last_logits is not applied to a rank's program (a sharded head ends in collectives):
+        # every position's logits come back, and the last is among them
         key = (tuple(b if isinstance(b, str) else b.name for b in backends), strict)
         ex = self._executors.get(key)
         if ex is None:
