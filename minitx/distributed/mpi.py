@@ -22,7 +22,7 @@ from ..errors import MinitxError
 
 TAG = 19
 YIELD_S = 2e-3   # a wait polls with bare yields this long before it sleeps between polls (see _poll)
-_yield = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
+yield_core = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 
 
 def load_mpi():
@@ -124,7 +124,7 @@ class MPITransport(Backend):
                 raise MinitxError(f"mpi: rank {self.rank}: {failure} within {self.timeout:g} s "
                                   "(another rank failed or died; MINITX_MPI_TIMEOUT sets the limit)")
             if now - start < YIELD_S:
-                _yield()
+                yield_core()
             else:
                 time.sleep(pause)
                 pause = min(pause * 2, 2e-3)
