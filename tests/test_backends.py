@@ -1,6 +1,8 @@
 """The backend registry, the numba backend end to end, and its growable KV cache."""
 from __future__ import annotations
 
+import os
+
 import importlib.util
 import json
 
@@ -303,6 +305,31 @@ def test_numba_cache_is_dropped_when_any_kernel_source_changes(tmp_path, monkeyp
     _jit._drop_stale_cache(cached(tmp_path))
     assert not list(tmp_path.glob("*.nb*"))
     assert (tmp_path / _jit.STAMP).read_text().strip() == "digest-2"
+
+
+@needs_numba
+def test_parallel_and_serial_builds_of_a_kernel_keep_their_own_cache_entries(tmp_path) -> None:
+    """numba's cache keys a kernel by name, bytecode and signature, not by its flags: the serial
+    and the parallel build of one function must not load each other's code. Each process
+    compiles or loads both, serial first (as decode runs before prefill), and reports how many
+    threads each build's iterations ran on."""
+    import subprocess
+    import sys
+
+    (tmp_path / "thread_ids.py").write_text(
+        "import numba\nfrom numba import prange\nfrom minitx.backends.numba_cpu._jit import kernel\n"
+        "def _ids(out):\n    for i in prange(out.shape[0]):\n        out[i] = numba.get_thread_id()\n"
+        "PAR, SER = kernel(_ids)\n")
+    # the pool started first: numba.get_thread_id in a serial build loaded from the cache needs it
+    probe = ("import numba, numpy as np\nnumba.np.ufunc.parallel._launch_threads()\nimport thread_ids as t\n"
+             "def n(f):\n    out = np.zeros(256, np.int64)\n    f(out)\n    return len(set(out.tolist()))\n"
+             "print(n(t.SER), n(t.PAR))\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_NUM_THREADS": "2",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])}
+    for run in ("compiles", "loads from the cache"):
+        r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["1", "2"], f"{run}: threads used by serial, parallel = {r.stdout}"
 
 
 @needs_numba
