@@ -333,6 +333,30 @@ def test_parallel_and_serial_builds_of_a_kernel_keep_their_own_cache_entries(tmp
 
 
 @needs_numba
+def test_no_two_numba_builds_share_a_cache_name() -> None:
+    """The same rule over the whole backend: two compiled builds (dispatchers) of one function
+    under one name would share a cache entry — kernel() renames its serial build; a module that
+    jitted one function twice itself (as the int8 quantizers did) is caught here."""
+    import importlib
+    import pkgutil
+
+    import numba.core.registry
+
+    import minitx.backends.numba_cpu as pkg
+
+    seen: dict[tuple[str, str], object] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        found = [v for v in vars(mod).values() if isinstance(v, numba.core.registry.CPUDispatcher)]
+        found += [d for v in vars(mod).values() if isinstance(v, tuple)
+                  for d in v if isinstance(d, numba.core.registry.CPUDispatcher)]
+        for d in found:
+            key = (d.py_func.__module__, d.py_func.__qualname__)
+            other = seen.setdefault(key, d)
+            assert other is d or other.targetoptions == d.targetoptions, f"{key}: two builds, one cache name"
+
+
+@needs_numba
 def test_numba_sources_digest_covers_the_inlined_helpers(tmp_path, monkeypatch) -> None:
     import os
     import shutil

@@ -30,8 +30,9 @@ FASTMATH = {"reassoc", "contract", "arcp"}
 PARALLEL_MIN = 1 << 24
 
 
-def kernel(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """(parallel, serial) compiled versions of ``fn`` (which uses ``numba.prange``).
+def kernel(fn: Callable[..., Any], fastmath: Any = FASTMATH) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(parallel, serial) compiled versions of ``fn`` (which uses ``numba.prange``); ``fastmath``
+    False for a kernel that must round exactly as the spec does (the int8 quantizers).
 
     The serial one compiles a copy of ``fn`` under another name (:func:`_renamed`): numba's cache
     keys an entry by the function's name, its bytecode and the signature, not by its compile
@@ -39,8 +40,8 @@ def kernel(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., An
     was loaded for both. With the serial build cached first (decode runs before prefill), every
     "parallel" kernel ran on one thread: int8 prefill at 128 x 768 x 3072 took 5.1 ms on one
     thread and 4.9 on two; with the parallel build cached first, every small call woke the pool."""
-    par = numba.njit(cache=True, parallel=True, fastmath=FASTMATH, nogil=True, error_model="numpy")(fn)
-    ser = numba.njit(cache=True, parallel=False, fastmath=FASTMATH, nogil=True, error_model="numpy")(
+    par = numba.njit(cache=True, parallel=True, fastmath=fastmath, nogil=True, error_model="numpy")(fn)
+    ser = numba.njit(cache=True, parallel=False, fastmath=fastmath, nogil=True, error_model="numpy")(
         _renamed(fn, "serial"))
     _drop_stale_cache(par)
     return par, ser

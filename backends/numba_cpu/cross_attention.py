@@ -18,7 +18,6 @@ keys 4.6 ms vs 23 ms). Decode steps gain 1.3–1.9x over the spec (same setting,
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -165,9 +164,8 @@ def _quantize(x, q, s):
 
 # No fastmath: x / s must round exactly as the spec's division does (``arcp`` would multiply by
 # 1/s, which can round a value on a .5 edge the other way), so the int8 values equal the spec's.
-# Parallel for an encoder output, serial for a decode step's few rows (as ``_jit.kernel``).
-_QUANTIZE = tuple(numba.njit(cache=True, parallel=par, nogil=True, error_model="numpy")(_quantize)
-                  for par in (True, False))
+# Parallel for an encoder output, serial for a decode step's few rows.
+_QUANTIZE = kernel(_quantize, fastmath=False)
 
 
 def quantize_heads(x, *, n_heads):

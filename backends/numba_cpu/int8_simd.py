@@ -46,7 +46,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._jit import FASTMATH
+from ._jit import FASTMATH, kernel
 from ._vmath import _f32_from_bits
 
 
@@ -369,8 +369,7 @@ def _quantize_rows(x, block, q, s):
                 qb[k] = np.int8(min(max(np.rint(xb[k] / sc), np.float32(-127.0)), np.float32(127.0)))
 
 
-_QUANT = tuple(numba.njit(cache=True, nogil=True, error_model="numpy", parallel=par)(_quantize_rows)
-               for par in (True, False))
+_QUANT = kernel(_quantize_rows, fastmath=False)
 PARALLEL_ROWS_MIN = 1 << 16  # values of x from which the quantizer runs on every thread
 
 

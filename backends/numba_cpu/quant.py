@@ -251,9 +251,13 @@ _EMB4 = kernel(_embed_q4)
 _COLS = kernel(_cols_stream)
 
 
-# These kernels stream the packed weights in place of BLAS, so unlike the float kernels they want
-# every core from small sizes on: memory bandwidth needs more than one thread.
-STREAMING_MIN = 1 << 15
+# These kernels stream the packed weights in place of BLAS: from this many weight elements (times
+# rows) they run on every core, where one core's bandwidth falls short (GPT-2's 38.6M-element LM
+# head: 705 against 1280 µs). Below it, waking the pool (~35 µs) costs more than a core's share
+# of the stream saves: a 768 x 768 int8 GEMV took 14 µs serial and 49 µs parallel, and GPT-2-small
+# int8 decode went from 142 to 185 tok/s when the threshold moved from 2^15 to 2^22 (quiet Zen 5
+# host, after the kernel cache fix in _jit.kernel; 170 tok/s on one thread).
+STREAMING_MIN = 1 << 22
 
 
 def _pick(pair, work: int):
