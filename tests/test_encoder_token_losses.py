@@ -4,31 +4,18 @@ independently in NumPy (padding excluded, each sentence weighted once), their gr
 with float64 finite differences, and training with them raises the held-out cosine."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from minitx import data, models
+from minitx import data
 from minitx.errors import MinitxError
 from minitx.executor import Executor
 from minitx.model import Model
 from minitx.training import TrainSettings, fit, new_state
 from minitx.training import embedding as emb
 
-TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "minitx", "data", "heldout.txt")
-
-
-@pytest.fixture(scope="module")
-def tok() -> str:
-    return data.train_tokenizer(data.read_text(TEXT), 512)
-
-
-def bert(tok: str, seed: int, **cfg) -> Model:
-    m = Model.from_config(models.complete_config({**models.preset("bert", "tiny"), **cfg}), seed=seed,
-                          tokenizer_json=tok)
-    m.params["tok_emb.weight"] *= 20     # sentences' embeddings then differ (see test_encoder_training.py)
-    return m
+# the same tiny BERT teacher/students and tokenizer fixture as the sentence-level losses' tests
+from test_encoder_training import TEXT, bert, tok  # noqa: E402,F401 — tok: a pytest fixture
 
 
 def per_token_loss(s: np.ndarray, t: np.ndarray, mask: np.ndarray) -> float:

@@ -21,8 +21,37 @@ from ..backend import Backend
 from ..errors import MinitxError
 
 TAG = 19
-YIELD_S = 2e-3   # a wait polls with bare yields this long before it sleeps between polls (see _poll)
+YIELD_S = 2e-3   # a wait polls with bare yields this long before it sleeps between polls (wait_until)
 yield_core = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
+
+
+def wait_until(done: Callable[[], bool], timeout: float, fail: Callable[[], None],
+               progress: Callable[[], None] | None = None) -> None:
+    """Poll ``done`` until it is true; past ``timeout`` seconds call ``fail``, which raises.
+
+    Why this schedule: MPICH moves a non-blocking collective on only inside Test, and one above
+    the eager limit needs several rounds, so sleeping between polls (10 µs doubling to 2 ms, as
+    before) turned a 15 µs all-reduce of 32 KiB into 3.4 ms and left tp=2 decode half in
+    collectives (benchmarks/results/parallel_cpu.md). For its first YIELD_S a wait polls between
+    bare yields (``os.sched_yield``: no delay when the core is ours, the core to any runnable
+    process when it is not; ``time.sleep(0)`` sleeps ~60 µs of timer slack), then backs off to
+    sleeping, so a rank that waits long (a pipeline stage, a dead peer) does not hold a core.
+    8 B / 32 KiB between two ranks: 4 / 18 µs this way against 130 / 470 µs with sleep(0);
+    beside a busy process 13 / 48 µs (a bare spin: 2 / 170 µs). The NCCL transport polls its
+    stream the same way."""
+    start = time.monotonic()
+    pause = 5e-5
+    while not done():
+        if progress is not None:
+            progress()
+        now = time.monotonic()
+        if now - start > timeout:
+            fail()
+        if now - start < YIELD_S:
+            yield_core()
+        else:
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
 
 
 def load_mpi():
@@ -103,31 +132,12 @@ class MPITransport(Backend):
         self._poll(req.Test, f"{what} got no answer")
 
     def _poll(self, done: Callable[[], bool], failure: str) -> None:
-        """Call ``done`` until it is true, or fail with ``failure`` at the deadline.
+        """Call ``done`` until it is true (:func:`wait_until`), keeping the sends in flight moving."""
+        def fail() -> None:
+            raise MinitxError(f"mpi: rank {self.rank}: {failure} within {self.timeout:g} s "
+                              "(another rank failed or died; MINITX_MPI_TIMEOUT sets the limit)")
 
-        Why this schedule: MPICH moves a non-blocking collective on only inside Test, and one above
-        the eager limit needs several rounds, so sleeping between polls (10 µs doubling to 2 ms,
-        as before) turned a 15 µs all-reduce of 32 KiB into 3.4 ms and left tp=2 decode half in
-        collectives (benchmarks/results/parallel_cpu.md). For its first YIELD_S a wait polls
-        between bare yields (``os.sched_yield``: no delay when the core is ours, the core to any
-        runnable process when it is not; ``time.sleep(0)`` sleeps ~60 µs of timer slack), then
-        backs off to sleeping, so a rank that waits long (a pipeline stage, a dead peer) does not
-        hold a core. 8 B / 32 KiB between two ranks: 4 / 18 µs this way against 130 / 470 µs with
-        sleep(0); beside a busy process 13 / 48 µs (a bare spin: 2 / 170 µs)."""
-        start = time.monotonic()
-        deadline = start + self.timeout
-        pause = 5e-5
-        while not done():
-            self._progress()
-            now = time.monotonic()
-            if now > deadline:
-                raise MinitxError(f"mpi: rank {self.rank}: {failure} within {self.timeout:g} s "
-                                  "(another rank failed or died; MINITX_MPI_TIMEOUT sets the limit)")
-            if now - start < YIELD_S:
-                yield_core()
-            else:
-                time.sleep(pause)
-                pause = min(pause * 2, 2e-3)
+        wait_until(done, self.timeout, fail, self._progress)
 
     # ------------------------------------------------------------------ collectives (one rank's part)
     def all_reduce(self, x, *rest, ranks, op: str = "SUM"):

@@ -21,14 +21,13 @@ imports CuPy until a GPU run asks for it.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from ..backend import Backend
 from ..errors import MinitxError
-from .mpi import YIELD_S, yield_core
+from .mpi import wait_until
 
 HEADER = 10          # send_recv header: dtype code, ndim, up to 8 dimensions
 DTYPES = ("float16", "float32", "float64", "int64", "int32", "bfloat16")
@@ -191,23 +190,16 @@ class NcclGroup:
             raise MinitxError(f"nccl: no NCCL type for {a.dtype}") from None
 
     def _wait(self, op: str) -> None:
-        """Poll the stream as the MPI transport polls (``MPITransport._poll``): bare yields for
-        the first YIELD_S, then sleeps doubling up to 1 ms, until the deadline."""
+        """Poll the stream until the collective is done, as the MPI transport polls
+        (:func:`minitx.distributed.mpi.wait_until`), aborting the communicator at the deadline."""
         stream = self.cp.cuda.get_current_stream()
-        start = time.monotonic()
-        deadline = start + self.timeout
-        pause = 5e-5
-        while not stream.done:
-            now = time.monotonic()
-            if now > deadline:
-                self.comm.abort()
-                raise MinitxError(f"nccl: {op} over {self.what} got no answer within {self.timeout:g} s "
-                                  "(another rank failed or died; MINITX_MPI_TIMEOUT sets the limit)")
-            if now - start < YIELD_S:
-                yield_core()
-            else:
-                time.sleep(pause)
-                pause = min(pause * 2, 1e-3)
+
+        def fail() -> None:
+            self.comm.abort()
+            raise MinitxError(f"nccl: {op} over {self.what} got no answer within {self.timeout:g} s "
+                              "(another rank failed or died; MINITX_MPI_TIMEOUT sets the limit)")
+
+        wait_until(lambda: stream.done, self.timeout, fail)
 
     def _stream(self) -> int:
         return self.cp.cuda.get_current_stream().ptr
