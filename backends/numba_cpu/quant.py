@@ -251,13 +251,16 @@ _EMB4 = kernel(_embed_q4)
 _COLS = kernel(_cols_stream)
 
 
-# These kernels stream the packed weights in place of BLAS: from this many weight elements (times
-# rows) they run on every core, where one core's bandwidth falls short (GPT-2's 38.6M-element LM
-# head: 705 against 1280 µs). Below it, waking the pool (~35 µs) costs more than a core's share
-# of the stream saves: a 768 x 768 int8 GEMV took 14 µs serial and 49 µs parallel, and GPT-2-small
-# int8 decode went from 142 to 185 tok/s when the threshold moved from 2^15 to 2^22 (quiet Zen 5
-# host, after the kernel cache fix in _jit.kernel; 170 tok/s on one thread).
-STREAMING_MIN = 1 << 22
+# These kernels stream the packed weights in place of BLAS, so unlike the float kernels they want
+# every core from small sizes on: memory bandwidth needs more than one thread, and unpacking int4
+# is arithmetic (GPT-2-small int4 decode: 54 tok/s from 2^15, 40 from 2^22, quiet Zen 5 host).
+STREAMING_MIN = 1 << 15
+# Q8_0's integer dot products are cheap per byte, so one core keeps up with its share of memory
+# below this many weight elements (times rows), and waking the pool (~35 µs) costs more than it
+# saves: a 768 x 768 Q8_0 GEMV took 14 µs serial and 49 µs parallel, GPT-2's 38.6M-element head
+# 1280 µs serial and 705 parallel; GPT-2-small int8 decode went from 142 to 185 tok/s when this
+# moved from 2^15 to 2^22 (170 on one thread; after the kernel cache fix in _jit.kernel).
+Q8_0_STREAMING_MIN = 1 << 22
 
 
 def _pick(pair, work: int):
@@ -344,7 +347,7 @@ def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
     # decode streams the weights (every core from small sizes on); prefill is compute-bound, and
     # waking the pool for a small product costs more than it gains, as for the float kernels
     if M <= SKINNY_MAX_ROWS:
-        _pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
+        pick(_Q8_0, w.size * M, Q8_0_STREAMING_MIN)(xq, xs, w, scale, block, simd, y)
     else:  # chunks handed out as threads free up: a thread another process delays holds up less
         with numba.parallel_chunksize(PREFILL_CHUNKS):  # (static halves: ~10% slower at load 8)
             pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
