@@ -532,7 +532,8 @@ def _fake_quant_act(cx, n, i, o, a):
 
 CONVERTERS: dict[str, Callable[..., None]] = {
     "add": _add, "linear": _linear, "matmul": _matmul_op, "embedding": _embedding, "split": _split,
-    "last_positions": _last_positions, "gelu": _gelu, "relu": _relu, "silu": _silu, "swiglu": _swiglu, "softmax": _softmax, "dropout": _identity,
+    "last_positions": _last_positions,
+    "gelu": _gelu, "relu": _relu, "silu": _silu, "swiglu": _swiglu, "softmax": _softmax, "dropout": _identity,
     "scale": _scale, "layer_norm": _layer_norm, "rms_norm": _rms_norm, "l2_normalize": _l2_normalize,
     "mean_pool": _mean_pool, "rope": _rope, "sinusoidal_positions": _sinusoidal,
     "attention": _attention, "sparse_attention": _attention, "attention_kv8": _attention_kv8,

@@ -15,7 +15,7 @@ from minitx.training import TrainSettings, fit, new_state
 from minitx.training import embedding as emb
 
 # the same tiny BERT teacher/students and tokenizer fixture as the sentence-level losses' tests
-from test_encoder_training import TEXT, bert, tok  # noqa: E402,F401 — tok: a pytest fixture
+from test_encoder_training import TEXT, bert, central_difference, tok  # noqa: E402,F401 — tok: a pytest fixture
 
 
 def per_token_loss(s: np.ndarray, t: np.ndarray, mask: np.ndarray) -> float:
@@ -66,13 +66,7 @@ def test_per_token_losses_are_one_minus_cosine_over_real_tokens_with_checked_gra
         for _ in range(3):
             idx = tuple(int(rng.choice(rows)) if (k == 0 and rows) else int(rng.integers(0, n))
                         for k, n in enumerate(w.shape))
-            old, h = w[idx], 1e-6
-            w[idx] = old + h
-            up = float(ex.run(inputs, outputs=["loss"])["loss"])
-            w[idx] = old - h
-            down = float(ex.run(inputs, outputs=["loss"])["loss"])
-            w[idx] = old
-            fd = (up - down) / (2 * h)
+            fd = central_difference(ex, inputs, w, idx)
             assert res.grads[name][idx] == pytest.approx(fd, rel=1e-4, abs=1e-9), (name, idx)
 
 

@@ -33,6 +33,18 @@ def bert(tok: str, seed: int, **cfg) -> Model:
     return m
 
 
+def central_difference(ex: Executor, inputs: dict, w: np.ndarray, idx: tuple, h: float = 1e-6) -> float:
+    """d loss / d w[idx] by central differences (float64 weights read in place by ``ex``);
+    w[idx] is restored afterwards."""
+    old = w[idx]
+    w[idx] = old + h
+    up = float(ex.run(inputs, outputs=["loss"])["loss"])
+    w[idx] = old - h
+    down = float(ex.run(inputs, outputs=["loss"])["loss"])
+    w[idx] = old
+    return (up - down) / (2 * h)
+
+
 def test_cosine_loss_is_one_minus_cosine_and_gradients_match_finite_differences(tok):
     student, teacher = bert(tok, 1), bert(tok, 0)
     sents = emb.sentences(teacher, data.read_text(TEXT), 12)[:3]
@@ -55,13 +67,7 @@ def test_cosine_loss_is_one_minus_cosine_and_gradients_match_finite_differences(
     for name in ("layers.1.mlp.down.weight", "layers.0.attn.qkv.weight", "emb_norm.bias"):
         w = p64[name]
         for idx in [tuple(rng.integers(0, s) for s in w.shape) for _ in range(3)]:
-            old, h = w[idx], 1e-6
-            w[idx] = old + h
-            up = float(ex.run(inputs, outputs=["loss"])["loss"])
-            w[idx] = old - h
-            down = float(ex.run(inputs, outputs=["loss"])["loss"])
-            w[idx] = old
-            fd = (up - down) / (2 * h)
+            fd = central_difference(ex, inputs, w, idx)
             assert res.grads[name][idx] == pytest.approx(fd, rel=1e-4, abs=1e-9), (name, idx)
 
 

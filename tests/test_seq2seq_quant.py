@@ -8,8 +8,6 @@ float model (measured: T5 4.6e-3, BART 1.9e-3, Marian 3.0e-3).
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -17,18 +15,13 @@ from click.testing import CliRunner
 from minitx import models, modelfile, seq2seq
 from minitx.cachebytes import cache_bytes
 from minitx.cli import main
-from minitx.convert import convert
 from minitx.model import Model
 from minitx.plugin import optimize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIX = os.path.join(ROOT, "tests", "fixtures")
-ARCHS = ("t5", "bart", "marian")
+# the families, their converted fixtures and the id-row reader of the float seq2seq tests
+from test_seq2seq import ARCHS, _rows, converted  # noqa: E402,F401 — converted: a pytest fixture
+
 BOUND = 1e-2   # int8 caches vs float: max |Δ logit| / max |logit|
-
-
-def _rows(a: np.ndarray) -> list[list[int]]:
-    return [[int(t) for t in r if t >= 0] for r in a]
 
 
 def _kv8(m: Model, **opts: str) -> Model:
@@ -37,17 +30,17 @@ def _kv8(m: Model, **opts: str) -> Model:
 
 
 @pytest.fixture(scope="module")
-def models_(tmp_path_factory):
+def models_(converted, tmp_path_factory):
+    """Per family: the converted float model (test_seq2seq's fixture), its kv=int8 rewrite, the
+    transformers reference and the rewrite's file."""
     d = tmp_path_factory.mktemp("s2skv")
     out = {}
     for arch in ARCHS:
-        p = str(d / f"{arch}.npz")
-        convert(os.path.join(FIX, f"hf-{arch}-tiny"), p)
-        m = modelfile.load(p)
+        _, m, ref = converted[arch]
         q = _kv8(m)
         qp = str(d / f"{arch}.kv8.npz")
         modelfile.save(q, qp)
-        out[arch] = (m, q, np.load(os.path.join(FIX, f"reference-seq2seq-{arch}.npz"), allow_pickle=False), qp)
+        out[arch] = (m, q, ref, qp)
     return out
 
 

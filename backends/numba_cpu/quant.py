@@ -344,8 +344,8 @@ def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
     xq = np.empty((M, K), np.int8)
     quantize_act_blocks(x2, block, xq, xs)
     y = np.empty((M, w.shape[0]), np.float32)
-    # decode streams the weights (every core from small sizes on); prefill is compute-bound, and
-    # waking the pool for a small product costs more than it gains, as for the float kernels
+    # decode streams the weights (every core from Q8_0_STREAMING_MIN on); prefill is compute-bound,
+    # and waking the pool for a small product costs more than it gains, as for the float kernels
     if M <= SKINNY_MAX_ROWS:
         pick(_Q8_0, w.size * M, Q8_0_STREAMING_MIN)(xq, xs, w, scale, block, simd, y)
     else:  # chunks handed out as threads free up: a thread another process delays holds up less

@@ -22,7 +22,7 @@ from ..errors import MinitxError
 
 TAG = 19
 YIELD_S = 2e-3   # a wait polls with bare yields this long before it sleeps between polls (wait_until)
-yield_core = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
+_yield_core = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 
 
 def wait_until(done: Callable[[], bool], timeout: float, fail: Callable[[], None],
@@ -48,7 +48,7 @@ def wait_until(done: Callable[[], bool], timeout: float, fail: Callable[[], None
         if now - start > timeout:
             fail()
         if now - start < YIELD_S:
-            yield_core()
+            _yield_core()
         else:
             time.sleep(pause)
             pause = min(pause * 2, 2e-3)

@@ -232,4 +232,7 @@ add_cases("last_positions", [
     Case("last of 5", lambda r, d: ((randn(r, (3, 5, 8), d),), {"n": 1})),
     Case("last 3 of 5", lambda r, d: ((randn(r, (2, 5, 8), d),), {"n": 3})),
     Case("n beyond the length", lambda r, d: ((randn(r, (2, 2, 8), d),), {"n": 4}), "sizes"),
+    Case("odd sizes", lambda r, d: ((randn(r, (3, 7, 13), d),), {"n": 2}), "sizes"),
+    Case("GPT-2 prefill, last of 512", lambda r, d: ((randn(r, (4, 512, 768), d),), {"n": 1}), "large"),
+    Case("one position, one feature", lambda r, d: ((randn(r, (1, 1, 1), d),), {"n": 1}), "tiny"),
 ])

@@ -415,7 +415,7 @@ def qat(opts: RunOptions, model_path: str | None, data_path: str, plugin_texts: 
     opts.values["plugins"] = tuple(p for p in plugin_texts if p not in target)
     if "plugins" in opts.given and not opts.values["plugins"]:
         opts.given.discard("plugins")
-    quant_aware.split_spec(text)                        # bad options fail before any work
+    packed_text = quant_aware.split_spec(text)[1]       # bad options fail before any work
     _check_early(opts)
     cal = Calibration.parse(list(calib), validate=list(validate))
     model_file = model_path if model_path is not None else default_model_path()
@@ -432,7 +432,7 @@ def qat(opts: RunOptions, model_path: str | None, data_path: str, plugin_texts: 
     if rounding == "gptq":
         from .rounding import gptq_start
 
-        start = gptq_start(m, ids, quant_aware.split_spec(text)[1], opts.settings())
+        start = gptq_start(m, ids, packed_text, opts.settings())
     if opts.resume:
         st = opts.resumed(quant_aware.resume(opts.resume, start, text, model_file), changeable=("precision", "plugins"))
     else:
@@ -441,7 +441,7 @@ def qat(opts: RunOptions, model_path: str | None, data_path: str, plugin_texts: 
     res = quant_aware.run(m, ids, text, st.settings, backends=opts.backends, calib=cal, force=force, state=st,
                 checkpoint=checkpoint, warn=warn, log=log, progress=bar)
     res.packed.meta["qat"]["rounding"] = start.meta.get("rounding", {"method": "nearest"})
-    report: dict[str, Any] = {"plugin": quant_aware.split_spec(text)[1], "rounding": rounding, "steps": res.state.step,
+    report: dict[str, Any] = {"plugin": packed_text, "rounding": rounding, "steps": res.state.step,
                               "packed_vs_fake_quant_max_abs": res.packed_vs_fake_quant}
     v = res.packed.meta["rewrites"][-1].get("validation")
     if v:
