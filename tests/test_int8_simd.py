@@ -171,11 +171,11 @@ def test_target_detection_follows_numba_config(monkeypatch):
     import numba
     monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
     monkeypatch.setattr(numba.config, "CPU_FEATURES", None)
-    assert S._target_has_avx2() is False
+    assert S.target_has("avx2") is False
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse2,+avx2,+fma")
-    assert S._target_has_avx2() is True
+    assert S.target_has("avx2") is True
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse2,-avx2")
-    assert S._target_has_avx2() is False
+    assert S.target_has("avx2") is False
 
 
 @pytest.mark.parametrize("simd", PATHS)

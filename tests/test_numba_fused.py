@@ -235,7 +235,8 @@ def test_linear_slabs_match_spec(monkeypatch, shape, bias, dtype) -> None:
     """``linear`` cut over two numba tasks, each one BLAS call on its slab: of rows from SPLIT_ROWS
     rows on, of output columns for one row (a GEMV each; an odd column count leaves a last slab
     that is not whole 64-byte lines), bias added in place; 2 to SPLIT_ROWS - 1 rows stay one call.
-    The split must actually run where it is meant to."""
+    On AVX-512, float32 from SPLIT_ROWS rows is sgemm.py's kernel, on numba's threads. The split
+    must actually run where it is meant to."""
     from backends.numba_cpu import _cblas, linalg
 
     rows = int(np.prod(shape[:-1]))
@@ -246,10 +247,16 @@ def test_linear_slabs_match_spec(monkeypatch, shape, bias, dtype) -> None:
     x = rng.standard_normal(shape).astype(dtype)
     w = (rng.standard_normal((shape[-1], N)) * 0.1).astype(dtype)
     b = rng.standard_normal(N).astype(dtype) if bias else None
+    from backends.numba_cpu import sgemm
+    own = sgemm.usable(x.reshape(rows, -1), w, b)  # AVX-512 float32 from sgemm.MIN_ROWS: sgemm.py's kernel
     calls = _spy(monkeypatch, linalg, "_GEMM_ROWS" if rows >= linalg.SPLIT_ROWS else "_GEMV_COLS")
+    pair, tasks = sgemm._GEMM, []
+    monkeypatch.setattr(sgemm, "_GEMM", (lambda *a: tasks.append("parallel") or pair[0](*a),
+                                         lambda *a: tasks.append("serial") or pair[1](*a)))
     y = _on_two_threads(linalg.linear, x, w, b)
     if numba_threads() >= 2:
-        assert calls == ([] if 1 < rows < linalg.SPLIT_ROWS else [2])
+        assert calls == ([] if 1 < rows < linalg.SPLIT_ROWS or own else [2])
+        assert tasks == (["parallel"] if own else [])
     ref = x.astype(np.float64) @ w.astype(np.float64) + (0 if b is None else b.astype(np.float64))
     assert y.dtype == dtype and y.shape == (*shape[:-1], N)
     _close(y, ref)

@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 from typing import Any, Callable
 
-from minitx import ops, threads
+from minitx import memory, ops, threads
 from minitx.backend import Backend
 
 CORE = ("norms", "activations", "attention", "linalg", "positions")
@@ -57,6 +57,7 @@ class NumbaBackend(Backend):
         threads.attach_numba()
         self.threads = numba.get_num_threads()
         threads.size_blas(self)  # BLAS gets the budget only around calls big enough to share it
+        memory.retain_freed()  # large intermediates reuse freed pages instead of faulting in new ones
         if not self.kernels:
             raise RuntimeError("no numba kernel module could be loaded: " + "; ".join(
                 f"{k}: {v}" for k, v in self.problems.items()))

@@ -32,7 +32,7 @@ from numba import prange
 from minitx import threads
 from minitx.ops import linalg as spec
 
-from . import _cblas
+from . import _cblas, sgemm
 from ._cblas import NO_TRANS, TRANS, gemv
 from ._jit import kernel, pick
 
@@ -143,6 +143,9 @@ def linear(x, w, b=None):
     rows = int(np.prod(x.shape[:-1]))
     work = rows * w.shape[0] * w.shape[1]
     P = slabs(work) if (rows == 1 and _cblas.AVAILABLE) or rows >= SPLIT_ROWS else 1
+    if sgemm.usable(x.reshape(rows, x.shape[-1]), w, b):  # AVX-512 (sgemm.py)
+        y = sgemm.gemm(x.reshape(rows, x.shape[-1]), w, b, parallel=P > 1)
+        return y.reshape(*x.shape[:-1], w.shape[1])
     if P < 2 or not _splittable(x, w, b):
         with threads.blas(work):
             return spec.linear(x, w, b)
@@ -172,6 +175,10 @@ def matmul(a, b, *, transpose_b=False):
     """The spec's matmul; ``a @ bᵀ`` with a 2-D ``b`` (the tied LM head) split over numba's tasks
     for one row, and by :func:`_xwt` for XWT_ROWS rows."""
     rows = int(np.prod(a.shape[:-1]))
+    if transpose_b and b.ndim == 2 and sgemm.usable(a.reshape(rows, a.shape[-1]), b, transposed=True):  # AVX-512 (sgemm.py)
+        P = slabs(rows * b.size) if rows >= SPLIT_ROWS else 1
+        return sgemm.gemm(a.reshape(rows, a.shape[-1]), b, transposed=True, parallel=P > 1).reshape(
+            *a.shape[:-1], b.shape[0])
     if transpose_b and _splittable(a, b) and (rows == 1 or XWT_ROWS[0] <= rows <= XWT_ROWS[1]):
         a2 = np.ascontiguousarray(a).reshape(rows, a.shape[-1])
         y = np.empty((rows, b.shape[0]), a.dtype)

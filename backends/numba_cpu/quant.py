@@ -26,25 +26,38 @@ import numba
 import numpy as np
 from numba import prange
 
+from minitx import threads
 from minitx.ops import quant as spec
 
 from ._jit import FASTMATH, kernel, pick, prefetch
+from . import int8_vnni as vnni
+from . import sgemm
 from .int8_simd import BLOCK, TILE_C, TILE_R, dot_q8_0, dot_q8_0_portable, quantize_act_blocks, scales, tile_q8_0
 from ._vmath import widen
 from .attention import sdpa
 from .kvcache import append
+from .linalg import SLAB_MIN, SPLIT_ROWS, slabs
 
 SKINNY_MAX_ROWS = 8
 AHEAD = 4  # rows of a streamed (out, in) weight prefetched ahead of the one being read
 TILE = 256  # input rows dequantized at a time on the BLAS path
 CHUNK_M = 64  # tokens per chunk of _q8_0_rows (its 16 weight rows stay in cache while they pass)
 PREFILL_CHUNKS = 8  # _q8_0_rows's chunks per hand-out to a thread at prefill
+
 UNSCALED = np.empty((0, 0), np.float32)  # _cols_stream's "no group scales"
 
 
 def _block(n: int) -> int:
     per = -(-n // max(1, numba.get_num_threads()))
     return int(min(2048, max(64, -(-per // 64) * 64)))
+
+
+def _prefill(pair, rows: int, weights: int):
+    """The parallel build where float32's ``linear`` splits the same product into tasks (from
+    SPLIT_ROWS rows and two slabs of SLAB_MIN multiply-adds), else the serial one: with the general
+    PARALLEL_MIN (2^24) the bundled model's 128 x 128 x 384 ran on one core against float32's two,
+    and its int8 prefill at 4 x 32 was 0.91x fp32."""
+    return pick(pair, rows * weights if rows >= SPLIT_ROWS else 0, 2 * SLAB_MIN)
 
 
 @numba.njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
@@ -286,14 +299,37 @@ def _tiled(x2, n_out, dequant_rows, tile=TILE):
     return y
 
 
-def _tiled_t(x2, w):
-    """BLAS path for x @ wᵀ with int8 w (N, K): dequantize 4·TILE output rows at a time, each
-    product on BLAS's one thread. (Slices of 2^28 and of 2^30 multiply-adds on BLAS's whole budget
-    made GPT-2's int8 prefill, whose tied head is a third of its work, slower at load 7–8:
-    benchmarks/results/int8_prefill.md.)"""
-    y = np.empty((x2.shape[0], w.shape[0]), np.float32)
-    for n0 in range(0, w.shape[0], 4 * TILE):
-        y[:, n0:n0 + 4 * TILE] = x2 @ w[n0:n0 + 4 * TILE].astype(np.float32).T
+def _widen_scaled(w, n0, s, out):
+    """out[j] = float32(w[n0 + j]) · s[n0 + j]: rows of an int8 (N, K) weight, dequantized."""
+    for j in prange(out.shape[0]):
+        o = out[j]
+        r = w[n0 + j]
+        sc = s[n0 + j]
+        for k in range(o.size):
+            o[k] = np.float32(r[k]) * sc
+
+
+_WIDEN_SCALED = kernel(_widen_scaled)
+
+
+def _tiled_t(x2, w, s):
+    """BLAS path for x @ (w · s)ᵀ with int8 w (N, K) and per-row scales s: 4·TILE output rows at a
+    time dequantized (scaled, vectorised) into one buffer and multiplied into their columns of y,
+    with BLAS on the budget when the whole product is big enough (``threads.blas``), as float32's
+    tied head (``matmul``) runs. Dequantizing with NumPy's ``astype`` on one BLAS thread took GPT-2's
+    int8 head to 89 ms at 128 tokens against float32's 49, and the bundled model's to 714 µs against
+    625; this way 58 against 58 ms and 639 µs (quiet Zen 5 host, interleaved). On AVX-512 the rows
+    are dequantized straight into sgemm.py's panels instead."""
+    M, N = x2.shape[0], w.shape[0]
+    if sgemm.HAS_AVX512 and M >= sgemm.MIN_ROWS and N >= sgemm.NR:  # dequantized into its panels
+        return sgemm.gemm(x2, w, transposed=True, scale=s, parallel=M >= SPLIT_ROWS and slabs(M * w.size) > 1)
+    y = np.empty((M, N), np.float32)
+    buf = np.empty((min(4 * TILE, N), w.shape[1]), np.float32)
+    with threads.blas(M * w.size):
+        for n0 in range(0, N, 4 * TILE):
+            n = min(4 * TILE, N - n0)
+            _WIDEN_SCALED[1](w, n0, s, buf[:n])
+            np.matmul(x2, buf[:n].T, out=y[:, n0:n0 + n])
     return y
 
 
@@ -305,9 +341,8 @@ def linear_q8(x, w, scale, b=None, *, transposed=False):
         if x2.shape[0] <= SKINNY_MAX_ROWS:
             y = np.empty((x2.shape[0], w.shape[0]), np.float32)
             _pick(_ROWS_DOT, w.size)(x2, w, False, y)
-        else:
-            y = _tiled_t(x2, w)
-        return _finish(y * scale, x, b)
+            return _finish(y * scale, x, b)
+        return _finish(_tiled_t(x2, w, np.ascontiguousarray(scale, np.float32)), x, b)
     if x2.shape[0] <= SKINNY_MAX_ROWS:
         y = np.empty((x2.shape[0], w.shape[1]), np.float32)
         _pick(_COLS, w.size)(x2, w, False, UNSCALED, x2.shape[1], y, _block(w.shape[1]))
@@ -332,7 +367,8 @@ def linear_q8_block(x, w, scale, b=None, *, block=32):
 def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
     """Every token count runs the integer kernel (``_q8_0_rows``), prefill included: dequantizing
     the weights for a float32 GEMM instead cost that GEMM plus the dequantization, so it could
-    never beat fp32 (benchmarks/results/int8_prefill.md). ``simd=False`` takes the portable integer
+    never beat fp32 (benchmarks/results/int8_prefill.md). Prefill takes int8_vnni.py's kernel where
+    the CPU has AVX-512 VNNI and the blocks are 32 or one per row. ``simd=False`` takes the portable integer
     loop even where AVX2 is there (the tests' way to check it on this machine; int8_simd.py lowers
     to it by itself on CPUs without AVX2)."""
     if x.dtype != np.float32 or scale.dtype != np.float32:
@@ -344,13 +380,19 @@ def linear_q8_0(x, w, scale, b=None, *, block=32, simd=True):
     xq = np.empty((M, K), np.int8)
     quantize_act_blocks(x2, block, xq, xs)
     y = np.empty((M, w.shape[0]), np.float32)
+    if simd and M > SKINNY_MAX_ROWS and vnni.supports(K, block):  # prefill on AVX-512 VNNI (int8_vnni.py)
+        wp, cp, ws = vnni.packed(w, scale, block)
+        with numba.parallel_chunksize(PREFILL_CHUNKS):
+            _prefill(vnni.ROWS, M, w.size)(wp, cp, ws, vnni.interleave(xq, 0x80),
+                                                              vnni.pad_scales(xs, block), block == K, y)
+        return _finish(y, x, b)
     # decode streams the weights (every core from Q8_0_STREAMING_MIN on); prefill is compute-bound,
     # and waking the pool for a small product costs more than it gains, as for the float kernels
     if M <= SKINNY_MAX_ROWS:
         pick(_Q8_0, w.size * M, Q8_0_STREAMING_MIN)(xq, xs, w, scale, block, simd, y)
     else:  # chunks handed out as threads free up: a thread another process delays holds up less
         with numba.parallel_chunksize(PREFILL_CHUNKS):  # (static halves: ~10% slower at load 8)
-            pick(_Q8_0, w.size * M)(xq, xs, w, scale, block, simd, y)
+            _prefill(_Q8_0, M, w.size)(xq, xs, w, scale, block, simd, y)
     return _finish(y, x, b)
 
 
