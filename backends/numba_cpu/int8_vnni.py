@@ -11,9 +11,9 @@ lanes in one instruction, without int16 saturation. Two layout choices take the 
   L's whole integer sum in lane L — no horizontal sums — and one conversion and one FMA, with the
   16 blocks' scale products (``xs · ws``, one multiply of two vector loads), apply all 16 scales.
   Per 512 values and output: 8 + 3 instructions, where AVX2 takes 80. The blocks after the last
-  whole group take a group of 8 (256-bit registers), 4 (128-bit) or both (:func:`padded_blocks`),
-  padded with zero weights and zero scales to the next 4: K = 384 and 768 need no padding. Rows
-  below MIN_K values (a single group of 4) stay on the AVX2 kernel, which is faster there.
+  whole group take one group of 4 (128-bit registers), 8 (256-bit) or 16 (:func:`padded_blocks`),
+  padded with zero weights and zero scales. Rows below MIN_K values (a single group of 4) stay on
+  the AVX2 kernel, which is faster there.
 * **Unsigned activations.** ``vpdpbusd`` multiplies unsigned by signed bytes. The activations
   (int8 in [−127, 127] by the spec) are stored as x + 128 (x XOR 0x80, in [1, 255]) and each
   weight block carries −128 · Σ w (:func:`compensation`), with which each group's sums start:
@@ -56,10 +56,11 @@ TILE_R, TILE_C = 3, 4
 
 def padded_blocks(g: int) -> int:
     """Blocks of 32 in an interleaved row of ``g`` blocks: whole groups of 16, then the rest in one
-    group of 4, 8 or 12 (8 + 4) lanes, or 16 when more than 12 remain (tails on 256- and 128-bit
-    registers: K = 384 and 768 waste nothing, K = 128 is one group of 4)."""
+    group of 4 lanes (128-bit registers), 8 (256-bit) or 16, padded. A group takes 8 ``vpdpbusd``
+    whatever its width, so a rest of 9–12 blocks is cheaper as one padded group of 16 than as 8 + 4
+    (K = 384: 190 → 235 GFLOP/s on one core); K = 768 is 16 + 8, K = 128 one group of 4."""
     r = g % LANES
-    return g - r + (-(-r // 4) * 4 if r <= 12 else LANES)
+    return g - r + (0 if r == 0 else 4 if r <= 4 else 8 if r <= 8 else LANES)
 
 
 def padded(k: int) -> int:
@@ -70,7 +71,7 @@ def padded(k: int) -> int:
 def _interleave(src, flip, dst):
     """Per group of W lanes from block B: word c of block B + L (bytes 4c..4c+3) goes to word
     8B + W·c + L of the row, XOR flip; past the last block, flip. Rows as uint32 words. Groups:
-    whole 16s, then 8 if the rest is 8 or 12, then 4."""
+    whole 16s, then one of 8 or 4."""
     M, K = src.shape
     G = K // 8  # blocks of 8 words
     gp = dst.shape[1] // 8
@@ -170,7 +171,7 @@ def _tile(R: int, C: int):
     activations ``xp`` (M, Kp) — Q8_0 (``one`` false: padded scales xs (M, Kp / 32), ws (N, Kp / 32))
     or one block per row (``one``: xs (M, 1), ws (N, 1)). Each weight vector is loaded once for R
     tokens, each activation vector once for C rows. The groups of 16 blocks run on 512-bit
-    registers; their sums are folded to 8 lanes for the tail's group of 8 (256-bit), to which a
+    registers; their sums are folded to 8 lanes for a last group of 8 (256-bit), to which a last
     group of 4 (128-bit) is added; the R · C outputs' lanes are then summed together."""
 
     @intrinsic

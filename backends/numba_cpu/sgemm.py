@@ -4,8 +4,11 @@ Why our own: the BLAS NumPy brings may not use AVX-512 on a CPU that has it — 
 kernels by CPU model, and ``OPENBLAS_CORETYPE`` (set to Haswell in this project's environment) or
 an older build holds it to AVX2, half the float32 throughput: 100–116 GFLOP/s on one Zen 5 core
 where 512-bit FMAs reach 230. ONNX Runtime's MLAS and llama.cpp bring their own AVX-512 kernels
-and so ran MiniLM and GPT-2 prefill faster than minitx did. This kernel matched OpenBLAS's own
-AVX-512 (SkylakeX) kernels within ±5% and ran 1.3–2.1x its AVX2 ones (benchmarks/results/sgemm_cpu.md).
+and so ran MiniLM and GPT-2 prefill faster than minitx did. One core, 128 tokens: this kernel runs
+at 1.51–1.94x OpenBLAS's AVX2 kernels on GPT-2's and MiniLM's linears (1.35x on GPT-2's head), and
+at 0.95–1.00x of OpenBLAS's own AVX-512 (SkylakeX) choice (0.84x on the head)
+(benchmarks/results/sgemm_cpu.md). One kernel on every AVX-512 CPU keeps one code path and the
+engine's thread budget (numba's tasks, not BLAS's threads) whichever BLAS is installed.
 
 The microkernel (:func:`_tile`) keeps an R × 32 block of y in 2R zmm registers (R = 8: 16
 accumulators) and walks k: two vector loads of the weights' 32 columns, R broadcasts of x[m, k],
